@@ -1,0 +1,1 @@
+"""pymta: a durable Mail Transfer Agent on Twisted."""

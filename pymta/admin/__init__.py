@@ -1,0 +1,1 @@
+"""Administration: command-line tools, control socket, accounting."""

@@ -1,0 +1,1 @@
+"""The feedback loop: return paths, parsing bounces and complaints, suppression."""

@@ -1,0 +1,1 @@
+"""Inbound: what the SMTP server decides and where accepted recipients go."""

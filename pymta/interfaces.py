@@ -1,0 +1,185 @@
+"""The zope.interface boundaries between pymta's rooms, each with a real and a fake implementation.
+
+Every fake passes the same contract tests as the real implementation (``tests/contract_*``).
+Methods documented as returning a ``Deferred`` may return an already-fired one.
+"""
+
+from __future__ import annotations
+
+from zope.interface import Attribute, Interface
+
+# Queue states (directories under state_dir/queue/ for the maildir store).
+INCOMING = "incoming"  # just accepted, not yet looked at by the manager
+ACTIVE = "active"  # taken by the manager, being delivered
+DEFERRED = "deferred"  # waiting for its next attempt
+HOLD = "hold"  # held by the operator: never scheduled until released
+CORRUPT = "corrupt"  # unreadable envelope: quarantined, never scheduled
+QUEUE_STATES = (INCOMING, ACTIVE, DEFERRED, HOLD, CORRUPT)
+
+
+class QueueFull(Exception):
+    """The store could not take a message for lack of space (ENOSPC/EDQUOT): answer 452 4.3.1."""
+
+
+class QueueError(Exception):
+    """The store failed for another local reason: answer 451 4.3.0."""
+
+
+class IQueueStore(Interface):
+    """Durable storage of envelopes and bodies, and their moves between queue states.
+
+    Knows *what* is queued, never *when* (that is :class:`IScheduler`) nor anything of SMTP.
+    """
+
+    def enqueue(envelope, body):
+        """Store a new message (``envelope``: :class:`pymta.envelope.Envelope` whose ``qid`` is set;
+        ``body``: bytes) in state INCOMING.
+
+        Returns a Deferred that fires with the qid only once body and envelope are fsynced,
+        renamed into the queue and the directories fsynced; it fails with :class:`QueueFull`
+        or :class:`QueueError`, leaving no partial file behind.
+        """
+
+    def load(qid):
+        """Return the :class:`Envelope` of ``qid`` (synchronous: envelopes are small).
+
+        Raises KeyError if there is no such message, ValueError if its envelope is unreadable.
+        """
+
+    def read_body(qid):
+        """Return the body bytes of ``qid`` (synchronous). Raises KeyError if missing."""
+
+    def state(qid):
+        """The queue state of ``qid`` (one of QUEUE_STATES), or None if it is not queued."""
+
+    def update(envelope):
+        """Durably rewrite the envelope of ``envelope.qid`` in its current state (the body is
+        never rewritten). Returns a Deferred firing when it is on disk."""
+
+    def move(qid, state):
+        """Durably move ``qid`` to ``state``. Returns a Deferred firing when done."""
+
+    def remove(qid):
+        """Remove ``qid`` (envelope and body) from the queue. Returns a Deferred."""
+
+    def list(state):
+        """The qids in ``state``, oldest first (a list; synchronous)."""
+
+    def recover():
+        """At start: delete leftovers in tmp/, move ACTIVE back to INCOMING, quarantine
+        unreadable envelopes and drop bodies with no envelope. Returns a dict of counts."""
+
+
+class IScheduler(Interface):
+    """When keys (qids, destinations) are due. Timer heap on an injected IReactorTime.
+
+    The scheduler calls the ``on_due(key)`` callable given at construction when a key's time
+    has come; it never touches the store.
+    """
+
+    def schedule(key, when):
+        """Make ``key`` due at absolute time ``when`` (replacing any earlier schedule of it)."""
+
+    def cancel(key):
+        """Forget ``key``; no-op if unknown."""
+
+    def when(key):
+        """The time ``key`` is due, or None."""
+
+    def __len__():
+        """How many keys are scheduled."""
+
+
+class IDeliveryAgent(Interface):
+    """Delivers one message to a batch of its recipients and reports per recipient."""
+
+    def deliver(envelope, recipients, body):
+        """Deliver ``body`` for ``envelope`` to ``recipients`` (a list of
+        :class:`pymta.envelope.Recipient`, all of one route/destination).
+
+        Returns a Deferred firing with a list of :class:`pymta.envelope.DeliveryResult`, one per
+        recipient in the same order. It never errbacks for a remote problem: that is a
+        DEFERRED or FAILED result.
+        """
+
+
+class ISMTPServerDelegate(Interface):
+    """What the SMTP server (``pymta.smtp.server``) asks at each stage.
+
+    Each method returns a :class:`pymta.smtp.replies.Reply`, ``None`` for the default
+    positive reply, or a Deferred of either. The server never reads the next pipelined
+    command before a Deferred returned here has fired.
+    """
+
+    def connected(session):
+        """A client connected; a non-None negative reply refuses it (then the server closes)."""
+
+    def helo(session, name):
+        """HELO/EHLO ``name`` (already syntax-checked)."""
+
+    def mail_from(session, sender, params):
+        """MAIL FROM ``sender`` ("" for <>) with ``params`` (dict of upper-case keyword -> value)."""
+
+    def rcpt_to(session, address, params):
+        """RCPT TO ``address`` with ``params``; the transaction is ``session.transaction``."""
+
+    def message(session, body):
+        """End of data: ``body`` (bytes, CRLF lines, dot-unstuffed) for ``session.transaction``.
+
+        The reply is the final answer for the transaction: 250 only once the message is durable.
+        """
+
+    def disconnected(session):
+        """The connection is gone (any reason). Return value ignored."""
+
+
+class IPolicy(Interface):
+    """Accept / reject decisions per SMTP stage (connect, helo, mail, rcpt, data)."""
+
+    def check(stage, session, **details):
+        """Return a :class:`Reply` to refuse or answer, or None to go on (or a Deferred of either)."""
+
+
+class IResolver(Interface):
+    """DNS records, never blocking the reactor (pymta.dns)."""
+
+    def lookup_mx(domain):
+        """Deferred firing with the MX hosts of ``domain`` (see pymta.dns for the result type)."""
+
+    def lookup_addresses(host):
+        """Deferred firing with the list of IPv6 and IPv4 addresses of ``host``."""
+
+    def lookup_txt(name):
+        """Deferred firing with the TXT strings of ``name``."""
+
+
+class ISuppressionList(Interface):
+    """Is this address suppressed, and why."""
+
+    def is_suppressed(address, sender_domain=None):
+        """Return the suppression record (dict) or None."""
+
+    def add(address, reason, source, scope=None, expires=None):
+        """Suppress ``address``."""
+
+    def remove(address, scope=None):
+        """Lift a suppression."""
+
+
+class IFeedbackSink(Interface):
+    """What to do with a parsed bounce, complaint or reply."""
+
+    def feedback(report):
+        """Handle one parsed report (pymta.feedback.parse.Report)."""
+
+
+class ISession(Interface):
+    """What the SMTP server knows of a connection (read by delegates and policy)."""
+
+    peer_address = Attribute("client IP address as a string")
+    peer_port = Attribute("client port")
+    helo_name = Attribute("the HELO/EHLO argument, or None")
+    esmtp = Attribute("True after EHLO")
+    tls = Attribute("None, or a description of the TLS session")
+    auth_user = Attribute("authenticated user, or None")
+    transaction = Attribute("the current Transaction, or None")

@@ -1,0 +1,1 @@
+"""Outbound: routes, delivery over SMTP, bounces we generate."""

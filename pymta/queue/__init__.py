@@ -1,0 +1,1 @@
+"""The durable queue: the store (what), the scheduler (when), the manager (who moves work)."""

@@ -1,0 +1,1 @@
+"""The SMTP wire protocol, ours: server and client state machines, reply codes."""
