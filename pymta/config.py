@@ -1,0 +1,414 @@
+"""TOML configuration loaded into validated frozen dataclasses; every error names file, key and reason.
+
+Each dataclass field is a config key; its ``metadata["conv"]`` turns the TOML value into the
+field's value (or raises :class:`ConfigValueError` with the reason). Unknown keys, wrong types
+and impossible values stop startup with one line: ``FILE: KEY: REASON``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
+
+DEFAULT_CONFIG_PATH = "/etc/pymta/pymta.toml"
+
+
+class ConfigError(Exception):
+    """A configuration problem, already formatted as ``FILE: KEY: REASON``."""
+
+
+class ConfigValueError(ValueError):
+    """A value is not acceptable for its key (the loader adds file and key)."""
+
+
+def default_config_path() -> str:
+    """``$PYMTA_CONFIG``, else /etc/pymta/pymta.toml (the default of every pymta-* command)."""
+    return os.environ.get("PYMTA_CONFIG") or DEFAULT_CONFIG_PATH
+
+
+# -- converters -----------------------------------------------------------------------------
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
+
+
+def parse_duration(value: Any) -> float:
+    """``"30s"``, ``"5m"``, ``"4h"``, ``"5d"``, ``"1w"``, ``"250ms"`` (a bare number is seconds) -> seconds."""
+    if isinstance(value, bool):
+        raise ConfigValueError("expected a duration like \"30s\", \"5m\", \"4h\" or \"5d\"")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION.match(value)):
+        seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    else:
+        raise ConfigValueError(f"expected a duration like \"30s\", \"5m\", \"4h\" or \"5d\", got {value!r}")
+    if seconds < 0:
+        raise ConfigValueError("a duration cannot be negative")
+    return seconds
+
+
+def _type_name(value: Any) -> str:
+    return {bool: "boolean", int: "integer", float: "number", str: "string", list: "list", dict: "table"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def conv_str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ConfigValueError(f"expected a string, got {_type_name(value)}")
+    return value
+
+
+def conv_bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigValueError(f"expected true or false, got {_type_name(value)}")
+    return value
+
+
+def conv_int(minimum: int | None = None, maximum: int | None = None) -> Callable[[Any], int]:
+    def conv(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigValueError(f"expected an integer, got {_type_name(value)}")
+        if minimum is not None and value < minimum:
+            raise ConfigValueError(f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise ConfigValueError(f"must be at most {maximum}, got {value}")
+        return value
+
+    return conv
+
+
+def conv_duration(minimum: float = 0.0) -> Callable[[Any], float]:
+    def conv(value: Any) -> float:
+        seconds = parse_duration(value)
+        if seconds < minimum:
+            raise ConfigValueError(f"must be at least {minimum:g}s, got {value!r}")
+        return seconds
+
+    return conv
+
+
+def conv_list(item: Callable[[Any], Any], allow_single: bool = True) -> Callable[[Any], tuple]:
+    """A list of items (a single item is accepted as a one-element list when ``allow_single``)."""
+
+    def conv(value: Any) -> tuple:
+        if allow_single and not isinstance(value, list):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigValueError(f"expected a list, got {_type_name(value)}")
+        out = []
+        for i, v in enumerate(value):
+            try:
+                out.append(item(v))
+            except ConfigValueError as e:
+                raise ConfigValueError(f"item {i + 1}: {e}") from None
+        return tuple(out)
+
+    return conv
+
+
+def conv_network(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    text = conv_str(value)
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise ConfigValueError(f"not an IP network (CIDR) {text!r}") from None
+
+
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+
+
+def conv_hostname(value: Any) -> str:
+    text = conv_str(value).strip().rstrip(".").lower()
+    try:
+        import idna
+
+        ascii_name = idna.encode(text, uts46=True).decode("ascii") if not text.isascii() else text
+    except idna.IDNAError as e:
+        raise ConfigValueError(f"not a valid host or domain name {value!r}: {e}") from None
+    if not _HOSTNAME.match(ascii_name):
+        raise ConfigValueError(f"not a valid host or domain name {value!r}")
+    return ascii_name
+
+
+def conv_address(value: Any) -> str:
+    """A mailbox ``local@domain``: local part kept, domain lower-cased (the form RCPT matching uses)."""
+    text = conv_str(value).strip()
+    local, at, domain = text.rpartition("@")
+    if not at or not local:
+        raise ConfigValueError(f"not a mail address {value!r}")
+    return f"{local}@{conv_hostname(domain)}"
+
+
+def conv_hostport(default_port: int | None = None) -> Callable[[Any], tuple[str, int]]:
+    """``"host:port"``, ``"[host]:port"``, ``"[2001:db8::1]:25"``; port optional when a default is given."""
+
+    def conv(value: Any) -> tuple[str, int]:
+        text = conv_str(value).strip()
+        host, port_text = text, ""
+        if text.startswith("["):
+            end = text.find("]")
+            if end < 0:
+                raise ConfigValueError(f"unbalanced brackets in {text!r}")
+            host, rest = text[: end + 1], text[end + 1 :]
+            if rest:
+                if not rest.startswith(":"):
+                    raise ConfigValueError(f"expected host:port, got {text!r}")
+                port_text = rest[1:]
+        elif text.count(":") == 1:
+            host, port_text = text.split(":")
+        if port_text:
+            if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+                raise ConfigValueError(f"bad port in {text!r}")
+            port = int(port_text)
+        elif default_port is not None:
+            port = default_port
+        else:
+            raise ConfigValueError(f"expected host:port, got {text!r}")
+        if not host or host == "[]":
+            raise ConfigValueError(f"no host in {text!r}")
+        return host, port
+
+    return conv
+
+
+def conv_endpoint(value: Any) -> str:
+    """A Twisted server endpoint string (``tcp:2525:interface=127.0.0.1``); checked for form here,
+    fully when the listener starts."""
+    text = conv_str(value).strip()
+    kind, _, rest = text.partition(":")
+    if kind not in ("tcp", "tcp6", "ssl", "unix", "systemd") or not rest:
+        raise ConfigValueError(f"not a server endpoint string like \"tcp:2525:interface=127.0.0.1\": {text!r}")
+    if kind in ("tcp", "tcp6", "ssl"):
+        port = rest.split(":", 1)[0]
+        if port.startswith("port="):
+            port = port[5:]
+        if not port.isdigit() or int(port) > 65535:
+            raise ConfigValueError(f"bad port in endpoint {text!r}")
+    return text
+
+
+def conv_path(value: Any) -> str:
+    """A path; relative ones resolve against the working directory (as twistd's --logfile does)."""
+    text = conv_str(value)
+    if not text or "\x00" in text:
+        raise ConfigValueError("not a usable path")
+    return os.path.abspath(os.path.expanduser(text))
+
+
+def _key(
+    conv: Callable[[Any], Any], default: Any = MISSING, factory: Callable[[], Any] | None = None, doc: str = ""
+) -> Any:
+    meta = {"conv": conv, "doc": doc}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# -- the sections ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SMTPConfig:
+    listen: tuple[str, ...] = _key(conv_list(conv_endpoint), ("tcp:2525:interface=127.0.0.1",))
+    max_message_size: int = _key(conv_int(1024, 2**31), 36700160)
+    max_recipients: int = _key(conv_int(1, 100000), 1000)
+    max_errors: int = _key(conv_int(1, 1000), 10)
+    command_timeout: float = _key(conv_duration(1), 300.0)
+    data_timeout: float = _key(conv_duration(1), 600.0)
+    max_connections: int = _key(conv_int(1, 100000), 1000)
+
+
+@dataclass(frozen=True)
+class DomainsConfig:
+    local: tuple[str, ...] = _key(conv_list(conv_hostname), ())
+    mailboxes: tuple[str, ...] | None = _key(conv_list(conv_address), None)
+    relay_from: tuple = _key(conv_list(conv_network), (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")))
+    forward: tuple[str, ...] = _key(conv_list(conv_hostname), ())
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    retry_initial: float = _key(conv_duration(1), 300.0)
+    retry_max: float = _key(conv_duration(1), 4 * 3600.0)
+    max_age: float = _key(conv_duration(60), 5 * 86400.0)
+    delay_warning: float = _key(conv_duration(0), 4 * 3600.0)
+    max_active: int = _key(conv_int(1, 100000), 200)
+    fsync: bool = _key(conv_bool, True)
+
+
+@dataclass(frozen=True)
+class OutboundConfig:
+    smarthost: tuple[str, int] | None = _key(conv_hostport(25), None)
+    smtp_port: int = _key(conv_int(1, 65535), 25)
+    source_address: str | None = _key(conv_str, None)
+    max_connections: int = _key(conv_int(1, 100000), 100)
+    max_connections_per_domain: int = _key(conv_int(1, 10000), 10)
+    max_messages_per_connection: int = _key(conv_int(1, 100000), 100)
+    max_recipients_per_transaction: int = _key(conv_int(1, 100000), 100)
+    connect_timeout: float = _key(conv_duration(1), 30.0)
+
+
+@dataclass(frozen=True)
+class DNSConfig:
+    servers: tuple[str, ...] | None = _key(conv_list(conv_str), None)
+    timeout: float = _key(conv_duration(0.1), 5.0)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    accounting: bool = _key(conv_bool, True)
+
+
+def _conv_routes(value: Any) -> dict[str, tuple[str, int]]:
+    if not isinstance(value, dict):
+        raise ConfigValueError(f"expected a table of \"domain\" = \"host:port\", got {_type_name(value)}")
+    out = {}
+    hostport = conv_hostport(25)
+    for domain, target in value.items():
+        try:
+            out[conv_hostname(domain)] = hostport(target)
+        except ConfigValueError as e:
+            raise ConfigValueError(f"{domain}: {e}") from None
+    return out
+
+
+_SECTIONS: dict[str, type] = {
+    "smtp": SMTPConfig,
+    "domains": DomainsConfig,
+    "queue": QueueConfig,
+    "outbound": OutboundConfig,
+    "dns": DNSConfig,
+    "log": LogConfig,
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    hostname: str = "localhost"
+    state_dir: str = "var"
+    smtp: SMTPConfig = field(default_factory=SMTPConfig)
+    domains: DomainsConfig = field(default_factory=DomainsConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    outbound: OutboundConfig = field(default_factory=OutboundConfig)
+    dns: DNSConfig = field(default_factory=DNSConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    routes: dict[str, tuple[str, int]] = field(default_factory=dict)
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def queue_dir(self) -> str:
+        return os.path.join(self.state_dir, "queue")
+
+    @property
+    def mail_dir(self) -> str:
+        return os.path.join(self.state_dir, "mail")
+
+    @property
+    def log_dir(self) -> str:
+        return os.path.join(self.state_dir, "log")
+
+    @property
+    def control_socket(self) -> str:
+        return os.path.join(self.state_dir, "control.sock")
+
+
+_TOP_CONVERTERS: dict[str, Callable[[Any], Any]] = {
+    "hostname": conv_hostname,
+    "state_dir": conv_path,
+    "routes": _conv_routes,
+}
+
+# Sections other rooms read as free tables (validated by their owners at wiring time).
+PASSTHROUGH_SECTIONS: frozenset[str] = frozenset()
+
+
+def _build_section(cls: type, table: Any, prefix: str, where: str) -> Any:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: {prefix}: expected a table, got {_type_name(table)}")
+    known = {f.name: f for f in fields(cls)}
+    values = {}
+    for key, value in table.items():
+        f = known.get(key)
+        if f is None:
+            raise ConfigError(f"{where}: {prefix}.{key}: unknown key (known: {', '.join(sorted(known))})")
+        try:
+            values[key] = f.metadata["conv"](value)
+        except ConfigValueError as e:
+            raise ConfigError(f"{where}: {prefix}.{key}: {e}") from None
+    return cls(**values)
+
+
+def load_config(path: str, overrides: dict[str, Any] | None = None) -> Config:
+    """Read and validate ``path``; raise :class:`ConfigError` with one line ``FILE: KEY: REASON``.
+
+    ``overrides`` maps dotted keys (``"smtp.listen"``) to TOML-typed values applied on top.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: cannot read configuration: no such file") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read configuration: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: TOML syntax error: {e}") from None
+    for dotted, value in (overrides or {}).items():
+        table = data
+        *parents, last = dotted.split(".")
+        for p in parents:
+            table = table.setdefault(p, {})
+        table[last] = value
+    return build_config(data, path)
+
+
+def build_config(data: dict[str, Any], path: str = "<config>") -> Config:
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in _SECTIONS:
+            values[key] = _build_section(_SECTIONS[key], value, key, path)
+        elif key in _TOP_CONVERTERS:
+            try:
+                values[key] = _TOP_CONVERTERS[key](value)
+            except ConfigValueError as e:
+                raise ConfigError(f"{path}: {key}: {e}") from None
+        elif key in PASSTHROUGH_SECTIONS:
+            continue
+        else:
+            known = sorted([*_SECTIONS, *_TOP_CONVERTERS, *PASSTHROUGH_SECTIONS])
+            raise ConfigError(f"{path}: {key}: unknown key (known: {', '.join(known)})")
+    if "state_dir" not in values:
+        values["state_dir"] = conv_path("var")
+    config = Config(path=path, raw=data, **values)
+    _check_consistency(config)
+    return config
+
+
+def _check_consistency(config: Config) -> None:
+    """Cross-key rules: impossible combinations are errors naming the key."""
+    where = config.path
+    q = config.queue
+    if q.retry_max < q.retry_initial:
+        raise ConfigError(f"{where}: queue.retry_max: must not be shorter than queue.retry_initial")
+    if q.max_age < q.retry_initial:
+        raise ConfigError(f"{where}: queue.max_age: must not be shorter than queue.retry_initial")
+    if config.outbound.max_connections_per_domain > config.outbound.max_connections:
+        raise ConfigError(
+            f"{where}: outbound.max_connections_per_domain: must not exceed outbound.max_connections"
+        )
+    overlap = set(config.domains.local) & set(config.domains.forward)
+    if overlap:
+        raise ConfigError(f"{where}: domains.forward: {sorted(overlap)[0]} is also in domains.local")
+    if config.domains.mailboxes is not None:
+        for address in config.domains.mailboxes:
+            domain = address.rpartition("@")[2]
+            if domain not in config.domains.local:
+                raise ConfigError(f"{where}: domains.mailboxes: {address} is not in a domains.local domain")
+    if not config.smtp.listen:
+        raise ConfigError(f"{where}: smtp.listen: at least one listener is needed")

