@@ -240,6 +240,9 @@ class QueueConfig:
     delay_warning: float = _key(conv_duration(0), 4 * 3600.0)
     max_active: int = _key(conv_int(1, 100000), 200)
     fsync: bool = _key(conv_bool, True)
+    # false: this process only accepts into the queue (a listener-only process beside another
+    # pymta process that delivers from the same queue directory).
+    deliver: bool = _key(conv_bool, True)
 
 
 @dataclass(frozen=True)

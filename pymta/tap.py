@@ -95,13 +95,19 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
         max_active=config.queue.max_active,
         accounting=accounting,
     )
-    manager.setServiceParent(top)
+    if config.queue.deliver:
+        manager.setServiceParent(top)
 
     policy = RelayPolicy(
         config.domains.local, config.domains.mailboxes, config.domains.relay_from, config.domains.forward, config.mail_dir
     )
     receiver = InboundReceiver(
-        config.hostname, policy, store, reactor, on_queued=manager.notify_incoming, accounting=accounting
+        config.hostname,
+        policy,
+        store,
+        reactor,
+        on_queued=manager.notify_incoming if config.queue.deliver else None,
+        accounting=accounting,
     )
     limits = ServerLimits(
         max_message_size=config.smtp.max_message_size,

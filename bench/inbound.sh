@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# bench/inbound.sh -- inbound acceptance: smtp-source -> pymta (into its queue, fsync on) and, in
+# the same run, smtp-source -> a Debian Postfix instance accepting into its own queue (hold).
+# 2 KB messages (INBOUND_SIZES), 1, 10 and 50 sessions (INBOUND_CONC), medians of INBOUND_RUNS runs
+# after a warm-up; both queues have seen many deletions by then (every run's messages are deleted
+# between runs: the churned steady state of a relay). Prints msgs/s for both and pymta/Postfix.
+#
+#   bench/inbound.sh            (needs Debian postfix; uses ../shared/bench from the repository)
+# Loopback only; every process is started and stopped by PID; every run is bounded in time.
+set -u
+HERE="$(cd "$(dirname "$0")" && pwd)"
+ROOT="$(cd "$HERE/.." && pwd)"
+SHARED_BENCH="${SHARED_BENCH:-$ROOT/../shared/bench}"
+[ -x "$SHARED_BENCH/peer-bench.sh" ] || { echo "error: shared bench harness not found at $SHARED_BENCH" >&2; exit 2; }
+. "$SHARED_BENCH/common.sh"
+
+SIZES="${INBOUND_SIZES:-2048}"
+CONC="${INBOUND_CONC:-1 10 50}"
+RUNS="${INBOUND_RUNS:-5}"
+N="${INBOUND_N:-2000}"
+PY_PORT="${PY_PORT:-2560}" PF_PORT="${PF_PORT:-2561}" SINK_PORT="${SINK_PORT:-2562}"
+OUT="$BENCH_TMP/inbound"
+rm -rf "$OUT"; mkdir -p "$OUT"
+JSON="$OUT/results.jsonl"
+PF_DIR=/tmp/pmbench/inbound-postfix
+
+# -- pymta: accept into the queue only (this process does not deliver; fsync on) --
+PY_STATE="$OUT/pymta"
+mkdir -p "$PY_STATE"
+cat >"$OUT/pymta.toml" <<CFG
+hostname = "mx.bench.example"
+state_dir = "$PY_STATE"
+[smtp]
+listen = ["tcp:$PY_PORT:interface=127.0.0.1"]
+max_message_size = 67108864
+[domains]
+local = ["bench.example"]
+relay_from = ["127.0.0.0/8"]
+[queue]
+deliver = false
+fsync = true
+[log]
+accounting = false
+CFG
+PURGE_PY="find '$PY_STATE/queue/incoming' '$PY_STATE/queue/data' -type f -delete 2>/dev/null; true"
+echo "== pymta (accept into queue)" >&2
+"$SHARED_BENCH/peer-bench.sh" -name pymta -port "$PY_PORT" -sizes "$SIZES" -conc "$CONC" -n2k "$N" -n50k "$N" \
+    -runs "$RUNS" -warmup 1 -between "$PURGE_PY" -json "$JSON" -sinkport "$SINK_PORT" -- \
+    twistd -n --pidfile= pymta --config "$OUT/pymta.toml"
+
+# -- Postfix: smtpd + cleanup + fsync into its hold queue --
+echo "== postfix (accept into queue, hold)" >&2
+"$SHARED_BENCH/postfix-instance.sh" destroy "$PF_DIR" >/dev/null 2>&1
+"$SHARED_BENCH/postfix-instance.sh" setup "$PF_DIR" "$PF_PORT" "$SINK_PORT" >/dev/null || exit 2
+"$SHARED_BENCH/postfix-instance.sh" hold "$PF_DIR" on >/dev/null
+"$SHARED_BENCH/postfix-instance.sh" start "$PF_DIR" >/dev/null || exit 2
+trap '"$SHARED_BENCH/postfix-instance.sh" destroy "$PF_DIR" >/dev/null 2>&1' EXIT
+PF_PID=$("$SHARED_BENCH/postfix-instance.sh" master-pid "$PF_DIR")
+"$SHARED_BENCH/peer-bench.sh" -name postfix -port "$PF_PORT" -pid "$PF_PID" -sizes "$SIZES" -conc "$CONC" \
+    -n2k "$N" -n50k "$N" -runs "$RUNS" -warmup 1 -between "$SHARED_BENCH/postfix-instance.sh purge $PF_DIR >/dev/null" \
+    -json "$JSON" -sinkport "$SINK_PORT"
+
+python3 "$HERE/ratios.py" "$JSON" accept_mps

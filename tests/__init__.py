@@ -1,0 +1,1 @@
+"""pymta tests (package, so shared helpers import as tests.<module>)."""

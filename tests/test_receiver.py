@@ -1,0 +1,119 @@
+"""The SMTP delegate: RCPT routing, envelope built from the transaction, 250 only after the store."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+from twisted.internet import defer, task
+from twisted.trial import unittest
+
+from pymta.envelope import ROUTE_LOCAL, ROUTE_RELAY
+from pymta.inbound.policy import RelayPolicy
+from pymta.inbound.receiver import InboundReceiver
+from pymta.interfaces import INCOMING, QueueError, QueueFull
+from pymta.queue.store import MemoryQueueStore
+
+
+@dataclass
+class Accepted:
+    address: str
+    params: dict = field(default_factory=dict)
+    notify: tuple | None = None
+    orcpt: str | None = None
+
+
+@dataclass
+class Txn:
+    sender: str
+    params: dict = field(default_factory=dict)
+    body_type: str = "8BITMIME"
+    smtputf8: bool = False
+    declared_size: int | None = None
+    ret: str | None = "HDRS"
+    envid: str | None = "env-1"
+    recipients: list = field(default_factory=list)
+    notes: dict = field(default_factory=dict)
+
+
+@dataclass
+class Sess:
+    peer_address: str = "127.0.0.1"
+    peer_port: int = 40000
+    helo_name: str | None = "client.example.org"
+    esmtp: bool = True
+    tls: str | None = None
+    auth_user: str | None = None
+    transaction: Txn | None = None
+    notes: dict = field(default_factory=dict)
+    protocol_name: str = "ESMTP"
+
+
+class FailingStore(MemoryQueueStore):
+    def __init__(self, error: Exception) -> None:
+        super().__init__()
+        self.error = error
+
+    def enqueue(self, envelope, body):
+        return defer.fail(self.error)
+
+
+class ReceiverTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.clock = task.Clock()
+        self.clock.advance(1_700_000_000)
+        self.store = MemoryQueueStore()
+        self.queued: list[str] = []
+        self.policy = RelayPolicy(
+            ["example.test"], ["alice@example.test"], [ipaddress.ip_network("127.0.0.0/8")], [], self.mktemp()
+        )
+        self.receiver = InboundReceiver("mx.example.test", self.policy, self.store, self.clock, self.queued.append)
+
+    def transact(self, receiver: InboundReceiver, rcpts: list[str], body: bytes = b"Subject: x\r\n\r\nhi\r\n"):
+        session = Sess(transaction=Txn(sender="someone@example.org"))
+        for address in rcpts:
+            reply = receiver.rcpt_to(session, address, {})
+            if reply is None:
+                session.transaction.recipients.append(Accepted(address, notify=("FAILURE",), orcpt="rfc822;" + address))
+        results = []
+        receiver.message(session, body).addBoth(results.append)
+        return results[0]
+
+    def test_accepted_transaction_is_queued_with_per_recipient_routes(self) -> None:
+        reply = self.transact(self.receiver, ["Alice@EXAMPLE.TEST", "carol@remote.example", "alice@example.test"])
+        assert reply.code == 250 and reply.enhanced == "2.0.0"
+        [qid] = self.store.list(INCOMING)
+        assert reply.text.endswith(qid)
+        assert self.queued == [qid]
+        envelope = self.store.load(qid)
+        assert envelope.sender == "someone@example.org"
+        assert [(r.address, r.route) for r in envelope.recipients] == [
+            ("Alice@example.test", ROUTE_LOCAL),
+            ("carol@remote.example", ROUTE_RELAY),
+        ]
+        assert envelope.recipients[0].notify == ("FAILURE",)
+        assert envelope.recipients[0].orcpt == "rfc822;Alice@EXAMPLE.TEST"
+        assert (envelope.ret, envelope.envid, envelope.body_type) == ("HDRS", "env-1", "8BITMIME")
+        body = self.store.read_body(qid)
+        assert body.startswith(b"Received: from client.example.org ([127.0.0.1])\r\n\tby mx.example.test (pymta)")
+        assert f"with ESMTP id {qid}".encode() in body
+        assert body.endswith(b"\r\n\r\nSubject: x\r\n\r\nhi\r\n"[-20:])
+        assert envelope.size == len(body)
+
+    def test_refused_recipient_gets_the_policy_reply(self) -> None:
+        session = Sess(peer_address="192.0.2.9", transaction=Txn(sender=""))
+        reply = self.receiver.rcpt_to(session, "carol@remote.example", {})
+        assert (reply.code, reply.enhanced) == (550, "5.7.1")
+
+    def test_full_disk_answers_452_and_other_local_errors_451(self) -> None:
+        for error, expected in ((QueueFull("ENOSPC"), (452, "4.3.1")), (QueueError("EIO"), (451, "4.3.0"))):
+            receiver = InboundReceiver("mx.example.test", self.policy, FailingStore(error), self.clock)
+            reply = self.transact(receiver, ["alice@example.test"])
+            assert (reply.code, reply.enhanced) == expected
+            self.flushLoggedErrors()
+
+    def test_single_recipient_received_header_names_it(self) -> None:
+        self.transact(self.receiver, ["alice@example.test"])
+        [qid] = self.store.list(INCOMING)
+        header = self.store.read_body(qid).split(b"\r\n\r\n", 1)[0]
+        assert b"\tfor <alice@example.test>; " in header
