@@ -1,0 +1,200 @@
+"""Behaviour every IQueueStore must show: a mixin over a ``make_store()`` hook.
+
+Mix it into a ``twisted.trial.unittest.TestCase`` whose ``make_store()`` returns a fresh,
+empty, recovered store. Tests return Deferreds, so real-thread stores work too.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import defer
+from zope.interface.verify import verifyObject
+
+from pymta.envelope import Envelope, Recipient, new_qid
+from pymta.interfaces import (
+    ACTIVE,
+    CORRUPT,
+    DEFERRED,
+    HOLD,
+    INCOMING,
+    QUEUE_STATES,
+    IQueueStore,
+    QueueError,
+)
+
+BODY = b"From: a@example.org\r\nSubject: hi\r\n\r\nhello\r\n"
+
+
+def make_envelope(qid: str | None = None, now: float | None = None, **kw) -> Envelope:
+    rcpts = kw.pop("recipients", None) or [Recipient("b@example.net"), Recipient("c@example.com")]
+    return Envelope(qid=new_qid(now) if qid is None else qid, sender="a@example.org", recipients=rcpts, size=len(BODY), **kw)
+
+
+class QueueStoreContract:
+    """The IQueueStore contract."""
+
+    def make_store(self):
+        raise NotImplementedError
+
+    def test_store_provides_the_interface(self):
+        self.assertTrue(verifyObject(IQueueStore, self.make_store()))
+
+    @defer.inlineCallbacks
+    def test_enqueued_message_is_incoming_with_envelope_and_body(self):
+        store = self.make_store()
+        env = make_envelope(envid="E1")
+        qid = yield store.enqueue(env, BODY)
+        self.assertEqual(qid, env.qid)
+        self.assertEqual(store.state(qid), INCOMING)
+        self.assertEqual(store.list(INCOMING), [qid])
+        self.assertEqual(store.load(qid), env)
+        self.assertEqual(store.read_body(qid), BODY)
+
+    @defer.inlineCallbacks
+    def test_stored_envelope_does_not_follow_later_changes_of_the_caller_object(self):
+        store = self.make_store()
+        env = make_envelope()
+        yield store.enqueue(env, BODY)
+        env.recipients[0].state = "delivered"
+        env.attempts = 7
+        loaded = store.load(env.qid)
+        self.assertEqual(loaded.attempts, 0)
+        self.assertEqual(loaded.recipients[0].state, "pending")
+        loaded.attempts = 3
+        self.assertEqual(store.load(env.qid).attempts, 0)
+
+    @defer.inlineCallbacks
+    def test_list_is_oldest_first_whatever_the_enqueue_order(self):
+        store = self.make_store()
+        envs = [make_envelope(now=1_700_000_000 + i) for i in range(5)]
+        for i in (3, 0, 4, 1, 2):
+            yield store.enqueue(envs[i], BODY)
+        self.assertEqual(store.list(INCOMING), [e.qid for e in envs])
+
+    @defer.inlineCallbacks
+    def test_duplicate_qid_is_refused_and_the_first_message_kept(self):
+        store = self.make_store()
+        env = make_envelope()
+        yield store.enqueue(env, BODY)
+        other = make_envelope(qid=env.qid, envid="other")
+        yield self.assertFailure(store.enqueue(other, b"other body\r\n"), QueueError)
+        self.assertEqual(store.load(env.qid), env)
+        self.assertEqual(store.read_body(env.qid), BODY)
+        self.assertEqual(store.list(INCOMING), [env.qid])
+
+    @defer.inlineCallbacks
+    def test_qid_that_is_not_a_safe_file_name_is_refused(self):
+        store = self.make_store()
+        for bad in ("../x", "", ".hidden", "a/b", "a\x00b"):
+            yield self.assertFailure(store.enqueue(make_envelope(qid=bad), BODY), ValueError)
+        for state in QUEUE_STATES:
+            self.assertEqual(store.list(state), [])
+
+    @defer.inlineCallbacks
+    def test_update_rewrites_envelope_and_keeps_state_and_body(self):
+        store = self.make_store()
+        env = make_envelope()
+        yield store.enqueue(env, BODY)
+        yield store.move(env.qid, DEFERRED)
+        env.attempts = 2
+        env.recipients[1].state = "delivered"
+        env.recipients[1].reply = {"code": 250, "enhanced": "2.0.0", "text": "ok"}
+        yield store.update(env)
+        self.assertEqual(store.load(env.qid), env)
+        self.assertEqual(store.state(env.qid), DEFERRED)
+        self.assertEqual(store.read_body(env.qid), BODY)
+
+    @defer.inlineCallbacks
+    def test_update_of_unknown_message_fails_with_key_error(self):
+        store = self.make_store()
+        yield self.assertFailure(store.update(make_envelope()), KeyError)
+        for state in QUEUE_STATES:
+            self.assertEqual(store.list(state), [])
+
+    @defer.inlineCallbacks
+    def test_move_walks_the_message_through_the_states(self):
+        store = self.make_store()
+        env = make_envelope()
+        yield store.enqueue(env, BODY)
+        for state in (ACTIVE, DEFERRED, HOLD, CORRUPT, INCOMING):
+            yield store.move(env.qid, state)
+            self.assertEqual(store.state(env.qid), state)
+            self.assertEqual([s for s in QUEUE_STATES if store.list(s)], [state])
+            self.assertEqual(store.load(env.qid), env)
+            self.assertEqual(store.read_body(env.qid), BODY)
+
+    @defer.inlineCallbacks
+    def test_move_to_the_current_state_changes_nothing(self):
+        store = self.make_store()
+        env = make_envelope()
+        yield store.enqueue(env, BODY)
+        yield store.move(env.qid, INCOMING)
+        self.assertEqual(store.list(INCOMING), [env.qid])
+        self.assertEqual(store.load(env.qid), env)
+
+    @defer.inlineCallbacks
+    def test_move_of_unknown_message_or_to_unknown_state_fails(self):
+        store = self.make_store()
+        yield self.assertFailure(store.move(new_qid(), ACTIVE), KeyError)
+        env = make_envelope()
+        yield store.enqueue(env, BODY)
+        yield self.assertFailure(store.move(env.qid, "nowhere"), ValueError)
+        self.assertEqual(store.state(env.qid), INCOMING)
+
+    @defer.inlineCallbacks
+    def test_removed_message_is_gone_everywhere(self):
+        store = self.make_store()
+        env, keep = make_envelope(), make_envelope()
+        yield store.enqueue(env, BODY)
+        yield store.enqueue(keep, BODY)
+        yield store.move(env.qid, ACTIVE)
+        yield store.remove(env.qid)
+        self.assertIsNone(store.state(env.qid))
+        self.assertRaises(KeyError, store.load, env.qid)
+        self.assertRaises(KeyError, store.read_body, env.qid)
+        self.assertEqual(store.list(ACTIVE), [])
+        self.assertEqual(store.list(INCOMING), [keep.qid])
+
+    @defer.inlineCallbacks
+    def test_removing_an_unknown_message_is_a_no_op(self):
+        store = self.make_store()
+        yield store.remove(new_qid())
+
+    def test_unknown_message_has_no_state_envelope_or_body(self):
+        store = self.make_store()
+        qid = new_qid()
+        self.assertIsNone(store.state(qid))
+        self.assertRaises(KeyError, store.load, qid)
+        self.assertRaises(KeyError, store.read_body, qid)
+
+    def test_listing_an_unknown_state_is_an_error(self):
+        self.assertRaises(ValueError, self.make_store().list, "nowhere")
+
+    @defer.inlineCallbacks
+    def test_recover_puts_active_messages_back_to_incoming_and_keeps_the_rest(self):
+        store = self.make_store()
+        envs = [make_envelope(now=1_700_000_000 + i) for i in range(4)]
+        for env in envs:
+            yield store.enqueue(env, BODY)
+        yield store.move(envs[0].qid, ACTIVE)
+        yield store.move(envs[2].qid, ACTIVE)
+        yield store.move(envs[1].qid, DEFERRED)
+        yield store.move(envs[3].qid, HOLD)
+        counts = store.recover()
+        self.assertEqual(counts["requeued"], 2)
+        self.assertEqual(counts["queued"], 4)
+        self.assertEqual(counts["corrupt"], 0)
+        self.assertEqual(store.list(INCOMING), [envs[0].qid, envs[2].qid])
+        self.assertEqual(store.list(ACTIVE), [])
+        self.assertEqual(store.list(DEFERRED), [envs[1].qid])
+        self.assertEqual(store.list(HOLD), [envs[3].qid])
+        self.assertEqual(store.load(envs[2].qid), envs[2])
+
+    @defer.inlineCallbacks
+    def test_empty_body_and_binary_body_are_stored_exactly(self):
+        store = self.make_store()
+        bodies = [b"", bytes(range(256)) * 64]
+        envs = [make_envelope() for _ in bodies]
+        for env, body in zip(envs, bodies, strict=True):
+            yield store.enqueue(env, body)
+        for env, body in zip(envs, bodies, strict=True):
+            self.assertEqual(store.read_body(env.qid), body)
