@@ -116,6 +116,12 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
         command_timeout=config.smtp.command_timeout,
         data_timeout=config.smtp.data_timeout,
     )
+    from pymta.admin.control import control_service
+    from pymta.admin.queue_ops import QueueOperations
+
+    operations = QueueOperations(store, manager if config.queue.deliver else None)
+    control_service(config.control_socket, operations, reactor=reactor).setServiceParent(top)
+
     factory = SMTPServerFactory(receiver, config.hostname, limits, reactor)
     for endpoint in config.smtp.listen:
         strports.service(endpoint, factory, reactor=reactor).setServiceParent(top)

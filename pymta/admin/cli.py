@@ -1,0 +1,136 @@
+"""``pymta-queue``: list, show, flush, delete, hold and release queued mail.
+
+Through the running MTA's control socket when it answers; with the MTA stopped, list, show,
+delete, hold and release work on the queue directory directly (flush needs the running MTA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import time
+from typing import Any
+
+from pymta.config import ConfigError, default_config_path, load_config
+
+COMMANDS = ("list", "show", "flush", "delete", "hold", "release")
+
+
+class CLIError(Exception):
+    """A one-line error for the operator."""
+
+
+def ask_control_socket(path: str, command: str, target: str | None, timeout: float = 30.0) -> dict[str, Any] | None:
+    """Send one request; None when no MTA answers on ``path``."""
+    if not os.path.exists(path):
+        return None
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        try:
+            s.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            return None
+        s.sendall(json.dumps({"cmd": command, "qid": target}).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    if not data:
+        raise CLIError("the MTA closed the control connection without answering")
+    return json.loads(data)
+
+
+def run_directly(queue_dir: str, command: str, target: str | None) -> dict[str, Any]:
+    """The same operations on the queue directory of a stopped MTA."""
+    from twisted.internet import defer, task
+    from twisted.python.threadpool import ThreadPool
+
+    from pymta.admin.queue_ops import QueueOperations, QueueOpError
+    from pymta.queue.store import MaildirQueueStore
+
+    if not os.path.isdir(queue_dir):
+        raise CLIError(f"no queue at {queue_dir}")
+    outcome: dict[str, Any] = {}
+
+    @defer.inlineCallbacks
+    def main(reactor: Any):
+        pool = ThreadPool(1, 2, name="pymta-queue")
+        pool.start()
+        try:
+            store = MaildirQueueStore(queue_dir, reactor=reactor, threadpool=pool)
+            result = yield QueueOperations(store).run(command, target)
+            outcome.update(ok=True, result=result)
+        except QueueOpError as e:
+            outcome.update(ok=False, error=str(e))
+        finally:
+            pool.stop()
+
+    try:
+        task.react(main)
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise CLIError(outcome.get("error") or "queue operation failed") from None
+    return outcome
+
+
+def _format_time(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(seconds)) if seconds else "-"
+
+
+def print_list(messages: list[dict[str, Any]], out: Any) -> None:
+    if not messages:
+        out.write("Mail queue is empty\n")
+        return
+    out.write(f"{'Queue ID':<26} {'State':<9} {'Size':>9} {'Arrival (UTC)':<19}  Sender/Recipient\n")
+    for m in messages:
+        out.write(
+            f"{m['qid']:<26} {m['state']:<9} {m['size']:>9} {_format_time(m['arrival']):<19}  <{m['sender']}>\n"
+        )
+        for r in m["recipients"]:
+            reply = r.get("reply") or {}
+            why = f" ({reply.get('code')} {reply.get('enhanced', '')} {reply.get('text', '')})".rstrip() if reply else ""
+            out.write(f"{'':<58}  {r['address']} [{r['state']}]{why}\n")
+    out.write(f"-- {len(messages)} message(s)\n")
+
+
+def queue_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pymta-queue", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=None, help="configuration file (default: $PYMTA_CONFIG, else /etc/pymta/pymta.toml)")
+    parser.add_argument("--json", action="store_true", help="print the raw JSON answer")
+    parser.add_argument("command", choices=COMMANDS)
+    parser.add_argument("qid", nargs="?", help="queue id (or 'all' for delete, hold, release)")
+    args = parser.parse_args(argv)
+    path = args.config or default_config_path()
+    try:
+        config = load_config(path)
+        if args.command in ("show", "delete", "hold", "release") and not args.qid:
+            raise CLIError(f"{args.command} needs a queue id")
+        answer = ask_control_socket(config.control_socket, args.command, args.qid)
+        if answer is None:
+            if args.command == "flush":
+                raise CLIError("flush needs the running MTA: nothing answers on " + config.control_socket)
+            answer = run_directly(config.queue_dir, args.command, args.qid)
+    except ConfigError as e:
+        sys.stderr.write(f"pymta-queue: configuration error: {e}\n")
+        return 2
+    except (CLIError, OSError, ValueError) as e:
+        sys.stderr.write(f"pymta-queue: {e}\n")
+        return 1
+    if not answer.get("ok"):
+        sys.stderr.write(f"pymta-queue: {answer.get('error')}\n")
+        return 1
+    result = answer.get("result")
+    if args.json or args.command != "list":
+        sys.stdout.write(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    else:
+        print_list(result, sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(queue_main())
