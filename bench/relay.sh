@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# bench/relay.sh -- end-to-end relay: smtp-source -> pymta -> smtp-sink, and in the same run
+# smtp-source -> Postfix (Debian; relayhost = the same smtp-sink port). 10,000 messages of 2 KB and
+# 1,000 of 50 KB (RELAY_N2K / RELAY_N50K), at 10 and 50 sessions (RELAY_CONC), medians of RELAY_RUNS
+# runs after a warm-up (the queues have seen many deletions by then: the churned steady state).
+# Prints end-to-end msgs/s (until the sink has them all), CPU s per 1000 messages, and the ratios
+# pymta/Postfix. Loopback only; every process is stopped by its PID; every run is bounded.
+set -u
+HERE="$(cd "$(dirname "$0")" && pwd)"
+ROOT="$(cd "$HERE/.." && pwd)"
+SHARED_BENCH="${SHARED_BENCH:-$ROOT/../shared/bench}"
+[ -x "$SHARED_BENCH/peer-bench.sh" ] || { echo "error: shared bench harness not found at $SHARED_BENCH" >&2; exit 2; }
+. "$SHARED_BENCH/common.sh"
+
+SIZES="${RELAY_SIZES:-2048 51200}"
+CONC="${RELAY_CONC:-10 50}"
+RUNS="${RELAY_RUNS:-5}"
+N2K="${RELAY_N2K:-10000}" N50K="${RELAY_N50K:-1000}"
+PY_PORT="${PY_PORT:-2570}" PF_PORT="${PF_PORT:-2571}" SINK_PORT="${SINK_PORT:-2572}"
+OUT="$BENCH_TMP/relay"
+rm -rf "$OUT"; mkdir -p "$OUT"
+JSON="$OUT/results.jsonl"
+PF_DIR=/tmp/pmbench/relay-postfix
+
+PY_STATE="$OUT/pymta"
+mkdir -p "$PY_STATE"
+cat >"$OUT/pymta.toml" <<CFG
+hostname = "mx.bench.example"
+state_dir = "$PY_STATE"
+[smtp]
+listen = ["tcp:$PY_PORT:interface=127.0.0.1"]
+max_message_size = 67108864
+[domains]
+local = ["bench.example"]
+relay_from = ["127.0.0.0/8"]
+[queue]
+fsync = true
+[outbound]
+smarthost = "127.0.0.1:$SINK_PORT"
+max_connections = 100
+max_connections_per_domain = 50
+CFG
+WAIT_PY="for i in \$(seq 300); do [ -z \"\$(find '$PY_STATE/queue/incoming' '$PY_STATE/queue/active' '$PY_STATE/queue/deferred' -type f -print -quit 2>/dev/null)\" ] && break; sleep 0.1; done"
+echo "== pymta relay" >&2
+"$SHARED_BENCH/peer-bench.sh" -name pymta -port "$PY_PORT" -relay "$SINK_PORT" -sizes "$SIZES" -conc "$CONC" \
+    -n2k "$N2K" -n50k "$N50K" -runs "$RUNS" -warmup 1 -between "$WAIT_PY" -json "$JSON" -- \
+    twistd -n --pidfile= pymta --config "$OUT/pymta.toml"
+
+echo "== postfix relay" >&2
+"$SHARED_BENCH/postfix-instance.sh" destroy "$PF_DIR" >/dev/null 2>&1
+"$SHARED_BENCH/postfix-instance.sh" setup "$PF_DIR" "$PF_PORT" "$SINK_PORT" >/dev/null || exit 2
+"$SHARED_BENCH/postfix-instance.sh" start "$PF_DIR" >/dev/null || exit 2
+trap '"$SHARED_BENCH/postfix-instance.sh" destroy "$PF_DIR" >/dev/null 2>&1' EXIT
+PF_PID=$("$SHARED_BENCH/postfix-instance.sh" master-pid "$PF_DIR")
+"$SHARED_BENCH/peer-bench.sh" -name postfix -port "$PF_PORT" -pid "$PF_PID" -relay "$SINK_PORT" -sizes "$SIZES" \
+    -conc "$CONC" -n2k "$N2K" -n50k "$N50K" -runs "$RUNS" -warmup 1 \
+    -between "$SHARED_BENCH/postfix-instance.sh wait-empty $PF_DIR 60" -json "$JSON"
+
+python3 "$HERE/ratios.py" "$JSON" e2e_mps
