@@ -281,6 +281,88 @@ def _conv_routes(value: Any) -> dict[str, tuple[str, int]]:
     return out
 
 
+# -- access-control lists ([[acl.<stage>]] rules) --------------------------------------------
+
+ACL_STAGES = ("connect", "helo", "mail", "rcpt", "data")
+ACL_ACTIONS = ("accept", "reject", "tempfail", "continue")
+_REPLY = re.compile(r"^([245]\d\d)(?:\s+([245]\.\d{1,3}\.\d{1,3}))?(?:\s+(.*))?$")
+
+
+def conv_reply(value: Any) -> tuple[int, str, str]:
+    """``"550 5.7.1 Not from there"`` -> (550, "5.7.1", "Not from there"); the enhanced code is needed."""
+    text = conv_str(value).strip()
+    m = _REPLY.match(text)
+    if not m or not m.group(2):
+        raise ConfigValueError(f"expected a reply like \"550 5.7.1 text\", got {text!r}")
+    if m.group(1)[0] != m.group(2)[0]:
+        raise ConfigValueError(f"reply code and enhanced code disagree in {text!r}")
+    return int(m.group(1)), m.group(2), m.group(3) or ""
+
+
+def conv_pattern(value: Any) -> str:
+    """A string matcher: exact text, or ``/regex/`` (checked here)."""
+    text = conv_str(value)
+    if len(text) >= 2 and text.startswith("/") and text.endswith("/"):
+        try:
+            re.compile(text[1:-1])
+        except re.error as e:
+            raise ConfigValueError(f"bad regular expression {text!r}: {e}") from None
+    return text
+
+
+def conv_bool_or_names(value: Any) -> bool | tuple[str, ...]:
+    if isinstance(value, bool):
+        return value
+    return conv_list(conv_str)(value)
+
+
+@dataclass(frozen=True)
+class AclRule:
+    """One rule: every matcher given must match; then ``action`` (with ``reply``) applies."""
+
+    action: str = _key(conv_str, "continue")
+    reply: tuple[int, str, str] | None = _key(conv_reply, None)
+    client: tuple | None = _key(conv_list(conv_network), None)
+    rdns: tuple[str, ...] | None = _key(conv_list(conv_pattern), None)
+    helo: tuple[str, ...] | None = _key(conv_list(conv_pattern), None)
+    auth: bool | tuple[str, ...] | None = _key(conv_bool_or_names, None)
+    tls: bool | None = _key(conv_bool, None)
+    sender: tuple[str, ...] | None = _key(conv_list(conv_pattern), None)
+    recipient: tuple[str, ...] | None = _key(conv_list(conv_pattern), None)
+    size: int | None = _key(conv_int(0), None)
+    comment: str = _key(conv_str, "")
+
+
+def _conv_acl(value: Any, where: str) -> dict[str, tuple[AclRule, ...]]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: acl: expected tables [[acl.STAGE]], got {_type_name(value)}")
+    out: dict[str, tuple[AclRule, ...]] = {}
+    for stage, rules in value.items():
+        if stage not in ACL_STAGES:
+            raise ConfigError(f"{where}: acl.{stage}: unknown stage (known: {', '.join(ACL_STAGES)})")
+        if not isinstance(rules, list):
+            raise ConfigError(f"{where}: acl.{stage}: expected an array of tables [[acl.{stage}]]")
+        built = []
+        for i, rule in enumerate(rules):
+            prefix = f"acl.{stage}[{i + 1}]"
+            r = _build_section(AclRule, rule, prefix, where)
+            if r.action not in ACL_ACTIONS:
+                raise ConfigError(f"{where}: {prefix}.action: must be one of {', '.join(ACL_ACTIONS)}, got {r.action!r}")
+            if r.reply is not None:
+                wanted = {"reject": "5", "tempfail": "4"}.get(r.action)
+                if wanted is None:
+                    raise ConfigError(f"{where}: {prefix}.reply: only reject and tempfail rules carry a reply")
+                if str(r.reply[0])[0] != wanted:
+                    raise ConfigError(f"{where}: {prefix}.reply: a {r.action} reply must be {wanted}xx")
+            if r.recipient is not None and stage in ("connect", "helo", "mail"):
+                raise ConfigError(f"{where}: {prefix}.recipient: recipients are not known at the {stage} stage")
+            if r.size is not None and stage != "data" and stage != "mail":
+                raise ConfigError(f"{where}: {prefix}.size: the size is known at the mail (SIZE=) and data stages only")
+            built.append(r)
+        out[stage] = tuple(built)
+    return out
+
+
 _SECTIONS: dict[str, type] = {
     "smtp": SMTPConfig,
     "domains": DomainsConfig,
@@ -303,6 +385,7 @@ class Config:
     dns: DNSConfig = field(default_factory=DNSConfig)
     log: LogConfig = field(default_factory=LogConfig)
     routes: dict[str, tuple[str, int]] = field(default_factory=dict)
+    acl: dict[str, tuple[AclRule, ...]] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -381,10 +464,12 @@ def build_config(data: dict[str, Any], path: str = "<config>") -> Config:
                 values[key] = _TOP_CONVERTERS[key](value)
             except ConfigValueError as e:
                 raise ConfigError(f"{path}: {key}: {e}") from None
+        elif key == "acl":
+            values[key] = _conv_acl(value, path)
         elif key in PASSTHROUGH_SECTIONS:
             continue
         else:
-            known = sorted([*_SECTIONS, *_TOP_CONVERTERS, *PASSTHROUGH_SECTIONS])
+            known = sorted([*_SECTIONS, *_TOP_CONVERTERS, *PASSTHROUGH_SECTIONS, "acl"])
             raise ConfigError(f"{path}: {key}: unknown key (known: {', '.join(known)})")
     if "state_dir" not in values:
         values["state_dir"] = conv_path("var")

@@ -61,6 +61,7 @@ def makeService(options: dict[str, Any]) -> service.MultiService:
 def build_service(config: Config, reactor: Any) -> service.MultiService:
     """The whole service tree for ``config`` on ``reactor`` (tests pass their own)."""
     from pymta.admin.accounting import AccountingLog
+    from pymta.inbound.acl import AclPolicy
     from pymta.inbound.mailbox import MaildirDeliveryAgent
     from pymta.inbound.policy import RelayPolicy
     from pymta.inbound.receiver import InboundReceiver
@@ -108,6 +109,7 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
         reactor,
         on_queued=manager.notify_incoming if config.queue.deliver else None,
         accounting=accounting,
+        acl=AclPolicy(config.acl) if config.acl else None,
     )
     limits = ServerLimits(
         max_message_size=config.smtp.max_message_size,

@@ -15,7 +15,7 @@ from zope.interface import implementer
 
 from pymta.envelope import Envelope, Recipient, new_qid
 from pymta.inbound.policy import RelayPolicy
-from pymta.interfaces import IQueueStore, ISMTPServerDelegate, QueueFull
+from pymta.interfaces import IPolicy, IQueueStore, ISMTPServerDelegate, QueueFull
 from pymta.smtp.replies import LOCAL_ERROR, STORAGE_FULL, Reply
 
 log = Logger(namespace="pymta.inbound")
@@ -61,6 +61,7 @@ class InboundReceiver:
         clock: IReactorTime,
         on_queued: Callable[[str], None] | None = None,
         accounting: Any = None,
+        acl: IPolicy | None = None,
     ) -> None:
         self.hostname = hostname
         self.policy = policy
@@ -68,19 +69,27 @@ class InboundReceiver:
         self.clock = clock
         self.on_queued = on_queued
         self.accounting = accounting
+        self.acl = acl
 
     # -- stages ---------------------------------------------------------------------------
 
+    def _acl(self, stage: str, session: Any, **details: Any) -> Reply | None:
+        return self.acl.check(stage, session, **details) if self.acl is not None else None
+
     def connected(self, session: Any) -> Reply | None:
-        return None
+        return self._acl("connect", session)
 
     def helo(self, session: Any, name: str) -> Reply | None:
-        return None
+        return self._acl("helo", session)
 
     def mail_from(self, session: Any, sender: str, params: dict[str, str]) -> Reply | None:
-        return None
+        size = params.get("SIZE")
+        return self._acl("mail", session, sender=sender, size=int(size) if size and size.isdigit() else None)
 
     def rcpt_to(self, session: Any, address: str, params: dict[str, str]) -> Reply | None:
+        refused = self._acl("rcpt", session, recipient=address)
+        if refused is not None:
+            return refused
         decision = self.policy.recipient(address, session.peer_address, session.auth_user)
         if decision.reply is not None:
             log.info(
@@ -98,8 +107,13 @@ class InboundReceiver:
         session.transaction.notes.setdefault("routes", {})[address] = (decision.route, decision.address)
         return None
 
-    def message(self, session: Any, body: bytes) -> defer.Deferred[Reply]:
+    def message(self, session: Any, body: bytes) -> defer.Deferred[Reply] | Reply:
         txn = session.transaction
+        refused = self._acl(
+            "data", session, sender=txn.sender, recipients=[r.address for r in txn.recipients], size=len(body)
+        )
+        if refused is not None:
+            return refused
         now = self.clock.seconds()
         qid = new_qid(time.time())
         routes = txn.notes.get("routes", {})
