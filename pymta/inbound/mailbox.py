@@ -1,0 +1,189 @@
+"""Local delivery (the MX role): safe mailbox paths and durable writes into standard Maildirs."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+import unicodedata
+from typing import Any
+
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from pymta.envelope import DEFERRED, DELIVERED, FAILED, DeliveryResult, Envelope, Recipient
+from pymta.interfaces import IDeliveryAgent
+from pymta.queue.fsio import DirSyncer, FileOps, discard, is_space_error, write_new_file
+
+log = Logger()
+
+MAX_LOCAL_OCTETS = 64
+MAX_DOMAIN_OCTETS = 253
+# Unicode categories never allowed in a mailbox name: controls, format (bidi, zero-width),
+# line/paragraph separators, surrogates, private use, unassigned.
+_BAD_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+
+
+def _unquote(local: str) -> str | None:
+    """``"a b"`` -> ``a b`` with backslash escapes resolved; None when the quoting is malformed."""
+    out = []
+    chars = iter(local[1:-1])
+    for c in chars:
+        if c == "\\":
+            c = next(chars, None)
+            if c is None:
+                return None
+        elif c == '"':
+            return None
+        out.append(c)
+    return "".join(out)
+
+
+def _safe_name(name: str, max_octets: int) -> bool:
+    if not name or name in (".", "..") or name.startswith(".") or "/" in name or "\\" in name:
+        return False
+    try:
+        if len(name.encode("utf-8")) > max_octets:
+            return False
+    except UnicodeEncodeError:  # lone surrogates from undecodable bytes
+        return False
+    return not any(unicodedata.category(c) in _BAD_CATEGORIES for c in name)
+
+
+def _safe_domain(domain: str) -> bool:
+    if not _safe_name(domain, MAX_DOMAIN_OCTETS):
+        return False
+    for label in domain.split("."):
+        if not label or len(label) > 63 or label[0] == "-" or label[-1] == "-":
+            return False
+        if not all(c.isalnum() or c in "-_" for c in label):
+            return False
+    return True
+
+
+def mailbox_path(mail_root: str, address: str) -> str | None:
+    """``mail_root/<domain>/<local-part>`` (both lower-cased, NFC), or None when either part is not
+    a safe directory name (the RCPT stage then answers 550 5.1.1).
+
+    Refused: empty, ``.``/``..``, a leading dot, ``/`` or ``\\``, control or invisible characters,
+    a local part over 64 octets, a domain that is not a host name; a quoted local part is unquoted
+    (quoted-pairs resolved) and then must be safe, without a ``"`` left in it. The result never leaves ``mail_root``.
+    """
+    local, at, domain = address.rpartition("@")
+    if not at:
+        return None
+    if len(local) >= 2 and local[0] == local[-1] == '"':
+        local = _unquote(local)
+        if local is None or '"' in local:
+            return None
+    local = unicodedata.normalize("NFC", local).lower()
+    domain = unicodedata.normalize("NFC", domain).lower()
+    if not _safe_name(local, MAX_LOCAL_OCTETS) or not _safe_domain(domain):
+        return None
+    path = os.path.join(mail_root, domain, local)
+    root = os.path.realpath(mail_root)
+    real = os.path.realpath(path)
+    if real == root or os.path.commonpath([root, real]) != root:
+        return None
+    return path
+
+
+def _maildir_host(hostname: str) -> str:
+    """The host part of a Maildir file name: ``/`` and ``:`` escaped as the Maildir convention says."""
+    return hostname.replace("/", "\\057").replace(":", "\\072")
+
+
+@implementer(IDeliveryAgent)
+class MaildirDeliveryAgent:
+    """Delivers local recipients into ``mail_root/<domain>/<local>/`` Maildirs, durably, off the reactor.
+
+    Each recipient gets its own file (its ``Delivered-To`` differs): written in ``tmp/`` with
+    ``Return-Path`` and ``Delivered-To`` prepended (CRLF turned into LF), fsynced, renamed into
+    ``new/``, and ``new/`` fsynced (shared between concurrent deliveries) before DELIVERED.
+    """
+
+    def __init__(
+        self,
+        mail_root: str,
+        hostname: str,
+        reactor: Any,
+        threadpool: Any,
+        ops: FileOps | None = None,
+    ) -> None:
+        self.mail_root = mail_root
+        self.hostname = hostname
+        self._host = _maildir_host(hostname)
+        self._reactor = reactor
+        self._threadpool = threadpool
+        self._ops = ops or FileOps()
+        self._syncer = DirSyncer(self._ops)
+        self._seq = itertools.count(1)
+        self._ready: set[str] = set()  # Maildirs known to exist with tmp/ new/ cur/
+
+    def deliver(self, envelope: Envelope, recipients: list[Recipient], body: bytes):
+        return deferToThreadPool(self._reactor, self._threadpool, self._deliver_all, envelope, recipients, body)
+
+    def _deliver_all(self, envelope: Envelope, recipients: list[Recipient], body: bytes) -> list[DeliveryResult]:
+        body = body.replace(b"\r\n", b"\n")
+        return_path = f"Return-Path: <{envelope.sender}>\n".encode()
+        return [self._deliver_one(envelope.qid, r.address, return_path, body) for r in recipients]
+
+    def _deliver_one(self, qid: str, address: str, return_path: bytes, body: bytes) -> DeliveryResult:
+        path = mailbox_path(self.mail_root, address)
+        if path is None:
+            log.warn("unsafe local mailbox name {rcpt}", qid=qid, rcpt=address, code=550, enhanced="5.1.1")
+            return DeliveryResult(address, FAILED, 550, "5.1.1", "Bad destination mailbox address")
+        data = b"".join((return_path, f"Delivered-To: {address}\n".encode(), body))
+        try:
+            name = self._write(path, data)
+        except OSError as e:
+            self._ready.discard(path)
+            if is_space_error(e):
+                code, enhanced, text = 452, "4.3.1", "Insufficient system storage for local delivery"
+            else:
+                code, enhanced, text = 451, "4.3.0", f"Local delivery error: {e.strerror or e}"
+            log.warn(
+                "local delivery to {rcpt} deferred: {error}",
+                qid=qid, rcpt=address, code=code, enhanced=enhanced, error=str(e),
+            )  # fmt: skip
+            return DeliveryResult(address, DEFERRED, code, enhanced, text)
+        return DeliveryResult(address, DELIVERED, 250, "2.0.0", "delivered to maildir", extra={"file": name})
+
+    def _write(self, maildir: str, data: bytes) -> str:
+        """Write one message into ``maildir`` durably; returns its path under ``new/``."""
+        self._make_maildir(maildir)
+        now = time.time()
+        name = f"{int(now)}.M{int(now * 1e6) % 1_000_000}P{os.getpid()}Q{next(self._seq)}.{self._host}"
+        tmp = os.path.join(maildir, "tmp", name)
+        new_dir = os.path.join(maildir, "new")
+        final = os.path.join(new_dir, name)
+        write_new_file(self._ops, tmp, data)
+        try:
+            self._ops.rename(tmp, final)
+        except OSError:
+            discard(self._ops, tmp)
+            raise
+        self._syncer.sync((new_dir,))
+        return final
+
+    def _make_maildir(self, maildir: str) -> None:
+        """Create ``maildir`` with tmp/ new/ cur/ (mode 0700) and fsync the parents of what was created."""
+        if maildir in self._ready:
+            return
+        created: set[str] = set()
+        for sub in ("tmp", "new", "cur"):
+            path = os.path.join(maildir, sub)
+            missing = []
+            while not os.path.isdir(path):
+                missing.append(path)
+                path = os.path.dirname(path)
+            for path in reversed(missing):
+                try:
+                    os.mkdir(path, 0o700)
+                except FileExistsError:
+                    pass
+                created.add(os.path.dirname(path))
+        if created:
+            self._syncer.sync(created)
+        self._ready.add(maildir)
