@@ -62,7 +62,7 @@ def test_every_local_part_exists_when_mailboxes_is_absent(tmp_path):
     assert make_policy(tmp_path, mailboxes=None).recipient("anyone@example.test", STRANGER).route == ROUTE_LOCAL
 
 
-@pytest.mark.parametrize("local", ["..", ".hidden", "a/b", '"a/b"', '"../x"', '"a\\x01b"'])
+@pytest.mark.parametrize("local", ["..", ".hidden", "a/b", '"a/b"', '"../x"', '"a\x01b"', '"a\\\x7fb"'])
 def test_unsafe_local_parts_are_refused_with_511(tmp_path, local):
     decision = make_policy(tmp_path, mailboxes=None).recipient(f"{local}@example.test", TRUSTED)
     assert decision.route is None

@@ -83,3 +83,25 @@ class ReceiverTests(unittest.TestCase):
         [qid] = self.store.list(INCOMING)
         header = self.store.read_body(qid).split(b"\r\n\r\n", 1)[0]
         assert b"\tfor <alice@example.test>; " in header
+
+    def test_acl_refuses_at_rcpt_and_at_end_of_data_before_anything_is_queued(self) -> None:
+        from pymta.config import build_config
+        from pymta.inbound.acl import AclPolicy
+
+        acl = AclPolicy(
+            build_config(
+                {
+                    "acl": {
+                        "rcpt": [{"recipient": "@blocked.example", "action": "reject", "reply": "550 5.7.1 Not there"}],
+                        "data": [{"size": 100, "action": "tempfail", "reply": "452 4.3.4 Too big today"}],
+                    }
+                }
+            ).acl
+        )
+        receiver = InboundReceiver("mx.example.test", self.policy, self.store, self.clock, acl=acl)
+        session = Sess(transaction=Txn(sender="someone@example.org"))
+        assert receiver.rcpt_to(session, "x@blocked.example", {}).text == "Not there"
+        reply = self.transact(receiver, ["alice@example.test"], body=b"x" * 200)
+        assert (reply.code, reply.enhanced) == (452, "4.3.4")
+        assert self.store.list(INCOMING) == []
+        assert self.transact(receiver, ["alice@example.test"], body=b"small\r\n").code == 250

@@ -1,0 +1,102 @@
+"""TLS contexts: the server's (TLS 1.2+, forward-secret ciphers, reloadable) and the client's
+(opportunistic or verified with service_identity), on pyOpenSSL through twisted.internet.ssl."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from OpenSSL import SSL
+from twisted.internet import ssl
+from twisted.logger import Logger
+
+log = Logger(namespace="pymta.tls")
+
+# Forward secrecy only (ECDHE / DHE key exchange), AEAD ciphers only; TLS 1.3 suites are all FS.
+SERVER_CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!eNULL:!MD5:!DSS"
+_HARDENING = (
+    SSL.OP_NO_SSLv2 | SSL.OP_NO_SSLv3 | SSL.OP_NO_TLSv1 | SSL.OP_NO_TLSv1_1 | SSL.OP_NO_COMPRESSION
+    | SSL.OP_CIPHER_SERVER_PREFERENCE | SSL.OP_SINGLE_ECDH_USE | SSL.OP_SINGLE_DH_USE
+)  # fmt: skip
+
+
+class TLSConfigError(Exception):
+    """A certificate or key cannot be used; the text names the file and the reason."""
+
+
+def _server_context(cert_path: str, key_path: str) -> SSL.Context:
+    for path in (cert_path, key_path):
+        if not os.path.isfile(path):
+            raise TLSConfigError(f"{path}: no such file")
+    ctx = SSL.Context(SSL.TLS_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+    ctx.set_options(_HARDENING)
+    try:
+        ctx.set_cipher_list(SERVER_CIPHERS)
+        ctx.use_certificate_chain_file(cert_path)
+    except SSL.Error as e:
+        raise TLSConfigError(f"{cert_path}: not a usable PEM certificate chain ({_ssl_reason(e)})") from None
+    try:
+        ctx.use_privatekey_file(key_path)
+        ctx.check_privatekey()
+    except SSL.Error as e:
+        raise TLSConfigError(f"{key_path}: not a usable PEM private key for {cert_path} ({_ssl_reason(e)})") from None
+    ctx.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
+    ctx.set_session_id(b"pymta")
+    return ctx
+
+
+def _ssl_reason(error: SSL.Error) -> str:
+    try:
+        return "; ".join(str(part[2]) for part in error.args[0]) or "OpenSSL error"
+    except (IndexError, TypeError):
+        return str(error)
+
+
+class ServerTLS:
+    """The listener's TLS context factory; :meth:`reload` swaps in a new certificate (SIGHUP)."""
+
+    def __init__(self, cert_path: str, key_path: str) -> None:
+        self.cert_path = cert_path
+        self.key_path = key_path
+        self._context = _server_context(cert_path, key_path)
+
+    def reload(self) -> bool:
+        """Load the files again; on failure keep serving the old certificate and log why."""
+        try:
+            self._context = _server_context(self.cert_path, self.key_path)
+        except TLSConfigError as e:
+            log.error("certificate reload failed, keeping the old one: {why}", why=str(e))
+            return False
+        log.info("certificate reloaded from {cert}", cert=self.cert_path)
+        return True
+
+    def getContext(self) -> SSL.Context:
+        return self._context
+
+
+def client_tls(hostname: str, verify: bool = False, ca_file: str | None = None) -> Any:
+    """A client connection creator for STARTTLS to ``hostname``.
+
+    ``verify``: the chain must lead to the system trust store (or ``ca_file``) and the name must
+    match (service_identity); otherwise any certificate is taken (opportunistic TLS, RFC 7435).
+    """
+    if verify:
+        if ca_file:
+            with open(ca_file, "rb") as f:
+                root: Any = ssl.Certificate.loadPEM(f.read())
+        else:
+            root = ssl.platformTrust()
+        return ssl.optionsForClientTLS(hostname, trustRoot=root)
+    return ssl.CertificateOptions(verify=False)
+
+
+def describe_tls(transport: Any) -> str | None:
+    """``"TLSv1.3 TLS_AES_256_GCM_SHA384"`` for a TLS transport, else None."""
+    conn = getattr(transport, "getHandle", lambda: None)()
+    if conn is None or not hasattr(conn, "get_protocol_version_name"):
+        return None
+    try:
+        return f"{conn.get_protocol_version_name()} {conn.get_cipher_name()}"
+    except SSL.Error:
+        return None
