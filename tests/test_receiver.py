@@ -42,7 +42,7 @@ class ReceiverTests(unittest.TestCase):
             if reply is None:
                 session.transaction.recipients.append(Accepted(address, notify=("FAILURE",), orcpt="rfc822;" + address))
         results = []
-        receiver.message(session, body).addBoth(results.append)
+        defer.maybeDeferred(receiver.message, session, body).addBoth(results.append)
         return results[0]
 
     def test_accepted_transaction_is_queued_with_per_recipient_routes(self) -> None:
