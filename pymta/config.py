@@ -40,13 +40,13 @@ _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None
 def parse_duration(value: Any) -> float:
     """``"30s"``, ``"5m"``, ``"4h"``, ``"5d"``, ``"1w"``, ``"250ms"`` (a bare number is seconds) -> seconds."""
     if isinstance(value, bool):
-        raise ConfigValueError("expected a duration like \"30s\", \"5m\", \"4h\" or \"5d\"")
+        raise ConfigValueError('expected a duration like "30s", "5m", "4h" or "5d"')
     if isinstance(value, int | float):
         seconds = float(value)
     elif isinstance(value, str) and (m := _DURATION.match(value)):
         seconds = float(m.group(1)) * _UNITS[m.group(2)]
     else:
-        raise ConfigValueError(f"expected a duration like \"30s\", \"5m\", \"4h\" or \"5d\", got {value!r}")
+        raise ConfigValueError(f'expected a duration like "30s", "5m", "4h" or "5d", got {value!r}')
     if seconds < 0:
         raise ConfigValueError("a duration cannot be negative")
     return seconds
@@ -120,7 +120,9 @@ def conv_network(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
         raise ConfigValueError(f"not an IP network (CIDR) {text!r}") from None
 
 
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+_HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)([A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
 
 
 def conv_hostname(value: Any) -> str:
@@ -183,7 +185,7 @@ def conv_endpoint(value: Any) -> str:
     text = conv_str(value).strip()
     kind, _, rest = text.partition(":")
     if kind not in ("tcp", "tcp6", "ssl", "unix", "systemd") or not rest:
-        raise ConfigValueError(f"not a server endpoint string like \"tcp:2525:interface=127.0.0.1\": {text!r}")
+        raise ConfigValueError(f'not a server endpoint string like "tcp:2525:interface=127.0.0.1": {text!r}')
     if kind in ("tcp", "tcp6", "ssl"):
         port = rest.split(":", 1)[0]
         if port.startswith("port="):
@@ -202,7 +204,10 @@ def conv_path(value: Any) -> str:
 
 
 def _key(
-    conv: Callable[[Any], Any], default: Any = MISSING, factory: Callable[[], Any] | None = None, doc: str = ""
+    conv: Callable[[Any], Any],
+    default: Any = MISSING,
+    factory: Callable[[], Any] | None = None,
+    doc: str = "",
 ) -> Any:
     meta = {"conv": conv, "doc": doc}
     if factory is not None:
@@ -228,7 +233,9 @@ class SMTPConfig:
 class DomainsConfig:
     local: tuple[str, ...] = _key(conv_list(conv_hostname), ())
     mailboxes: tuple[str, ...] | None = _key(conv_list(conv_address), None)
-    relay_from: tuple = _key(conv_list(conv_network), (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")))
+    relay_from: tuple = _key(
+        conv_list(conv_network), (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+    )
     forward: tuple[str, ...] = _key(conv_list(conv_hostname), ())
 
 
@@ -263,6 +270,32 @@ class DNSConfig:
     timeout: float = _key(conv_duration(0.1), 5.0)
 
 
+def conv_rate(value: Any) -> Any:
+    from pymta.rate import parse_rate
+
+    try:
+        return parse_rate(value)
+    except ValueError as e:
+        raise ConfigValueError(str(e)) from None
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Per-client limits for clients outside relay_from that are not authenticated."""
+
+    connections_per_client: int = _key(conv_int(1, 100000), 50)
+    message_rate: Any = _key(conv_rate, None)
+    recipient_rate: Any = _key(conv_rate, None)
+
+
+@dataclass(frozen=True)
+class GreylistConfig:
+    enabled: bool = _key(conv_bool, False)
+    delay: float = _key(conv_duration(0), 300.0)
+    expire: float = _key(conv_duration(60), 4 * 3600.0)
+    lifetime: float = _key(conv_duration(60), 36 * 86400.0)
+
+
 @dataclass(frozen=True)
 class LogConfig:
     accounting: bool = _key(conv_bool, True)
@@ -270,7 +303,7 @@ class LogConfig:
 
 def _conv_routes(value: Any) -> dict[str, tuple[str, int]]:
     if not isinstance(value, dict):
-        raise ConfigValueError(f"expected a table of \"domain\" = \"host:port\", got {_type_name(value)}")
+        raise ConfigValueError(f'expected a table of "domain" = "host:port", got {_type_name(value)}')
     out = {}
     hostport = conv_hostport(25)
     for domain, target in value.items():
@@ -293,7 +326,7 @@ def conv_reply(value: Any) -> tuple[int, str, str]:
     text = conv_str(value).strip()
     m = _REPLY.match(text)
     if not m or not m.group(2):
-        raise ConfigValueError(f"expected a reply like \"550 5.7.1 text\", got {text!r}")
+        raise ConfigValueError(f'expected a reply like "550 5.7.1 text", got {text!r}')
     if m.group(1)[0] != m.group(2)[0]:
         raise ConfigValueError(f"reply code and enhanced code disagree in {text!r}")
     return int(m.group(1)), m.group(2), m.group(3) or ""
@@ -347,21 +380,32 @@ def _conv_acl(value: Any, where: str) -> dict[str, tuple[AclRule, ...]]:
             prefix = f"acl.{stage}[{i + 1}]"
             r = _build_section(AclRule, rule, prefix, where)
             if r.action not in ACL_ACTIONS:
-                raise ConfigError(f"{where}: {prefix}.action: must be one of {', '.join(ACL_ACTIONS)}, got {r.action!r}")
+                raise ConfigError(
+                    f"{where}: {prefix}.action: must be one of {', '.join(ACL_ACTIONS)}, got {r.action!r}"
+                )
             if r.reply is not None:
                 wanted = {"reject": "5", "tempfail": "4"}.get(r.action)
                 if wanted is None:
-                    raise ConfigError(f"{where}: {prefix}.reply: only reject and tempfail rules carry a reply")
+                    raise ConfigError(
+                        f"{where}: {prefix}.reply: only reject and tempfail rules carry a reply"
+                    )
                 if str(r.reply[0])[0] != wanted:
                     raise ConfigError(f"{where}: {prefix}.reply: a {r.action} reply must be {wanted}xx")
             if r.recipient is not None and stage in ("connect", "helo", "mail"):
-                raise ConfigError(f"{where}: {prefix}.recipient: recipients are not known at the {stage} stage")
+                raise ConfigError(
+                    f"{where}: {prefix}.recipient: recipients are not known at the {stage} stage"
+                )
             if r.size is not None and stage != "data" and stage != "mail":
-                raise ConfigError(f"{where}: {prefix}.size: the size is known at the mail (SIZE=) and data stages only")
+                raise ConfigError(
+                    f"{where}: {prefix}.size: the size is known at the mail (SIZE=) and data stages only"
+                )
             built.append(r)
         out[stage] = tuple(built)
     return out
 
+
+_DEFAULT_MESSAGE_RATE = conv_rate("600/min, burst=100")
+_DEFAULT_RECIPIENT_RATE = conv_rate("6000/min, burst=1000")
 
 _SECTIONS: dict[str, type] = {
     "smtp": SMTPConfig,
@@ -370,6 +414,8 @@ _SECTIONS: dict[str, type] = {
     "outbound": OutboundConfig,
     "dns": DNSConfig,
     "log": LogConfig,
+    "limits": LimitsConfig,
+    "greylist": GreylistConfig,
 }
 
 
@@ -384,6 +430,12 @@ class Config:
     outbound: OutboundConfig = field(default_factory=OutboundConfig)
     dns: DNSConfig = field(default_factory=DNSConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    limits: LimitsConfig = field(
+        default_factory=lambda: LimitsConfig(
+            message_rate=_DEFAULT_MESSAGE_RATE, recipient_rate=_DEFAULT_RECIPIENT_RATE
+        )
+    )
+    greylist: GreylistConfig = field(default_factory=GreylistConfig)
     routes: dict[str, tuple[str, int]] = field(default_factory=dict)
     acl: dict[str, tuple[AclRule, ...]] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -428,6 +480,9 @@ def _build_section(cls: type, table: Any, prefix: str, where: str) -> Any:
             values[key] = f.metadata["conv"](value)
         except ConfigValueError as e:
             raise ConfigError(f"{where}: {prefix}.{key}: {e}") from None
+    if cls is LimitsConfig:
+        values.setdefault("message_rate", _DEFAULT_MESSAGE_RATE)
+        values.setdefault("recipient_rate", _DEFAULT_RECIPIENT_RATE)
     return cls(**values)
 
 

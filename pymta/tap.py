@@ -62,6 +62,7 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
     """The whole service tree for ``config`` on ``reactor`` (tests pass their own)."""
     from pymta.admin.accounting import AccountingLog
     from pymta.inbound.acl import AclPolicy
+    from pymta.inbound.limits import ClientLimits, Greylist
     from pymta.inbound.mailbox import MaildirDeliveryAgent
     from pymta.inbound.policy import RelayPolicy
     from pymta.inbound.receiver import InboundReceiver
@@ -110,6 +111,15 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
         on_queued=manager.notify_incoming if config.queue.deliver else None,
         accounting=accounting,
         acl=AclPolicy(config.acl) if config.acl else None,
+        limits=ClientLimits(
+            reactor,
+            config.limits.connections_per_client,
+            config.limits.message_rate,
+            config.limits.recipient_rate,
+        ),
+        greylist=Greylist(reactor, config.greylist.delay, config.greylist.expire, config.greylist.lifetime)
+        if config.greylist.enabled
+        else None,
     )
     limits = ServerLimits(
         max_message_size=config.smtp.max_message_size,

@@ -105,3 +105,22 @@ class ReceiverTests(unittest.TestCase):
         assert (reply.code, reply.enhanced) == (452, "4.3.4")
         assert self.store.list(INCOMING) == []
         assert self.transact(receiver, ["alice@example.test"], body=b"small\r\n").code == 250
+
+    def test_strangers_are_greylisted_and_limited_but_relay_clients_never(self) -> None:
+        from pymta.inbound.limits import ClientLimits, Greylist
+
+        receiver = InboundReceiver(
+            "mx.example.test", self.policy, self.store, self.clock,
+            limits=ClientLimits(self.clock, connections_per_client=1),
+            greylist=Greylist(self.clock, delay=60, expire=3600, lifetime=86400),
+        )  # fmt: skip
+        stranger = Sess(peer_address="192.0.2.1", transaction=Txn(sender="a@x.test"))
+        assert receiver.connected(stranger) is None
+        assert receiver.connected(Sess(peer_address="192.0.2.1")).code == 421
+        assert receiver.rcpt_to(stranger, "alice@example.test", {}).enhanced == "4.7.1"
+        self.clock.advance(61)
+        assert receiver.rcpt_to(stranger, "alice@example.test", {}) is None
+        receiver.disconnected(stranger)
+        trusted = Sess(peer_address="127.0.0.1", transaction=Txn(sender="a@x.test"))
+        assert receiver.connected(trusted) is None and receiver.connected(Sess(peer_address="127.0.0.1")) is None
+        assert receiver.rcpt_to(trusted, "carol@remote.example", {}) is None

@@ -14,6 +14,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from pymta.envelope import Envelope, Recipient, new_qid
+from pymta.inbound.limits import ClientLimits, Greylist
 from pymta.inbound.policy import RelayPolicy
 from pymta.interfaces import IPolicy, IQueueStore, ISMTPServerDelegate, QueueFull
 from pymta.smtp.replies import LOCAL_ERROR, STORAGE_FULL, Reply
@@ -62,6 +63,8 @@ class InboundReceiver:
         on_queued: Callable[[str], None] | None = None,
         accounting: Any = None,
         acl: IPolicy | None = None,
+        limits: ClientLimits | None = None,
+        greylist: Greylist | None = None,
     ) -> None:
         self.hostname = hostname
         self.policy = policy
@@ -70,19 +73,37 @@ class InboundReceiver:
         self.on_queued = on_queued
         self.accounting = accounting
         self.acl = acl
+        self.limits = limits
+        self.greylist = greylist
 
     # -- stages ---------------------------------------------------------------------------
 
     def _acl(self, stage: str, session: Any, **details: Any) -> Reply | None:
         return self.acl.check(stage, session, **details) if self.acl is not None else None
 
+    def _trusted(self, session: Any) -> bool:
+        """Relay networks and authenticated clients are never rate-limited or greylisted."""
+        trusted = session.notes.get("trusted")
+        if trusted is None or session.auth_user:
+            trusted = session.notes["trusted"] = self.policy.may_relay(session.peer_address, session.auth_user)
+        return trusted
+
     def connected(self, session: Any) -> Reply | None:
+        if self.limits is not None and not self._trusted(session):
+            session.notes["counted"] = True
+            refused = self.limits.connected(session.peer_address)
+            if refused is not None:
+                return refused
         return self._acl("connect", session)
 
     def helo(self, session: Any, name: str) -> Reply | None:
         return self._acl("helo", session)
 
     def mail_from(self, session: Any, sender: str, params: dict[str, str]) -> Reply | None:
+        if self.limits is not None and not self._trusted(session):
+            refused = self.limits.message(session.peer_address)
+            if refused is not None:
+                return refused
         size = params.get("SIZE")
         return self._acl("mail", session, sender=sender, size=int(size) if size and size.isdigit() else None)
 
@@ -104,7 +125,20 @@ class InboundReceiver:
                 text=decision.reply.text,
             )
             return decision.reply
+        if not self._trusted(session):
+            refused = self._untrusted_rcpt(session, decision.address)
+            if refused is not None:
+                return refused
         session.transaction.notes.setdefault("routes", {})[address] = (decision.route, decision.address)
+        return None
+
+    def _untrusted_rcpt(self, session: Any, address: str) -> Reply | None:
+        if self.limits is not None:
+            refused = self.limits.recipient(session.peer_address)
+            if refused is not None:
+                return refused
+        if self.greylist is not None:
+            return self.greylist.check(session.peer_address, session.transaction.sender, address)
         return None
 
     def message(self, session: Any, body: bytes) -> defer.Deferred[Reply] | Reply:
@@ -149,7 +183,8 @@ class InboundReceiver:
         return d
 
     def disconnected(self, session: Any) -> None:
-        return None
+        if self.limits is not None and session.notes.pop("counted", False):
+            self.limits.disconnected(session.peer_address)
 
     # -- outcome --------------------------------------------------------------------------
 
