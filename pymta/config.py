@@ -297,6 +297,23 @@ class GreylistConfig:
 
 
 @dataclass(frozen=True)
+class FeedbackConfig:
+    """Return-path tagging, feedback addresses and the suppression policy."""
+
+    bounce_domain: str | None = _key(conv_hostname, None)
+    secret: str | None = _key(conv_str, None)
+    sender_domains: tuple[str, ...] = _key(conv_list(conv_hostname), ())  # () = every sender domain
+    complaint_addresses: tuple[str, ...] = _key(conv_list(conv_address), ())
+    reply_addresses: tuple[str, ...] = _key(conv_list(conv_address), ())
+    reply_mailbox: str | None = _key(conv_address, None)  # a local mailbox keeping human replies
+    unsubscribe: bool = _key(conv_bool, False)  # add RFC 8058 List-Unsubscribe headers
+    suppression_db: str | None = _key(conv_path, None)  # default: state_dir/suppression.sqlite
+    soft_bounce_threshold: int = _key(conv_int(1, 1000), 3)
+    soft_bounce_window: float = _key(conv_duration(60), 7 * 86400.0)
+    soft_bounce_suppress: float = _key(conv_duration(60), 30 * 86400.0)
+
+
+@dataclass(frozen=True)
 class LogConfig:
     accounting: bool = _key(conv_bool, True)
 
@@ -416,6 +433,7 @@ _SECTIONS: dict[str, type] = {
     "log": LogConfig,
     "limits": LimitsConfig,
     "greylist": GreylistConfig,
+    "feedback": FeedbackConfig,
 }
 
 
@@ -436,6 +454,7 @@ class Config:
         )
     )
     greylist: GreylistConfig = field(default_factory=GreylistConfig)
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     routes: dict[str, tuple[str, int]] = field(default_factory=dict)
     acl: dict[str, tuple[AclRule, ...]] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -451,6 +470,10 @@ class Config:
     @property
     def log_dir(self) -> str:
         return os.path.join(self.state_dir, "log")
+
+    @property
+    def suppression_db(self) -> str:
+        return self.feedback.suppression_db or os.path.join(self.state_dir, "suppression.sqlite")
 
     @property
     def control_socket(self) -> str:
@@ -553,5 +576,8 @@ def _check_consistency(config: Config) -> None:
             domain = address.rpartition("@")[2]
             if domain not in config.domains.local:
                 raise ConfigError(f"{where}: domains.mailboxes: {address} is not in a domains.local domain")
+    fb = config.feedback
+    if fb.bounce_domain and (not fb.secret or len(fb.secret.encode()) < 16):
+        raise ConfigError(f"{where}: feedback.secret: needed with feedback.bounce_domain, at least 16 characters")
     if not config.smtp.listen:
         raise ConfigError(f"{where}: smtp.listen: at least one listener is needed")

@@ -134,3 +134,74 @@ def queue_main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(queue_main())
+
+
+def suppress_main(argv: list[str] | None = None) -> int:
+    """``pymta-suppress --config FILE list|add|remove|import|export``."""
+    import time
+
+    from pymta.feedback.suppression import SuppressionStore
+
+    parser = argparse.ArgumentParser(prog="pymta-suppress", description="Manage the suppression list.")
+    parser.add_argument("--config", default=None, help="configuration file (default: $PYMTA_CONFIG, else /etc/pymta/pymta.toml)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="print every suppression")
+    add = sub.add_parser("add", help="suppress addresses")
+    add.add_argument("addresses", nargs="+")
+    add.add_argument("--reason", default="manual")
+    add.add_argument("--scope", default=None, help="a sender domain (default: global)")
+    add.add_argument("--source", default="manual", choices=("bounce", "complaint", "unsubscribe", "manual"))
+    remove = sub.add_parser("remove", help="lift suppressions")
+    remove.add_argument("addresses", nargs="+")
+    remove.add_argument("--scope", default=None)
+    imp = sub.add_parser("import", help="add suppressions from CSV (header with an 'address' column)")
+    imp.add_argument("file", help="CSV file, or - for standard input")
+    exp = sub.add_parser("export", help="write every suppression as CSV")
+    exp.add_argument("file", nargs="?", default="-", help="CSV file, or - for standard output")
+    args = parser.parse_args(argv)
+
+    class _WallClock:
+        @staticmethod
+        def seconds() -> float:
+            return time.time()
+
+    try:
+        config = load_config(args.config or default_config_path())
+        os.makedirs(os.path.dirname(config.suppression_db), exist_ok=True)
+        store = SuppressionStore(config.suppression_db, _WallClock())
+    except ConfigError as e:
+        sys.stderr.write(f"pymta-suppress: configuration error: {e}\n")
+        return 2
+    except Exception as e:  # sqlite3 errors, permissions
+        sys.stderr.write(f"pymta-suppress: cannot open {getattr(config, 'suppression_db', '?')}: {e}\n")
+        return 1
+    try:
+        if args.command == "list":
+            for entry in store.entries():
+                scope = entry["scope"] or "global"
+                until = _format_time(entry["expires"]) if entry["expires"] else "never"
+                sys.stdout.write(
+                    f"{entry['address']}\t{scope}\t{entry['source']}\t{entry['reason']}\tcount={entry['count']}"
+                    f"\tlast={_format_time(entry['last_seen'])}\texpires={until}\n"
+                )
+        elif args.command == "add":
+            for address in args.addresses:
+                store.add(address, args.reason, args.source, args.scope)
+        elif args.command == "remove":
+            missing = [a for a in args.addresses if not store.remove(a, args.scope)]
+            if missing:
+                sys.stderr.write(f"pymta-suppress: not suppressed: {', '.join(missing)}\n")
+                return 1
+        elif args.command == "import":
+            with sys.stdin if args.file == "-" else open(args.file, newline="", encoding="utf-8") as f:
+                n = store.import_csv(f)
+            sys.stderr.write(f"imported {n} suppression(s)\n")
+        elif args.command == "export":
+            with sys.stdout if args.file == "-" else open(args.file, "w", newline="", encoding="utf-8") as f:
+                store.export_csv(f)
+    except (ValueError, OSError) as e:
+        sys.stderr.write(f"pymta-suppress: {e}\n")
+        return 1
+    finally:
+        store.close()
+    return 0
