@@ -106,3 +106,12 @@ def test_add_remove_count_and_csv_round_trip(store, tmp_path):
         store.import_csv(io.StringIO("address,source\nnot-an-address,manual\n"))
     with pytest.raises(ValueError):
         store.add("b@x.test", "r", "carrier-pigeon")
+
+
+def test_unsubscribe_tokens_are_not_bounce_tokens():
+    tagger = Tagger(SECRET, "bounces.example.test")
+    qid = new_qid()
+    unsub = tagger.unsubscribe_address(qid, "carol@remote.example")
+    assert unsub.startswith("u-")
+    assert tagger.match_recipients(unsub, ["carol@remote.example"]) is None
+    assert tagger.match_recipients(unsub, ["carol@remote.example"], kind="u") == (qid, ["carol@remote.example"])

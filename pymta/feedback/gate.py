@@ -1,0 +1,106 @@
+"""The relay's side of the feedback loop: a delivery agent wrapped so that suppressed recipients
+are never sent to, tagged mail gets a signed return path and trace header, and the relay's own
+permanent failures feed the suppression store.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from pymta.envelope import FAILED, DeliveryResult, Envelope, Recipient
+from pymta.feedback.verp import TRACE_HEADER, Tagger
+from pymta.interfaces import IDeliveryAgent, ISuppressionList
+
+log = Logger(namespace="pymta.feedback")
+
+Classifier = Callable[[str | None, str, int], tuple[str, bool]]  # (status, text, code) -> (reason, hard)
+
+
+def sender_domain(sender: str) -> str:
+    return sender.rpartition("@")[2].lower()
+
+
+@implementer(IDeliveryAgent)
+class FeedbackGate:
+    """Wraps the outbound :class:`IDeliveryAgent`."""
+
+    def __init__(
+        self,
+        inner: IDeliveryAgent,
+        suppression: ISuppressionList | None = None,
+        tagger: Tagger | None = None,
+        tag_domains: Iterable[str] = (),
+        classify: Classifier | None = None,
+        unsubscribe: bool = False,
+    ) -> None:
+        self.inner = inner
+        self.suppression = suppression
+        self.tagger = tagger
+        self.tag_domains = frozenset(d.lower() for d in tag_domains)
+        self.classify = classify
+        self.unsubscribe = unsubscribe
+
+    def tags(self, envelope: Envelope) -> bool:
+        if self.tagger is None or not envelope.sender:
+            return False
+        return not self.tag_domains or sender_domain(envelope.sender) in self.tag_domains
+
+    @defer.inlineCallbacks
+    def deliver(self, envelope: Envelope, recipients: list[Recipient], body: bytes):
+        results: dict[int, DeliveryResult] = {}
+        to_send: list[tuple[int, Recipient]] = []
+        scope = sender_domain(envelope.sender) if envelope.sender else None
+        for i, rcpt in enumerate(recipients):
+            entry = self.suppression.is_suppressed(rcpt.address, scope) if self.suppression is not None else None
+            if entry is not None:
+                text = f"Recipient suppressed ({entry['source']}: {entry['reason']})"
+                log.info("not sending {qid} to suppressed {rcpt}: {why}", qid=envelope.qid, rcpt=rcpt.address, why=text)
+                results[i] = DeliveryResult(rcpt.address, FAILED, 550, "5.7.1", text, extra={"suppressed": True})
+            else:
+                to_send.append((i, rcpt))
+        if to_send:
+            if self.tags(envelope):
+                batches = [[item] for item in to_send]  # one return path per recipient
+            else:
+                batches = [to_send]
+            for batch in batches:
+                got = yield self._send(envelope, batch, body)
+                for (i, _), result in zip(batch, got, strict=True):
+                    results[i] = result
+                    self._learn(envelope, result, scope)
+        return [results[i] for i in range(len(recipients))]
+
+    def _send(self, envelope: Envelope, batch: list[tuple[int, Recipient]], body: bytes) -> defer.Deferred:
+        rcpts = [r for _, r in batch]
+        if not self.tags(envelope):
+            return defer.maybeDeferred(self.inner.deliver, envelope, rcpts, body)
+        rcpt = rcpts[0]
+        tagged = dataclasses.replace(envelope, sender=self.tagger.return_path(envelope.qid, rcpt.address))
+        headers = f"{TRACE_HEADER}: {self.tagger.trace_value(envelope.qid, rcpt.address)}\r\n"
+        if self.unsubscribe:
+            headers += self.unsubscribe_headers(envelope, rcpt.address)
+        return defer.maybeDeferred(self.inner.deliver, tagged, rcpts, headers.encode() + body)
+
+    def unsubscribe_headers(self, envelope: Envelope, recipient: str) -> str:
+        """RFC 8058 one-click: a signed mailto on the bounce domain (``u-`` token)."""
+        address = self.tagger.unsubscribe_address(envelope.qid, recipient)
+        return (
+            f"List-Unsubscribe: <mailto:{address}?subject=unsubscribe>\r\n"
+            "List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n"
+        )
+
+    def _learn(self, envelope: Envelope, result: DeliveryResult, scope: str | None) -> None:
+        """The relay's own 5xx (e.g. user unknown at RCPT) feeds the same store."""
+        if self.suppression is None or self.classify is None or result.status != FAILED:
+            return
+        if result.extra.get("suppressed") or not result.remote_mta or result.code < 500:
+            return
+        reason, hard = self.classify(result.enhanced or None, result.text, result.code)
+        self.suppression.record_bounce(result.address, reason, hard=hard)
+        log.info("{rcpt} failed at {mx}: {reason} ({kind})", rcpt=result.address, mx=result.remote_mta,
+                 reason=reason, kind="hard" if hard else "soft", qid=envelope.qid)  # fmt: skip
