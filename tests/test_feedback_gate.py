@@ -3,6 +3,10 @@ and the relay's own permanent failures are learned."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+
 from twisted.internet import defer, task
 from twisted.trial import unittest
 
@@ -33,9 +37,14 @@ def classify(status, text, code):
 
 
 class FeedbackGateTests(unittest.TestCase):
+    def tmpdir(self) -> str:
+        path = tempfile.mkdtemp(prefix="pymta-test-")
+        self.addCleanup(shutil.rmtree, path, True)
+        return path
+
     def setUp(self) -> None:
         self.clock = task.Clock()
-        self.store = SuppressionStore(self.mktemp(), self.clock)
+        self.store = SuppressionStore(os.path.join(self.tmpdir(), "s.sqlite"), self.clock)
         self.addCleanup(self.store.close)
         self.tagger = Tagger("0123456789abcdef-secret", "bounces.example.test")
         self.envelope = Envelope(qid=new_qid(), sender="news@example.test", recipients=[])

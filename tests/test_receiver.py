@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
+import shutil
+import tempfile
 
 from twisted.internet import defer, task
 from twisted.trial import unittest
@@ -25,13 +27,18 @@ class FailingStore(MemoryQueueStore):
 
 
 class ReceiverTests(unittest.TestCase):
+    def tmpdir(self) -> str:
+        path = tempfile.mkdtemp(prefix="pymta-test-")
+        self.addCleanup(shutil.rmtree, path, True)
+        return path
+
     def setUp(self) -> None:
         self.clock = task.Clock()
         self.clock.advance(1_700_000_000)
         self.store = MemoryQueueStore()
         self.queued: list[str] = []
         self.policy = RelayPolicy(
-            ["example.test"], ["alice@example.test"], [ipaddress.ip_network("127.0.0.0/8")], [], self.mktemp()
+            ["example.test"], ["alice@example.test"], [ipaddress.ip_network("127.0.0.0/8")], [], self.tmpdir()
         )
         self.receiver = InboundReceiver("mx.example.test", self.policy, self.store, self.clock, self.queued.append)
 
