@@ -110,6 +110,7 @@ class DirSyncer:
         self._open = _Batch()
         self._busy = False
         self.fsyncs = 0  # directory fsyncs done (for measurements)
+        self.waiting = 0  # threads waiting for a batch in progress
 
     def sync(self, dirs: Iterable[str]) -> None:
         """Return once every directory in ``dirs`` was fsynced after this call began."""
@@ -118,7 +119,9 @@ class DirSyncer:
             batch.dirs.update(dirs)
             while not batch.done:
                 if self._busy:
+                    self.waiting += 1
                     self._cond.wait()
+                    self.waiting -= 1
                     continue
                 # Nobody is syncing and our batch is not done: it is still the open one. Take it.
                 self._busy = True
