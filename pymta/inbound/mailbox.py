@@ -152,6 +152,13 @@ class MaildirDeliveryAgent:
 
     def _write(self, maildir: str, data: bytes) -> str:
         """Write one message into ``maildir`` durably; returns its path under ``new/``."""
+        try:
+            return self._write_once(maildir, data)
+        except FileNotFoundError:  # the Maildir was removed since we made it: make it again
+            self._ready.discard(maildir)
+            return self._write_once(maildir, data)
+
+    def _write_once(self, maildir: str, data: bytes) -> str:
         self._make_maildir(maildir)
         now = time.time()
         name = f"{int(now)}.M{int(now * 1e6) % 1_000_000}P{os.getpid()}Q{next(self._seq)}.{self._host}"
