@@ -145,6 +145,14 @@ class MaildirDeliveryTests(unittest.TestCase):
         self.assertEqual(msg["Return-Path"], "<>")
 
     @defer.inlineCallbacks
+    def test_line_breaks_in_the_sender_cannot_add_headers(self):
+        env = envelope("bob@example.test", sender="a@example.org>\r\nX-Injected: yes\r\n<")
+        yield self.deliver(self.agent(), env)
+        (msg,) = list(mailbox.Maildir(os.path.join(self.root, "example.test", "bob"), create=False))
+        self.assertIsNone(msg["X-Injected"])
+        self.assertEqual(msg["Subject"], "hi")
+
+    @defer.inlineCallbacks
     def test_maildir_directories_are_private(self):
         yield self.deliver(self.agent(), envelope("bob@example.test"))
         for sub in ("example.test", "example.test/bob", "example.test/bob/tmp", "example.test/bob/new", "example.test/bob/cur"):

@@ -126,7 +126,8 @@ class MaildirDeliveryAgent:
 
     def _deliver_all(self, envelope: Envelope, recipients: list[Recipient], body: bytes) -> list[DeliveryResult]:
         body = body.replace(b"\r\n", b"\n")
-        return_path = f"Return-Path: <{envelope.sender}>\n".encode()
+        sender = envelope.sender.replace("\r", "").replace("\n", "")  # never a header injection
+        return_path = f"Return-Path: <{sender}>\n".encode()
         return [self._deliver_one(envelope.qid, r.address, return_path, body) for r in recipients]
 
     def _deliver_one(self, qid: str, address: str, return_path: bytes, body: bytes) -> DeliveryResult:
