@@ -111,7 +111,7 @@ class RelayPolicy:
                 return Decision(None, ROUTING_DENIED, normalised)
             if self.mailboxes is not None and f"{bare_local}@{domain}".lower() not in self.mailboxes:
                 return Decision(None, NO_SUCH_USER, normalised)
-            if mailbox_path(self.mail_root, f"{bare_local}@{domain}") is None:
+            if mailbox_path(self.mail_root, normalised) is None:  # the form the delivery agent gets
                 return Decision(None, BAD_MAILBOX_NAME, normalised)
             return Decision(ROUTE_LOCAL, None, normalised)
         if not is_literal and domain in self.forward_domains:
