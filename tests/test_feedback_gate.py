@@ -68,7 +68,7 @@ class FeedbackGateTests(unittest.TestCase):
         self.deliver(gate, ["carol@remote.example", "dave@remote.example"])
         assert len(inner.calls) == 2
         for envelope, [address], body in inner.calls:
-            assert self.tagger.match_recipients(envelope.sender, [address]) == (self.envelope.qid, [address])
+            assert self.tagger.match_recipients(envelope.sender, [address]) == (self.envelope.qid, [address], "")
             first = body.split(b"\r\n", 1)[0].decode()
             assert first.startswith(TRACE_HEADER + ": ")
             assert self.tagger.parse_trace(first.split(": ", 1)[1]) == (self.envelope.qid, address)

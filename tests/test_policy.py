@@ -86,3 +86,17 @@ def test_address_splitting_respects_quoted_local_parts():
     assert split_address('"a@b"@Example.Test.') == ('"a@b"', "example.test")
     assert split_address("x@Y.test") == ("x", "y.test")
     assert unquote_local('"a\\"b"') == 'a"b'
+
+
+def test_feedback_addresses_and_tokens_on_the_bounce_domain_route_to_feedback(tmp_path):
+    from pymta.envelope import ROUTE_FEEDBACK
+
+    policy = RelayPolicy(
+        ["example.test"], ["alice@example.test"], [], [], str(tmp_path),
+        feedback_domains=["bounces.example.test"], feedback_addresses=["fbl@example.test"],
+    )  # fmt: skip
+    token = "b-0123456789ABCDEFGH-abcdefghijklmnop"
+    assert policy.recipient(f"{token}@Bounces.Example.Test", STRANGER).route == ROUTE_FEEDBACK
+    assert policy.recipient("u-0123456789ABCDEFGH-abcdefghijklmnop=news.example@bounces.example.test", STRANGER).route == ROUTE_FEEDBACK
+    assert policy.recipient("FBL@example.test", STRANGER).route == ROUTE_FEEDBACK
+    assert policy.recipient("postmaster@bounces.example.test", STRANGER).reply.enhanced == "5.1.1"

@@ -23,6 +23,7 @@ def test_return_path_round_trips_and_fits_a_local_part():
     assert tagger.match_recipients(address.upper(), ["dave@remote.example", "carol@remote.example"]) == (
         qid,
         ["carol@remote.example"],
+        "",
     )
 
 
@@ -111,7 +112,11 @@ def test_add_remove_count_and_csv_round_trip(store, tmp_path):
 def test_unsubscribe_tokens_are_not_bounce_tokens():
     tagger = Tagger(SECRET, "bounces.example.test")
     qid = new_qid()
-    unsub = tagger.unsubscribe_address(qid, "carol@remote.example")
-    assert unsub.startswith("u-")
+    unsub = tagger.unsubscribe_address(qid, "carol@remote.example", "News.Example")
+    assert unsub.startswith("u-") and "=news.example@" in unsub
     assert tagger.match_recipients(unsub, ["carol@remote.example"]) is None
-    assert tagger.match_recipients(unsub, ["carol@remote.example"], kind="u") == (qid, ["carol@remote.example"])
+    assert tagger.match_recipients(unsub, ["carol@remote.example"], kind="u") == (
+        qid, ["carol@remote.example"], "news.example",
+    )  # fmt: skip
+    # The scope is signed: another sender domain in the address does not verify.
+    assert tagger.match_recipients(unsub.replace("=news.example", "=other.example"), ["carol@remote.example"], kind="u") is None

@@ -88,7 +88,7 @@ class FeedbackGate:
 
     def unsubscribe_headers(self, envelope: Envelope, recipient: str) -> str:
         """RFC 8058 one-click: a signed mailto on the bounce domain (``u-`` token)."""
-        address = self.tagger.unsubscribe_address(envelope.qid, recipient)
+        address = self.tagger.unsubscribe_address(envelope.qid, recipient, sender_domain(envelope.sender))
         return (
             f"List-Unsubscribe: <mailto:{address}?subject=unsubscribe>\r\n"
             "List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n"

@@ -17,7 +17,7 @@ import re
 
 TRACE_HEADER = "X-Pymta-Trace"
 _MAC_LEN = 16  # base32 characters (80 bits)
-_RETURN_PATH = re.compile(r"^([bu])-([0-9A-Z]{16,32})-([a-z2-7]{16})$", re.IGNORECASE)
+_RETURN_PATH = re.compile(r"^([bu])-([0-9A-Z]{16,32})-([a-z2-7]{16})(?:=([a-z0-9.-]{1,253}))?$", re.IGNORECASE)
 BOUNCE = "b"  # token kinds: a return path for bounces ...
 UNSUBSCRIBE = "u"  # ... and an RFC 8058 one-click unsubscribe address
 _TRACE = re.compile(r"^\s*([0-9A-Z]{16,32})\.([a-z2-7]+)\.([a-z2-7]{16})\s*$", re.IGNORECASE)
@@ -43,40 +43,44 @@ class Tagger:
         self.secret = secret
         self.bounce_domain = bounce_domain.lower().rstrip(".")
 
-    def mac(self, qid: str, recipient: str, kind: str = BOUNCE) -> str:
-        digest = hmac.new(self.secret, f"{kind}\0{qid}\0{recipient.lower()}".encode(), hashlib.sha256).digest()
-        return _b32(digest)[:_MAC_LEN]
+    def mac(self, qid: str, recipient: str, kind: str = BOUNCE, scope: str = "") -> str:
+        message = f"{kind}\0{qid}\0{recipient.lower()}\0{scope.lower()}".encode()
+        return _b32(hmac.new(self.secret, message, hashlib.sha256).digest())[:_MAC_LEN]
 
-    def return_path(self, qid: str, recipient: str, kind: str = BOUNCE) -> str:
-        return f"{kind}-{qid}-{self.mac(qid, recipient, kind)}@{self.bounce_domain}"
+    def return_path(self, qid: str, recipient: str, kind: str = BOUNCE, scope: str = "") -> str:
+        suffix = f"={scope.lower()}" if scope else ""
+        return f"{kind}-{qid}-{self.mac(qid, recipient, kind, scope)}{suffix}@{self.bounce_domain}"
 
-    def unsubscribe_address(self, qid: str, recipient: str) -> str:
-        return self.return_path(qid, recipient, UNSUBSCRIBE)
+    def unsubscribe_address(self, qid: str, recipient: str, sender_domain: str) -> str:
+        """The mailto target of RFC 8058 one-click: suppresses ``recipient`` for ``sender_domain``."""
+        return self.return_path(qid, recipient, UNSUBSCRIBE, sender_domain)
 
     def trace_value(self, qid: str, recipient: str) -> str:
         return f"{qid}.{_b32(recipient.lower().encode())}.{self.mac(qid, recipient, 't')}"
 
-    def parse_return_path(self, address: str) -> tuple[str, str, str] | None:
-        """(kind, qid, mac) from an address on the bounce domain, or None (not ours / malformed)."""
+    def parse_return_path(self, address: str) -> tuple[str, str, str, str] | None:
+        """(kind, qid, mac, scope) from an address on the bounce domain, or None (not ours / malformed)."""
         local, _, domain = address.rpartition("@")
         if domain.lower().rstrip(".") != self.bounce_domain:
             return None
         m = _RETURN_PATH.match(local)
-        return (m.group(1).lower(), m.group(2).upper(), m.group(3).lower()) if m else None
+        if not m:
+            return None
+        return m.group(1).lower(), m.group(2).upper(), m.group(3).lower(), (m.group(4) or "").lower()
 
-    def verify(self, qid: str, mac: str, recipient: str, kind: str = BOUNCE) -> bool:
-        return hmac.compare_digest(self.mac(qid, recipient, kind), mac.lower())
+    def verify(self, qid: str, mac: str, recipient: str, kind: str = BOUNCE, scope: str = "") -> bool:
+        return hmac.compare_digest(self.mac(qid, recipient, kind, scope), mac.lower())
 
     def match_recipients(
         self, address: str, candidates: list[str], kind: str = BOUNCE
-    ) -> tuple[str, list[str]] | None:
-        """For mail to ``address``: (qid, the candidates its ``kind`` token was made for), or None."""
+    ) -> tuple[str, list[str], str] | None:
+        """For mail to ``address``: (qid, the candidates its ``kind`` token was made for, scope), or None."""
         parsed = self.parse_return_path(address)
         if parsed is None or parsed[0] != kind:
             return None
-        _, qid, mac = parsed
-        matched = [c.lower() for c in candidates if self.verify(qid, mac, c, kind)]
-        return (qid, matched) if matched else None
+        _, qid, mac, scope = parsed
+        matched = [c.lower() for c in candidates if self.verify(qid, mac, c, kind, scope)]
+        return (qid, matched, scope) if matched else None
 
     def parse_trace(self, value: str) -> tuple[str, str] | None:
         """(qid, recipient) from a genuine trace header value, else None."""

@@ -10,7 +10,6 @@ are skipped; relay control still applies), ``reject`` (5xx), ``tempfail`` (4xx),
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -19,6 +18,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from pymta.config import AclRule
+from pymta.inbound.policy import in_networks
 from pymta.interfaces import IPolicy
 from pymta.smtp.replies import Reply
 
@@ -83,7 +83,7 @@ class CompiledRule:
 
     def matches(self, session: Any, details: dict[str, Any]) -> bool:
         r = self.rule
-        if self.client is not None and not _in_networks(session.peer_address, self.client):
+        if self.client is not None and not in_networks(session.peer_address, self.client):
             return False
         if self.rdns is not None and not _any(self.rdns, session.notes.get("client_name") or "unknown"):
             return False
@@ -112,16 +112,6 @@ class CompiledRule:
             if size is None or size <= r.size:
                 return False
         return True
-
-
-def _in_networks(address: str | None, networks: Iterable[Any]) -> bool:
-    try:
-        ip = ipaddress.ip_address((address or "").split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return any(ip.version == n.version and ip in n for n in networks)
 
 
 @implementer(IPolicy)

@@ -10,6 +10,7 @@ import ipaddress
 from collections import OrderedDict
 from typing import Any
 
+from pymta.inbound.policy import parse_ip
 from pymta.rate import KeyedLimiter, Rate
 from pymta.smtp.replies import Reply
 
@@ -18,12 +19,9 @@ TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections from your addre
 
 def client_key(address: str, v4_prefix: int = 32, v6_prefix: int = 64) -> str:
     """The network a client is counted under: its IPv4 address (or /v4_prefix), its IPv6 /64."""
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
+    ip = parse_ip(address)
+    if ip is None:
         return address
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
     prefix = v4_prefix if ip.version == 4 else v6_prefix
     return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
 

@@ -9,13 +9,15 @@ Sender-specified routing in any disguise (``%`` hack, ``!`` paths, a quoted loca
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from pymta.envelope import ROUTE_FORWARD, ROUTE_LOCAL, ROUTE_RELAY
+from pymta.envelope import ROUTE_FEEDBACK, ROUTE_FORWARD, ROUTE_LOCAL, ROUTE_RELAY
 from pymta.inbound.mailbox import mailbox_path
 from pymta.smtp.replies import Reply
 
+FEEDBACK_TOKEN = re.compile(r"^[bu]-[0-9A-Za-z]{16,32}-[A-Za-z2-7]{16}(=[A-Za-z0-9.-]{1,253})?$")
 RELAY_DENIED = Reply(550, "5.7.1", "Relay access denied")
 ROUTING_DENIED = Reply(550, "5.7.1", "Sender-specified routing is not allowed")
 NO_SUCH_USER = Reply(550, "5.1.1", "No such user here")
@@ -69,6 +71,22 @@ def unquote_local(local: str) -> str:
     return local
 
 
+def parse_ip(address: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """A client address as an IP (IPv4-mapped IPv6 as IPv4; zone ids dropped), or None."""
+    try:
+        ip = ipaddress.ip_address((address or "").split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def in_networks(address: str | None, networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+    ip = parse_ip(address)
+    return ip is not None and any(ip.version == net.version and ip in net for net in networks)
+
+
 class RelayPolicy:
     """RCPT-stage decisions from the ``[domains]`` configuration."""
 
@@ -79,24 +97,20 @@ class RelayPolicy:
         relay_from: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network],
         forward_domains: Iterable[str],
         mail_root: str,
+        feedback_domains: Iterable[str] = (),
+        feedback_addresses: Iterable[str] = (),
     ) -> None:
         self.local_domains = frozenset(d.lower() for d in local_domains)
         self.forward_domains = frozenset(d.lower() for d in forward_domains)
         self.mailboxes = None if mailboxes is None else frozenset(a.lower() for a in mailboxes)
         self.relay_from = tuple(relay_from)
         self.mail_root = mail_root
+        self.feedback_domains = frozenset(d.lower() for d in feedback_domains)
+        self.feedback_addresses = frozenset(a.lower() for a in feedback_addresses)
 
     def may_relay(self, peer_address: str, auth_user: str | None = None) -> bool:
         """True for authenticated clients and clients in a ``relay_from`` network."""
-        if auth_user:
-            return True
-        try:
-            ip = ipaddress.ip_address(peer_address.split("%", 1)[0])
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip.version == net.version and ip in net for net in self.relay_from)
+        return bool(auth_user) or in_networks(peer_address, self.relay_from)
 
     def recipient(self, address: str, peer_address: str, auth_user: str | None = None) -> Decision:
         """Decide one RCPT TO address (as parsed by the SMTP layer, source route already dropped)."""
@@ -106,6 +120,12 @@ class RelayPolicy:
             return Decision(None, Reply(501, "5.1.3", "Bad recipient address syntax"), normalised)
         bare_local = unquote_local(local)
         is_literal = domain.startswith("[")
+        if f"{bare_local}@{domain}".lower() in self.feedback_addresses:
+            return Decision(ROUTE_FEEDBACK, None, normalised)
+        if not is_literal and domain in self.feedback_domains:
+            if not FEEDBACK_TOKEN.match(bare_local):
+                return Decision(None, NO_SUCH_USER, normalised)
+            return Decision(ROUTE_FEEDBACK, None, normalised)
         if not is_literal and domain in self.local_domains:
             if any(c in bare_local for c in "%!@"):
                 return Decision(None, ROUTING_DENIED, normalised)
