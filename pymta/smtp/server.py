@@ -1,0 +1,1037 @@
+"""The ESMTP server state machine, byte-level on Twisted's Protocol (not twisted.mail).
+
+Every decision is asked of an :class:`pymta.interfaces.ISMTPServerDelegate`; this module knows
+nothing of queues, policy or DNS. Input is handled in bytes: commands are split at LF, message
+data is scanned per chunk with ``bytes.find`` and compiled regular expressions, end-of-data is
+``CRLF.CRLF`` only, and dot-unstuffing is one ``bytes.replace``.
+
+Replies (every one with an enhanced status code except the 220 greeting and the EHLO/HELO 250):
+
+====================================  ===========================================================
+500 5.5.2                             unknown command, NUL in a command, command line over 512 octets
+501 5.5.2 / 5.5.4 / 5.1.3 / 5.1.7     syntax: command, arguments, recipient, sender address
+503 5.5.1                             bad sequence (MAIL before EHLO, RCPT before MAIL, DATA
+                                      without recipients, DATA after BDAT, second STARTTLS ...)
+552 5.3.4                             MAIL SIZE= over the limit; message over the limit
+553 5.6.7                             non-ASCII address without SMTPUTF8
+555 5.5.4                             unknown or malformed MAIL/RCPT parameter
+452 4.5.3                             too many recipients
+550 5.6.0                             message refused at end of data: bare CR or LF, NUL, or a
+                                      line over 1000 octets (the server stays in DATA until the
+                                      real end of data, so nothing in the body is read as a command)
+554 5.5.1                             spoke before the greeting (greet_pause)
+421 4.4.2 / 4.7.0                     timeout / too many errors, then the connection is closed
+451 4.3.0                             a local error answering a command (logged, never shown)
+====================================  ===========================================================
+
+BDAT content follows the same content rules as DATA (no bare CR or LF, no NUL, lines at most
+1000 octets): BINARYMIME is not offered, so BDAT carries the same text a DATA would.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from pymta.interfaces import ISession
+from pymta.smtp.replies import LOCAL_ERROR, OK, SERVICE_CLOSING, TIMEOUT, Reply
+
+log = Logger(namespace="pymta.smtp.server")
+
+# -- limits and session values -----------------------------------------------------------------
+
+
+@dataclass
+class ServerLimits:
+    max_message_size: int = 36700160
+    max_recipients: int = 1000
+    max_errors: int = 10  # unknown/invalid commands before 421 4.7.0 + disconnect
+    command_timeout: float = 300.0  # RFC 5321 4.5.3.2 server timeout waiting for a command
+    data_timeout: float = 600.0  # inactivity while receiving DATA/BDAT content
+    max_command_line: int = 512  # octets incl. CRLF
+    greet_pause: float = 0.0  # seconds of silence expected before the greeting (0 = off)
+    max_auth_failures: int = 3  # failed AUTH in a row before 421 4.7.0
+
+
+@dataclass
+class AcceptedRecipient:
+    address: str
+    params: dict[str, str] = field(default_factory=dict)
+    notify: tuple[str, ...] | None = None
+    orcpt: str | None = None
+
+
+@dataclass
+class Transaction:
+    sender: str  # "" for <>
+    params: dict[str, str] = field(default_factory=dict)
+    body_type: str = "7BIT"
+    smtputf8: bool = False
+    declared_size: int | None = None
+    ret: str | None = None
+    envid: str | None = None
+    recipients: list[AcceptedRecipient] = field(default_factory=list)
+    notes: dict[str, Any] = field(default_factory=dict)
+    used_bdat: bool = False
+
+
+@implementer(ISession)
+@dataclass
+class Session:
+    session_id: str = ""
+    peer_address: str = ""
+    peer_port: int = 0
+    local_address: str = ""
+    local_port: int = 0
+    helo_name: str | None = None
+    esmtp: bool = False
+    tls: str | None = None
+    auth_user: str | None = None
+    transaction: Transaction | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def protocol_name(self) -> str:
+        """RFC 3848 ``with`` keyword for the Received header."""
+        if not self.esmtp:
+            return "SMTP"
+        return "ESMTP" + ("S" if self.tls else "") + ("A" if self.auth_user else "")
+
+
+# -- addresses and parameters ------------------------------------------------------------------
+
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+_ATEXT_UTF8 = r"(?:[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]|[^\x00-\x7f])"
+_DOT_STRING = rf"{_ATEXT}+(?:\.{_ATEXT}+)*"
+_DOT_STRING_UTF8 = rf"{_ATEXT_UTF8}+(?:\.{_ATEXT_UTF8}+)*"
+_QUOTED = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"'
+_QUOTED_UTF8 = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|[^\x00-\x7f]|\\[\x20-\x7e])*"'
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_LABEL_UTF8 = r"(?:[A-Za-z0-9]|[^\x00-\x7f])(?:(?:[A-Za-z0-9-]|[^\x00-\x7f]){0,61}(?:[A-Za-z0-9]|[^\x00-\x7f]))?"
+_DOMAIN = rf"{_LABEL}(?:\.{_LABEL})*\.?"
+_DOMAIN_UTF8 = rf"{_LABEL_UTF8}(?:\.{_LABEL_UTF8})*\.?"
+_LITERAL = r"\[(?:[0-9.]{7,15}|IPv6:[0-9A-Fa-f:.]{2,45})\]"
+_MAILBOX = re.compile(rf"^({_DOT_STRING}|{_QUOTED})@({_DOMAIN}|{_LITERAL})$")
+_MAILBOX_UTF8 = re.compile(rf"^({_DOT_STRING_UTF8}|{_QUOTED_UTF8})@({_DOMAIN_UTF8}|{_LITERAL})$")
+_ROUTE = re.compile(rf"^@{_DOMAIN}(?:,@{_DOMAIN})*:")
+
+
+def parse_path(text: str, utf8: bool = False, allow_postmaster: bool = False) -> str:
+    """Parse an RFC 5321 ``Path`` (``<...>``) and return the mailbox.
+
+    Returns ``""`` for the null path ``<>``; otherwise ``local@domain`` with the domain
+    lower-cased (address literals kept as written, ``[IPv6:...]`` with its tag), a trailing dot
+    removed, the local part exactly as given (quoted local parts keep their quotes). A source
+    route (``<@a,@b:user@dom>``) is dropped, as RFC 5321 §4.1.1.3 allows. With
+    ``allow_postmaster`` the bare ``<postmaster>`` (any case) is returned as ``"postmaster"``.
+    Raises ValueError for anything else, including non-ASCII without ``utf8``.
+    """
+    if len(text) < 2 or text[0] != "<" or text[-1] != ">":
+        raise ValueError("address must be enclosed in <>")
+    inner = text[1:-1]
+    if inner == "":
+        return ""
+    if inner.startswith("@"):
+        m = _ROUTE.match(inner)
+        if not m:
+            raise ValueError("bad source route")
+        inner = inner[m.end() :]
+    if allow_postmaster and inner.lower() == "postmaster":
+        return "postmaster"
+    if not utf8 and not inner.isascii():
+        raise UnicodeError("non-ASCII address without SMTPUTF8")
+    m = (_MAILBOX_UTF8 if utf8 else _MAILBOX).match(inner)
+    if not m:
+        raise ValueError("bad address syntax")
+    local, domain = m.group(1), m.group(2)
+    if len(local.encode()) > 64 or len(inner.encode()) > 254:
+        raise ValueError("address too long")
+    if domain.startswith("["):
+        if not _valid_literal(domain):
+            raise ValueError("bad address literal")
+        return f"{local}@{domain}"
+    return f"{local}@{domain.rstrip('.').lower()}"
+
+
+def _valid_literal(literal: str) -> bool:
+    import ipaddress
+
+    inner = literal[1:-1]
+    try:
+        if inner[:5].lower() == "ipv6:":
+            ipaddress.IPv6Address(inner[5:])
+        else:
+            ipaddress.IPv4Address(inner)
+    except ValueError:
+        return False
+    return True
+
+
+_XTEXT = re.compile(r"^(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*$")
+
+
+def xtext_decode(text: str) -> str:
+    """RFC 3461 xtext -> text; ValueError if malformed."""
+    if not _XTEXT.match(text):
+        raise ValueError("bad xtext")
+    return re.sub(r"\+([0-9A-F]{2})", lambda m: chr(int(m.group(1), 16)), text)
+
+
+def parse_params(words: list[str]) -> dict[str, str]:
+    """``KEY=VALUE`` / ``KEY`` words -> {KEY (upper): value ("" when none)}; ValueError on repeats."""
+    params: dict[str, str] = {}
+    for word in words:
+        key, _, value = word.partition("=")
+        key = key.upper()
+        if not key or not re.match(r"^[A-Z0-9][A-Z0-9-]*$", key):
+            raise ValueError(f"bad parameter {word[:40]!r}")
+        if key in params:
+            raise ValueError(f"duplicate parameter {key}")
+        params[key] = value
+    return params
+
+
+def split_path_and_params(argument: str) -> tuple[str, list[str]]:
+    """``<a b@x> P=1`` -> ("<a b@x>", ["P=1"]): the path ends at the first ``>`` outside quotes."""
+    argument = argument.strip()
+    if not argument.startswith("<"):
+        word, *rest = argument.split()
+        return word, rest
+    in_quotes = escaped = False
+    for i, ch in enumerate(argument):
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == '"':
+            in_quotes = not in_quotes
+        elif ch == ">" and not in_quotes:
+            return argument[: i + 1], argument[i + 1 :].split()
+    raise ValueError("unterminated path")
+
+
+# -- message content checks --------------------------------------------------------------------
+
+_BARE_EOL = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+_LONG_RUN = re.compile(rb"[^\n]{1000}")  # 1000 octets before LF: the line is over 1000 with CRLF
+MAX_LINE = 1000
+
+
+class BodyCollector:
+    """Collects message content chunk by chunk and notes what makes it unacceptable."""
+
+    __slots__ = ("bare_eol", "limit", "line_len", "long_line", "nul", "parts", "pending_cr", "size")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.bare_eol = self.nul = self.long_line = False
+        self.line_len = 0  # octets since the last LF
+        self.pending_cr = False  # the previous chunk ended with CR
+
+    def feed(self, chunk: bytes) -> None:
+        if not chunk:
+            return
+        self.size += len(chunk)
+        if self.size <= self.limit:
+            self.parts.append(chunk)
+        elif self.parts:
+            self.parts = []  # over the limit: stop holding it, keep scanning
+        if not self.bare_eol:
+            start = 0
+            if self.pending_cr:
+                if chunk[:1] == b"\n":
+                    start = 1  # the CR that ended the previous chunk and this LF make a CRLF
+                else:
+                    self.bare_eol = True
+            end = len(chunk) - 1 if chunk[-1:] == b"\r" else len(chunk)  # a final CR waits for the next chunk
+            if start < end and _BARE_EOL.search(chunk, start, end):
+                self.bare_eol = True
+        self.pending_cr = chunk[-1:] == b"\r"
+        if not self.nul and b"\0" in chunk:
+            self.nul = True
+        if not self.long_line:
+            first_lf = chunk.find(b"\n")
+            if first_lf < 0:
+                self.line_len += len(chunk)
+                self.long_line = self.line_len >= MAX_LINE
+                return
+            if self.line_len + first_lf >= MAX_LINE or _LONG_RUN.search(chunk, first_lf + 1):
+                self.long_line = True
+            self.line_len = len(chunk) - chunk.rfind(b"\n") - 1
+
+    def problem(self, final_cr_ok: bool = False) -> Reply | None:
+        if self.size > self.limit:
+            return Reply(552, "5.3.4", f"Message size exceeds fixed maximum message size ({self.limit} octets)")
+        if self.bare_eol or (self.pending_cr and not final_cr_ok):
+            return Reply(550, "5.6.0", "Message contains bare CR or bare LF; lines must end with CRLF")
+        if self.nul:
+            return Reply(550, "5.6.0", "Message contains NUL characters")
+        if self.long_line:
+            return Reply(550, "5.6.0", "Message contains lines longer than 1000 octets")
+        return None
+
+    def body(self, trim: int = 0) -> bytes:
+        data = b"".join(self.parts)
+        return data[: len(data) - trim] if trim else data
+
+
+# -- the protocol --------------------------------------------------------------------------------
+
+_COMMAND, _DATA, _BDAT, _GREET, _AUTH, _CLOSED = range(6)
+_END = b"\r\n.\r\n"
+_EXTENSIONS = ("PIPELINING", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES", "CHUNKING", "DSN")
+_HTTP_VERBS = frozenset({"GET", "POST", "HEAD", "PUT", "CONNECT", "OPTIONS", "USER-AGENT:", "HOST:"})
+
+
+class SMTPServerProtocol(Protocol):
+    """One SMTP connection."""
+
+    def __init__(self, factory: SMTPServerFactory) -> None:
+        self.factory = factory
+        self.delegate = factory.delegate
+        self.limits = factory.limits
+        self.clock = factory.clock
+        self.session = Session(session_id=uuid.uuid4().hex[:12])
+        self._mode = _GREET
+        self._buf = b""
+        self._out: list[bytes] = []
+        self._waiting = False
+        self._errors = 0
+        self._auth_failures = 0
+        self._timer: Any = None
+        self._discard_line = False
+        self._tls_pending = False
+        self._body: BodyCollector | None = None
+        self._carry = b""
+        self._bdat_left = 0
+        self._bdat_last = False
+        self._bdat_failed: Reply | None = None
+        self._auth_state: tuple[str, str] | None = None
+
+    # -- connection ---------------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        setter = getattr(self.transport, "setTcpNoDelay", None)
+        if setter is not None:
+            try:
+                setter(True)
+            except OSError:
+                pass
+        peer, host = self.transport.getPeer(), self.transport.getHost()
+        self.session.peer_address = getattr(peer, "host", "") or ""
+        self.session.peer_port = getattr(peer, "port", 0) or 0
+        self.session.local_address = getattr(host, "host", "") or ""
+        self.session.local_port = getattr(host, "port", 0) or 0
+        self._arm_timer()
+        self._ask(self.delegate.connected, (self.session,), self._connected_answer)
+
+    def _connected_answer(self, reply: Reply | None) -> None:
+        if reply is not None and not reply.is_positive:
+            self._reply(reply, stage="connect")
+            self._close()
+            return
+        pause = self.limits.greet_pause
+        if pause > 0 and not self.session.notes.get("trusted"):
+            self._greet_call = self.clock.callLater(pause, self._greet)
+        else:
+            self._greet()
+
+    def _greet(self) -> None:
+        if self._mode == _CLOSED:
+            return
+        self._mode = _COMMAND
+        self._out.append(f"220 {self.factory.hostname} ESMTP pymta\r\n".encode())
+        self._process()
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        self._mode = _CLOSED
+        self._cancel_timer()
+        call = getattr(self, "_greet_call", None)
+        if call is not None and call.active():
+            call.cancel()
+        try:
+            self.delegate.disconnected(self.session)
+        except Exception:
+            log.failure("delegate.disconnected failed")
+
+    def _close(self) -> None:
+        self._flush()
+        self._mode = _CLOSED
+        self._cancel_timer()
+        self.transport.loseConnection()
+
+    # -- timers -------------------------------------------------------------------------------
+
+    def _arm_timer(self) -> None:
+        timeout = self.limits.data_timeout if self._mode in (_DATA, _BDAT) else self.limits.command_timeout
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(timeout)
+        else:
+            self._timer = self.clock.callLater(timeout, self._timed_out)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if self._waiting:  # our own work is slow, not the client: wait on
+            self._arm_timer()
+            return
+        log.info("timeout from {client} in {mode}", client=self.session.peer_address, mode=self._mode, event="timeout")
+        self._reply(TIMEOUT)
+        self._close()
+
+    # -- input --------------------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._mode == _CLOSED:
+            return
+        if self._mode == _GREET:
+            if self.session.notes.get("trusted") or not self.limits.greet_pause:
+                self._buf += data  # before the delegate answered connect: keep for later
+                return
+            self._reply(Reply(554, "5.5.1", "Protocol error: talked before the greeting"), stage="connect")
+            self._close()
+            return
+        self._buf += data
+        self._arm_timer()
+        self._process()
+
+    def _process(self) -> None:
+        try:
+            while self._buf and not self._waiting and self._mode not in (_CLOSED, _GREET):
+                if self._mode == _DATA:
+                    self._data_input()
+                elif self._mode == _BDAT:
+                    self._bdat_input()
+                elif not self._command_input():
+                    break
+        except Exception:
+            log.failure("unexpected error in the SMTP session with {client}", client=self.session.peer_address)
+            self._buf = b""
+            self._reset_transaction()
+            self._mode = _COMMAND if self._mode != _CLOSED else _CLOSED
+            self._reply(LOCAL_ERROR)
+        if not self._waiting:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._out and self.transport is not None:
+            out, self._out = self._out, []
+            self.transport.write(b"".join(out))
+
+    def _command_input(self) -> bool:
+        """Handle one command line; False when no complete line is buffered."""
+        buf = self._buf
+        lf = buf.find(b"\n")
+        limit = self.limits.max_command_line
+        if lf < 0:
+            if len(buf) > limit:
+                self._buf = b""
+                if not self._discard_line:
+                    self._discard_line = True
+                    self._error(Reply(500, "5.5.2", "Line too long"))
+            return False
+        line, self._buf = buf[:lf], buf[lf + 1 :]
+        if self._discard_line:
+            self._discard_line = False
+            return True
+        if len(line) + 1 > limit:
+            self._error(Reply(500, "5.5.2", "Line too long"))
+            return True
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if self._mode == _AUTH:
+            self._auth_line(line)
+            return True
+        if b"\0" in line or b"\r" in line:
+            self._error(Reply(500, "5.5.2", "Syntax error, NUL or bare CR in command"))
+            return True
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            self._error(Reply(500, "5.5.2", "Syntax error, command is not UTF-8"))
+            return True
+        self._command(text)
+        return True
+
+    # -- replies ------------------------------------------------------------------------------
+
+    def _reply(self, reply: Reply, stage: str = "", **fields: Any) -> None:
+        self._out.append(reply.to_bytes())
+        if reply.code >= 400:
+            log.info(
+                "rejected {stage} from {client}: {code} {enhanced} {text}",
+                event="reject",
+                stage=stage,
+                client=self.session.peer_address,
+                helo=self.session.helo_name,
+                sender=self.session.transaction.sender if self.session.transaction else None,
+                code=reply.code,
+                enhanced=reply.enhanced,
+                text=reply.text,
+                **fields,
+            )
+
+    def _error(self, reply: Reply, stage: str = "command") -> None:
+        self._errors += 1
+        if self._errors >= self.limits.max_errors:
+            self._reply(reply, stage=stage)
+            self._reply(Reply(421, "4.7.0", "Too many errors, closing connection"), stage=stage)
+            self._close()
+            return
+        self._reply(reply, stage=stage)
+
+    def _ask(self, method: Any, args: tuple, then: Any) -> None:
+        """Call a delegate method; run ``then(reply)`` now or when its Deferred fires."""
+        d = defer.maybeDeferred(method, *args)
+        done: list[bool] = []
+
+        def answered(result: Any) -> None:
+            done.append(True)
+            if self._mode == _CLOSED and self.transport is None:
+                return
+            try:
+                then(result)
+            except Exception:
+                log.failure("error handling a delegate answer")
+                self._reply(LOCAL_ERROR)
+
+        def failed(failure: Failure) -> Reply:
+            log.failure("delegate {method} failed", failure, method=getattr(method, "__name__", "?"))
+            return LOCAL_ERROR
+
+        d.addErrback(failed)
+        d.addCallback(answered)
+        if not done:
+            self._waiting = True
+
+            def resume(_: Any) -> None:
+                self._waiting = False
+                if self._mode != _CLOSED:
+                    self._process()
+                    self._flush()
+
+            d.addBoth(resume)
+
+    # -- commands -----------------------------------------------------------------------------
+
+    def _command(self, text: str) -> None:
+        verb, _, argument = text.strip().partition(" ")
+        verb = verb.upper()
+        handler = getattr(self, f"smtp_{verb.lower()}", None) if verb.isalpha() else None
+        if handler is None:
+            if verb in _HTTP_VERBS:
+                self._reply(Reply(421, "4.7.0", "This is an SMTP server"), stage="command")
+                self._close()
+                return
+            self._error(Reply(500, "5.5.2", "Command unrecognized"))
+            return
+        if self._tls_pending:
+            self._tls_pending = False
+            self.session.tls = _tls_description(self.transport)
+        handler(argument.strip())
+
+    def smtp_helo(self, argument: str) -> None:
+        self._hello(argument, esmtp=False)
+
+    def smtp_ehlo(self, argument: str) -> None:
+        self._hello(argument, esmtp=True)
+
+    def _hello(self, argument: str, esmtp: bool) -> None:
+        name = argument.split(" ", 1)[0] if argument else ""
+        if not name or not re.match(r"^(?:[\x21-\x7e]|[^\x00-\x7f])+$", name):
+            self._error(Reply(501, "5.5.4", f"Syntax: {'EHLO' if esmtp else 'HELO'} hostname"))
+            return
+
+        def answered(reply: Reply | None) -> None:
+            if reply is not None and not reply.is_positive:
+                self._reply(reply, stage="helo")
+                return
+            self.session.helo_name = name
+            self.session.esmtp = esmtp
+            self._reset_transaction()
+            if not esmtp:
+                self._out.append(f"250 {self.factory.hostname}\r\n".encode())
+                return
+            lines = [self.factory.hostname, f"SIZE {self.limits.max_message_size}", *_EXTENSIONS]
+            if self.factory.tls_context_factory is not None and not self.session.tls:
+                lines.append("STARTTLS")
+            if self._auth_offered():
+                lines.append("AUTH PLAIN LOGIN")
+            last = len(lines) - 1
+            self._out.append("".join(f"250{' ' if i == last else '-'}{line}\r\n" for i, line in enumerate(lines)).encode())
+
+        self._ask(self.delegate.helo, (self.session, name), answered)
+
+    def smtp_mail(self, argument: str) -> None:
+        s = self.session
+        if s.helo_name is None:
+            self._reply(Reply(503, "5.5.1", "Send HELO or EHLO first"), stage="mail")
+            return
+        if s.transaction is not None:
+            self._reply(Reply(503, "5.5.1", "Nested MAIL command"), stage="mail")
+            return
+        if self.factory.auth_required and not s.auth_user:
+            self._reply(Reply(530, "5.7.0", "Authentication required"), stage="mail")
+            return
+        if argument[:5].upper() != "FROM:":
+            self._error(Reply(501, "5.5.2", "Syntax: MAIL FROM:<address>"), stage="mail")
+            return
+        try:
+            path, words = split_path_and_params(argument[5:])
+            params = parse_params(words)
+        except ValueError as e:
+            self._error(Reply(501, "5.5.4", f"Syntax error in parameters: {e}"), stage="mail")
+            return
+        if params and not s.esmtp:
+            self._reply(Reply(555, "5.5.4", "Parameters need EHLO"), stage="mail")
+            return
+        txn = Transaction(sender="", params=params)
+        refused = self._mail_params(txn, params)
+        if refused is not None:
+            self._reply(refused, stage="mail")
+            return
+        try:
+            sender = parse_path(path, utf8=txn.smtputf8)
+        except UnicodeError:
+            self._reply(Reply(553, "5.6.7", "Non-ASCII address needs SMTPUTF8"), stage="mail")
+            return
+        except ValueError as e:
+            self._error(Reply(501, "5.1.7", f"Bad sender address syntax: {e}"), stage="mail")
+            return
+        txn.sender = sender
+
+        def answered(reply: Reply | None) -> None:
+            if reply is not None and not reply.is_positive:
+                self._reply(reply, stage="mail", mail_from=sender)
+                return
+            s.transaction = txn
+            self._reply(reply or Reply(250, "2.1.0", "Ok"))
+
+        self._ask(self.delegate.mail_from, (s, sender, params), answered)
+
+    def _mail_params(self, txn: Transaction, params: dict[str, str]) -> Reply | None:
+        for key, value in params.items():
+            if key == "SIZE":
+                if not value.isdigit() or len(value) > 20:
+                    return Reply(501, "5.5.4", "Bad SIZE parameter")
+                txn.declared_size = int(value)
+                if txn.declared_size > self.limits.max_message_size:
+                    return Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+            elif key == "BODY":
+                if value.upper() not in ("7BIT", "8BITMIME"):
+                    return Reply(555, "5.5.4", "Unsupported BODY type")
+                txn.body_type = value.upper()
+            elif key == "SMTPUTF8":
+                if value:
+                    return Reply(555, "5.5.4", "SMTPUTF8 takes no value")
+                txn.smtputf8 = True
+            elif key == "RET":
+                if value.upper() not in ("FULL", "HDRS"):
+                    return Reply(501, "5.5.4", "RET must be FULL or HDRS")
+                txn.ret = value.upper()
+            elif key == "ENVID":
+                try:
+                    txn.envid = xtext_decode(value)
+                except ValueError:
+                    return Reply(501, "5.5.4", "Bad ENVID (xtext)")
+                if not 0 < len(value) <= 100:
+                    return Reply(501, "5.5.4", "Bad ENVID length")
+            elif key == "AUTH":
+                continue  # RFC 4954 AUTH= on MAIL: accepted, not trusted
+            else:
+                return Reply(555, "5.5.4", f"Unsupported parameter {key}")
+        return None
+
+    def smtp_rcpt(self, argument: str) -> None:
+        s = self.session
+        txn = s.transaction
+        if txn is None:
+            self._reply(Reply(503, "5.5.1", "Need MAIL command first"), stage="rcpt")
+            return
+        if argument[:3].upper() != "TO:":
+            self._error(Reply(501, "5.5.2", "Syntax: RCPT TO:<address>"), stage="rcpt")
+            return
+        try:
+            path, words = split_path_and_params(argument[3:])
+            params = parse_params(words)
+        except ValueError as e:
+            self._error(Reply(501, "5.5.4", f"Syntax error in parameters: {e}"), stage="rcpt")
+            return
+        if params and not s.esmtp:
+            self._reply(Reply(555, "5.5.4", "Parameters need EHLO"), stage="rcpt")
+            return
+        try:
+            address = parse_path(path, utf8=txn.smtputf8, allow_postmaster=True)
+        except UnicodeError:
+            self._reply(Reply(553, "5.6.7", "Non-ASCII address needs SMTPUTF8"), stage="rcpt")
+            return
+        except ValueError as e:
+            self._error(Reply(501, "5.1.3", f"Bad recipient address syntax: {e}"), stage="rcpt")
+            return
+        if address == "":
+            self._error(Reply(501, "5.1.3", "Null recipient"), stage="rcpt")
+            return
+        if address == "postmaster":
+            address = f"postmaster@{self.factory.hostname}"
+        accepted = AcceptedRecipient(address, params)
+        refused = self._rcpt_params(accepted, params)
+        if refused is not None:
+            self._reply(refused, stage="rcpt", rcpt=address)
+            return
+        if len(txn.recipients) >= self.limits.max_recipients:
+            self._reply(Reply(452, "4.5.3", "Too many recipients"), stage="rcpt", rcpt=address)
+            return
+
+        def answered(reply: Reply | None) -> None:
+            if s.transaction is not txn:
+                return
+            if reply is not None and not reply.is_positive:
+                self._reply(reply, stage="rcpt", rcpt=address)
+                return
+            txn.recipients.append(accepted)
+            self._reply(reply or Reply(250, "2.1.5", "Ok"))
+
+        self._ask(self.delegate.rcpt_to, (s, address, params), answered)
+
+    @staticmethod
+    def _rcpt_params(accepted: AcceptedRecipient, params: dict[str, str]) -> Reply | None:
+        for key, value in params.items():
+            if key == "NOTIFY":
+                items = tuple(v.upper() for v in value.split(","))
+                if not value or any(i not in ("NEVER", "SUCCESS", "FAILURE", "DELAY") for i in items):
+                    return Reply(501, "5.5.4", "Bad NOTIFY parameter")
+                if "NEVER" in items and len(items) > 1:
+                    return Reply(501, "5.5.4", "NOTIFY=NEVER cannot be combined")
+                if len(set(items)) != len(items):
+                    return Reply(501, "5.5.4", "Repeated NOTIFY value")
+                accepted.notify = items
+            elif key == "ORCPT":
+                addr_type, sep, xtext = value.partition(";")
+                if not sep or not re.match(r"^[A-Za-z0-9-]+$", addr_type) or not xtext:
+                    return Reply(501, "5.5.4", "Bad ORCPT parameter")
+                try:
+                    accepted.orcpt = f"{addr_type.lower()};{xtext_decode(xtext)}"
+                except ValueError:
+                    return Reply(501, "5.5.4", "Bad ORCPT parameter (xtext)")
+            else:
+                return Reply(555, "5.5.4", f"Unsupported parameter {key}")
+        return None
+
+    def _data_ready(self, command: str) -> Reply | None:
+        txn = self.session.transaction
+        if txn is None:
+            return Reply(503, "5.5.1", "Need MAIL command first")
+        if not txn.recipients:
+            return Reply(554, "5.5.1", "No valid recipients")
+        return None
+
+    def smtp_data(self, argument: str) -> None:
+        if argument:
+            self._error(Reply(501, "5.5.4", "DATA takes no arguments"), stage="data")
+            return
+        refused = self._data_ready("DATA")
+        if refused is None and self.session.transaction.used_bdat:
+            refused = Reply(503, "5.5.1", "DATA after BDAT in the same transaction")
+        if refused is not None:
+            self._reply(refused, stage="data")
+            return
+        self._mode = _DATA
+        self._body = BodyCollector(self.limits.max_message_size)
+        self._carry = b"\r\n"
+        self._arm_timer()
+        self._out.append(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+        self._flush()
+
+    def _data_input(self) -> None:
+        buf, self._buf = self._buf, b""
+        carry = self._carry
+        window = carry + buf
+        end = window.find(_END)
+        body = self._body
+        if end < 0:
+            body.feed(buf)
+            self._carry = window[-4:]
+            return
+        cut = end + 2 - len(carry)  # where the body ends inside buf (negative: in the carry)
+        if cut > 0:
+            body.feed(buf[:cut])
+        self._buf = window[end + 5 :]
+        self._mode = _COMMAND
+        self._arm_timer()
+        self._finish_message(body, trim=-cut if cut < 0 else 0, dot_stuffed=True)
+
+    def smtp_bdat(self, argument: str) -> None:
+        words = argument.split()
+        if not 1 <= len(words) <= 2 or not words[0].isdigit() or (len(words) == 2 and words[1].upper() != "LAST"):
+            self._error(Reply(501, "5.5.4", "Syntax: BDAT size [LAST]"), stage="data")
+            return
+        size = int(words[0])
+        refused = self._data_ready("BDAT")
+        # The chunk is read whatever the answer: its octets must never be taken as commands.
+        self._bdat_left = size
+        self._bdat_last = len(words) == 2
+        self._bdat_failed = refused
+        if refused is None:
+            txn = self.session.transaction
+            if not txn.used_bdat:
+                txn.used_bdat = True
+                self._body = BodyCollector(self.limits.max_message_size)
+        self._mode = _BDAT
+        self._arm_timer()
+        if size == 0:
+            self._bdat_done()
+
+    def _bdat_input(self) -> None:
+        take = self._buf[: self._bdat_left]
+        self._buf = self._buf[len(take) :]
+        self._bdat_left -= len(take)
+        if self._bdat_failed is None:
+            self._body.feed(take)
+        if self._bdat_left == 0:
+            self._bdat_done()
+
+    def _bdat_done(self) -> None:
+        self._mode = _COMMAND
+        self._arm_timer()
+        if self._bdat_failed is not None:
+            self._reply(self._bdat_failed, stage="data")
+            return
+        body = self._body
+        if body.size > self.limits.max_message_size:
+            self._reply(body.problem(), stage="data")
+            self._reset_transaction()
+            return
+        if self._bdat_last:
+            self._finish_message(body, trim=0, dot_stuffed=False)
+        else:
+            self._reply(Reply(250, "2.0.0", f"{body.size} octets received"))
+
+    def _finish_message(self, body: BodyCollector, trim: int, dot_stuffed: bool) -> None:
+        self._body = None
+        problem = body.problem(final_cr_ok=dot_stuffed)
+        if problem is not None:
+            self._reply(problem, stage="data", size=body.size)
+            self._reset_transaction()
+            return
+        data = body.body(trim)
+        if dot_stuffed and (b"\n." in data or data[:1] == b"."):
+            data = (b"\r\n" + data).replace(b"\r\n.", b"\r\n")[2:]
+
+        def answered(reply: Reply | None) -> None:
+            self._reply(reply or OK, stage="data", size=len(data))
+            self._reset_transaction()
+
+        self._ask(self.delegate.message, (self.session, data), answered)
+
+    def _reset_transaction(self) -> None:
+        self.session.transaction = None
+        self._body = None
+
+    def smtp_rset(self, argument: str) -> None:
+        self._reset_transaction()
+        self._reply(OK)
+
+    def smtp_noop(self, argument: str) -> None:
+        self._reply(OK)
+
+    def smtp_quit(self, argument: str) -> None:
+        self._reply(SERVICE_CLOSING)
+        self._close()
+
+    def smtp_vrfy(self, argument: str) -> None:
+        if not argument:
+            self._error(Reply(501, "5.5.4", "Syntax: VRFY address"))
+            return
+        self._reply(Reply(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery"))
+
+    def smtp_expn(self, argument: str) -> None:
+        self._reply(Reply(502, "5.5.1", "EXPN not available"))
+
+    def smtp_help(self, argument: str) -> None:
+        self._reply(Reply(214, "2.0.0", "Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS AUTH"))
+
+    # -- STARTTLS -----------------------------------------------------------------------------
+
+    def smtp_starttls(self, argument: str) -> None:
+        if self.factory.tls_context_factory is None:
+            self._error(Reply(502, "5.5.1", "STARTTLS not available"))
+            return
+        if argument:
+            self._error(Reply(501, "5.5.4", "STARTTLS takes no arguments"))
+            return
+        if self.session.tls or self._tls_pending:
+            self._reply(Reply(503, "5.5.1", "TLS already active"))
+            return
+        if self.session.helo_name is None:
+            self._reply(Reply(503, "5.5.1", "Send EHLO first"))
+            return
+        self._reply(Reply(220, "2.0.0", "Ready to start TLS"))
+        self._flush()
+        if self._buf:
+            log.info("discarded {n} octets pipelined after STARTTLS from {client}", n=len(self._buf),
+                     client=self.session.peer_address, event="starttls_injection")  # fmt: skip
+            self._buf = b""  # CVE-2011-0411: nothing sent in plaintext survives the handshake
+        self.transport.startTLS(self.factory.tls_context_factory)
+        self.session.helo_name = None
+        self.session.esmtp = False
+        self.session.auth_user = None
+        self._reset_transaction()
+        self._tls_pending = True
+        self.session.tls = "TLS"
+
+    # -- AUTH (RFC 4954: PLAIN and LOGIN, only over TLS) --------------------------------------
+
+    def _auth_offered(self) -> bool:
+        return self.factory.authenticator is not None and bool(self.session.tls)
+
+    def smtp_auth(self, argument: str) -> None:
+        s = self.session
+        if self.factory.authenticator is None:
+            self._error(Reply(502, "5.5.1", "AUTH not available"))
+            return
+        if not s.tls:
+            self._reply(Reply(538, "5.7.11", "Encryption required for requested authentication mechanism"),
+                        stage="auth")  # fmt: skip
+            return
+        if s.helo_name is None or not s.esmtp:
+            self._reply(Reply(503, "5.5.1", "Send EHLO first"), stage="auth")
+            return
+        if s.auth_user:
+            self._reply(Reply(503, "5.5.1", "Already authenticated"), stage="auth")
+            return
+        if s.transaction is not None:
+            self._reply(Reply(503, "5.5.1", "AUTH not allowed during a mail transaction"), stage="auth")
+            return
+        mechanism, _, initial = argument.partition(" ")
+        mechanism = mechanism.upper()
+        if mechanism not in ("PLAIN", "LOGIN"):
+            self._error(Reply(504, "5.5.4", "Unrecognized authentication type"))
+            return
+        initial = initial.strip()
+        if mechanism == "PLAIN":
+            if initial:
+                self._auth_plain(initial.encode())
+            else:
+                self._auth_state = ("PLAIN", "")
+                self._mode = _AUTH
+                self._out.append(b"334 \r\n")
+        else:
+            if initial:
+                self._auth_state = ("LOGIN", "")
+                self._mode = _AUTH
+                self._auth_line(initial.encode())
+            else:
+                self._auth_state = ("LOGIN", "")
+                self._mode = _AUTH
+                self._out.append(b"334 VXNlcm5hbWU6\r\n")
+
+    def _auth_line(self, line: bytes) -> None:
+        mechanism, user = self._auth_state or ("", "")
+        self._mode = _COMMAND
+        if line.strip() == b"*":
+            self._auth_state = None
+            self._reply(Reply(501, "5.0.0", "Authentication cancelled"), stage="auth")
+            return
+        if mechanism == "PLAIN":
+            self._auth_state = None
+            self._auth_plain(line)
+            return
+        try:
+            value = base64.b64decode(line.strip(), validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            self._auth_state = None
+            self._error(Reply(501, "5.5.2", "Cannot decode response"), stage="auth")
+            return
+        if not user:
+            self._auth_state = ("LOGIN", value or "\0")
+            self._mode = _AUTH
+            self._out.append(b"334 UGFzc3dvcmQ6\r\n")
+            return
+        self._auth_state = None
+        self._auth_check(user, value)
+
+    def _auth_plain(self, data: bytes) -> None:
+        try:
+            decoded = base64.b64decode(data.strip(), validate=True).decode("utf-8")
+            _authzid, user, password = decoded.split("\0")
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            self._error(Reply(501, "5.5.2", "Cannot decode AUTH PLAIN response"), stage="auth")
+            return
+        self._auth_check(user, password)
+
+    def _auth_check(self, user: str, password: str) -> None:
+        auth = self.factory.authenticator
+        client = self.session.peer_address
+
+        def answered(ok: Any) -> None:
+            if ok is True:
+                auth.succeeded(client)
+                self._auth_failures = 0
+                self.session.auth_user = user
+                log.info("authenticated {user} from {client}", user=user, client=client, event="auth")
+                self._reply(Reply(235, "2.7.0", "Authentication successful"))
+                return
+            if isinstance(ok, Reply):
+                self._reply(ok, stage="auth")
+                return
+            self._auth_failures += 1
+            self._reply(Reply(535, "5.7.8", "Authentication credentials invalid"), stage="auth", user=user)
+            if auth.failed(client) or self._auth_failures >= self.limits.max_auth_failures:
+                self._reply(Reply(421, "4.7.0", "Too many failed authentications, closing connection"), stage="auth")
+                self._close()
+
+        self._ask(auth.check, (user, password), answered)
+
+
+def _tls_description(transport: Any) -> str:
+    handle = getattr(transport, "getHandle", lambda: None)()
+    try:
+        return f"{handle.get_protocol_version_name()} {handle.get_cipher_name()}"
+    except Exception:
+        return "TLS"
+
+
+class SMTPServerFactory(Factory):
+    """Builds one :class:`SMTPServerProtocol` per connection, sharing delegate, limits and clock."""
+
+    protocol = SMTPServerProtocol
+
+    def __init__(
+        self,
+        delegate: Any,
+        hostname: str,
+        limits: ServerLimits,
+        clock: IReactorTime,
+        tls_context_factory: Any = None,
+        authenticator: Any = None,
+        auth_required: bool = False,
+    ) -> None:
+        self.delegate = delegate
+        self.hostname = hostname
+        self.limits = limits
+        self.clock = clock
+        self.tls_context_factory = tls_context_factory
+        self.authenticator = authenticator
+        self.auth_required = auth_required
+
+    def buildProtocol(self, addr: Any) -> SMTPServerProtocol:
+        p = SMTPServerProtocol(self)
+        p.factory = self
+        return p
