@@ -53,6 +53,17 @@ class ThreadPoolService(service.Service):
         self.pool.stop()
 
 
+class CloseOnStop(service.Service):
+    """Calls ``close`` when the service tree stops (after the services added later have stopped)."""
+
+    def __init__(self, close: Any) -> None:
+        self.close = close
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.close()
+
+
 def makeService(options: dict[str, Any]) -> service.MultiService:
     config: Config = options["loaded"]
     return build_service(config, global_reactor)
@@ -66,7 +77,7 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
     from pymta.inbound.mailbox import MaildirDeliveryAgent
     from pymta.inbound.policy import RelayPolicy
     from pymta.inbound.receiver import InboundReceiver
-    from pymta.queue.manager import QueueManager
+    from pymta.queue.manager import QueueManager, local_route_for
     from pymta.queue.store import MaildirQueueStore
     from pymta.smtp.server import ServerLimits, SMTPServerFactory
 
@@ -78,7 +89,10 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
     ThreadPoolService(pool).setServiceParent(top)
 
     store = MaildirQueueStore(config.queue_dir, reactor=reactor, threadpool=pool, fsync=config.queue.fsync)
-    accounting = AccountingLog(os.path.join(config.log_dir, "accounting.jsonl"), reactor) if config.log.accounting else None
+    accounting = None
+    if config.log.accounting:
+        accounting = AccountingLog(os.path.join(config.log_dir, "accounting.jsonl"), reactor)
+        CloseOnStop(accounting.close).setServiceParent(top)
 
     agents: dict[str, Any] = {
         "local": MaildirDeliveryAgent(config.mail_dir, config.hostname, reactor=reactor, threadpool=pool),
@@ -96,6 +110,7 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
         delay_warning=config.queue.delay_warning,
         max_active=config.queue.max_active,
         accounting=accounting,
+        route_for=local_route_for(config.domains.local),
     )
     if config.queue.deliver:
         manager.setServiceParent(top)

@@ -1,0 +1,342 @@
+"""The queue manager (qmgr): moves work from the store to the delivery agents and back.
+
+incoming -> active -> (done | deferred -> active ...); per-recipient state in the envelope;
+jittered exponential retries on a timer heap; bounces (DSNs) for failures and expiry, delay
+warnings, success notices as NOTIFY asks; a concurrency cap on messages in flight.
+Restart-safe: at start the store recovers and the schedule is rebuilt from the envelope files.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from pymta.envelope import (
+    DEFERRED as R_DEFERRED,
+)
+from pymta.envelope import (
+    DELIVERED,
+    EXPIRED,
+    FAILED,
+    RELAYED,
+    ROUTE_LOCAL,
+    ROUTE_RELAY,
+    DeliveryResult,
+    Envelope,
+    Recipient,
+    new_qid,
+)
+from pymta.interfaces import ACTIVE, DEFERRED, HOLD, INCOMING, IDeliveryAgent, IQueueStore
+from pymta.outbound.bounce import build_dsn, notify_allows
+from pymta.queue.scheduler import TimerHeapScheduler, retry_delay
+
+log = Logger(namespace="pymta.queue")
+
+_EVENT_FOR_STATE = {DELIVERED: "delivered", FAILED: "bounced", R_DEFERRED: "deferred", RELAYED: "relayed"}
+
+
+class QueueManager(service.Service):
+    """Drives delivery of everything in the store."""
+
+    def __init__(
+        self,
+        store: IQueueStore,
+        agents: dict[str, IDeliveryAgent],
+        clock: Any,
+        hostname: str,
+        retry_initial: float = 300.0,
+        retry_max: float = 4 * 3600.0,
+        max_age: float = 5 * 86400.0,
+        delay_warning: float = 4 * 3600.0,
+        max_active: int = 200,
+        accounting: Any = None,
+        route_for: Callable[[str], str] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.store = store
+        self.agents = agents
+        self.clock = clock
+        self.hostname = hostname
+        self.retry_initial = retry_initial
+        self.retry_max = retry_max
+        self.max_age = max_age
+        self.delay_warning = delay_warning
+        self.max_active = max_active
+        self.accounting = accounting
+        self.route_for = route_for or (lambda address: ROUTE_RELAY)
+        self.rng = rng or random.Random()
+        self.scheduler = TimerHeapScheduler(clock, self._due)
+        self._ready: deque[str] = deque()
+        self._queued: set[str] = set()  # in _ready
+        self._inflight: dict[str, defer.Deferred] = {}
+        self._after: dict[str, str] = {}  # qid -> "hold" | "delete" once its attempt ends
+        self._missing_agent_logged: set[str] = set()
+
+    # -- service ----------------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        counts = self.store.recover()
+        log.info("queue recovered: {counts}", counts=counts, event="recover")
+        for qid in self.store.list(INCOMING):
+            self._enqueue_ready(qid)
+        for qid in self.store.list(DEFERRED):
+            try:
+                envelope = self.store.load(qid)
+            except (KeyError, ValueError):
+                continue
+            self.scheduler.schedule(qid, max(envelope.next_attempt, envelope.not_before))
+        self._pump()
+
+    def stopService(self) -> defer.Deferred:
+        super().stopService()
+        self.scheduler.stop()
+        self._ready.clear()
+        self._queued.clear()
+        waiting = list(self._inflight.values())
+        return defer.DeferredList(waiting, consumeErrors=True) if waiting else defer.succeed(None)
+
+    # -- intake -----------------------------------------------------------------------------
+
+    def notify_incoming(self, qid: str) -> None:
+        """New mail in INCOMING: deliver it now, without waiting for any scan."""
+        self._enqueue_ready(qid)
+        self._pump()
+
+    def _due(self, qid: str) -> None:
+        self._enqueue_ready(qid)
+        self._pump()
+
+    def _enqueue_ready(self, qid: str) -> None:
+        if qid not in self._queued and qid not in self._inflight:
+            self._queued.add(qid)
+            self._ready.append(qid)
+
+    def _pump(self) -> None:
+        while self._ready and len(self._inflight) < self.max_active and self.running:
+            qid = self._ready.popleft()
+            self._queued.discard(qid)
+            if qid in self._inflight:
+                continue
+            d = self._attempt(qid)
+            self._inflight[qid] = d
+            d.addErrback(lambda f, q=qid: log.failure("delivery attempt of {qid} failed", f, qid=q))
+            d.addBoth(self._finished, qid)
+
+    def _finished(self, _: Any, qid: str) -> None:
+        self._inflight.pop(qid, None)
+        self._pump()
+
+    # -- one attempt ------------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def _attempt(self, qid: str):
+        if self.store.state(qid) not in (INCOMING, DEFERRED):
+            return  # held, deleted or already moved
+        yield self.store.move(qid, ACTIVE)
+        try:
+            envelope = self.store.load(qid)
+            body = self.store.read_body(qid)
+        except (KeyError, ValueError) as e:
+            log.error("cannot read {qid}: {why}", qid=qid, why=str(e))
+            return
+        now = self.clock.seconds()
+        if envelope.not_before > now:
+            yield self._reschedule(envelope, envelope.not_before)
+            return
+        pending = envelope.pending_recipients()
+        groups: dict[tuple[str, str], list[Recipient]] = {}
+        for r in pending:
+            groups.setdefault((r.route, r.domain), []).append(r)
+        calls = [self._deliver_group(envelope, route, rcpts, body) for (route, _), rcpts in groups.items()]
+        outcomes = yield defer.DeferredList(calls, consumeErrors=True)
+        envelope.attempts += 1
+        now = self.clock.seconds()
+        for (_, rcpts), (ok, results) in zip(groups.items(), outcomes, strict=True):
+            if not ok:
+                log.failure("delivery agent failed for {qid}", results, qid=qid)
+                results = [DeliveryResult(r.address, R_DEFERRED, 451, "4.3.0", "Local error in delivery") for r in rcpts]
+            self._apply(envelope, rcpts, results, now)
+        yield self._conclude(envelope, body, now)
+
+    def _deliver_group(self, envelope: Envelope, route: str, rcpts: list[Recipient], body: bytes) -> defer.Deferred:
+        agent = self.agents.get(route)
+        if agent is None:
+            if route not in self._missing_agent_logged:
+                self._missing_agent_logged.add(route)
+                log.warn("no delivery agent for route {route}: mail waits in the queue", route=route)
+            text = f"No delivery agent for route {route} in this process; waiting"
+            return defer.succeed([DeliveryResult(r.address, R_DEFERRED, 451, "4.3.2", text) for r in rcpts])
+        d = defer.maybeDeferred(agent.deliver, envelope, rcpts, body)
+
+        def check(results: list[DeliveryResult]) -> list[DeliveryResult]:
+            if len(results) != len(rcpts):
+                raise ValueError(f"agent for {route} answered {len(results)} results for {len(rcpts)} recipients")
+            return results
+
+        return d.addCallback(check)
+
+    def _apply(self, envelope: Envelope, rcpts: list[Recipient], results: list[DeliveryResult], now: float) -> None:
+        for rcpt, result in zip(rcpts, results, strict=True):
+            rcpt.attempts += 1
+            rcpt.updated = now
+            rcpt.reply = result.reply_dict()
+            rcpt.remote_mta = result.remote_mta
+            rcpt.state = result.status if result.status in (DELIVERED, FAILED, RELAYED) else R_DEFERRED
+            self._account(_EVENT_FOR_STATE[rcpt.state], envelope, rcpt, now, result)
+
+    def _account(self, event: str, envelope: Envelope, rcpt: Recipient, now: float, result: Any = None) -> None:
+        log.info(
+            "{event} {qid} to {rcpt}: {code} {enhanced} {text}",
+            event=event, qid=envelope.qid, rcpt=rcpt.address, sender=envelope.sender,
+            code=(rcpt.reply or {}).get("code"), enhanced=(rcpt.reply or {}).get("enhanced"),
+            text=(rcpt.reply or {}).get("text"), mx=rcpt.remote_mta, attempt=rcpt.attempts,
+        )  # fmt: skip
+        if self.accounting is None:
+            return
+        extra = dict(result.extra) if result is not None else {}
+        self.accounting.record(
+            event,
+            qid=envelope.qid,
+            sender=envelope.sender,
+            recipient=rcpt.address,
+            route=rcpt.route,
+            mx=rcpt.remote_mta,
+            reply=rcpt.reply,
+            tls=getattr(result, "tls", None),
+            attempt=rcpt.attempts,
+            queue_time=round(now - envelope.arrival, 3),
+            **{k: v for k, v in extra.items() if k in ("ip", "host", "tls_version", "cipher")},
+        )
+
+    @defer.inlineCallbacks
+    def _conclude(self, envelope: Envelope, body: bytes, now: float):
+        qid = envelope.qid
+        pending = envelope.pending_recipients()
+        if pending and now - envelope.arrival >= self.max_age:
+            for r in pending:
+                r.state = EXPIRED
+                r.updated = now
+                last = r.reply or {}
+                r.reply = {"code": 451, "enhanced": "4.4.7",
+                           "text": f"Message expired after {int(self.max_age)}s in the queue; last: {last.get('text', 'no answer')}"}  # fmt: skip
+                self._account("expired", envelope, r, now)
+            pending = []
+        yield self._notices(envelope, body, now, bool(pending))
+        action = self._after.pop(qid, None)
+        if action == "delete" or not pending:
+            yield self.store.remove(qid)
+            return
+        if action == "hold":
+            yield self.store.update(envelope)
+            yield self.store.move(qid, HOLD)
+            return
+        delay = retry_delay(envelope.attempts, self.retry_initial, self.retry_max, self.rng)
+        if any(r.route not in self.agents for r in pending):
+            delay = self.retry_max
+        yield self._reschedule(envelope, now + delay)
+
+    @defer.inlineCallbacks
+    def _reschedule(self, envelope: Envelope, when: float):
+        envelope.next_attempt = when
+        yield self.store.update(envelope)
+        yield self.store.move(envelope.qid, DEFERRED)
+        if self._after.pop(envelope.qid, None) == "hold":
+            yield self.store.move(envelope.qid, HOLD)
+            return
+        self.scheduler.schedule(envelope.qid, when)
+
+    # -- notices (DSNs) ---------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def _notices(self, envelope: Envelope, body: bytes, now: float, still_pending: bool):
+        if not envelope.sender:
+            for r in envelope.recipients:
+                r.dsn_sent = r.dsn_sent or r.is_final  # nothing is ever sent about a bounce
+            return
+        failed = [r for r in envelope.recipients if r.state in (FAILED, EXPIRED) and not r.dsn_sent]
+        success = [r for r in envelope.recipients if r.state in (DELIVERED, RELAYED) and not r.dsn_sent]
+        for r in failed + success:
+            r.dsn_sent = True
+        yield self._send_dsn(envelope, failed, "failed", body, now)
+        for state, action in ((DELIVERED, "delivered"), (RELAYED, "relayed")):
+            yield self._send_dsn(envelope, [r for r in success if r.state == state], action, body, now)
+        if still_pending and not envelope.delay_warned and now - envelope.arrival >= self.delay_warning > 0:
+            envelope.delay_warned = True
+            delayed = [r for r in envelope.pending_recipients() if notify_allows(r, "delayed")]
+            yield self._send_dsn(envelope, delayed, "delayed", body, now, envelope.arrival + self.max_age)
+
+    @defer.inlineCallbacks
+    def _send_dsn(self, envelope: Envelope, rcpts: list[Recipient], action: str, body: bytes, now: float,
+                  retry_until: float | None = None):  # fmt: skip
+        if not rcpts:
+            return
+        message = build_dsn(envelope, rcpts, action, body, self.hostname, now, retry_until)
+        if message is None:
+            return
+        dsn = Envelope(
+            qid=new_qid(),
+            sender="",
+            recipients=[Recipient(envelope.sender, route=self.route_for(envelope.sender))],
+            arrival=now,
+            size=len(message),
+            body_type="8BITMIME" if any(b > 127 for b in message) else "7BIT",
+            protocol="LOCAL",
+            extra={"dsn_for": envelope.qid, "action": action},
+        )
+        try:
+            yield self.store.enqueue(dsn, message)
+        except Exception:
+            log.failure("could not queue the {action} notice for {qid}", action=action, qid=envelope.qid)
+            for r in rcpts:
+                r.dsn_sent = False if action == "failed" else r.dsn_sent
+            return
+        log.info("{action} notice {dsn} for {qid} to <{sender}>", action=action, dsn=dsn.qid, qid=envelope.qid,
+                 sender=envelope.sender, event="dsn")  # fmt: skip
+        self.notify_incoming(dsn.qid)
+
+    # -- operator actions -------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Everything deferred is due now."""
+        self.scheduler.due_now()
+
+    @defer.inlineCallbacks
+    def delete(self, qid: str):
+        if qid in self._inflight:
+            self._after[qid] = "delete"
+            return
+        self.scheduler.cancel(qid)
+        yield self.store.remove(qid)
+
+    @defer.inlineCallbacks
+    def hold(self, qid: str):
+        if qid in self._inflight:
+            self._after[qid] = "hold"
+            return
+        self.scheduler.cancel(qid)
+        if self.store.state(qid) not in (HOLD, None):
+            yield self.store.move(qid, HOLD)
+
+    @defer.inlineCallbacks
+    def release(self, qid: str):
+        if self.store.state(qid) != HOLD:
+            return
+        yield self.store.move(qid, INCOMING)
+        self.notify_incoming(qid)
+
+
+def local_route_for(local_domains: Any) -> Callable[[str], str]:
+    """Where a notice to ``address`` goes: local Maildir for local domains, else the relay."""
+    domains = frozenset(d.lower() for d in local_domains)
+
+    def route_for(address: str) -> str:
+        return ROUTE_LOCAL if address.rpartition("@")[2].lower() in domains else ROUTE_RELAY
+
+    return route_for

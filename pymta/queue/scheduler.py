@@ -1,0 +1,104 @@
+"""When work is due: a timer heap on an injected clock (one callLater for the earliest key), and
+the jittered exponential retry schedule."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+from collections.abc import Callable, Hashable
+from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
+from zope.interface import implementer
+
+from pymta.interfaces import IScheduler
+
+
+def retry_delay(attempt: int, initial: float, maximum: float, rng: random.Random | None = None, jitter: float = 0.1) -> float:
+    """Seconds before attempt ``attempt + 1``: initial * 2**(attempt-1), capped at maximum, ± jitter."""
+    attempt = max(attempt, 1)
+    base = min(initial * (2 ** min(attempt - 1, 40)), maximum)
+    spread = (rng or random).uniform(-jitter, jitter)
+    return max(1.0, min(base * (1 + spread), maximum))
+
+
+@implementer(IScheduler)
+class TimerHeapScheduler:
+    """Keys due at absolute times; ``on_due(key)`` is called when a key's time has come.
+
+    A heap of (when, seq, key) with lazy deletion; exactly one timer armed for the earliest entry.
+    """
+
+    def __init__(self, clock: IReactorTime, on_due: Callable[[Hashable], Any]) -> None:
+        self.clock = clock
+        self.on_due = on_due
+        self._heap: list[tuple[float, int, Hashable]] = []
+        self._when: dict[Hashable, tuple[float, int]] = {}
+        self._seq = itertools.count()
+        self._timer: Any = None
+        self._timer_at: float | None = None
+
+    def schedule(self, key: Hashable, when: float) -> None:
+        entry = (when, next(self._seq))
+        self._when[key] = entry
+        heapq.heappush(self._heap, (*entry, key))
+        self._arm()
+
+    def cancel(self, key: Hashable) -> None:
+        if self._when.pop(key, None) is not None:
+            self._arm()
+
+    def when(self, key: Hashable) -> float | None:
+        entry = self._when.get(key)
+        return entry[0] if entry else None
+
+    def __len__(self) -> int:
+        return len(self._when)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._when
+
+    def due_now(self) -> None:
+        """Make every scheduled key due at once (flush)."""
+        now = self.clock.seconds()
+        for key in list(self._when):
+            self.schedule(key, now)
+
+    def stop(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = self._timer_at = None
+
+    def _drop_stale(self) -> None:
+        heap = self._heap
+        while heap and self._when.get(heap[0][2]) != (heap[0][0], heap[0][1]):
+            heapq.heappop(heap)
+
+    def _arm(self) -> None:
+        self._drop_stale()
+        if not self._heap:
+            self.stop()
+            return
+        at = self._heap[0][0]
+        if self._timer is not None and self._timer.active():
+            if self._timer_at == at:
+                return
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = self.clock.callLater(max(0.0, at - self.clock.seconds()), self._fire)
+
+    def _fire(self) -> None:
+        self._timer = self._timer_at = None
+        now = self.clock.seconds()
+        due = []
+        while True:
+            self._drop_stale()
+            if not self._heap or self._heap[0][0] > now:
+                break
+            _, _, key = heapq.heappop(self._heap)
+            del self._when[key]
+            due.append(key)
+        self._arm()
+        for key in due:
+            self.on_due(key)
