@@ -55,6 +55,7 @@ _QUEUE_ONE = """
 import sys
 from twisted.internet import defer, task
 from twisted.python.threadpool import ThreadPool
+from pymta.envelope import Envelope, Recipient, new_qid
 from pymta.queue.store import MaildirQueueStore
 
 @defer.inlineCallbacks
