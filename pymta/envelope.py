@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 # Per-recipient states.
@@ -108,11 +108,12 @@ class Envelope:
         return all(r.is_final for r in self.recipients)
 
     def to_json(self) -> bytes:
-        data = asdict(self)
-        for r in data["recipients"]:
-            if r["notify"] is not None:
-                r["notify"] = list(r["notify"])
-        return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        # Field by field rather than dataclasses.asdict (a deep copy): this runs once per message.
+        data = {name: getattr(self, name) for name in _ENVELOPE_FIELDS}
+        data["recipients"] = [
+            {name: getattr(r, name) for name in _RECIPIENT_FIELDS} for r in self.recipients
+        ]
+        return _ENCODER.encode(data).encode("utf-8")
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> Envelope:
@@ -132,6 +133,11 @@ class Envelope:
             return cls(recipients=rcpts, **{k: v for k, v in data.items() if k in known})
         except (KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"malformed envelope: {e}") from e
+
+
+_ENVELOPE_FIELDS = tuple(f.name for f in fields(Envelope) if f.name != "recipients")
+_RECIPIENT_FIELDS = tuple(f.name for f in fields(Recipient))
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 @dataclass(frozen=True, slots=True)
