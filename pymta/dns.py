@@ -1,0 +1,239 @@
+"""DNS for delivery: MX (RFC 5321 §5.1, RFC 7505 null MX), A/AAAA, TXT, on dnspython in worker
+threads (never blocking the reactor), with a TTL-respecting cache on the injected clock.
+
+Errors are two kinds: :class:`DNSPermanentError` (NXDOMAIN: bounce, 5.1.2) and
+:class:`DNSTemporaryError` (SERVFAIL, timeout, refusal, malformed answers: defer, 4.4.3).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import dns.exception
+import dns.flags
+import dns.message
+import dns.name
+import dns.rcode
+import dns.rdatatype
+import dns.resolver
+import idna
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from pymta.interfaces import IResolver
+
+log = Logger(namespace="pymta.dns")
+
+_LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9])?$")
+NEGATIVE_TTL = 300.0  # cap for cached NXDOMAIN / no-data answers
+ERROR_TTL = 5.0  # temporary failures are remembered briefly (no hammering a dead server)
+MAX_TTL = 86400.0
+
+
+class DNSError(Exception):
+    """A lookup failed; ``permanent`` says whether retrying can help."""
+
+    permanent = False
+
+
+class DNSPermanentError(DNSError):
+    permanent = True
+
+
+class DNSTemporaryError(DNSError):
+    permanent = False
+
+
+@dataclass(frozen=True)
+class MXResult:
+    """The mail exchangers of a domain, in the order to try them."""
+
+    domain: str
+    hosts: tuple[str, ...] = ()
+    null: bool = False  # RFC 7505: the domain accepts no mail
+    implicit: bool = False  # no MX records: the domain itself (RFC 5321 §5.1)
+    preferences: tuple[int, ...] = field(default=(), compare=False)
+
+
+def to_ascii(name: str) -> str:
+    """A domain in its ASCII (A-label) form, lower-case, no trailing dot; DNSPermanentError if invalid."""
+    name = name.strip().rstrip(".").lower()
+    if not name.isascii():
+        try:
+            name = idna.encode(name, uts46=True).decode("ascii")
+        except idna.IDNAError as e:
+            raise DNSPermanentError(f"invalid domain name {name!r}: {e}") from None
+    if len(name) > 253 or not all(_LABEL.match(label) for label in name.split(".")):
+        raise DNSPermanentError(f"invalid domain name {name!r}")
+    return name
+
+
+def parse_server(text: str) -> tuple[str, int]:
+    """``"127.0.0.1:5353"``, ``"[::1]:53"``, ``"192.0.2.53"`` -> (address, port)."""
+    if text.startswith("["):
+        host, _, port = text[1:].partition("]")
+        return host, int(port[1:]) if port.startswith(":") else 53
+    if text.count(":") == 1:
+        host, port = text.split(":")
+        return host, int(port)
+    return text, 53
+
+
+@implementer(IResolver)
+class Resolver:
+    """Asynchronous lookups with a cache; ``servers`` None means the system's resolv.conf."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        threadpool: Any,
+        servers: list[str] | tuple[str, ...] | None = None,
+        timeout: float = 5.0,
+        clock: Any = None,
+        rng: random.Random | None = None,
+        prefer_ipv6: bool = True,
+    ) -> None:
+        self.reactor = reactor
+        self.threadpool = threadpool
+        self.clock = clock or reactor
+        self.rng = rng or random.Random()
+        self.prefer_ipv6 = prefer_ipv6
+        self._resolvers: list[dns.resolver.Resolver] = []
+        if servers:
+            for text in servers:
+                address, port = parse_server(text)
+                r = dns.resolver.Resolver(configure=False)
+                r.nameservers = [address]
+                r.port = port
+                self._resolvers.append(r)
+        else:
+            self._resolvers.append(dns.resolver.Resolver())
+        for r in self._resolvers:
+            r.timeout = timeout
+            r.lifetime = timeout * 2
+            r.cache = None
+        self._cache: dict[tuple[str, str], tuple[float, Any]] = {}
+
+    # -- the raw query ---------------------------------------------------------------------
+
+    def _query_blocking(self, name: str, rdtype: str) -> tuple[list[Any], float, str | None]:
+        """(records, ttl, error kind or None) — runs in a worker thread."""
+        last: tuple[list[Any], float, str | None] = ([], ERROR_TTL, "temporary: no server answered")
+        for resolver in self._resolvers:
+            try:
+                answer = resolver.resolve(name, rdtype, search=False, raise_on_no_answer=False)
+            except dns.resolver.NXDOMAIN as e:
+                return [], _negative_ttl(e), "nxdomain"
+            except (dns.resolver.NoNameservers, dns.exception.Timeout, dns.resolver.LifetimeTimeout) as e:
+                last = ([], ERROR_TTL, f"temporary: {type(e).__name__}: {e}")
+                continue
+            except dns.resolver.YXDOMAIN:
+                return [], ERROR_TTL, "nxdomain"
+            except (dns.exception.DNSException, ValueError, UnicodeError) as e:
+                last = ([], ERROR_TTL, f"temporary: malformed answer: {e}")
+                continue
+            if answer.rrset is None:
+                ttl = NEGATIVE_TTL
+                if answer.response is not None:
+                    for rrset in answer.response.authority:
+                        if rrset.rdtype == dns.rdatatype.SOA:
+                            ttl = min(rrset.ttl, rrset[0].minimum, NEGATIVE_TTL)
+                return [], ttl, None
+            return list(answer.rrset), min(float(answer.rrset.ttl), MAX_TTL), None
+        return last
+
+    def _query(self, name: str, rdtype: str) -> defer.Deferred:
+        """Deferred of the records of (name, rdtype); cached until the TTL runs out."""
+        key = (name, rdtype)
+        now = self.clock.seconds()
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] > now:
+            records, error = hit[1]
+            return defer.fail(_error(name, rdtype, error)) if error else defer.succeed(records)
+        d = threads.deferToThreadPool(self.reactor, self.threadpool, self._query_blocking, name, rdtype)
+
+        def store(result: tuple[list[Any], float, str | None]) -> list[Any]:
+            records, ttl, error = result
+            self._cache[key] = (self.clock.seconds() + ttl, (records, error))
+            if len(self._cache) > 100_000:
+                self._cache.clear()
+            if error:
+                raise _error(name, rdtype, error)
+            return records
+
+        return d.addCallback(store)
+
+    # -- lookups ---------------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def lookup_mx(self, domain: str):
+        name = to_ascii(domain)
+        try:
+            records = yield self._query(name, "MX")
+        except DNSPermanentError:
+            raise DNSPermanentError(f"domain {name} does not exist (NXDOMAIN)") from None
+        if not records:
+            return MXResult(name, (name,), implicit=True, preferences=(0,))
+        mx = sorted((int(r.preference), str(r.exchange).rstrip(".").lower()) for r in records)
+        if len(mx) == 1 and mx[0][1] in ("", "."):
+            return MXResult(name, (), null=True)
+        mx = [(p, h) for p, h in mx if h not in ("", ".")]
+        # Equal preferences in random order (RFC 5321 §5.1), lower preferences first.
+        groups: dict[int, list[str]] = {}
+        for pref, host in mx:
+            groups.setdefault(pref, []).append(host)
+        hosts: list[str] = []
+        prefs: list[int] = []
+        for pref in sorted(groups):
+            group = groups[pref]
+            self.rng.shuffle(group)
+            hosts.extend(group)
+            prefs.extend([pref] * len(group))
+        return MXResult(name, tuple(hosts), preferences=tuple(prefs))
+
+    @defer.inlineCallbacks
+    def lookup_addresses(self, host: str):
+        """IPv6 and IPv4 addresses, interleaved (the preferred family first) for fallback."""
+        name = to_ascii(host)
+        results = yield defer.DeferredList([self._query(name, "AAAA"), self._query(name, "A")], consumeErrors=True)
+        v6 = [str(r.address) for r in results[0][1]] if results[0][0] else []
+        v4 = [str(r.address) for r in results[1][1]] if results[1][0] else []
+        if not v6 and not v4:
+            failures = [f for ok, f in results if not ok]
+            if failures and all(f.check(DNSPermanentError) for f in failures) and len(failures) == 2:
+                raise DNSPermanentError(f"host {name} does not exist (NXDOMAIN)")
+            temporary = [f for f in failures if f.check(DNSTemporaryError)]
+            if temporary:
+                raise DNSTemporaryError(temporary[0].getErrorMessage())
+            return []
+        first, second = (v6, v4) if self.prefer_ipv6 else (v4, v6)
+        out: list[str] = []
+        for i in range(max(len(first), len(second))):
+            out.extend(x[i] for x in (first, second) if i < len(x))
+        return out
+
+    @defer.inlineCallbacks
+    def lookup_txt(self, name: str):
+        records = yield self._query(to_ascii(name), "TXT")
+        return [b"".join(r.strings).decode("utf-8", "replace") for r in records]
+
+
+def _negative_ttl(error: dns.resolver.NXDOMAIN) -> float:
+    try:
+        for response in error.responses().values():
+            for rrset in response.authority:
+                if rrset.rdtype == dns.rdatatype.SOA:
+                    return float(min(rrset.ttl, rrset[0].minimum, NEGATIVE_TTL))
+    except (AttributeError, IndexError, KeyError):
+        pass
+    return NEGATIVE_TTL
+
+
+def _error(name: str, rdtype: str, error: str) -> DNSError:
+    if error == "nxdomain":
+        return DNSPermanentError(f"{name} does not exist (NXDOMAIN)")
+    return DNSTemporaryError(f"{rdtype} lookup of {name} failed: {error.split(': ', 1)[-1]}")
