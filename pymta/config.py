@@ -112,6 +112,33 @@ def conv_list(item: Callable[[Any], Any], allow_single: bool = True) -> Callable
     return conv
 
 
+def conv_choice(*choices: str) -> Callable[[Any], str]:
+    def conv(value: Any) -> str:
+        text = conv_str(value)
+        if text not in choices:
+            raise ConfigValueError(f"must be one of {', '.join(choices)}, got {text!r}")
+        return text
+
+    return conv
+
+
+def conv_table(key_conv: Callable[[Any], Any], value_conv: Callable[[Any], Any]) -> Callable[[Any], dict]:
+    """A TOML table whose keys and values are converted (errors name the entry)."""
+
+    def conv(value: Any) -> dict:
+        if not isinstance(value, dict):
+            raise ConfigValueError(f"expected a table, got {_type_name(value)}")
+        out = {}
+        for k, v in value.items():
+            try:
+                out[key_conv(k)] = value_conv(v)
+            except ConfigValueError as e:
+                raise ConfigValueError(f"{k}: {e}") from None
+        return out
+
+    return conv
+
+
 def conv_network(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     text = conv_str(value)
     try:
@@ -262,6 +289,9 @@ class OutboundConfig:
     max_messages_per_connection: int = _key(conv_int(1, 100000), 100)
     max_recipients_per_transaction: int = _key(conv_int(1, 100000), 100)
     connect_timeout: float = _key(conv_duration(1), 30.0)
+    tls: str = _key(conv_choice("none", "opportunistic", "verify"), "opportunistic")
+    tls_ca_file: str | None = _key(conv_path, None)
+    tls_policy: dict[str, str] = _key(conv_table(conv_hostname, conv_choice("none", "opportunistic", "verify")), None)
 
 
 @dataclass(frozen=True)

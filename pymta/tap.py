@@ -97,7 +97,9 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
     agents: dict[str, Any] = {
         "local": MaildirDeliveryAgent(config.mail_dir, config.hostname, reactor=reactor, threadpool=pool),
     }
-    agents.update(_outbound_agents(config, reactor))
+    relay = _outbound_agent(config, reactor, pool)
+    agents["relay"] = agents["forward"] = relay
+    CloseOnStop(relay.close_idle).setServiceParent(top)
 
     manager = QueueManager(
         store=store,
@@ -155,6 +157,57 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
     return top
 
 
-def _outbound_agents(config: Config, reactor: Any) -> dict[str, Any]:
+def listener_addresses(endpoints: tuple[str, ...]) -> list[tuple[str, int]]:
+    """(interface, port) of our TCP listeners, for loop detection (0.0.0.0 / :: for all)."""
+    out = []
+    for text in endpoints:
+        kind, _, rest = text.partition(":")
+        if kind not in ("tcp", "tcp6", "ssl"):
+            continue
+        parts = rest.split(":")
+        port_text = parts[0][5:] if parts[0].startswith("port=") else parts[0]
+        interface = "::" if kind == "tcp6" else "0.0.0.0"
+        for part in parts[1:]:
+            if part.startswith("interface="):
+                interface = part[len("interface=") :].replace("\\:", ":")
+        if port_text.isdigit():
+            out.append((interface, int(port_text)))
+    return out
+
+
+def _outbound_agent(config: Config, reactor: Any, pool: ThreadPool) -> Any:
     """The SMTP delivery agent for relayed and forwarded recipients."""
-    return {}
+    from pymta.dns import Resolver
+    from pymta.outbound.delivery import SMTPDeliveryAgent
+    from pymta.outbound.routes import Router
+    from pymta.smtp.client import ClientTimeouts
+    from pymta.tls import client_tls
+
+    out = config.outbound
+    resolver = Resolver(reactor, pool, config.dns.servers, timeout=config.dns.timeout)
+    router = Router(
+        resolver,
+        smtp_port=out.smtp_port,
+        smarthost=out.smarthost,
+        routes=config.routes,
+        own_listeners=listener_addresses(config.smtp.listen),
+        local_addresses=("127.0.0.1", "::1"),
+    )
+    policies = out.tls_policy or {}
+
+    def tls_policy_for(domain: str) -> str:
+        return policies.get(domain, out.tls)
+
+    return SMTPDeliveryAgent(
+        reactor,
+        router,
+        config.hostname,
+        max_connections=out.max_connections,
+        max_connections_per_domain=out.max_connections_per_domain,
+        max_messages_per_connection=out.max_messages_per_connection,
+        max_recipients_per_transaction=out.max_recipients_per_transaction,
+        source_address=out.source_address,
+        timeouts=ClientTimeouts(connect=out.connect_timeout),
+        tls_policy_for=tls_policy_for,
+        tls_context_for=lambda host, verify: client_tls(host, verify, out.tls_ca_file),
+    )

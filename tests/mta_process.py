@@ -44,7 +44,9 @@ def port_is_free(host: str, port: int) -> bool:
 class MTAProcess:
     """One ``twistd -n pymta`` process with its own state directory and config."""
 
-    def __init__(self, workdir: str, extra_config: str = "", port: int | None = None) -> None:
+    def __init__(
+        self, workdir: str, extra_config: str = "", port: int | None = None, dns: str | None = None, smtp_port: int = 2
+    ) -> None:
         self.workdir = workdir
         self.port = port or free_port()
         self.state_dir = os.path.join(workdir, "var")
@@ -64,8 +66,11 @@ class MTAProcess:
                     local = ["example.test"]
                     mailboxes = ["alice@example.test", "bob@example.test"]
                     relay_from = ["127.0.0.0/8"]
+                    [outbound]
+                    smtp_port = {smtp_port}
                     """
                 )
+                + (f'[dns]\nservers = ["{dns}"]\ntimeout = "1s"\n' if dns else "")
                 + textwrap.dedent(extra_config)
             )
 

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from tests.dnsserver import DNSServer, Zone
 from tests.mta_process import MTAProcess, port_is_free
 
 pytestmark = pytest.mark.timeout(180)
@@ -30,8 +31,16 @@ MESSAGE = (
 
 
 @pytest.fixture
-def mta(tmp_path):
-    proc = MTAProcess(str(tmp_path)).start()
+def dns_server():
+    """Loopback DNS: remote.example answers SERVFAIL (mail for it waits), everything else NXDOMAIN."""
+    server = DNSServer(Zone({}, servfail=["remote.example"])).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def mta(tmp_path, dns_server):
+    proc = MTAProcess(str(tmp_path), dns=dns_server.address).start()
     yield proc
     proc.stop()
 
@@ -139,8 +148,8 @@ def test_swaks_delivers_with_pipelining_and_chunking_variants(mta):
     assert any(b"with SMTP id" in m for m in messages)
 
 
-def test_sigkill_leaves_no_process_or_port_and_a_restart_delivers_what_was_queued(tmp_path):
-    mta = MTAProcess(str(tmp_path)).start()
+def test_sigkill_leaves_no_process_or_port_and_a_restart_keeps_what_was_queued(tmp_path, dns_server):
+    mta = MTAProcess(str(tmp_path), dns=dns_server.address).start()
     pid = mta.proc.pid
     with smtplib.SMTP("127.0.0.1", mta.port, timeout=30) as client:
         client.sendmail("someone@example.org", ["carol@remote.example"], MESSAGE)

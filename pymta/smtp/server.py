@@ -585,6 +585,9 @@ class SMTPServerProtocol(Protocol):
         self._hello(argument, esmtp=False)
 
     def smtp_ehlo(self, argument: str) -> None:
+        if "EHLO" in self.factory.disabled_extensions:
+            self._error(Reply(502, "5.5.1", "EHLO not supported here"))
+            return
         self._hello(argument, esmtp=True)
 
     def _hello(self, argument: str, esmtp: bool) -> None:
@@ -603,7 +606,8 @@ class SMTPServerProtocol(Protocol):
             if not esmtp:
                 self._out.append(f"250 {self.factory.hostname}\r\n".encode())
                 return
-            lines = [self.factory.hostname, f"SIZE {self.limits.max_message_size}", *_EXTENSIONS]
+            offered = [e for e in _EXTENSIONS if e not in self.factory.disabled_extensions]
+            lines = [self.factory.hostname, f"SIZE {self.limits.max_message_size}", *offered]
             if self.factory.tls_context_factory is not None and not self.session.tls:
                 lines.append("STARTTLS")
             if self._auth_offered():
@@ -1056,6 +1060,7 @@ class SMTPServerFactory(Factory):
         tls_context_factory: Any = None,
         authenticator: Any = None,
         auth_required: bool = False,
+        disabled_extensions: frozenset[str] = frozenset(),
     ) -> None:
         self.delegate = delegate
         self.hostname = hostname
@@ -1064,6 +1069,7 @@ class SMTPServerFactory(Factory):
         self.tls_context_factory = tls_context_factory
         self.authenticator = authenticator
         self.auth_required = auth_required
+        self.disabled_extensions = disabled_extensions  # e.g. {"PIPELINING"} to act as an older peer
         self.id_prefix = os.urandom(4).hex() + "-"
         self.counter = itertools.count(1)
 

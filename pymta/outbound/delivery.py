@@ -1,0 +1,341 @@
+"""Outbound delivery over SMTP: next hops tried in order, connection caps, connection reuse,
+opportunistic or verified STARTTLS, and a result per recipient with its enhanced status code."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet import defer, endpoints
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from pymta.envelope import DEFERRED, DELIVERED, FAILED, RELAYED, DeliveryResult, Envelope, Recipient
+from pymta.interfaces import IDeliveryAgent
+from pymta.outbound.routes import Hop, RouteError, Router
+from pymta.smtp.client import (
+    ClientTimeouts,
+    SessionRefused,
+    SMTPClientProtocol,
+    encode_data,
+    quit_session,
+    transact,
+    xtext_encode,
+)
+from pymta.smtp.replies import Reply
+
+log = Logger(namespace="pymta.outbound")
+
+NO_TLS_MEMORY = 3600.0  # a host whose STARTTLS failed is tried in plaintext for this long
+TLS_POLICIES = ("none", "opportunistic", "verify")
+
+
+class ConnectFailed(Exception):
+    """No SMTP session with this address (connect, greeting, EHLO or TLS): try the next one."""
+
+    def __init__(self, reply: Reply, tls_failed: bool = False) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+        self.tls_failed = tls_failed
+
+
+@dataclass
+class Session:
+    proto: SMTPClientProtocol
+    key: tuple[str, int]
+    host: str
+    messages: int = 0
+    idle_call: Any = None
+
+    @property
+    def remote(self) -> str:
+        return f"{self.host} [{self.key[0]}]"
+
+
+def _status(code: int) -> str:
+    return DELIVERED if 200 <= code < 300 else DEFERRED if 400 <= code < 500 else FAILED
+
+
+def _result(rcpt: Recipient, reply: Reply, remote: str | None, tls: str | None, **extra: Any) -> DeliveryResult:
+    enhanced = reply.enhanced or {2: "2.0.0", 4: "4.0.0", 5: "5.0.0"}.get(reply.code // 100, "")
+    return DeliveryResult(rcpt.address, _status(reply.code), reply.code, enhanced, reply.text, remote, tls, extra)
+
+
+@implementer(IDeliveryAgent)
+class SMTPDeliveryAgent:
+    """Delivers batches of recipients (one domain each) over SMTP."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        router: Router,
+        helo_name: str,
+        clock: Any = None,
+        max_connections: int = 100,
+        max_connections_per_domain: int = 10,
+        max_messages_per_connection: int = 100,
+        max_recipients_per_transaction: int = 100,
+        source_address: str | None = None,
+        timeouts: ClientTimeouts | None = None,
+        tls_policy_for: Callable[[str], str] | None = None,
+        tls_context_for: Callable[[str, bool], Any] | None = None,
+        idle_timeout: float = 5.0,
+    ) -> None:
+        self.reactor = reactor
+        self.clock = clock or reactor
+        self.router = router
+        self.helo_name = helo_name
+        self.max_messages_per_connection = max_messages_per_connection
+        self.max_recipients = max_recipients_per_transaction
+        self.source_address = source_address
+        self.timeouts = timeouts or ClientTimeouts()
+        self.tls_policy_for = tls_policy_for or (lambda domain: "opportunistic")
+        self.tls_context_for = tls_context_for
+        self.idle_timeout = idle_timeout
+        self.global_slots = defer.DeferredSemaphore(max_connections)
+        self.per_domain = max_connections_per_domain
+        self.domain_slots: dict[str, defer.DeferredSemaphore] = {}
+        self.idle: dict[tuple[str, int], list[Session]] = {}
+        self.no_tls_until: dict[str, float] = {}
+
+    # -- the IDeliveryAgent call ----------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def deliver(self, envelope: Envelope, recipients: list[Recipient], body: bytes):
+        domain = recipients[0].domain
+        slot = self.domain_slots.get(domain)
+        if slot is None:
+            slot = self.domain_slots[domain] = defer.DeferredSemaphore(self.per_domain)
+        yield slot.acquire()
+        try:
+            yield self.global_slots.acquire()
+            try:
+                results = yield self._deliver(envelope, recipients, body, domain)
+            finally:
+                self.global_slots.release()
+        finally:
+            slot.release()
+            if not slot.waiting and slot.tokens == slot.limit:
+                self.domain_slots.pop(domain, None)
+        return results
+
+    @defer.inlineCallbacks
+    def _deliver(self, envelope: Envelope, recipients: list[Recipient], body: bytes, domain: str):
+        try:
+            hops: list[Hop] = yield self.router.next_hops(domain)
+        except RouteError as e:
+            return [_result(r, e.reply, None, None) for r in recipients]
+        policy = self.tls_policy_for(domain)
+        last = Reply(451, "4.4.1", "No mail exchanger could be reached")
+        for hop in hops:
+            for address in hop.addresses:
+                try:
+                    session = yield self._session(hop, address, policy)
+                except ConnectFailed as e:
+                    last = e.reply
+                    log.info("{mx} [{ip}] unusable for {domain}: {why}", mx=hop.name, ip=address, domain=domain,
+                             why=str(e.reply), code=e.reply.code, enhanced=e.reply.enhanced)  # fmt: skip
+                    continue
+                results = yield self._send(session, envelope, recipients, body)
+                if results is not None:
+                    return results
+                last = Reply(451, "4.4.2", f"Connection to {session.remote} lost before the transaction")
+        return [_result(r, last, None, None) for r in recipients]
+
+    # -- sessions -------------------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def _session(self, hop: Hop, address: str, policy: str):
+        key = (address, hop.port)
+        pool = self.idle.get(key)
+        while pool:
+            session = pool.pop()
+            if session.idle_call is not None and session.idle_call.active():
+                session.idle_call.cancel()
+            if not session.proto.is_lost:
+                return session
+        proto = yield self._connect(address, hop.port)
+        session = Session(proto, key, hop.name)
+        try:
+            yield self._open(session, policy)
+        except ConnectFailed as e:
+            proto.abort()
+            if not (e.tls_failed and policy == "opportunistic"):
+                raise
+            # The handshake failed: remember it and try this host again in plaintext.
+            self.no_tls_until[address] = self.clock.seconds() + NO_TLS_MEMORY
+            log.info("STARTTLS with {mx} [{ip}] failed; plaintext for now", mx=hop.name, ip=address)
+            proto = yield self._connect(address, hop.port)
+            session = Session(proto, key, hop.name)
+            try:
+                yield self._open(session, policy)
+            except ConnectFailed:
+                proto.abort()
+                raise
+        return session
+
+    @defer.inlineCallbacks
+    def _connect(self, address: str, port: int):
+        proto = SMTPClientProtocol(self.clock)
+        kind = endpoints.TCP6ClientEndpoint if ":" in address else endpoints.TCP4ClientEndpoint
+        bind = (self.source_address, 0) if self.source_address else None
+        endpoint = kind(self.reactor, address, port, timeout=self.timeouts.connect, bindAddress=bind)
+        try:
+            yield endpoints.connectProtocol(endpoint, proto)
+        except Exception as e:
+            raise ConnectFailed(Reply(451, "4.4.1", f"Connection to [{address}]:{port} failed: {e}")) from None
+        return proto
+
+    @defer.inlineCallbacks
+    def _open(self, session: Session, policy: str):
+        proto = session.proto
+        t = self.timeouts
+        try:
+            greeting = yield proto.expect(t.greeting)
+            if greeting.code != 220:
+                raise SessionRefused(greeting, "greeting")
+            yield proto.hello(self.helo_name, t)
+        except SessionRefused as e:
+            code = e.reply.code if e.reply.code >= 400 else 451
+            raise ConnectFailed(Reply(code, e.reply.enhanced, f"{session.remote} refused {e.stage}: {e.reply.text}")) from None
+        except Exception as e:
+            raise ConnectFailed(Reply(451, "4.4.2", f"{session.remote}: {e or type(e).__name__}")) from None
+        wants_tls = policy != "none" and self.tls_context_for is not None
+        plaintext_ok = self.no_tls_until.get(session.key[0], 0) > self.clock.seconds()
+        if wants_tls and proto.extensions.has("STARTTLS") and not (plaintext_ok and policy == "opportunistic"):
+            try:
+                yield proto.starttls(self.tls_context_for(session.host, policy == "verify"), self.helo_name, t)
+            except Exception as e:
+                raise ConnectFailed(Reply(451, "4.7.5", f"STARTTLS with {session.remote} failed: {e}"),
+                                    tls_failed=True) from None  # fmt: skip
+        elif policy == "verify":
+            raise ConnectFailed(Reply(451, "4.7.4", f"{session.remote} does not offer STARTTLS (TLS required)"))
+
+    def _release(self, session: Session) -> None:
+        proto = session.proto
+        if proto.is_lost:
+            return
+        if session.messages >= self.max_messages_per_connection:
+            quit_session(proto, self.timeouts)
+            return
+        pool = self.idle.setdefault(session.key, [])
+        if len(pool) >= self.per_domain:
+            quit_session(proto, self.timeouts)
+            return
+
+        def expire() -> None:
+            if session in pool:
+                pool.remove(session)
+            if not pool:
+                self.idle.pop(session.key, None)
+            quit_session(proto, self.timeouts)
+
+        session.idle_call = self.clock.callLater(self.idle_timeout, expire)
+        pool.append(session)
+
+    def close_idle(self) -> None:
+        """QUIT every idle connection (at shutdown)."""
+        for pool in list(self.idle.values()):
+            for session in pool:
+                if session.idle_call is not None and session.idle_call.active():
+                    session.idle_call.cancel()
+                quit_session(session.proto, self.timeouts)
+        self.idle.clear()
+
+    # -- transactions -------------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def _send(self, session: Session, envelope: Envelope, recipients: list[Recipient], body: bytes):
+        """Per-recipient results, or None when the session broke before any transaction started."""
+        proto = session.proto
+        ext = proto.extensions
+        remote, tls = session.remote, proto.tls
+        refused = self._unsendable(envelope, recipients, body, ext)
+        if refused is not None:
+            self._release(session)
+            return [_result(r, refused, remote, tls) for r in recipients]
+        payload = encode_data(body)
+        results: list[DeliveryResult] = []
+        for start in range(0, len(recipients), self.max_recipients):
+            batch = recipients[start : start + self.max_recipients]
+            try:
+                outcome = yield transact(proto, self._mail_line(envelope, body, ext),
+                                         [self._rcpt_line(r, ext) for r in batch], payload, self.timeouts)  # fmt: skip
+            except Exception as e:
+                proto.abort()
+                if not results:
+                    return None  # nothing happened yet: the caller tries the next address
+                reply = Reply(451, "4.4.2", f"Connection with {remote} broken: {e}")
+                results.extend(_result(r, reply, remote, tls) for r in recipients[start:])
+                return results
+            session.messages += 1
+            results.extend(self._results(batch, outcome, ext, remote, tls))
+            if proto.is_lost:
+                rest = recipients[start + len(batch) :]
+                reply = Reply(451, "4.4.2", f"Connection with {remote} lost")
+                results.extend(_result(r, reply, remote, tls) for r in rest)
+                return results
+        self._release(session)
+        return results
+
+    def _unsendable(self, envelope: Envelope, recipients: list[Recipient], body: bytes, ext: Any) -> Reply | None:
+        needs_utf8 = envelope.smtputf8 or not envelope.sender.isascii() or any(not r.address.isascii() for r in recipients)
+        if needs_utf8 and not ext.has("SMTPUTF8"):
+            return Reply(550, "5.6.7", "The next hop does not support SMTPUTF8, which this message needs")
+        if not body.isascii() and not ext.has("8BITMIME"):
+            return Reply(554, "5.6.3", "The next hop does not accept 8-bit data (no 8BITMIME)")
+        limit = ext.size_limit
+        if limit is not None and len(body) > limit:
+            return Reply(552, "5.3.4", f"Message size {len(body)} exceeds the next hop's limit of {limit}")
+        return None
+
+    @staticmethod
+    def _mail_line(envelope: Envelope, body: bytes, ext: Any) -> str:
+        params = []
+        if ext.has("SIZE"):
+            params.append(f"SIZE={len(body)}")
+        if not body.isascii() and ext.has("8BITMIME"):
+            params.append("BODY=8BITMIME")
+        if ext.has("SMTPUTF8") and (envelope.smtputf8 or not envelope.sender.isascii()):
+            params.append("SMTPUTF8")
+        if ext.has("DSN"):
+            if envelope.ret:
+                params.append(f"RET={envelope.ret}")
+            if envelope.envid:
+                params.append(f"ENVID={xtext_encode(envelope.envid)}")
+        return " ".join([f"MAIL FROM:<{envelope.sender}>", *params])
+
+    @staticmethod
+    def _rcpt_line(rcpt: Recipient, ext: Any) -> str:
+        params = []
+        if ext.has("DSN"):
+            if rcpt.notify:
+                params.append("NOTIFY=" + ",".join(rcpt.notify))
+            if rcpt.orcpt:
+                addr_type, _, address = rcpt.orcpt.partition(";")
+                params.append(f"ORCPT={addr_type};{xtext_encode(address)}")
+        return " ".join([f"RCPT TO:<{rcpt.address}>", *params])
+
+    @staticmethod
+    def _results(batch: list[Recipient], outcome: Any, ext: Any, remote: str, tls: str | None) -> list[DeliveryResult]:
+        out = []
+        for i, rcpt in enumerate(batch):
+            if outcome.mail.code != 250:
+                out.append(_result(rcpt, outcome.mail, remote, tls))
+                continue
+            reply = outcome.rcpt[i] if i < len(outcome.rcpt) else Reply(451, "4.4.2", "No reply to RCPT")
+            if reply.code not in (250, 251):
+                out.append(_result(rcpt, reply, remote, tls))
+            elif outcome.lost_after_data:
+                lost = Reply(451, "4.4.2", f"Connection with {remote} lost after the end of data; may be a duplicate")
+                out.append(_result(rcpt, lost, remote, tls))
+            elif outcome.data is None:
+                out.append(_result(rcpt, Reply(451, "4.4.2", "Transaction not completed"), remote, tls))
+            else:
+                result = _result(rcpt, outcome.data, remote, tls)
+                if result.status == DELIVERED and rcpt.notify and "SUCCESS" in rcpt.notify and not ext.has("DSN"):
+                    result = DeliveryResult(result.address, RELAYED, result.code, result.enhanced, result.text,
+                                            remote, tls, result.extra)  # fmt: skip
+                out.append(result)
+        return out
