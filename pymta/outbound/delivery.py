@@ -98,6 +98,7 @@ class SMTPDeliveryAgent:
         self.domain_slots: dict[str, defer.DeferredSemaphore] = {}
         self.idle: dict[tuple[str, int], list[Session]] = {}
         self.no_tls_until: dict[str, float] = {}
+        self._closing: list[defer.Deferred] = []  # connections being closed (QUIT sent)
 
     # -- the IDeliveryAgent call ----------------------------------------------------------------
 
@@ -217,11 +218,11 @@ class SMTPDeliveryAgent:
         if proto.is_lost:
             return
         if session.messages >= self.max_messages_per_connection:
-            quit_session(proto, self.timeouts)
+            self._quit(proto)
             return
         pool = self.idle.setdefault(session.key, [])
         if len(pool) >= self.per_domain:
-            quit_session(proto, self.timeouts)
+            self._quit(proto)
             return
 
         def expire() -> None:
@@ -229,19 +230,27 @@ class SMTPDeliveryAgent:
                 pool.remove(session)
             if not pool:
                 self.idle.pop(session.key, None)
-            quit_session(proto, self.timeouts)
+            self._quit(proto)
 
         session.idle_call = self.clock.callLater(self.idle_timeout, expire)
         pool.append(session)
 
-    def close_idle(self) -> None:
-        """QUIT every idle connection (at shutdown)."""
+    def _quit(self, proto: SMTPClientProtocol) -> None:
+        d = quit_session(proto, self.timeouts)
+        self._closing.append(d)
+        d.addBoth(lambda _: self._closing.remove(d) if d in self._closing else None)
+
+    def close_idle(self) -> defer.Deferred:
+        """QUIT every idle connection (at shutdown); fires when they are closed."""
+        closing = []
         for pool in list(self.idle.values()):
             for session in pool:
                 if session.idle_call is not None and session.idle_call.active():
                     session.idle_call.cancel()
-                quit_session(session.proto, self.timeouts)
+                closing.append(quit_session(session.proto, self.timeouts))
         self.idle.clear()
+        closing.extend(self._closing)
+        return defer.DeferredList(closing, consumeErrors=True)
 
     # -- transactions -------------------------------------------------------------------------
 

@@ -103,6 +103,7 @@ class SMTPClientProtocol(Protocol):
         self._waiting: deque[tuple[defer.Deferred, Any]] = deque()
         self._replies: deque[Reply] = deque()
         self.connected_d: defer.Deferred = defer.Deferred()
+        self.lost_d: defer.Deferred = defer.Deferred()  # fires when the connection is gone
         self.lost_reason: Failure | None = None
         self.extensions = Extensions()
         self.tls: str | None = None
@@ -120,7 +121,9 @@ class SMTPClientProtocol(Protocol):
             self.connected_d.callback(self)
 
     def connectionLost(self, reason: Failure = None) -> None:
-        self.lost_reason = reason
+        self.lost_reason = reason if reason is not None else Failure(error.ConnectionDone())
+        if not self.lost_d.called:
+            self.lost_d.callback(None)
         waiting, self._waiting = self._waiting, deque()
         for d, call in waiting:
             if call is not None and call.active():
@@ -313,9 +316,10 @@ def _rset(proto: SMTPClientProtocol, timeouts: ClientTimeouts):
         proto.abort()
 
 
-def quit_session(proto: SMTPClientProtocol, timeouts: ClientTimeouts) -> None:
-    """Say QUIT politely, then close whatever the answer."""
+def quit_session(proto: SMTPClientProtocol, timeouts: ClientTimeouts) -> defer.Deferred:
+    """Say QUIT politely, then close whatever the answer; fires when the connection is gone."""
     if proto.is_lost:
-        return
+        return defer.succeed(None)
     d = proto.command("QUIT", timeouts.quit)
     d.addBoth(lambda _: proto.transport.loseConnection() if proto.transport is not None else None)
+    return proto.lost_d

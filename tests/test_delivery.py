@@ -1,0 +1,363 @@
+"""Outbound delivery end to end on loopback: a real DNS server, real SMTP peers on 127.0.0.x
+(pymta's own server with scripted answers, and Postfix's smtp-sink), real TCP."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+
+from twisted.internet import defer, reactor, task
+from twisted.python.threadpool import ThreadPool
+from twisted.trial import unittest
+
+from pymta.dns import Resolver
+from pymta.envelope import DEFERRED, DELIVERED, FAILED, RELAYED, Envelope, Recipient, new_qid
+from pymta.outbound.delivery import SMTPDeliveryAgent
+from pymta.outbound.routes import Router
+from pymta.smtp.client import ClientTimeouts, encode_data
+from pymta.smtp.replies import Reply
+from pymta.smtp.server import ServerLimits, SMTPServerFactory
+from tests.dnsserver import DNSServer, Zone
+from tests.mta_process import free_port
+
+
+class Peer:
+    """pymta's server as a scripted remote MX: records raw bytes and messages."""
+
+    def __init__(self, address: str, answers: dict | None = None, disabled=frozenset()) -> None:
+        self.address = address
+        self.answers = answers or {}
+        self.messages: list[tuple[str, list[str], bytes]] = []
+        self.raw = b""
+        self.connections = 0
+        self.drop_after_data = False
+        peer = self
+
+        class Delegate:
+            def connected(self, session):
+                peer.connections += 1
+                return peer.answers.get("connect")
+
+            def helo(self, session, name):
+                return None
+
+            def mail_from(self, session, sender, params):
+                session.notes["params"] = dict(params)
+                return peer.answers.get("mail")
+
+            def rcpt_to(self, session, address, params):
+                return peer.answers.get(address)
+
+            def message(self, session, body):
+                if peer.drop_after_data:
+                    session.notes["proto"].transport.abortConnection()
+                    return defer.Deferred()
+                t = session.transaction
+                peer.messages.append((t.sender, [r.address for r in t.recipients], body))
+                return peer.answers.get("data")
+
+            def disconnected(self, session):
+                return None
+
+        factory = SMTPServerFactory(Delegate(), f"mx.{address}", ServerLimits(), reactor,
+                                    disabled_extensions=frozenset(disabled))  # fmt: skip
+        build = factory.buildProtocol
+
+        def build_recording(addr):
+            proto = build(addr)
+            peer.protocols.append(proto)
+            proto.session.notes["proto"] = proto
+            original = proto.dataReceived
+
+            def data_received(data):
+                peer.raw += data
+                original(data)
+
+            proto.dataReceived = data_received
+            return proto
+
+        factory.buildProtocol = build_recording
+        self.factory = factory
+        self.port = None
+        self.protocols: list = []
+
+    def listen(self, port: int) -> Peer:
+        self.port = reactor.listenTCP(port, self.factory, interface=self.address)
+        return self
+
+    def stop(self) -> defer.Deferred:
+        """Stop listening and close every connection; fires when all are gone."""
+        gone = []
+        for proto in self.protocols:
+            if proto.transport is not None and proto.transport.connected:
+                d = defer.Deferred()
+                original = proto.connectionLost
+
+                def lost(reason, original=original, d=d):
+                    original(reason)
+                    d.callback(None)
+
+                proto.connectionLost = lost
+                proto.transport.abortConnection()
+                gone.append(d)
+        if self.port is not None:
+            gone.append(defer.maybeDeferred(self.port.stopListening))
+        return defer.DeferredList(gone)
+
+
+ZONE = {
+    "remote.test": {"MX": ["10 mx1.remote.test.", "20 mx2.remote.test."]},
+    "mx1.remote.test": {"A": ["127.0.0.2"]},
+    "mx2.remote.test": {"A": ["127.0.0.3"]},
+    "down.test": {"MX": ["10 mx1.down.test.", "20 mx2.remote.test."]},
+    "mx1.down.test": {"A": ["127.0.0.9"]},
+    "plain.test": {"A": ["127.0.0.3"]},
+    "nullmx.test": {"MX": ["0 ."]},
+    "self.test": {"MX": ["10 me.self.test."]},
+    "me.self.test": {"A": ["127.0.0.1"]},
+    "sink.test": {"MX": ["10 sink.test."], "A": ["127.0.0.5"]},
+}
+
+
+class DeliveryTests(unittest.TestCase):
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.port = free_port("127.0.0.2")
+        self.dns = DNSServer(Zone(ZONE, servfail=["broken.test"])).start()
+        self.addCleanup(self.dns.stop)
+        self.pool = ThreadPool(1, 4)
+        self.pool.start()
+        self.addCleanup(self.pool.stop)
+        resolver = Resolver(reactor, self.pool, [self.dns.address], timeout=1.0)
+        self.router = Router(resolver, smtp_port=self.port, own_listeners=[("127.0.0.1", self.port)])
+        self.peers: dict[str, Peer] = {}
+
+    def peer(self, address: str, **kw) -> Peer:
+        p = Peer(address, **kw).listen(self.port)
+        self.addCleanup(p.stop)
+        self.peers[address] = p
+        return p
+
+    def agent(self, **kw) -> SMTPDeliveryAgent:
+        a = SMTPDeliveryAgent(reactor, self.router, "client.example.test", timeouts=ClientTimeouts(connect=2, greeting=5),
+                              idle_timeout=0.2, **kw)  # fmt: skip
+        self.addCleanup(a.close_idle)
+        return a
+
+    def envelope(self, *rcpts: str, sender: str = "s@example.test", **kw) -> tuple[Envelope, list[Recipient]]:
+        recipients = [Recipient(r) for r in rcpts]
+        return Envelope(qid=new_qid(), sender=sender, recipients=recipients, **kw), recipients
+
+    @defer.inlineCallbacks
+    def test_delivers_to_the_preferred_mx_with_dot_stuffing_byte_correct(self):
+        peer = self.peer("127.0.0.2")
+        self.peer("127.0.0.3")
+        head = b"Subject: dots\r\n\r\n.leading\r\n.\r\n..two\r\n"
+        stuffed = len(encode_data(head)) - 3  # without the final ".\r\n"
+        filler = b"".join(b"y" * 78 + b"\r\n" for _ in range((16384 - stuffed) // 80 - 1))
+        rest = 16384 - stuffed - len(filler)
+        filler += b"z" * (rest - 2) + b"\r\n"
+        body = head + filler + b".at boundary\r\nend\r\n"
+        assert encode_data(body)[16384:16386] == b".."  # the stuffed dot sits exactly at 16 KiB
+        env, rcpts = self.envelope("a@remote.test", "b@remote.test")
+        results = yield self.agent().deliver(env, rcpts, body)
+        assert [r.status for r in results] == [DELIVERED, DELIVERED]
+        assert results[0].remote_mta == "mx1.remote.test [127.0.0.2]" and results[0].enhanced == "2.0.0"
+        assert peer.messages == [("s@example.test", ["a@remote.test", "b@remote.test"], body)]
+        assert b"\r\n..leading\r\n..\r\n...two\r\n" in peer.raw
+        assert self.peers["127.0.0.3"].connections == 0
+
+    @defer.inlineCallbacks
+    def test_bare_cr_and_lf_go_out_as_crlf(self):
+        peer = self.peer("127.0.0.2")
+        body = b"Subject: eol\n\nline one\nline two\rline three\r\n"
+        env, rcpts = self.envelope("a@remote.test")
+        results = yield self.agent().deliver(env, rcpts, body)
+        assert results[0].status == DELIVERED
+        assert peer.messages[0][2] == b"Subject: eol\r\n\r\nline one\r\nline two\r\nline three\r\n"
+        data = peer.raw.split(b"DATA\r\n", 1)[1]
+        assert data.count(b"\n") == data.count(b"\r\n") and data.count(b"\r") == data.count(b"\r\n")
+
+    @defer.inlineCallbacks
+    def test_falls_back_to_the_next_mx_when_the_first_is_down_or_refuses(self):
+        self.peer("127.0.0.3")
+        env, rcpts = self.envelope("a@down.test")  # mx1.down.test has no listener
+        results = yield self.agent().deliver(env, rcpts, b"Subject: x\r\n\r\nx\r\n")
+        assert results[0].status == DELIVERED and results[0].remote_mta == "mx2.remote.test [127.0.0.3]"
+        refusing = self.peer("127.0.0.2", answers={"connect": Reply(421, "4.3.2", "busy")})
+        env, rcpts = self.envelope("a@remote.test")
+        results = yield self.agent().deliver(env, rcpts, b"Subject: x\r\n\r\nx\r\n")
+        assert refusing.connections == 1
+        assert results[0].status == DELIVERED and results[0].remote_mta == "mx2.remote.test [127.0.0.3]"
+
+    @defer.inlineCallbacks
+    def test_implicit_mx_uses_the_domain_address(self):
+        peer = self.peer("127.0.0.3")
+        env, rcpts = self.envelope("a@plain.test")
+        results = yield self.agent().deliver(env, rcpts, b"Subject: x\r\n\r\nx\r\n")
+        assert results[0].status == DELIVERED and len(peer.messages) == 1
+
+    @defer.inlineCallbacks
+    def test_dns_verdicts(self):
+        agent = self.agent()
+        for domain, status, code, enhanced in (
+            ("nullmx.test", FAILED, 556, "5.1.10"),
+            ("nowhere.test", FAILED, 550, "5.1.2"),
+            ("broken.test", DEFERRED, 451, "4.4.3"),
+            ("self.test", FAILED, 554, "5.4.6"),
+        ):
+            env, rcpts = self.envelope(f"a@{domain}")
+            [result] = yield agent.deliver(env, rcpts, b"x\r\n")
+            assert (result.status, result.code, result.enhanced) == (status, code, enhanced), domain
+
+    @defer.inlineCallbacks
+    def test_mixed_per_recipient_results_in_one_transaction(self):
+        peer = self.peer("127.0.0.2", answers={
+            "bad@remote.test": Reply(550, "5.1.1", "no such user"),
+            "later@remote.test": Reply(450, "4.2.1", "mailbox busy"),
+        })  # fmt: skip
+        env, rcpts = self.envelope("ok@remote.test", "bad@remote.test", "later@remote.test")
+        results = yield self.agent().deliver(env, rcpts, b"Subject: x\r\n\r\nx\r\n")
+        assert [(r.status, r.enhanced) for r in results] == [(DELIVERED, "2.0.0"), (FAILED, "5.1.1"), (DEFERRED, "4.2.1")]
+        assert peer.messages[0][1] == ["ok@remote.test"]
+
+    @defer.inlineCallbacks
+    def test_data_refusal_applies_to_the_accepted_recipients(self):
+        self.peer("127.0.0.2", answers={"data": Reply(554, "5.7.1", "spam")})
+        env, rcpts = self.envelope("a@remote.test")
+        [result] = yield self.agent().deliver(env, rcpts, b"Subject: x\r\n\r\nx\r\n")
+        assert (result.status, result.code, result.text) == (FAILED, 554, "spam")
+
+    @defer.inlineCallbacks
+    def test_without_pipelining_and_with_helo_fallback(self):
+        peer = self.peer("127.0.0.2", disabled={"EHLO"})
+        env, rcpts = self.envelope("a@remote.test", "b@remote.test")
+        results = yield self.agent().deliver(env, rcpts, b"Subject: x\r\n\r\nx\r\n")
+        assert [r.status for r in results] == [DELIVERED, DELIVERED]
+        assert b"HELO client.example.test" in peer.raw
+        other = self.peer("127.0.0.3", disabled={"PIPELINING"})
+        env, rcpts = self.envelope("a@plain.test")
+        results = yield self.agent().deliver(env, rcpts, b"Subject: x\r\n\r\nx\r\n")
+        assert results[0].status == DELIVERED and other.raw.count(b"\r\n") >= 5
+
+    @defer.inlineCallbacks
+    def test_several_messages_share_one_connection(self):
+        peer = self.peer("127.0.0.2")
+        agent = self.agent()
+        for _ in range(3):
+            env, rcpts = self.envelope("a@remote.test")
+            yield agent.deliver(env, rcpts, b"Subject: x\r\n\r\nx\r\n")
+        assert len(peer.messages) == 3 and peer.connections == 1
+
+    @defer.inlineCallbacks
+    def test_recipients_split_over_transactions(self):
+        peer = self.peer("127.0.0.2")
+        env, rcpts = self.envelope(*[f"r{i}@remote.test" for i in range(5)])
+        results = yield self.agent(max_recipients_per_transaction=2).deliver(env, rcpts, b"x\r\n")
+        assert all(r.status == DELIVERED for r in results)
+        assert [len(m[1]) for m in peer.messages] == [2, 2, 1]
+
+    @defer.inlineCallbacks
+    def test_connection_dropped_after_the_final_dot_is_a_deferral(self):
+        peer = self.peer("127.0.0.2")
+        peer.drop_after_data = True
+        env, rcpts = self.envelope("a@remote.test")
+        [result] = yield self.agent().deliver(env, rcpts, b"Subject: x\r\n\r\nx\r\n")
+        assert (result.status, result.enhanced) == (DEFERRED, "4.4.2")
+
+    @defer.inlineCallbacks
+    def test_dsn_parameters_are_passed_on_and_success_without_dsn_is_relayed(self):
+        peer = self.peer("127.0.0.2")
+        env, rcpts = self.envelope("a@remote.test", ret="HDRS", envid="id+1")
+        rcpts[0].notify = ("SUCCESS", "FAILURE")
+        rcpts[0].orcpt = "rfc822;a@remote.test"
+        yield self.agent().deliver(env, rcpts, b"x\r\n")
+        assert b"RET=HDRS ENVID=id+2B1" in peer.raw and b"NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;a@remote.test" in peer.raw
+        no_dsn = self.peer("127.0.0.3", disabled={"DSN"})
+        env, rcpts = self.envelope("a@plain.test")
+        rcpts[0].notify = ("SUCCESS",)
+        [result] = yield self.agent().deliver(env, rcpts, b"x\r\n")
+        assert result.status == RELAYED and b"NOTIFY" not in no_dsn.raw
+
+    @defer.inlineCallbacks
+    def test_8bit_and_smtputf8_need_the_extensions(self):
+        self.peer("127.0.0.2", disabled={"8BITMIME", "SMTPUTF8"})
+        env, rcpts = self.envelope("a@remote.test")
+        [result] = yield self.agent().deliver(env, rcpts, "Subject: é\r\n\r\nü\r\n".encode())
+        assert (result.status, result.enhanced) == (FAILED, "5.6.3")
+        env, rcpts = self.envelope("a@remote.test", sender="jörg@example.test", smtputf8=True)
+        [result] = yield self.agent().deliver(env, rcpts, b"x\r\n")
+        assert (result.status, result.enhanced) == (FAILED, "5.6.7")
+
+    @defer.inlineCallbacks
+    def test_connection_caps_queue_the_excess(self):
+        peer = self.peer("127.0.0.2")
+        agent = self.agent(max_connections=1, max_connections_per_domain=1)
+        calls = []
+        for _ in range(3):
+            env, rcpts = self.envelope("a@remote.test")
+            calls.append(agent.deliver(env, rcpts, b"x\r\n"))
+        results = yield defer.gatherResults(calls)
+        assert all(r[0].status == DELIVERED for r in results)
+        assert peer.connections == 1 and len(peer.messages) == 3
+
+
+class SinkTests(unittest.TestCase):
+    """Postfix's smtp-sink as the remote MX."""
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        if not os.path.exists("/usr/sbin/smtp-sink"):
+            raise unittest.SkipTest("smtp-sink (Debian postfix) not installed")
+        self.dir = tempfile.mkdtemp(prefix="pymta-sink-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.port = free_port("127.0.0.5")
+        self.sink = subprocess.Popen(
+            ["/usr/sbin/smtp-sink", "-u", "nobody", "-d", os.path.join(self.dir, "%M."), f"127.0.0.5:{self.port}", "10"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        self.addCleanup(self._stop_sink)
+        os.chmod(self.dir, 0o777)
+        self.dns = DNSServer(Zone(ZONE)).start()
+        self.addCleanup(self.dns.stop)
+        self.pool = ThreadPool(1, 4)
+        self.pool.start()
+        self.addCleanup(self.pool.stop)
+        for _ in range(100):
+            try:
+                import socket
+
+                socket.create_connection(("127.0.0.5", self.port), 0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+
+    def _stop_sink(self) -> None:
+        self.sink.terminate()
+        self.sink.wait(5)
+
+    @defer.inlineCallbacks
+    def test_smtp_sink_receives_the_message_byte_correct(self):
+        router = Router(Resolver(reactor, self.pool, [self.dns.address], timeout=1.0), smtp_port=self.port)
+        agent = SMTPDeliveryAgent(reactor, router, "client.example.test", idle_timeout=0.1)
+        self.addCleanup(agent.close_idle)
+        body = b"Subject: sink\r\n\r\n.dot line\r\n" + b"y" * 900 + b"\r\nlast\r\n"
+        env = Envelope(qid=new_qid(), sender="s@example.test", recipients=[Recipient("a@sink.test")])
+        [result] = yield agent.deliver(env, env.recipients, body)
+        assert result.status == DELIVERED, result
+        yield task.deferLater(reactor, 0.3, lambda: None)
+        dumps = [os.path.join(self.dir, f) for f in os.listdir(self.dir)]
+        assert len(dumps) == 1
+        with open(dumps[0], "rb") as f:
+            dumped = f.read()
+        assert body in dumped or body.replace(b"\r\n", b"\n") in dumped
+
+
+def test_encode_data_normalises_and_stuffs():
+    assert encode_data(b".a\nb\r.c\r\n..d") == b"..a\r\nb\r\n..c\r\n...d\r\n.\r\n"
+    assert encode_data(b"") == b".\r\n"
