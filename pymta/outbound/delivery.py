@@ -272,6 +272,7 @@ class SMTPDeliveryAgent:
                 outcome = yield transact(proto, self._mail_line(envelope, body, ext),
                                          [self._rcpt_line(r, ext) for r in batch], payload, self.timeouts)  # fmt: skip
             except Exception as e:
+                log.info("transaction with {mx} broken: {why!r}", mx=remote, why=e, qid=envelope.qid)
                 proto.abort()
                 if not results:
                     return None  # nothing happened yet: the caller tries the next address

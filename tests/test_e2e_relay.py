@@ -1,0 +1,139 @@
+"""End to end relay: the real ``twistd -n pymta``, a loopback DNS server, smtp-sink and pymta's
+own server as remote MX hosts; pymta-queue through the control socket."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import smtplib
+import socket
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+from tests.dnsserver import DNSServer, Zone
+from tests.mta_process import ROOT, MTAProcess, free_port, wait_for_port
+
+pytestmark = [
+    pytest.mark.timeout(180),
+    pytest.mark.skipif(not os.path.exists("/usr/sbin/smtp-sink"), reason="smtp-sink (Debian postfix) not installed"),
+]
+
+MESSAGE = "From: s@example.org\r\nTo: r@remote.test\r\nSubject: relay\r\n\r\n.dot line\r\nbody\r\n"
+
+
+class Sink:
+    """smtp-sink on 127.0.0.x:port, dumping every message into a directory; stopped by PID."""
+
+    def __init__(self, address: str, port: int) -> None:
+        # smtp-sink writes as "nobody": the directory must be reachable for it (not under pytest's 0700 tree).
+        directory = tempfile.mkdtemp(prefix="pymta-sink-")
+        os.chmod(directory, 0o777)
+        self.directory = directory
+        self.proc = subprocess.Popen(
+            ["/usr/sbin/smtp-sink", "-u", "nobody", "-d", os.path.join(directory, "%M."), f"{address}:{port}", "20"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        wait_for_port(address, port, 10)
+
+    def messages(self) -> list[bytes]:
+        out = []
+        for name in sorted(os.listdir(self.directory)):
+            with open(os.path.join(self.directory, name), "rb") as f:
+                out.append(f.read())
+        return out
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+@pytest.fixture
+def world(tmp_path):
+    port = free_port("127.0.0.7")
+    dns = DNSServer(Zone({
+        "remote.test": {"MX": ["10 mx1.remote.test.", "20 mx2.remote.test."]},
+        "mx1.remote.test": {"A": ["127.0.0.6"]},  # nothing listens there: fallback to mx2
+        "mx2.remote.test": {"A": ["127.0.0.7"]},
+        "later.test": {"MX": ["10 mx.later.test."]},
+        "mx.later.test": {"A": ["127.0.0.8"]},
+    })).start()  # fmt: skip
+    sink = Sink("127.0.0.7", port)
+    yield dns, sink, port
+    sink.stop()
+    dns.stop()
+
+
+def queue_cli(mta: MTAProcess, *args: str) -> subprocess.CompletedProcess:
+    code = "import sys; from pymta.admin.cli import queue_main; sys.exit(queue_main())"
+    return subprocess.run([sys.executable, "-c", code, "--config", mta.config_path, *args],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)  # fmt: skip
+
+
+def test_relay_to_the_mx_that_answers_and_account_for_it(tmp_path, world):
+    dns, sink, port = world
+    mta = MTAProcess(str(tmp_path), dns=dns.address, smtp_port=port).start()
+    try:
+        with smtplib.SMTP("127.0.0.1", mta.port, timeout=30) as client:
+            client.sendmail("s@example.org", ["r@remote.test"], MESSAGE)
+        [dumped] = mta.wait_for(sink.messages, what="delivery at the sink")
+        assert b"\r\n.dot line\r\nbody\r\n" in dumped.replace(b"\n", b"\r\n").replace(b"\r\r\n", b"\r\n")
+        log = os.path.join(mta.state_dir, "log", "accounting.jsonl")
+        events = mta.wait_for(
+            lambda: [json.loads(x) for x in open(log).read().splitlines()] if os.path.exists(log) and
+            any('"delivered"' in x for x in open(log)) else None, what="accounting records",
+        )  # fmt: skip
+        kinds = [e["event"] for e in events]
+        assert kinds == ["received", "delivered"]
+        delivered = events[1]
+        assert delivered["mx"] == "mx2.remote.test [127.0.0.7]" and delivered["reply"]["code"] == 250
+        assert delivered["recipient"] == "r@remote.test" and delivered["attempt"] == 1
+        assert "queue_time" in delivered and delivered["qid"] == events[0]["qid"]
+    finally:
+        mta.stop()
+
+
+def test_deferred_mail_is_listed_flushed_and_delivered_after_a_restart(tmp_path, world):
+    dns, sink, port = world
+    mta = MTAProcess(str(tmp_path), dns=dns.address, smtp_port=port).start()
+    try:
+        with smtplib.SMTP("127.0.0.1", mta.port, timeout=30) as client:
+            client.sendmail("s@example.org", ["x@later.test"], MESSAGE)
+        mta.wait_for(lambda: mta.queue_files("deferred"), what="deferral (nothing listens at mx.later.test)")
+        listing = queue_cli(mta, "list")
+        assert listing.returncode == 0, listing.stderr
+        assert "x@later.test [deferred]" in listing.stdout and "4.4.1" in listing.stdout
+        [qid] = mta.queue_files("deferred")
+        # Bring the MX up, restart, flush through the control socket: it is delivered.
+        mta.stop()
+        later = Sink("127.0.0.8", port)
+        try:
+            mta.start()
+            assert queue_cli(mta, "flush").returncode == 0
+            [dumped] = mta.wait_for(later.messages, seconds=30, what="delivery after restart")
+            assert b"Subject: relay" in dumped
+            mta.wait_for(lambda: not mta.queue_files("deferred"), what="empty queue")
+            shown = queue_cli(mta, "show", qid)
+            assert shown.returncode == 1 and "no message" in shown.stderr
+        finally:
+            later.stop()
+    finally:
+        mta.stop()
+
+
+def test_control_socket_is_private(tmp_path, world):
+    dns, sink, port = world
+    mta = MTAProcess(str(tmp_path), dns=dns.address, smtp_port=port).start()
+    try:
+        path = os.path.join(mta.state_dir, "control.sock")
+        assert oct(os.stat(path).st_mode & 0o777) == "0o600"
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(path)
+            s.sendall(b"not json\n")
+            assert json.loads(s.recv(4096)) == {"ok": False, "error": "malformed request"}
+    finally:
+        mta.stop()
