@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# bench/score_feedback.sh -- run pymta-feedback parse over the shared bounce corpus and score it
+# with the corpus's own score.py (recall, precision, complaint, autoreply, hard, reason).
+set -eu
+HERE="$(cd "$(dirname "$0")" && pwd)"
+CORPUS="${CORPUS:-$HERE/../../shared/corpus/bounces}"
+[ -f "$CORPUS/truth.jsonl" ] || { echo "error: corpus not found at $CORPUS" >&2; exit 2; }
+OUT="${TMPDIR:-/tmp}/pymta-feedback-pred.jsonl"
+cd "$CORPUS"
+cut -d'"' -f4 truth.jsonl | xargs python3 -m pymta.feedback.cli parse > "$OUT"
+python3 score.py "$OUT" --by-source
