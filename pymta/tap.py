@@ -72,6 +72,9 @@ def makeService(options: dict[str, Any]) -> service.MultiService:
 def build_service(config: Config, reactor: Any) -> service.MultiService:
     """The whole service tree for ``config`` on ``reactor`` (tests pass their own)."""
     from pymta.admin.accounting import AccountingLog
+    from pymta.feedback.classify import classify
+    from pymta.feedback.gate import FeedbackGate
+    from pymta.feedback.processor import FeedbackProcessor
     from pymta.inbound.acl import AclPolicy
     from pymta.inbound.limits import ClientLimits, Greylist
     from pymta.inbound.mailbox import MaildirDeliveryAgent
@@ -97,9 +100,16 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
     agents: dict[str, Any] = {
         "local": MaildirDeliveryAgent(config.mail_dir, config.hostname, reactor=reactor, threadpool=pool),
     }
-    relay = _outbound_agent(config, reactor, pool)
+    smtp_agent = _outbound_agent(config, reactor, pool)
+    CloseOnStop(smtp_agent.close_idle).setServiceParent(top)
+    suppression, tagger = _feedback_parts(config, reactor)
+    CloseOnStop(suppression.close).setServiceParent(top)
+    fb = config.feedback
+    relay = FeedbackGate(smtp_agent, suppression, tagger, fb.sender_domains, classify, fb.unsubscribe)
     agents["relay"] = agents["forward"] = relay
-    CloseOnStop(relay.close_idle).setServiceParent(top)
+    agents["feedback"] = FeedbackProcessor(
+        suppression, tagger, fb.complaint_addresses, fb.reply_addresses, agents["local"], fb.reply_mailbox, accounting
+    )
 
     manager = QueueManager(
         store=store,
@@ -118,7 +128,13 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
         manager.setServiceParent(top)
 
     policy = RelayPolicy(
-        config.domains.local, config.domains.mailboxes, config.domains.relay_from, config.domains.forward, config.mail_dir
+        config.domains.local,
+        config.domains.mailboxes,
+        config.domains.relay_from,
+        config.domains.forward,
+        config.mail_dir,
+        feedback_domains=[fb.bounce_domain] if fb.bounce_domain else [],
+        feedback_addresses=[*fb.complaint_addresses, *fb.reply_addresses],
     )
     receiver = InboundReceiver(
         config.hostname,
@@ -137,6 +153,7 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
         greylist=Greylist(reactor, config.greylist.delay, config.greylist.expire, config.greylist.lifetime)
         if config.greylist.enabled
         else None,
+        suppression=suppression,
     )
     limits = ServerLimits(
         max_message_size=config.smtp.max_message_size,
@@ -155,6 +172,18 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
     for endpoint in config.smtp.listen:
         strports.service(endpoint, factory, reactor=reactor).setServiceParent(top)
     return top
+
+
+def _feedback_parts(config: Config, reactor: Any) -> tuple[Any, Any]:
+    """The suppression store (always) and the return-path tagger (with a bounce domain)."""
+    from pymta.feedback.suppression import SuppressionPolicy, SuppressionStore
+    from pymta.feedback.verp import Tagger
+
+    fb = config.feedback
+    policy = SuppressionPolicy(fb.soft_bounce_threshold, fb.soft_bounce_window, fb.soft_bounce_suppress)
+    store = SuppressionStore(config.suppression_db, reactor, policy)
+    tagger = Tagger(fb.secret, fb.bounce_domain) if fb.bounce_domain and fb.secret else None
+    return store, tagger
 
 
 def listener_addresses(endpoints: tuple[str, ...]) -> list[tuple[str, int]]:

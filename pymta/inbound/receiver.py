@@ -13,7 +13,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from pymta.envelope import Envelope, Recipient, new_qid
+from pymta.envelope import ROUTE_RELAY, Envelope, Recipient, new_qid
 from pymta.inbound.limits import ClientLimits, Greylist
 from pymta.inbound.policy import RelayPolicy
 from pymta.interfaces import IPolicy, IQueueStore, ISMTPServerDelegate, QueueFull
@@ -65,6 +65,7 @@ class InboundReceiver:
         acl: IPolicy | None = None,
         limits: ClientLimits | None = None,
         greylist: Greylist | None = None,
+        suppression: Any = None,
     ) -> None:
         self.hostname = hostname
         self.policy = policy
@@ -75,6 +76,7 @@ class InboundReceiver:
         self.acl = acl
         self.limits = limits
         self.greylist = greylist
+        self.suppression = suppression
 
     # -- stages ---------------------------------------------------------------------------
 
@@ -129,6 +131,11 @@ class InboundReceiver:
             refused = self._untrusted_rcpt(session, decision.address)
             if refused is not None:
                 return refused
+        elif decision.route == ROUTE_RELAY and self.suppression is not None:
+            sender = session.transaction.sender
+            entry = self.suppression.is_suppressed(decision.address, sender.rpartition("@")[2] or None)
+            if entry is not None:
+                return Reply(550, "5.7.1", f"Recipient suppressed ({entry['source']}: {entry['reason']})")
         session.transaction.notes.setdefault("routes", {})[address] = (decision.route, decision.address)
         return None
 

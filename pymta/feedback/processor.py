@@ -1,0 +1,120 @@
+"""The inbound side of the feedback loop: mail to the bounce domain and the feedback addresses is
+parsed, mapped back to the recipient it is about through a signed token, and fed to the
+suppression store. Nothing unsigned or forged ever suppresses anyone (no backscatter effect).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from pymta.envelope import DELIVERED, DeliveryResult, Envelope, Recipient
+from pymta.feedback.parse import ARF, AUTOREPLY, DSN, Report, parse_message
+from pymta.feedback.verp import TRACE_HEADER, UNSUBSCRIBE, Tagger
+from pymta.interfaces import IDeliveryAgent
+
+log = Logger(namespace="pymta.feedback")
+
+
+@implementer(IDeliveryAgent)
+class FeedbackProcessor:
+    """Delivery agent for the ``feedback`` route."""
+
+    def __init__(
+        self,
+        suppression: Any,
+        tagger: Tagger | None,
+        complaint_addresses: tuple[str, ...] = (),
+        reply_addresses: tuple[str, ...] = (),
+        reply_agent: IDeliveryAgent | None = None,
+        reply_mailbox: str | None = None,
+        accounting: Any = None,
+    ) -> None:
+        self.suppression = suppression
+        self.tagger = tagger
+        self.complaint_addresses = {a.lower() for a in complaint_addresses}
+        self.reply_addresses = {a.lower() for a in reply_addresses}
+        self.reply_agent = reply_agent
+        self.reply_mailbox = reply_mailbox
+        self.accounting = accounting
+
+    @defer.inlineCallbacks
+    def deliver(self, envelope: Envelope, recipients: list[Recipient], body: bytes):
+        report = parse_message(body)
+        results = []
+        for rcpt in recipients:
+            outcome = self.handle(rcpt.address, envelope, report)
+            if outcome == "keep" and self.reply_agent is not None and self.reply_mailbox:
+                [kept] = yield self.reply_agent.deliver(envelope, [Recipient(self.reply_mailbox, route="local")], body)
+                results.append(DeliveryResult(rcpt.address, kept.status, kept.code, kept.enhanced,
+                                              f"reply kept in {self.reply_mailbox}: {kept.text}"))  # fmt: skip
+                continue
+            results.append(DeliveryResult(rcpt.address, DELIVERED, 250, "2.0.0", f"feedback processed: {outcome}"))
+        return results
+
+    def handle(self, address: str, envelope: Envelope, report: Report) -> str:
+        """Apply one report that arrived for ``address``; returns what was done (for the log)."""
+        address = address.lower()
+        outcome = self._handle(address, envelope, report)
+        log.info("feedback for {to}: {kind} {action} -> {outcome}", to=address, kind=report.kind, action=report.action,
+                 outcome=outcome, reason=report.reason, recipients=report.recipients, event="feedback")  # fmt: skip
+        if self.accounting is not None:
+            self.accounting.record("feedback", qid=envelope.qid, recipient=address, kind=report.kind,
+                                   action=report.action, reason=report.reason, outcome=outcome)  # fmt: skip
+        return outcome
+
+    def _handle(self, address: str, envelope: Envelope, report: Report) -> str:
+        tagger = self.tagger
+        parsed = tagger.parse_return_path(address) if tagger is not None else None
+        if parsed is not None and parsed[0] == UNSUBSCRIBE:
+            candidates = sorted({a.lower() for a in (envelope.sender, report.from_address) if a})
+            match = tagger.match_recipients(address, candidates, kind=UNSUBSCRIBE)
+            if match is None:
+                return "ignored: unsubscribe token does not match its sender"
+            _, who, scope = match
+            for rcpt in who:
+                self.suppression.add(rcpt, "one-click unsubscribe", "unsubscribe", scope or None)
+            return f"unsubscribed {', '.join(who)} from {scope or 'all'}"
+        if parsed is not None:
+            if report.kind == ARF:
+                return self._complaint(report)
+            match = tagger.match_recipients(address, report.recipients)
+            if match is None:
+                return "ignored: no recipient of this report matches the signed return path"
+            qid, who, _ = match
+            if report.kind == AUTOREPLY:
+                return f"auto-reply from {', '.join(who)}"
+            if report.kind != DSN:
+                return "kept as reply" if self.reply_mailbox else "ignored: not a bounce"
+            done = []
+            for detail in report.details:
+                if detail.address not in who:
+                    continue
+                if detail.action == "failed":
+                    self.suppression.record_bounce(detail.address, detail.reason or "undefined", bool(detail.hard))
+                    done.append(f"{detail.address} {'hard' if detail.hard else 'soft'} {detail.reason}")
+                else:
+                    done.append(f"{detail.address} {detail.action}")
+            return f"bounce of {qid}: " + "; ".join(done)
+        if address in self.complaint_addresses or report.kind == ARF:
+            return self._complaint(report)
+        if address in self.reply_addresses:
+            if report.kind == AUTOREPLY:
+                return "auto-reply noted"
+            return "keep"
+        return "ignored"
+
+    def _complaint(self, report: Report) -> str:
+        if report.kind != ARF:
+            return "ignored: not a complaint report"
+        headers = report.original_headers or {}
+        token = headers.get(TRACE_HEADER.lower())
+        traced = self.tagger.parse_trace(token) if (self.tagger is not None and token) else None
+        if traced is None:
+            return "ignored: complaint without a genuine trace header"
+        qid, rcpt = traced
+        self.suppression.record_complaint(rcpt, f"complaint ({report.feedback_type or 'abuse'})")
+        return f"complaint about {qid} for {rcpt}: suppressed"

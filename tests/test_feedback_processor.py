@@ -1,0 +1,99 @@
+"""Feedback arriving at the bounce domain and feedback addresses feeds suppression, and only when
+signed."""
+
+from __future__ import annotations
+
+import pytest
+from twisted.internet import task
+
+from pymta.envelope import Envelope, new_qid
+from pymta.feedback.parse import parse_message
+from pymta.feedback.processor import FeedbackProcessor
+from pymta.feedback.suppression import SuppressionStore
+from pymta.feedback.verp import TRACE_HEADER, Tagger
+
+SECRET = "feedback-secret-0123456789"
+
+
+def dsn(to: str, rcpt: str, status: str = "5.1.1", action: str = "failed") -> bytes:
+    return (
+        f"From: MAILER-DAEMON@mx.remote.test\r\nTo: {to}\r\nSubject: Undelivered Mail Returned to Sender\r\n"
+        "MIME-Version: 1.0\r\nContent-Type: multipart/report; report-type=delivery-status; boundary=\"B\"\r\n\r\n"
+        "--B\r\nContent-Type: text/plain\r\n\r\nsorry\r\n"
+        "--B\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; mx.remote.test\r\n\r\n"
+        f"Final-Recipient: rfc822; {rcpt}\r\nAction: {action}\r\nStatus: {status}\r\n"
+        f"Diagnostic-Code: smtp; 550 {status} user unknown\r\n--B--\r\n"
+    ).encode()
+
+
+def arf(trace: str | None) -> bytes:
+    header = f"{TRACE_HEADER}: {trace}\r\n" if trace else ""
+    return (
+        "From: fbl@isp.test\r\nTo: fbl@sender.test\r\nSubject: report\r\nMIME-Version: 1.0\r\n"
+        "Content-Type: multipart/report; report-type=feedback-report; boundary=\"A\"\r\n\r\n"
+        "--A\r\nContent-Type: text/plain\r\n\r\nabuse report\r\n"
+        "--A\r\nContent-Type: message/feedback-report\r\n\r\nFeedback-Type: abuse\r\nVersion: 1\r\n"
+        "--A\r\nContent-Type: text/rfc822-headers\r\n\r\nFrom: news@sender.test\r\nTo: [redacted]\r\n"
+        f"{header}Subject: hi\r\n--A--\r\n"
+    ).encode()
+
+
+@pytest.fixture
+def world(tmp_path):
+    clock = task.Clock()
+    store = SuppressionStore(str(tmp_path / "s.sqlite"), clock)
+    tagger = Tagger(SECRET, "bounces.sender.test")
+    processor = FeedbackProcessor(store, tagger, complaint_addresses=("fbl@sender.test",))
+    yield store, tagger, processor
+    store.close()
+
+
+def handle(processor, to: str, raw: bytes, sender: str = "") -> str:
+    return processor.handle(to, Envelope(qid=new_qid(), sender=sender, recipients=[]), parse_message(raw))
+
+
+def test_signed_hard_bounce_suppresses_the_recipient(world):
+    store, tagger, processor = world
+    qid = new_qid()
+    return_path = tagger.return_path(qid, "carol@remote.test")
+    outcome = handle(processor, return_path, dsn(return_path, "carol@remote.test"))
+    assert "carol@remote.test hard userunknown" in outcome
+    assert store.is_suppressed("carol@remote.test")["source"] == "bounce"
+
+
+def test_backscatter_and_replayed_tokens_suppress_nobody(world):
+    store, tagger, processor = world
+    genuine = tagger.return_path(new_qid(), "carol@remote.test")
+    # A bounce that names someone else than the token was made for.
+    assert handle(processor, genuine, dsn(genuine, "dave@remote.test")).startswith("ignored")
+    forged = Tagger("another-secret-0123456789", "bounces.sender.test").return_path(new_qid(), "erin@remote.test")
+    assert handle(processor, forged, dsn(forged, "erin@remote.test")).startswith("ignored")
+    assert store.is_suppressed("dave@remote.test") is None and store.is_suppressed("erin@remote.test") is None
+
+
+def test_soft_bounce_counts_but_does_not_suppress_at_once(world):
+    store, tagger, processor = world
+    rp = tagger.return_path(new_qid(), "frank@remote.test")
+    outcome = handle(processor, rp, dsn(rp, "frank@remote.test", "5.2.2"))
+    assert "soft mailboxfull" in outcome and store.is_suppressed("frank@remote.test") is None
+
+
+def test_complaint_with_a_genuine_trace_header_suppresses(world):
+    store, tagger, processor = world
+    qid = new_qid()
+    outcome = handle(processor, "fbl@sender.test", arf(tagger.trace_value(qid, "grace@isp.test")))
+    assert outcome == f"complaint about {qid} for grace@isp.test: suppressed"
+    assert store.is_suppressed("grace@isp.test")["source"] == "complaint"
+    assert handle(processor, "fbl@sender.test", arf(None)).startswith("ignored")
+    assert handle(processor, "fbl@sender.test", arf("0123456789ABCDEFGH.abc.abcdefghijklmnop")).startswith("ignored")
+
+
+def test_one_click_unsubscribe_from_the_recipient(world):
+    store, tagger, processor = world
+    address = tagger.unsubscribe_address(new_qid(), "heidi@remote.test", "news.sender.test")
+    raw = b"From: heidi@remote.test\r\nTo: x\r\nSubject: unsubscribe\r\n\r\n"
+    outcome = handle(processor, address, raw, sender="heidi@remote.test")
+    assert outcome == "unsubscribed heidi@remote.test from news.sender.test"
+    assert store.is_suppressed("heidi@remote.test") is None
+    assert store.is_suppressed("heidi@remote.test", "news.sender.test")["source"] == "unsubscribe"
+    assert handle(processor, address, raw, sender="mallory@evil.test").startswith("ignored")
