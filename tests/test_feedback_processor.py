@@ -96,4 +96,5 @@ def test_one_click_unsubscribe_from_the_recipient(world):
     assert outcome == "unsubscribed heidi@remote.test from news.sender.test"
     assert store.is_suppressed("heidi@remote.test") is None
     assert store.is_suppressed("heidi@remote.test", "news.sender.test")["source"] == "unsubscribe"
-    assert handle(processor, address, raw, sender="mallory@evil.test").startswith("ignored")
+    other = b"From: mallory@evil.test\r\nTo: x\r\nSubject: unsubscribe\r\n\r\n"
+    assert handle(processor, address, other, sender="mallory@evil.test").startswith("ignored")
