@@ -254,6 +254,8 @@ class SMTPConfig:
     command_timeout: float = _key(conv_duration(1), 300.0)
     data_timeout: float = _key(conv_duration(1), 600.0)
     max_connections: int = _key(conv_int(1, 100000), 1000)
+    listen_tls: tuple[str, ...] = _key(conv_list(conv_endpoint), ())  # implicit TLS (port 465 style)
+    greet_pause: float = _key(conv_duration(0), 0.0)  # early-talker check; 0 = off
 
 
 @dataclass(frozen=True)
@@ -341,6 +343,29 @@ class FeedbackConfig:
     soft_bounce_threshold: int = _key(conv_int(1, 1000), 3)
     soft_bounce_window: float = _key(conv_duration(60), 7 * 86400.0)
     soft_bounce_suppress: float = _key(conv_duration(60), 30 * 86400.0)
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """The listeners' certificate (PEM chain) and key; reloaded on SIGHUP."""
+
+    cert: str | None = _key(conv_path, None)
+    key: str | None = _key(conv_path, None)
+
+
+@dataclass(frozen=True)
+class SubmissionConfig:
+    """Authenticated submission (port 587 style): AUTH PLAIN/LOGIN after STARTTLS, then relay."""
+
+    listen: tuple[str, ...] = _key(conv_list(conv_endpoint), ())
+    users_file: str | None = _key(conv_path, None)
+    max_auth_failures: int = _key(conv_int(1, 100), 3)
+
+
+@dataclass(frozen=True)
+class DNSBLConfig:
+    zones: tuple[str, ...] = _key(conv_list(conv_hostname), ())
+    reply: tuple[int, str, str] = _key(lambda v: conv_reply(v), (554, "5.7.1", "Service unavailable; client listed"))
 
 
 @dataclass(frozen=True)
@@ -464,6 +489,9 @@ _SECTIONS: dict[str, type] = {
     "limits": LimitsConfig,
     "greylist": GreylistConfig,
     "feedback": FeedbackConfig,
+    "tls": TLSConfig,
+    "submission": SubmissionConfig,
+    "dnsbl": DNSBLConfig,
 }
 
 
@@ -485,6 +513,9 @@ class Config:
     )
     greylist: GreylistConfig = field(default_factory=GreylistConfig)
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    submission: SubmissionConfig = field(default_factory=SubmissionConfig)
+    dnsbl: DNSBLConfig = field(default_factory=DNSBLConfig)
     routes: dict[str, tuple[str, int]] = field(default_factory=dict)
     acl: dict[str, tuple[AclRule, ...]] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -609,5 +640,11 @@ def _check_consistency(config: Config) -> None:
     fb = config.feedback
     if fb.bounce_domain and (not fb.secret or len(fb.secret.encode()) < 16):
         raise ConfigError(f"{where}: feedback.secret: needed with feedback.bounce_domain, at least 16 characters")
+    if bool(config.tls.cert) != bool(config.tls.key):
+        raise ConfigError(f"{where}: tls.{'key' if config.tls.cert else 'cert'}: tls.cert and tls.key go together")
+    if (config.smtp.listen_tls or config.submission.listen) and not config.tls.cert:
+        raise ConfigError(f"{where}: tls.cert: needed by smtp.listen_tls and submission.listen")
+    if config.submission.listen and not config.submission.users_file:
+        raise ConfigError(f"{where}: submission.users_file: needed with submission.listen")
     if not config.smtp.listen:
         raise ConfigError(f"{where}: smtp.listen: at least one listener is needed")

@@ -7,6 +7,7 @@ the store, the queue manager, the delivery agents and the SMTP listeners, as one
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Any
 
@@ -65,24 +66,38 @@ class CloseOnStop(service.Service):
 
 
 def makeService(options: dict[str, Any]) -> service.MultiService:
+    from pymta.inbound.auth import UsersFileError
+    from pymta.tls import TLSConfigError
+
     config: Config = options["loaded"]
-    return build_service(config, global_reactor)
+    try:
+        return build_service(config, global_reactor)
+    except (TLSConfigError, UsersFileError) as e:
+        sys.stderr.write(f"pymta: configuration error: {e}\n")
+        raise SystemExit(2) from None
 
 
 def build_service(config: Config, reactor: Any) -> service.MultiService:
     """The whole service tree for ``config`` on ``reactor`` (tests pass their own)."""
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
     from pymta.admin.accounting import AccountingLog
+    from pymta.dns import Resolver
     from pymta.feedback.classify import classify
     from pymta.feedback.gate import FeedbackGate
     from pymta.feedback.processor import FeedbackProcessor
     from pymta.inbound.acl import AclPolicy
+    from pymta.inbound.auth import Authenticator, load_users
+    from pymta.inbound.dnsbl import DNSBL
     from pymta.inbound.limits import ClientLimits, Greylist
     from pymta.inbound.mailbox import MaildirDeliveryAgent
     from pymta.inbound.policy import RelayPolicy
     from pymta.inbound.receiver import InboundReceiver
     from pymta.queue.manager import QueueManager, local_route_for
     from pymta.queue.store import MaildirQueueStore
+    from pymta.smtp.replies import Reply
     from pymta.smtp.server import ServerLimits, SMTPServerFactory
+    from pymta.tls import ServerTLS
 
     for path in (config.state_dir, config.queue_dir, config.mail_dir, config.log_dir):
         os.makedirs(path, mode=0o700, exist_ok=True)
@@ -100,7 +115,8 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
     agents: dict[str, Any] = {
         "local": MaildirDeliveryAgent(config.mail_dir, config.hostname, reactor=reactor, threadpool=pool),
     }
-    smtp_agent = _outbound_agent(config, reactor, pool)
+    resolver = Resolver(reactor, pool, config.dns.servers, timeout=config.dns.timeout)
+    smtp_agent = _outbound_agent(config, reactor, resolver)
     CloseOnStop(smtp_agent.close_idle).setServiceParent(top)
     suppression, tagger = _feedback_parts(config, reactor)
     CloseOnStop(suppression.close).setServiceParent(top)
@@ -154,6 +170,7 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
         if config.greylist.enabled
         else None,
         suppression=suppression,
+        dnsbl=DNSBL(resolver, config.dnsbl.zones, Reply(*config.dnsbl.reply)) if config.dnsbl.zones else None,
     )
     limits = ServerLimits(
         max_message_size=config.smtp.max_message_size,
@@ -161,6 +178,8 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
         max_errors=config.smtp.max_errors,
         command_timeout=config.smtp.command_timeout,
         data_timeout=config.smtp.data_timeout,
+        greet_pause=config.smtp.greet_pause,
+        max_auth_failures=config.submission.max_auth_failures,
     )
     from pymta.admin.control import control_service
     from pymta.admin.queue_ops import QueueOperations
@@ -168,10 +187,42 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
     operations = QueueOperations(store, manager if config.queue.deliver else None)
     control_service(config.control_socket, operations, reactor=reactor).setServiceParent(top)
 
-    factory = SMTPServerFactory(receiver, config.hostname, limits, reactor)
+    server_tls = ServerTLS(config.tls.cert, config.tls.key) if config.tls.cert else None
+    if server_tls is not None:
+        ReloadOnHangup(server_tls.reload, reactor).setServiceParent(top)
+    factory = SMTPServerFactory(receiver, config.hostname, limits, reactor, tls_context_factory=server_tls)
     for endpoint in config.smtp.listen:
         strports.service(endpoint, factory, reactor=reactor).setServiceParent(top)
+    for endpoint in config.smtp.listen_tls:
+        implicit = SMTPServerFactory(receiver, config.hostname, limits, reactor)
+        wrapped = TLSMemoryBIOFactory(server_tls, False, implicit)
+        strports.service(endpoint, wrapped, reactor=reactor).setServiceParent(top)
+    if config.submission.listen:
+        users = load_users(config.submission.users_file)
+        auth = Authenticator(users, reactor, pool, max_failures=config.submission.max_auth_failures)
+        submission = SMTPServerFactory(receiver, config.hostname, limits, reactor, tls_context_factory=server_tls,
+                                       authenticator=auth, auth_required=True)  # fmt: skip
+        for endpoint in config.submission.listen:
+            strports.service(endpoint, submission, reactor=reactor).setServiceParent(top)
     return top
+
+
+class ReloadOnHangup(service.Service):
+    """SIGHUP reloads the certificate (the signal handler only schedules the work on the reactor)."""
+
+    def __init__(self, reload: Any, reactor: Any) -> None:
+        self.reload = reload
+        self.reactor = reactor
+        self.previous: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        self.previous = signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self.previous is not None:
+            signal.signal(signal.SIGHUP, self.previous)
 
 
 def _feedback_parts(config: Config, reactor: Any) -> tuple[Any, Any]:
@@ -204,16 +255,14 @@ def listener_addresses(endpoints: tuple[str, ...]) -> list[tuple[str, int]]:
     return out
 
 
-def _outbound_agent(config: Config, reactor: Any, pool: ThreadPool) -> Any:
+def _outbound_agent(config: Config, reactor: Any, resolver: Any) -> Any:
     """The SMTP delivery agent for relayed and forwarded recipients."""
-    from pymta.dns import Resolver
     from pymta.outbound.delivery import SMTPDeliveryAgent
     from pymta.outbound.routes import Router
     from pymta.smtp.client import ClientTimeouts
     from pymta.tls import client_tls
 
     out = config.outbound
-    resolver = Resolver(reactor, pool, config.dns.servers, timeout=config.dns.timeout)
     router = Router(
         resolver,
         smtp_port=out.smtp_port,

@@ -48,7 +48,9 @@ def test_suppress_reports_a_bad_config_in_one_line(tmp_path):
     path.write_text("nonsense = 1\n")
     proc = run("suppress_main", str(path), "list")
     assert proc.returncode == 2
-    assert proc.stderr.strip() == f"pymta-suppress: configuration error: {path}: nonsense: unknown key (known: acl, dns, domains, feedback, greylist, hostname, limits, log, outbound, queue, routes, smtp, state_dir)"
+    [line] = proc.stderr.splitlines()
+    assert line.startswith(f"pymta-suppress: configuration error: {path}: nonsense: unknown key (known: ")
+    assert "smtp" in line and "Traceback" not in proc.stderr
 
 
 _QUEUE_ONE = """

@@ -66,6 +66,7 @@ class InboundReceiver:
         limits: ClientLimits | None = None,
         greylist: Greylist | None = None,
         suppression: Any = None,
+        dnsbl: Any = None,
     ) -> None:
         self.hostname = hostname
         self.policy = policy
@@ -77,6 +78,7 @@ class InboundReceiver:
         self.limits = limits
         self.greylist = greylist
         self.suppression = suppression
+        self.dnsbl = dnsbl
 
     # -- stages ---------------------------------------------------------------------------
 
@@ -90,13 +92,17 @@ class InboundReceiver:
             trusted = session.notes["trusted"] = self.policy.may_relay(session.peer_address, session.auth_user)
         return trusted
 
-    def connected(self, session: Any) -> Reply | None:
-        if self.limits is not None and not self._trusted(session):
+    def connected(self, session: Any) -> Reply | None | defer.Deferred:
+        trusted = self._trusted(session)
+        if self.limits is not None and not trusted:
             session.notes["counted"] = True
             refused = self.limits.connected(session.peer_address)
             if refused is not None:
                 return refused
-        return self._acl("connect", session)
+        refused = self._acl("connect", session)
+        if refused is not None or trusted or self.dnsbl is None or not self.dnsbl.zones:
+            return refused
+        return self.dnsbl.check(session.peer_address)
 
     def helo(self, session: Any, name: str) -> Reply | None:
         return self._acl("helo", session)

@@ -38,7 +38,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, tcp
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -441,14 +441,14 @@ class SMTPServerProtocol(Protocol):
             out, self._out = self._out, []
             data = b"".join(out)
             t = self.transport
-            sock = getattr(t, "socket", None)
             # Replies are small and mostly alone: send at once when nothing is buffered in the
             # transport (same order, one syscall) instead of a round trip through the reactor's
-            # writer registration; anything unsent goes the normal way. Plain TCP only.
-            if sock is not None and not t.dataBuffer and not t._tempDataBuffer and not getattr(t, "TLS", False) \
+            # writer registration; anything unsent goes the normal way. Plain TCP only: never
+            # under a TLS wrapper (which would pass the socket through) nor after STARTTLS.
+            if isinstance(t, tcp.Connection) and not t.TLS and not t.dataBuffer and not t._tempDataBuffer \
                     and not t.disconnecting:  # fmt: skip
                 try:
-                    sent = sock.send(data)
+                    sent = t.socket.send(data)
                 except (BlockingIOError, InterruptedError):
                     sent = 0
                 except OSError:
