@@ -215,3 +215,47 @@ def test_a_bad_certificate_is_a_one_line_startup_error(tmp_path):
     assert result.returncode != 0
     assert "Traceback" not in result.stderr + result.stdout
     assert f"{bad}: not a usable PEM certificate chain" in result.stderr
+
+
+OPEN_RELAY_BATTERY = [
+    "<victim@remote.example>",
+    "<VICTIM@REMOTE.EXAMPLE>",
+    "<victim%remote.example@example.test>",
+    "<remote.example!victim@example.test>",
+    '<"victim@remote.example">',
+    '<"victim@remote.example"@example.test>',
+    "<@example.test:victim@remote.example>",
+    "<@example.test,@mx.example.test:victim@remote.example>",
+    "<victim@[192.0.2.1]>",
+    "<victim@[IPv6:2001:db8::1]>",
+    "<victim@remote.example.>",
+]
+
+
+@pytest.fixture
+def untrusted_mta(tmp_path):
+    """127.0.0.1 is not in relay_from here, so the test client is a stranger."""
+    cert, key = make_cert(str(tmp_path))
+    proc = MTAProcess(str(tmp_path), extra_config=f'[tls]\ncert = "{cert}"\nkey = "{key}"\n')
+    with open(proc.config_path) as f:
+        text = f.read().replace('relay_from = ["127.0.0.0/8"]', 'relay_from = ["192.0.2.0/24"]')
+    with open(proc.config_path, "w") as f:
+        f.write(text)
+    proc.start()
+    yield proc
+    proc.stop()
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_open_relay_battery_from_a_stranger_is_refused(untrusted_mta, tls):
+    with smtplib.SMTP("127.0.0.1", untrusted_mta.port, timeout=30) as client:
+        client.ehlo("stranger.example")
+        if tls:
+            client.starttls(context=client_context())
+            client.ehlo("stranger.example")
+        assert client.mail("someone@example.org")[0] == 250
+        for path in OPEN_RELAY_BATTERY:
+            code, text = client.docmd("RCPT", f"TO:{path}")
+            assert 500 <= code < 600, (path, code, text)
+            assert text[:2] == b"5.", (path, text)
+        assert client.docmd("RCPT", "TO:<alice@example.test>")[0] == 250
