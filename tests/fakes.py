@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+
 from twisted.internet import defer
 from zope.interface import implementer
 
@@ -56,3 +59,13 @@ def deferred(code: int = 450, enhanced: str = "4.2.0", text: str = "try later") 
     from pymta.envelope import DEFERRED
 
     return (DEFERRED, code, enhanced, text)
+
+
+class TempDirMixin:
+    """``self.tmpdir()`` for trial TestCases: a fresh directory removed after the test (trial's
+    own mktemp would write inside the working tree when run under pytest)."""
+
+    def tmpdir(self) -> str:
+        path = tempfile.mkdtemp(prefix="pymta-test-")
+        self.addCleanup(shutil.rmtree, path, True)
+        return path

@@ -4,8 +4,6 @@ and the relay's own permanent failures are learned."""
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 
 from twisted.internet import defer, task
 from twisted.trial import unittest
@@ -14,6 +12,7 @@ from pymta.envelope import DELIVERED, FAILED, DeliveryResult, Envelope, Recipien
 from pymta.feedback.gate import FeedbackGate
 from pymta.feedback.suppression import SuppressionStore
 from pymta.feedback.verp import TRACE_HEADER, Tagger
+from tests.fakes import TempDirMixin
 
 
 class RecordingAgent:
@@ -36,12 +35,7 @@ def classify(status, text, code):
     return ("userunknown", True) if status == "5.1.1" else ("blocked", False)
 
 
-class FeedbackGateTests(unittest.TestCase):
-    def tmpdir(self) -> str:
-        path = tempfile.mkdtemp(prefix="pymta-test-")
-        self.addCleanup(shutil.rmtree, path, True)
-        return path
-
+class FeedbackGateTests(TempDirMixin, unittest.TestCase):
     def setUp(self) -> None:
         self.clock = task.Clock()
         self.store = SuppressionStore(os.path.join(self.tmpdir(), "s.sqlite"), self.clock)

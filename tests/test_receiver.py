@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import shutil
-import tempfile
 
 from twisted.internet import defer, task
 from twisted.trial import unittest
@@ -14,6 +12,7 @@ from pymta.inbound.policy import RelayPolicy
 from pymta.inbound.receiver import InboundReceiver
 from pymta.interfaces import INCOMING, QueueError, QueueFull
 from pymta.queue.store import MemoryQueueStore
+from tests.fakes import TempDirMixin
 from tests.sessions import Accepted, Sess, Txn
 
 
@@ -26,12 +25,7 @@ class FailingStore(MemoryQueueStore):
         return defer.fail(self.error)
 
 
-class ReceiverTests(unittest.TestCase):
-    def tmpdir(self) -> str:
-        path = tempfile.mkdtemp(prefix="pymta-test-")
-        self.addCleanup(shutil.rmtree, path, True)
-        return path
-
+class ReceiverTests(TempDirMixin, unittest.TestCase):
     def setUp(self) -> None:
         self.clock = task.Clock()
         self.clock.advance(1_700_000_000)

@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from pymta.smtp.replies import Reply, parse_reply_lines
+from pymta.smtp.sockets import set_nodelay
 
 log = Logger(namespace="pymta.smtp.client")
 
@@ -111,12 +112,7 @@ class SMTPClientProtocol(Protocol):
     # -- connection ---------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        setter = getattr(self.transport, "setTcpNoDelay", None)
-        if setter is not None:
-            try:
-                setter(True)
-            except OSError:
-                pass
+        set_nodelay(self.transport)
         if not self.connected_d.called:
             self.connected_d.callback(self)
 

@@ -47,6 +47,7 @@ from zope.interface import implementer
 
 from pymta.interfaces import ISession
 from pymta.smtp.replies import LOCAL_ERROR, OK, SERVICE_CLOSING, TIMEOUT, Reply
+from pymta.smtp.sockets import set_nodelay
 
 log = Logger(namespace="pymta.smtp.server")
 
@@ -330,12 +331,7 @@ class SMTPServerProtocol(Protocol):
     # -- connection ---------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        setter = getattr(self.transport, "setTcpNoDelay", None)
-        if setter is not None:
-            try:
-                setter(True)
-            except OSError:
-                pass
+        set_nodelay(self.transport)
         peer, host = self.transport.getPeer(), self.transport.getHost()
         self.session.peer_address = getattr(peer, "host", "") or ""
         self.session.peer_port = getattr(peer, "port", 0) or 0
@@ -628,18 +624,10 @@ class SMTPServerProtocol(Protocol):
         if self.factory.auth_required and not s.auth_user:
             self._reply(Reply(530, "5.7.0", "Authentication required"), stage="mail")
             return
-        if argument[:5].upper() != "FROM:":
-            self._error(Reply(501, "5.5.2", "Syntax: MAIL FROM:<address>"), stage="mail")
+        parsed = self._path_and_params(argument, "FROM:", "mail")
+        if parsed is None:
             return
-        try:
-            path, words = split_path_and_params(argument[5:])
-            params = parse_params(words)
-        except ValueError as e:
-            self._error(Reply(501, "5.5.4", f"Syntax error in parameters: {e}"), stage="mail")
-            return
-        if params and not s.esmtp:
-            self._reply(Reply(555, "5.5.4", "Parameters need EHLO"), stage="mail")
-            return
+        path, params = parsed
         txn = Transaction(sender="", params=params)
         refused = self._mail_params(txn, params)
         if refused is not None:
@@ -663,6 +651,23 @@ class SMTPServerProtocol(Protocol):
             self._reply(reply or Reply(250, "2.1.0", "Ok"))
 
         self._ask(self.delegate.mail_from, (s, sender, params), answered)
+
+    def _path_and_params(self, argument: str, keyword: str, stage: str) -> tuple[str, dict[str, str]] | None:
+        """``FROM:<path> params`` / ``TO:<path> params``, or None after answering the error."""
+        if argument[: len(keyword)].upper() != keyword:
+            verb = "MAIL" if stage == "mail" else "RCPT"
+            self._error(Reply(501, "5.5.2", f"Syntax: {verb} {keyword}<address>"), stage=stage)
+            return None
+        try:
+            path, words = split_path_and_params(argument[len(keyword) :])
+            params = parse_params(words)
+        except ValueError as e:
+            self._error(Reply(501, "5.5.4", f"Syntax error in parameters: {e}"), stage=stage)
+            return None
+        if params and not self.session.esmtp:
+            self._reply(Reply(555, "5.5.4", "Parameters need EHLO"), stage=stage)
+            return None
+        return path, params
 
     def _mail_params(self, txn: Transaction, params: dict[str, str]) -> Reply | None:
         for key, value in params.items():
@@ -703,18 +708,10 @@ class SMTPServerProtocol(Protocol):
         if txn is None:
             self._reply(Reply(503, "5.5.1", "Need MAIL command first"), stage="rcpt")
             return
-        if argument[:3].upper() != "TO:":
-            self._error(Reply(501, "5.5.2", "Syntax: RCPT TO:<address>"), stage="rcpt")
+        parsed = self._path_and_params(argument, "TO:", "rcpt")
+        if parsed is None:
             return
-        try:
-            path, words = split_path_and_params(argument[3:])
-            params = parse_params(words)
-        except ValueError as e:
-            self._error(Reply(501, "5.5.4", f"Syntax error in parameters: {e}"), stage="rcpt")
-            return
-        if params and not s.esmtp:
-            self._reply(Reply(555, "5.5.4", "Parameters need EHLO"), stage="rcpt")
-            return
+        path, params = parsed
         try:
             address = parse_path(path, utf8=txn.smtputf8, allow_postmaster=True)
         except UnicodeError:
