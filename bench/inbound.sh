@@ -7,6 +7,7 @@
 #
 #   bench/inbound.sh            (needs Debian postfix; uses ../shared/bench from the repository)
 # Loopback only; every process is started and stopped by PID; every run is bounded in time.
+# PYMTA_PROCESSES (default 2): listener processes ([smtp] processes), one per core here.
 set -u
 HERE="$(cd "$(dirname "$0")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
@@ -32,6 +33,7 @@ hostname = "mx.bench.example"
 state_dir = "$PY_STATE"
 [smtp]
 listen = ["tcp:$PY_PORT:interface=127.0.0.1"]
+processes = ${PYMTA_PROCESSES:-2}
 max_message_size = 67108864
 [domains]
 local = ["bench.example"]

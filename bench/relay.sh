@@ -5,6 +5,7 @@
 # runs after a warm-up (the queues have seen many deletions by then: the churned steady state).
 # Prints end-to-end msgs/s (until the sink has them all), CPU s per 1000 messages, and the ratios
 # pymta/Postfix. Loopback only; every process is stopped by its PID; every run is bounded.
+# PYMTA_PROCESSES (default 2): listener processes ([smtp] processes), one per core here.
 set -u
 HERE="$(cd "$(dirname "$0")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
@@ -29,6 +30,7 @@ hostname = "mx.bench.example"
 state_dir = "$PY_STATE"
 [smtp]
 listen = ["tcp:$PY_PORT:interface=127.0.0.1"]
+processes = ${PYMTA_PROCESSES:-2}
 max_message_size = 67108864
 [domains]
 local = ["bench.example"]

@@ -256,6 +256,7 @@ class SMTPConfig:
     max_connections: int = _key(conv_int(1, 100000), 1000)
     listen_tls: tuple[str, ...] = _key(conv_list(conv_endpoint), ())  # implicit TLS (port 465 style)
     greet_pause: float = _key(conv_duration(0), 0.0)  # early-talker check; 0 = off
+    processes: int = _key(conv_int(1, 64), 1)  # listener processes sharing the `listen` sockets
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ class Options(usage.Options):
     )
     optParameters = [
         ["config", "c", None, "configuration file (default: $PYMTA_CONFIG, else /etc/pymta/pymta.toml)"],
+        ["worker-fds", None, None, "(internal) run as a listener worker on these inherited sockets"],
     ]
 
     def postOptions(self) -> None:
@@ -70,15 +71,29 @@ def makeService(options: dict[str, Any]) -> service.MultiService:
     from pymta.tls import TLSConfigError
 
     config: Config = options["loaded"]
+    worker_fds = None
+    if options.get("worker-fds"):
+        from pymta.workers import die_with_parent
+
+        die_with_parent()
+        worker_fds = [tuple(int(x) for x in item.split(":")) for item in options["worker-fds"].split(",")]
     try:
-        return build_service(config, global_reactor)
+        return build_service(config, global_reactor, worker_fds)
     except (TLSConfigError, UsersFileError) as e:
         sys.stderr.write(f"pymta: configuration error: {e}\n")
         raise SystemExit(2) from None
 
 
-def build_service(config: Config, reactor: Any) -> service.MultiService:
-    """The whole service tree for ``config`` on ``reactor`` (tests pass their own)."""
+def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]] | None = None) -> service.MultiService:
+    """The whole service tree for ``config`` on ``reactor`` (tests pass their own).
+
+    ``worker_fds``: (file descriptor, address family) of inherited listening sockets — this
+    process is then a listener worker that only accepts into the queue.
+    """
+    import dataclasses
+
+    if worker_fds is not None:
+        config = dataclasses.replace(config, queue=dataclasses.replace(config.queue, deliver=False))
     from twisted.protocols.tls import TLSMemoryBIOFactory
 
     from pymta.admin.accounting import AccountingLog
@@ -181,18 +196,27 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
         greet_pause=config.smtp.greet_pause,
         max_auth_failures=config.submission.max_auth_failures,
     )
+    server_tls = ServerTLS(config.tls.cert, config.tls.key) if config.tls.cert else None
+    if server_tls is not None:
+        ReloadOnHangup(server_tls.reload, reactor).setServiceParent(top)
+    factory = SMTPServerFactory(receiver, config.hostname, limits, reactor, tls_context_factory=server_tls)
+    if worker_fds is not None:
+        from pymta.workers import AdoptedPort
+
+        for fd, family in worker_fds:
+            AdoptedPort(reactor, fd, family, factory).setServiceParent(top)
+        return top
+    _listen(config, reactor, factory, top)
+
     from pymta.admin.control import control_service
     from pymta.admin.queue_ops import QueueOperations
 
     operations = QueueOperations(store, manager if config.queue.deliver else None)
     control_service(config.control_socket, operations, reactor=reactor).setServiceParent(top)
+    if config.queue.deliver:
+        from pymta.queue.watch import IncomingWatcher
 
-    server_tls = ServerTLS(config.tls.cert, config.tls.key) if config.tls.cert else None
-    if server_tls is not None:
-        ReloadOnHangup(server_tls.reload, reactor).setServiceParent(top)
-    factory = SMTPServerFactory(receiver, config.hostname, limits, reactor, tls_context_factory=server_tls)
-    for endpoint in config.smtp.listen:
-        strports.service(endpoint, factory, reactor=reactor).setServiceParent(top)
+        IncomingWatcher(os.path.join(config.queue_dir, "incoming"), manager.notify_incoming, reactor).setServiceParent(top)
     for endpoint in config.smtp.listen_tls:
         implicit = SMTPServerFactory(receiver, config.hostname, limits, reactor)
         wrapped = TLSMemoryBIOFactory(server_tls, False, implicit)
@@ -205,6 +229,32 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
         for endpoint in config.submission.listen:
             strports.service(endpoint, submission, reactor=reactor).setServiceParent(top)
     return top
+
+
+def _listen(config: Config, reactor: Any, factory: Any, top: service.MultiService) -> None:
+    """The MX listeners; with ``[smtp] processes`` > 1, TCP ones are shared with worker processes."""
+    if config.smtp.processes <= 1:
+        for endpoint in config.smtp.listen:
+            strports.service(endpoint, factory, reactor=reactor).setServiceParent(top)
+        return
+    from pymta.workers import AdoptedPort, WorkerPool, listening_socket
+
+    sockets = []
+    for endpoint in config.smtp.listen:
+        addresses = listener_addresses((endpoint,))
+        if not addresses or endpoint.startswith("ssl:"):
+            strports.service(endpoint, factory, reactor=reactor).setServiceParent(top)
+            continue
+        interface, port = addresses[0]
+        try:
+            sock = listening_socket(interface, port)
+        except OSError as e:
+            sys.stderr.write(f"pymta: cannot listen on {endpoint}: {e.strerror}\n")
+            raise SystemExit(2) from None
+        sockets.append(sock)
+        AdoptedPort(reactor, sock.fileno(), sock.family, factory).setServiceParent(top)
+    if sockets:
+        WorkerPool(reactor, config.smtp.processes - 1, config.path, sockets).setServiceParent(top)
 
 
 class ReloadOnHangup(service.Service):

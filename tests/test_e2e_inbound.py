@@ -171,3 +171,43 @@ def test_sigkill_leaves_no_process_or_port_and_a_restart_keeps_what_was_queued(t
         assert os.listdir(os.path.join(mta.state_dir, "queue", "tmp")) == []
     finally:
         mta.stop()
+
+
+def test_listener_workers_share_the_port_deliver_through_the_main_process_and_die_with_it(tmp_path, dns_server):
+    mta = MTAProcess(str(tmp_path), dns=dns_server.address)
+    with open(mta.config_path) as f:
+        text = f.read()
+    with open(mta.config_path, "w") as f:
+        f.write(text.replace("max_message_size = 1048576\n", "max_message_size = 1048576\nprocesses = 2\n"))
+    mta.start()
+    pid = mta.proc.pid
+    try:
+        children = mta.wait_for(
+            lambda: subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout.split(),
+            what="a listener worker",
+        )  # fmt: skip
+        assert len(children) == 1
+        # With the main process frozen, only the worker can answer: the mail is accepted...
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            for i in range(3):
+                with smtplib.SMTP("127.0.0.1", mta.port, timeout=30) as client:
+                    client.sendmail("someone@example.org", ["alice@example.test"], MESSAGE.replace("hello", f"hello {i}"))
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        # ... and the main process delivers it once it runs again (it sees the worker's mail at once).
+        mta.wait_for(lambda: len(mta.maildir_messages("alice@example.test")) == 3, what="3 deliveries")
+    finally:
+        mta.stop(signal.SIGKILL)
+    worker = int(children[0])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(worker, signal.SIGKILL)
+        raise AssertionError("the listener worker outlived the main process")
+    assert port_is_free("127.0.0.1", mta.port)

@@ -1,0 +1,129 @@
+"""Listener worker processes: one reactor is one core, so with ``[smtp] processes = N`` the MX
+listening sockets are shared with N-1 child processes that accept and queue mail (they never
+deliver: the main process's queue manager sees their mail through inotify).
+
+Children die with the main process, SIGKILL included (PR_SET_PDEATHSIG), and are started again
+if they exit while the main process runs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import protocol
+from twisted.logger import Logger
+
+log = Logger(namespace="pymta.workers")
+
+PARENT_ENV = "PYMTA_PARENT_PID"
+PR_SET_PDEATHSIG = 1
+FIRST_FD = 3
+
+
+def listening_socket(interface: str, port: int, backlog: int = 1024) -> socket.socket:
+    family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    sock.bind((interface, port))
+    sock.listen(backlog)
+    sock.setblocking(False)
+    return sock
+
+
+def die_with_parent() -> None:
+    """In a worker: be signalled when the main process dies, and exit now if it already has."""
+    expected = int(os.environ.get(PARENT_ENV, "0") or 0)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if expected and os.getppid() != expected:
+        raise SystemExit(0)
+
+
+class AdoptedPort(service.Service):
+    """Serves ``factory`` on an already listening socket (ours, or inherited as a file descriptor)."""
+
+    def __init__(self, reactor: Any, fileno: int, family: int, factory: Any) -> None:
+        self.reactor = reactor
+        self.fileno = fileno
+        self.family = family
+        self.factory = factory
+        self.port: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        self.port = self.reactor.adoptStreamPort(self.fileno, self.family, self.factory)
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self.port is not None:
+            return self.port.stopListening()
+        return None
+
+
+class _Worker(protocol.ProcessProtocol):
+    def __init__(self, owner: WorkerPool, index: int) -> None:
+        self.owner = owner
+        self.index = index
+
+    def processEnded(self, reason: Any) -> None:
+        self.owner.ended(self, reason)
+
+
+class WorkerPool(service.Service):
+    """Starts ``count`` worker processes that inherit the listening sockets."""
+
+    def __init__(self, reactor: Any, count: int, config_path: str, sockets: list[socket.socket]) -> None:
+        self.reactor = reactor
+        self.count = count
+        self.config_path = config_path
+        self.sockets = sockets
+        self.processes: dict[int, Any] = {}
+
+    def command(self) -> list[str]:
+        logger = [a for a in sys.argv if a.startswith("--logger=")]
+        fds = ",".join(f"{FIRST_FD + i}:{s.family.value}" for i, s in enumerate(self.sockets))
+        return [
+            sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", *logger,
+            "pymta", "--config", self.config_path, "--worker-fds", fds,
+        ]  # fmt: skip
+
+    def spawn(self, index: int) -> None:
+        child_fds: dict[int, Any] = {0: "w", 1: 1, 2: 2}
+        for i, sock in enumerate(self.sockets):
+            child_fds[FIRST_FD + i] = sock.fileno()
+        env = dict(os.environ, **{PARENT_ENV: str(os.getpid())})
+        self.processes[index] = self.reactor.spawnProcess(
+            _Worker(self, index), sys.executable, self.command(), env=env, childFDs=child_fds
+        )
+        log.info("listener worker {index} started, pid {pid}", index=index, pid=self.processes[index].pid)
+
+    def startService(self) -> None:
+        super().startService()
+        for index in range(self.count):
+            self.spawn(index)
+
+    def ended(self, worker: _Worker, reason: Any) -> None:
+        self.processes.pop(worker.index, None)
+        if self.running:
+            log.warn("listener worker {index} ended ({why}); starting it again", index=worker.index,
+                     why=reason.getErrorMessage())  # fmt: skip
+            self.reactor.callLater(1.0, lambda: self.running and self.spawn(worker.index))
+
+    def stopService(self) -> None:
+        super().stopService()
+        for process in list(self.processes.values()):
+            try:
+                process.signalProcess("TERM")
+            except Exception:
+                pass
