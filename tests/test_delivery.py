@@ -361,3 +361,115 @@ class SinkTests(unittest.TestCase):
 def test_encode_data_normalises_and_stuffs():
     assert encode_data(b".a\nb\r.c\r\n..d") == b"..a\r\nb\r\n..c\r\n...d\r\n.\r\n"
     assert encode_data(b"") == b".\r\n"
+
+
+class ClientTimeoutTests(unittest.TestCase):
+    """Per-stage client timeouts on task.Clock, with an in-memory transport."""
+
+    def test_a_silent_server_times_out_and_the_connection_is_aborted(self):
+        from twisted.internet.testing import StringTransport
+
+        from pymta.smtp.client import ReplyTimeout, SMTPClientProtocol
+
+        clock = task.Clock()
+        proto = SMTPClientProtocol(clock)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        failures = []
+        proto.expect(300).addErrback(failures.append)
+        clock.advance(299)
+        assert failures == []
+        clock.advance(2)
+        assert failures and failures[0].check(ReplyTimeout)
+        assert transport.disconnecting or getattr(transport, "aborting", False) or transport.disconnected
+
+    def test_replies_parse_multiline_and_garbage_is_a_protocol_error(self):
+        from twisted.internet.testing import StringTransport
+
+        from pymta.smtp.client import SMTPClientProtocol, SMTPProtocolError
+
+        proto = SMTPClientProtocol(task.Clock())
+        proto.makeConnection(StringTransport())
+        got = []
+        proto.expect(10).addCallback(got.append)
+        proto.dataReceived(b"250-mx.example\r\n250-PIPELINING\r\n250 SIZE 1000\r\n")
+        assert got[0].code == 250 and got[0].lines() == ["mx.example", "PIPELINING", "SIZE 1000"]
+        errors = []
+        proto.expect(10).addErrback(errors.append)
+        proto.dataReceived(b"HTTP/1.1 400 Bad Request\r\n")
+        assert errors and errors[0].check(SMTPProtocolError)
+
+
+class OutboundTLSTests(unittest.TestCase):
+    """STARTTLS to real peers: verified, refused on a bad certificate, opportunistic fallback."""
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        from tests.test_e2e_tls import make_cert
+
+        self.dir = tempfile.mkdtemp(prefix="pymta-tls-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.port = free_port("127.0.0.2")
+        self.dns = DNSServer(Zone(ZONE)).start()
+        self.addCleanup(self.dns.stop)
+        self.pool = ThreadPool(1, 4)
+        self.pool.start()
+        self.addCleanup(self.pool.stop)
+        self.cert, self.key = make_cert(self.dir, name="mx1.remote.test")
+        self.router = Router(Resolver(reactor, self.pool, [self.dns.address], timeout=1.0), smtp_port=self.port)
+
+    def peer(self, tls) -> Peer:
+        p = Peer("127.0.0.2")
+        p.factory.tls_context_factory = tls
+        p.listen(self.port)
+        self.addCleanup(p.stop)
+        return p
+
+    def agent(self, policy: str, ca_file: str | None) -> SMTPDeliveryAgent:
+        from pymta.tls import client_tls
+
+        a = SMTPDeliveryAgent(reactor, self.router, "client.example.test", idle_timeout=0.1,
+                              timeouts=ClientTimeouts(connect=2, greeting=5, ehlo=5, starttls=5),
+                              tls_policy_for=lambda d: policy,
+                              tls_context_for=lambda host, verify: client_tls(host, verify, ca_file))  # fmt: skip
+        self.addCleanup(a.close_idle)
+        return a
+
+    @defer.inlineCallbacks
+    def test_verify_against_a_good_certificate_records_tls(self):
+        from pymta.tls import ServerTLS
+
+        peer = self.peer(ServerTLS(self.cert, self.key))
+        env = Envelope(qid=new_qid(), sender="s@example.test", recipients=[Recipient("a@remote.test")])
+        [result] = yield self.agent("verify", self.cert).deliver(env, env.recipients, b"x\r\n")
+        assert result.status == DELIVERED and result.tls and result.tls.startswith("TLSv1.")
+        assert len(peer.messages) == 1
+
+    @defer.inlineCallbacks
+    def test_verify_against_an_unknown_certificate_defers_and_never_sends_in_plaintext(self):
+        from pymta.tls import ServerTLS
+        from tests.test_e2e_tls import make_cert
+
+        other_dir = tempfile.mkdtemp(prefix="pymta-tls-other-")
+        self.addCleanup(shutil.rmtree, other_dir, True)
+        other_cert, _ = make_cert(other_dir, name="mx1.remote.test", serial=9)
+        peer = self.peer(ServerTLS(self.cert, self.key))
+        env = Envelope(qid=new_qid(), sender="s@example.test", recipients=[Recipient("a@remote.test")])
+        [result] = yield self.agent("verify", other_cert).deliver(env, env.recipients, b"x\r\n")
+        assert result.status == DEFERRED and result.enhanced.startswith("4.")
+        assert peer.messages == [] and b"MAIL FROM" not in peer.raw
+
+    @defer.inlineCallbacks
+    def test_opportunistic_tls_falls_back_to_plaintext_when_the_handshake_fails(self):
+        class Broken:
+            def getContext(self):
+                raise RuntimeError("no certificate here")
+
+        peer = self.peer(Broken())
+        env = Envelope(qid=new_qid(), sender="s@example.test", recipients=[Recipient("a@remote.test")])
+        agent = self.agent("opportunistic", None)
+        [result] = yield agent.deliver(env, env.recipients, b"x\r\n")
+        assert result.status == DELIVERED and result.tls is None
+        assert len(peer.messages) == 1 and "127.0.0.2" in agent.no_tls_until
+        self.flushLoggedErrors()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 
 from twisted.internet import defer, task
 from twisted.trial import unittest
@@ -125,3 +126,41 @@ class ReceiverTests(TempDirMixin, unittest.TestCase):
         trusted = Sess(peer_address="127.0.0.1", transaction=Txn(sender="a@x.test"))
         assert receiver.connected(trusted) is None and receiver.connected(Sess(peer_address="127.0.0.1")) is None
         assert receiver.rcpt_to(trusted, "carol@remote.example", {}) is None
+
+    def test_suppressed_recipient_is_refused_at_rcpt_for_relay_clients(self) -> None:
+        from pymta.feedback.suppression import SuppressionStore
+
+        store = SuppressionStore(os.path.join(self.tmpdir(), "s.sqlite"), self.clock)
+        self.addCleanup(store.close)
+        store.add("carol@remote.example", "userunknown", "bounce")
+        store.add("dave@remote.example", "unsubscribed", "unsubscribe", scope="other.example")
+        receiver = InboundReceiver("mx.example.test", self.policy, self.store, self.clock, suppression=store)
+        session = Sess(transaction=Txn(sender="news@example.org"))
+        reply = receiver.rcpt_to(session, "Carol@Remote.Example", {})
+        assert (reply.code, reply.enhanced) == (550, "5.7.1") and "userunknown" in reply.text
+        assert receiver.rcpt_to(session, "dave@remote.example", {}) is None  # suppressed for another sender only
+
+
+class DNSBLTests(unittest.TestCase):
+    def test_listed_clients_are_refused_and_failures_never_refuse(self) -> None:
+        from pymta.dns import DNSPermanentError, DNSTemporaryError
+        from pymta.inbound.dnsbl import DNSBL, query_name
+        from pymta.smtp.replies import Reply
+
+        assert query_name("192.0.2.7", "bl.test") == "7.2.0.192.bl.test"
+        assert query_name("2001:db8::1", "bl.test").endswith(".8.b.d.0.1.0.0.2.bl.test")
+
+        class Resolver:
+            def lookup_addresses(self, name):
+                if name.startswith("7.2.0.192."):
+                    return defer.succeed(["127.0.0.2"])
+                if name.startswith("8.2.0.192."):
+                    return defer.fail(DNSTemporaryError("timeout"))
+                return defer.fail(DNSPermanentError("nxdomain"))
+
+        bl = DNSBL(Resolver(), ("bl.test",), Reply(554, "5.7.1", "Listed"))
+        results = []
+        for ip in ("192.0.2.7", "192.0.2.8", "192.0.2.9"):
+            bl.check(ip).addCallback(results.append)
+        assert results[0].code == 554 and "bl.test" in results[0].text
+        assert results[1:] == [None, None]
