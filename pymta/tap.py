@@ -254,7 +254,12 @@ def _listen(config: Config, reactor: Any, factory: Any, top: service.MultiServic
         sockets.append(sock)
         AdoptedPort(reactor, sock.fileno(), sock.family, factory).setServiceParent(top)
     if sockets:
-        WorkerPool(reactor, config.smtp.processes - 1, config.path, sockets).setServiceParent(top)
+        pool = WorkerPool(reactor, config.smtp.processes - 1, config.path, sockets)
+        pool.setServiceParent(top)
+        # The workers serve STARTTLS too: a SIGHUP to the main process reloads their certificate.
+        for child in top:
+            if isinstance(child, ReloadOnHangup):
+                child.also.append(lambda: pool.signal_all("HUP"))
 
 
 class ReloadOnHangup(service.Service):
@@ -264,10 +269,16 @@ class ReloadOnHangup(service.Service):
         self.reload = reload
         self.reactor = reactor
         self.previous: Any = None
+        self.also: list[Any] = []  # further actions on SIGHUP (e.g. tell the listener workers)
+
+    def hangup(self) -> None:
+        self.reload()
+        for action in self.also:
+            action()
 
     def startService(self) -> None:
         super().startService()
-        self.previous = signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
+        self.previous = signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.hangup))
 
     def stopService(self) -> None:
         super().stopService()

@@ -120,10 +120,13 @@ class WorkerPool(service.Service):
                      why=reason.getErrorMessage())  # fmt: skip
             self.reactor.callLater(1.0, lambda: self.running and self.spawn(worker.index))
 
-    def stopService(self) -> None:
-        super().stopService()
+    def signal_all(self, name: str) -> None:
         for process in list(self.processes.values()):
             try:
-                process.signalProcess("TERM")
+                process.signalProcess(name)
             except Exception:
                 pass
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.signal_all("TERM")

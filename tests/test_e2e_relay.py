@@ -69,9 +69,7 @@ def world(tmp_path):
 
 
 def queue_cli(mta: MTAProcess, *args: str) -> subprocess.CompletedProcess:
-    code = "import sys; from pymta.admin.cli import queue_main; sys.exit(queue_main())"
-    return subprocess.run([sys.executable, "-c", code, "--config", mta.config_path, *args],
-                          capture_output=True, text=True, timeout=60, cwd=ROOT)  # fmt: skip
+    return run_cli(mta, "queue_main", *args)
 
 
 def test_relay_to_the_mx_that_answers_and_account_for_it(tmp_path, world):
@@ -137,3 +135,57 @@ def test_control_socket_is_private(tmp_path, world):
             assert json.loads(s.recv(4096)) == {"ok": False, "error": "malformed request"}
     finally:
         mta.stop()
+
+
+def test_the_feedback_loop_end_to_end(tmp_path, world):
+    from pymta.feedback.verp import Tagger
+
+    dns, sink, port = world
+    secret = "e2e-feedback-secret-0123456789"
+    mta = MTAProcess(str(tmp_path), dns=dns.address, smtp_port=port, extra_config=f"""
+        [feedback]
+        bounce_domain = "bounces.example.test"
+        secret = "{secret}"
+        sender_domains = ["example.org"]
+        complaint_addresses = ["fbl@example.test"]
+        """).start()  # fmt: skip
+    try:
+        with smtplib.SMTP("127.0.0.1", mta.port, timeout=30) as client:
+            client.ehlo("app.example.org")
+            client.mail("news@example.org")
+            client.rcpt("r@remote.test")
+            code, text = client.data(MESSAGE.encode())
+        qid = text.rsplit(b" ", 1)[1].decode()
+        [dumped] = mta.wait_for(sink.messages, what="tagged delivery at the sink")
+        assert b"X-Pymta-Trace: " in dumped
+        tagger = Tagger(secret, "bounces.example.test")
+        return_path = tagger.return_path(qid, "r@remote.test")
+        bounce = (
+            f"From: MAILER-DAEMON@mx2.remote.test\r\nTo: {return_path}\r\nSubject: Undelivered Mail\r\n"
+            "MIME-Version: 1.0\r\nContent-Type: multipart/report; report-type=delivery-status; boundary=B\r\n\r\n"
+            "--B\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; mx2.remote.test\r\n\r\n"
+            "Final-Recipient: rfc822; r@remote.test\r\nAction: failed\r\nStatus: 5.1.1\r\n"
+            "Diagnostic-Code: smtp; 550 5.1.1 user unknown\r\n--B--\r\n"
+        )
+        forged = bounce.replace("r@remote.test", "x@remote.test")
+        with smtplib.SMTP("127.0.0.1", mta.port, timeout=30) as client:
+            client.sendmail("", [return_path], bounce)
+            client.sendmail("", [return_path], forged)  # names someone the token was not made for
+        listing = mta.wait_for(
+            lambda: (out := run_cli(mta, "suppress_main", "list").stdout) and "r@remote.test" in out and out,
+            what="the recipient suppressed",
+        )  # fmt: skip
+        assert "r@remote.test\tglobal\tbounce\tuserunknown" in listing and "x@remote.test" not in listing
+        with smtplib.SMTP("127.0.0.1", mta.port, timeout=30) as client:
+            client.ehlo("app.example.org")
+            client.mail("news@example.org")
+            code, text = client.rcpt("r@remote.test")
+        assert (code, text[:5]) == (550, b"5.7.1") and b"userunknown" in text
+    finally:
+        mta.stop()
+
+
+def run_cli(mta: MTAProcess, main: str, *args: str) -> subprocess.CompletedProcess:
+    code = f"import sys; from pymta.admin.cli import {main}; sys.exit({main}())"
+    return subprocess.run([sys.executable, "-c", code, "--config", mta.config_path, *args],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)  # fmt: skip
