@@ -257,6 +257,7 @@ class SMTPConfig:
     listen_tls: tuple[str, ...] = _key(conv_list(conv_endpoint), ())  # implicit TLS (port 465 style)
     greet_pause: float = _key(conv_duration(0), 0.0)  # early-talker check; 0 = off
     processes: int = _key(conv_int(1, 64), 1)  # listener processes sharing the `listen` sockets
+    reverse_lookup: bool = _key(conv_bool, False)  # PTR (forward-confirmed) for Received and rdns ACLs
 
 
 @dataclass(frozen=True)

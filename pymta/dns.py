@@ -217,6 +217,18 @@ class Resolver:
         return out
 
     @defer.inlineCallbacks
+    def lookup_ptr(self, address: str):
+        """Host names of an IP address (PTR), lower-case without the trailing dot."""
+        import ipaddress
+
+        try:
+            name = ipaddress.ip_address(address.split("%", 1)[0]).reverse_pointer
+        except ValueError:
+            raise DNSPermanentError(f"not an IP address: {address!r}") from None
+        records = yield self._query(name, "PTR")
+        return [str(r.target).rstrip(".").lower() for r in records]
+
+    @defer.inlineCallbacks
     def lookup_txt(self, name: str):
         records = yield self._query(to_ascii(name), "TXT")
         return [b"".join(r.strings).decode("utf-8", "replace") for r in records]

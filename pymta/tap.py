@@ -186,6 +186,8 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
         else None,
         suppression=suppression,
         dnsbl=DNSBL(resolver, config.dnsbl.zones, Reply(*config.dnsbl.reply)) if config.dnsbl.zones else None,
+        resolver=resolver,
+        reverse_lookup=config.smtp.reverse_lookup or any(r.rdns is not None for rules in config.acl.values() for r in rules),
     )
     limits = ServerLimits(
         max_message_size=config.smtp.max_message_size,

@@ -21,6 +21,7 @@ ZONE = {
     "alias.test": {"CNAME": ["real.test."]},
     "real.test": {"MX": ["5 mx2.remote.test."], "TXT": ['"v=spf1 -all"']},
     "xn--bcher-kva.test": {"MX": ["10 mx2.remote.test."]},
+    "2.0.0.127.in-addr.arpa": {"PTR": ["mx1.remote.test."]},
 }
 
 
@@ -111,6 +112,13 @@ class ResolverTests(unittest.TestCase):
             with self.assertRaises(DNSPermanentError):
                 yield self.resolver.lookup_mx("nowhere.test")
         assert self.server.zone.queries.count(("nowhere.test.", "MX")) == 1
+
+    @defer.inlineCallbacks
+    def test_reverse_lookup(self):
+        names = yield self.resolver.lookup_ptr("127.0.0.2")
+        assert names == ["mx1.remote.test"]
+        with self.assertRaises(DNSPermanentError):
+            yield self.resolver.lookup_ptr("127.0.0.99")
 
     def test_invalid_names_are_permanent_errors(self):
         with self.assertRaises(DNSPermanentError):

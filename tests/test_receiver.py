@@ -164,3 +164,30 @@ class DNSBLTests(unittest.TestCase):
             bl.check(ip).addCallback(results.append)
         assert results[0].code == 554 and "bl.test" in results[0].text
         assert results[1:] == [None, None]
+
+
+class ReverseLookupTests(unittest.TestCase):
+    def test_forward_confirmed_name_is_used_by_rdns_acls_and_the_received_header(self) -> None:
+        from pymta.config import build_config
+        from pymta.dns import DNSPermanentError
+        from pymta.inbound.acl import AclPolicy
+
+        class Resolver:
+            def lookup_ptr(self, ip):
+                names = {"192.0.2.1": ["mail.good.example"], "192.0.2.2": ["fake.example"]}
+                return defer.succeed(names[ip]) if ip in names else defer.fail(DNSPermanentError("nx"))
+
+            def lookup_addresses(self, name):
+                return defer.succeed({"mail.good.example": ["192.0.2.1"], "fake.example": ["198.51.100.9"]}[name])
+
+        acl = AclPolicy(build_config({"acl": {"connect": [{"rdns": "unknown", "action": "reject"}]}}).acl)
+        policy = RelayPolicy(["example.test"], None, [], [], "/nonexistent")
+        receiver = InboundReceiver("mx.example.test", policy, MemoryQueueStore(), task.Clock(), acl=acl,
+                                   resolver=Resolver(), reverse_lookup=True)  # fmt: skip
+        results = {}
+        for ip in ("192.0.2.1", "192.0.2.2", "192.0.2.3"):
+            session = Sess(peer_address=ip)
+            receiver.connected(session).addCallback(lambda r, ip=ip, s=session: results.__setitem__(ip, (r, s)))
+        assert results["192.0.2.1"][0] is None and results["192.0.2.1"][1].notes["client_name"] == "mail.good.example"
+        assert results["192.0.2.2"][0].code == 550  # the PTR name does not point back: unknown
+        assert results["192.0.2.3"][0].code == 550

@@ -27,7 +27,7 @@ def received_header(session: Any, qid: str, hostname: str, recipients: list[str]
     helo = session.helo_name or "unknown"
     peer = session.peer_address or "unknown"
     client_name = session.notes.get("client_name") or ""
-    source = f"{client_name} [{peer}]" if client_name else f"[{peer}]"
+    source = f"{client_name} [{peer}]" if client_name and client_name != "unknown" else f"[{peer}]"
     extra = []
     if session.tls:
         extra.append(f"({session.tls})")
@@ -67,6 +67,8 @@ class InboundReceiver:
         greylist: Greylist | None = None,
         suppression: Any = None,
         dnsbl: Any = None,
+        resolver: Any = None,
+        reverse_lookup: bool = False,
     ) -> None:
         self.hostname = hostname
         self.policy = policy
@@ -79,6 +81,8 @@ class InboundReceiver:
         self.greylist = greylist
         self.suppression = suppression
         self.dnsbl = dnsbl
+        self.resolver = resolver
+        self.reverse_lookup = reverse_lookup and resolver is not None
 
     # -- stages ---------------------------------------------------------------------------
 
@@ -93,6 +97,26 @@ class InboundReceiver:
         return trusted
 
     def connected(self, session: Any) -> Reply | None | defer.Deferred:
+        if self.reverse_lookup:
+            d = self._client_name(session)
+            return d.addCallback(lambda _: self._connected(session))
+        return self._connected(session)
+
+    @defer.inlineCallbacks
+    def _client_name(self, session: Any):
+        """Forward-confirmed reverse DNS of the client into ``session.notes["client_name"]``."""
+        name = "unknown"
+        try:
+            for candidate in (yield self.resolver.lookup_ptr(session.peer_address))[:3]:
+                addresses = yield self.resolver.lookup_addresses(candidate)
+                if session.peer_address in addresses:
+                    name = candidate
+                    break
+        except Exception:  # DNS failures: the client stays "unknown"
+            pass
+        session.notes["client_name"] = name
+
+    def _connected(self, session: Any) -> Reply | None | defer.Deferred:
         trusted = self._trusted(session)
         if self.limits is not None and not trusted:
             session.notes["counted"] = True
