@@ -371,6 +371,71 @@ class DNSBLConfig:
 
 
 @dataclass(frozen=True)
+class ShapingLimitsConfig:
+    connections: int | None = _key(conv_int(1, 10000), None)
+    message_rate: Any = _key(conv_rate, None)
+    messages_per_connection: int | None = _key(conv_int(1, 100000), None)
+    mx_suffix: tuple[str, ...] = _key(conv_list(conv_hostname), ())  # providers only
+
+
+def conv_share(value: Any) -> float:
+    from pymta.rate import parse_share
+
+    try:
+        return parse_share(value)
+    except ValueError as e:
+        raise ConfigValueError(str(e)) from None
+
+
+@dataclass(frozen=True)
+class BackoffConfig:
+    match: str = _key(lambda v: conv_pattern("/" + conv_str(v) + "/")[1:-1], "")
+    pause: float = _key(conv_duration(0), 600.0)
+    rate: float = _key(conv_share, 0.5)
+    recover: float = _key(conv_duration(0), 3600.0)
+
+
+@dataclass(frozen=True)
+class ShapingConfig:
+    default: ShapingLimitsConfig = field(default_factory=ShapingLimitsConfig)
+    domain: dict[str, ShapingLimitsConfig] = field(default_factory=dict)
+    provider: dict[str, ShapingLimitsConfig] = field(default_factory=dict)
+    backoff: tuple[BackoffConfig, ...] = ()
+
+
+def _conv_shaping(value: Any, where: str) -> ShapingConfig:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: shaping: expected a table, got {_type_name(value)}")
+    out: dict[str, Any] = {}
+    for key, table in value.items():
+        if key == "default":
+            out["default"] = _build_section(ShapingLimitsConfig, table, "shaping.default", where)
+        elif key in ("domain", "provider"):
+            if not isinstance(table, dict):
+                raise ConfigError(f"{where}: shaping.{key}: expected tables [shaping.{key}.\"NAME\"]")
+            built = {}
+            for name, limits in table.items():
+                entry = _build_section(ShapingLimitsConfig, limits, f"shaping.{key}.{name}", where)
+                if key == "provider" and not entry.mx_suffix:
+                    raise ConfigError(f"{where}: shaping.provider.{name}.mx_suffix: a provider needs MX suffixes")
+                built[name.lower() if key == "domain" else name] = entry
+            out[key] = built
+        elif key == "backoff":
+            if not isinstance(table, list):
+                raise ConfigError(f"{where}: shaping.backoff: expected an array of tables [[shaping.backoff]]")
+            rules = []
+            for i, rule in enumerate(table):
+                built_rule = _build_section(BackoffConfig, rule, f"shaping.backoff[{i + 1}]", where)
+                if not built_rule.match:
+                    raise ConfigError(f"{where}: shaping.backoff[{i + 1}].match: a regular expression is needed")
+                rules.append(built_rule)
+            out["backoff"] = tuple(rules)
+        else:
+            raise ConfigError(f"{where}: shaping.{key}: unknown key (known: backoff, default, domain, provider)")
+    return ShapingConfig(**out)
+
+
+@dataclass(frozen=True)
 class LogConfig:
     accounting: bool = _key(conv_bool, True)
 
@@ -518,6 +583,7 @@ class Config:
     tls: TLSConfig = field(default_factory=TLSConfig)
     submission: SubmissionConfig = field(default_factory=SubmissionConfig)
     dnsbl: DNSBLConfig = field(default_factory=DNSBLConfig)
+    shaping: ShapingConfig = field(default_factory=ShapingConfig)
     routes: dict[str, tuple[str, int]] = field(default_factory=dict)
     acl: dict[str, tuple[AclRule, ...]] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -607,10 +673,12 @@ def build_config(data: dict[str, Any], path: str = "<config>") -> Config:
                 raise ConfigError(f"{path}: {key}: {e}") from None
         elif key == "acl":
             values[key] = _conv_acl(value, path)
+        elif key == "shaping":
+            values[key] = _conv_shaping(value, path)
         elif key in PASSTHROUGH_SECTIONS:
             continue
         else:
-            known = sorted([*_SECTIONS, *_TOP_CONVERTERS, *PASSTHROUGH_SECTIONS, "acl"])
+            known = sorted([*_SECTIONS, *_TOP_CONVERTERS, *PASSTHROUGH_SECTIONS, "acl", "shaping"])
             raise ConfigError(f"{path}: {key}: unknown key (known: {', '.join(known)})")
     if "state_dir" not in values:
         values["state_dir"] = conv_path("var")

@@ -78,3 +78,13 @@ class KeyedLimiter:
 
     def set_rate(self, rate: Rate) -> None:
         self.rate = rate
+
+
+def parse_share(text: Any) -> float:
+    """``"50%"`` -> 0.5 (above 0% and at most 100%); ValueError otherwise."""
+    if not isinstance(text, str) or not re.match(r"^\s*\d{1,3}(\.\d+)?\s*%\s*$", text):
+        raise ValueError(f"expected a share like \"50%\", got {text!r}")
+    value = float(text.strip().rstrip("%")) / 100
+    if not 0 < value <= 1:
+        raise ValueError("a share must be above 0% and at most 100%")
+    return value

@@ -300,6 +300,27 @@ def _feedback_parts(config: Config, reactor: Any) -> tuple[Any, Any]:
     return store, tagger
 
 
+def _shaper(config: Config, reactor: Any) -> Any:
+    """Traffic shaping from ``[shaping]`` (limits default -> provider -> domain, backoff rules)."""
+    import re
+
+    from pymta.outbound.shaping import BackoffRule, Limits, Shaper
+
+    sh = config.shaping
+
+    def limits(c: Any) -> Limits:
+        return Limits(c.connections, c.message_rate, c.messages_per_connection)
+
+    default = limits(sh.default).over(Limits(connections=config.outbound.max_connections_per_domain))
+    return Shaper(
+        reactor,
+        default,
+        {name: limits(c) for name, c in sh.domain.items()},
+        {name: (c.mx_suffix, limits(c)) for name, c in sh.provider.items()},
+        tuple(BackoffRule(re.compile(b.match, re.I), b.pause, b.rate, b.recover) for b in sh.backoff),
+    )
+
+
 def listener_addresses(endpoints: tuple[str, ...]) -> list[tuple[str, int]]:
     """(interface, port) of our TCP listeners, for loop detection (0.0.0.0 / :: for all)."""
     out = []
@@ -343,6 +364,7 @@ def _outbound_agent(config: Config, reactor: Any, resolver: Any) -> Any:
         reactor,
         router,
         config.hostname,
+        shaper=_shaper(config, reactor),
         max_connections=out.max_connections,
         max_connections_per_domain=out.max_connections_per_domain,
         max_messages_per_connection=out.max_messages_per_connection,

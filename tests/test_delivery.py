@@ -294,6 +294,23 @@ class DeliveryTests(unittest.TestCase):
         assert (result.status, result.enhanced) == (FAILED, "5.6.7")
 
     @defer.inlineCallbacks
+    def test_pushback_pauses_the_destination_and_holds_later_mail(self):
+        from pymta.outbound.shaping import Limits, Shaper
+
+        peer = self.peer("127.0.0.2", answers={"a@remote.test": Reply(450, "4.7.28", "rate limit exceeded")})
+        shaper = Shaper(reactor, Limits(connections=5))  # the agent's own clock
+        agent = self.agent(shaper=shaper)
+        env, rcpts = self.envelope("a@remote.test")
+        [first] = yield agent.deliver(env, rcpts, b"x\r\n")
+        assert first.status == DEFERRED and first.enhanced == "4.7.28"
+        connections = peer.connections
+        env, rcpts = self.envelope("b@remote.test")
+        [held] = yield agent.deliver(env, rcpts, b"x\r\n")
+        assert held.status == DEFERRED and held.extra["shaping"] == "domain:remote.test"
+        assert held.extra["hold_until"] >= reactor.seconds() + 590  # the shipped rule pauses 10 minutes
+        assert "4.7.28" in held.text and peer.connections == connections  # nothing was sent
+
+    @defer.inlineCallbacks
     def test_connection_caps_queue_the_excess(self):
         peer = self.peer("127.0.0.2")
         agent = self.agent(max_connections=1, max_connections_per_domain=1)

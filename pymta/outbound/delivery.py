@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet import defer, endpoints
+from twisted.internet import defer, endpoints, task
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -27,6 +27,7 @@ from pymta.smtp.replies import Reply
 
 log = Logger(namespace="pymta.outbound")
 
+MAX_INLINE_WAIT = 2.0  # a shaping wait longer than this goes back to the queue instead
 NO_TLS_MEMORY = 3600.0  # a host whose STARTTLS failed is tried in plaintext for this long
 TLS_POLICIES = ("none", "opportunistic", "verify")
 
@@ -81,6 +82,7 @@ class SMTPDeliveryAgent:
         tls_policy_for: Callable[[str], str] | None = None,
         tls_context_for: Callable[[str, bool], Any] | None = None,
         idle_timeout: float = 5.0,
+        shaper: Any = None,
     ) -> None:
         self.reactor = reactor
         self.clock = clock or reactor
@@ -93,6 +95,7 @@ class SMTPDeliveryAgent:
         self.tls_policy_for = tls_policy_for or (lambda domain: "opportunistic")
         self.tls_context_for = tls_context_for
         self.idle_timeout = idle_timeout
+        self.shaper = shaper
         self.global_slots = defer.DeferredSemaphore(max_connections)
         self.per_domain = max_connections_per_domain
         self.domain_slots: dict[str, defer.DeferredSemaphore] = {}
@@ -127,6 +130,31 @@ class SMTPDeliveryAgent:
             hops: list[Hop] = yield self.router.next_hops(domain)
         except RouteError as e:
             return [_result(r, e.reply, None, None) for r in recipients]
+        shaping = None
+        if self.shaper is not None:
+            key, limits = self.shaper.destination(domain, tuple(h.name for h in hops))
+            while True:
+                hold = self.shaper.hold_until(key, limits)
+                wait = hold - self.clock.seconds() if hold else 0.0
+                if wait <= 0:
+                    break
+                if wait > MAX_INLINE_WAIT:  # held by a limit: back to the queue without using an attempt
+                    why = self.shaper.state(key).reason or f"rate limit of {key}"
+                    reply = Reply(451, "4.7.0", f"Held back by traffic shaping ({why})")
+                    return [_result(r, reply, None, None, hold_until=hold, shaping=key) for r in recipients]
+                yield task.deferLater(self.clock, wait, lambda: None)
+            yield self.shaper.acquire_connection(key, limits)
+            shaping = (key, limits)
+        try:
+            results = yield self._try_hops(envelope, recipients, body, domain, hops, shaping)
+        finally:
+            if shaping is not None:
+                self.shaper.release_connection(shaping[0])
+        return results
+
+    @defer.inlineCallbacks
+    def _try_hops(self, envelope: Envelope, recipients: list[Recipient], body: bytes, domain: str,
+                  hops: list[Hop], shaping: tuple[str, Any] | None):  # fmt: skip
         policy = self.tls_policy_for(domain)
         last = Reply(451, "4.4.1", "No mail exchanger could be reached")
         for hop in hops:
@@ -135,11 +163,18 @@ class SMTPDeliveryAgent:
                     session = yield self._session(hop, address, policy)
                 except ConnectFailed as e:
                     last = e.reply
+                    if shaping is not None:
+                        self.shaper.observe(shaping[0], e.reply.code, e.reply.enhanced, e.reply.text)
                     log.info("{mx} [{ip}] unusable for {domain}: {why}", mx=hop.name, ip=address, domain=domain,
                              why=str(e.reply), code=e.reply.code, enhanced=e.reply.enhanced)  # fmt: skip
                     continue
-                results = yield self._send(session, envelope, recipients, body)
+                per_connection = shaping[1].messages_per_connection if shaping is not None else None
+                results = yield self._send(session, envelope, recipients, body, per_connection)
                 if results is not None:
+                    if shaping is not None:
+                        for r in results:
+                            if self.shaper.observe(shaping[0], r.code, r.enhanced, r.text):
+                                break
                     return results
                 last = Reply(451, "4.4.2", f"Connection to {session.remote} lost before the transaction")
         return [_result(r, last, None, None) for r in recipients]
@@ -213,11 +248,11 @@ class SMTPDeliveryAgent:
         elif policy == "verify":
             raise ConnectFailed(Reply(451, "4.7.4", f"{session.remote} does not offer STARTTLS (TLS required)"))
 
-    def _release(self, session: Session) -> None:
+    def _release(self, session: Session, per_connection: int | None = None) -> None:
         proto = session.proto
         if proto.is_lost:
             return
-        if session.messages >= self.max_messages_per_connection:
+        if session.messages >= (per_connection or self.max_messages_per_connection):
             self._quit(proto)
             return
         pool = self.idle.setdefault(session.key, [])
@@ -255,14 +290,15 @@ class SMTPDeliveryAgent:
     # -- transactions -------------------------------------------------------------------------
 
     @defer.inlineCallbacks
-    def _send(self, session: Session, envelope: Envelope, recipients: list[Recipient], body: bytes):
+    def _send(self, session: Session, envelope: Envelope, recipients: list[Recipient], body: bytes,
+              per_connection: int | None = None):  # fmt: skip
         """Per-recipient results, or None when the session broke before any transaction started."""
         proto = session.proto
         ext = proto.extensions
         remote, tls = session.remote, proto.tls
         refused = self._unsendable(envelope, recipients, body, ext)
         if refused is not None:
-            self._release(session)
+            self._release(session, per_connection)
             return [_result(r, refused, remote, tls) for r in recipients]
         payload = encode_data(body)
         results: list[DeliveryResult] = []
@@ -286,7 +322,7 @@ class SMTPDeliveryAgent:
                 reply = Reply(451, "4.4.2", f"Connection with {remote} lost")
                 results.extend(_result(r, reply, remote, tls) for r in rest)
                 return results
-        self._release(session)
+        self._release(session, per_connection)
         return results
 
     def _unsendable(self, envelope: Envelope, recipients: list[Recipient], body: bytes, ext: Any) -> Reply | None:

@@ -156,14 +156,19 @@ class QueueManager(service.Service):
             groups.setdefault((r.route, r.domain), []).append(r)
         calls = [self._deliver_group(envelope, route, rcpts, body) for (route, _), rcpts in groups.items()]
         outcomes = yield defer.DeferredList(calls, consumeErrors=True)
-        envelope.attempts += 1
         now = self.clock.seconds()
+        holds: list[float] = []
         for (_, rcpts), (ok, results) in zip(groups.items(), outcomes, strict=True):
             if not ok:
                 log.failure("delivery agent failed for {qid}", results, qid=qid)
                 results = [DeliveryResult(r.address, R_DEFERRED, 451, "4.3.0", "Local error in delivery") for r in rcpts]
+            holds.extend(r.extra.get("hold_until") or 0.0 for r in results)
             self._apply(envelope, rcpts, results, now)
-        yield self._conclude(envelope, body, now)
+        # Held back only by traffic shaping: no attempt is used up; try again when the limit allows.
+        held_until = min(holds) if holds and all(holds) else None
+        if held_until is None:
+            envelope.attempts += 1
+        yield self._conclude(envelope, body, now, held_until)
 
     def _deliver_group(self, envelope: Envelope, route: str, rcpts: list[Recipient], body: bytes) -> defer.Deferred:
         agent = self.agents.get(route)
@@ -184,7 +189,8 @@ class QueueManager(service.Service):
 
     def _apply(self, envelope: Envelope, rcpts: list[Recipient], results: list[DeliveryResult], now: float) -> None:
         for rcpt, result in zip(rcpts, results, strict=True):
-            rcpt.attempts += 1
+            if not result.extra.get("hold_until"):
+                rcpt.attempts += 1
             rcpt.updated = now
             rcpt.reply = result.reply_dict()
             rcpt.remote_mta = result.remote_mta
@@ -216,7 +222,7 @@ class QueueManager(service.Service):
         )
 
     @defer.inlineCallbacks
-    def _conclude(self, envelope: Envelope, body: bytes, now: float):
+    def _conclude(self, envelope: Envelope, body: bytes, now: float, held_until: float | None = None):
         qid = envelope.qid
         pending = envelope.pending_recipients()
         if pending and now - envelope.arrival >= self.max_age:
@@ -236,6 +242,9 @@ class QueueManager(service.Service):
         if action == "hold":
             yield self.store.update(envelope)
             yield self.store.move(qid, HOLD)
+            return
+        if held_until is not None:
+            yield self._reschedule(envelope, max(held_until, now))
             return
         delay = retry_delay(envelope.attempts, self.retry_initial, self.retry_max, self.rng)
         if any(r.route not in self.agents for r in pending):

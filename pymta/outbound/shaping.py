@@ -1,0 +1,181 @@
+"""How fast: per-destination limits (default -> provider -> domain) and backoff on pushback.
+
+A destination is a provider when its MX hosts end in one of the provider's suffixes (all domains
+hosted by Google share Google's limits), else the recipient domain. Limits: connections,
+message rate (GCRA with burst), messages per connection. Backoff rules match the whole reply line;
+a match pauses the destination, then lets it resume at a share of its rate that climbs back to
+the full rate over ``recover``. Every decision is logged with its reason.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from pymta.rate import KeyedLimiter, Rate, parse_rate, parse_share
+
+log = Logger(namespace="pymta.outbound.shaping")
+
+
+@dataclass(frozen=True)
+class Limits:
+    connections: int | None = None
+    message_rate: Rate | None = None
+    messages_per_connection: int | None = None
+
+    def over(self, other: Limits) -> Limits:
+        """These limits, falling back to ``other`` where unset."""
+        return Limits(
+            self.connections if self.connections is not None else other.connections,
+            self.message_rate if self.message_rate is not None else other.message_rate,
+            self.messages_per_connection if self.messages_per_connection is not None else other.messages_per_connection,
+        )
+
+
+@dataclass(frozen=True)
+class BackoffRule:
+    match: re.Pattern[str]
+    pause: float
+    share: float  # resume at this share of the rate
+    recover: float  # ... and climb back to the full rate over this period
+
+
+# Shipped defaults for common provider pushback; configured rules come first.
+DEFAULT_BACKOFF = (
+    BackoffRule(re.compile(r"\b4\.7\.28\b|rate limit|ratelimit|too many (messages|mails|connections)|"
+                           r"temporarily (deferred|rate limited)|try again later.*(rate|volume)", re.I),
+                600.0, 0.5, 3600.0),  # fmt: skip
+    BackoffRule(re.compile(r"^421[ -]4\.7\.0\b|\b4\.7\.0\b.*(reputation|suspicious|unusual)", re.I), 300.0, 0.5, 3600.0),
+    BackoffRule(re.compile(r"^4\d\d[ -]4\.2\.1\b.*(rate|limit|temporar|deferred)", re.I), 300.0, 0.5, 1800.0),
+)
+
+
+@dataclass
+class State:
+    """What pushback did to one destination."""
+
+    paused_until: float = 0.0
+    resumed_at: float = 0.0
+    share: float = 1.0
+    recover: float = 0.0
+    reason: str = ""
+    connections: int = 0
+    waiting: list[defer.Deferred] = field(default_factory=list)
+
+
+class Shaper:
+    def __init__(
+        self,
+        clock: Any,
+        default: Limits,
+        domains: dict[str, Limits] | None = None,
+        providers: dict[str, tuple[tuple[str, ...], Limits]] | None = None,
+        backoff: tuple[BackoffRule, ...] = (),
+    ) -> None:
+        self.clock = clock
+        self.default = default
+        self.domains = {k.lower(): v for k, v in (domains or {}).items()}
+        self.providers = providers or {}
+        self.backoff = tuple(backoff) + DEFAULT_BACKOFF
+        self.states: dict[str, State] = {}
+        self.limiters: dict[str, KeyedLimiter] = {}
+
+    # -- destinations ---------------------------------------------------------------------
+
+    def destination(self, domain: str, mx_hosts: tuple[str, ...] = ()) -> tuple[str, Limits]:
+        """The key limits are kept under, and the limits that apply to it."""
+        domain = domain.lower()
+        for name, (suffixes, limits) in self.providers.items():
+            if any(h == s or h.endswith("." + s) for h in mx_hosts for s in suffixes):
+                own = self.domains.get(domain)
+                return f"provider:{name}", (own.over(limits) if own else limits).over(self.default)
+        own = self.domains.get(domain)
+        return f"domain:{domain}", (own.over(self.default) if own else self.default)
+
+    def state(self, key: str) -> State:
+        s = self.states.get(key)
+        if s is None:
+            s = self.states[key] = State()
+        return s
+
+    def current_rate(self, key: str, limits: Limits) -> Rate | None:
+        rate = limits.message_rate
+        if rate is None:
+            return None
+        s = self.state(key)
+        now = self.clock.seconds()
+        if s.share >= 1.0 or s.recover <= 0:
+            return rate
+        progress = min(1.0, max(0.0, (now - s.resumed_at) / s.recover))
+        share = s.share + (1.0 - s.share) * progress
+        if share >= 1.0:
+            s.share = 1.0
+        return rate.scaled(share)
+
+    # -- admission ------------------------------------------------------------------------
+
+    def hold_until(self, key: str, limits: Limits) -> float:
+        """0 if a message may go now (and takes its rate token); else when to try again."""
+        s = self.state(key)
+        now = self.clock.seconds()
+        if s.paused_until > now:
+            return s.paused_until
+        rate = self.current_rate(key, limits)
+        if rate is None:
+            return 0.0
+        limiter = self.limiters.get(key)
+        if limiter is None:
+            limiter = self.limiters[key] = KeyedLimiter(rate, self.clock)
+        limiter.set_rate(rate)
+        wait = limiter.take(key)
+        return now + wait if wait else 0.0
+
+    def acquire_connection(self, key: str, limits: Limits) -> defer.Deferred:
+        """Fires when the destination has a free connection slot (FIFO)."""
+        s = self.state(key)
+        if limits.connections is None or s.connections < limits.connections:
+            s.connections += 1
+            return defer.succeed(None)
+        d: defer.Deferred = defer.Deferred()
+        s.waiting.append(d)
+        return d
+
+    def release_connection(self, key: str) -> None:
+        s = self.state(key)
+        if s.waiting:
+            s.waiting.pop(0).callback(None)  # the slot passes to the next waiter
+        else:
+            s.connections = max(0, s.connections - 1)
+
+    # -- pushback -------------------------------------------------------------------------
+
+    def observe(self, key: str, code: int, enhanced: str, text: str) -> bool:
+        """Feed a reply; True when a backoff rule paused the destination."""
+        if code < 400 or code >= 500:
+            return False
+        line = f"{code} {enhanced} {text}".strip()
+        for rule in self.backoff:
+            if rule.match.search(line):
+                now = self.clock.seconds()
+                s = self.state(key)
+                s.paused_until = now + rule.pause
+                s.resumed_at = s.paused_until
+                s.share = rule.share
+                s.recover = rule.recover
+                s.reason = line[:200]
+                log.warn("pausing {key} for {pause:g}s, then {share:.0%} of its rate: {why}", key=key, pause=rule.pause,
+                         share=rule.share, why=s.reason, event="shaping_pause")  # fmt: skip
+                return True
+        return False
+
+    def explain(self, key: str) -> dict[str, Any]:
+        s = self.state(key)
+        return {"key": key, "paused_until": s.paused_until, "share": s.share, "reason": s.reason,
+                "connections": s.connections, "waiting": len(s.waiting)}  # fmt: skip
+
+
+__all__ = ["DEFAULT_BACKOFF", "BackoffRule", "Limits", "Shaper", "parse_rate", "parse_share"]

@@ -1,0 +1,108 @@
+"""Traffic shaping: destinations, limits, pushback backoff; held mail does not use attempts."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from twisted.internet import task
+
+from pymta.config import ConfigError, build_config
+from pymta.envelope import DEFERRED, ROUTE_RELAY, DeliveryResult, Envelope, Recipient, new_qid
+from pymta.outbound.shaping import BackoffRule, Limits, Shaper
+from pymta.queue.manager import QueueManager
+from pymta.queue.store import MemoryQueueStore
+from pymta.rate import parse_rate
+
+
+def shaper(clock, **kw) -> Shaper:
+    return Shaper(
+        clock,
+        Limits(connections=10, message_rate=parse_rate("100/s")),
+        {"remote.test": Limits(connections=2, message_rate=parse_rate("60/min"), messages_per_connection=50)},
+        {"google": (("google.com",), Limits(connections=20))},
+        **kw,
+    )
+
+
+def test_destinations_roll_up_by_provider_mx_suffix_and_limits_cascade():
+    s = shaper(task.Clock())
+    key, limits = s.destination("Gmail.example", ("alt1.aspmx.l.google.com",))
+    assert key == "provider:google" and limits.connections == 20 and limits.message_rate == parse_rate("100/s")
+    key, limits = s.destination("remote.test", ("mx.remote.test",))
+    assert key == "domain:remote.test" and limits.connections == 2 and limits.messages_per_connection == 50
+    assert s.destination("other.test", ("mx.other.test",))[1].connections == 10
+
+
+def test_rate_limit_holds_without_sending():
+    clock = task.Clock()
+    s = shaper(clock)
+    key, limits = s.destination("remote.test")
+    assert s.hold_until(key, limits) == 0.0
+    hold = s.hold_until(key, limits)
+    assert hold == pytest.approx(clock.seconds() + 1.0)
+    clock.advance(1.0)
+    assert s.hold_until(key, limits) == 0.0
+
+
+def test_pushback_pauses_then_ramps_back_up():
+    clock = task.Clock()
+    s = shaper(clock, backoff=(BackoffRule(re.compile("slow down", re.I), 600, 0.5, 3600),))
+    key, limits = s.destination("remote.test")
+    assert s.observe(key, 421, "4.7.0", "Slow down please")
+    assert s.hold_until(key, limits) == pytest.approx(600)
+    assert s.explain(key)["reason"].startswith("421 4.7.0")
+    clock.advance(600)
+    assert s.current_rate(key, limits).count == pytest.approx(30)  # 50% of 60/min
+    clock.advance(1800)
+    assert s.current_rate(key, limits).count == pytest.approx(45)
+    clock.advance(1800)
+    assert s.current_rate(key, limits).count == pytest.approx(60)
+
+
+def test_shipped_rules_recognise_common_pushback_and_ignore_other_replies():
+    s = shaper(task.Clock())
+    key, _ = s.destination("gmail.example", ("mx.google.com",))
+    assert not s.observe(key, 550, "5.1.1", "user unknown")
+    assert not s.observe(key, 450, "4.2.0", "mailbox busy")
+    assert s.observe(key, 421, "4.7.28", "Our system has detected an unusual rate of unsolicited mail")
+
+
+def test_connection_slots_are_fifo():
+    s = shaper(task.Clock())
+    key, limits = s.destination("remote.test")
+    first, second, third = (s.acquire_connection(key, limits) for _ in range(3))
+    assert first.called and second.called and not third.called
+    s.release_connection(key)
+    assert third.called
+
+
+def test_held_mail_waits_without_using_an_attempt():
+    clock = task.Clock()
+    clock.advance(1000)
+
+    class Holding:
+        def deliver(self, envelope, recipients, body):
+            from twisted.internet import defer
+
+            return defer.succeed([DeliveryResult(r.address, DEFERRED, 451, "4.7.0", "held", extra={"hold_until": 1300.0})
+                                  for r in recipients])  # fmt: skip
+
+    store = MemoryQueueStore()
+    manager = QueueManager(store, {ROUTE_RELAY: Holding()}, clock, "h")
+    manager.startService()
+    qid = new_qid()
+    store.enqueue(Envelope(qid=qid, sender="s@x.test", recipients=[Recipient("a@remote.test")], arrival=1000), b"x")
+    manager.notify_incoming(qid)
+    envelope = store.load(qid)
+    assert envelope.attempts == 0 and envelope.recipients[0].attempts == 0
+    assert envelope.next_attempt == 1300.0
+
+
+def test_shaping_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match=r"shaping\.provider\.x\.mx_suffix"):
+        build_config({"shaping": {"provider": {"x": {"connections": 1}}}}, "t.toml")
+    with pytest.raises(ConfigError, match=r"shaping\.backoff\[1\]\.rate"):
+        build_config({"shaping": {"backoff": [{"match": "x", "rate": "0%"}]}}, "t.toml")
+    with pytest.raises(ConfigError, match=r"shaping\.speed"):
+        build_config({"shaping": {"speed": {}}}, "t.toml")
