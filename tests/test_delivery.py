@@ -311,6 +311,16 @@ class DeliveryTests(unittest.TestCase):
         assert "4.7.28" in held.text and peer.connections == connections  # nothing was sent
 
     @defer.inlineCallbacks
+    def test_source_address_binds_outgoing_connections(self):
+        peer = self.peer("127.0.0.2")
+        seen = []
+        original = peer.factory.delegate.connected
+        peer.factory.delegate.connected = lambda session: (seen.append(session.peer_address), original(session))[1]
+        env, rcpts = self.envelope("a@remote.test")
+        [result] = yield self.agent(source_address="127.0.0.9").deliver(env, rcpts, b"x\r\n")
+        assert result.status == DELIVERED and seen == ["127.0.0.9"]
+
+    @defer.inlineCallbacks
     def test_connection_caps_queue_the_excess(self):
         peer = self.peer("127.0.0.2")
         agent = self.agent(max_connections=1, max_connections_per_domain=1)

@@ -259,3 +259,41 @@ def test_open_relay_battery_from_a_stranger_is_refused(untrusted_mta, tls):
             assert 500 <= code < 600, (path, code, text)
             assert text[:2] == b"5.", (path, text)
         assert client.docmd("RCPT", "TO:<alice@example.test>")[0] == 250
+
+
+def test_garbage_and_stalled_handshakes_close_only_their_own_connection(tmp_path):
+    cert, key = make_cert(str(tmp_path))
+    mta = MTAProcess(str(tmp_path), extra_config=f'[tls]\ncert = "{cert}"\nkey = "{key}"\n')
+    with open(mta.config_path) as f:
+        text = f.read().replace("max_message_size = 1048576\n", 'max_message_size = 1048576\ncommand_timeout = "2s"\n')
+    with open(mta.config_path, "w") as f:
+        f.write(text)
+    mta.start()
+    try:
+        garbage = socket.create_connection(("127.0.0.1", mta.port), timeout=10)
+        stalled = socket.create_connection(("127.0.0.1", mta.port), timeout=10)
+        for sock in (garbage, stalled):
+            read_reply(sock)
+            sock.sendall(b"EHLO c.example\r\n")
+            read_reply(sock)
+            sock.sendall(b"STARTTLS\r\n")
+            assert read_reply(sock).startswith(b"220")
+        garbage.sendall(b"\x16\x03\x01 this is not a TLS client hello \x00\xff" * 20)
+        # Meanwhile another client is served as usual.
+        with smtplib.SMTP("127.0.0.1", mta.port, timeout=30) as client:
+            client.sendmail("a@example.org", ["alice@example.test"], "Subject: ok\r\n\r\nfine\r\n")
+        for sock in (garbage, stalled):  # both are closed by the server, the stalled one by its timeout
+            sock.settimeout(15)
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                try:
+                    if not sock.recv(4096):
+                        break
+                except (ConnectionResetError, TimeoutError):
+                    break
+            else:
+                raise AssertionError("the server kept a broken TLS connection open")
+            sock.close()
+        mta.wait_for(lambda: mta.maildir_messages("alice@example.test"), what="the other client's mail")
+    finally:
+        mta.stop()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from twisted.internet import task
 
-from pymta.envelope import Envelope, new_qid
+from pymta.envelope import Envelope, Recipient, new_qid
 from pymta.feedback.parse import parse_message
 from pymta.feedback.processor import FeedbackProcessor
 from pymta.feedback.suppression import SuppressionStore
@@ -98,3 +98,28 @@ def test_one_click_unsubscribe_from_the_recipient(world):
     assert store.is_suppressed("heidi@remote.test", "news.sender.test")["source"] == "unsubscribe"
     other = b"From: mallory@evil.test\r\nTo: x\r\nSubject: unsubscribe\r\n\r\n"
     assert handle(processor, address, other, sender="mallory@evil.test").startswith("ignored")
+
+
+def test_human_replies_are_kept_in_the_reply_mailbox_and_auto_replies_are_not(world):
+    from twisted.internet import defer
+
+    from pymta.envelope import DELIVERED, DeliveryResult
+
+    store, tagger, _ = world
+    kept = []
+
+    class Mailbox:
+        def deliver(self, envelope, recipients, body):
+            kept.append((recipients[0].address, body))
+            return defer.succeed([DeliveryResult(recipients[0].address, DELIVERED, 250, "2.0.0", "ok")])
+
+    processor = FeedbackProcessor(store, tagger, reply_addresses=("replies@sender.test",), reply_agent=Mailbox(),
+                                  reply_mailbox="inbox@sender.test")  # fmt: skip
+    human = b"From: judy@remote.test\r\nTo: replies@sender.test\r\nSubject: Re: hi\r\n\r\nthanks\r\n"
+    auto = b"From: ivan@remote.test\r\nTo: replies@sender.test\r\nSubject: Out of Office\r\nAuto-Submitted: auto-replied\r\n\r\naway\r\n"
+    results = []
+    envelope = Envelope(qid=new_qid(), sender="judy@remote.test", recipients=[])
+    processor.deliver(envelope, [Recipient("replies@sender.test", route="feedback")], human).addCallback(results.extend)
+    processor.deliver(envelope, [Recipient("replies@sender.test", route="feedback")], auto).addCallback(results.extend)
+    assert [address for address, _ in kept] == ["inbox@sender.test"] and kept[0][1] == human
+    assert results[0].text.startswith("reply kept in inbox@sender.test") and "auto-reply" in results[1].text
