@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything the test suite needs, then runs it (ruff, then pytest).
-#   Debian packages: postfix (smtp-sink, smtp-source: real SMTP peers) and swaks.
+#   Debian packages: postfix (smtp-sink, smtp-source: real SMTP peers), swaks, testssl.sh.
 #   Python packages: pymta itself (editable, compat mode so twistd sees the plugin) + test extras.
 # Extra arguments go to pytest (e.g. tests/run.sh -k smuggling).
 set -eu
@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 
 need=()
 command -v swaks >/dev/null 2>&1 || need+=(swaks)
+command -v testssl >/dev/null 2>&1 || need+=(testssl.sh)
 [ -x /usr/sbin/smtp-sink ] && [ -x /usr/sbin/smtp-source ] || need+=(postfix)
 if [ ${#need[@]} -gt 0 ]; then
     SUDO=""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import datetime
 import os
+import shutil
 import signal
 import smtplib
 import socket
@@ -297,3 +298,21 @@ def test_garbage_and_stalled_handshakes_close_only_their_own_connection(tmp_path
         mta.wait_for(lambda: mta.maildir_messages("alice@example.test"), what="the other client's mail")
     finally:
         mta.stop()
+
+
+@pytest.mark.skipif(shutil.which("testssl") is None, reason="testssl.sh (Debian package) not installed")
+def test_testssl_finds_no_weak_protocol_or_cipher(mta):
+    proc = subprocess.run(
+        ["testssl", "--quiet", "--color", "0", "--warnings", "off", "--starttls", "smtp", "-p", "-s", "-f",
+         f"127.0.0.1:{mta.port}"],
+        capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    out = proc.stdout
+    lines = {line.split("  ")[0].strip(): line for line in out.splitlines() if line.strip()}
+    for protocol in ("SSLv2", "SSLv3", "TLS 1", "TLS 1.1"):
+        assert "not offered" in lines.get(protocol, ""), (protocol, out[-3000:])
+    assert "offered" in lines.get("TLS 1.2", "") or "offered" in lines.get("TLS 1.3", "")
+    for category in ("NULL ciphers", "Anonymous NULL", "Export ciphers", "LOW: 64 Bit", "Triple DES"):
+        [line] = [v for k, v in lines.items() if k.startswith(category)]
+        assert "not offered" in line, line
+    assert any("PFS is offered" in v or "FS is offered" in v for v in lines.values()), out[-3000:]
