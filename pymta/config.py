@@ -277,6 +277,7 @@ class QueueConfig:
     max_age: float = _key(conv_duration(60), 5 * 86400.0)
     delay_warning: float = _key(conv_duration(0), 4 * 3600.0)
     max_active: int = _key(conv_int(1, 100000), 200)
+    greylist_retry: float = _key(conv_duration(1), 300.0)  # retry after a greylisting reply
     fsync: bool = _key(conv_bool, True)
     # false: this process only accepts into the queue (a listener-only process beside another
     # pymta process that delivers from the same queue directory).
@@ -375,6 +376,7 @@ class ShapingLimitsConfig:
     connections: int | None = _key(conv_int(1, 10000), None)
     message_rate: Any = _key(conv_rate, None)
     messages_per_connection: int | None = _key(conv_int(1, 100000), None)
+    recipients_per_message: int | None = _key(conv_int(1, 100000), None)
     mx_suffix: tuple[str, ...] = _key(conv_list(conv_hostname), ())  # providers only
 
 

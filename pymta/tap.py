@@ -154,6 +154,7 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
         max_active=config.queue.max_active,
         accounting=accounting,
         route_for=local_route_for(config.domains.local),
+        greylist_retry=config.queue.greylist_retry,
     )
     if config.queue.deliver:
         manager.setServiceParent(top)
@@ -309,7 +310,7 @@ def _shaper(config: Config, reactor: Any) -> Any:
     sh = config.shaping
 
     def limits(c: Any) -> Limits:
-        return Limits(c.connections, c.message_rate, c.messages_per_connection)
+        return Limits(c.connections, c.message_rate, c.messages_per_connection, c.recipients_per_message)
 
     default = limits(sh.default).over(Limits(connections=config.outbound.max_connections_per_domain))
     return Shaper(

@@ -253,3 +253,13 @@ def test_manager_does_nothing_before_start():
     assert store.state(qid) == INCOMING
     manager.startService()
     assert store.state(qid) == DEFERRED  # started: tried, and waits (no agent for its route here)
+
+
+def test_greylisting_replies_are_retried_soon_not_on_the_long_backoff():
+    h = Harness({"a@remote.example": [deferred(450, "4.7.1", "Greylisted, please try again in 60 seconds")]},
+                greylist_retry=60)  # fmt: skip
+    qid = h.queue(["a@remote.example"])
+    assert h.store.load(qid).next_attempt - h.clock.seconds() == 60
+    other = Harness({"a@remote.example": [deferred(450, "4.2.0", "mailbox busy")]}, greylist_retry=60)
+    qid = other.queue(["a@remote.example"])
+    assert other.store.load(qid).next_attempt - other.clock.seconds() > 200

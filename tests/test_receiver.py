@@ -80,6 +80,20 @@ class ReceiverTests(TempDirMixin, unittest.TestCase):
             assert (reply.code, reply.enhanced) == expected
             self.flushLoggedErrors()
 
+    def test_deliver_after_header_schedules_trusted_mail_and_is_removed(self) -> None:
+        body = b"Subject: later\r\nX-Pymta-Deliver-After: Tue, 01 Dec 2026 10:00:00 +0000\r\n\r\nhi\r\n"
+        assert self.transact(self.receiver, ["alice@example.test"], body=body).code == 250
+        [qid] = self.store.list(INCOMING)
+        assert self.store.load(qid).not_before == 1796119200.0
+        assert b"X-Pymta-Deliver-After" not in self.store.read_body(qid)
+        stranger = Sess(peer_address="192.0.2.9", transaction=Txn(sender="a@x.test"))
+        stranger.transaction.recipients.append(Accepted("alice@example.test"))
+        stranger.transaction.notes["routes"] = {"alice@example.test": ("local", "alice@example.test")}
+        results = []
+        defer.maybeDeferred(self.receiver.message, stranger, body).addBoth(results.append)
+        qid2 = [q for q in self.store.list(INCOMING) if q != qid][0]
+        assert self.store.load(qid2).not_before == 0.0 and b"X-Pymta-Deliver-After" in self.store.read_body(qid2)
+
     def test_single_recipient_received_header_names_it(self) -> None:
         self.transact(self.receiver, ["alice@example.test"])
         [qid] = self.store.list(INCOMING)

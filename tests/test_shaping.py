@@ -106,3 +106,29 @@ def test_shaping_config_errors_name_the_key():
         build_config({"shaping": {"backoff": [{"match": "x", "rate": "0%"}]}}, "t.toml")
     with pytest.raises(ConfigError, match=r"shaping\.speed"):
         build_config({"shaping": {"speed": {}}}, "t.toml")
+
+
+def test_concurrency_starts_low_grows_on_success_and_halves_on_congestion():
+    s = shaper(task.Clock())
+    key, limits = s.destination("other.test")  # cap 10
+    slots = [s.acquire_connection(key, limits) for _ in range(4)]
+    assert [d.called for d in slots] == [True, True, False, False]  # slow start: 2
+    s.success(key)
+    assert slots[2].called and not slots[3].called  # window 3
+    for _ in range(20):
+        s.success(key)
+    assert slots[3].called and s.state(key).window == 10  # never above the cap
+    s.congestion(key, "421 4.7.0 busy")
+    assert s.state(key).window == 5
+
+
+def test_a_dead_site_is_suspended_after_failures_in_a_row():
+    clock = task.Clock()
+    s = shaper(clock)
+    key, limits = s.destination("dead.test")
+    for _ in range(4):
+        s.connection_failed(key, "connection refused")
+    assert s.hold_until(key, limits) == 0.0
+    s.connection_failed(key, "connection refused")
+    assert s.hold_until(key, limits) == pytest.approx(600.0)
+    assert s.explain(key)["reason"].startswith("dead site: 5 connection failures")

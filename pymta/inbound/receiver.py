@@ -3,9 +3,11 @@ durable queue entry, and answers 250 only once the store says the message is on 
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
-from email.utils import formatdate
+from datetime import datetime
+from email.utils import formatdate, parsedate_to_datetime
 from typing import Any
 
 from twisted.internet import defer
@@ -44,6 +46,28 @@ def received_header(session: Any, qid: str, hostname: str, recipients: list[str]
         lines[-1] += ";"
         lines.append(f"\t{stamp}")
     return ("\r\n".join(lines) + "\r\n").encode("utf-8", "replace")
+
+
+_DELIVER_AFTER = re.compile(rb"^X-Pymta-Deliver-After:[ \t]*(.*(?:\r\n[ \t].*)*)\r\n", re.I | re.M)
+
+
+def take_deliver_after(body: bytes) -> tuple[bytes, float]:
+    """Remove ``X-Pymta-Deliver-After`` from the header; its time (RFC 5322 date or ISO 8601) or 0."""
+    end = body.find(b"\r\n\r\n")
+    head = body[: end + 2] if end >= 0 else body
+    m = _DELIVER_AFTER.search(head)
+    if m is None:
+        return body, 0.0
+    value = m.group(1).decode("ascii", "replace").strip()
+    when = 0.0
+    try:
+        when = parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError):
+        try:
+            when = datetime.fromisoformat(value).timestamp()
+        except ValueError:
+            log.info("ignoring an unreadable X-Pymta-Deliver-After: {value}", value=value[:80])
+    return body[: m.start()] + body[m.end() :], when
 
 
 def _header_safe(text: str) -> str:
@@ -196,6 +220,9 @@ class InboundReceiver:
                 continue
             seen.add(address.lower())
             recipients.append(Recipient(address=address, route=route, orcpt=accepted.orcpt, notify=accepted.notify))
+        not_before = 0.0
+        if self._trusted(session):
+            body, not_before = take_deliver_after(body)
         header = received_header(session, qid, self.hostname, [r.address for r in recipients], time.time())
         data = header + body
         envelope = Envelope(
@@ -214,6 +241,7 @@ class InboundReceiver:
             protocol=session.protocol_name,
             auth_user=session.auth_user,
             tls=session.tls,
+            not_before=not_before,
         )
         d = defer.maybeDeferred(self.store.enqueue, envelope, data)
         d.addCallbacks(self._queued, self._not_queued, callbackArgs=(session, envelope), errbackArgs=(session, envelope))

@@ -165,16 +165,16 @@ class SMTPDeliveryAgent:
                     last = e.reply
                     if shaping is not None:
                         self.shaper.observe(shaping[0], e.reply.code, e.reply.enhanced, e.reply.text)
+                        self.shaper.connection_failed(shaping[0], str(e.reply))
                     log.info("{mx} [{ip}] unusable for {domain}: {why}", mx=hop.name, ip=address, domain=domain,
                              why=str(e.reply), code=e.reply.code, enhanced=e.reply.enhanced)  # fmt: skip
                     continue
                 per_connection = shaping[1].messages_per_connection if shaping is not None else None
-                results = yield self._send(session, envelope, recipients, body, per_connection)
+                per_message = shaping[1].recipients_per_message if shaping is not None else None
+                results = yield self._send(session, envelope, recipients, body, per_connection, per_message)
                 if results is not None:
                     if shaping is not None:
-                        for r in results:
-                            if self.shaper.observe(shaping[0], r.code, r.enhanced, r.text):
-                                break
+                        self._shaping_feedback(shaping[0], results)
                     return results
                 last = Reply(451, "4.4.2", f"Connection to {session.remote} lost before the transaction")
         return [_result(r, last, None, None) for r in recipients]
@@ -248,6 +248,15 @@ class SMTPDeliveryAgent:
         elif policy == "verify":
             raise ConnectFailed(Reply(451, "4.7.4", f"{session.remote} does not offer STARTTLS (TLS required)"))
 
+    def _shaping_feedback(self, key: str, results: list[DeliveryResult]) -> None:
+        for r in results:
+            if self.shaper.observe(key, r.code, r.enhanced, r.text):
+                break
+        if any(r.code == 421 or (r.code == 451 and r.enhanced == "4.4.2") for r in results):
+            self.shaper.congestion(key, f"{results[0].code} {results[0].enhanced}")
+        elif any(200 <= r.code < 300 for r in results):
+            self.shaper.success(key)
+
     def _release(self, session: Session, per_connection: int | None = None) -> None:
         proto = session.proto
         if proto.is_lost:
@@ -291,7 +300,7 @@ class SMTPDeliveryAgent:
 
     @defer.inlineCallbacks
     def _send(self, session: Session, envelope: Envelope, recipients: list[Recipient], body: bytes,
-              per_connection: int | None = None):  # fmt: skip
+              per_connection: int | None = None, per_message: int | None = None):  # fmt: skip
         """Per-recipient results, or None when the session broke before any transaction started."""
         proto = session.proto
         ext = proto.extensions
@@ -302,8 +311,9 @@ class SMTPDeliveryAgent:
             return [_result(r, refused, remote, tls) for r in recipients]
         payload = encode_data(body)
         results: list[DeliveryResult] = []
-        for start in range(0, len(recipients), self.max_recipients):
-            batch = recipients[start : start + self.max_recipients]
+        step = min(self.max_recipients, per_message or self.max_recipients)
+        for start in range(0, len(recipients), step):
+            batch = recipients[start : start + step]
             try:
                 outcome = yield transact(proto, self._mail_line(envelope, body, ext),
                                          [self._rcpt_line(r, ext) for r in batch], payload, self.timeouts)  # fmt: skip

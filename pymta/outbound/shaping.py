@@ -26,14 +26,15 @@ class Limits:
     connections: int | None = None
     message_rate: Rate | None = None
     messages_per_connection: int | None = None
+    recipients_per_message: int | None = None
 
     def over(self, other: Limits) -> Limits:
         """These limits, falling back to ``other`` where unset."""
-        return Limits(
-            self.connections if self.connections is not None else other.connections,
-            self.message_rate if self.message_rate is not None else other.message_rate,
-            self.messages_per_connection if self.messages_per_connection is not None else other.messages_per_connection,
-        )
+        return Limits(*(mine if mine is not None else theirs for mine, theirs in zip(
+            (self.connections, self.message_rate, self.messages_per_connection, self.recipients_per_message),
+            (other.connections, other.message_rate, other.messages_per_connection, other.recipients_per_message),
+            strict=True,
+        )))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,11 @@ DEFAULT_BACKOFF = (
 )
 
 
+INITIAL_WINDOW = 2  # connections a destination starts with
+DEAD_SITE_FAILURES = 5  # connection-level failures in a row that suspend a destination ...
+DEAD_SITE_PAUSE = 600.0  # ... for this long
+
+
 @dataclass
 class State:
     """What pushback did to one destination."""
@@ -65,6 +71,9 @@ class State:
     reason: str = ""
     connections: int = 0
     waiting: list[defer.Deferred] = field(default_factory=list)
+    window: float = 0.0  # adaptive concurrency (0: not started yet)
+    limits: Limits | None = None
+    failures: int = 0  # connection-level failures in a row
 
 
 class Shaper:
@@ -134,10 +143,18 @@ class Shaper:
         wait = limiter.take(key)
         return now + wait if wait else 0.0
 
+    def _cap(self, s: State, limits: Limits) -> int:
+        """Concurrency now: the adaptive window within the configured cap (Postfix-style slow start)."""
+        cap = limits.connections if limits.connections is not None else 10_000
+        if s.window <= 0:
+            s.window = float(min(INITIAL_WINDOW, cap))
+        return max(1, min(cap, int(s.window)))
+
     def acquire_connection(self, key: str, limits: Limits) -> defer.Deferred:
         """Fires when the destination has a free connection slot (FIFO)."""
         s = self.state(key)
-        if limits.connections is None or s.connections < limits.connections:
+        s.limits = limits
+        if s.connections < self._cap(s, limits):
             s.connections += 1
             return defer.succeed(None)
         d: defer.Deferred = defer.Deferred()
@@ -146,10 +163,45 @@ class Shaper:
 
     def release_connection(self, key: str) -> None:
         s = self.state(key)
-        if s.waiting:
-            s.waiting.pop(0).callback(None)  # the slot passes to the next waiter
-        else:
-            s.connections = max(0, s.connections - 1)
+        s.connections = max(0, s.connections - 1)
+        self._wake(s)
+
+    def _wake(self, s: State) -> None:
+        cap = self._cap(s, s.limits or self.default)
+        while s.waiting and s.connections < cap:
+            s.connections += 1
+            s.waiting.pop(0).callback(None)
+
+    # -- adaptive concurrency and dead sites ------------------------------------------------
+
+    def success(self, key: str) -> None:
+        """A delivery went through: one more concurrent connection allowed (additive increase)."""
+        s = self.state(key)
+        s.failures = 0
+        cap = (s.limits or self.default).connections or 10_000
+        s.window = min(float(cap), (s.window or INITIAL_WINDOW) + 1.0)
+        self._wake(s)
+
+    def congestion(self, key: str, why: str) -> None:
+        """421, timeouts, refused connections: halve the concurrency (multiplicative decrease)."""
+        s = self.state(key)
+        before = s.window or INITIAL_WINDOW
+        s.window = max(1.0, before / 2)
+        if s.window < before:
+            log.info("{key}: concurrency {before:g} -> {after:g} ({why})", key=key, before=before, after=s.window, why=why)
+
+    def connection_failed(self, key: str, why: str) -> None:
+        s = self.state(key)
+        s.failures += 1
+        self.congestion(key, why)
+        if s.failures >= DEAD_SITE_FAILURES:
+            now = self.clock.seconds()
+            s.paused_until = max(s.paused_until, now + DEAD_SITE_PAUSE)
+            s.resumed_at, s.share, s.recover = s.paused_until, 1.0, 0.0
+            s.reason = f"dead site: {s.failures} connection failures in a row, last: {why}"[:200]
+            s.failures = 0
+            log.warn("suspending {key} for {pause:g}s: {why}", key=key, pause=DEAD_SITE_PAUSE, why=s.reason,
+                     event="shaping_pause")  # fmt: skip
 
     # -- pushback -------------------------------------------------------------------------
 

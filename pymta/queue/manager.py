@@ -9,6 +9,7 @@ Restart-safe: at start the store recovers and the schedule is rebuilt from the e
 from __future__ import annotations
 
 import random
+import re
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -58,6 +59,7 @@ class QueueManager(service.Service):
         accounting: Any = None,
         route_for: Callable[[str], str] | None = None,
         rng: random.Random | None = None,
+        greylist_retry: float = 300.0,
     ) -> None:
         self.store = store
         self.agents = agents
@@ -71,6 +73,7 @@ class QueueManager(service.Service):
         self.accounting = accounting
         self.route_for = route_for or (lambda address: ROUTE_RELAY)
         self.rng = rng or random.Random()
+        self.greylist_retry = greylist_retry
         self.scheduler = TimerHeapScheduler(clock, self._due)
         self._ready: deque[str] = deque()
         self._queued: set[str] = set()  # in _ready
@@ -247,6 +250,9 @@ class QueueManager(service.Service):
             yield self._reschedule(envelope, max(held_until, now))
             return
         delay = retry_delay(envelope.attempts, self.retry_initial, self.retry_max, self.rng)
+        if all(is_greylisting(r.reply) for r in pending):
+            # Greylisting wants a prompt, correct retry, not the long backoff.
+            delay = min(self.greylist_retry, self.retry_initial)
         if any(r.route not in self.agents for r in pending):
             delay = self.retry_max
         yield self._reschedule(envelope, now + delay)
@@ -339,6 +345,17 @@ class QueueManager(service.Service):
             return
         yield self.store.move(qid, INCOMING)
         self.notify_incoming(qid)
+
+
+_GREYLIST = re.compile(r"grey ?list|gray ?list|greylisted|try again (later|in \d+)|temporarily (rejected|deferred)"
+                       r".*(retry|later)|please retry", re.I)
+
+
+def is_greylisting(reply: dict[str, Any] | None) -> bool:
+    """A 45x reply that asks for a retry soon (greylisting), by code and wording."""
+    if not reply or not 450 <= int(reply.get("code") or 0) <= 451:
+        return False
+    return bool(_GREYLIST.search(str(reply.get("text") or "")))
 
 
 def local_route_for(local_domains: Any) -> Callable[[str], str]:
