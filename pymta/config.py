@@ -437,6 +437,44 @@ def _conv_shaping(value: Any, where: str) -> ShapingConfig:
     return ShapingConfig(**out)
 
 
+def conv_date(value: Any) -> Any:
+    import datetime as _dt
+
+    if isinstance(value, _dt.date) and not isinstance(value, _dt.datetime):
+        return value
+    try:
+        return _dt.date.fromisoformat(conv_str(value))
+    except ValueError:
+        raise ConfigValueError(f"expected a date like \"2026-11-24\", got {value!r}") from None
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    address: str = _key(conv_str, "")
+    ehlo: str | None = _key(conv_hostname, None)
+    warmup: tuple[int, ...] = _key(conv_list(conv_int(1, 10**9), allow_single=False), ())
+    warmup_start: Any = _key(conv_date, None)
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    sources: dict[str, int] = _key(conv_table(conv_str, conv_int(0, 1000)), None)
+    spill: bool = _key(conv_bool, False)
+
+
+@dataclass(frozen=True)
+class PoolSelectConfig:
+    default: str | None = _key(conv_str, None)
+    sender_domain: dict[str, str] = _key(conv_table(conv_hostname, conv_str), None)
+    auth_user: dict[str, str] = _key(conv_table(conv_str, conv_str), None)
+
+
+def _conv_named(cls: type, value: Any, section: str, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: {section}: expected tables [{section}.NAME]")
+    return {name: _build_section(cls, table, f"{section}.{name}", where) for name, table in value.items()}
+
+
 @dataclass(frozen=True)
 class LogConfig:
     accounting: bool = _key(conv_bool, True)
@@ -586,6 +624,9 @@ class Config:
     submission: SubmissionConfig = field(default_factory=SubmissionConfig)
     dnsbl: DNSBLConfig = field(default_factory=DNSBLConfig)
     shaping: ShapingConfig = field(default_factory=ShapingConfig)
+    sources: dict[str, SourceConfig] = field(default_factory=dict)
+    pools: dict[str, PoolConfig] = field(default_factory=dict)
+    pool_select: PoolSelectConfig = field(default_factory=PoolSelectConfig)
     routes: dict[str, tuple[str, int]] = field(default_factory=dict)
     acl: dict[str, tuple[AclRule, ...]] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -677,10 +718,17 @@ def build_config(data: dict[str, Any], path: str = "<config>") -> Config:
             values[key] = _conv_acl(value, path)
         elif key == "shaping":
             values[key] = _conv_shaping(value, path)
+        elif key == "sources":
+            values[key] = _conv_named(SourceConfig, value, "sources", path)
+        elif key == "pools":
+            values[key] = _conv_named(PoolConfig, value, "pools", path)
+        elif key == "pool_select":
+            values[key] = _build_section(PoolSelectConfig, value, "pool_select", path)
         elif key in PASSTHROUGH_SECTIONS:
             continue
         else:
-            known = sorted([*_SECTIONS, *_TOP_CONVERTERS, *PASSTHROUGH_SECTIONS, "acl", "shaping"])
+            known = sorted([*_SECTIONS, *_TOP_CONVERTERS, *PASSTHROUGH_SECTIONS, "acl", "shaping", "sources", "pools",
+                            "pool_select"])  # fmt: skip
             raise ConfigError(f"{path}: {key}: unknown key (known: {', '.join(known)})")
     if "state_dir" not in values:
         values["state_dir"] = conv_path("var")
@@ -718,5 +766,25 @@ def _check_consistency(config: Config) -> None:
         raise ConfigError(f"{where}: tls.cert: needed by smtp.listen_tls and submission.listen")
     if config.submission.listen and not config.submission.users_file:
         raise ConfigError(f"{where}: submission.users_file: needed with submission.listen")
+    for name, src in config.sources.items():
+        import ipaddress as _ip
+
+        try:
+            _ip.ip_address(src.address)
+        except ValueError:
+            raise ConfigError(f"{where}: sources.{name}.address: not an IP address {src.address!r}") from None
+        if src.warmup and src.warmup_start is None:
+            raise ConfigError(f"{where}: sources.{name}.warmup_start: needed with a warm-up ladder")
+    for name, pool in config.pools.items():
+        for member in pool.sources or {}:
+            if member not in config.sources:
+                raise ConfigError(f"{where}: pools.{name}.sources: no source named {member!r}")
+        if not pool.sources:
+            raise ConfigError(f"{where}: pools.{name}.sources: a pool needs sources")
+    sel = config.pool_select
+    for key, target in [("default", sel.default), *[(f"sender_domain.{k}", v) for k, v in (sel.sender_domain or {}).items()],
+                        *[(f"auth_user.{k}", v) for k, v in (sel.auth_user or {}).items()]]:  # fmt: skip
+        if target is not None and target not in config.pools:
+            raise ConfigError(f"{where}: pool_select.{key}: no pool named {target!r}")
     if not config.smtp.listen:
         raise ConfigError(f"{where}: smtp.listen: at least one listener is needed")

@@ -301,6 +301,24 @@ def _feedback_parts(config: Config, reactor: Any) -> tuple[Any, Any]:
     return store, tagger
 
 
+def _selector(config: Config, reactor: Any) -> Any:
+    """Source IP pools and warm-up from ``[sources]``, ``[pools]``, ``[pool_select]`` (None without pools)."""
+    if not config.pools:
+        return None
+    from pymta.outbound.pools import Pool, Source, SourceSelector, WarmupCounter
+
+    sources = {
+        name: Source(name, c.address, c.ehlo or config.hostname, c.warmup, c.warmup_start)
+        for name, c in config.sources.items()
+    }
+    pools = {
+        name: Pool(name, [(sources[s], w) for s, w in (c.sources or {}).items()], c.spill) for name, c in config.pools.items()
+    }
+    sel = config.pool_select
+    counter = WarmupCounter(os.path.join(config.state_dir, "warmup.sqlite"))
+    return SourceSelector(reactor, pools, sel.sender_domain, sel.auth_user, sel.default, counter)
+
+
 def _shaper(config: Config, reactor: Any) -> Any:
     """Traffic shaping from ``[shaping]`` (limits default -> provider -> domain, backoff rules)."""
     import re
@@ -366,6 +384,7 @@ def _outbound_agent(config: Config, reactor: Any, resolver: Any) -> Any:
         router,
         config.hostname,
         shaper=_shaper(config, reactor),
+        selector=_selector(config, reactor),
         max_connections=out.max_connections,
         max_connections_per_domain=out.max_connections_per_domain,
         max_messages_per_connection=out.max_messages_per_connection,

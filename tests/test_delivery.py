@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import subprocess
 import tempfile
@@ -319,6 +320,27 @@ class DeliveryTests(unittest.TestCase):
         env, rcpts = self.envelope("a@remote.test")
         [result] = yield self.agent(source_address="127.0.0.9").deliver(env, rcpts, b"x\r\n")
         assert result.status == DELIVERED and seen == ["127.0.0.9"]
+
+    @defer.inlineCallbacks
+    def test_pool_sources_bind_their_address_and_ehlo_name_and_unbindable_ones_leave(self):
+        from pymta.outbound.pools import Pool, Source, SourceSelector
+
+        peer = self.peer("127.0.0.2")
+        seen = []
+        original = peer.factory.delegate.helo
+        peer.factory.delegate.helo = lambda session, name: (seen.append((session.peer_address, name)), original(session, name))[1]
+        good = Source("good", "127.0.0.9", "mta9.example.test")
+        bad = Source("bad", "192.0.2.77", "gone.example.test")  # not an address of this host
+        selector = SourceSelector(reactor, {"p": Pool("p", [(bad, 1000), (good, 1)])}, default_pool="p",
+                                  rng=random.Random(1))  # fmt: skip
+        agent = self.agent(selector=selector)
+        env, rcpts = self.envelope("a@remote.test")
+        [first] = yield agent.deliver(env, rcpts, b"x\r\n")
+        assert not bad.usable and "cannot bind 192.0.2.77" in bad.why_unusable
+        env, rcpts = self.envelope("b@remote.test")
+        [second] = yield agent.deliver(env, rcpts, b"x\r\n")
+        assert second.status == DELIVERED and seen[-1] == ("127.0.0.9", "mta9.example.test")
+        assert first.status == DEFERRED and "Cannot bind the source address 192.0.2.77" in first.text
 
     @defer.inlineCallbacks
     def test_connection_caps_queue_the_excess(self):

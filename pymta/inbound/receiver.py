@@ -48,17 +48,11 @@ def received_header(session: Any, qid: str, hostname: str, recipients: list[str]
     return ("\r\n".join(lines) + "\r\n").encode("utf-8", "replace")
 
 
-_DELIVER_AFTER = re.compile(rb"^X-Pymta-Deliver-After:[ \t]*(.*(?:\r\n[ \t].*)*)\r\n", re.I | re.M)
-
-
 def take_deliver_after(body: bytes) -> tuple[bytes, float]:
     """Remove ``X-Pymta-Deliver-After`` from the header; its time (RFC 5322 date or ISO 8601) or 0."""
-    end = body.find(b"\r\n\r\n")
-    head = body[: end + 2] if end >= 0 else body
-    m = _DELIVER_AFTER.search(head)
-    if m is None:
+    body, value = take_header(body, b"X-Pymta-Deliver-After")
+    if value is None:
         return body, 0.0
-    value = m.group(1).decode("ascii", "replace").strip()
     when = 0.0
     try:
         when = parsedate_to_datetime(value).timestamp()
@@ -67,7 +61,18 @@ def take_deliver_after(body: bytes) -> tuple[bytes, float]:
             when = datetime.fromisoformat(value).timestamp()
         except ValueError:
             log.info("ignoring an unreadable X-Pymta-Deliver-After: {value}", value=value[:80])
-    return body[: m.start()] + body[m.end() :], when
+    return body, when
+
+
+def take_header(body: bytes, name: bytes) -> tuple[bytes, str | None]:
+    """Remove header ``name`` from the message header; its (unfolded) value or None."""
+    end = body.find(b"\r\n\r\n")
+    head = body[: end + 2] if end >= 0 else body
+    m = re.search(rb"^" + re.escape(name) + rb":[ \t]*(.*(?:\r\n[ \t].*)*)\r\n", head, re.I | re.M)
+    if m is None:
+        return body, None
+    value = " ".join(m.group(1).decode("utf-8", "replace").split())
+    return body[: m.start()] + body[m.end() :], value
 
 
 def _header_safe(text: str) -> str:
@@ -221,8 +226,10 @@ class InboundReceiver:
             seen.add(address.lower())
             recipients.append(Recipient(address=address, route=route, orcpt=accepted.orcpt, notify=accepted.notify))
         not_before = 0.0
+        pool = None
         if self._trusted(session):
             body, not_before = take_deliver_after(body)
+            body, pool = take_header(body, b"X-Pymta-Pool")
         header = received_header(session, qid, self.hostname, [r.address for r in recipients], time.time())
         data = header + body
         envelope = Envelope(
@@ -242,6 +249,7 @@ class InboundReceiver:
             auth_user=session.auth_user,
             tls=session.tls,
             not_before=not_before,
+            extra={"pool": pool} if pool else {},
         )
         d = defer.maybeDeferred(self.store.enqueue, envelope, data)
         d.addCallbacks(self._queued, self._not_queued, callbackArgs=(session, envelope), errbackArgs=(session, envelope))

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet import defer, endpoints, task
+from twisted.internet import defer, endpoints, error, task
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -44,10 +44,11 @@ class ConnectFailed(Exception):
 @dataclass
 class Session:
     proto: SMTPClientProtocol
-    key: tuple[str, int]
+    key: tuple[str, int, str]
     host: str
     messages: int = 0
     idle_call: Any = None
+    helo: str = ""
 
     @property
     def remote(self) -> str:
@@ -83,6 +84,7 @@ class SMTPDeliveryAgent:
         tls_context_for: Callable[[str, bool], Any] | None = None,
         idle_timeout: float = 5.0,
         shaper: Any = None,
+        selector: Any = None,
     ) -> None:
         self.reactor = reactor
         self.clock = clock or reactor
@@ -96,6 +98,7 @@ class SMTPDeliveryAgent:
         self.tls_context_for = tls_context_for
         self.idle_timeout = idle_timeout
         self.shaper = shaper
+        self.selector = selector
         self.global_slots = defer.DeferredSemaphore(max_connections)
         self.per_domain = max_connections_per_domain
         self.domain_slots: dict[str, defer.DeferredSemaphore] = {}
@@ -145,8 +148,19 @@ class SMTPDeliveryAgent:
                 yield task.deferLater(self.clock, wait, lambda: None)
             yield self.shaper.acquire_connection(key, limits)
             shaping = (key, limits)
+        source = None
+        if self.selector is not None:
+            source, until = self.selector.pick(envelope)
+            if source is None and until:
+                if shaping is not None:
+                    self.shaper.release_connection(shaping[0])
+                reply = Reply(451, "4.7.0", "Every source of this mail's pool reached its daily warm-up cap")
+                return [_result(r, reply, None, None, hold_until=until) for r in recipients]
         try:
-            results = yield self._try_hops(envelope, recipients, body, domain, hops, shaping)
+            results = yield self._try_hops(envelope, recipients, body, domain, hops, shaping, source)
+            if source is not None and any(200 <= r.code < 300 for r in results):
+                self.selector.sent(source)
+                envelope.extra["source"] = source.name
         finally:
             if shaping is not None:
                 self.shaper.release_connection(shaping[0])
@@ -154,13 +168,13 @@ class SMTPDeliveryAgent:
 
     @defer.inlineCallbacks
     def _try_hops(self, envelope: Envelope, recipients: list[Recipient], body: bytes, domain: str,
-                  hops: list[Hop], shaping: tuple[str, Any] | None):  # fmt: skip
+                  hops: list[Hop], shaping: tuple[str, Any] | None, source: Any = None):  # fmt: skip
         policy = self.tls_policy_for(domain)
         last = Reply(451, "4.4.1", "No mail exchanger could be reached")
         for hop in hops:
             for address in hop.addresses:
                 try:
-                    session = yield self._session(hop, address, policy)
+                    session = yield self._session(hop, address, policy, source)
                 except ConnectFailed as e:
                     last = e.reply
                     if shaping is not None:
@@ -182,8 +196,8 @@ class SMTPDeliveryAgent:
     # -- sessions -------------------------------------------------------------------------------
 
     @defer.inlineCallbacks
-    def _session(self, hop: Hop, address: str, policy: str):
-        key = (address, hop.port)
+    def _session(self, hop: Hop, address: str, policy: str, source: Any = None):
+        key = (address, hop.port, source.name if source is not None else "")
         pool = self.idle.get(key)
         while pool:
             session = pool.pop()
@@ -191,8 +205,8 @@ class SMTPDeliveryAgent:
                 session.idle_call.cancel()
             if not session.proto.is_lost:
                 return session
-        proto = yield self._connect(address, hop.port)
-        session = Session(proto, key, hop.name)
+        proto = yield self._connect(address, hop.port, source)
+        session = Session(proto, key, hop.name, helo=source.ehlo if source is not None else self.helo_name)
         try:
             yield self._open(session, policy)
         except ConnectFailed as e:
@@ -202,8 +216,8 @@ class SMTPDeliveryAgent:
             # The handshake failed: remember it and try this host again in plaintext.
             self.no_tls_until[address] = self.clock.seconds() + NO_TLS_MEMORY
             log.info("STARTTLS with {mx} [{ip}] failed; plaintext for now", mx=hop.name, ip=address)
-            proto = yield self._connect(address, hop.port)
-            session = Session(proto, key, hop.name)
+            proto = yield self._connect(address, hop.port, source)
+            session = Session(proto, key, hop.name, helo=session.helo)
             try:
                 yield self._open(session, policy)
             except ConnectFailed:
@@ -212,13 +226,18 @@ class SMTPDeliveryAgent:
         return session
 
     @defer.inlineCallbacks
-    def _connect(self, address: str, port: int):
+    def _connect(self, address: str, port: int, source: Any = None):
         proto = SMTPClientProtocol(self.clock)
         kind = endpoints.TCP6ClientEndpoint if ":" in address else endpoints.TCP4ClientEndpoint
-        bind = (self.source_address, 0) if self.source_address else None
+        local = source.address if source is not None else self.source_address
+        bind = (local, 0) if local else None
         endpoint = kind(self.reactor, address, port, timeout=self.timeouts.connect, bindAddress=bind)
         try:
             yield endpoints.connectProtocol(endpoint, proto)
+        except error.ConnectBindError as e:
+            if source is not None and self.selector is not None:
+                self.selector.unusable(source, f"cannot bind {local}: {e}")
+            raise ConnectFailed(Reply(451, "4.4.1", f"Cannot bind the source address {local}: {e}")) from None
         except Exception as e:
             raise ConnectFailed(Reply(451, "4.4.1", f"Connection to [{address}]:{port} failed: {e}")) from None
         return proto
@@ -231,7 +250,7 @@ class SMTPDeliveryAgent:
             greeting = yield proto.expect(t.greeting)
             if greeting.code != 220:
                 raise SessionRefused(greeting, "greeting")
-            yield proto.hello(self.helo_name, t)
+            yield proto.hello(session.helo, t)
         except SessionRefused as e:
             code = e.reply.code if e.reply.code >= 400 else 451
             raise ConnectFailed(Reply(code, e.reply.enhanced, f"{session.remote} refused {e.stage}: {e.reply.text}")) from None
@@ -241,7 +260,7 @@ class SMTPDeliveryAgent:
         plaintext_ok = self.no_tls_until.get(session.key[0], 0) > self.clock.seconds()
         if wants_tls and proto.extensions.has("STARTTLS") and not (plaintext_ok and policy == "opportunistic"):
             try:
-                yield proto.starttls(self.tls_context_for(session.host, policy == "verify"), self.helo_name, t)
+                yield proto.starttls(self.tls_context_for(session.host, policy == "verify"), session.helo, t)
             except Exception as e:
                 raise ConnectFailed(Reply(451, "4.7.5", f"STARTTLS with {session.remote} failed: {e}"),
                                     tls_failed=True) from None  # fmt: skip
