@@ -45,7 +45,14 @@ class MTAProcess:
     """One ``twistd -n pymta`` process with its own state directory and config."""
 
     def __init__(
-        self, workdir: str, extra_config: str = "", port: int | None = None, dns: str | None = None, smtp_port: int = 2
+        self,
+        workdir: str,
+        extra_config: str = "",
+        port: int | None = None,
+        dns: str | None = None,
+        smtp_port: int = 2,
+        smtp_extra: str = "",
+        relay_from: str = "127.0.0.0/8",
     ) -> None:
         self.workdir = workdir
         self.port = port or free_port()
@@ -62,10 +69,11 @@ class MTAProcess:
                     [smtp]
                     listen = ["tcp:{self.port}:interface=127.0.0.1"]
                     max_message_size = 1048576
+                    {smtp_extra}
                     [domains]
                     local = ["example.test"]
                     mailboxes = ["alice@example.test", "bob@example.test"]
-                    relay_from = ["127.0.0.0/8"]
+                    relay_from = ["{relay_from}"]
                     [outbound]
                     smtp_port = {smtp_port}
                     """

@@ -174,12 +174,7 @@ def test_sigkill_leaves_no_process_or_port_and_a_restart_keeps_what_was_queued(t
 
 
 def test_listener_workers_share_the_port_deliver_through_the_main_process_and_die_with_it(tmp_path, dns_server):
-    mta = MTAProcess(str(tmp_path), dns=dns_server.address)
-    with open(mta.config_path) as f:
-        text = f.read()
-    with open(mta.config_path, "w") as f:
-        f.write(text.replace("max_message_size = 1048576\n", "max_message_size = 1048576\nprocesses = 2\n"))
-    mta.start()
+    mta = MTAProcess(str(tmp_path), dns=dns_server.address, smtp_extra="processes = 2").start()
     pid = mta.proc.pid
     try:
         children = mta.wait_for(

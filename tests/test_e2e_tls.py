@@ -64,7 +64,8 @@ def mta(tmp_path):
     users = tmp_path / "users"
     users.write_text(f"app:{hash_password('s3cret', n=2**10)}\n")
     tls_port, sub_port = free_port(), free_port()
-    proc = MTAProcess(str(tmp_path), dns=dns.address, extra_config=f"""
+    proc = MTAProcess(str(tmp_path), dns=dns.address, smtp_extra=f'listen_tls = ["tcp:{tls_port}:interface=127.0.0.1"]',
+                      extra_config=f"""
         [tls]
         cert = "{cert}"
         key = "{key}"
@@ -72,10 +73,6 @@ def mta(tmp_path):
         listen = ["tcp:{sub_port}:interface=127.0.0.1"]
         users_file = "{users}"
         """)  # fmt: skip
-    with open(proc.config_path) as f:
-        text = f.read()
-    with open(proc.config_path, "w") as f:
-        f.write(text.replace("max_message_size = 1048576\n", f'max_message_size = 1048576\nlisten_tls = ["tcp:{tls_port}:interface=127.0.0.1"]\n'))
     proc.start()
     wait_for_port("127.0.0.1", sub_port, 30)
     proc.tls_port, proc.sub_port, proc.dir = tls_port, sub_port, str(tmp_path)
@@ -237,12 +234,8 @@ OPEN_RELAY_BATTERY = [
 def untrusted_mta(tmp_path):
     """127.0.0.1 is not in relay_from here, so the test client is a stranger."""
     cert, key = make_cert(str(tmp_path))
-    proc = MTAProcess(str(tmp_path), extra_config=f'[tls]\ncert = "{cert}"\nkey = "{key}"\n')
-    with open(proc.config_path) as f:
-        text = f.read().replace('relay_from = ["127.0.0.0/8"]', 'relay_from = ["192.0.2.0/24"]')
-    with open(proc.config_path, "w") as f:
-        f.write(text)
-    proc.start()
+    proc = MTAProcess(str(tmp_path), extra_config=f'[tls]\ncert = "{cert}"\nkey = "{key}"\n',
+                      relay_from="192.0.2.0/24").start()  # fmt: skip
     yield proc
     proc.stop()
 
@@ -264,12 +257,8 @@ def test_open_relay_battery_from_a_stranger_is_refused(untrusted_mta, tls):
 
 def test_garbage_and_stalled_handshakes_close_only_their_own_connection(tmp_path):
     cert, key = make_cert(str(tmp_path))
-    mta = MTAProcess(str(tmp_path), extra_config=f'[tls]\ncert = "{cert}"\nkey = "{key}"\n')
-    with open(mta.config_path) as f:
-        text = f.read().replace("max_message_size = 1048576\n", 'max_message_size = 1048576\ncommand_timeout = "2s"\n')
-    with open(mta.config_path, "w") as f:
-        f.write(text)
-    mta.start()
+    mta = MTAProcess(str(tmp_path), extra_config=f'[tls]\ncert = "{cert}"\nkey = "{key}"\n',
+                     smtp_extra='command_timeout = "2s"').start()  # fmt: skip
     try:
         garbage = socket.create_connection(("127.0.0.1", mta.port), timeout=10)
         stalled = socket.create_connection(("127.0.0.1", mta.port), timeout=10)
