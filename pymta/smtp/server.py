@@ -298,6 +298,7 @@ class BodyCollector:
 # -- the protocol --------------------------------------------------------------------------------
 
 _COMMAND, _DATA, _BDAT, _GREET, _AUTH, _CLOSED = range(6)
+CLOSE_GRACE = 5.0  # seconds a closing connection may take before it is aborted
 _END = b"\r\n.\r\n"
 _EXTENSIONS = ("PIPELINING", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES", "CHUNKING", "DSN")
 _HTTP_VERBS = frozenset({"GET", "POST", "HEAD", "PUT", "CONNECT", "OPTIONS", "USER-AGENT:", "HOST:"})
@@ -361,6 +362,9 @@ class SMTPServerProtocol(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:
         self._mode = _CLOSED
         self._cancel_timer()
+        abort = getattr(self, "_abort_call", None)
+        if abort is not None and abort.active():
+            abort.cancel()
         call = getattr(self, "_greet_call", None)
         if call is not None and call.active():
             call.cancel()
@@ -374,6 +378,13 @@ class SMTPServerProtocol(Protocol):
         self._mode = _CLOSED
         self._cancel_timer()
         self.transport.loseConnection()
+        # A peer that never reads (or a TLS handshake that never completes) cannot hold the
+        # connection open: after a grace period it is aborted.
+        self._abort_call = self.clock.callLater(CLOSE_GRACE, self._abort)
+
+    def _abort(self) -> None:
+        if self.transport is not None and getattr(self.transport, "connected", True):
+            self.transport.abortConnection()
 
     # -- timers -------------------------------------------------------------------------------
 
