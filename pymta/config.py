@@ -377,7 +377,29 @@ class ShapingLimitsConfig:
     message_rate: Any = _key(conv_rate, None)
     messages_per_connection: int | None = _key(conv_int(1, 100000), None)
     recipients_per_message: int | None = _key(conv_int(1, 100000), None)
+    window: Any = _key(lambda v: conv_window(v), None)  # "08:00-20:00" local time of `timezone`
+    timezone: str | None = _key(lambda v: conv_timezone(v), None)
     mx_suffix: tuple[str, ...] = _key(conv_list(conv_hostname), ())  # providers only
+
+
+def conv_window(value: Any) -> tuple[int, int]:
+    from pymta.rate import parse_window
+
+    try:
+        return parse_window(conv_str(value))
+    except ValueError as e:
+        raise ConfigValueError(str(e)) from None
+
+
+def conv_timezone(value: Any) -> str:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    text = conv_str(value)
+    try:
+        ZoneInfo(text)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigValueError(f"unknown time zone {text!r}") from None
+    return text
 
 
 def conv_share(value: Any) -> float:

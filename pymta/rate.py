@@ -88,3 +88,14 @@ def parse_share(text: Any) -> float:
     if not 0 < value <= 1:
         raise ValueError("a share must be above 0% and at most 100%")
     return value
+
+
+def parse_window(text: str) -> tuple[int, int]:
+    """``"08:00-20:00"`` -> (480, 1200); a window may cross midnight (``"22:00-06:00"``)."""
+    m = re.match(r"^\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*$", text or "")
+    if not m:
+        raise ValueError(f"expected a window like \"08:00-20:00\", got {text!r}")
+    start, end = int(m[1]) * 60 + int(m[2]), int(m[3]) * 60 + int(m[4])
+    if not (0 <= start < 1440 and 0 <= end <= 1440) or start == end or int(m[2]) > 59 or int(m[4]) > 59:
+        raise ValueError(f"not a usable window {text!r}")
+    return start, end

@@ -328,7 +328,8 @@ def _shaper(config: Config, reactor: Any) -> Any:
     sh = config.shaping
 
     def limits(c: Any) -> Limits:
-        return Limits(c.connections, c.message_rate, c.messages_per_connection, c.recipients_per_message)
+        return Limits(c.connections, c.message_rate, c.messages_per_connection, c.recipients_per_message,
+                      c.window, c.timezone)  # fmt: skip
 
     default = limits(sh.default).over(Limits(connections=config.outbound.max_connections_per_domain))
     return Shaper(

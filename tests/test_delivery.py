@@ -307,7 +307,7 @@ class DeliveryTests(unittest.TestCase):
         connections = peer.connections
         env, rcpts = self.envelope("b@remote.test")
         [held] = yield agent.deliver(env, rcpts, b"x\r\n")
-        assert held.status == DEFERRED and held.extra["shaping"] == "domain:remote.test"
+        assert held.status == DEFERRED and held.extra["shaping"] == "mx:mx1.remote.test,mx2.remote.test"
         assert held.extra["hold_until"] >= reactor.seconds() + 590  # the shipped rule pauses 10 minutes
         assert "4.7.28" in held.text and peer.connections == connections  # nothing was sent
 

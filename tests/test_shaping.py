@@ -132,3 +132,42 @@ def test_a_dead_site_is_suspended_after_failures_in_a_row():
     s.connection_failed(key, "connection refused")
     assert s.hold_until(key, limits) == pytest.approx(600.0)
     assert s.explain(key)["reason"].startswith("dead site: 5 connection failures")
+
+
+def test_domains_on_the_same_mx_hosts_share_a_destination():
+    s = shaper(task.Clock())
+    a = s.destination("one.example", ("mx2.host.example", "mx1.host.example"))
+    b = s.destination("two.example", ("mx1.host.example", "mx2.host.example"))
+    assert a[0] == b[0] == "mx:mx1.host.example,mx2.host.example"
+    assert s.destination("remote.test", ("mx1.host.example",))[0] == "domain:remote.test"  # own limits win
+
+
+@pytest.mark.parametrize(
+    "utc,window,tz,opens",
+    [
+        ("2026-11-24T12:00", "08:00-20:00", "UTC", None),
+        ("2026-11-24T21:00", "08:00-20:00", "UTC", "2026-11-25T08:00"),
+        ("2026-11-24T05:00", "08:00-20:00", "UTC", "2026-11-24T08:00"),
+        ("2026-11-24T06:30", "08:00-20:00", "Europe/Berlin", "2026-11-24T07:00"),  # 08:00 CET = 07:00 UTC
+        ("2026-11-24T23:00", "22:00-06:00", "UTC", None),
+        ("2026-11-24T12:00", "22:00-06:00", "UTC", "2026-11-24T22:00"),
+    ],
+)
+def test_delivery_windows_hold_mail_until_they_open(utc, window, tz, opens):
+    import datetime
+
+    from pymta.rate import parse_window
+
+    clock = task.Clock()
+    clock.advance(datetime.datetime.fromisoformat(utc).replace(tzinfo=datetime.UTC).timestamp())
+    s = Shaper(clock, Limits(window=parse_window(window), timezone=tz))
+    key, limits = s.destination("x.test")
+    expected = 0.0 if opens is None else datetime.datetime.fromisoformat(opens).replace(tzinfo=datetime.UTC).timestamp()
+    assert s.hold_until(key, limits) == expected
+
+
+def test_window_and_timezone_config_errors():
+    with pytest.raises(ConfigError, match=r"shaping\.domain\.x\.window"):
+        build_config({"shaping": {"domain": {"x": {"window": "8-20"}}}}, "t")
+    with pytest.raises(ConfigError, match=r"shaping\.default\.timezone: unknown time zone"):
+        build_config({"shaping": {"default": {"timezone": "Mars/Olympus"}}}, "t")

@@ -16,7 +16,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from pymta.rate import KeyedLimiter, Rate, parse_rate, parse_share
+from pymta.rate import KeyedLimiter, Rate, parse_rate, parse_share, parse_window
 
 log = Logger(namespace="pymta.outbound.shaping")
 
@@ -27,14 +27,13 @@ class Limits:
     message_rate: Rate | None = None
     messages_per_connection: int | None = None
     recipients_per_message: int | None = None
+    window: tuple[int, int] | None = None  # minutes after local midnight: [start, end)
+    timezone: str | None = None
 
     def over(self, other: Limits) -> Limits:
         """These limits, falling back to ``other`` where unset."""
-        return Limits(*(mine if mine is not None else theirs for mine, theirs in zip(
-            (self.connections, self.message_rate, self.messages_per_connection, self.recipients_per_message),
-            (other.connections, other.message_rate, other.messages_per_connection, other.recipients_per_message),
-            strict=True,
-        )))  # fmt: skip
+        names = ("connections", "message_rate", "messages_per_connection", "recipients_per_message", "window", "timezone")
+        return Limits(*(getattr(self, n) if getattr(self, n) is not None else getattr(other, n) for n in names))
 
 
 @dataclass(frozen=True)
@@ -103,7 +102,10 @@ class Shaper:
                 own = self.domains.get(domain)
                 return f"provider:{name}", (own.over(limits) if own else limits).over(self.default)
         own = self.domains.get(domain)
-        return f"domain:{domain}", (own.over(self.default) if own else self.default)
+        if own is not None or not mx_hosts:
+            return f"domain:{domain}", (own.over(self.default) if own else self.default)
+        # Domains hosted on the same MX hosts share one destination (automatic rollup).
+        return "mx:" + ",".join(sorted(set(mx_hosts))), self.default
 
     def state(self, key: str) -> State:
         s = self.states.get(key)
@@ -133,6 +135,9 @@ class Shaper:
         now = self.clock.seconds()
         if s.paused_until > now:
             return s.paused_until
+        opens = next_window_start(now, limits)
+        if opens:
+            return opens
         rate = self.current_rate(key, limits)
         if rate is None:
             return 0.0
@@ -230,4 +235,24 @@ class Shaper:
                 "connections": s.connections, "waiting": len(s.waiting)}  # fmt: skip
 
 
-__all__ = ["DEFAULT_BACKOFF", "BackoffRule", "Limits", "Shaper", "parse_rate", "parse_share"]
+def next_window_start(now: float, limits: Limits) -> float:
+    """0 when ``now`` is inside the destination's delivery window (or it has none); else when it opens."""
+    if limits.window is None:
+        return 0.0
+    from datetime import datetime, timedelta
+    from zoneinfo import ZoneInfo
+
+    tz = ZoneInfo(limits.timezone or "UTC")
+    local = datetime.fromtimestamp(now, tz)
+    minute = local.hour * 60 + local.minute
+    start, end = limits.window
+    inside = start <= minute < end if start < end else (minute >= start or minute < end)
+    if inside:
+        return 0.0
+    opening = local.replace(hour=start // 60, minute=start % 60, second=0, microsecond=0)
+    if opening <= local:
+        opening += timedelta(days=1)
+    return opening.timestamp()
+
+
+__all__ = ["DEFAULT_BACKOFF", "BackoffRule", "Limits", "Shaper", "parse_rate", "parse_share", "parse_window"]
