@@ -498,6 +498,15 @@ def _conv_named(cls: type, value: Any, section: str, where: str) -> dict[str, An
 
 
 @dataclass(frozen=True)
+class WarmupConfig:
+    """When a source's ladder holds (over a threshold) or steps back (twice over), judged daily."""
+
+    bounce_rate: float = _key(lambda v: conv_share(v), 0.05)
+    deferral_rate: float = _key(lambda v: conv_share(v), 0.20)
+    min_sample: int = _key(conv_int(1, 10**9), 20)
+
+
+@dataclass(frozen=True)
 class LogConfig:
     accounting: bool = _key(conv_bool, True)
 
@@ -621,6 +630,7 @@ _SECTIONS: dict[str, type] = {
     "tls": TLSConfig,
     "submission": SubmissionConfig,
     "dnsbl": DNSBLConfig,
+    "warmup": WarmupConfig,
 }
 
 
@@ -649,6 +659,7 @@ class Config:
     sources: dict[str, SourceConfig] = field(default_factory=dict)
     pools: dict[str, PoolConfig] = field(default_factory=dict)
     pool_select: PoolSelectConfig = field(default_factory=PoolSelectConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
     routes: dict[str, tuple[str, int]] = field(default_factory=dict)
     acl: dict[str, tuple[AclRule, ...]] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)

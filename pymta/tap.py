@@ -316,7 +316,9 @@ def _selector(config: Config, reactor: Any) -> Any:
     }
     sel = config.pool_select
     counter = WarmupCounter(os.path.join(config.state_dir, "warmup.sqlite"))
-    return SourceSelector(reactor, pools, sel.sender_domain, sel.auth_user, sel.default, counter)
+    w = config.warmup
+    return SourceSelector(reactor, pools, sel.sender_domain, sel.auth_user, sel.default, counter,
+                          bounce_rate=w.bounce_rate, deferral_rate=w.deferral_rate, min_sample=w.min_sample)  # fmt: skip
 
 
 def _shaper(config: Config, reactor: Any) -> Any:

@@ -97,3 +97,26 @@ def test_pool_config_errors_name_the_key():
         build_config({"sources": {"ip1": {"address": "127.0.0.2", "warmup": [10, 20]}}}, "t")
     with pytest.raises(ConfigError, match=r"pool_select\.default"):
         build_config({"pool_select": {"default": "missing"}}, "t")
+
+
+def test_the_ladder_holds_or_steps_back_when_yesterday_went_badly(world):
+    ip1, ip2, pools, counter, _ = world
+    ip1.ladder = (10, 20, 40, 80, 160)
+    clock = clock_at(DAY0 + datetime.timedelta(days=2))  # day 3: cap 40
+    sel = SourceSelector(clock, pools, counter=counter, bounce_rate=0.05, deferral_rate=0.2, min_sample=20)
+    today = sel.today()
+    assert ip1.cap(today, sel.offset(ip1, today)) == 40
+    # Day 3 goes badly: 10 % bounces (twice the threshold: step back), judged on day 4.
+    for code in [250] * 18 + [550] * 2:
+        sel.outcome(ip1, code)
+    clock.advance(86400)
+    today = sel.today()
+    assert ip1.cap(today, sel.offset(ip1, today)) == 20  # day 4 would be 80; stepped back two steps
+    for code in [250] * 17 + [451] * 5:  # ~23 % deferred: above the threshold, under twice: hold
+        sel.outcome(ip1, code)
+    clock.advance(86400)
+    today = sel.today()
+    assert ip1.cap(today, sel.offset(ip1, today)) == 20  # day 5: held, the same cap as day 4
+    clock.advance(86400)  # a quiet day: too few results to judge, the ladder climbs again
+    today = sel.today()
+    assert ip1.cap(today, sel.offset(ip1, today)) == 40

@@ -158,9 +158,13 @@ class SMTPDeliveryAgent:
                 return [_result(r, reply, None, None, hold_until=until) for r in recipients]
         try:
             results = yield self._try_hops(envelope, recipients, body, domain, hops, shaping, source)
-            if source is not None and any(200 <= r.code < 300 for r in results):
-                self.selector.sent(source)
-                envelope.extra["source"] = source.name
+            if source is not None:
+                for r in results:
+                    if r.remote_mta:  # an answer from the remote side, not a local verdict
+                        self.selector.outcome(source, r.code)
+                if any(200 <= r.code < 300 for r in results):
+                    self.selector.sent(source)
+                    envelope.extra["source"] = source.name
         finally:
             if shaping is not None:
                 self.shaper.release_connection(shaping[0])

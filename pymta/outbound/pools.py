@@ -26,10 +26,11 @@ class Source:
     usable: bool = True  # False once it could not be bound
     why_unusable: str = ""
 
-    def cap(self, today: date) -> int | None:
+    def cap(self, today: date, offset: int = 0) -> int | None:
+        """The day's cap; ``offset`` steps the ladder back (held or stepped-back days)."""
         if not self.ladder or self.start is None:
             return None
-        day = (today - self.start).days
+        day = (today - self.start).days - offset
         if day < 0:
             return self.ladder[0]
         return self.ladder[day] if day < len(self.ladder) else None
@@ -49,6 +50,10 @@ class WarmupCounter:
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("CREATE TABLE IF NOT EXISTS sent (source TEXT, day TEXT, count INTEGER, PRIMARY KEY (source, day))")
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS outcome (source TEXT, day TEXT, kind TEXT, count INTEGER, PRIMARY KEY (source, day, kind))"
+        )
+        self.db.execute("CREATE TABLE IF NOT EXISTS ladder (source TEXT PRIMARY KEY, offset INTEGER, checked TEXT)")
 
     def count(self, source: str, day: date) -> int:
         row = self.db.execute("SELECT count FROM sent WHERE source = ? AND day = ?", (source, day.isoformat())).fetchone()
@@ -58,6 +63,28 @@ class WarmupCounter:
         self.db.execute(
             "INSERT INTO sent (source, day, count) VALUES (?, ?, ?) ON CONFLICT (source, day) DO UPDATE SET count = count + ?",
             (source, day.isoformat(), n, n),
+        )
+
+    def outcome(self, source: str, day: date, kind: str, n: int = 1) -> None:
+        self.db.execute(
+            "INSERT INTO outcome (source, day, kind, count) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (source, day, kind) DO UPDATE SET count = count + ?",
+            (source, day.isoformat(), kind, n, n),
+        )
+
+    def outcomes(self, source: str, day: date) -> dict[str, int]:
+        rows = self.db.execute("SELECT kind, count FROM outcome WHERE source = ? AND day = ?", (source, day.isoformat()))
+        return dict(rows.fetchall())
+
+    def ladder(self, source: str) -> tuple[int, str | None]:
+        row = self.db.execute("SELECT offset, checked FROM ladder WHERE source = ?", (source,)).fetchone()
+        return (row[0], row[1]) if row else (0, None)
+
+    def set_ladder(self, source: str, offset: int, checked: date) -> None:
+        self.db.execute(
+            "INSERT INTO ladder (source, offset, checked) VALUES (?, ?, ?) "
+            "ON CONFLICT (source) DO UPDATE SET offset = excluded.offset, checked = excluded.checked",
+            (source, offset, checked.isoformat()),
         )
 
     def close(self) -> None:
@@ -76,6 +103,9 @@ class SourceSelector:
         default_pool: str | None = None,
         counter: WarmupCounter | None = None,
         rng: random.Random | None = None,
+        bounce_rate: float = 0.05,
+        deferral_rate: float = 0.20,
+        min_sample: int = 20,
     ) -> None:
         self.clock = clock
         self.pools = pools
@@ -84,6 +114,31 @@ class SourceSelector:
         self.default_pool = default_pool
         self.counter = counter
         self.rng = rng or random.Random()
+        self.bounce_rate = bounce_rate
+        self.deferral_rate = deferral_rate
+        self.min_sample = min_sample
+
+    def offset(self, source: Source, today: date) -> int:
+        """How far the ladder is held back, re-judged once a day from yesterday's outcomes."""
+        if self.counter is None or not source.ladder:
+            return 0
+        offset, checked = self.counter.ladder(source.name)
+        if checked == today.isoformat():
+            return offset
+        yesterday = self.counter.outcomes(source.name, today - timedelta(days=1))
+        total = sum(yesterday.values())
+        if total >= self.min_sample:
+            bounces = yesterday.get("bounced", 0) / total
+            deferrals = yesterday.get("deferred", 0) / total
+            worst = max(bounces / self.bounce_rate, deferrals / self.deferral_rate)
+            if worst > 1:
+                step = 2 if worst >= 2 else 1  # twice the threshold or more: step back; else hold
+                offset += step
+                log.warn("warm-up of {source} {what}: yesterday {bounces:.1%} bounced, {deferrals:.1%} deferred",
+                         source=source.name, what="steps back" if step == 2 else "holds", bounces=bounces,
+                         deferrals=deferrals, event="warmup")  # fmt: skip
+        self.counter.set_ladder(source.name, offset, today)
+        return offset
 
     def pool_for(self, envelope: Any) -> Pool | None:
         name = envelope.extra.get("pool") if envelope.extra else None
@@ -109,7 +164,7 @@ class SourceSelector:
         for source, weight in pool.members:
             if not source.usable or weight <= 0:
                 continue
-            cap = source.cap(today)
+            cap = source.cap(today, self.offset(source, today))
             if cap is not None and self.counter is not None and self.counter.count(source.name, today) >= cap:
                 continue
             candidates.append((source, weight))
@@ -132,6 +187,12 @@ class SourceSelector:
     def sent(self, source: Source, n: int = 1) -> None:
         if self.counter is not None and source.ladder:
             self.counter.add(source.name, self.today(), n)
+
+    def outcome(self, source: Source, code: int) -> None:
+        """Count a per-recipient result of the source (delivered, deferred, bounced) for the ladder."""
+        if self.counter is not None and source.ladder:
+            kind = "delivered" if code < 400 else "deferred" if code < 500 else "bounced"
+            self.counter.outcome(source.name, self.today(), kind)
 
     def unusable(self, source: Source, why: str) -> None:
         if source.usable:
