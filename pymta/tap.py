@@ -214,7 +214,9 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
     from pymta.admin.control import control_service
     from pymta.admin.queue_ops import QueueOperations
 
-    operations = QueueOperations(store, manager if config.queue.deliver else None)
+    operations = QueueOperations(
+        store, manager if config.queue.deliver else None, smtp_agent.shaper, smtp_agent.selector
+    )
     control_service(config.control_socket, operations, reactor=reactor).setServiceParent(top)
     if config.queue.deliver:
         from pymta.queue.watch import IncomingWatcher

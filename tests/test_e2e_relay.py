@@ -189,3 +189,35 @@ def run_cli(mta: MTAProcess, main: str, *args: str) -> subprocess.CompletedProce
     code = f"import sys; from pymta.admin.cli import {main}; sys.exit({main}())"
     return subprocess.run([sys.executable, "-c", code, "--config", mta.config_path, *args],
                           capture_output=True, text=True, timeout=60, cwd=ROOT)  # fmt: skip
+
+
+def test_pool_source_and_shaping_state_through_the_control_socket(tmp_path, world):
+    import datetime
+
+    dns, sink, port = world
+    today = datetime.datetime.now(datetime.UTC).date().isoformat()
+    mta = MTAProcess(str(tmp_path), dns=dns.address, smtp_port=port, extra_config=f"""
+        [sources.s1]
+        address = "127.0.0.11"
+        ehlo = "mta11.example.test"
+        warmup = [100, 200]
+        warmup_start = "{today}"
+        [pools.bulk]
+        sources = {{ s1 = 1 }}
+        [pool_select]
+        default = "bulk"
+        """).start()  # fmt: skip
+    try:
+        with smtplib.SMTP("127.0.0.1", mta.port, timeout=30) as client:
+            client.sendmail("s@example.org", ["r@remote.test"], MESSAGE)
+        [dumped] = mta.wait_for(sink.messages, what="delivery through the pool's source")
+        state = mta.wait_for(
+            lambda: (r := queue_cli(mta, "shaping")).returncode == 0 and json.loads(r.stdout)["sources"][0]["sent_today"]
+            and json.loads(r.stdout), what="shaping state",
+        )  # fmt: skip
+        [source] = state["sources"]
+        assert source == {"source": "s1", "address": "127.0.0.11", "usable": True, "why_unusable": "",
+                          "cap_today": 100, "sent_today": 1, "ladder_offset": 0}  # fmt: skip
+        assert any(d["key"] == "mx:mx1.remote.test,mx2.remote.test" for d in state["destinations"])
+    finally:
+        mta.stop()

@@ -1,4 +1,4 @@
-"""``pymta-queue``: list, show, flush, delete, hold and release queued mail.
+"""``pymta-queue``: list, show, flush, delete, hold and release queued mail; shaping state.
 
 Through the running MTA's control socket when it answers; with the MTA stopped, list, show,
 delete, hold and release work on the queue directory directly (flush needs the running MTA).
@@ -16,7 +16,7 @@ from typing import Any
 
 from pymta.config import ConfigError, default_config_path, load_config
 
-COMMANDS = ("list", "show", "flush", "delete", "hold", "release")
+COMMANDS = ("list", "show", "flush", "delete", "hold", "release", "shaping")
 
 
 class CLIError(Exception):
@@ -112,8 +112,8 @@ def queue_main(argv: list[str] | None = None) -> int:
             raise CLIError(f"{args.command} needs a queue id")
         answer = ask_control_socket(config.control_socket, args.command, args.qid)
         if answer is None:
-            if args.command == "flush":
-                raise CLIError("flush needs the running MTA: nothing answers on " + config.control_socket)
+            if args.command in ("flush", "shaping"):
+                raise CLIError(f"{args.command} needs the running MTA: nothing answers on " + config.control_socket)
             answer = run_directly(config.queue_dir, args.command, args.qid)
     except ConfigError as e:
         sys.stderr.write(f"pymta-queue: configuration error: {e}\n")

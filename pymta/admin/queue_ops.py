@@ -73,9 +73,11 @@ def _state_or_error(store: IQueueStore, qid: str) -> str:
 class QueueOperations:
     """Applies operator requests; with a queue manager, through it (it owns the schedule)."""
 
-    def __init__(self, store: IQueueStore, manager: Any = None) -> None:
+    def __init__(self, store: IQueueStore, manager: Any = None, shaper: Any = None, selector: Any = None) -> None:
         self.store = store
         self.manager = manager
+        self.shaper = shaper
+        self.selector = selector
 
     def qids(self, target: str) -> list[str]:
         if target == "all":
@@ -89,6 +91,8 @@ class QueueOperations:
             return list_queue(self.store)
         if command == "show":
             return show_message(self.store, self._need(target))
+        if command == "shaping":
+            return self.shaping()
         if command == "flush":
             if self.manager is None:
                 raise QueueOpError("flush needs the running MTA (no control socket answered)")
@@ -101,6 +105,29 @@ class QueueOperations:
                 done.append(qid)
             return {command: done}
         raise QueueOpError(f"unknown command {command!r}")
+
+    def shaping(self) -> dict[str, Any]:
+        """Why each destination is paused or slowed, and the state of every source (the running MTA)."""
+        if self.shaper is None and self.selector is None:
+            raise QueueOpError("shaping state needs the running MTA (no control socket answered)")
+        destinations = [self.shaper.explain(key) for key in sorted(self.shaper.states)] if self.shaper else []
+        sources = []
+        if self.selector is not None:
+            today = self.selector.today()
+            seen = set()
+            for pool in self.selector.pools.values():
+                for source, _weight in pool.members:
+                    if source.name in seen:
+                        continue
+                    seen.add(source.name)
+                    counter = self.selector.counter
+                    offset = self.selector.offset(source, today)
+                    sources.append({
+                        "source": source.name, "address": source.address, "usable": source.usable,
+                        "why_unusable": source.why_unusable, "cap_today": source.cap(today, offset),
+                        "sent_today": counter.count(source.name, today) if counter else None, "ladder_offset": offset,
+                    })  # fmt: skip
+        return {"destinations": destinations, "sources": sources}
 
     @staticmethod
     def _need(target: str | None) -> str:
