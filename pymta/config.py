@@ -379,6 +379,9 @@ class ShapingLimitsConfig:
     recipients_per_message: int | None = _key(conv_int(1, 100000), None)
     window: Any = _key(lambda v: conv_window(v), None)  # "08:00-20:00" local time of `timezone`
     timezone: str | None = _key(lambda v: conv_timezone(v), None)
+    connection_rate: Any = _key(conv_rate, None)
+    retry_initial: float | None = _key(conv_duration(1), None)
+    retry_max: float | None = _key(conv_duration(1), None)
     mx_suffix: tuple[str, ...] = _key(conv_list(conv_hostname), ())  # providers only
 
 

@@ -171,3 +171,32 @@ def test_window_and_timezone_config_errors():
         build_config({"shaping": {"domain": {"x": {"window": "8-20"}}}}, "t")
     with pytest.raises(ConfigError, match=r"shaping\.default\.timezone: unknown time zone"):
         build_config({"shaping": {"default": {"timezone": "Mars/Olympus"}}}, "t")
+
+
+def test_connection_rate_spaces_new_connections():
+    clock = task.Clock()
+    s = Shaper(clock, Limits(connection_rate=parse_rate("2/s")))
+    key, limits = s.destination("x.test")
+    assert s.connection_wait(key, limits) == 0.0
+    assert s.connection_wait(key, limits) == pytest.approx(0.5)
+    assert s.destination("y.test")[1].connection_rate == parse_rate("2/s")
+
+
+def test_a_destinations_retry_schedule_overrides_the_queue_default():
+    clock = task.Clock()
+    clock.advance(1000)
+
+    class Deferring:
+        def deliver(self, envelope, recipients, body):
+            from twisted.internet import defer
+
+            return defer.succeed([DeliveryResult(r.address, DEFERRED, 451, "4.4.1", "later", extra={"retry": [60.0, 120.0]})
+                                  for r in recipients])  # fmt: skip
+
+    store = MemoryQueueStore()
+    manager = QueueManager(store, {ROUTE_RELAY: Deferring()}, clock, "h", retry_initial=600, retry_max=3600)
+    manager.startService()
+    qid = new_qid()
+    store.enqueue(Envelope(qid=qid, sender="s@x.test", recipients=[Recipient("a@remote.test")], arrival=1000), b"x")
+    manager.notify_incoming(qid)
+    assert 50 <= store.load(qid).next_attempt - 1000 <= 70

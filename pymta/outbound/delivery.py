@@ -178,7 +178,7 @@ class SMTPDeliveryAgent:
         for hop in hops:
             for address in hop.addresses:
                 try:
-                    session = yield self._session(hop, address, policy, source)
+                    session = yield self._session(hop, address, policy, source, shaping)
                 except ConnectFailed as e:
                     last = e.reply
                     if shaping is not None:
@@ -193,6 +193,9 @@ class SMTPDeliveryAgent:
                 if results is not None:
                     if shaping is not None:
                         self._shaping_feedback(shaping[0], results)
+                        if shaping[1].retry is not None:
+                            for r in results:
+                                r.extra.setdefault("retry", list(shaping[1].retry))
                     return results
                 last = Reply(451, "4.4.2", f"Connection to {session.remote} lost before the transaction")
         return [_result(r, last, None, None) for r in recipients]
@@ -200,7 +203,7 @@ class SMTPDeliveryAgent:
     # -- sessions -------------------------------------------------------------------------------
 
     @defer.inlineCallbacks
-    def _session(self, hop: Hop, address: str, policy: str, source: Any = None):
+    def _session(self, hop: Hop, address: str, policy: str, source: Any = None, shaping: Any = None):
         key = (address, hop.port, source.name if source is not None else "")
         pool = self.idle.get(key)
         while pool:
@@ -209,6 +212,10 @@ class SMTPDeliveryAgent:
                 session.idle_call.cancel()
             if not session.proto.is_lost:
                 return session
+        if shaping is not None:  # a new connection: the destination's connection rate applies
+            wait = self.shaper.connection_wait(*shaping)
+            if wait > 0:
+                yield task.deferLater(self.clock, wait, lambda: None)
         proto = yield self._connect(address, hop.port, source)
         session = Session(proto, key, hop.name, helo=source.ehlo if source is not None else self.helo_name)
         try:

@@ -29,10 +29,13 @@ class Limits:
     recipients_per_message: int | None = None
     window: tuple[int, int] | None = None  # minutes after local midnight: [start, end)
     timezone: str | None = None
+    connection_rate: Rate | None = None
+    retry: tuple[float, float] | None = None  # (initial, maximum) retry delays for this destination
 
     def over(self, other: Limits) -> Limits:
         """These limits, falling back to ``other`` where unset."""
-        names = ("connections", "message_rate", "messages_per_connection", "recipients_per_message", "window", "timezone")
+        names = ("connections", "message_rate", "messages_per_connection", "recipients_per_message", "window", "timezone",
+                 "connection_rate", "retry")  # fmt: skip
         return Limits(*(getattr(self, n) if getattr(self, n) is not None else getattr(other, n) for n in names))
 
 
@@ -147,6 +150,15 @@ class Shaper:
         limiter.set_rate(rate)
         wait = limiter.take(key)
         return now + wait if wait else 0.0
+
+    def connection_wait(self, key: str, limits: Limits) -> float:
+        """Seconds to wait before opening a new connection to the destination (its connection rate)."""
+        if limits.connection_rate is None:
+            return 0.0
+        limiter = self.limiters.get("conn:" + key)
+        if limiter is None:
+            limiter = self.limiters["conn:" + key] = KeyedLimiter(limits.connection_rate, self.clock)
+        return limiter.take(key)
 
     def _cap(self, s: State, limits: Limits) -> int:
         """Concurrency now: the adaptive window within the configured cap (Postfix-style slow start)."""

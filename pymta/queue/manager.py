@@ -161,17 +161,19 @@ class QueueManager(service.Service):
         outcomes = yield defer.DeferredList(calls, consumeErrors=True)
         now = self.clock.seconds()
         holds: list[float] = []
+        retry = None  # a destination's own (initial, maximum) retry delays
         for (_, rcpts), (ok, results) in zip(groups.items(), outcomes, strict=True):
             if not ok:
                 log.failure("delivery agent failed for {qid}", results, qid=qid)
                 results = [DeliveryResult(r.address, R_DEFERRED, 451, "4.3.0", "Local error in delivery") for r in rcpts]
             holds.extend(r.extra.get("hold_until") or 0.0 for r in results)
+            retry = next((r.extra["retry"] for r in results if r.extra.get("retry")), retry)
             self._apply(envelope, rcpts, results, now)
         # Held back only by traffic shaping: no attempt is used up; try again when the limit allows.
         held_until = min(holds) if holds and all(holds) else None
         if held_until is None:
             envelope.attempts += 1
-        yield self._conclude(envelope, body, now, held_until)
+        yield self._conclude(envelope, body, now, held_until, retry)
 
     def _deliver_group(self, envelope: Envelope, route: str, rcpts: list[Recipient], body: bytes) -> defer.Deferred:
         agent = self.agents.get(route)
@@ -225,7 +227,8 @@ class QueueManager(service.Service):
         )
 
     @defer.inlineCallbacks
-    def _conclude(self, envelope: Envelope, body: bytes, now: float, held_until: float | None = None):
+    def _conclude(self, envelope: Envelope, body: bytes, now: float, held_until: float | None = None,
+                  retry: list[float] | None = None):  # fmt: skip
         qid = envelope.qid
         pending = envelope.pending_recipients()
         if pending and now - envelope.arrival >= self.max_age:
@@ -249,7 +252,8 @@ class QueueManager(service.Service):
         if held_until is not None:
             yield self._reschedule(envelope, max(held_until, now))
             return
-        delay = retry_delay(envelope.attempts, self.retry_initial, self.retry_max, self.rng)
+        initial, maximum = retry if retry else (self.retry_initial, self.retry_max)
+        delay = retry_delay(envelope.attempts, initial, maximum, self.rng)
         if all(is_greylisting(r.reply) for r in pending):
             # Greylisting wants a prompt, correct retry, not the long backoff.
             delay = min(self.greylist_retry, self.retry_initial)
