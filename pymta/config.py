@@ -382,6 +382,7 @@ class ShapingLimitsConfig:
     connection_rate: Any = _key(conv_rate, None)
     retry_initial: float | None = _key(conv_duration(1), None)
     retry_max: float | None = _key(conv_duration(1), None)
+    per_source: bool | None = _key(conv_bool, None)
     mx_suffix: tuple[str, ...] = _key(conv_list(conv_hostname), ())  # providers only
 
 

@@ -522,3 +522,30 @@ class OutboundTLSTests(unittest.TestCase):
         assert result.status == DELIVERED and result.tls is None
         assert len(peer.messages) == 1 and "127.0.0.2" in agent.no_tls_until
         self.flushLoggedErrors()
+
+
+class PerSourceShapingTests(unittest.TestCase):
+    def test_per_source_limits_keep_a_state_per_source(self):
+        from pymta.envelope import DeliveryResult
+        from pymta.outbound.pools import Pool, Source, SourceSelector
+        from pymta.outbound.shaping import Limits, Shaper
+        from pymta.rate import parse_rate
+
+        class Router:
+            def next_hops(self, domain):
+                from pymta.outbound.routes import Hop
+
+                return defer.succeed([Hop("mx.x.test", 2, ("127.0.0.1",))])
+
+        clock = task.Clock()
+        shaper = Shaper(clock, Limits(per_source=True, message_rate=parse_rate("1/min")))
+        s1, s2 = Source("s1", "127.0.0.1", "a.test"), Source("s2", "127.0.0.1", "b.test")
+        selector = SourceSelector(clock, {"p": Pool("p", [(s1, 1)]), "q": Pool("q", [(s2, 1)])})
+        agent = SMTPDeliveryAgent(reactor, Router(), "c.test", clock=clock, shaper=shaper, selector=selector)
+        agent._try_hops = lambda *a: defer.succeed([DeliveryResult("r@x.test", DELIVERED, 250, "2.0.0", "ok")])
+        keys = []
+        for pool in ("p", "p", "q"):
+            env = Envelope(qid=new_qid(), sender="s@x.test", recipients=[Recipient("r@x.test")], extra={"pool": pool})
+            agent.deliver(env, env.recipients, b"x").addCallback(lambda r: keys.append(r[0].extra.get("shaping")))
+        # s1's second message is held by s1's own rate; s2 still sends at once.
+        assert keys == [None, "mx:mx.x.test@s1", None]

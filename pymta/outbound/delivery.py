@@ -133,9 +133,17 @@ class SMTPDeliveryAgent:
             hops: list[Hop] = yield self.router.next_hops(domain)
         except RouteError as e:
             return [_result(r, e.reply, None, None) for r in recipients]
+        source = None
+        if self.selector is not None:
+            source, until = self.selector.pick(envelope)
+            if source is None and until:
+                reply = Reply(451, "4.7.0", "Every source of this mail's pool reached its daily warm-up cap")
+                return [_result(r, reply, None, None, hold_until=until) for r in recipients]
         shaping = None
         if self.shaper is not None:
             key, limits = self.shaper.destination(domain, tuple(h.name for h in hops))
+            if limits.per_source and source is not None:
+                key = f"{key}@{source.name}"  # the limits hold for each source separately
             while True:
                 hold = self.shaper.hold_until(key, limits)
                 wait = hold - self.clock.seconds() if hold else 0.0
@@ -148,14 +156,6 @@ class SMTPDeliveryAgent:
                 yield task.deferLater(self.clock, wait, lambda: None)
             yield self.shaper.acquire_connection(key, limits)
             shaping = (key, limits)
-        source = None
-        if self.selector is not None:
-            source, until = self.selector.pick(envelope)
-            if source is None and until:
-                if shaping is not None:
-                    self.shaper.release_connection(shaping[0])
-                reply = Reply(451, "4.7.0", "Every source of this mail's pool reached its daily warm-up cap")
-                return [_result(r, reply, None, None, hold_until=until) for r in recipients]
         try:
             results = yield self._try_hops(envelope, recipients, body, domain, hops, shaping, source)
             if source is not None:

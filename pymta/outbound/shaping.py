@@ -31,11 +31,12 @@ class Limits:
     timezone: str | None = None
     connection_rate: Rate | None = None
     retry: tuple[float, float] | None = None  # (initial, maximum) retry delays for this destination
+    per_source: bool | None = None  # the limits apply to each source IP separately
 
     def over(self, other: Limits) -> Limits:
         """These limits, falling back to ``other`` where unset."""
         names = ("connections", "message_rate", "messages_per_connection", "recipients_per_message", "window", "timezone",
-                 "connection_rate", "retry")  # fmt: skip
+                 "connection_rate", "retry", "per_source")  # fmt: skip
         return Limits(*(getattr(self, n) if getattr(self, n) is not None else getattr(other, n) for n in names))
 
 
