@@ -507,6 +507,7 @@ class WarmupConfig:
 
     bounce_rate: float = _key(lambda v: conv_share(v), 0.05)
     deferral_rate: float = _key(lambda v: conv_share(v), 0.20)
+    complaint_rate: float = _key(lambda v: conv_share(v), 0.001)
     min_sample: int = _key(conv_int(1, 10**9), 20)
 
 

@@ -139,7 +139,8 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
     relay = FeedbackGate(smtp_agent, suppression, tagger, fb.sender_domains, classify, fb.unsubscribe)
     agents["relay"] = agents["forward"] = relay
     agents["feedback"] = FeedbackProcessor(
-        suppression, tagger, fb.complaint_addresses, fb.reply_addresses, agents["local"], fb.reply_mailbox, accounting
+        suppression, tagger, fb.complaint_addresses, fb.reply_addresses, agents["local"], fb.reply_mailbox, accounting,
+        sources=smtp_agent.selector,
     )
 
     manager = QueueManager(
@@ -320,7 +321,8 @@ def _selector(config: Config, reactor: Any) -> Any:
     counter = WarmupCounter(os.path.join(config.state_dir, "warmup.sqlite"))
     w = config.warmup
     return SourceSelector(reactor, pools, sel.sender_domain, sel.auth_user, sel.default, counter,
-                          bounce_rate=w.bounce_rate, deferral_rate=w.deferral_rate, min_sample=w.min_sample)  # fmt: skip
+                          bounce_rate=w.bounce_rate, deferral_rate=w.deferral_rate, min_sample=w.min_sample,
+                          complaint_rate=w.complaint_rate)  # fmt: skip
 
 
 def _shaper(config: Config, reactor: Any) -> Any:

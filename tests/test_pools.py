@@ -120,3 +120,43 @@ def test_the_ladder_holds_or_steps_back_when_yesterday_went_badly(world):
     clock.advance(86400)  # a quiet day: too few results to judge, the ladder climbs again
     today = sel.today()
     assert ip1.cap(today, sel.offset(ip1, today)) == 40
+
+
+def test_complaints_and_later_bounces_from_the_feedback_loop_count_against_the_sending_source(world):
+    ip1, ip2, pools, counter, _ = world
+    ip1.ladder = (10, 20, 40, 80)
+    clock = clock_at(DAY0 + datetime.timedelta(days=1))  # day 2: cap 20
+    sel = SourceSelector(clock, pools, counter=counter, complaint_rate=0.01, min_sample=20)
+    for i in range(20):
+        sel.sent(ip1, qid=f"Q{i:018d}")
+        sel.outcome(ip1, 250)
+    assert sel.feedback(f"Q{3:018d}", "complaint") == "ip1"  # 1 complaint in 20 = 5 %, over 2 x 1 %
+    assert sel.feedback("UNKNOWNQID000000000", "complaint") is None
+    clock.advance(86400)
+    today = sel.today()
+    assert ip1.cap(today, sel.offset(ip1, today)) == 10  # day 3 would be 40; one step below day 2 instead
+
+
+def test_the_feedback_processor_reports_bounces_and_complaints_to_the_sources(tmp_path):
+    from pymta.feedback.parse import parse_message
+    from pymta.feedback.processor import FeedbackProcessor
+    from pymta.feedback.suppression import SuppressionStore
+    from pymta.feedback.verp import Tagger
+    from tests.test_feedback_processor import arf, dsn
+
+    told = []
+
+    class Sources:
+        def feedback(self, qid, kind):
+            told.append((qid, kind))
+
+    store = SuppressionStore(str(tmp_path / "s.sqlite"), task.Clock())
+    tagger = Tagger("0123456789abcdef-secret", "bounces.sender.test")
+    processor = FeedbackProcessor(store, tagger, complaint_addresses=("fbl@sender.test",), sources=Sources())
+    qid = new_qid()
+    rp = tagger.return_path(qid, "carol@remote.test")
+    env = Envelope(qid=new_qid(), sender="", recipients=[])
+    processor.handle(rp, env, parse_message(dsn(rp, "carol@remote.test")))
+    processor.handle("fbl@sender.test", env, parse_message(arf(tagger.trace_value(qid, "dave@remote.test"))))
+    assert told == [(qid, "bounced"), (qid, "complaint")]
+    store.close()

@@ -32,6 +32,7 @@ class FeedbackProcessor:
         reply_agent: IDeliveryAgent | None = None,
         reply_mailbox: str | None = None,
         accounting: Any = None,
+        sources: Any = None,
     ) -> None:
         self.suppression = suppression
         self.tagger = tagger
@@ -40,6 +41,7 @@ class FeedbackProcessor:
         self.reply_agent = reply_agent
         self.reply_mailbox = reply_mailbox
         self.accounting = accounting
+        self.sources = sources  # the warm-up's source selector: bounces and complaints count against a source
 
     @defer.inlineCallbacks
     def deliver(self, envelope: Envelope, recipients: list[Recipient], body: bytes):
@@ -95,6 +97,8 @@ class FeedbackProcessor:
                     continue
                 if detail.action == "failed":
                     self.suppression.record_bounce(detail.address, detail.reason or "undefined", bool(detail.hard))
+                    if self.sources is not None:
+                        self.sources.feedback(qid, "bounced")
                     done.append(f"{detail.address} {'hard' if detail.hard else 'soft'} {detail.reason}")
                 else:
                     done.append(f"{detail.address} {detail.action}")
@@ -117,4 +121,6 @@ class FeedbackProcessor:
             return "ignored: complaint without a genuine trace header"
         qid, rcpt = traced
         self.suppression.record_complaint(rcpt, f"complaint ({report.feedback_type or 'abuse'})")
+        if self.sources is not None:
+            self.sources.feedback(qid, "complaint")
         return f"complaint about {qid} for {rcpt}: suppressed"

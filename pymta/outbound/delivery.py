@@ -163,7 +163,7 @@ class SMTPDeliveryAgent:
                     if r.remote_mta:  # an answer from the remote side, not a local verdict
                         self.selector.outcome(source, r.code)
                 if any(200 <= r.code < 300 for r in results):
-                    self.selector.sent(source)
+                    self.selector.sent(source, qid=envelope.qid)
                     envelope.extra["source"] = source.name
         finally:
             if shaping is not None:

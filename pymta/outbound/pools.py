@@ -54,6 +54,7 @@ class WarmupCounter:
             "CREATE TABLE IF NOT EXISTS outcome (source TEXT, day TEXT, kind TEXT, count INTEGER, PRIMARY KEY (source, day, kind))"
         )
         self.db.execute("CREATE TABLE IF NOT EXISTS ladder (source TEXT PRIMARY KEY, offset INTEGER, checked TEXT)")
+        self.db.execute("CREATE TABLE IF NOT EXISTS message (qid TEXT PRIMARY KEY, source TEXT, day TEXT)")
 
     def count(self, source: str, day: date) -> int:
         row = self.db.execute("SELECT count FROM sent WHERE source = ? AND day = ?", (source, day.isoformat())).fetchone()
@@ -87,6 +88,17 @@ class WarmupCounter:
             (source, offset, checked.isoformat()),
         )
 
+    def remember(self, qid: str, source: str, day: date) -> None:
+        """Which source sent a message, so later bounces and complaints count against it."""
+        self.db.execute("INSERT OR REPLACE INTO message (qid, source, day) VALUES (?, ?, ?)", (qid, source, day.isoformat()))
+
+    def source_of(self, qid: str) -> str | None:
+        row = self.db.execute("SELECT source FROM message WHERE qid = ?", (qid,)).fetchone()
+        return row[0] if row else None
+
+    def forget_before(self, day: date) -> None:
+        self.db.execute("DELETE FROM message WHERE day < ?", (day.isoformat(),))
+
     def close(self) -> None:
         self.db.close()
 
@@ -106,6 +118,7 @@ class SourceSelector:
         bounce_rate: float = 0.05,
         deferral_rate: float = 0.20,
         min_sample: int = 20,
+        complaint_rate: float = 0.001,
     ) -> None:
         self.clock = clock
         self.pools = pools
@@ -117,6 +130,7 @@ class SourceSelector:
         self.bounce_rate = bounce_rate
         self.deferral_rate = deferral_rate
         self.min_sample = min_sample
+        self.complaint_rate = complaint_rate
 
     def offset(self, source: Source, today: date) -> int:
         """How far the ladder is held back, re-judged once a day from yesterday's outcomes."""
@@ -126,17 +140,18 @@ class SourceSelector:
         if checked == today.isoformat():
             return offset
         yesterday = self.counter.outcomes(source.name, today - timedelta(days=1))
-        total = sum(yesterday.values())
+        total = sum(n for kind, n in yesterday.items() if kind != "complaint")
         if total >= self.min_sample:
             bounces = yesterday.get("bounced", 0) / total
             deferrals = yesterday.get("deferred", 0) / total
-            worst = max(bounces / self.bounce_rate, deferrals / self.deferral_rate)
+            complaints = yesterday.get("complaint", 0) / total
+            worst = max(bounces / self.bounce_rate, deferrals / self.deferral_rate, complaints / self.complaint_rate)
             if worst > 1:
                 step = 2 if worst >= 2 else 1  # twice the threshold or more: step back; else hold
                 offset += step
-                log.warn("warm-up of {source} {what}: yesterday {bounces:.1%} bounced, {deferrals:.1%} deferred",
-                         source=source.name, what="steps back" if step == 2 else "holds", bounces=bounces,
-                         deferrals=deferrals, event="warmup")  # fmt: skip
+                log.warn("warm-up of {source} {what}: yesterday {bounces:.1%} bounced, {deferrals:.1%} deferred, "
+                         "{complaints:.2%} complained", source=source.name, what="steps back" if step == 2 else "holds",
+                         bounces=bounces, deferrals=deferrals, complaints=complaints, event="warmup")  # fmt: skip
         self.counter.set_ladder(source.name, offset, today)
         return offset
 
@@ -184,9 +199,22 @@ class SourceSelector:
                 return source, 0.0
         return candidates[-1][0], 0.0
 
-    def sent(self, source: Source, n: int = 1) -> None:
+    def sent(self, source: Source, n: int = 1, qid: str | None = None) -> None:
         if self.counter is not None and source.ladder:
-            self.counter.add(source.name, self.today(), n)
+            today = self.today()
+            self.counter.add(source.name, today, n)
+            if qid:
+                self.counter.remember(qid, source.name, today)
+
+    def feedback(self, qid: str, kind: str) -> str | None:
+        """A later bounce (``bounced``) or complaint (``complaint``) from the feedback loop about a
+        message: counted against the source that sent it. Returns that source's name."""
+        if self.counter is None:
+            return None
+        name = self.counter.source_of(qid)
+        if name is not None:
+            self.counter.outcome(name, self.today(), kind)
+        return name
 
     def outcome(self, source: Source, code: int) -> None:
         """Count a per-recipient result of the source (delivered, deferred, bounced) for the ladder."""
