@@ -480,6 +480,9 @@ class SourceConfig:
     ehlo: str | None = _key(conv_hostname, None)
     warmup: tuple[int, ...] = _key(conv_list(conv_int(1, 10**9), allow_single=False), ())
     warmup_start: Any = _key(conv_date, None)
+    warmup_provider: dict[str, tuple[int, ...]] = _key(
+        conv_table(conv_str, conv_list(conv_int(1, 10**9), allow_single=False)), None
+    )  # a ladder per provider of [shaping.provider]
 
 
 @dataclass(frozen=True)
@@ -811,7 +814,10 @@ def _check_consistency(config: Config) -> None:
             _ip.ip_address(src.address)
         except ValueError:
             raise ConfigError(f"{where}: sources.{name}.address: not an IP address {src.address!r}") from None
-        if src.warmup and src.warmup_start is None:
+        for provider in src.warmup_provider or {}:
+            if provider not in config.shaping.provider:
+                raise ConfigError(f"{where}: sources.{name}.warmup_provider.{provider}: no [shaping.provider.{provider}]")
+        if (src.warmup or src.warmup_provider) and src.warmup_start is None:
             raise ConfigError(f"{where}: sources.{name}.warmup_start: needed with a warm-up ladder")
     for name, pool in config.pools.items():
         for member in pool.sources or {}:

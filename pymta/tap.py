@@ -311,7 +311,8 @@ def _selector(config: Config, reactor: Any) -> Any:
     from pymta.outbound.pools import Pool, Source, SourceSelector, WarmupCounter
 
     sources = {
-        name: Source(name, c.address, c.ehlo or config.hostname, c.warmup, c.warmup_start)
+        name: Source(name, c.address, c.ehlo or config.hostname, c.warmup, c.warmup_start,
+                     provider_ladders={k: tuple(v) for k, v in (c.warmup_provider or {}).items()})  # fmt: skip
         for name, c in config.sources.items()
     }
     pools = {

@@ -160,3 +160,16 @@ def test_the_feedback_processor_reports_bounces_and_complaints_to_the_sources(tm
     processor.handle("fbl@sender.test", env, parse_message(arf(tagger.trace_value(qid, "dave@remote.test"))))
     assert told == [(qid, "bounced"), (qid, "complaint")]
     store.close()
+
+
+def test_a_provider_can_have_its_own_ladder_for_a_source(world):
+    ip1, ip2, pools, counter, _ = world
+    ip1.provider_ladders = {"google": (1, 2)}
+    sel = SourceSelector(clock_at(DAY0), pools, default_pool="warm", counter=counter)
+    source, _ = sel.pick(envelope(), "google")
+    sel.sent(source, provider="google")
+    assert sel.pick(envelope(), "google")[0] is None  # google's ladder: 1 on day 1
+    assert sel.pick(envelope(), "other")[0] is ip1  # the source's own ladder: 2 on day 1, 1 used
+    with pytest.raises(ConfigError, match=r"sources\.s\.warmup_provider\.google"):
+        build_config({"sources": {"s": {"address": "127.0.0.2", "warmup_start": "2026-11-20",
+                                        "warmup_provider": {"google": [1]}}}}, "t")  # fmt: skip

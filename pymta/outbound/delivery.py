@@ -133,15 +133,17 @@ class SMTPDeliveryAgent:
             hops: list[Hop] = yield self.router.next_hops(domain)
         except RouteError as e:
             return [_result(r, e.reply, None, None) for r in recipients]
+        destination = self.shaper.destination(domain, tuple(h.name for h in hops)) if self.shaper else None
+        provider = destination[0][len("provider:") :] if destination and destination[0].startswith("provider:") else None
         source = None
         if self.selector is not None:
-            source, until = self.selector.pick(envelope)
+            source, until = self.selector.pick(envelope, provider)
             if source is None and until:
                 reply = Reply(451, "4.7.0", "Every source of this mail's pool reached its daily warm-up cap")
                 return [_result(r, reply, None, None, hold_until=until) for r in recipients]
         shaping = None
-        if self.shaper is not None:
-            key, limits = self.shaper.destination(domain, tuple(h.name for h in hops))
+        if destination is not None:
+            key, limits = destination
             if limits.per_source and source is not None:
                 key = f"{key}@{source.name}"  # the limits hold for each source separately
             while True:
@@ -163,7 +165,7 @@ class SMTPDeliveryAgent:
                     if r.remote_mta:  # an answer from the remote side, not a local verdict
                         self.selector.outcome(source, r.code)
                 if any(200 <= r.code < 300 for r in results):
-                    self.selector.sent(source, qid=envelope.qid)
+                    self.selector.sent(source, qid=envelope.qid, provider=provider)
                     envelope.extra["source"] = source.name
         finally:
             if shaping is not None:

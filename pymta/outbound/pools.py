@@ -25,15 +25,21 @@ class Source:
     start: date | None = None
     usable: bool = True  # False once it could not be bound
     why_unusable: str = ""
+    provider_ladders: dict[str, tuple[int, ...]] = field(default_factory=dict)  # a ladder per provider
 
-    def cap(self, today: date, offset: int = 0) -> int | None:
-        """The day's cap; ``offset`` steps the ladder back (held or stepped-back days)."""
-        if not self.ladder or self.start is None:
+    def cap(self, today: date, offset: int = 0, provider: str | None = None) -> int | None:
+        """The day's cap (for ``provider`` when it has its own ladder); ``offset`` steps it back."""
+        ladder = self.provider_ladders.get(provider, ()) if provider else ()
+        ladder = ladder or self.ladder
+        if not ladder or self.start is None:
             return None
         day = (today - self.start).days - offset
         if day < 0:
-            return self.ladder[0]
-        return self.ladder[day] if day < len(self.ladder) else None
+            return ladder[0]
+        return ladder[day] if day < len(ladder) else None
+
+    def counter_key(self, provider: str | None) -> str:
+        return f"{self.name}/{provider}" if provider and provider in self.provider_ladders else self.name
 
 
 @dataclass
@@ -134,7 +140,7 @@ class SourceSelector:
 
     def offset(self, source: Source, today: date) -> int:
         """How far the ladder is held back, re-judged once a day from yesterday's outcomes."""
-        if self.counter is None or not source.ladder:
+        if self.counter is None or not (source.ladder or source.provider_ladders):
             return 0
         offset, checked = self.counter.ladder(source.name)
         if checked == today.isoformat():
@@ -168,7 +174,7 @@ class SourceSelector:
     def today(self) -> date:
         return datetime.fromtimestamp(self.clock.seconds(), UTC).date()
 
-    def pick(self, envelope: Any) -> tuple[Source | None, float]:
+    def pick(self, envelope: Any, provider: str | None = None) -> tuple[Source | None, float]:
         """(source, 0) to send now; (None, 0) when no pool applies; (None, until) when every
         source of the pool is at its daily cap."""
         pool = self.pool_for(envelope)
@@ -179,8 +185,8 @@ class SourceSelector:
         for source, weight in pool.members:
             if not source.usable or weight <= 0:
                 continue
-            cap = source.cap(today, self.offset(source, today))
-            if cap is not None and self.counter is not None and self.counter.count(source.name, today) >= cap:
+            cap = source.cap(today, self.offset(source, today), provider)
+            if cap is not None and self.counter is not None and self.counter.count(source.counter_key(provider), today) >= cap:
                 continue
             candidates.append((source, weight))
         preferred = [c for c in candidates if c[0].name == envelope.extra.get("source")] if envelope.extra else []
@@ -199,10 +205,12 @@ class SourceSelector:
                 return source, 0.0
         return candidates[-1][0], 0.0
 
-    def sent(self, source: Source, n: int = 1, qid: str | None = None) -> None:
-        if self.counter is not None and source.ladder:
+    def sent(self, source: Source, n: int = 1, qid: str | None = None, provider: str | None = None) -> None:
+        if self.counter is not None and (source.ladder or source.provider_ladders):
             today = self.today()
             self.counter.add(source.name, today, n)
+            if provider and provider in source.provider_ladders:
+                self.counter.add(source.counter_key(provider), today, n)
             if qid:
                 self.counter.remember(qid, source.name, today)
 
@@ -218,7 +226,7 @@ class SourceSelector:
 
     def outcome(self, source: Source, code: int) -> None:
         """Count a per-recipient result of the source (delivered, deferred, bounced) for the ladder."""
-        if self.counter is not None and source.ladder:
+        if self.counter is not None and (source.ladder or source.provider_ladders):
             kind = "delivered" if code < 400 else "deferred" if code < 500 else "bounced"
             self.counter.outcome(source.name, self.today(), kind)
 
