@@ -205,6 +205,8 @@ def test_junk_never_raises(raw):
         (None, "552 message size exceeds fixed maximum message size", 552, "mesgtoobig", False),
         (None, "550 5.7.26 Unauthenticated email is not accepted (DMARC)", 550, "authfailure", False),
         (None, "something nobody has ever seen", 450, "undefined", False),
+        (None, "SMTP error from remote mail server after MAIL FROM:<a@b.test> SIZE=1024: 550 Unroutable sender address",
+         550, "rejected", False),
     ],
 )
 def test_classification_rules(status, text, code, reason, hard):
