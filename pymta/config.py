@@ -625,6 +625,29 @@ def _conv_acl(value: Any, where: str) -> dict[str, tuple[AclRule, ...]]:
 _DEFAULT_MESSAGE_RATE = conv_rate("600/min, burst=100")
 _DEFAULT_RECIPIENT_RATE = conv_rate("6000/min, burst=1000")
 
+def conv_https_url(value: Any) -> str:
+    url = conv_str(value).rstrip("/")
+    if not re.match(r"^https://[A-Za-z0-9.-]+(:\d{1,5})?(/[!-~]*)?$", url):
+        raise ConfigValueError(f"expected an https:// URL (RFC 8058 one-click needs HTTPS), got {value!r}")
+    return url
+
+
+@dataclass(frozen=True)
+class HTTPConfig:
+    """The HTTP service: admin and injection API plus /metrics on ``listen``, one-click
+    unsubscribe on ``public_listen`` (reached by receivers as ``public_url``)."""
+
+    listen: tuple[str, ...] = _key(conv_list(conv_endpoint), ())
+    tokens_file: str | None = _key(conv_path, None)  # NAME:SCOPES:SHA256 lines (pymta-token)
+    public_listen: tuple[str, ...] = _key(conv_list(conv_endpoint), ())
+    public_url: str | None = _key(conv_https_url, None)
+    metrics_auth: bool = _key(conv_bool, False)  # /metrics needs a "read" token
+    max_body: int = _key(conv_int(1024, 1 << 30), 50 * 1024 * 1024)
+    template_timeout: float = _key(conv_duration(0.01), 2.0)  # per recipient
+    metric_campaigns: tuple[str, ...] | None = _key(conv_list(conv_str), None)  # campaigns with their own label
+    metric_tenants: tuple[str, ...] | None = _key(conv_list(conv_str), None)
+
+
 _SECTIONS: dict[str, type] = {
     "smtp": SMTPConfig,
     "domains": DomainsConfig,
@@ -639,6 +662,7 @@ _SECTIONS: dict[str, type] = {
     "submission": SubmissionConfig,
     "dnsbl": DNSBLConfig,
     "warmup": WarmupConfig,
+    "http": HTTPConfig,
 }
 
 
@@ -668,6 +692,7 @@ class Config:
     pools: dict[str, PoolConfig] = field(default_factory=dict)
     pool_select: PoolSelectConfig = field(default_factory=PoolSelectConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    http: HTTPConfig = field(default_factory=HTTPConfig)
     routes: dict[str, tuple[str, int]] = field(default_factory=dict)
     acl: dict[str, tuple[AclRule, ...]] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -832,3 +857,8 @@ def _check_consistency(config: Config) -> None:
             raise ConfigError(f"{where}: pool_select.{key}: no pool named {target!r}")
     if not config.smtp.listen:
         raise ConfigError(f"{where}: smtp.listen: at least one listener is needed")
+    if config.http.public_listen and not (fb.bounce_domain and fb.unsubscribe):
+        raise ConfigError(f"{where}: http.public_listen: one-click unsubscribe needs feedback.bounce_domain and "
+                          "feedback.unsubscribe = true")  # fmt: skip
+    if config.http.public_listen and not config.http.public_url:
+        raise ConfigError(f"{where}: http.public_url: needed with http.public_listen")

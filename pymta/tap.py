@@ -67,6 +67,7 @@ class CloseOnStop(service.Service):
 
 
 def makeService(options: dict[str, Any]) -> service.MultiService:
+    from pymta.admin.http.tokens import TokensFileError
     from pymta.inbound.auth import UsersFileError
     from pymta.tls import TLSConfigError
 
@@ -79,7 +80,7 @@ def makeService(options: dict[str, Any]) -> service.MultiService:
         worker_fds = [tuple(int(x) for x in item.split(":")) for item in options["worker-fds"].split(",")]
     try:
         return build_service(config, global_reactor, worker_fds)
-    except (TLSConfigError, UsersFileError) as e:
+    except (TLSConfigError, UsersFileError, TokensFileError) as e:
         sys.stderr.write(f"pymta: configuration error: {e}\n")
         raise SystemExit(2) from None
 
@@ -136,7 +137,8 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
     suppression, tagger = _feedback_parts(config, reactor)
     CloseOnStop(suppression.close).setServiceParent(top)
     fb = config.feedback
-    relay = FeedbackGate(smtp_agent, suppression, tagger, fb.sender_domains, classify, fb.unsubscribe)
+    relay = FeedbackGate(smtp_agent, suppression, tagger, fb.sender_domains, classify, fb.unsubscribe,
+                         config.http.public_url if config.http.public_listen else None)  # fmt: skip
     agents["relay"] = agents["forward"] = relay
     agents["feedback"] = FeedbackProcessor(
         suppression, tagger, fb.complaint_addresses, fb.reply_addresses, agents["local"], fb.reply_mailbox, accounting,
@@ -159,6 +161,11 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
     )
     if config.queue.deliver:
         manager.setServiceParent(top)
+    from pymta.admin.http.service import make_metrics
+
+    metrics = make_metrics(config) if worker_fds is None else None
+    # Every message the queue manager hears of (from this process or a listener worker) is counted once.
+    notify = metrics.counting(manager.notify_incoming) if metrics is not None else manager.notify_incoming
 
     policy = RelayPolicy(
         config.domains.local,
@@ -174,7 +181,7 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
         policy,
         store,
         reactor,
-        on_queued=manager.notify_incoming if config.queue.deliver else None,
+        on_queued=notify if config.queue.deliver else None,
         accounting=accounting,
         acl=AclPolicy(config.acl) if config.acl else None,
         limits=ClientLimits(
@@ -219,10 +226,18 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
         store, manager if config.queue.deliver else None, smtp_agent.shaper, smtp_agent.selector
     )
     control_service(config.control_socket, operations, reactor=reactor).setServiceParent(top)
+    if config.http.listen or config.http.public_listen:
+        from pymta.admin.http.service import build_http
+
+        build_http(
+            config, reactor, top, store=store, operations=operations, policy=policy, threadpool=pool,
+            metrics=metrics, suppression=suppression, tagger=tagger, accounting=accounting,
+            on_queued=notify if config.queue.deliver else None, shaper=smtp_agent.shaper,
+        )  # fmt: skip
     if config.queue.deliver:
         from pymta.queue.watch import IncomingWatcher
 
-        IncomingWatcher(os.path.join(config.queue_dir, "incoming"), manager.notify_incoming, reactor).setServiceParent(top)
+        IncomingWatcher(os.path.join(config.queue_dir, "incoming"), notify, reactor).setServiceParent(top)
     for endpoint in config.smtp.listen_tls:
         implicit = SMTPServerFactory(receiver, config.hostname, limits, reactor)
         wrapped = TLSMemoryBIOFactory(server_tls, False, implicit)

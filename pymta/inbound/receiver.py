@@ -18,6 +18,7 @@ from zope.interface import implementer
 from pymta.envelope import ROUTE_RELAY, Envelope, Recipient, new_qid
 from pymta.inbound.limits import ClientLimits, Greylist
 from pymta.inbound.policy import RelayPolicy
+from pymta.inbound.submit import record_queued
 from pymta.interfaces import IPolicy, IQueueStore, ISMTPServerDelegate, QueueFull
 from pymta.smtp.replies import LOCAL_ERROR, STORAGE_FULL, Reply
 
@@ -263,29 +264,7 @@ class InboundReceiver:
 
     def _queued(self, _: Any, session: Any, envelope: Envelope) -> Reply:
         reply = Reply(250, "2.0.0", f"Ok: queued as {envelope.qid}")
-        log.info(
-            "queued {qid} from <{sender}> for {nrcpt} recipient(s), {size} octets",
-            event="queued",
-            qid=envelope.qid,
-            client=envelope.client_address,
-            sender=envelope.sender,
-            recipients=[r.address for r in envelope.recipients],
-            nrcpt=len(envelope.recipients),
-            size=envelope.size,
-            code=reply.code,
-            enhanced=reply.enhanced,
-        )
-        if self.accounting is not None:
-            for r in envelope.recipients:
-                self.accounting.record(
-                    "received", qid=envelope.qid, sender=envelope.sender, recipient=r.address,
-                    size=envelope.size, client=envelope.client_address, route=r.route,
-                )
-        if self.on_queued is not None:
-            try:
-                self.on_queued(envelope.qid)
-            except Exception:
-                log.failure("queue manager notification failed for {qid}", qid=envelope.qid)
+        record_queued(envelope, self.accounting, self.on_queued, code=reply.code, enhanced=reply.enhanced)
         return reply
 
     def _not_queued(self, failure: Any, session: Any, envelope: Envelope) -> Reply:
