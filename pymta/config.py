@@ -284,6 +284,11 @@ class QueueConfig:
     deliver: bool = _key(conv_bool, True)
 
 
+# The SMTP client's stages (RFC 5321 §4.5.3.2), the keys of [outbound] timeouts.
+CLIENT_TIMEOUT_STAGES = ("connect", "greeting", "ehlo", "starttls", "mail", "rcpt", "data", "data_block", "data_end",
+                         "rset", "quit")  # fmt: skip
+
+
 @dataclass(frozen=True)
 class OutboundConfig:
     smarthost: tuple[str, int] | None = _key(conv_hostport(25), None)
@@ -293,7 +298,8 @@ class OutboundConfig:
     max_connections_per_domain: int = _key(conv_int(1, 10000), 10)
     max_messages_per_connection: int = _key(conv_int(1, 100000), 100)
     max_recipients_per_transaction: int = _key(conv_int(1, 100000), 100)
-    connect_timeout: float = _key(conv_duration(1), 30.0)
+    connect_timeout: float | None = _key(conv_duration(1), None)  # also timeouts.connect (default 30s)
+    timeouts: dict[str, float] = _key(conv_table(conv_choice(*CLIENT_TIMEOUT_STAGES), conv_duration(1)), None)
     tls: str = _key(conv_choice("none", "opportunistic", "verify"), "opportunistic")
     tls_ca_file: str | None = _key(conv_path, None)
     tls_policy: dict[str, str] = _key(conv_table(conv_hostname, conv_choice("none", "opportunistic", "verify")), None)
@@ -815,6 +821,8 @@ def _check_consistency(config: Config) -> None:
         raise ConfigError(
             f"{where}: outbound.max_connections_per_domain: must not exceed outbound.max_connections"
         )
+    if config.outbound.connect_timeout is not None and "connect" in (config.outbound.timeouts or {}):
+        raise ConfigError(f"{where}: outbound.timeouts: connect: also set as outbound.connect_timeout; keep one")
     overlap = set(config.domains.local) & set(config.domains.forward)
     if overlap:
         raise ConfigError(f"{where}: domains.forward: {sorted(overlap)[0]} is also in domains.local")

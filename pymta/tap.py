@@ -382,11 +382,20 @@ def listener_addresses(endpoints: tuple[str, ...]) -> list[tuple[str, int]]:
     return out
 
 
+def client_timeouts(out: Any) -> Any:
+    """The SMTP client's stage timeouts from ``[outbound] timeouts`` (and ``connect_timeout``)."""
+    from pymta.smtp.client import ClientTimeouts
+
+    stages = dict(out.timeouts or {})
+    if out.connect_timeout is not None:
+        stages["connect"] = out.connect_timeout
+    return ClientTimeouts(**stages)
+
+
 def _outbound_agent(config: Config, reactor: Any, resolver: Any) -> Any:
     """The SMTP delivery agent for relayed and forwarded recipients."""
     from pymta.outbound.delivery import SMTPDeliveryAgent
     from pymta.outbound.routes import Router
-    from pymta.smtp.client import ClientTimeouts
     from pymta.tls import client_tls
 
     out = config.outbound
@@ -414,7 +423,7 @@ def _outbound_agent(config: Config, reactor: Any, resolver: Any) -> Any:
         max_messages_per_connection=out.max_messages_per_connection,
         max_recipients_per_transaction=out.max_recipients_per_transaction,
         source_address=out.source_address,
-        timeouts=ClientTimeouts(connect=out.connect_timeout),
+        timeouts=client_timeouts(out),
         tls_policy_for=tls_policy_for,
         tls_context_for=lambda host, verify: client_tls(host, verify, out.tls_ca_file),
     )

@@ -107,3 +107,37 @@ def test_config_defaults_to_the_environment_variable(tmp_path, monkeypatch):
     assert default_config_path() == "/x/y.toml"
     monkeypatch.delenv("PYMTA_CONFIG")
     assert default_config_path() == "/etc/pymta/pymta.toml"
+
+
+def test_outbound_timeouts_reach_every_client_stage(tmp_path):
+    from dataclasses import fields
+
+    from pymta.config import CLIENT_TIMEOUT_STAGES
+    from pymta.smtp.client import ClientTimeouts
+    from pymta.tap import client_timeouts
+
+    assert set(CLIENT_TIMEOUT_STAGES) == {f.name for f in fields(ClientTimeouts)}
+    config = load_config(write(tmp_path, """
+        [outbound]
+        timeouts = { greeting = "2m", data_block = "90s", data_end = "10m", connect = "20s" }
+        """))
+    timeouts = client_timeouts(config.outbound)
+    assert (timeouts.greeting, timeouts.data_block, timeouts.data_end, timeouts.connect) == (120, 90, 600, 20)
+    assert timeouts.rcpt == ClientTimeouts().rcpt == 300  # RFC 5321 defaults for the rest
+    assert client_timeouts(load_config(write(tmp_path, "[outbound]\nconnect_timeout = \"7s\"\n")).outbound).connect == 7
+
+
+@pytest.mark.parametrize(
+    "text,reason",
+    [
+        ('timeouts = { data_blok = "1m" }', "data_blok: must be one of connect, greeting"),
+        ('timeouts = { data_end = "soon" }', "data_end: expected a duration"),
+        ('timeouts = { mail = "0s" }', "mail: must be at least 1s"),
+        ('connect_timeout = "5s"\ntimeouts = { connect = "6s" }', "connect: also set as outbound.connect_timeout"),
+    ],
+)
+def test_bad_outbound_timeouts_name_the_stage(tmp_path, text, reason):
+    path = write(tmp_path, "[outbound]\n" + text + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}: outbound.timeouts: ") and reason in str(info.value)
