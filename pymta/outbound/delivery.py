@@ -41,10 +41,35 @@ class ConnectFailed(Exception):
         self.tls_failed = tls_failed
 
 
+@dataclass(frozen=True)
+class PoolKey:
+    """What an idle connection can be reused for: the peer and source, the TLS policy it was
+    opened under, and the name its certificate was verified for (None when not verified)."""
+
+    address: str
+    port: int
+    source: str
+    tls: str
+    verified: str | None = None
+
+
+def reusable_keys(address: str, port: int, source: str, policy: str, host: str) -> list[PoolKey]:
+    """Idle sessions that satisfy ``policy`` for the MX ``host``, best first: a ``verify`` message
+    takes only a session verified for ``host``; an opportunistic one never takes a session opened
+    in plaintext by a ``none`` policy (it may have had TLS); ``none`` takes any."""
+    verified = PoolKey(address, port, source, "verify", host)
+    if policy == "verify":
+        return [verified]
+    opportunistic = PoolKey(address, port, source, "opportunistic")
+    if policy == "opportunistic":
+        return [opportunistic, verified]
+    return [PoolKey(address, port, source, "none"), opportunistic, verified]
+
+
 @dataclass
 class Session:
     proto: SMTPClientProtocol
-    key: tuple[str, int, str]
+    key: PoolKey
     host: str
     messages: int = 0
     idle_call: Any = None
@@ -52,7 +77,7 @@ class Session:
 
     @property
     def remote(self) -> str:
-        return f"{self.host} [{self.key[0]}]"
+        return f"{self.host} [{self.key.address}]"
 
 
 def _status(code: int) -> str:
@@ -102,7 +127,7 @@ class SMTPDeliveryAgent:
         self.global_slots = defer.DeferredSemaphore(max_connections)
         self.per_domain = max_connections_per_domain
         self.domain_slots: dict[str, defer.DeferredSemaphore] = {}
-        self.idle: dict[tuple[str, int], list[Session]] = {}
+        self.idle: dict[PoolKey, list[Session]] = {}
         self.no_tls_until: dict[str, float] = {}
         self._closing: list[defer.Deferred] = []  # connections being closed (QUIT sent)
 
@@ -206,14 +231,20 @@ class SMTPDeliveryAgent:
 
     @defer.inlineCallbacks
     def _session(self, hop: Hop, address: str, policy: str, source: Any = None, shaping: Any = None):
-        key = (address, hop.port, source.name if source is not None else "")
-        pool = self.idle.get(key)
-        while pool:
-            session = pool.pop()
-            if session.idle_call is not None and session.idle_call.active():
-                session.idle_call.cancel()
-            if not session.proto.is_lost:
-                return session
+        source_name = source.name if source is not None else ""
+        for reusable in reusable_keys(address, hop.port, source_name, policy, hop.name):
+            pool = self.idle.get(reusable)
+            while pool:
+                session = pool.pop()
+                if not pool:
+                    self.idle.pop(reusable, None)
+                if session.idle_call is not None and session.idle_call.active():
+                    session.idle_call.cancel()
+                if not session.proto.is_lost:
+                    log.debug("reusing {mx} [{ip}] for {policy} mail ({key})", mx=hop.name, ip=address, policy=policy,
+                              key=reusable)  # fmt: skip
+                    return session
+        key = PoolKey(address, hop.port, source_name, policy)
         if shaping is not None:  # a new connection: the destination's connection rate applies
             wait = self.shaper.connection_wait(*shaping)
             if wait > 0:
@@ -236,6 +267,8 @@ class SMTPDeliveryAgent:
             except ConnectFailed:
                 proto.abort()
                 raise
+        # Pooled under what it actually is: a verified session carries the verified name.
+        session.key = PoolKey(address, hop.port, source_name, policy, proto.tls_verified)
         return session
 
     @defer.inlineCallbacks
@@ -270,10 +303,12 @@ class SMTPDeliveryAgent:
         except Exception as e:
             raise ConnectFailed(Reply(451, "4.4.2", f"{session.remote}: {e or type(e).__name__}")) from None
         wants_tls = policy != "none" and self.tls_context_for is not None
-        plaintext_ok = self.no_tls_until.get(session.key[0], 0) > self.clock.seconds()
+        plaintext_ok = self.no_tls_until.get(session.key.address, 0) > self.clock.seconds()
         if wants_tls and proto.extensions.has("STARTTLS") and not (plaintext_ok and policy == "opportunistic"):
+            verify = policy == "verify"
             try:
-                yield proto.starttls(self.tls_context_for(session.host, policy == "verify"), session.helo, t)
+                yield proto.starttls(self.tls_context_for(session.host, verify), session.helo, t,
+                                     verified_for=session.host if verify else None)  # fmt: skip
             except Exception as e:
                 raise ConnectFailed(Reply(451, "4.7.5", f"STARTTLS with {session.remote} failed: {e}"),
                                     tls_failed=True) from None  # fmt: skip
