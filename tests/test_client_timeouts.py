@@ -10,13 +10,10 @@ import pytest
 from twisted.internet import defer, reactor, task
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
-from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 
-from pymta.dns import Resolver
 from pymta.envelope import DEFERRED, Envelope, Recipient, new_qid
 from pymta.outbound.delivery import SMTPDeliveryAgent
-from pymta.outbound.routes import Router
 from pymta.smtp.client import (
     DATA_CHUNK,
     ClientTimeouts,
@@ -25,7 +22,7 @@ from pymta.smtp.client import (
     encode_data,
     transact,
 )
-from tests.dnsserver import DNSServer, Zone
+from tests.dnsserver import loopback_router
 from tests.mta_process import free_port
 
 TIMEOUTS = ClientTimeouts(mail=300, rcpt=301, data=120, data_block=180, data_end=600, rset=60, quit=10)
@@ -194,16 +191,12 @@ class StalledReceiverTests(unittest.TestCase):
         listening = reactor.listenTCP(self.port, factory, interface="127.0.0.2")
         listening.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)  # no room to hide a body
         self.addCleanup(listening.stopListening)
-        self.dns = DNSServer(Zone({"stall.test": {"MX": ["10 mx.stall.test."]},
-                                   "mx.stall.test": {"A": ["127.0.0.2"]}})).start()  # fmt: skip
-        self.addCleanup(self.dns.stop)
-        self.pool = ThreadPool(1, 2)
-        self.pool.start()
-        self.addCleanup(self.pool.stop)
+        self.router = loopback_router(self, {"stall.test": {"MX": ["10 mx.stall.test."]},
+                                             "mx.stall.test": {"A": ["127.0.0.2"]}}, self.port)  # fmt: skip
 
     @defer.inlineCallbacks
     def test_a_receiver_that_stops_reading_mid_data_is_dropped_after_data_block_not_data_end(self):
-        router = Router(Resolver(reactor, self.pool, [self.dns.address], timeout=1.0), smtp_port=self.port)
+        router = self.router
         timeouts = ClientTimeouts(connect=2, greeting=5, ehlo=5, data_block=1, data_end=600)
         agent = SMTPDeliveryAgent(reactor, router, "client.test", timeouts=timeouts, idle_timeout=0.1)
         self.addCleanup(agent.close_idle)

@@ -8,16 +8,13 @@ import shutil
 import tempfile
 
 from twisted.internet import defer, reactor
-from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 
-from pymta.dns import Resolver
 from pymta.envelope import DEFERRED, DELIVERED, Envelope, Recipient, new_qid
 from pymta.outbound.delivery import SMTPDeliveryAgent
-from pymta.outbound.routes import Router
 from pymta.smtp.client import ClientTimeouts
 from pymta.tls import ServerTLS, client_tls
-from tests.dnsserver import DNSServer, Zone
+from tests.dnsserver import loopback_router
 from tests.mta_process import free_port
 from tests.test_delivery import Peer
 from tests.test_e2e_tls import make_cert
@@ -42,12 +39,7 @@ class TLSReuseTests(unittest.TestCase):
         self.addCleanup(shutil.rmtree, self.dir, True)
         self.cert, self.key = make_cert(self.dir, name="mx.shared.test")
         self.port = free_port("127.0.0.2")
-        self.dns = DNSServer(Zone(ZONE)).start()
-        self.addCleanup(self.dns.stop)
-        self.pool = ThreadPool(1, 2)
-        self.pool.start()
-        self.addCleanup(self.pool.stop)
-        self.router = Router(Resolver(reactor, self.pool, [self.dns.address], timeout=1.0), smtp_port=self.port)
+        self.router = loopback_router(self, ZONE, self.port)
 
     def peer(self, tls: bool = True) -> Peer:
         p = Peer("127.0.0.2")
