@@ -82,13 +82,16 @@ def client_tls(hostname: str, verify: bool = False, ca_file: str | None = None) 
     match (service_identity); otherwise any certificate is taken (opportunistic TLS, RFC 7435).
     """
     if verify:
-        if ca_file:
-            with open(ca_file, "rb") as f:
-                root: Any = ssl.Certificate.loadPEM(f.read())
-        else:
-            root = ssl.platformTrust()
-        return ssl.optionsForClientTLS(hostname, trustRoot=root)
+        return ssl.optionsForClientTLS(hostname, trustRoot=trust_root(ca_file))
     return ssl.CertificateOptions(verify=False)
+
+
+def trust_root(ca_file: str | None = None) -> Any:
+    """The system trust store, or the PEM certificate in ``ca_file`` (e.g. a private CA)."""
+    if not ca_file:
+        return ssl.platformTrust()
+    with open(ca_file, "rb") as f:
+        return ssl.Certificate.loadPEM(f.read())
 
 
 def describe_tls(transport: Any) -> str | None:

@@ -110,6 +110,7 @@ class SMTPDeliveryAgent:
         idle_timeout: float = 5.0,
         shaper: Any = None,
         selector: Any = None,
+        mta_sts: Any = None,
     ) -> None:
         self.reactor = reactor
         self.clock = clock or reactor
@@ -124,6 +125,7 @@ class SMTPDeliveryAgent:
         self.idle_timeout = idle_timeout
         self.shaper = shaper
         self.selector = selector
+        self.mta_sts = mta_sts  # pymta.outbound.tlspolicy.MTASTS, or None
         self.global_slots = defer.DeferredSemaphore(max_connections)
         self.per_domain = max_connections_per_domain
         self.domain_slots: dict[str, defer.DeferredSemaphore] = {}
@@ -201,12 +203,41 @@ class SMTPDeliveryAgent:
     def _try_hops(self, envelope: Envelope, recipients: list[Recipient], body: bytes, domain: str,
                   hops: list[Hop], shaping: tuple[str, Any] | None, source: Any = None):  # fmt: skip
         policy = self.tls_policy_for(domain)
+        label = policy  # what the accounting record calls the policy applied
+        sts = None
+        if self.mta_sts is not None and self.router.uses_mx(domain):
+            sts = yield self.mta_sts.policy_for(domain)
+        if sts is not None:
+            label = "mta-sts"
+            matching = [h for h in hops if sts.policy.matches(h.name)]
+            if len(matching) < len(hops):
+                log.info("MTA-STS ({mode}) of {domain}: MX {skipped} not in the policy's mx {mx}", mode=sts.policy.mode,
+                         domain=domain, skipped=[h.name for h in hops if h not in matching], mx=list(sts.policy.mx),
+                         event="mta_sts_mx_mismatch")  # fmt: skip
+            if sts.policy.mode == "enforce":
+                if not matching:
+                    reply = Reply(451, "4.7.5", f"No MX host of {domain} matches its MTA-STS policy "
+                                                f"(mx: {', '.join(sts.policy.mx)}); not delivered")  # fmt: skip
+                    return [_result(r, reply, None, None, tls_policy=label) for r in recipients]
+                hops, policy = matching, "verify"  # TLS required, certificate verified for the MX name
+        results = yield self._hops_in_turn(envelope, recipients, body, domain, hops, shaping, source, policy,
+                                           enforced_by=label if sts is not None and policy == "verify" else None)  # fmt: skip
+        for r in results:
+            r.extra.setdefault("tls_policy", label)
+        return results
+
+    @defer.inlineCallbacks
+    def _hops_in_turn(self, envelope: Envelope, recipients: list[Recipient], body: bytes, domain: str,
+                      hops: list[Hop], shaping: tuple[str, Any] | None, source: Any, policy: str,
+                      enforced_by: str | None):  # fmt: skip
         last = Reply(451, "4.4.1", "No mail exchanger could be reached")
         for hop in hops:
             for address in hop.addresses:
                 try:
                     session = yield self._session(hop, address, policy, source, shaping)
                 except ConnectFailed as e:
+                    if enforced_by == "mta-sts" and e.reply.enhanced.startswith("4.7."):
+                        e.reply = Reply(451, "4.7.5", f"MTA-STS policy of {domain} requires verified TLS: {e.reply.text}")
                     last = e.reply
                     if shaping is not None:
                         self.shaper.observe(shaping[0], e.reply.code, e.reply.enhanced, e.reply.text)

@@ -65,6 +65,11 @@ class Router:
         wildcard = any(ip in ("0.0.0.0", "::") and p == port for ip, p in self.own)
         return wildcard and address in self.local_addresses
 
+    def uses_mx(self, domain: str) -> bool:
+        """Whether mail for ``domain`` goes to its MX hosts (not a smarthost, a route or a literal)."""
+        domain = domain.lower().rstrip(".")
+        return _literal(domain) is None and (self.routes.get(domain) or self.smarthost) is None
+
     @defer.inlineCallbacks
     def next_hops(self, domain: str):
         """A list of :class:`Hop` to try in order; raises :class:`RouteError`."""
