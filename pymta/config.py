@@ -303,6 +303,7 @@ class OutboundConfig:
     tls: str = _key(conv_choice("none", "opportunistic", "verify"), "opportunistic")
     tls_ca_file: str | None = _key(conv_path, None)
     tls_policy: dict[str, str] = _key(conv_table(conv_hostname, conv_choice("none", "opportunistic", "verify")), None)
+    mta_sts: bool = _key(conv_bool, True)  # RFC 8461 for domains without a tls_policy entry
 
 
 @dataclass(frozen=True)

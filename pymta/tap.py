@@ -396,6 +396,7 @@ def _outbound_agent(config: Config, reactor: Any, resolver: Any) -> Any:
     """The SMTP delivery agent for relayed and forwarded recipients."""
     from pymta.outbound.delivery import SMTPDeliveryAgent
     from pymta.outbound.routes import Router
+    from pymta.outbound.tlspolicy import MTASTS
     from pymta.tls import client_tls
 
     out = config.outbound
@@ -426,4 +427,6 @@ def _outbound_agent(config: Config, reactor: Any, resolver: Any) -> Any:
         timeouts=client_timeouts(out),
         tls_policy_for=tls_policy_for,
         tls_context_for=lambda host, verify: client_tls(host, verify, out.tls_ca_file),
+        mta_sts=MTASTS(reactor, resolver, os.path.join(config.state_dir, "mta-sts"), ca_file=out.tls_ca_file,
+                       skip=set(policies)) if out.mta_sts else None,  # fmt: skip
     )

@@ -141,3 +141,10 @@ def test_bad_outbound_timeouts_name_the_stage(tmp_path, text, reason):
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert str(info.value).startswith(f"{path}: outbound.timeouts: ") and reason in str(info.value)
+
+
+def test_mta_sts_is_on_by_default_and_can_be_turned_off(tmp_path):
+    assert load_config(write(tmp_path, "")).outbound.mta_sts is True
+    assert load_config(write(tmp_path, "[outbound]\nmta_sts = false\n")).outbound.mta_sts is False
+    with pytest.raises(ConfigError, match="outbound.mta_sts: expected true or false"):
+        load_config(write(tmp_path, "[outbound]\nmta_sts = \"yes\"\n"))
