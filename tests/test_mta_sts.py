@@ -215,9 +215,29 @@ class MTASTSTests(unittest.TestCase):
         peer = self.peer(cert_name=None)
         result = yield self.send(self.agent(self.sts()))
         assert result.status == DELIVERED and result.tls is None and result.extra["tls_policy"] == "mta-sts"
-        assert len(peer.messages) == 1
+        assert len(peer.messages) == 1 and result.extra["tls_failure"] == "starttls-not-supported"
         [mismatch] = self.logged("mta_sts_mx_mismatch")
         assert mismatch["mode"] == "testing" and mismatch["domain"] == "sts.test"
+        assert self.logged("mta_sts_testing_failure")[0]["result_type"] == "starttls-not-supported"
+
+    @defer.inlineCallbacks
+    def test_testing_mode_names_each_certificate_problem_enforce_would_refuse(self):
+        self.policy.body = b"version: STSv1\nmode: testing\nmx: mx.sts.test\nmax_age: 600\n"
+        stranger = make_ca(tempfile.mkdtemp(dir=self.dir), name="someone else")
+        for cert, expected in (
+            (self.ca.issue("mx.sts.test"), None),
+            (self.ca.issue("other.sts.test"), "certificate-host-mismatch"),
+            (self.ca.issue("mx.sts.test", expired=True), "certificate-expired"),
+            (stranger.issue("mx.sts.test"), "certificate-not-trusted"),
+        ):
+            peer = Peer("127.0.0.2")
+            peer.factory.tls_context_factory = server_options(*cert)
+            peer.listen(self.smtp_port)
+            self.addCleanup(peer.stop)
+            result = yield self.send(self.agent(self.sts()))
+            assert result.status == DELIVERED and result.tls and len(peer.messages) == 1, cert
+            assert result.extra.get("tls_failure") == expected, cert
+            yield peer.stop()
 
     # the cache -------------------------------------------------------------------------------
 
@@ -343,7 +363,7 @@ class AccountingTests(unittest.TestCase):
         class Labelled(ScriptedDeliveryAgent):
             def deliver(self, envelope, recipients, body):
                 d = super().deliver(envelope, recipients, body)
-                return d.addCallback(lambda rs: [(r.extra.update(tls_policy="mta-sts"), r)[1] for r in rs])
+                return d.addCallback(lambda rs: [(r.extra.update(tls_policy="mta-sts", tls_failure="certificate-expired"), r)[1] for r in rs])
 
         directory = tempfile.mkdtemp(prefix="pymta-acct-")
         self.addCleanup(shutil.rmtree, directory, True)
@@ -362,4 +382,5 @@ class AccountingTests(unittest.TestCase):
         accounting.close()
         with open(os.path.join(directory, "accounting.jsonl")) as f:
             records = [json.loads(line) for line in f]
-        assert [(r["event"], r.get("tls_policy")) for r in records] == [("delivered", "mta-sts")]
+        assert [(r["event"], r.get("tls_policy"), r.get("tls_failure")) for r in records] == [
+            ("delivered", "mta-sts", "certificate-expired")]

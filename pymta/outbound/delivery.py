@@ -220,8 +220,10 @@ class SMTPDeliveryAgent:
                                                 f"(mx: {', '.join(sts.policy.mx)}); not delivered")  # fmt: skip
                     return [_result(r, reply, None, None, tls_policy=label) for r in recipients]
                 hops, policy = matching, "verify"  # TLS required, certificate verified for the MX name
+        enforced = sts is not None and sts.policy.mode == "enforce"
         results = yield self._hops_in_turn(envelope, recipients, body, domain, hops, shaping, source, policy,
-                                           enforced_by=label if sts is not None and policy == "verify" else None)  # fmt: skip
+                                           enforced_by=label if enforced else None,
+                                           testing=sts if sts is not None and not enforced else None)  # fmt: skip
         for r in results:
             r.extra.setdefault("tls_policy", label)
         return results
@@ -229,7 +231,7 @@ class SMTPDeliveryAgent:
     @defer.inlineCallbacks
     def _hops_in_turn(self, envelope: Envelope, recipients: list[Recipient], body: bytes, domain: str,
                       hops: list[Hop], shaping: tuple[str, Any] | None, source: Any, policy: str,
-                      enforced_by: str | None):  # fmt: skip
+                      enforced_by: str | None, testing: Any = None):  # fmt: skip
         last = Reply(451, "4.4.1", "No mail exchanger could be reached")
         for hop in hops:
             for address in hop.addresses:
@@ -245,10 +247,14 @@ class SMTPDeliveryAgent:
                     log.info("{mx} [{ip}] unusable for {domain}: {why}", mx=hop.name, ip=address, domain=domain,
                              why=str(e.reply), code=e.reply.code, enhanced=e.reply.enhanced)  # fmt: skip
                     continue
+                problem = self._testing_problem(testing, session, domain) if testing is not None else None
                 per_connection = shaping[1].messages_per_connection if shaping is not None else None
                 per_message = shaping[1].recipients_per_message if shaping is not None else None
                 results = yield self._send(session, envelope, recipients, body, per_connection, per_message)
                 if results is not None:
+                    if problem is not None:
+                        for r in results:
+                            r.extra["tls_failure"] = problem
                     if shaping is not None:
                         self._shaping_feedback(shaping[0], results)
                         if shaping[1].retry is not None:
@@ -257,6 +263,15 @@ class SMTPDeliveryAgent:
                     return results
                 last = Reply(451, "4.4.2", f"Connection to {session.remote} lost before the transaction")
         return [_result(r, last, None, None) for r in recipients]
+
+    def _testing_problem(self, sts: Any, session: Session, domain: str) -> str | None:
+        """MTA-STS testing mode: what enforce would have refused here, logged (for TLS reports)."""
+        problem = "validation-failure" if not sts.policy.matches(session.host) else None
+        problem = self.mta_sts.tls_problem(session.proto, session.host) or problem
+        if problem is not None:
+            log.warn("MTA-STS testing policy of {domain} would refuse {mx}: {result_type}; delivering anyway",
+                     domain=domain, mx=session.remote, result_type=problem, event="mta_sts_testing_failure")  # fmt: skip
+        return problem
 
     # -- sessions -------------------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from pymta.dns import DNSError, DNSPermanentError, to_ascii
-from pymta.tls import trust_root
+from pymta.tls import certificate_problem, trust_root
 
 log = Logger(namespace="pymta.outbound.tlspolicy")
 
@@ -214,6 +214,7 @@ class MTASTS:
         self.fetch_timeout = fetch_timeout
         self.max_size = max_size
         self.skip = frozenset(skip)
+        self.ca_file = ca_file
         os.makedirs(cache_dir, mode=0o700, exist_ok=True)
         endpoints_ = _PolicyHostEndpoints(reactor, resolver, https_port, trust_root(ca_file), fetch_timeout)
         self.agent = Agent.usingEndpointFactory(reactor, endpoints_)
@@ -254,6 +255,12 @@ class MTASTS:
         if fresh is None:
             return self._usable(cached)
         return self._usable(fresh)
+
+    def tls_problem(self, proto: Any, mx: str) -> str | None:
+        """What enforce would have refused in a session made under testing (an RFC 8460 result type)."""
+        if proto.tls is None:
+            return "starttls-not-supported"
+        return certificate_problem(proto.transport, mx, self.ca_file)
 
     @staticmethod
     def _usable(entry: CachedPolicy | None) -> CachedPolicy | None:

@@ -230,7 +230,7 @@ class QueueManager(service.Service):
             queue_time=queue_time,
             metadata=envelope.extra.get("metadata"),
             **tags,
-            **{k: v for k, v in extra.items() if k in ("ip", "host", "tls_version", "cipher", "tls_policy")},
+            **{k: v for k, v in extra.items() if k in ("ip", "host", "tls_version", "cipher", "tls_policy", "tls_failure")},
         )
 
     @defer.inlineCallbacks
