@@ -288,6 +288,8 @@ class MTASTS:
             policy = parse_policy(body)
         except Exception as e:
             why = str(e) or type(e).__name__
+            if len(self._failed) >= MAX_MEMORY_ENTRIES:
+                self._failed.clear()
             self._failed[(domain, policy_id)] = self.clock.seconds() + FAILED_FETCH_MEMORY
             log.warn("MTA-STS policy of {domain} (id {id}) not fetched from {url}: {why}", domain=domain, id=policy_id,
                      url=url, why=why, event="mta_sts_fetch_failed")  # fmt: skip

@@ -122,8 +122,8 @@ class _DataSender:
         self.lost()
 
     def lost(self) -> None:
-        sent = self.offset if not self.paused else f"under {self.offset}"
-        self._finish(DataStalled(f"connection lost while sending message data ({sent} of {len(self.payload)} bytes)"))
+        written = f"{self.offset} of {len(self.payload)} bytes written"
+        self._finish(DataStalled(f"connection lost while sending message data ({written})"))
 
     def _stalled(self) -> None:
         self.timer = None
