@@ -87,6 +87,22 @@ def test_each_command_stage_waits_for_its_own_timeout_then_aborts(stage, answers
     assert f"{timeout:g}s" in str(outcome[0].value) and transport.aborted
 
 
+@pytest.mark.parametrize("stage,timeout", [("ehlo", 300), ("starttls", 120)])
+def test_ehlo_and_starttls_wait_for_their_own_timeouts(stage, timeout):
+    proto, transport, clock = connected()
+    timeouts = ClientTimeouts(ehlo=300, starttls=120)
+    outcome: list = []
+    if stage == "ehlo":
+        proto.hello("client.test", timeouts).addBoth(outcome.append)
+    else:
+        proto.starttls(None, "client.test", timeouts).addBoth(outcome.append)
+    assert transport.value().startswith(stage.upper().encode())
+    clock.advance(timeout - 1)
+    assert outcome == []
+    clock.advance(2)
+    assert len(outcome) == 1 and isinstance(outcome[0].value, ReplyTimeout) and transport.aborted
+
+
 def test_a_remote_that_stops_reading_mid_data_is_dropped_after_the_data_block_timeout():
     proto, transport, clock = connected()
     payload = encode_data((b"y" * 78 + b"\r\n") * 40000)
@@ -100,6 +116,18 @@ def test_a_remote_that_stops_reading_mid_data_is_dropped_after_the_data_block_ti
     assert result.data.code == 451 and result.data.enhanced == "4.4.2" and "180s" in result.data.text
     assert not result.lost_after_data  # the final dot never left: no duplicate is possible
     assert transport.aborted and not transport.value().endswith(b"\r\n.\r\n")
+
+
+def test_a_connection_lost_mid_data_is_a_plain_deferral_not_a_possible_duplicate():
+    proto, transport, clock = connected()
+    outcome = start_transaction(proto, encode_data((b"w" * 78 + b"\r\n") * 40000))
+    proto.dataReceived(b"250 ok\r\n250 ok\r\n354 go on\r\n")
+    assert transport.paused
+    proto.connectionLost(None)
+    [result] = outcome
+    assert (result.data.code, result.data.enhanced) == (451, "4.4.2") and not result.lost_after_data
+    assert "connection lost while sending message data" in result.data.text
+    assert clock.getDelayedCalls() == []  # no block timer left behind
 
 
 def test_a_slow_reader_that_keeps_taking_data_is_not_cut_off_and_data_end_then_applies():
@@ -193,6 +221,19 @@ class StalledReceiverTests(unittest.TestCase):
         self.addCleanup(listening.stopListening)
         self.router = loopback_router(self, {"stall.test": {"MX": ["10 mx.stall.test."]},
                                              "mx.stall.test": {"A": ["127.0.0.2"]}}, self.port)  # fmt: skip
+
+    @defer.inlineCallbacks
+    def test_a_server_that_never_greets_is_left_after_the_greeting_timeout(self):
+        silent = Factory.forProtocol(Protocol)
+        port = free_port("127.0.0.3")
+        listening = reactor.listenTCP(port, silent, interface="127.0.0.3")
+        self.addCleanup(listening.stopListening)
+        router = loopback_router(self, {"mute.test": {"MX": ["10 mx.mute.test."]}, "mx.mute.test": {"A": ["127.0.0.3"]}},
+                                 port)  # fmt: skip
+        agent = SMTPDeliveryAgent(reactor, router, "client.test", timeouts=ClientTimeouts(connect=2, greeting=1))
+        env = Envelope(qid=new_qid(), sender="s@a.test", recipients=[Recipient("r@mute.test")])
+        [result] = yield agent.deliver(env, env.recipients, b"x\r\n")
+        assert (result.status, result.enhanced) == (DEFERRED, "4.4.2") and "no reply within 1s" in result.text
 
     @defer.inlineCallbacks
     def test_a_receiver_that_stops_reading_mid_data_is_dropped_after_data_block_not_data_end(self):
