@@ -268,6 +268,8 @@ class DomainsConfig:
         conv_list(conv_network), (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
     )
     forward: tuple[str, ...] = _key(conv_list(conv_hostname), ())
+    # where RCPT TO:<postmaster> (RFC 5321 §4.5.1) goes; default postmaster@<first local domain>
+    postmaster: str | None = _key(conv_address, None)
 
 
 @dataclass(frozen=True)
@@ -719,6 +721,11 @@ class Config:
     @property
     def suppression_db(self) -> str:
         return self.feedback.suppression_db or os.path.join(self.state_dir, "suppression.sqlite")
+
+    @property
+    def postmaster(self) -> str:
+        """The mailbox for ``RCPT TO:<postmaster>`` and postmaster@ every local domain."""
+        return self.domains.postmaster or f"postmaster@{(self.domains.local or (self.hostname,))[0]}"
 
     @property
     def control_socket(self) -> str:

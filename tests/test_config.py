@@ -148,3 +148,14 @@ def test_mta_sts_is_on_by_default_and_can_be_turned_off(tmp_path):
     assert load_config(write(tmp_path, "[outbound]\nmta_sts = false\n")).outbound.mta_sts is False
     with pytest.raises(ConfigError, match="outbound.mta_sts: expected true or false"):
         load_config(write(tmp_path, "[outbound]\nmta_sts = \"yes\"\n"))
+
+
+def test_postmaster_defaults_to_the_first_local_domain_and_can_be_set():
+    from pymta.config import build_config
+
+    assert build_config({"domains": {"local": ["a.test", "b.test"]}}).postmaster == "postmaster@a.test"
+    assert build_config({"hostname": "mx.c.test"}).postmaster == "postmaster@mx.c.test"
+    config = build_config({"domains": {"local": ["a.test"], "postmaster": "Noc@A.Test"}})
+    assert config.postmaster == "Noc@a.test"
+    with pytest.raises(ConfigError, match=r"domains\.postmaster: not a mail address"):
+        build_config({"domains": {"postmaster": "nobody"}})

@@ -734,8 +734,6 @@ class SMTPServerProtocol(Protocol):
         if address == "":
             self._error(Reply(501, "5.1.3", "Null recipient"), stage="rcpt")
             return
-        if address == "postmaster":
-            address = f"postmaster@{self.factory.hostname}"
         accepted = AcceptedRecipient(address, params)
         refused = self._rcpt_params(accepted, params)
         if refused is not None:
