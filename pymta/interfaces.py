@@ -183,3 +183,37 @@ class ISession(Interface):
     tls = Attribute("None, or a description of the TLS session")
     auth_user = Attribute("authenticated user, or None")
     transaction = Attribute("the current Transaction, or None")
+
+
+class IInboundState(Interface):
+    """Inbound counters that every listener process of a node (later: of a cluster) shares:
+    connections per client, GCRA rates per client, greylisting triples.
+
+    Keys are opaque strings chosen by the caller. Times come from the backend's injected clock.
+    A backend that cannot answer (store down, lock timeout) fails open and logs: a limit
+    store never refuses mail by itself.
+    """
+
+    def acquire_connection(key, limit):
+        """Count one more open connection for ``key`` unless ``limit`` are open; True if counted."""
+
+    def release_connection(key):
+        """One connection counted by :meth:`acquire_connection` for ``key`` has ended."""
+
+    def take(name, key, rate):
+        """GCRA for limit ``name``: 0.0 if one event for ``key`` at ``rate`` may happen now (and
+        is recorded), else the seconds until it would be allowed."""
+
+    def greylist(triple, delay, expire, lifetime):
+        """0.0 if the (client, sender, recipient) ``triple`` passes now (its pass is renewed for
+        ``lifetime``), else the seconds until a retry would pass. A triple first seen more than
+        ``expire`` ago without a passing retry starts again."""
+
+    def release_owner(owner):
+        """Forget the connections counted by process ``owner`` (it has ended)."""
+
+    def clear_connections():
+        """Forget every counted connection (the node starts: no connection is open)."""
+
+    def close():
+        """Release the store."""

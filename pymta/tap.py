@@ -69,6 +69,7 @@ class CloseOnStop(service.Service):
 def makeService(options: dict[str, Any]) -> service.MultiService:
     from pymta.admin.http.tokens import TokensFileError
     from pymta.inbound.auth import UsersFileError
+    from pymta.state.local import InboundStateError
     from pymta.tls import TLSConfigError
 
     config: Config = options["loaded"]
@@ -80,7 +81,7 @@ def makeService(options: dict[str, Any]) -> service.MultiService:
         worker_fds = [tuple(int(x) for x in item.split(":")) for item in options["worker-fds"].split(",")]
     try:
         return build_service(config, global_reactor, worker_fds)
-    except (TLSConfigError, UsersFileError, TokensFileError) as e:
+    except (TLSConfigError, UsersFileError, TokensFileError, InboundStateError) as e:
         sys.stderr.write(f"pymta: configuration error: {e}\n")
         raise SystemExit(2) from None
 
@@ -167,6 +168,8 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
     # Every message the queue manager hears of (from this process or a listener worker) is counted once.
     notify = metrics.counting(manager.notify_incoming) if metrics is not None else manager.notify_incoming
 
+    inbound_state = _inbound_state(config, reactor, main=worker_fds is None)
+    CloseOnStop(inbound_state.close).setServiceParent(top)
     policy = RelayPolicy(
         config.domains.local,
         config.domains.mailboxes,
@@ -190,8 +193,10 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
             config.limits.connections_per_client,
             config.limits.message_rate,
             config.limits.recipient_rate,
+            state=inbound_state,
         ),
-        greylist=Greylist(reactor, config.greylist.delay, config.greylist.expire, config.greylist.lifetime)
+        greylist=Greylist(reactor, config.greylist.delay, config.greylist.expire, config.greylist.lifetime,
+                          state=inbound_state)  # fmt: skip
         if config.greylist.enabled
         else None,
         suppression=suppression,
@@ -218,7 +223,7 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
         for fd, family in worker_fds:
             AdoptedPort(reactor, fd, family, factory).setServiceParent(top)
         return top
-    _listen(config, reactor, factory, top)
+    _listen(config, reactor, factory, top, on_worker_ended=inbound_state.release_owner)
 
     from pymta.admin.control import control_service
     from pymta.admin.queue_ops import QueueOperations
@@ -253,7 +258,7 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
     return top
 
 
-def _listen(config: Config, reactor: Any, factory: Any, top: service.MultiService) -> None:
+def _listen(config: Config, reactor: Any, factory: Any, top: service.MultiService, on_worker_ended: Any = None) -> None:
     """The MX listeners; with ``[smtp] processes`` > 1, TCP ones are shared with worker processes."""
     if config.smtp.processes <= 1:
         for endpoint in config.smtp.listen:
@@ -276,7 +281,7 @@ def _listen(config: Config, reactor: Any, factory: Any, top: service.MultiServic
         sockets.append(sock)
         AdoptedPort(reactor, sock.fileno(), sock.family, factory).setServiceParent(top)
     if sockets:
-        pool = WorkerPool(reactor, config.smtp.processes - 1, config.path, sockets)
+        pool = WorkerPool(reactor, config.smtp.processes - 1, config.path, sockets, on_ended=on_worker_ended)
         pool.setServiceParent(top)
         # The workers serve STARTTLS too: a SIGHUP to the main process reloads their certificate.
         for child in top:
@@ -306,6 +311,17 @@ class ReloadOnHangup(service.Service):
         super().stopService()
         if self.previous is not None:
             signal.signal(signal.SIGHUP, self.previous)
+
+
+def _inbound_state(config: Config, reactor: Any, main: bool) -> Any:
+    """The node's shared inbound state (per-client counts, rates, greylist) under state_dir;
+    the main process starts with no connection counted."""
+    from pymta.state.local import LocalInboundState
+
+    state = LocalInboundState(os.path.join(config.state_dir, "inbound.sqlite"), reactor, owner=os.getpid())
+    if main:
+        state.clear_connections()
+    return state
 
 
 def _feedback_parts(config: Config, reactor: Any) -> tuple[Any, Any]:

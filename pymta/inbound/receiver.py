@@ -149,10 +149,10 @@ class InboundReceiver:
     def _connected(self, session: Any) -> Reply | None | defer.Deferred:
         trusted = self._trusted(session)
         if self.limits is not None and not trusted:
-            session.notes["counted"] = True
             refused = self.limits.connected(session.peer_address)
             if refused is not None:
                 return refused
+            session.notes["counted"] = True
         refused = self._acl("connect", session)
         if refused is not None or trusted or self.dnsbl is None or not self.dnsbl.zones:
             return refused
