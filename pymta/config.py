@@ -367,11 +367,15 @@ class TLSConfig:
 
 @dataclass(frozen=True)
 class SubmissionConfig:
-    """Authenticated submission (port 587 style): AUTH PLAIN/LOGIN after STARTTLS, then relay."""
+    """Authenticated submission: port 587 style (AUTH PLAIN/LOGIN after STARTTLS) or, on ``ssl:``
+    endpoints, implicit TLS (port 465, RFC 8314); then relay."""
 
     listen: tuple[str, ...] = _key(conv_list(conv_endpoint), ())
     users_file: str | None = _key(conv_path, None)
     max_auth_failures: int = _key(conv_int(1, 100), 3)
+    # "strict": MAIL FROM and From: must be addresses the user owns (users file, sender_login_maps)
+    sender_login: str = _key(conv_choice("any", "strict"), "any")
+    sender_login_maps: str | None = _key(conv_path, None)  # "sender user[,user]" lines, Postfix style
 
 
 @dataclass(frozen=True)

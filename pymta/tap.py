@@ -104,7 +104,7 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
     from pymta.feedback.gate import FeedbackGate
     from pymta.feedback.processor import FeedbackProcessor
     from pymta.inbound.acl import AclPolicy
-    from pymta.inbound.auth import Authenticator, load_users
+    from pymta.inbound.auth import Authenticator, SenderLogins, load_users
     from pymta.inbound.dnsbl import DNSBL
     from pymta.inbound.limits import ClientLimits, Greylist
     from pymta.inbound.mailbox import MaildirDeliveryAgent
@@ -203,6 +203,9 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
         dnsbl=DNSBL(resolver, config.dnsbl.zones, Reply(*config.dnsbl.reply)) if config.dnsbl.zones else None,
         resolver=resolver,
         reverse_lookup=config.smtp.reverse_lookup or any(r.rdns is not None for rules in config.acl.values() for r in rules),
+        sender_login=SenderLogins.from_files(config.submission.users_file, config.submission.sender_login_maps)
+        if config.submission.listen and config.submission.sender_login == "strict"
+        else None,
     )
     limits = ServerLimits(
         max_message_size=config.smtp.max_message_size,
@@ -246,16 +249,28 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
         IncomingWatcher(os.path.join(config.queue_dir, "incoming"), notify, reactor).setServiceParent(top)
     for endpoint in config.smtp.listen_tls:
         implicit = SMTPServerFactory(receiver, config.hostname, limits, reactor)
-        wrapped = TLSMemoryBIOFactory(server_tls, False, implicit)
-        strports.service(endpoint, wrapped, reactor=reactor).setServiceParent(top)
+        strports.service(endpoint, TLSMemoryBIOFactory(server_tls, False, implicit), reactor=reactor).setServiceParent(top)
     if config.submission.listen:
         users = load_users(config.submission.users_file)
         auth = Authenticator(users, reactor, pool, max_failures=config.submission.max_auth_failures)
         submission = SMTPServerFactory(receiver, config.hostname, limits, reactor, tls_context_factory=server_tls,
                                        authenticator=auth, auth_required=True)  # fmt: skip
         for endpoint in config.submission.listen:
-            strports.service(endpoint, submission, reactor=reactor).setServiceParent(top)
+            plain = implicit_tls_endpoint(endpoint)  # "ssl:465": implicit TLS with the [tls] certificate
+            factory = submission if plain is None else TLSMemoryBIOFactory(server_tls, False, submission)
+            strports.service(plain or endpoint, factory, reactor=reactor).setServiceParent(top)
     return top
+
+
+def implicit_tls_endpoint(endpoint: str) -> str | None:
+    """An ``ssl:`` endpoint as the ``tcp:`` one to listen on, TLS being added with the ``[tls]``
+    certificate (reloaded on SIGHUP; certificate options in the string are ignored); None for
+    other endpoints."""
+    kind, _, rest = endpoint.partition(":")
+    if kind != "ssl":
+        return None
+    ignored = ("certKey=", "privateKey=", "extraCertChain=", "sslmethod=", "dhParameters=")
+    return "tcp:" + ":".join(part for part in rest.split(":") if not part.startswith(ignored))
 
 
 def _listen(config: Config, reactor: Any, factory: Any, top: service.MultiService, on_worker_ended: Any = None) -> None:

@@ -14,6 +14,7 @@ PY="${PYTHON:-python3}"
 need=()
 command -v swaks >/dev/null 2>&1 || need+=(swaks)
 command -v testssl >/dev/null 2>&1 || need+=(testssl.sh)
+command -v msmtp >/dev/null 2>&1 || need+=(msmtp)
 [ -x /usr/sbin/smtp-sink ] && [ -x /usr/sbin/smtp-source ] || need+=(postfix)
 in_venv=$("$PY" -c 'import sys; print(int(sys.prefix != sys.base_prefix))')
 if [ "$in_venv" = 0 ] && ! "$PY" -c 'import ensurepip, venv' >/dev/null 2>&1; then

@@ -159,3 +159,12 @@ def test_postmaster_defaults_to_the_first_local_domain_and_can_be_set():
     assert config.postmaster == "Noc@a.test"
     with pytest.raises(ConfigError, match=r"domains\.postmaster: not a mail address"):
         build_config({"domains": {"postmaster": "nobody"}})
+
+
+def test_sender_login_is_any_or_strict():
+    from pymta.config import build_config
+
+    assert build_config({}).submission.sender_login == "any"
+    assert build_config({"submission": {"sender_login": "strict"}}).submission.sender_login == "strict"
+    with pytest.raises(ConfigError, match=r"submission\.sender_login: must be one of any, strict"):
+        build_config({"submission": {"sender_login": "loose"}})

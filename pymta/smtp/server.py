@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet import defer, tcp
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorTime, ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -338,6 +338,8 @@ class SMTPServerProtocol(Protocol):
         self.session.peer_port = getattr(peer, "port", 0) or 0
         self.session.local_address = getattr(host, "host", "") or ""
         self.session.local_port = getattr(host, "port", 0) or 0
+        if ISSLTransport.providedBy(self.transport):  # implicit TLS (RFC 8314): no STARTTLS, AUTH offered
+            self.session.tls, self._tls_pending = "TLS", True  # the cipher is named at the first command
         self._arm_timer()
         self._ask(self.delegate.connected, (self.session,), self._connected_answer)
 
