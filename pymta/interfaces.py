@@ -121,7 +121,8 @@ class ISMTPServerDelegate(Interface):
         """MAIL FROM ``sender`` ("" for <>) with ``params`` (dict of upper-case keyword -> value)."""
 
     def rcpt_to(session, address, params):
-        """RCPT TO ``address`` with ``params``; the transaction is ``session.transaction``."""
+        """RCPT TO ``address`` with ``params``; the transaction is ``session.transaction``.
+        ``address`` is the bare ``"postmaster"`` for ``<postmaster>`` without a domain (RFC 5321 §4.5.1)."""
 
     def message(session, body):
         """End of data: ``body`` (bytes, CRLF lines, dot-unstuffed) for ``session.transaction``.

@@ -77,9 +77,9 @@ def only(running: int, stopped: int):
         os.kill(stopped, signal.SIGCONT)
 
 
-def test_connections_per_client_count_across_listener_workers(tmp_path):
+def test_connections_and_message_rates_per_client_count_across_listener_workers(tmp_path):
     mta = MTAProcess(str(tmp_path), relay_from=STRANGER_NET, smtp_extra="processes = 2",
-                     extra_config="[limits]\nconnections_per_client = 5\n").start()  # fmt: skip
+                     extra_config='[limits]\nconnections_per_client = 5\nmessage_rate = "3/h, burst=3"\n').start()  # fmt: skip
     main, worker = mta.proc.pid, worker_pid(mta)
     held: list[socket.socket] = []
     try:
@@ -96,6 +96,11 @@ def test_connections_per_client_count_across_listener_workers(tmp_path):
                 greetings.append(greeting[:9])
         # 3 on the worker + 2 on the main process = the 5 allowed; the rest are turned away.
         assert greetings == [b"220 mx.ex"] * 5 + [b"421 4.7.0"] * 2, greetings
+        # Messages: 3 per hour for this client, wherever its connections are served.
+        for sock in held[:5]:
+            assert command(sock, "EHLO client.example").startswith(b"250")
+        mails = [command(sock, "MAIL FROM:<a@remote.example>")[:9] for sock in (held[0], held[1], held[3], held[4])]
+        assert mails == [b"250 2.1.0"] * 3 + [b"450 4.7.1"], mails  # the 4th, on the main process, waits
         other, greeting = connect(mta, "127.0.0.8")  # another client is not affected
         held.append(other)
         assert greeting.startswith(b"220 ")

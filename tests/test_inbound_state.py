@@ -134,3 +134,11 @@ def test_a_listener_worker_that_ends_has_its_counted_connections_released(tmp_pa
     clock.workers[0].processEnded(Failure(ProcessTerminated(signal=9)))
     assert main.acquire_connection("k", 1)
     pool.stopService()
+
+
+def test_a_damaged_database_is_put_aside_and_started_afresh(tmp_path):
+    path = tmp_path / "inbound.sqlite"
+    path.write_bytes(b"this is not a database\n" * 200)
+    state = LocalInboundState(str(path), task.Clock())
+    assert state.acquire_connection("k", 1) and not state.acquire_connection("k", 1)
+    assert (tmp_path / "inbound.sqlite.damaged").read_bytes().startswith(b"this is not a database")

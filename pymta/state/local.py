@@ -11,6 +11,10 @@ on their own failure.
 Open connections are rows per (client key, owning process): the main process clears them
 when it starts (no connection is open then) and drops a worker's rows when the worker ends.
 Expired rates and greylist entries are swept every ``sweep_every`` writes.
+
+Cost (``bench/inbound_state.py``, 2 shared cores): 60-80 us per decision, 13-16k decisions/s
+from one process and 10-17k/s in total from two; a session from a stranger makes about
+2 + 2 x recipients of them. The in-process backend takes 1-8 us.
 """
 
 from __future__ import annotations
@@ -68,16 +72,36 @@ class LocalInboundState:
         self._writes = 0
         self.closed = False
         try:
-            self.db = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
-            self.db.execute("PRAGMA journal_mode = WAL")
-            self.db.execute("PRAGMA synchronous = NORMAL")
-            self.db.executescript(SCHEMA)
-        except sqlite3.Error as e:
-            raise InboundStateError(f"{path}: cannot open the inbound state database: {e}") from None
+            self.db = self._open(busy_timeout)
+        except sqlite3.DatabaseError as e:
+            if isinstance(e, sqlite3.OperationalError) or not os.path.exists(path):
+                raise InboundStateError(f"{path}: cannot open the inbound state database: {e}") from None
+            # Counters and triples only: a damaged file is put aside and started afresh.
+            aside = f"{path}.damaged"
+            log.warn("inbound state {path} is damaged ({error}); moved to {aside}, starting empty", path=path,
+                     error=str(e), aside=aside, event="state_damaged")  # fmt: skip
+            for suffix in ("", "-wal", "-shm"):
+                if os.path.exists(path + suffix):
+                    os.replace(path + suffix, aside + suffix)
+            try:
+                self.db = self._open(busy_timeout)
+            except sqlite3.Error as e2:
+                raise InboundStateError(f"{path}: cannot open the inbound state database: {e2}") from None
         try:
             os.chmod(path, 0o600)
         except OSError:
             pass
+
+    def _open(self, busy_timeout: float) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA synchronous = NORMAL")
+            db.executescript(SCHEMA)
+        except sqlite3.Error:
+            db.close()
+            raise
+        return db
 
     # -- one transaction per decision, failing open -------------------------------------------
 
