@@ -195,6 +195,8 @@ class IInboundState(Interface):
     store never refuses mail by itself.
     """
 
+    owner = Attribute("the process (pid) whose connections this handle counts")
+
     def acquire_connection(key, limit):
         """Count one more open connection for ``key`` unless ``limit`` are open; True if counted."""
 

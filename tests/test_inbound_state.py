@@ -14,7 +14,7 @@ from twisted.python.failure import Failure
 from pymta.rate import parse_rate
 from pymta.state.local import InboundStateError, LocalInboundState
 from pymta.state.memory import MemoryInboundState
-from tests.contract_inbound_state import TRIPLE, InboundStateContract
+from tests.contract_inbound_state import TRIPLE, InboundStateContract, SharedInboundStateContract
 
 
 class TestMemoryInboundState(InboundStateContract):
@@ -22,9 +22,7 @@ class TestMemoryInboundState(InboundStateContract):
         return MemoryInboundState(clock)
 
 
-class TestLocalInboundState(InboundStateContract):
-    shared_between_processes = True
-
+class TestLocalInboundState(SharedInboundStateContract):
     @pytest.fixture(autouse=True)
     def _path(self, tmp_path):
         self.path = str(tmp_path / "inbound.sqlite")

@@ -3,6 +3,7 @@ hold to the same behaviour as the SQLite backend)."""
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from typing import Any
 
@@ -19,6 +20,7 @@ class MemoryInboundState:
 
     def __init__(self, clock: Any, max_keys: int = 1_000_000) -> None:
         self.clock = clock
+        self.owner = os.getpid()
         self.max_keys = max_keys
         self.connections: dict[str, int] = {}
         self.tats: OrderedDict[tuple[str, str], float] = OrderedDict()
