@@ -179,6 +179,7 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
         feedback_domains=[fb.bounce_domain] if fb.bounce_domain else [],
         feedback_addresses=[*fb.complaint_addresses, *fb.reply_addresses],
         postmaster=config.postmaster,
+        hostname=config.hostname,
     )
     receiver = InboundReceiver(
         config.hostname,

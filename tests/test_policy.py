@@ -120,6 +120,14 @@ def test_postmaster_of_every_local_domain_reaches_the_configured_mailbox_even_wi
     assert policy.recipient("nobody@example.test", STRANGER).reply.enhanced == "5.1.1"
 
 
+def test_postmaster_at_our_own_host_name_is_the_postmaster_too(tmp_path):
+    policy = RelayPolicy(["example.test"], ["alice@example.test"], [], [], str(tmp_path),
+                         postmaster="postmaster@example.test", hostname="MX.example.test")  # fmt: skip
+    decision = policy.recipient("PostMaster@mx.example.test.", STRANGER)
+    assert (decision.route, decision.address) == (ROUTE_LOCAL, "postmaster@example.test")
+    assert policy.recipient("alice@mx.example.test", STRANGER).reply.enhanced == "5.7.1"
+
+
 def test_a_remote_postmaster_address_is_relayed_for_a_bare_postmaster_only(tmp_path):
     policy = RelayPolicy(["example.test"], None, [], [], str(tmp_path), postmaster="noc@isp.example")
     decision = policy.recipient("postmaster", STRANGER)

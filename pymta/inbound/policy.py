@@ -100,6 +100,7 @@ class RelayPolicy:
         feedback_domains: Iterable[str] = (),
         feedback_addresses: Iterable[str] = (),
         postmaster: str | None = None,
+        hostname: str = "",
     ) -> None:
         self.local_domains = frozenset(d.lower() for d in local_domains)
         self.forward_domains = frozenset(d.lower() for d in forward_domains)
@@ -109,6 +110,8 @@ class RelayPolicy:
         self.feedback_domains = frozenset(d.lower() for d in feedback_domains)
         self.feedback_addresses = frozenset(a.lower() for a in feedback_addresses)
         self.postmaster = postmaster
+        # RFC 5321 §4.5.1 names: bare, and at our own host name (Postfix has it in mydestination)
+        self.postmaster_names = frozenset({"postmaster", f"postmaster@{hostname.lower()}"} if hostname else {"postmaster"})
 
     def may_relay(self, peer_address: str, auth_user: str | None = None) -> bool:
         """True for authenticated clients and clients in a ``relay_from`` network."""
@@ -116,7 +119,7 @@ class RelayPolicy:
 
     def recipient(self, address: str, peer_address: str, auth_user: str | None = None) -> Decision:
         """Decide one RCPT TO address (as parsed by the SMTP layer, source route already dropped)."""
-        if self.postmaster and address.lower() == "postmaster":  # RFC 5321 §4.5.1: no domain needed
+        if self.postmaster and address.lower().rstrip(".") in self.postmaster_names:
             return self._postmaster()
         local, domain = split_address(address)
         normalised = f"{local}@{domain}"
