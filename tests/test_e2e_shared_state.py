@@ -11,12 +11,11 @@ import contextlib
 import os
 import signal
 import socket
-import subprocess
 import time
 
 import pytest
 
-from tests.mta_process import MTAProcess
+from tests.mta_process import MTAProcess, wait_gone
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -45,26 +44,8 @@ def command(sock: socket.socket, line: str) -> bytes:
 
 
 def worker_pid(mta: MTAProcess) -> int:
-    children = mta.wait_for(
-        lambda: subprocess.run(["ps", "-o", "pid=", "--ppid", str(mta.proc.pid)], capture_output=True,
-                               text=True).stdout.split(),
-        what="a listener worker",
-    )  # fmt: skip
-    assert len(children) == 1
-    return int(children[0])
-
-
-def gone(pid: int, seconds: float = 20.0) -> None:
-    """Wait (bounded) until process ``pid`` has ended: a restart must not meet the old worker."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)
-    os.kill(pid, signal.SIGKILL)
-    raise AssertionError(f"listener worker {pid} outlived the main process")
+    [pid] = mta.wait_for(mta.children, what="a listener worker")
+    return pid
 
 
 @contextlib.contextmanager
@@ -150,7 +131,7 @@ def test_greylist_retries_pass_on_any_worker_and_after_a_restart(tmp_path):
             assert [greylist_try(mta, s) for s in senders[:6]] == [b"250 2.1.5"] * 6
     finally:
         mta.stop()
-    gone(worker)
+    assert wait_gone([worker], 20) == []  # a restart must not meet the old worker
     mta.start()
     try:
         assert [greylist_try(mta, s) for s in senders[6:]] == [b"250 2.1.5"] * 6  # first seen before the restart
