@@ -204,18 +204,7 @@ class InboundReceiver:
             return refused
         decision = self.policy.recipient(address, session.peer_address, session.auth_user)
         if decision.reply is not None:
-            log.info(
-                "rejected RCPT {rcpt} from {client}: {code} {enhanced} {text}",
-                event="reject",
-                stage="rcpt",
-                client=session.peer_address,
-                sender=session.transaction.sender if session.transaction else None,
-                rcpt=address,
-                code=decision.reply.code,
-                enhanced=decision.reply.enhanced,
-                text=decision.reply.text,
-            )
-            return decision.reply
+            return decision.reply  # the SMTP server logs the one reject event, with the recipient
         if not self._trusted(session):
             refused = self._untrusted_rcpt(session, decision.address)
             if refused is not None:
