@@ -280,6 +280,7 @@ class QueueConfig:
     delay_warning: float = _key(conv_duration(0), 4 * 3600.0)
     max_active: int = _key(conv_int(1, 100000), 200)
     greylist_retry: float = _key(conv_duration(1), 300.0)  # retry after a greylisting reply
+    shutdown_grace: float = _key(conv_duration(0), 30.0)  # a stop waits this long for deliveries in flight
     fsync: bool = _key(conv_bool, True)
     # false: this process only accepts into the queue (a listener-only process beside another
     # pymta process that delivers from the same queue directory).

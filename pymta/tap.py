@@ -17,6 +17,7 @@ from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
 from pymta.config import Config, ConfigError, default_config_path, load_config
+from pymta.shutdown import CLOSE, SESSION_GRACE, SessionDrain, SignalGuard, StagedService, ThreadPoolService
 
 
 class Options(usage.Options):
@@ -40,23 +41,11 @@ class Options(usage.Options):
             raise SystemExit(2) from None
 
 
-class ThreadPoolService(service.Service):
-    """Starts and stops the thread pool that runs fsync-heavy file work off the reactor."""
-
-    def __init__(self, pool: ThreadPool) -> None:
-        self.pool = pool
-
-    def startService(self) -> None:
-        super().startService()
-        self.pool.start()
-
-    def stopService(self) -> None:
-        super().stopService()
-        self.pool.stop()
-
-
 class CloseOnStop(service.Service):
-    """Calls ``close`` when the service tree stops (after the services added later have stopped)."""
+    """Calls ``close`` when the service tree stops, once the listeners, sessions and deliveries that
+    used it are done (the ``CLOSE`` stage of :mod:`pymta.shutdown`)."""
+
+    stop_stage = CLOSE
 
     def __init__(self, close: Any) -> None:
         self.close = close
@@ -66,7 +55,14 @@ class CloseOnStop(service.Service):
         self.close()
 
 
+class StartupError(Exception):
+    """The MTA cannot start; the text says what and where, in one line."""
+
+
 def makeService(options: dict[str, Any]) -> service.MultiService:
+    """Every startup failure is one line on standard error and exit status 2, never a traceback."""
+    import sqlite3
+
     from pymta.admin.http.tokens import TokensFileError
     from pymta.inbound.auth import UsersFileError
     from pymta.state.local import InboundStateError
@@ -80,10 +76,71 @@ def makeService(options: dict[str, Any]) -> service.MultiService:
         die_with_parent()
         worker_fds = [tuple(int(x) for x in item.split(":")) for item in options["worker-fds"].split(",")]
     try:
-        return build_service(config, global_reactor, worker_fds)
-    except (TLSConfigError, UsersFileError, TokensFileError, InboundStateError) as e:
-        sys.stderr.write(f"pymta: configuration error: {e}\n")
-        raise SystemExit(2) from None
+        if worker_fds is None:  # the workers share the main process's state_dir and sockets
+            lock_state_dir(config.state_dir)
+            check_listeners(config)
+        top = build_service(config, global_reactor, worker_fds)
+    except TLSConfigError as e:
+        _startup_failed(f"configuration error: {config.path}: {e.key}: {e}" if e.key else f"configuration error: {e}")
+    except UsersFileError as e:
+        _startup_failed(f"configuration error: {config.path}: submission.users_file: {e}")
+    except (TokensFileError, InboundStateError) as e:
+        _startup_failed(f"configuration error: {e}")
+    except StartupError as e:
+        _startup_failed(str(e))
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        _startup_failed(f"cannot start: {where}{e.strerror or e}")
+    except sqlite3.Error as e:
+        _startup_failed(f"cannot start: a database under {config.state_dir} (or feedback.suppression_db): {e}")
+    SignalGuard(global_reactor).setServiceParent(top)
+    return top
+
+
+def _startup_failed(text: str) -> None:
+    sys.stderr.write(f"pymta: {text}\n")
+    raise SystemExit(2) from None
+
+
+_held: list[int] = []  # descriptors of the locks this process holds (for its whole life)
+
+
+def lock_state_dir(state_dir: str) -> None:
+    """Take ``state_dir/pymta.lock`` (flock): two MTAs on one queue would deliver everything twice."""
+    import fcntl
+
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    path = os.path.join(state_dir, "pymta.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode("ascii", "replace").strip() or "?"
+        os.close(fd)
+        raise StartupError(f"{state_dir}: in use by another running pymta (pid {holder}, lock {path})") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _held.append(fd)
+
+
+def check_listeners(config: Config) -> None:
+    """Fail early, in one line, on an address we cannot listen on (in use, not ours, privileged)."""
+    import socket
+
+    for key, endpoints in (("smtp.listen", config.smtp.listen), ("smtp.listen_tls", config.smtp.listen_tls),
+                           ("submission.listen", config.submission.listen), ("http.listen", config.http.listen),
+                           ("http.public_listen", config.http.public_listen)):  # fmt: skip
+        for endpoint in endpoints:
+            for interface, port in listener_addresses((endpoint,)):
+                if port == 0:
+                    continue
+                family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+                with socket.socket(family, socket.SOCK_STREAM) as sock:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    try:
+                        sock.bind((interface, port))
+                    except OSError as e:
+                        raise StartupError(f"cannot listen on {endpoint} ({key}): {e.strerror}") from None
 
 
 def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]] | None = None) -> service.MultiService:
@@ -119,9 +176,18 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
     for path in (config.state_dir, config.queue_dir, config.mail_dir, config.log_dir):
         os.makedirs(path, mode=0o700, exist_ok=True)
 
-    top = service.MultiService()
+    grace = config.queue.shutdown_grace
+    session_grace = min(SESSION_GRACE, grace)
+    top = StagedService(reactor, grace)
+    # Three pools, so that one kind of slow work cannot hold up another: queue and Maildir file
+    # I/O (the 250 waits for it), DNS lookups (a dead resolver blocks a thread for its timeout),
+    # password hashing (scrypt, CPU-bound, deliberately slow).
     pool = ThreadPool(minthreads=2, maxthreads=16, name="pymta-io")
     ThreadPoolService(pool).setServiceParent(top)
+    dns_pool = ThreadPool(minthreads=1, maxthreads=16, name="pymta-dns")
+    ThreadPoolService(dns_pool, join=False).setServiceParent(top)
+    drain = SessionDrain([], reactor, session_grace)
+    drain.setServiceParent(top)
 
     store = MaildirQueueStore(config.queue_dir, reactor=reactor, threadpool=pool, fsync=config.queue.fsync)
     accounting = None
@@ -132,7 +198,7 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
     agents: dict[str, Any] = {
         "local": MaildirDeliveryAgent(config.mail_dir, config.hostname, reactor=reactor, threadpool=pool),
     }
-    resolver = Resolver(reactor, pool, config.dns.servers, timeout=config.dns.timeout)
+    resolver = Resolver(reactor, dns_pool, config.dns.servers, timeout=config.dns.timeout)
     smtp_agent = _outbound_agent(config, reactor, resolver)
     CloseOnStop(smtp_agent.close_idle).setServiceParent(top)
     suppression, tagger = _feedback_parts(config, reactor)
@@ -159,6 +225,8 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
         accounting=accounting,
         route_for=local_route_for(config.domains.local),
         greylist_retry=config.queue.greylist_retry,
+        shutdown_grace=grace,
+        abort=smtp_agent.abort_all,
     )
     if config.queue.deliver:
         manager.setServiceParent(top)
@@ -221,13 +289,14 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
     if server_tls is not None:
         ReloadOnHangup(server_tls.reload, reactor).setServiceParent(top)
     factory = SMTPServerFactory(receiver, config.hostname, limits, reactor, tls_context_factory=server_tls)
+    drain.factories.append(factory)
     if worker_fds is not None:
         from pymta.workers import AdoptedPort
 
         for fd, family in worker_fds:
-            AdoptedPort(reactor, fd, family, factory).setServiceParent(top)
+            AdoptedPort(reactor, fd, family, factory, inherited=True).setServiceParent(top)
         return top
-    _listen(config, reactor, factory, top, on_worker_ended=inbound_state.release_owner)
+    _listen(config, reactor, factory, top, on_worker_ended=inbound_state.release_owner, stop_limit=session_grace + 2.5)
 
     from pymta.admin.control import control_service
     from pymta.admin.queue_ops import QueueOperations
@@ -250,12 +319,16 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
         IncomingWatcher(os.path.join(config.queue_dir, "incoming"), notify, reactor).setServiceParent(top)
     for endpoint in config.smtp.listen_tls:
         implicit = SMTPServerFactory(receiver, config.hostname, limits, reactor)
+        drain.factories.append(implicit)
         strports.service(endpoint, TLSMemoryBIOFactory(server_tls, False, implicit), reactor=reactor).setServiceParent(top)
     if config.submission.listen:
         users = load_users(config.submission.users_file)
-        auth = Authenticator(users, reactor, pool, max_failures=config.submission.max_auth_failures)
+        auth_pool = ThreadPool(minthreads=0, maxthreads=2, name="pymta-auth")
+        ThreadPoolService(auth_pool).setServiceParent(top)
+        auth = Authenticator(users, reactor, auth_pool, max_failures=config.submission.max_auth_failures)
         submission = SMTPServerFactory(receiver, config.hostname, limits, reactor, tls_context_factory=server_tls,
                                        authenticator=auth, auth_required=True)  # fmt: skip
+        drain.factories.append(submission)
         for endpoint in config.submission.listen:
             plain = implicit_tls_endpoint(endpoint)  # "ssl:465": implicit TLS with the [tls] certificate
             factory = submission if plain is None else TLSMemoryBIOFactory(server_tls, False, submission)
@@ -274,7 +347,8 @@ def implicit_tls_endpoint(endpoint: str) -> str | None:
     return "tcp:" + ":".join(part for part in rest.split(":") if not part.startswith(ignored))
 
 
-def _listen(config: Config, reactor: Any, factory: Any, top: service.MultiService, on_worker_ended: Any = None) -> None:
+def _listen(config: Config, reactor: Any, factory: Any, top: service.MultiService, on_worker_ended: Any = None,
+            stop_limit: float = 8.0) -> None:
     """The MX listeners; with ``[smtp] processes`` > 1, TCP ones are shared with worker processes."""
     if config.smtp.processes <= 1:
         for endpoint in config.smtp.listen:
@@ -297,7 +371,8 @@ def _listen(config: Config, reactor: Any, factory: Any, top: service.MultiServic
         sockets.append(sock)
         AdoptedPort(reactor, sock.fileno(), sock.family, factory).setServiceParent(top)
     if sockets:
-        pool = WorkerPool(reactor, config.smtp.processes - 1, config.path, sockets, on_ended=on_worker_ended)
+        pool = WorkerPool(reactor, config.smtp.processes - 1, config.path, sockets, on_ended=on_worker_ended,
+                          stop_limit=stop_limit)
         pool.setServiceParent(top)
         # The workers serve STARTTLS too: a SIGHUP to the main process reloads their certificate.
         for child in top:

@@ -46,7 +46,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pymta.interfaces import ISession
-from pymta.smtp.replies import LOCAL_ERROR, OK, SERVICE_CLOSING, TIMEOUT, Reply
+from pymta.smtp.replies import LOCAL_ERROR, OK, SERVICE_CLOSING, SHUTTING_DOWN, TIMEOUT, Reply
 from pymta.smtp.sockets import set_nodelay
 
 log = Logger(namespace="pymta.smtp.server")
@@ -328,11 +328,13 @@ class SMTPServerProtocol(Protocol):
         self._bdat_last = False
         self._bdat_failed: Reply | None = None
         self._auth_state: tuple[str, str] | None = None
+        self._shut_down_after_answer = False
 
     # -- connection ---------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
         set_nodelay(self.transport)
+        self.factory.connections.add(self)
         peer, host = self.transport.getPeer(), self.transport.getHost()
         self.session.peer_address = getattr(peer, "host", "") or ""
         self.session.peer_port = getattr(peer, "port", 0) or 0
@@ -374,6 +376,9 @@ class SMTPServerProtocol(Protocol):
             self.delegate.disconnected(self.session)
         except Exception:
             log.failure("delegate.disconnected failed")
+        self.factory.connections.discard(self)
+        if not self.factory.connections and self.factory.on_empty is not None:
+            self.factory.on_empty()
 
     def _close(self) -> None:
         self._flush()
@@ -387,6 +392,21 @@ class SMTPServerProtocol(Protocol):
     def _abort(self) -> None:
         if self.transport is not None and getattr(self.transport, "connected", True):
             self.transport.abortConnection()
+
+    def shut_down(self) -> None:
+        """The server is stopping: 421 4.3.2 and close, right after any answer we still owe."""
+        if self._mode == _CLOSED:
+            return
+        if self._waiting:
+            self._shut_down_after_answer = True
+            return
+        self._reply(SHUTTING_DOWN, stage="shutdown")
+        self._close()
+
+    def abort_now(self) -> None:
+        """Drop the connection without a word (a peer that does not let us close it)."""
+        self._mode = _CLOSED
+        self._abort()
 
     # -- timers -------------------------------------------------------------------------------
 
@@ -560,6 +580,8 @@ class SMTPServerProtocol(Protocol):
             self._waiting = False
             if self._mode != _CLOSED:
                 self._process()
+            if self._shut_down_after_answer and not self._waiting:
+                self.shut_down()
 
         result.addBoth(resume)
 
@@ -1080,6 +1102,8 @@ class SMTPServerFactory(Factory):
         self.disabled_extensions = disabled_extensions  # e.g. {"PIPELINING"} to act as an older peer
         self.id_prefix = os.urandom(4).hex() + "-"
         self.counter = itertools.count(1)
+        self.connections: set[SMTPServerProtocol] = set()  # open sessions (drained at shutdown)
+        self.on_empty: Any = None  # called when the last open session ends
 
     def buildProtocol(self, addr: Any) -> SMTPServerProtocol:
         p = SMTPServerProtocol(self)
