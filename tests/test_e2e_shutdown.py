@@ -204,6 +204,9 @@ def test_sigterm_with_slow_deliveries_stops_in_time_and_delivers_nothing_twice(t
         output = open(os.path.join(str(tmp_path), "twistd.stderr"), encoding="utf-8", errors="replace").read()
         output += open(mta.log_path, encoding="utf-8").read()
         assert "ReactorNotRunning" not in output and "Traceback" not in output
+        # No "Starting factory" / "Stopping factory" line per outbound connection.
+        factories = {e["namespace"] for e in mta.log_events() if "factory" in e["message"]}
+        assert factories and all(n.startswith(("pymta.smtp.server", "pymta.admin.control")) for n in factories)
 
         # After a restart with a prompt receiver, the rest is delivered, and nothing twice.
         receiver.slow = 0.0
