@@ -229,13 +229,18 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
         shutdown_grace=grace,
         abort=smtp_agent.abort_all,
     )
-    if config.queue.deliver:
-        manager.setServiceParent(top)
     from pymta.admin.http.service import make_metrics
 
     metrics = make_metrics(config) if worker_fds is None else None
     # Every message the queue manager hears of (from this process or a listener worker) is counted once.
     notify = metrics.counting(manager.notify_incoming) if metrics is not None else manager.notify_incoming
+    if config.queue.deliver:
+        from pymta.queue.watch import IncomingWatcher
+
+        # The watch starts before the manager's start-up scan of incoming/: mail that a listener
+        # worker renames in between raises an event instead of waiting for the next restart.
+        IncomingWatcher(os.path.join(config.queue_dir, "incoming"), notify, reactor).setServiceParent(top)
+        manager.setServiceParent(top)
 
     inbound_state = _inbound_state(config, reactor, main=worker_fds is None)
     CloseOnStop(inbound_state.close).setServiceParent(top)
@@ -314,10 +319,6 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
             metrics=metrics, suppression=suppression, tagger=tagger, accounting=accounting,
             on_queued=notify if config.queue.deliver else None, shaper=smtp_agent.shaper,
         )  # fmt: skip
-    if config.queue.deliver:
-        from pymta.queue.watch import IncomingWatcher
-
-        IncomingWatcher(os.path.join(config.queue_dir, "incoming"), notify, reactor).setServiceParent(top)
     for endpoint in config.smtp.listen_tls:
         implicit = SMTPServerFactory(receiver, config.hostname, limits, reactor)
         drain.factories.append(implicit)
