@@ -75,11 +75,16 @@ def _interrupted(results_for):
     return [DeliveryResult(a, R_DEFERRED, 451, "4.3.2", "Delivery interrupted") for a in results_for]
 
 
-def test_the_manager_waits_the_grace_then_aborts_and_records_the_rest_deferred():
-    aborted = []
+def _stopping_with_one_delivery_in_flight():
+    """(harness, qid, the stop's Deferred, abort calls): the manager stops with a 30 s grace."""
+    aborted: list[bool] = []
     h = Harness(hold=True, shutdown_grace=30, abort=lambda: aborted.append(True))
     qid = h.queue(["a@remote.example"])
-    stopped = h.manager.stopService()
+    return h, qid, h.manager.stopService(), aborted
+
+
+def test_the_manager_waits_the_grace_then_aborts_and_records_the_rest_deferred():
+    h, qid, stopped, aborted = _stopping_with_one_delivery_in_flight()
     h.clock.advance(29.9)
     assert not aborted and not stopped.called
     h.clock.advance(0.2)
@@ -93,10 +98,7 @@ def test_the_manager_waits_the_grace_then_aborts_and_records_the_rest_deferred()
 
 
 def test_deliveries_that_finish_within_the_grace_are_recorded_and_nothing_is_aborted():
-    aborted = []
-    h = Harness(hold=True, shutdown_grace=30, abort=lambda: aborted.append(True))
-    qid = h.queue(["a@remote.example"])
-    stopped = h.manager.stopService()
+    h, qid, stopped, aborted = _stopping_with_one_delivery_in_flight()
     h.clock.advance(5)
     h.relay.release_all()
     assert stopped.called and h.store.state(qid) is None  # delivered: gone from the queue
