@@ -92,7 +92,8 @@ def makeService(options: dict[str, Any]) -> service.MultiService:
         where = f"{e.filename}: " if e.filename else ""
         _startup_failed(f"cannot start: {where}{e.strerror or e}")
     except sqlite3.Error as e:
-        databases = [config.suppression_db] + ([os.path.join(config.state_dir, "warmup.sqlite")] if config.pools else [])
+        databases = [config.suppression_db, os.path.join(config.state_dir, "inbound.sqlite")]
+        databases += [os.path.join(config.state_dir, "warmup.sqlite")] if config.pools else []
         _startup_failed(f"cannot start: cannot open database {' or '.join(databases)}: {e}")
     SignalGuard(global_reactor).setServiceParent(top)
     return top
