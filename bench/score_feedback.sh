@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # bench/score_feedback.sh -- run pymta-feedback parse over the shared bounce corpus and score it
-# with the corpus's own score.py (recall, precision, complaint, autoreply, hard, reason).
+# with the corpus's own score.py (recall, precision, complaint, autoreply, hard, reason), then
+# print the per-reason confusion (truth x predicted; LIST=1 also lists every disagreeing file).
 set -eu
 HERE="$(cd "$(dirname "$0")" && pwd)"
 CORPUS="${CORPUS:-$HERE/../../shared/corpus/bounces}"
@@ -9,3 +10,5 @@ OUT="${TMPDIR:-/tmp}/pymta-feedback-pred.jsonl"
 cd "$CORPUS"
 cut -d'"' -f4 truth.jsonl | xargs python3 -m pymta.feedback.cli parse > "$OUT"
 python3 score.py "$OUT" --by-source
+echo
+python3 "$HERE/feedback_confusion.py" truth.jsonl "$OUT" ${LIST:+--list}
