@@ -10,9 +10,11 @@ reason (:mod:`pymta.feedback.classify`).
 from __future__ import annotations
 
 import email
+import email.header
 import email.policy
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from email.message import Message
 from email.utils import getaddresses, parseaddr
@@ -22,7 +24,20 @@ from pymta.feedback.classify import classify, find_status
 
 DSN, ARF, AUTOREPLY, REPLY, UNKNOWN = "dsn", "arf", "autoreply", "reply", "unknown"
 
-_ADDRESS = re.compile(r"<?([A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?\.[A-Za-z]{2,})>?")
+# Every pattern below sees a bounded input: what parse_message reads of a message, and how much of
+# one field, one text part or one failure paragraph any pattern is run over.
+MAX_MESSAGE_BYTES = 256 * 1024  # the report is at the start; the rest is the returned message
+MAX_FIELD = 2048  # one header or DSN field value
+MAX_TEXT = 64 * 1024  # the human-readable text of one part
+MAX_WINDOW = 4096  # the diagnostic text taken around a recipient
+MAX_RECIPIENTS = 1000  # recipient blocks read from one report
+MAX_PARTS = 200  # MIME parts looked at (deeper or wider structures are cut off)
+MAX_BOUNDARIES = 32  # multipart levels read: the email parser tests each line against every open boundary
+MAX_DETECTOR_BYTES = 32 * 1024  # what flufl.bounce's line-by-line detectors are given
+
+_LOCAL_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789.!#$%&'*+/=?^_`{|}~-")
+_DOMAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}")
+_TLD = re.compile(r"[A-Za-z]{2,63}")
 _SMTP_CODE = re.compile(r"(?<![\d.])([245]\d\d)(?:[ -]|$)")
 _BOUNCE_SENDER = re.compile(r"mailer-daemon|postmaster|mail ?delivery|mdaemon|mailer@|bounce|microsoftexchange", re.I)
 _BOUNCE_SUBJECT = re.compile(
@@ -39,7 +54,36 @@ _AUTOREPLY_SUBJECT = re.compile(
     re.I,
 )
 _COMPLAINT_SUBJECT = re.compile(r"complaint about message|abuse report|spam (complaint|report)|feedback report", re.I)
+_CHALLENGE = re.compile(
+    r"whitelist|allowlist|approved senders|confirm (that )?you are a (real )?(person|human|sender)|"
+    r"verify (that )?you are (a )?(real )?(person|human)|challenge[- ]response|boxbe|"
+    r"(click|use) the (following )?link .{0,40}(deliver|confirm|verify)|awaiting your (confirmation|verification)",
+    re.I,
+)
 _TEMPORARY = re.compile(r"delay|will (be )?retr|still (trying|being retried)|temporar|try(ing)? again|warning", re.I)
+
+
+def iter_addresses(text: str) -> Iterator[tuple[int, str]]:
+    """(position, lower-cased address) of each plausible address in ``text``, in one linear scan.
+
+    From each ``@`` the local part is read backwards (at most 64 characters, RFC 5321) and the domain
+    forwards (at most 253); nothing is re-read from another start, so the work is linear in the
+    text. A local part that starts with ``/`` (a file path) or is empty (``@host``) is no address.
+    """
+    i = text.find("@")
+    while i >= 0:
+        j = i
+        while j > 0 and i - j <= 64 and text[j - 1] in _LOCAL_CHARS:
+            j -= 1
+        local = text[j:i].lstrip("'`=.")
+        m = _DOMAIN.match(text, i + 1)
+        if local and i - j <= 64 and m and not local.startswith("/") and not local.endswith("."):
+            labels = m.group().split(".")
+            while labels and not _TLD.fullmatch(labels[-1]):
+                labels.pop()
+            if len(labels) >= 2 and all(labels):
+                yield j, f"{local}@{'.'.join(labels)}".lower()
+        i = text.find("@", i + 1)
 
 
 @dataclass
@@ -82,108 +126,198 @@ class Report:
 
 
 def _text(part: Message) -> str:
+    """The decoded text of one part, at most MAX_TEXT characters."""
     try:
         payload = part.get_payload(decode=True)
     except Exception:
         payload = None
     if payload is None:
         raw = part.get_payload()
-        return raw if isinstance(raw, str) else ""
+        return raw[:MAX_TEXT] if isinstance(raw, str) else ""
+    payload = payload[: MAX_TEXT * 4]
     charset = part.get_content_charset() or "utf-8"
     try:
-        return payload.decode(charset, "replace")
+        return payload.decode(charset, "replace")[:MAX_TEXT]
     except LookupError:
-        return payload.decode("utf-8", "replace")
+        return payload.decode("utf-8", "replace")[:MAX_TEXT]
+
+
+def _header(msg: Message, name: str) -> str:
+    """A header's value as text, cut to MAX_FIELD; RFC 2047 encoded words decoded."""
+    value = msg.get(name)
+    if value is None:
+        return ""
+    try:
+        text = str(email.header.make_header(email.header.decode_header(str(value)[:MAX_FIELD])))
+    except Exception:
+        text = str(value)
+    return " ".join(text[:MAX_FIELD].split())
 
 
 def _address(value: str | None) -> str | None:
     if not value:
         return None
-    value = value.strip()
-    if ";" in value:
+    value = value[:MAX_FIELD].strip()
+    if ";" in value[:40]:
         value = value.split(";", 1)[1]
-    value = value.strip().strip("<>").strip()
-    m = _ADDRESS.search(value)
-    return m.group(1).lower() if m else None
+    for _, address in iter_addresses(value):
+        return address
+    return None
+
+
+def _walk(msg: Message) -> list[tuple[Message, bool]]:
+    """Every part (at most MAX_PARTS, at most 32 deep), each with whether it lies inside a returned
+    message; iterative, so no nesting depth can exhaust the stack."""
+    out: list[tuple[Message, bool]] = []
+    stack: list[tuple[Message, bool, int]] = [(msg, False, 0)]
+    while stack and len(out) < MAX_PARTS:
+        part, inside, depth = stack.pop()
+        out.append((part, inside))
+        payload = part.get_payload()
+        if isinstance(payload, list) and depth < 32:
+            returned = inside or part.get_content_type() == "message/rfc822"
+            stack.extend((p, returned, depth + 1) for p in reversed(payload[:MAX_PARTS]) if isinstance(p, Message))
+    return out
+
+
+_DSN_FIELDS = frozenset(
+    ("final-recipient", "original-recipient", "action", "status", "diagnostic-code", "remote-mta", "reporting-mta",
+     "last-attempt-date", "arrival-date", "x-actual-recipient", "received-from-mta", "will-retry-until",
+     "x-postfix-sender", "x-original-message-id", "original-envelope-id", "x-supplementary-info")
+)  # fmt: skip
+_PER_RECIPIENT = frozenset(("final-recipient", "original-recipient", "action", "status", "remote-mta"))
+_FIELD_NAME = re.compile(r"([A-Za-z][A-Za-z0-9-]{0,60})[ \t]*:")
+
+
+def _split_blocks(items: list[tuple[str, str]]) -> list[dict[str, str]]:
+    """Field groups from (name, value) pairs in order: a per-recipient field seen twice starts a new
+    group, so recipient blocks without blank lines between them each count."""
+    blocks: list[dict[str, str]] = []
+    fields: dict[str, str] = {}
+    for name, value in items:
+        if name in fields and name in _PER_RECIPIENT:
+            blocks.append(fields)
+            fields = {}
+        fields.setdefault(name, value[:MAX_FIELD])
+    if fields:
+        blocks.append(fields)
+    return blocks
+
+
+def _scan_fields(text: str, lenient: bool = False) -> list[dict[str, str]]:
+    """Field groups of DSN text: a blank or non-field line ends a group. With ``lenient`` (a report
+    whose MIME structure is broken) indented lines naming a DSN field are fields too."""
+    blocks: list[dict[str, str]] = []
+    items: list[tuple[str, str]] = []
+    last = -1
+    for line in text.splitlines():
+        if len(blocks) > MAX_RECIPIENTS:
+            break
+        stripped = line.strip()
+        m = _FIELD_NAME.match(stripped)
+        name = m.group(1).lower() if m else ""
+        if line[:1] in (" ", "\t") and last >= 0 and stripped and not (lenient and name in _DSN_FIELDS):
+            if len(items[last][1]) < MAX_FIELD:
+                items[last] = (items[last][0], items[last][1] + " " + stripped)
+            continue
+        if m and (line[:1] not in (" ", "\t") or name in _DSN_FIELDS):
+            items.append((name, stripped[m.end() :].strip()))
+            last = len(items) - 1
+            continue
+        if items:
+            blocks.extend(_split_blocks(items))
+        items, last = [], -1
+    if items:
+        blocks.extend(_split_blocks(items))
+    return blocks
 
 
 def _field_blocks(part: Message) -> list[dict[str, str]]:
     """The per-message and per-recipient field groups of a message/delivery-status part."""
     payload = part.get_payload()
-    blocks: list[dict[str, str]] = []
-    if isinstance(payload, list):
-        for sub in payload:
-            blocks.append({k.lower(): str(v) for k, v in sub.items()})
-        if blocks:
-            return blocks
-    text = payload if isinstance(payload, str) else _text(part)
-    for chunk in re.split(r"\r?\n\s*\r?\n", text):
-        fields: dict[str, str] = {}
-        last = None
-        for line in chunk.splitlines():
-            if line[:1] in (" ", "\t") and last:
-                fields[last] += " " + line.strip()
-                continue
-            name, sep, value = line.partition(":")
-            if sep and name.strip():
-                last = name.strip().lower()
-                fields[last] = value.strip()
-        if fields:
-            blocks.append(fields)
-    return blocks
+    if isinstance(payload, list) and payload:
+        blocks: list[dict[str, str]] = []
+        for sub in payload[:MAX_RECIPIENTS]:
+            if isinstance(sub, Message):
+                blocks.extend(_split_blocks([(k.lower(), str(v)) for k, v in sub.items()]))
+        return blocks
+    return _scan_fields(payload if isinstance(payload, str) else _text(part))
 
 
-def _original_headers(msg: Message) -> dict[str, str] | None:
-    for part in msg.walk():
+def _original_headers(walked: list[tuple[Message, bool]]) -> dict[str, str] | None:
+    for part, _ in walked:
         ctype = part.get_content_type()
-        if ctype in ("message/rfc822", "message/rfc822-headers", "text/rfc822-headers"):
+        if ctype in ("message/rfc822", "message/rfc822-headers", "text/rfc822-headers", "message/global",
+                     "message/global-headers"):  # fmt: skip
             payload = part.get_payload()
             if isinstance(payload, list) and payload:
-                return {k.lower(): str(v) for k, v in payload[0].items()}
+                return {k.lower(): str(v)[:MAX_FIELD] for k, v in payload[0].items()}
             text = payload if isinstance(payload, str) else _text(part)
             try:
-                inner = email.message_from_string(text.lstrip())
+                inner = email.message_from_string(text[:MAX_TEXT].lstrip())
             except Exception:
                 return None
-            return {k.lower(): str(v) for k, v in inner.items()}
+            return {k.lower(): str(v)[:MAX_FIELD] for k, v in inner.items()}
     return None
 
 
 def parse_message(raw: bytes) -> Report:
+    """A Report for one message; reads at most MAX_MESSAGE_BYTES of it and never raises."""
+    raw = raw[:MAX_MESSAGE_BYTES]
+    if b"\r" in raw:  # CRLF and CR-only line endings parse as LF
+        raw = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    raw = _cut_deep_nesting(raw)
     try:
         msg = email.message_from_bytes(raw, policy=email.policy.compat32)
         return _parse(msg, raw)
-    except Exception:
+    except Exception:  # RecursionError and whatever a broken message makes the email package raise
         return Report(kind=UNKNOWN)
 
 
+_BOUNDARY_PARAM = re.compile(rb"boundary[ \t]*=", re.I)
+
+
+def _cut_deep_nesting(raw: bytes) -> bytes:
+    """The message up to the line declaring its MAX_BOUNDARIES+1-th multipart boundary."""
+    for n, m in enumerate(_BOUNDARY_PARAM.finditer(raw)):
+        if n == MAX_BOUNDARIES:
+            return raw[: raw.rfind(b"\n", 0, m.start()) + 1]
+    return raw
+
+
 def _parse(msg: Message, raw: bytes) -> Report:
-    subject = str(msg.get("Subject", "") or "")
-    from_address = _address(parseaddr(str(msg.get("From", "") or ""))[1])
+    walked = _walk(msg)
+    parts = [p for p, _ in walked]
+    subject = _header(msg, "Subject")
+    from_address = _address(parseaddr(_header(msg, "From"))[1])
     report = Report(subject=subject, from_address=from_address)
-    report.original_headers = _original_headers(msg)
+    report.original_headers = _original_headers(walked)
     ctype = msg.get_content_type()
     report_type = (msg.get_param("report-type") or "").lower() if ctype == "multipart/report" else ""
-    parts = list(msg.walk())
     if report_type == "feedback-report" or any(p.get_content_type() == "message/feedback-report" for p in parts):
         return _arf(msg, parts, report)
     dsn_parts = [p for p in parts if p.get_content_type() in ("message/delivery-status", "message/global-delivery-status")]
     if dsn_parts:
-        _dsn(dsn_parts, report)
-        if report.details:
-            _body_diagnostic(msg, report)
-            return _summarise(report)
+        _dsn([b for p in dsn_parts for b in _field_blocks(p)], report)
+    if not report.details and _has_dsn_fields(raw):
+        # broken MIME (missing, indented or wrong boundaries): the fields are still in the text
+        _dsn(_scan_fields(raw.decode("utf-8", "replace"), lenient=True), report)
+    if report.details:
+        _body_diagnostic(walked, report)
+        return _summarise(report)
     if _ses_notification(msg, report):
         return _summarise(report) if report.details else report
     if _COMPLAINT_SUBJECT.search(subject) and report.original_headers is not None:
         return _arf(msg, parts, report)
-    bounce_like = _looks_bounce(msg, subject, from_address) or bool(dsn_parts)
+    bounce_like = _looks_bounce(msg, subject) or bool(dsn_parts)
+    if bounce_like and _CHALLENGE.search(subject + " " + _human_text(walked)[:MAX_WINDOW]):
+        bounce_like = False  # a challenge-response "confirm you are a sender" message is no bounce
     if not bounce_like and _looks_autoreply(msg, subject):
         report.kind, report.action, report.reason = AUTOREPLY, "autoreply", "vacation"
         report.recipients = [from_address] if from_address else []
         return report
     if bounce_like:
-        _plain_bounce(msg, report)
+        _plain_bounce(msg, raw, walked, report)
         if report.details:
             return _summarise(report)
         report.kind = DSN
@@ -193,21 +327,33 @@ def _parse(msg: Message, raw: bytes) -> Report:
     return report
 
 
+_DSN_MARKERS = re.compile(rb"^[ \t]*(final|original)-recipient[ \t]*:", re.I | re.M)
+
+
+def _has_dsn_fields(raw: bytes) -> bool:
+    return _DSN_MARKERS.search(raw) is not None
+
+
 def _arf(msg: Message, parts: list[Message], report: Report) -> Report:
     report.kind, report.action, report.reason = ARF, "complaint", "feedback"
-    fields: dict[str, str] = {}
+    items: list[tuple[str, str]] = []
     for p in parts:
         if p.get_content_type() == "message/feedback-report":
-            for block in _field_blocks(p):
-                fields.update(block)
-    report.feedback_type = (fields.get("feedback-type") or "abuse").strip().lower()
+            payload = p.get_payload()
+            if isinstance(payload, list):
+                items += [(k.lower(), str(v)) for sub in payload if isinstance(sub, Message) for k, v in sub.items()]
+            else:
+                items += [kv for block in _scan_fields(_text(p)) for kv in block.items()]
+    fields = dict(reversed(items))
+    report.feedback_type = (fields.get("feedback-type") or "abuse").strip().lower()[:40]
     recipients = []
-    for key in ("original-rcpt-to", "removal-recipient"):
-        addr = _address(fields.get(key))
-        if addr:
-            recipients.append(addr)
+    for key, value in items[:MAX_RECIPIENTS]:
+        if key in ("original-rcpt-to", "removal-recipient"):
+            addr = _address(value)
+            if addr:
+                recipients.append(addr)
     if not recipients and report.original_headers:
-        for _, addr in getaddresses([report.original_headers.get("to", "")]):
+        for _, addr in getaddresses([report.original_headers.get("to", "")[:MAX_FIELD]]):
             if "@" in addr:
                 recipients.append(addr.lower())
     report.recipients = sorted(set(recipients))
@@ -259,58 +405,74 @@ def _ses_notification(msg: Message, report: Report) -> bool:
     return False
 
 
-def _dsn(dsn_parts: list[Message], report: Report) -> None:
+def _dsn(blocks: list[dict[str, str]], report: Report) -> None:
     report.kind = DSN
-    for part in dsn_parts:
-        blocks = _field_blocks(part)
-        remote_default = None
-        for block in blocks:
-            if "reporting-mta" in block and "final-recipient" not in block:
-                remote_default = block.get("reporting-mta")
-                continue
-            recipient = _address(block.get("original-recipient")) if False else None
-            recipient = _address(block.get("final-recipient")) or _address(block.get("original-recipient"))
-            if not recipient:
-                continue
-            action = (block.get("action") or "").strip().lower() or None
-            status = find_status(block.get("status", "")) or block.get("status", "").strip() or None
-            diagnostic = (block.get("diagnostic-code") or "").strip()
-            if ";" in diagnostic[:12]:
-                diagnostic = diagnostic.split(";", 1)[1].strip()
-            remote = block.get("remote-mta") or remote_default
-            report.details.append(RecipientReport(recipient, action, status, diagnostic, remote))
+    remote_default = None
+    seen: set[str] = set()
+    for block in blocks[:MAX_RECIPIENTS]:
+        if "reporting-mta" in block and "final-recipient" not in block:
+            remote_default = block.get("reporting-mta")
+            continue
+        recipient = _address(block.get("final-recipient")) or _address(block.get("original-recipient"))
+        if not recipient or (recipient in seen and not block.get("action")):
+            continue
+        seen.add(recipient)
+        action = (block.get("action") or "").strip().lower()[:20] or None
+        status = find_status(block.get("status", "")) or block.get("status", "").strip()[:20] or None
+        diagnostic = (block.get("diagnostic-code") or "").strip()[:MAX_WINDOW]
+        if ";" in diagnostic[:12]:
+            diagnostic = diagnostic.split(";", 1)[1].strip()
+        remote = block.get("remote-mta") or remote_default
+        report.details.append(RecipientReport(recipient, action, status, diagnostic, remote))
 
 
-def _body_diagnostic(msg: Message, report: Report) -> None:
+def _body_diagnostic(walked: list[tuple[Message, bool]], report: Report) -> None:
     """Where the DSN fields carry no diagnostic, take the human-readable text near the address."""
     text = None
     for d in report.details:
         if d.diagnostic:
             continue
         if text is None:
-            text = _human_text(msg)
+            text = _report_head(_human_text(walked))
         d.diagnostic = _near(text, d.address)
 
 
-def _human_text(msg: Message) -> str:
+_TAG = re.compile(r"<[^<>]*>")
+
+
+def _human_text(walked: list[tuple[Message, bool]]) -> str:
+    """The text and HTML parts of the report itself (not of the returned message), tags removed."""
     chunks = []
-    for part in msg.walk():
+    for part, inside in walked:
         ctype = part.get_content_type()
-        if ctype in ("text/plain", "text/html") and not _inside_returned(msg, part):
+        if ctype in ("text/plain", "text/html") and not inside:
             body = _text(part)
             if ctype == "text/html":
-                body = re.sub(r"<[^>]+>", " ", body)
+                body = _TAG.sub(" ", body)
             chunks.append(body)
-    return "\n".join(chunks)
+    return "\n".join(chunks)[:MAX_TEXT]
 
 
-def _inside_returned(msg: Message, target: Message) -> bool:
-    for part in msg.walk():
-        if part.get_content_type() == "message/rfc822":
-            payload = part.get_payload()
-            if isinstance(payload, list) and any(target is p for sub in payload for p in sub.walk()):
-                return True
-    return False
+# Where the returned message starts inside a plain-text bounce: a separator line, or the first header
+# line of the original (Received:, DKIM-Signature: ...). Matched per line, each line cut first.
+_RETURNED_START = re.compile(
+    r"^(-{2,} ?(original message|returned message|this is a copy|below this line|message header|"
+    r"the header|headers of|original headers|undelivered message)|"
+    r"(received|dkim-signature|return-path|content-type|message-id|x-mailer|mime-version): |"
+    r"original message follows|(-+ ?)?(below|the) (this line )?is a copy|"
+    r"\*\*\* ?(original|returned) message)",
+    re.I,
+)
+
+
+def _report_head(text: str) -> str:
+    """The part of a bounce text before the returned message (its headers or a separator line)."""
+    pos = 0
+    for line in text.split("\n"):
+        if _RETURNED_START.match(line[:200].strip()):
+            return text[:pos]
+        pos += len(line) + 1
+    return text
 
 
 def _near(text: str, address: str, window: int = 400) -> str:
@@ -321,64 +483,70 @@ def _near(text: str, address: str, window: int = 400) -> str:
 
 
 def _looks_autoreply(msg: Message, subject: str) -> bool:
-    auto = str(msg.get("Auto-Submitted", "") or "").strip().lower()
+    auto = _header(msg, "Auto-Submitted").lower()
     if auto.startswith("auto-replied"):
         return True
     if msg.get("X-Autoreply") or msg.get("X-Autorespond") or msg.get("X-Vacation"):
         return True
-    if str(msg.get("Precedence", "") or "").strip().lower() == "auto_reply":
-        return True
-    if str(msg.get("X-Auto-Response-Suppress", "") or "") and _AUTOREPLY_SUBJECT.search(subject.strip()):
+    if _header(msg, "Precedence").lower() == "auto_reply":
         return True
     return bool(_AUTOREPLY_SUBJECT.search(subject.strip()))
 
 
-def _looks_bounce(msg: Message, subject: str, from_address: str | None) -> bool:
-    sender = str(msg.get("From", "") or "") + " " + str(msg.get("Return-Path", "") or "")
+def _looks_bounce(msg: Message, subject: str) -> bool:
+    sender = _header(msg, "From") + " " + _header(msg, "Return-Path")
     return bool(_BOUNCE_SENDER.search(sender) or _BOUNCE_SUBJECT.search(subject) or msg.get("X-Failed-Recipients"))
 
 
-def _plain_bounce(msg: Message, report: Report) -> None:
+def _plain_bounce(msg: Message, raw: bytes, walked: list[tuple[Message, bool]], report: Report) -> None:
     report.kind = DSN
     try:
         from flufl.bounce import all_failures
 
-        temporary, permanent = all_failures(msg)
+        small = msg if len(raw) <= MAX_DETECTOR_BYTES else email.message_from_bytes(raw[:MAX_DETECTOR_BYTES])
+        temporary, permanent = all_failures(small)
     except Exception:
         temporary, permanent = frozenset(), frozenset()
     found: dict[str, bool] = {}
-    for addr in permanent:
-        found[addr.decode("utf-8", "replace").lower().strip("<>")] = False
-    for addr in temporary:
-        found.setdefault(addr.decode("utf-8", "replace").lower().strip("<>"), True)
-    for value in msg.get_all("X-Failed-Recipients") or []:
-        for addr in re.split(r"[,\s]+", str(value)):
-            a = _address(addr)
-            if a:
-                found.setdefault(a, False)
-    text = _human_text(msg)
+    for addr in sorted(permanent):
+        a = _address(addr.decode("utf-8", "replace"))
+        if a:
+            found[a] = False
+    for addr in sorted(temporary):
+        a = _address(addr.decode("utf-8", "replace"))
+        if a:
+            found.setdefault(a, True)
+    for value in (msg.get_all("X-Failed-Recipients") or [])[:10]:
+        for _, a in iter_addresses(str(value)[:MAX_FIELD]):
+            found.setdefault(a, False)
+    text = _report_head(_human_text(walked))
     if not found:
         for a in _addresses_in_failure_text(text, msg):
             found.setdefault(a, False)
     delayed_message = bool(_TEMPORARY.search(report.subject))
-    for address, temporary_failure in found.items():
+    for address, temporary_failure in list(found.items())[:MAX_RECIPIENTS]:
         diagnostic = _near(text, address)
         action = "delayed" if (temporary_failure or delayed_message) else "failed"
         report.details.append(RecipientReport(address, action, find_status(diagnostic), diagnostic))
 
 
+_NOT_RECIPIENT_BEFORE = re.compile(r"(mail from|return-path|sender|from|reply-to)[: ]*<?$", re.I)
+
+
 def _addresses_in_failure_text(text: str, msg: Message) -> list[str]:
-    """Addresses a bounce text names before the returned message starts (not our own)."""
-    cut = re.search(r"(-{3,}.*(original message|returned message|headers)|^received: |original message follows)",
-                    text, re.I | re.M)  # fmt: skip
-    head = text[: cut.start()] if cut else text
-    ignore = {a for a in (_address(str(msg.get("From", ""))), _address(str(msg.get("To", "")))) if a}
-    out = []
-    for m in _ADDRESS.finditer(head):
-        a = m.group(1).lower()
-        if a not in ignore and a not in out and not _BOUNCE_SENDER.search(a.split("@")[0]):
-            out.append(a)
-    return out[:20]
+    """Addresses a bounce text names before the returned message starts: not our own, not the
+    envelope sender of an SMTP transcript (``MAIL FROM:<...>``), not a mailer daemon."""
+    ignore = {a for a in (_address(_header(msg, "From")), _address(_header(msg, "To"))) if a}
+    out: list[str] = []
+    for pos, a in iter_addresses(text):
+        if a in ignore or a in out or _BOUNCE_SENDER.search(a.split("@")[0]):
+            continue
+        if _NOT_RECIPIENT_BEFORE.search(text[max(0, pos - 20) : pos]):
+            continue
+        out.append(a)
+        if len(out) >= 20:
+            break
+    return out
 
 
 def _summarise(report: Report) -> Report:
