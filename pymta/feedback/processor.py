@@ -5,6 +5,7 @@ suppression store. Nothing unsigned or forged ever suppresses anyone (no backsca
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer
@@ -33,6 +34,7 @@ class FeedbackProcessor:
         reply_mailbox: str | None = None,
         accounting: Any = None,
         sources: Any = None,
+        parser: Callable[[bytes], defer.Deferred[Report]] | None = None,
     ) -> None:
         self.suppression = suppression
         self.tagger = tagger
@@ -42,10 +44,12 @@ class FeedbackProcessor:
         self.reply_mailbox = reply_mailbox
         self.accounting = accounting
         self.sources = sources  # the warm-up's source selector: bounces and complaints count against a source
+        # parse off the reactor (pymta.feedback.pool.ParsePool.parse); in-line when not given (tests)
+        self.parser = parser or (lambda raw: defer.succeed(parse_message(raw)))
 
     @defer.inlineCallbacks
     def deliver(self, envelope: Envelope, recipients: list[Recipient], body: bytes):
-        report = parse_message(body)
+        report = yield self.parser(body)
         results = []
         for rcpt in recipients:
             outcome = self.handle(rcpt.address, envelope, report)
