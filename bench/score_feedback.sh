@@ -6,7 +6,8 @@ set -eu
 HERE="$(cd "$(dirname "$0")" && pwd)"
 CORPUS="${CORPUS:-$HERE/../../shared/corpus/bounces}"
 [ -f "$CORPUS/truth.jsonl" ] || { echo "error: corpus not found at $CORPUS" >&2; exit 2; }
-OUT="${TMPDIR:-/tmp}/pymta-feedback-pred.jsonl"
+OUT="$(mktemp "${TMPDIR:-/tmp}/pymta-feedback-pred.XXXXXX")"  # parallel runs must not share it
+trap 'rm -f "$OUT"' EXIT
 cd "$CORPUS"
 cut -d'"' -f4 truth.jsonl | xargs python3 -m pymta.feedback.cli parse > "$OUT"
 python3 score.py "$OUT" --by-source

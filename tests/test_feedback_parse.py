@@ -200,11 +200,12 @@ def test_junk_never_raises(raw):
         (None, "550 Requested action not taken: mailbox unavailable - user unknown", 550, "userunknown", True),
         (None, "554 5.7.1 Service unavailable; Client host [192.0.2.1] blocked using zen.spamhaus.org", 554, "blocked", False),
         ("4.7.0", "421 4.7.0 Try again later, closing connection (rate limit)", 421, "speeding", False),
-        ("5.1.10", "", 556, "notaccept", True),
+        ("5.1.10", "", 556, "userunknown", True),  # null MX: nobody can receive there
         ("4.4.7", "", 451, "expired", False),
         (None, "552 message size exceeds fixed maximum message size", 552, "mesgtoobig", False),
         (None, "550 5.7.26 Unauthenticated email is not accepted (DMARC)", 550, "authfailure", False),
-        (None, "something nobody has ever seen", 450, "undefined", False),
+        (None, "something nobody has ever seen", 450, "onhold", False),
+        (None, "", 450, "undefined", False),
         (None, "SMTP error from remote mail server after MAIL FROM:<a@b.test> SIZE=1024: 550 Unroutable sender address",
          550, "rejected", False),
     ],
@@ -215,8 +216,8 @@ def test_classification_rules(status, text, code, reason, hard):
 
 def test_rules_file_errors_name_the_rule(tmp_path):
     path = tmp_path / "rules.toml"
-    path.write_text('[[text]]\nreason = "x"\npattern = "("\n')
-    with pytest.raises(ValueError, match="text rule 1"):
+    path.write_text('[patterns]\nx = "("\n')
+    with pytest.raises(ValueError, match=r"pattern 1 \(x\)"):
         load_rules(str(path))
 
 

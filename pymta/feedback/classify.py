@@ -24,13 +24,22 @@ _POSSESSIVE_REPEAT = getattr(_sre_constants, "POSSESSIVE_REPEAT", _sre_constants
 _ENHANCED = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
 
 
+BEFORE_DATA_DEFAULT = ("CONN", "HELO", "STARTTLS", "AUTH", "MAIL", "RCPT")
+
+
 @dataclass(frozen=True)
 class Rules:
-    exact: dict[str, str]
-    prefixes: list[tuple[str, str]]
-    texts: list[tuple[re.Pattern[str], str]]
+    codes: dict[str, str]  # enhanced status code -> reason
+    prefixes: dict[str, str]  # "5.7" -> reason, the last resort of a code
+    patterns: dict[str, re.Pattern[str]]  # reason -> its wordings
+    first: tuple[str, ...]  # reasons tried in order, by code or by wording
+    second: tuple[str, ...]  # wordings tried when the first pass found nothing
+    retry: frozenset[str]  # reasons a code only hints at
+    before_data: frozenset[str]  # SMTP commands answered before the message was sent
+    userunknown_unless: tuple[str, ...]  # wordings that override a userunknown code
     hard: frozenset[str]
     permanent_only: frozenset[str]
+    undecided: frozenset[str]
     default_soft: str
     default_permanent: str
 
@@ -71,24 +80,28 @@ def pattern_problem(pattern: str) -> str | None:
 
 
 def load_rules(path: str = RULES_PATH) -> Rules:
-    """Read and compile a rules file; ValueError naming the rule when a pattern is bad."""
+    """Read and compile a rules file; ValueError naming the rule when a pattern is bad or unsafe."""
     with open(path, "rb") as f:
         data: dict[str, Any] = tomllib.load(f)
-    exact: dict[str, str] = {}
-    prefixes: list[tuple[str, str]] = []
-    for rule in data.get("status", []):
-        (exact.__setitem__(rule["code"], rule["reason"]) if rule.get("exact") else prefixes.append((rule["code"], rule["reason"])))
-    prefixes.sort(key=lambda p: -len(p[0]))
-    texts = []
-    for i, rule in enumerate(data.get("text", [])):
-        problem = pattern_problem(rule["pattern"])
+    patterns = {}
+    for i, (reason, pattern) in enumerate(data.get("patterns", {}).items()):
+        problem = pattern_problem(pattern)
         if problem:
-            raise ValueError(f"{path}: text rule {i + 1} ({rule.get('reason')}): {problem}")
-        texts.append((re.compile(rule["pattern"], re.IGNORECASE), rule["reason"]))
+            raise ValueError(f"{path}: pattern {i + 1} ({reason}): {problem}")
+        patterns[reason] = re.compile(pattern, re.IGNORECASE)
+    order = data.get("order", {})
+    context = data.get("context", {})
     hard = data.get("hard", {})
     default = data.get("default", {})
+    for name in (*order.get("first", []), *order.get("second", []), *context.get("userunknown_unless", [])):
+        if name not in patterns:
+            raise ValueError(f"{path}: order: {name}: no pattern of that name")
     return Rules(
-        exact, prefixes, texts, frozenset(hard.get("reasons", [])), frozenset(hard.get("permanent_only", [])),
+        dict(data.get("codes", {})), dict(data.get("prefixes", {})), patterns, tuple(order.get("first", [])),
+        tuple(order.get("second", [])), frozenset(order.get("retry", [])),
+        frozenset(context.get("before_data", BEFORE_DATA_DEFAULT)), tuple(context.get("userunknown_unless", [])),
+        frozenset(hard.get("reasons", [])), frozenset(hard.get("permanent_only", [])),
+        frozenset(data.get("undecided", {}).get("reasons", ["undefined", "onhold"])),
         default.get("soft", "undefined"), default.get("permanent", "undefined"),
     )  # fmt: skip
 
@@ -111,23 +124,89 @@ def is_hard(reason: str | None, code_class: str | None, rules: Rules | None = No
     return reason in rules.permanent_only and code_class == "5"
 
 
-def classify(status: str | None, text: str, code: int | None = None, rules: Rules | None = None) -> tuple[str, bool]:
-    """(reason, hard) for a failure with enhanced ``status``, diagnostic ``text`` and basic ``code``."""
+def effective_status(status: str | None, text: str) -> str | None:
+    """The status that decides: the Diagnostic-Code's own enhanced code when it is more specific
+    than ``status`` (Status 5.1.1 with "552 5.2.2 over quota" is a full mailbox)."""
+    found = find_status(text)
+    if found and (not status or status[2:] in ("0.0", "") or (not found.endswith(".0.0") and found[0] == status[0])):
+        return found
+    return status
+
+
+def classify(
+    status: str | None,
+    text: str,
+    code: int | None = None,
+    rules: Rules | None = None,
+    command: str | None = None,
+    action: str | None = None,
+) -> tuple[str, bool]:
+    """(reason, hard) for a failure with enhanced ``status``, diagnostic ``text``, basic reply
+    ``code`` and the SMTP ``command`` it answered (RCPT, DATA, MAIL, HELO, CONN or None)."""
     rules = rules or default_rules()
-    text = (text or "")[:MAX_TEXT]
-    status = status or find_status(text)
+    text = " ".join((text or "")[:MAX_TEXT].split())
+    status = effective_status(status, text)
     code_class = status[0] if status else (str(code)[0] if code else None)
-    reason = rules.exact.get(status or "")
-    if reason is None:
-        for pattern, name in rules.texts:
-            if pattern.search(text):
-                reason = name
-                break
-    if reason is None and status:
-        for prefix, name in rules.prefixes:
-            if status.startswith(prefix):
-                reason = name
-                break
-    if reason is None:
-        reason = rules.default_soft if code_class == "4" else rules.default_permanent
+    reason = _reason(rules, status, text, command, action, code)
     return reason, is_hard(reason, code_class, rules)
+
+
+def _reason(rules: Rules, status: str | None, text: str, command: str | None, action: str | None,
+            code: int | None) -> str:  # fmt: skip
+    by_code = rules.codes.get(status or "", "")
+    if by_code == "delivered" or (status or "").startswith("2."):
+        return "delivered"
+    seen: dict[str, bool] = {}
+
+    def says(name: str) -> bool:
+        if name not in seen:
+            seen[name] = bool(rules.patterns[name].search(text))
+        return seen[name]
+
+    for name in rules.first:
+        if name == "userunknown":
+            if by_code == name and not any(says(other) for other in rules.userunknown_unless):
+                return name
+            if says(name) and (command == "RCPT" or (command is None and not by_code and not says("filtered"))):
+                return name
+        elif name == "filtered":
+            if by_code == name and (says("userunknown") or says(name)):
+                return name
+            if by_code != "suspend" and command not in rules.before_data and (says(name) or (command and says("userunknown"))):
+                return name
+        elif name == "rejected":
+            if by_code == name:
+                return name
+            if command == "MAIL" and says(name):
+                return name
+            if command == "DATA" and by_code != "userunknown" and says(name):
+                return name
+            if command not in ("MAIL", "DATA") and by_code in ("", "undefined", "onhold", "securityerror",
+                                                              "systemerror") and says(name):  # fmt: skip
+                return name
+        elif name == "hostunknown":
+            if (by_code == name and not says("networkerror")) or says(name):
+                return name
+        elif by_code == name or says(name):
+            return name
+    if by_code and by_code not in rules.retry:
+        return by_code
+    for name in rules.second:
+        if says(name):
+            return name
+    if by_code:
+        return by_code
+    if status and status[:3] in rules.prefixes:
+        return rules.prefixes[status[:3]]
+    if action == "delayed":
+        return "expired"
+    if command in ("CONN", "HELO"):
+        return "blocked"
+    if not text.strip():
+        return rules.default_soft if (status or str(code or ""))[:1] == "4" else rules.default_permanent
+    return "onhold"
+
+
+def is_undecided(reason: str | None, rules: Rules | None = None) -> bool:
+    """A reason that says nothing about the recipient (it suppresses nobody)."""
+    return not reason or reason in (rules or default_rules()).undecided

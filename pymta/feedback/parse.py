@@ -54,6 +54,27 @@ _AUTOREPLY_SUBJECT = re.compile(
     re.I,
 )
 _COMPLAINT_SUBJECT = re.compile(r"complaint about message|abuse report|spam (complaint|report)|feedback report", re.I)
+# "in reply to RCPT TO command" (Postfix), ">>> DATA" (Sendmail), "after end of data" (Exim) ...
+_COMMAND = re.compile(
+    r"(?:in reply to|after|>>>|while sending|error from remote mail server after|did not like our|"
+    r"most progress was|smtp:|\[)[ \t\n:]{0,3}"
+    r"(end of data|data|rcpt|mail from|mail|helo|ehlo|starttls|auth|bdat|initial connection|connect)\b|"
+    r"(does not like recipient|rcpt[ _]to\b)",
+    re.I,
+)
+_COMMANDS = {"end of data": "DATA", "data": "DATA", "bdat": "DATA", "rcpt": "RCPT", "mail from": "MAIL", "mail": "MAIL",
+             "helo": "HELO", "ehlo": "HELO", "starttls": "STARTTLS", "auth": "AUTH", "initial connection": "CONN",
+             "connect": "CONN"}  # fmt: skip
+
+
+def smtp_command(text: str) -> str | None:
+    """The last SMTP command a failure text says it answered, or None."""
+    found = None
+    for m in _COMMAND.finditer(text[:MAX_WINDOW]):
+        found = _COMMANDS[m.group(1).lower()] if m.group(1) else "RCPT"
+    return found
+
+
 _CHALLENGE = re.compile(
     r"whitelist|allowlist|approved senders|confirm (that )?you are a (real )?(person|human|sender)|"
     r"verify (that )?you are (a )?(real )?(person|human)|challenge[- ]response|boxbe|"
@@ -95,6 +116,7 @@ class RecipientReport:
     remote_mta: str | None = None
     reason: str | None = None
     hard: bool | None = None
+    command: str | None = None  # the SMTP command the failure answered, when the report says
 
 
 @dataclass
@@ -427,14 +449,14 @@ def _dsn(blocks: list[dict[str, str]], report: Report) -> None:
 
 
 def _body_diagnostic(walked: list[tuple[Message, bool]], report: Report) -> None:
-    """Where the DSN fields carry no diagnostic, take the human-readable text near the address."""
-    text = None
+    """Where the DSN fields carry no diagnostic, take the human-readable text near the address;
+    the SMTP command comes from the diagnostic or else from that text."""
+    text = _report_head(_human_text(walked))
     for d in report.details:
-        if d.diagnostic:
-            continue
-        if text is None:
-            text = _report_head(_human_text(walked))
-        d.diagnostic = _near(text, d.address)
+        near = _near(text, d.address) if text.strip() else ""
+        if not d.diagnostic:
+            d.diagnostic = near
+        d.command = smtp_command(d.diagnostic) or smtp_command(near)
 
 
 _TAG = re.compile(r"<[^<>]*>")
@@ -527,7 +549,8 @@ def _plain_bounce(msg: Message, raw: bytes, walked: list[tuple[Message, bool]], 
     for address, temporary_failure in list(found.items())[:MAX_RECIPIENTS]:
         diagnostic = _near(text, address)
         action = "delayed" if (temporary_failure or delayed_message) else "failed"
-        report.details.append(RecipientReport(address, action, find_status(diagnostic), diagnostic))
+        report.details.append(RecipientReport(address, action, find_status(diagnostic), diagnostic,
+                                              command=smtp_command(diagnostic)))  # fmt: skip
 
 
 _NOT_RECIPIENT_BEFORE = re.compile(r"(mail from|return-path|sender|from|reply-to)[: ]*<?$", re.I)
@@ -561,13 +584,13 @@ def _summarise(report: Report) -> Report:
             status = find_status(d.diagnostic)
         code_match = _SMTP_CODE.search(d.diagnostic or "")
         code = int(code_match.group(1)) if code_match else None
-        reason, hard = classify(status, d.diagnostic, code)
+        reason, hard = classify(status, d.diagnostic, code, command=d.command, action=d.action)
         if d.action == "delayed":
-            if reason in ("undefined", "userunknown", "hostunknown", "networkerror", "systemerror") and not (
+            if reason in ("undefined", "onhold", "userunknown", "hostunknown", "networkerror", "systemerror") and not (
                 status and status not in ("4.0.0", "4.4.7")
             ):
                 reason = "expired"
-            hard = False
+            hard = False  # a delay warning is never a failure
         d.status, d.reason, d.hard = status or d.status, reason, hard
     report.recipients = sorted({d.address for d in report.details})
     first = report.details[0]
