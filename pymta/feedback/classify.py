@@ -184,8 +184,8 @@ def _reason(rules: Rules, status: str | None, text: str, command: str | None, ac
             if command not in ("MAIL", "DATA") and by_code in ("", "undefined", "onhold", "securityerror",
                                                               "systemerror") and says(name):  # fmt: skip
                 return name
-        elif name == "hostunknown":
-            if (by_code == name and not says("networkerror")) or says(name):
+        elif name == "hostunknown":  # a DNS failure that says "try again" is a network error, not a dead domain
+            if (by_code == name or says(name)) and not says("networkerror"):
                 return name
         elif by_code == name or says(name):
             return name
@@ -198,6 +198,8 @@ def _reason(rules: Rules, status: str | None, text: str, command: str | None, ac
         return by_code
     if status and status[:3] in rules.prefixes:
         return rules.prefixes[status[:3]]
+    if code and code % 100 <= 7 and code // 10 % 10 == 0:  # 500-507, 400-407: the command itself was refused
+        return "syntaxerror"
     if action == "delayed":
         return "expired"
     if command in ("CONN", "HELO"):

@@ -442,7 +442,7 @@ def _dsn(blocks: list[dict[str, str]], report: Report) -> None:
         action = (block.get("action") or "").strip().lower()[:20] or None
         status = find_status(block.get("status", "")) or block.get("status", "").strip()[:20] or None
         diagnostic = (block.get("diagnostic-code") or "").strip()[:MAX_WINDOW]
-        if ";" in diagnostic[:12]:
+        if ";" in diagnostic[:12] and not diagnostic.lower().startswith("x-unix"):  # X-Unix: a local program's exit
             diagnostic = diagnostic.split(";", 1)[1].strip()
         remote = block.get("remote-mta") or remote_default
         report.details.append(RecipientReport(recipient, action, status, diagnostic, remote))
@@ -453,7 +453,7 @@ def _body_diagnostic(walked: list[tuple[Message, bool]], report: Report) -> None
     the SMTP command comes from the diagnostic or else from that text."""
     text = _report_head(_human_text(walked))
     for d in report.details:
-        near = _near(text, d.address) if text.strip() else ""
+        near = _near(text, d.address, strict=True)
         if not d.diagnostic:
             d.diagnostic = near
         d.command = smtp_command(d.diagnostic) or smtp_command(near)
@@ -497,10 +497,12 @@ def _report_head(text: str) -> str:
     return text
 
 
-def _near(text: str, address: str, window: int = 400) -> str:
+def _near(text: str, address: str, window: int = 400, strict: bool = False) -> str:
+    """The text around where ``address`` is named; when it is not, the start of the text (or
+    nothing when ``strict``: a DSN's fields already say more than an unrelated paragraph)."""
     i = text.lower().find(address.lower())
     if i < 0:
-        return " ".join(text[:window].split())
+        return "" if strict else " ".join(text[:window].split())
     return " ".join(text[max(0, i - 80) : i + window].split())
 
 
@@ -586,9 +588,7 @@ def _summarise(report: Report) -> Report:
         code = int(code_match.group(1)) if code_match else None
         reason, hard = classify(status, d.diagnostic, code, command=d.command, action=d.action)
         if d.action == "delayed":
-            if reason in ("undefined", "onhold", "userunknown", "hostunknown", "networkerror", "systemerror") and not (
-                status and status not in ("4.0.0", "4.4.7")
-            ):
+            if reason in ("undefined", "onhold"):
                 reason = "expired"
             hard = False  # a delay warning is never a failure
         d.status, d.reason, d.hard = status or d.status, reason, hard
