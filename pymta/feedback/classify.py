@@ -198,6 +198,8 @@ def _reason(rules: Rules, status: str | None, text: str, command: str | None, ac
         return by_code
     if status and status[:3] in rules.prefixes:
         return rules.prefixes[status[:3]]
+    if command == "MAIL":  # refused at MAIL FROM with nothing more specific: the sender was rejected
+        return "rejected"
     if code and code % 100 <= 7 and code // 10 % 10 == 0:  # 500-507, 400-407: the command itself was refused
         return "syntaxerror"
     if action == "delayed":
