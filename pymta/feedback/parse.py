@@ -97,6 +97,8 @@ def iter_addresses(text: str) -> Iterator[tuple[int, str]]:
         while j > 0 and i - j <= 64 and text[j - 1] in _LOCAL_CHARS:
             j -= 1
         local = text[j:i].lstrip("'`=.")
+        if local[:5].lower() in ("smtp=", "smtp:") or local[:7].lower() == "rfc822=":
+            local = local.split("=", 1)[-1]
         m = _DOMAIN.match(text, i + 1)
         if local and i - j <= 64 and m and not local.startswith("/") and not local.endswith("."):
             labels = m.group().split(".")
@@ -318,7 +320,10 @@ def _parse(msg: Message, raw: bytes) -> Report:
     report_type = (msg.get_param("report-type") or "").lower() if ctype == "multipart/report" else ""
     if report_type == "feedback-report" or any(p.get_content_type() == "message/feedback-report" for p in parts):
         return _arf(msg, parts, report)
-    dsn_parts = [p for p in parts if p.get_content_type() in ("message/delivery-status", "message/global-delivery-status")]
+    dsn_types = ("message/delivery-status", "message/global-delivery-status")
+    # a report returned inside the returned message is about someone else: the outer one counts
+    dsn_parts = [p for p, inside in walked if p.get_content_type() in dsn_types and not inside]
+    dsn_parts = dsn_parts or [p for p in parts if p.get_content_type() in dsn_types]
     if dsn_parts:
         _dsn([b for p in dsn_parts for b in _field_blocks(p)], report)
     if not report.details and _has_dsn_fields(raw):
@@ -480,7 +485,8 @@ def _human_text(walked: list[tuple[Message, bool]]) -> str:
 _RETURNED_START = re.compile(
     r"^(-{2,} ?(original message|returned message|this is a copy|below this line|message header|"
     r"the header|headers of|original headers|undelivered message)|"
-    r"(received|dkim-signature|return-path|content-type|message-id|x-mailer|mime-version): |"
+    r"(received|dkim-signature|return-path|content-type|message-id|x-mailer|mime-version|x-original-to|"
+    r"delivered-to|authentication-results|arc-seal|x-google-dkim-signature)[ \t]?:|"
     r"original message follows|(-+ ?)?(below|the) (this line )?is a copy|"
     r"\*\*\* ?(original|returned) message)",
     re.I,
@@ -540,10 +546,18 @@ def _plain_bounce(msg: Message, raw: bytes, walked: list[tuple[Message, bool]], 
         a = _address(addr.decode("utf-8", "replace"))
         if a:
             found.setdefault(a, True)
+    failed = set()
     for value in (msg.get_all("X-Failed-Recipients") or [])[:10]:
         for _, a in iter_addresses(str(value)[:MAX_FIELD]):
             found.setdefault(a, False)
+            failed.add(a)
     text = _report_head(_human_text(walked))
+    # a detector's address that the report names only as a sender, a Message-ID or a contact is no recipient
+    everything = _human_text(walked)
+    # the bounce's own From/To (the sender) counts only when the report itself names it
+    ours = {a for a in (_address(_header(msg, "From")), _address(_header(msg, "To"))) if a}
+    ours -= {a for _, a in iter_addresses(text)} | failed
+    found = {a: t for a, t in found.items() if a not in ours and not _named_only_as_other(everything, a)}
     if not found:
         for a in _addresses_in_failure_text(text, msg):
             found.setdefault(a, False)
@@ -555,10 +569,20 @@ def _plain_bounce(msg: Message, raw: bytes, walked: list[tuple[Message, bool]], 
                                               command=smtp_command(diagnostic)))  # fmt: skip
 
 
-_NOT_RECIPIENT_BEFORE = re.compile(r"(mail from|return-path|sender|from|reply-to)[: ]*<?$", re.I)
+_NOT_RECIPIENT_BEFORE = re.compile(
+    r"(mail from|return-path|sender|from|reply-to|message-id|in-reply-to|references|envelope-from|smtp.mailfrom|"
+    r"contact|generated from|expanded from|[0-9a-f]{8,40}>)[:= ]{0,3}<?$",
+    re.I,
+)
 
 
-def _addresses_in_failure_text(text: str, msg: Message) -> list[str]:
+def _named_only_as_other(text: str, address: str) -> bool:
+    """True when every mention of ``address`` in ``text`` is as a sender, Message-ID or contact."""
+    positions = [pos for pos, a in iter_addresses(text) if a == address]
+    return bool(positions) and all(_NOT_RECIPIENT_BEFORE.search(text[max(0, p - 20) : p]) for p in positions)
+
+
+def _addresses_in_failure_text(text: str, msg: Message, limit: int = 20) -> list[str]:
     """Addresses a bounce text names before the returned message starts: not our own, not the
     envelope sender of an SMTP transcript (``MAIL FROM:<...>``), not a mailer daemon."""
     ignore = {a for a in (_address(_header(msg, "From")), _address(_header(msg, "To"))) if a}
@@ -569,7 +593,7 @@ def _addresses_in_failure_text(text: str, msg: Message) -> list[str]:
         if _NOT_RECIPIENT_BEFORE.search(text[max(0, pos - 20) : pos]):
             continue
         out.append(a)
-        if len(out) >= 20:
+        if len(out) >= limit:
             break
     return out
 
