@@ -75,6 +75,12 @@ def smtp_command(text: str) -> str | None:
     return found
 
 
+_FAILURE_TEXT = re.compile(
+    r"(could ?n[o']t|can ?n[o']t|was ?n[o']t|unable to|failed to) (be )?deliver|undeliverable|delivery (has )?failed|"
+    r"not (be )?delivered|permanent (error|failure)|returned mail|mailbox (is )?full|user unknown|"
+    r"delivery to the following recipients? failed",
+    re.I,
+)
 _CHALLENGE = re.compile(
     r"whitelist|allowlist|approved senders|confirm (that )?you are a (real )?(person|human|sender)|"
     r"verify (that )?you are (a )?(real )?(person|human)|challenge[- ]response|boxbe|"
@@ -337,6 +343,9 @@ def _parse(msg: Message, raw: bytes) -> Report:
     if _COMPLAINT_SUBJECT.search(subject) and report.original_headers is not None:
         return _arf(msg, parts, report)
     bounce_like = _looks_bounce(msg, subject) or bool(dsn_parts)
+    if not bounce_like and report.original_headers is not None:
+        # a notice that returns the message and says it failed, whatever its sender and subject
+        bounce_like = bool(_FAILURE_TEXT.search(_human_text(walked)[:MAX_WINDOW]))
     if bounce_like and _CHALLENGE.search(subject + " " + _human_text(walked)[:MAX_WINDOW]):
         bounce_like = False  # a challenge-response "confirm you are a sender" message is no bounce
     if not bounce_like and _looks_autoreply(msg, subject):
@@ -395,9 +404,9 @@ def _ses_notification(msg: Message, report: Report) -> bool:
     if not body.startswith("{") or "notificationType" not in body and "eventType" not in body:
         return False
     try:
-        data = json.loads(body[: body.rfind("}") + 1])
+        data = json.loads(body[: body.rfind("}") + 1], strict=False)  # mail may fold long lines inside strings
         if isinstance(data.get("Message"), str):
-            data = json.loads(data["Message"])
+            data = json.loads(data["Message"], strict=False)
     except (ValueError, TypeError):
         return False
     kind = str(data.get("notificationType") or data.get("eventType") or "")
