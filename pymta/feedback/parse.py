@@ -75,6 +75,7 @@ def smtp_command(text: str) -> str | None:
     return found
 
 
+_UNSUBSCRIBE_SUBJECT = re.compile(r"\s{0,8}(unsubscribe|opt[ -]?out|remove me)\s{0,8}$", re.I)
 _FAILURE_TEXT = re.compile(
     r"(could ?n[o']t|can ?n[o']t|was ?n[o']t|unable to|failed to) (be )?deliver|undeliverable|delivery (has )?failed|"
     r"not (be )?delivered|permanent (error|failure)|returned mail|mailbox (is )?full|user unknown|"
@@ -342,6 +343,11 @@ def _parse(msg: Message, raw: bytes) -> Report:
         return _summarise(report) if report.details else report
     if _COMPLAINT_SUBJECT.search(subject) and report.original_headers is not None:
         return _arf(msg, parts, report)
+    if _UNSUBSCRIBE_SUBJECT.match(subject) or _header(msg, "X-Apple-Unsubscribe").lower() == "true":
+        # a mailto: List-Unsubscribe request: the sender opts out (RFC 2369, RFC 8058's mail form)
+        report.kind, report.action, report.reason, report.feedback_type = ARF, "complaint", "feedback", "opt-out"
+        report.recipients = [from_address] if from_address else []
+        return report
     bounce_like = _looks_bounce(msg, subject) or bool(dsn_parts)
     if not bounce_like and report.original_headers is not None:
         # a notice that returns the message and says it failed, whatever its sender and subject
