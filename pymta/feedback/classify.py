@@ -144,7 +144,7 @@ def classify(
     """(reason, hard) for a failure with enhanced ``status``, diagnostic ``text``, basic reply
     ``code`` and the SMTP ``command`` it answered (RCPT, DATA, MAIL, HELO, CONN or None)."""
     rules = rules or default_rules()
-    text = " ".join((text or "")[:MAX_TEXT].split())
+    text = " ".join((text or "")[:MAX_TEXT].replace("\u2019", "'").split())
     status = effective_status(status, text)
     code_class = status[0] if status else (str(code)[0] if code else None)
     reason = _reason(rules, status, text, command, action, code)
