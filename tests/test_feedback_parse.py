@@ -199,7 +199,7 @@ def test_junk_never_raises(raw):
         ("5.1.1", "", 550, "userunknown", True),
         (None, "550 Requested action not taken: mailbox unavailable - user unknown", 550, "userunknown", True),
         (None, "554 5.7.1 Service unavailable; Client host [192.0.2.1] blocked using zen.spamhaus.org", 554, "blocked", False),
-        ("4.7.0", "421 4.7.0 Try again later, closing connection (rate limit)", 421, "speeding", False),
+        ("4.7.0", "421 4.7.0 Try again later, closing connection (rate limit)", 421, "toomanyconn", False),
         ("5.1.10", "", 556, "userunknown", True),  # null MX: nobody can receive there
         ("4.4.7", "", 451, "expired", False),
         (None, "552 message size exceeds fixed maximum message size", 552, "mesgtoobig", False),
