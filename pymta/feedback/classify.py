@@ -37,6 +37,7 @@ class Rules:
     retry: frozenset[str]  # reasons a code only hints at
     before_data: frozenset[str]  # SMTP commands answered before the message was sent
     userunknown_unless: tuple[str, ...]  # wordings that override a userunknown code
+    userunknown_always: re.Pattern[str] | None  # wordings that are userunknown whatever the command
     hard: frozenset[str]
     permanent_only: frozenset[str]
     undecided: frozenset[str]
@@ -96,11 +97,14 @@ def load_rules(path: str = RULES_PATH) -> Rules:
     for name in (*order.get("first", []), *order.get("second", []), *context.get("userunknown_unless", [])):
         if name not in patterns:
             raise ValueError(f"{path}: order: {name}: no pattern of that name")
+    always = context.get("userunknown_always")
+    if always and pattern_problem(always):
+        raise ValueError(f"{path}: context.userunknown_always: {pattern_problem(always)}")
     return Rules(
         dict(data.get("codes", {})), dict(data.get("prefixes", {})), patterns, tuple(order.get("first", [])),
         tuple(order.get("second", [])), frozenset(order.get("retry", [])),
         frozenset(context.get("before_data", BEFORE_DATA_DEFAULT)), tuple(context.get("userunknown_unless", [])),
-        frozenset(hard.get("reasons", [])), frozenset(hard.get("permanent_only", [])),
+        re.compile(always, re.IGNORECASE) if always else None, frozenset(hard.get("reasons", [])), frozenset(hard.get("permanent_only", [])),
         frozenset(data.get("undecided", {}).get("reasons", ["undefined", "onhold"])),
         default.get("soft", "undefined"), default.get("permanent", "undefined"),
     )  # fmt: skip
@@ -167,12 +171,14 @@ def _reason(rules: Rules, status: str | None, text: str, command: str | None, ac
         if name == "userunknown":
             if by_code == name and not any(says(other) for other in rules.userunknown_unless):
                 return name
-            if says(name) and (command == "RCPT" or (command is None and not by_code and not says("filtered"))):
+            if rules.userunknown_always is not None and rules.userunknown_always.search(text):
+                return name
+            if says(name) and (command == "RCPT" or (command is None and status and not by_code and not says("filtered"))):
                 return name
         elif name == "filtered":
             if by_code == name and (says("userunknown") or says(name)):
                 return name
-            if by_code != "suspend" and command not in rules.before_data and (says(name) or (command and says("userunknown"))):
+            if by_code != "suspend" and command not in rules.before_data and (says(name) or (says("userunknown") and (command or not status))):
                 return name
         elif name == "rejected":
             if by_code == name:
