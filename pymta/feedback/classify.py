@@ -220,3 +220,14 @@ def _reason(rules: Rules, status: str | None, text: str, command: str | None, ac
 def is_undecided(reason: str | None, rules: Rules | None = None) -> bool:
     """A reason that says nothing about the recipient (it suppresses nobody)."""
     return not reason or reason in (rules or default_rules()).undecided
+
+
+def bounce_verdict(reason: str | None, hard: bool | None, status: str | None, code: int | None = None,
+                   rules: Rules | None = None) -> str | None:  # fmt: skip
+    """How a failure counts toward suppression: "hard" (suppress for good) only for a hard reason
+    with a permanent 5.x.x status (or, lacking one, a 5xx reply); "soft" (counts toward the
+    soft-bounce threshold) otherwise; None for an undecided reason, which suppresses nobody."""
+    if is_undecided(reason, rules):
+        return None
+    permanent = status[:2] == "5." if status else (code is not None and 500 <= code < 600)
+    return "hard" if hard and permanent else "soft"

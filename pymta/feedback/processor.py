@@ -13,6 +13,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from pymta.envelope import DELIVERED, DeliveryResult, Envelope, Recipient
+from pymta.feedback.classify import bounce_verdict
 from pymta.feedback.parse import ARF, AUTOREPLY, DSN, Report, parse_message
 from pymta.feedback.verp import TRACE_HEADER, UNSUBSCRIBE, Tagger
 from pymta.interfaces import IDeliveryAgent
@@ -100,10 +101,14 @@ class FeedbackProcessor:
                 if detail.address not in who:
                     continue
                 if detail.action == "failed":
-                    self.suppression.record_bounce(detail.address, detail.reason or "undefined", bool(detail.hard))
+                    verdict = bounce_verdict(detail.reason, detail.hard, detail.status)
+                    if verdict is None:
+                        done.append(f"{detail.address} undecided {detail.reason or 'undefined'}: not counted")
+                        continue
+                    self.suppression.record_bounce(detail.address, detail.reason or "undefined", verdict == "hard")
                     if self.sources is not None:
                         self.sources.feedback(qid, "bounced")
-                    done.append(f"{detail.address} {'hard' if detail.hard else 'soft'} {detail.reason}")
+                    done.append(f"{detail.address} {verdict} {detail.reason}")
                 else:
                     done.append(f"{detail.address} {detail.action}")
             return f"bounce of {qid}: " + "; ".join(done)
