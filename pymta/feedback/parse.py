@@ -47,10 +47,15 @@ _BOUNCE_SUBJECT = re.compile(
     r"not delivered|delivery notification|returned to sender|permanent error|error sending",
     re.I,
 )
+# auto-reply subjects, matched after RFC 2047 decoding, in the languages mail systems use for them
 _AUTOREPLY_SUBJECT = re.compile(
-    r"^(auto(matic)?[ -]?(reply|response|antwort|réponse)|out of (the )?office|abwesenheit|"
+    r"^\s{0,4}(auto(matic)?[ -]?(reply|response|antwort|réponse)|out of (the )?office|abwesenheit|"
     r"vacation|on vacation|away from|i am away|autoreply|auto:|ooo\b|réponse automatique|"
-    r"respuesta automática|risposta automatica|automatisch antwoord|absence)",
+    r"respuesta automática|risposta automatica|automatisch antwoord|absence|automatische antwort|"
+    r"abwesenheitsnotiz|absent|fuera de la oficina|fuori sede|afwezig|resposta automática|ausente|"
+    r"automatyczna odpowied|automatiskt svar|automatisk svar|fravær|frånvaro|automaattinen vastaus|"
+    r"poissa|automatická odpov|otomatik (yanıt|cevap)|automatikus válasz|αυτόματη απάντηση|"
+    r"автоматический ответ|автоответ|自動応答|自動返信|不在|自动回复|自動回覆|休假|자동 ?응답|부재)",
     re.I,
 )
 _COMPLAINT_SUBJECT = re.compile(r"complaint about message|abuse report|spam (complaint|report)|feedback report", re.I)
@@ -83,9 +88,11 @@ _FAILURE_TEXT = re.compile(
     re.I,
 )
 _CHALLENGE = re.compile(
-    r"whitelist|allowlist|approved senders|confirm (that )?you are a (real )?(person|human|sender)|"
-    r"verify (that )?you are (a )?(real )?(person|human)|challenge[- ]response|boxbe|"
-    r"(click|use) the (following )?link .{0,40}(deliver|confirm|verify)|awaiting your (confirmation|verification)",
+    r"(add|added|put) (you|your (e-?mail )?address|yourself) (to|on) (my|the|their|his|her) "
+    r"(whitelist|allowlist|approved senders|safe senders)|whitelist (request|confirmation)|approved senders list|"
+    r"confirm (that )?you are a (real )?(person|human|sender)|verify (that )?you are (a )?(real )?(person|human)|"
+    r"challenge[- ]response|boxbe|awaiting your (confirmation|verification)|"
+    r"(click|use|visit) the (following )?link .{0,40}(to )?(deliver|confirm|verify|release)",
     re.I,
 )
 _TEMPORARY = re.compile(r"delay|will (be )?retr|still (trying|being retried)|temporar|try(ing)? again|warning", re.I)
@@ -348,18 +355,24 @@ def _parse(msg: Message, raw: bytes) -> Report:
         report.kind, report.action, report.reason, report.feedback_type = ARF, "complaint", "feedback", "opt-out"
         report.recipients = [from_address] if from_address else []
         return report
+    if _CHALLENGE.search(subject + " " + _human_text(walked)[:MAX_WINDOW]):
+        # challenge-response ("confirm you are a sender", whitelist requests): automatic, never a failure
+        report.kind, report.action, report.reason = AUTOREPLY, "autoreply", "challenge"
+        report.recipients = [from_address] if from_address else []
+        return report
     bounce_like = _looks_bounce(msg, subject) or bool(dsn_parts)
     if not bounce_like and report.original_headers is not None:
         # a notice that returns the message and says it failed, whatever its sender and subject
         bounce_like = bool(_FAILURE_TEXT.search(_human_text(walked)[:MAX_WINDOW]))
-    if bounce_like and _CHALLENGE.search(subject + " " + _human_text(walked)[:MAX_WINDOW]):
-        bounce_like = False  # a challenge-response "confirm you are a sender" message is no bounce
     if not bounce_like and _looks_autoreply(msg, subject):
         report.kind, report.action, report.reason = AUTOREPLY, "autoreply", "vacation"
         report.recipients = [from_address] if from_address else []
         return report
     if bounce_like:
         _plain_bounce(msg, raw, walked, report)
+        if not report.details and dsn_parts:
+            _returned_recipient([b for p in dsn_parts for b in _field_blocks(p)], report)
+            _body_diagnostic(walked, report)
         if report.details:
             return _summarise(report)
         report.kind = DSN
@@ -466,6 +479,17 @@ def _dsn(blocks: list[dict[str, str]], report: Report) -> None:
             diagnostic = diagnostic.split(";", 1)[1].strip()
         remote = block.get("remote-mta") or remote_default
         report.details.append(RecipientReport(recipient, action, status, diagnostic, remote))
+
+
+def _returned_recipient(fields: list[dict[str, str]], report: Report) -> None:
+    """A report with no recipient block: the returned message's To: says who, but only when it
+    names exactly one address (with several, which one failed is a guess)."""
+    status = next((find_status(b.get("status", "")) for b in fields if b.get("status")), None)
+    action = next((b.get("action", "").strip().lower() for b in fields if b.get("action")), None) or "failed"
+    headers = report.original_headers or {}
+    to = [a for _, a in iter_addresses(" ".join(headers.get(k, "") for k in ("to", "cc"))[:MAX_FIELD])]
+    if len(set(to)) == 1:
+        report.details.append(RecipientReport(to[0], action[:20], status))
 
 
 def _body_diagnostic(walked: list[tuple[Message, bool]], report: Report) -> None:
@@ -592,9 +616,25 @@ _NOT_RECIPIENT_BEFORE = re.compile(
 
 
 def _named_only_as_other(text: str, address: str) -> bool:
-    """True when every mention of ``address`` in ``text`` is as a sender, Message-ID or contact."""
+    """True when every mention of ``address`` in ``text`` is as a sender, Message-ID or contact,
+    or in a ``Received: ... for <address>`` trace line."""
     positions = [pos for pos, a in iter_addresses(text) if a == address]
-    return bool(positions) and all(_NOT_RECIPIENT_BEFORE.search(text[max(0, p - 20) : p]) for p in positions)
+    return bool(positions) and all(
+        _NOT_RECIPIENT_BEFORE.search(text[max(0, p - 20) : p]) or _in_received(text, p) for p in positions
+    )
+
+
+def _in_received(text: str, pos: int) -> bool:
+    """Whether ``pos`` lies in a Received: header (its first line or a folded continuation)."""
+    start = text.rfind("\n", 0, pos) + 1
+    for _ in range(8):
+        line = text[start : start + 10]
+        if line[:9].lower() == "received:":
+            return True
+        if line[:1] not in (" ", "\t") or start == 0:
+            return False
+        start = text.rfind("\n", 0, start - 1) + 1
+    return False
 
 
 def _addresses_in_failure_text(text: str, msg: Message, limit: int = 20) -> list[str]:
