@@ -64,11 +64,11 @@ def test_recipient_blocks_without_blank_lines_between_them_each_count():
 
 def test_repeated_original_rcpt_to_in_a_complaint_gives_every_recipient():
     raw = (
-        "From: fbl@isp.test\nSubject: report\nMIME-Version: 1.0\n"
-        'Content-Type: multipart/report; report-type=feedback-report; boundary="A"\n\n--A\nContent-Type: text/plain\n\nx\n'
-        "--A\nContent-Type: message/feedback-report\n\nFeedback-Type: abuse\nVersion: 1\n"
-        "Original-Rcpt-To: <grace@isp.test>\nOriginal-Rcpt-To: <heidi@isp.test>\n--A--\n"
-    ).encode()
+        b"From: fbl@isp.test\nSubject: report\nMIME-Version: 1.0\n"
+        b'Content-Type: multipart/report; report-type=feedback-report; boundary="A"\n\n--A\nContent-Type: text/plain\n\nx\n'
+        b"--A\nContent-Type: message/feedback-report\n\nFeedback-Type: abuse\nVersion: 1\n"
+        b"Original-Rcpt-To: <grace@isp.test>\nOriginal-Rcpt-To: <heidi@isp.test>\n--A--\n"
+    )
     assert parse_message(raw).recipients == ["grace@isp.test", "heidi@isp.test"]
 
 
@@ -114,11 +114,11 @@ def test_cr_only_and_crlf_line_endings_parse_as_lf(raw):
 
 def test_challenge_response_messages_are_never_failures():
     raw = (
-        "From: Challenge Service <noreply@challenge.remote.test>\nTo: news@sender.test\n"
-        "Subject: Undeliverable: please verify your message\n\n"
-        "Your message to laura@remote.test is waiting. Laura only accepts mail from approved senders.\n"
-        "Please click the following link to confirm and deliver your message.\n"
-    ).encode()
+        b"From: Challenge Service <noreply@challenge.remote.test>\nTo: news@sender.test\n"
+        b"Subject: Undeliverable: please verify your message\n\n"
+        b"Your message to laura@remote.test is waiting. Laura only accepts mail from approved senders.\n"
+        b"Please click the following link to confirm and deliver your message.\n"
+    )
     report = parse_message(raw)
     assert (report.kind, report.action) == ("autoreply", "autoreply")
     assert all(d.action != "failed" for d in report.details)
