@@ -13,6 +13,7 @@ import email
 import email.header
 import email.policy
 import json
+import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,6 +24,11 @@ from typing import Any
 from pymta.feedback.classify import classify, find_status
 
 DSN, ARF, AUTOREPLY, REPLY, UNKNOWN = "dsn", "arf", "autoreply", "reply", "unknown"
+
+# flufl.bounce logs a traceback for every detector that trips over a malformed message; a bad
+# bounce is ordinary input here, and the parse goes on without that detector
+logging.getLogger("flufl.bounce").propagate = False
+logging.getLogger("flufl.bounce").addHandler(logging.NullHandler())
 
 # Every pattern below sees a bounded input: what parse_message reads of a message, and how much of
 # one field, one text part or one failure paragraph any pattern is run over.
