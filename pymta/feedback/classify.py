@@ -161,6 +161,7 @@ def _reason(rules: Rules, status: str | None, text: str, command: str | None, ac
     if by_code == "delivered" or (status or "").startswith("2."):
         return "delivered"
     seen: dict[str, bool] = {}
+    vetoed = False  # the text showed the code's own reason to be wrong
 
     def says(name: str) -> bool:
         if name not in seen:
@@ -169,8 +170,10 @@ def _reason(rules: Rules, status: str | None, text: str, command: str | None, ac
 
     for name in rules.first:
         if name == "userunknown":
-            if by_code == name and not any(says(other) for other in rules.userunknown_unless):
-                return name
+            if by_code == name:
+                if not any(says(other) for other in rules.userunknown_unless):
+                    return name
+                vetoed = True
             if rules.userunknown_always is not None and rules.userunknown_always.search(text):
                 return name
             if says(name) and (command == "RCPT" or (command is None and status and not by_code and not says("filtered"))):
@@ -178,7 +181,10 @@ def _reason(rules: Rules, status: str | None, text: str, command: str | None, ac
         elif name == "filtered":
             if by_code == name and (says("userunknown") or says(name)):
                 return name
-            if by_code != "suspend" and command not in rules.before_data and (says(name) or (says("userunknown") and (command or not status))):
+            # "user unknown" is a content filter's answer unless it came at RCPT, or a DSN says nothing more
+            if by_code != "suspend" and command not in rules.before_data and (
+                says(name) or (says("userunknown") and (command or not status or by_code))
+            ):
                 return name
         elif name == "rejected":
             if by_code == name:
@@ -190,17 +196,20 @@ def _reason(rules: Rules, status: str | None, text: str, command: str | None, ac
             if command not in ("MAIL", "DATA") and by_code in ("", "undefined", "onhold", "securityerror",
                                                               "systemerror") and says(name):  # fmt: skip
                 return name
-        elif name == "hostunknown":  # a DNS failure that says "try again" is a network error, not a dead domain
-            if (by_code == name or says(name)) and not says("networkerror"):
+        elif name == "hostunknown":
+            # a DNS failure that says "try again" is a network error, no MX is notaccept: not a dead domain
+            if says("networkerror") or says("notaccept"):
+                vetoed = vetoed or by_code == name
+            elif by_code == name or says(name):
                 return name
         elif by_code == name or says(name):
             return name
-    if by_code and by_code not in rules.retry:
+    if by_code and by_code not in rules.retry and not vetoed:
         return by_code
     for name in rules.second:
         if says(name):
             return name
-    if by_code:
+    if by_code and not vetoed:
         return by_code
     if status and status[:3] in rules.prefixes:
         return rules.prefixes[status[:3]]
@@ -212,9 +221,9 @@ def _reason(rules: Rules, status: str | None, text: str, command: str | None, ac
         return "expired"
     if command in ("CONN", "HELO"):
         return "blocked"
-    if not text.strip():
-        return rules.default_soft if (status or str(code or ""))[:1] == "4" else rules.default_permanent
-    return "onhold"
+    if status or code:  # the remote server said something nobody has a rule for
+        return "onhold"
+    return rules.default_soft if (status or str(code or ""))[:1] == "4" else rules.default_permanent
 
 
 def is_undecided(reason: str | None, rules: Rules | None = None) -> bool:
