@@ -221,7 +221,7 @@ def _reason(rules: Rules, status: str | None, text: str, command: str | None, ac
         return "expired"
     if command in ("CONN", "HELO"):
         return "blocked"
-    if status or code:  # the remote server said something nobody has a rule for
+    if text and (status or code):  # the remote server said something nobody has a rule for
         return "onhold"
     return rules.default_soft if (status or str(code or ""))[:1] == "4" else rules.default_permanent
 
