@@ -548,7 +548,7 @@ def _report_head(text: str) -> str:
     return text
 
 
-def _near(text: str, address: str, window: int = 400, strict: bool = False) -> str:
+def _near(text: str, address: str, window: int = 1000, strict: bool = False) -> str:
     """The text around where ``address`` is named; when it is not, the start of the text (or
     nothing when ``strict``: a DSN's fields already say more than an unrelated paragraph)."""
     i = text.lower().find(address.lower())
