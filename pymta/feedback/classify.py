@@ -125,7 +125,7 @@ def is_hard(reason: str | None, code_class: str | None, rules: Rules | None = No
     rules = rules or default_rules()
     if reason in rules.hard:
         return True
-    return reason in rules.permanent_only and code_class == "5"
+    return reason in rules.permanent_only and code_class != "4"
 
 
 def effective_status(status: str | None, text: str) -> str | None:
@@ -221,7 +221,7 @@ def _reason(rules: Rules, status: str | None, text: str, command: str | None, ac
         return "expired"
     if command in ("CONN", "HELO"):
         return "blocked"
-    if text and (status or code):  # the remote server said something nobody has a rule for
+    if text:  # something was said that nobody has a rule for
         return "onhold"
     return rules.default_soft if (status or str(code or ""))[:1] == "4" else rules.default_permanent
 
