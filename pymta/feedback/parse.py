@@ -45,7 +45,7 @@ _LOCAL_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz01
 _DOMAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}")
 _TLD = re.compile(r"[A-Za-z]{2,63}")
 _SMTP_CODE = re.compile(r"(?<![\d.])([245]\d\d)(?:[ -]|$)")
-_BOUNCE_SENDER = re.compile(r"mailer-daemon|postmaster|mail ?delivery|mdaemon|mailer@|bounce|microsoftexchange", re.I)
+_BOUNCE_SENDER = re.compile(r"mailer-daemon|post_?master|mail ?delivery|mdaemon|mailer@|bounce|microsoftexchange", re.I)
 _BOUNCE_SUBJECT = re.compile(
     r"undeliver|undelivered|delivery (status|failure|failed|has failed|notification|problem|report)|"
     r"failure notice|returned mail|mail delivery failed|could not be delivered|non[- ]?delivery|"
@@ -114,13 +114,17 @@ def iter_addresses(text: str) -> Iterator[tuple[int, str]]:
     i = text.find("@")
     while i >= 0:
         j = i
+        if i > 1 and text[i - 1] == '"':  # a quoted local part: "first..last"@example.org
+            q = text.rfind('"', max(0, i - 66), i - 1)
+            j = q if q >= 0 and "\n" not in text[q:i] else i
         while j > 0 and i - j <= 64 and text[j - 1] in _LOCAL_CHARS:
             j -= 1
         local = text[j:i].lstrip("'`=.")
         if local[:5].lower() in ("smtp=", "smtp:") or local[:7].lower() == "rfc822=":
             local = local.split("=", 1)[-1]
         m = _DOMAIN.match(text, i + 1)
-        if local and i - j <= 64 and m and not local.startswith("/") and not local.endswith("."):
+        quoted = local.startswith('"') and local.endswith('"') and len(local) > 2
+        if local and i - j <= 66 and m and not local.startswith("/") and (quoted or not local.endswith(".")):
             labels = m.group().split(".")
             while labels and not _TLD.fullmatch(labels[-1]):
                 labels.pop()
@@ -513,16 +517,37 @@ _TAG = re.compile(r"<[^<>]*>")
 
 
 def _human_text(walked: list[tuple[Message, bool]]) -> str:
-    """The text and HTML parts of the report itself (not of the returned message), tags removed."""
+    """The text and HTML parts of the report itself (not of the returned message), tags removed;
+    a multipart whose boundary never appears counts as text (its parts were not found)."""
     chunks = []
     for part, inside in walked:
-        ctype = part.get_content_type()
-        if ctype in ("text/plain", "text/html") and not inside:
-            body = _text(part)
+        ctype = (part.get_content_type().split() or [""])[0]  # a folded, broken Content-Type still says text/plain
+        broken = ctype.startswith("multipart/") and isinstance(part.get_payload(), str)
+        if (ctype in ("text/plain", "text/html") or broken) and not inside:
+            body = _unsplit_text(_text(part)) if broken else _text(part)
             if ctype == "text/html":
                 body = _TAG.sub(" ", body)
             chunks.append(body)
     return "\n".join(chunks)[:MAX_TEXT]
+
+
+_BOUNDARY_LINE = re.compile(r"^--[^\n]{0,200}\n", re.M)
+
+
+def _unsplit_text(text: str) -> str:
+    """The text of a multipart body the email parser could not split: each ``--boundary`` chunk
+    read as a part of its own, its MIME headers dropped, text kept (at most 20 chunks)."""
+    out = []
+    for chunk in _BOUNDARY_LINE.split(text[:MAX_TEXT])[:20]:
+        try:
+            sub = email.message_from_string(chunk.lstrip("\n"))
+        except Exception:
+            continue
+        if not sub.keys():
+            out.append(chunk)
+        elif sub.get_content_maintype() == "text":
+            out.append(_text(sub))
+    return "\n".join(out)
 
 
 # Where the returned message starts inside a plain-text bounce: a separator line, or the first header
@@ -649,7 +674,7 @@ def _addresses_in_failure_text(text: str, msg: Message, limit: int = 20) -> list
     ignore = {a for a in (_address(_header(msg, "From")), _address(_header(msg, "To"))) if a}
     out: list[str] = []
     for pos, a in iter_addresses(text):
-        if a in ignore or a in out or _BOUNCE_SENDER.search(a.split("@")[0]):
+        if a in ignore or a in out or a.startswith("mailer-daemon@"):
             continue
         if _NOT_RECIPIENT_BEFORE.search(text[max(0, pos - 20) : pos]):
             continue
