@@ -124,7 +124,9 @@ def iter_addresses(text: str) -> Iterator[tuple[int, str]]:
             local = local.split("=", 1)[-1]
         m = _DOMAIN.match(text, i + 1)
         quoted = local.startswith('"') and local.endswith('"') and len(local) > 2
-        if local and i - j <= 66 and m and not local.startswith("/") and (quoted or not local.endswith(".")):
+        if local and len(local) <= (66 if quoted else 64) and m and not local.startswith("/") and (
+            quoted or not local.endswith(".")
+        ):
             labels = m.group().split(".")
             while labels and not _TLD.fullmatch(labels[-1]):
                 labels.pop()
