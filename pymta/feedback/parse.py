@@ -576,12 +576,16 @@ def _report_head(text: str) -> str:
 
 
 def _near(text: str, address: str, window: int = 1000, strict: bool = False) -> str:
-    """The text around where ``address`` is named; when it is not, the start of the text (or
-    nothing when ``strict``: a DSN's fields already say more than an unrelated paragraph)."""
+    """The text around where ``address`` is named: 80 characters before it and ``window`` after,
+    or 400 before when no reply code follows (a report that gives the error first). When the
+    address is not named, the start of the text (or nothing when ``strict``: a DSN's fields
+    already say more than an unrelated paragraph)."""
     i = text.lower().find(address.lower())
     if i < 0:
         return "" if strict else " ".join(text[:window].split())
-    return " ".join(text[max(0, i - 80) : i + window].split())
+    after = text[i : i + window]
+    before = 80 if (_SMTP_CODE.search(after) or find_status(after)) else 400
+    return " ".join(text[max(0, i - before) : i + window].split())
 
 
 def _looks_autoreply(msg: Message, subject: str) -> bool:
