@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Fuzz the feedback parser with mutated corpus messages (hypothesis), with a time bound per input.
 
-    python3 bench/fuzz_feedback.py [--corpus DIR] [--examples 100000] [--deadline-ms 2000]
+    python3 bench/fuzz_feedback.py [--corpus DIR] [--examples 100000] [--deadline-ms 5000]
     python3 bench/fuzz_feedback.py --parity     # does CR-only or CRLF change any result?
 
 Every corpus message is a seed; hypothesis inserts, deletes, repeats and splices byte runs
@@ -101,7 +101,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--corpus", default=os.path.join(HERE, "..", "..", "shared", "corpus", "bounces"))
     ap.add_argument("--examples", type=int, default=100_000)
-    ap.add_argument("--deadline-ms", type=int, default=2000)
+    ap.add_argument("--deadline-ms", type=int, default=5000)
     ap.add_argument("--parity", action="store_true", help="compare LF, CRLF and CR-only results instead")
     a = ap.parse_args()
     seeds = load_corpus(a.corpus)

@@ -66,6 +66,7 @@ def cases(scale: int) -> dict[str, Callable[[], bytes]]:
         "deep MIME nesting, 2000": lambda: nested(2000 * scale),
         "recipients, 5000": lambda: dsn("550 5.1.1 user unknown", recipients=5000 * scale),
         "CR-only line endings, 1 MB": lambda: plain_bounce("a@b.cd failed\r" * 70 * kb),
+        "failure phrase then a 9 KB line of '<'": lambda: plain_bounce(("This is a permanent " + "<" * 9 * kb + "\r\n") * 3),
     }
 
 

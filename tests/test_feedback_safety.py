@@ -82,6 +82,8 @@ PATHOLOGICAL = {
     "megabyte subject": HEAD.replace("Subject: ", "Subject: " + "x " * 500_000) + "\nhi\n",
     "deep nesting": HEAD + "".join(f'Content-Type: multipart/mixed; boundary="b{i}"\n\n--b{i}\n' for i in range(3000)),
     "many recipients": dsn("550 5.1.1 user unknown", recipients=5000).decode(),
+    # found by bench/fuzz_feedback.py: a detector in flufl.bounce is quadratic in the length of a line
+    "long line after a failure phrase": HEAD + "\n" + ("recipients. This is a permanent " + "<" * 9000 + "\n") * 20,
 }
 
 

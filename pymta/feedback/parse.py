@@ -40,6 +40,7 @@ MAX_RECIPIENTS = 1000  # recipient blocks read from one report
 MAX_PARTS = 200  # MIME parts looked at (deeper or wider structures are cut off)
 MAX_BOUNDARIES = 32  # multipart levels read: the email parser tests each line against every open boundary
 MAX_DETECTOR_BYTES = 32 * 1024  # what flufl.bounce's line-by-line detectors are given
+MAX_DETECTOR_LINE = 998  # and the longest line they see (RFC 5322's limit)
 
 _LOCAL_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789.!#$%&'*+/=?^_`{|}~-")
 _DOMAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}")
@@ -609,8 +610,7 @@ def _plain_bounce(msg: Message, raw: bytes, walked: list[tuple[Message, bool]], 
     try:
         from flufl.bounce import all_failures
 
-        small = msg if len(raw) <= MAX_DETECTOR_BYTES else email.message_from_bytes(raw[:MAX_DETECTOR_BYTES])
-        temporary, permanent = all_failures(small)
+        temporary, permanent = all_failures(_detector_copy(msg, raw))
     except Exception:
         temporary, permanent = frozenset(), frozenset()
     found: dict[str, bool] = {}
@@ -643,6 +643,15 @@ def _plain_bounce(msg: Message, raw: bytes, walked: list[tuple[Message, bool]], 
         action = "delayed" if (temporary_failure or delayed_message) else "failed"
         report.details.append(RecipientReport(address, action, find_status(diagnostic), diagnostic,
                                               command=smtp_command(diagnostic)))  # fmt: skip
+
+
+def _detector_copy(msg: Message, raw: bytes) -> Message:
+    """What flufl.bounce's detectors are given: the first MAX_DETECTOR_BYTES, every line cut to
+    MAX_DETECTOR_LINE (some of their patterns are quadratic in the length of a line)."""
+    if len(raw) <= MAX_DETECTOR_BYTES and all(len(line) <= MAX_DETECTOR_LINE for line in raw.split(b"\n")):
+        return msg
+    lines = raw[:MAX_DETECTOR_BYTES].split(b"\n")
+    return email.message_from_bytes(b"\n".join(line[:MAX_DETECTOR_LINE] for line in lines))
 
 
 _NOT_RECIPIENT_BEFORE = re.compile(
