@@ -182,8 +182,8 @@ def _reason(rules: Rules, status: str | None, text: str, command: str | None, ac
             if by_code == name and (says("userunknown") or says(name)):
                 return name
             # "user unknown" is a content filter's answer unless it came at RCPT, or a DSN says nothing more
-            if by_code != "suspend" and command not in rules.before_data and (
-                says(name) or (says("userunknown") and (command or not status or by_code))
+            if by_code != "suspend" and (
+                says(name) or (command not in rules.before_data and says("userunknown") and (command or not status or by_code))
             ):
                 return name
         elif name == "rejected":
