@@ -1,10 +1,14 @@
 """What came back: RFC 3464 DSNs, non-standard bounces, ARF complaints (RFC 5965), auto-replies
 (RFC 3834 and vacation heuristics) and human replies — parsed into a :class:`Report`.
 
-``parse_message(raw)`` never raises: anything unreadable is a Report of kind ``unknown``.
-Recipients of a bounce come from the DSN fields when there are any, else from flufl.bounce's
-detectors and the addresses the text says failed; status codes and diagnostic text decide the
-reason (:mod:`pymta.feedback.classify`).
+``parse_message(raw)`` never raises: anything unreadable is a Report of kind ``unknown``. It runs
+in linear time on bounded input: at most MAX_MESSAGE_BYTES are read, line endings become LF, every
+field and text is cut to a stated length before a pattern sees it, and addresses are found by one
+scan (:func:`iter_addresses`). Recipients of a bounce come from the DSN fields of the report (also
+when its MIME structure is broken), else from flufl.bounce's detectors and the addresses the
+report's own text says failed; never from the returned message. Status codes, the diagnostic text
+around a recipient and the SMTP command it answered decide the reason
+(:mod:`pymta.feedback.classify`).
 """
 
 from __future__ import annotations
