@@ -100,3 +100,31 @@ def test_rule_decides_its_cases(reason, status, text, command):
 def test_hard_and_soft(reason, hard):
     status, text, command = CASES[reason][0]
     assert classify(status, text, None, command=command)[1] is hard
+
+
+@pytest.mark.parametrize(
+    "status,text,reason",
+    [
+        ("5.1.1", "552 5.2.2 over quota", "mailboxfull"),  # the more specific diagnostic wins
+        ("5.1.1", "550 5.7.1 IP 192.0.2.1 blacklisted", "blocked"),
+        (None, "Host or domain name not found. Name service error for name=b.test type=A: Host not found",
+         "hostunknown"),
+        ("5.2.3", "552 5.2.3 message too big for this recipient", "exceedlimit"),
+        ("5.1.10", "550 5.1.10 RESOLVER.ADR.RecipientNotFound", "userunknown"),
+        ("4.7.0", "421 4.7.0 rate limit exceeded, try again later", "toomanyconn"),
+        (None, "retry timeout exceeded: all hosts have been failing for a long time", "expired"),
+        (None, "delivery aborted after 5 hours", "expired"),
+        (None, "host mx.b.test is not responding", "expired"),
+        ("5.0.0", "451 Service currently unavailable", "systemerror"),
+        ("5.0.0", "554 Transaction failed ", "systemerror"),
+        ("5.7.1", "550 5.7.1 SPF: sender not authorized (PRA check failed)", "authfailure"),
+    ],
+)
+def test_reasons_the_issue_names(status, text, reason):
+    assert classify(status, text, None)[0] == reason
+
+
+def test_dsn_field_names_in_a_window_never_look_like_rfc_violations():
+    text = ("Final-Recipient: rfc822; a@b.test Original-Recipient: rfc822;a@b.test Action: failed "
+            "Content-Transfer-Encoding: 8bit 550 5.0.0 mailbox unavailable")  # fmt: skip
+    assert classify("5.0.0", text, 550)[0] != "notcompliantrfc"
