@@ -631,15 +631,22 @@ def _plain_bounce(msg: Message, raw: bytes, walked: list[tuple[Message, bool]], 
         for _, a in iter_addresses(str(value)[:MAX_FIELD]):
             found.setdefault(a, False)
             failed.add(a)
-    text = _report_head(_human_text(walked))
-    # a detector's address that the report names only as a sender, a Message-ID or a contact is no recipient
     everything = _human_text(walked)
-    # the bounce's own From/To (the sender) counts only when the report itself names it
-    ours = {a for a in (_address(_header(msg, "From")), _address(_header(msg, "To"))) if a}
-    ours -= {a for _, a in iter_addresses(text)} | failed
-    found = {a: t for a, t in found.items() if a not in ours and not _named_only_as_other(everything, a)}
+    text = _report_head(everything)
+    named = list(iter_addresses(text))  # each text is scanned once
+    if found:
+        # the bounce's own From/To (the sender) counts only when the report itself names it
+        ours = {a for a in (_address(_header(msg, "From")), _address(_header(msg, "To"))) if a}
+        ours -= {a for _, a in named} | failed
+        # a detector's address that the report names only as a sender, a Message-ID or a contact is no recipient
+        mentions: dict[str, list[int]] = {}
+        for pos, a in iter_addresses(everything) if len(everything) > len(text) else named:
+            if a in found:
+                mentions.setdefault(a, []).append(pos)
+        found = {a: t for a, t in found.items()
+                 if a not in ours and not _named_only_as_other(everything, mentions.get(a, []))}  # fmt: skip
     if not found:
-        for a in _addresses_in_failure_text(text, msg):
+        for a in _addresses_in_failure_text(text, msg, named):
             found.setdefault(a, False)
     delayed_message = bool(_TEMPORARY.search(report.subject))
     for address, temporary_failure in list(found.items())[:MAX_RECIPIENTS]:
@@ -665,10 +672,9 @@ _NOT_RECIPIENT_BEFORE = re.compile(
 )
 
 
-def _named_only_as_other(text: str, address: str) -> bool:
-    """True when every mention of ``address`` in ``text`` is as a sender, Message-ID or contact,
-    or in a ``Received: ... for <address>`` trace line."""
-    positions = [pos for pos, a in iter_addresses(text) if a == address]
+def _named_only_as_other(text: str, positions: list[int]) -> bool:
+    """True when every mention of an address (at ``positions`` in ``text``) is as a sender,
+    Message-ID or contact, or in a ``Received: ... for <address>`` trace line."""
     return bool(positions) and all(
         _NOT_RECIPIENT_BEFORE.search(text[max(0, p - 20) : p]) or _in_received(text, p) for p in positions
     )
@@ -687,12 +693,13 @@ def _in_received(text: str, pos: int) -> bool:
     return False
 
 
-def _addresses_in_failure_text(text: str, msg: Message, limit: int = 20) -> list[str]:
-    """Addresses a bounce text names before the returned message starts: not our own, not the
-    envelope sender of an SMTP transcript (``MAIL FROM:<...>``), not a mailer daemon."""
+def _addresses_in_failure_text(text: str, msg: Message, named: list[tuple[int, str]], limit: int = 20) -> list[str]:
+    """Addresses a bounce ``text`` names (``named``, from :func:`iter_addresses`) before the
+    returned message starts: not our own, not the envelope sender of an SMTP transcript
+    (``MAIL FROM:<...>``), not a mailer daemon."""
     ignore = {a for a in (_address(_header(msg, "From")), _address(_header(msg, "To"))) if a}
     out: list[str] = []
-    for pos, a in iter_addresses(text):
+    for pos, a in named:
         if a in ignore or a in out or a.startswith("mailer-daemon@"):
             continue
         if _NOT_RECIPIENT_BEFORE.search(text[max(0, pos - 20) : pos]):
