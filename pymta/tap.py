@@ -161,6 +161,7 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
     from pymta.dns import Resolver
     from pymta.feedback.classify import classify
     from pymta.feedback.gate import FeedbackGate
+    from pymta.feedback.pool import ParsePool
     from pymta.feedback.processor import FeedbackProcessor
     from pymta.inbound.acl import AclPolicy
     from pymta.inbound.auth import Authenticator, SenderLogins, load_users
@@ -209,9 +210,11 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
     relay = FeedbackGate(smtp_agent, suppression, tagger, fb.sender_domains, classify, fb.unsubscribe,
                          config.http.public_url if config.http.public_listen else None)  # fmt: skip
     agents["relay"] = agents["forward"] = relay
+    parse_pool = ParsePool(reactor)  # bounces are parsed in a worker process, never on the reactor
+    CloseOnStop(parse_pool.close).setServiceParent(top)
     agents["feedback"] = FeedbackProcessor(
         suppression, tagger, fb.complaint_addresses, fb.reply_addresses, agents["local"], fb.reply_mailbox, accounting,
-        sources=smtp_agent.selector,
+        sources=smtp_agent.selector, parser=parse_pool.parse,
     )
 
     manager = QueueManager(
