@@ -20,12 +20,25 @@ Replies (every one with an enhanced status code except the 220 greeting and the 
                                       line over 1000 octets (the server stays in DATA until the
                                       real end of data, so nothing in the body is read as a command)
 554 5.5.1                             spoke before the greeting (greet_pause)
-421 4.4.2 / 4.7.0                     timeout / too many errors, then the connection is closed
+421 4.4.2 / 4.7.0                     timeout (command line, data inactivity or rate, session time)
+                                      / too many errors or connections, then the connection is closed
 451 4.3.0                             a local error answering a command (logged, never shown)
 ====================================  ===========================================================
 
 BDAT content follows the same content rules as DATA (no bare CR or LF, no NUL, lines at most
 1000 octets): BINARYMIME is not offered, so BDAT carries the same text a DATA would.
+
+Time limits a client cannot reset by trickling: ``command_timeout`` is a deadline for a whole
+command line, counted from the moment the server is ready for it (bytes of a partial line do not
+extend it); ``data_timeout`` bounds inactivity in DATA/BDAT content and, after the first
+``DATA_RATE_GRACE`` seconds of a message, the client must keep up ``min_data_rate`` on average;
+``max_session_time`` caps the whole connection. Waiting on our own work (a delegate's answer)
+never counts against the client.
+
+Back-pressure: while an answer is pending (the delegate is working, or the client does not read
+what we send), at most ``max_pending_input`` octets beyond what has been handled are held; above
+that the transport is paused (``pauseProducing``) until the answer is sent. Input is consumed by
+offset into one buffer, so splitting pipelined lines is linear in the input.
 """
 
 from __future__ import annotations
@@ -39,7 +52,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet import defer, tcp
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -64,6 +77,9 @@ class ServerLimits:
     max_command_line: int = 512  # octets incl. CRLF
     greet_pause: float = 0.0  # seconds of silence expected before the greeting (0 = off)
     max_auth_failures: int = 3  # failed AUTH in a row before 421 4.7.0
+    min_data_rate: float = 1024.0  # octets/s a DATA/BDAT transfer must average after DATA_RATE_GRACE (0 = off)
+    max_session_time: float = 1800.0  # seconds a connection may last at most (0 = no cap)
+    max_pending_input: int = 65536  # octets held unhandled while an answer is pending before pausing
 
 
 @dataclass
@@ -299,13 +315,36 @@ class BodyCollector:
 
 _COMMAND, _DATA, _BDAT, _GREET, _AUTH, _CLOSED = range(6)
 CLOSE_GRACE = 5.0  # seconds a closing connection may take before it is aborted
+DATA_RATE_GRACE = 30.0  # seconds of DATA/BDAT before min_data_rate is enforced
+TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
+SESSION_TOO_LONG = Reply(421, "4.4.2", "Session time limit exceeded, closing connection")
+DATA_TOO_SLOW = Reply(421, "4.4.2", "Data rate too low, closing connection")
 _END = b"\r\n.\r\n"
 _EXTENSIONS = ("PIPELINING", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES", "CHUNKING", "DSN")
 _HTTP_VERBS = frozenset({"GET", "POST", "HEAD", "PUT", "CONNECT", "OPTIONS", "USER-AGENT:", "HOST:"})
 
 
+class ConnectionSlots:
+    """A cap on the connections open at once, shared by the factories (listeners) given it."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+
+    def acquire(self) -> bool:
+        if self.active >= self.limit:
+            return False
+        self.active += 1
+        return True
+
+    def release(self) -> None:
+        self.active = max(0, self.active - 1)
+
+
+@implementer(IPushProducer)
 class SMTPServerProtocol(Protocol):
-    """One SMTP connection."""
+    """One SMTP connection; the transport's producer, so a client that does not read what we
+    send stops being read from."""
 
     def __init__(self, factory: SMTPServerFactory) -> None:
         self.factory = factory
@@ -315,6 +354,15 @@ class SMTPServerProtocol(Protocol):
         self.session = Session(session_id=f"{factory.id_prefix}{next(factory.counter):x}")
         self._mode = _GREET
         self._buf = b""
+        self._pos = 0  # input before this offset in _buf is handled
+        self._paused: set[str] = set()  # why the transport is paused: "input", "output"
+        self._slot = False  # holds one of the factory's connection slots
+        self._producing = False  # registered as the transport's producer
+        self._refused = False  # turned away by the connection cap
+        self._session_call: Any = None
+        self._session_over = False  # max_session_time passed while an answer was pending
+        self._data_since: float | None = None  # when this message's DATA/BDAT began
+        self._data_octets = 0  # octets received since then
         self._out: list[bytes] = []
         self._waiting = False
         self._errors = 0
@@ -338,6 +386,21 @@ class SMTPServerProtocol(Protocol):
         self.session.peer_port = getattr(peer, "port", 0) or 0
         self.session.local_address = getattr(host, "host", "") or ""
         self.session.local_port = getattr(host, "port", 0) or 0
+        slots = self.factory.connections
+        if slots is not None and not slots.acquire():
+            self._mode = _CLOSED  # no delegate call, no session: refused before it began
+            self._refused = True
+            self._out.append(TOO_MANY_CONNECTIONS.to_bytes())
+            log.info("refused connection from {client}: {code} {enhanced} {text}", event="reject", stage="connect",
+                     client=self.session.peer_address, code=421, enhanced="4.7.0", text=TOO_MANY_CONNECTIONS.text,
+                     active=slots.active, limit=slots.limit)  # fmt: skip
+            self._close()
+            return
+        self._slot = slots is not None
+        self.transport.registerProducer(self, True)
+        self._producing = True
+        if self.limits.max_session_time > 0:
+            self._session_call = self.clock.callLater(self.limits.max_session_time, self._session_expired)
         self._arm_timer()
         self._ask(self.delegate.connected, (self.session,), self._connected_answer)
 
@@ -357,17 +420,21 @@ class SMTPServerProtocol(Protocol):
             return
         self._mode = _COMMAND
         self._out.append(f"220 {self.factory.hostname} ESMTP pymta\r\n".encode())
+        self._arm_timer()
         self._process()
 
     def connectionLost(self, reason: Failure = None) -> None:
         self._mode = _CLOSED
         self._cancel_timer()
-        abort = getattr(self, "_abort_call", None)
-        if abort is not None and abort.active():
-            abort.cancel()
-        call = getattr(self, "_greet_call", None)
-        if call is not None and call.active():
-            call.cancel()
+        for name in ("_abort_call", "_greet_call", "_session_call"):
+            call = getattr(self, name, None)
+            if call is not None and call.active():
+                call.cancel()
+        if self._slot:
+            self._slot = False
+            self.factory.connections.release()
+        if self._refused:
+            return  # refused for the connection cap: the delegate never saw it
         try:
             self.delegate.disconnected(self.session)
         except Exception:
@@ -377,6 +444,9 @@ class SMTPServerProtocol(Protocol):
         self._flush()
         self._mode = _CLOSED
         self._cancel_timer()
+        if self._producing:  # a registered producer would hold a TLS close until unregistered
+            self._producing = False
+            self.transport.unregisterProducer()
         self.transport.loseConnection()
         # A peer that never reads (or a TLS handshake that never completes) cannot hold the
         # connection open: after a grace period it is aborted.
@@ -405,29 +475,113 @@ class SMTPServerProtocol(Protocol):
         if self._waiting:  # our own work is slow, not the client: wait on
             self._arm_timer()
             return
-        log.info("timeout from {client} in {mode}", client=self.session.peer_address, mode=self._mode, event="timeout")
-        self._reply(TIMEOUT)
+        self._time_limit("data" if self._mode in (_DATA, _BDAT) else "command", TIMEOUT)
+
+    def _time_limit(self, why: str, reply: Reply) -> None:
+        """A time limit ran out: say so and close."""
+        if self._mode == _CLOSED:
+            return
+        log.info("timeout ({why}) from {client} in {mode}", why=why, client=self.session.peer_address, mode=self._mode,
+                 event="timeout", code=reply.code, enhanced=reply.enhanced)  # fmt: skip
+        self._out.append(reply.to_bytes())
         self._close()
 
+    def _session_expired(self) -> None:
+        self._session_call = None
+        if not self._waiting:
+            self._time_limit("session", SESSION_TOO_LONG)
+            return
+        # Our answer is pending (a queue write, say): it is given first, then the session ends
+        # (see _ask); should it never come, the session ends a command timeout later anyway.
+        self._session_over = True
+        self._session_call = self.clock.callLater(self.limits.command_timeout, self._time_limit, "session",
+                                                  SESSION_TOO_LONG)  # fmt: skip
+
+    def _data_rate_ok(self, received: int) -> bool:
+        """Count ``received`` octets of DATA/BDAT; False once the transfer is below min_data_rate."""
+        self._data_octets += received
+        elapsed = self.clock.seconds() - self._data_since
+        rate = self.limits.min_data_rate
+        return rate <= 0 or elapsed <= DATA_RATE_GRACE or self._data_octets >= rate * elapsed
+
+    def _start_data(self) -> None:
+        if self._data_since is None:
+            self._data_since = self.clock.seconds()
+            self._data_octets = 0
+
+    # -- back-pressure ------------------------------------------------------------------------
+
+    @property
+    def buffered_input(self) -> int:
+        """Octets received and not yet handled."""
+        return len(self._buf) - self._pos
+
+    @property
+    def input_paused(self) -> bool:
+        """Whether the transport is paused (input over the bound while an answer is pending, or
+        the client not reading our replies)."""
+        return bool(self._paused)
+
+    def _hold(self, reason: str, on: bool) -> None:
+        if on:
+            if not self._paused and self._mode != _CLOSED:
+                self.transport.pauseProducing()
+            self._paused.add(reason)
+        elif reason in self._paused:
+            self._paused.discard(reason)
+            if not self._paused and self._mode != _CLOSED:
+                self.transport.resumeProducing()
+
+    def _bound_input(self) -> None:
+        self._hold("input", len(self._buf) - self._pos > self.limits.max_pending_input)
+
+    def pauseProducing(self) -> None:
+        """The transport's send buffer is full (the client does not read): stop reading it."""
+        self._hold("output", True)
+
+    def resumeProducing(self) -> None:
+        self._hold("output", False)
+        if not self._waiting and self._mode not in (_CLOSED, _GREET):
+            self._process()
+
+    def stopProducing(self) -> None:
+        """The connection is going away; connectionLost does the rest."""
+
     # -- input --------------------------------------------------------------------------------
+
+    def _append(self, data: bytes) -> None:
+        """Add ``data`` after the unhandled input (copying only that, which is bounded)."""
+        if self._pos:
+            self._buf = self._buf[self._pos :] + data
+            self._pos = 0
+        elif self._buf:
+            self._buf += data
+        else:
+            self._buf = data
 
     def dataReceived(self, data: bytes) -> None:
         if self._mode == _CLOSED:
             return
         if self._mode == _GREET:
             if self.session.notes.get("trusted") or not self.limits.greet_pause:
-                self._buf += data  # before the delegate answered connect: keep for later
+                self._append(data)  # before the delegate answered connect: keep for later
+                self._bound_input()
                 return
             self._reply(Reply(554, "5.5.1", "Protocol error: talked before the greeting"), stage="connect")
             self._close()
             return
-        self._buf += data
-        self._arm_timer()
+        self._append(data)
+        if self._mode in (_DATA, _BDAT):
+            self._arm_timer()  # content: an inactivity bound, plus the minimum rate
+        if self._data_since is not None and not self._data_rate_ok(len(data)):
+            self._time_limit("data_rate", DATA_TOO_SLOW)
+            return
         self._process()
 
     def _process(self) -> None:
         try:
-            while self._buf and not self._waiting and self._mode not in (_CLOSED, _GREET):
+            while self._pos < len(self._buf) and not self._waiting and "output" not in self._paused \
+                    and self._mode not in (_CLOSED, _GREET):  # fmt: skip
                 if self._mode == _DATA:
                     self._data_input()
                 elif self._mode == _BDAT:
@@ -436,12 +590,15 @@ class SMTPServerProtocol(Protocol):
                     break
         except Exception:
             log.failure("unexpected error in the SMTP session with {client}", client=self.session.peer_address)
-            self._buf = b""
+            self._buf, self._pos = b"", 0
             self._reset_transaction()
             self._mode = _COMMAND if self._mode != _CLOSED else _CLOSED
             self._reply(LOCAL_ERROR)
+        if self._pos and self._pos >= len(self._buf):
+            self._buf, self._pos = b"", 0
         if not self._waiting:
             self._flush()
+        self._bound_input()
 
     def _flush(self) -> None:
         if self._out and self.transport is not None:
@@ -467,17 +624,18 @@ class SMTPServerProtocol(Protocol):
 
     def _command_input(self) -> bool:
         """Handle one command line; False when no complete line is buffered."""
-        buf = self._buf
-        lf = buf.find(b"\n")
+        buf, pos = self._buf, self._pos
+        lf = buf.find(b"\n", pos)
         limit = self.limits.max_command_line
         if lf < 0:
-            if len(buf) > limit:
-                self._buf = b""
+            if len(buf) - pos > limit:
+                self._buf, self._pos = b"", 0
                 if not self._discard_line:
                     self._discard_line = True
                     self._error(Reply(500, "5.5.2", "Line too long"))
             return False
-        line, self._buf = buf[:lf], buf[lf + 1 :]
+        line, self._pos = buf[pos:lf], lf + 1
+        self._arm_timer()  # the next line's deadline counts from now, however its bytes trickle in
         if self._discard_line:
             self._discard_line = False
             return True
@@ -556,8 +714,13 @@ class SMTPServerProtocol(Protocol):
 
         def resume(_: Any) -> None:
             self._waiting = False
-            if self._mode != _CLOSED:
-                self._process()
+            if self._mode == _CLOSED:
+                return
+            if self._session_over:
+                self._time_limit("session", SESSION_TOO_LONG)
+                return
+            self._arm_timer()  # the client's time for the next command starts with our answer
+            self._process()
 
         result.addBoth(resume)
 
@@ -801,12 +964,14 @@ class SMTPServerProtocol(Protocol):
         self._mode = _DATA
         self._body = BodyCollector(self.limits.max_message_size)
         self._carry = b"\r\n"
+        self._start_data()
         self._arm_timer()
         self._out.append(b"354 End data with <CR><LF>.<CR><LF>\r\n")
         self._flush()
 
     def _data_input(self) -> None:
-        buf, self._buf = self._buf, b""
+        buf = self._buf[self._pos :] if self._pos else self._buf
+        self._buf, self._pos = b"", 0
         carry = self._carry
         window = carry + buf
         end = window.find(_END)
@@ -839,14 +1004,16 @@ class SMTPServerProtocol(Protocol):
             if not txn.used_bdat:
                 txn.used_bdat = True
                 self._body = BodyCollector(self.limits.max_message_size)
+                self._start_data()
         self._mode = _BDAT
         self._arm_timer()
         if size == 0:
             self._bdat_done()
 
     def _bdat_input(self) -> None:
-        take = self._buf[: self._bdat_left]
-        self._buf = self._buf[len(take) :]
+        pos = self._pos
+        take = self._buf[pos : pos + self._bdat_left]
+        self._pos = pos + len(take)
         self._bdat_left -= len(take)
         if self._bdat_failed is None:
             self._body.feed(take)
@@ -871,6 +1038,7 @@ class SMTPServerProtocol(Protocol):
 
     def _finish_message(self, body: BodyCollector, trim: int, dot_stuffed: bool) -> None:
         self._body = None
+        self._data_since = None
         problem = body.problem(final_cr_ok=dot_stuffed)
         if problem is not None:
             self._reply(problem, stage="data", size=body.size)
@@ -889,6 +1057,7 @@ class SMTPServerProtocol(Protocol):
     def _reset_transaction(self) -> None:
         self.session.transaction = None
         self._body = None
+        self._data_since = None
 
     def smtp_rset(self, argument: str) -> None:
         self._reset_transaction()
@@ -930,10 +1099,10 @@ class SMTPServerProtocol(Protocol):
             return
         self._reply(Reply(220, "2.0.0", "Ready to start TLS"))
         self._flush()
-        if self._buf:
-            log.info("discarded {n} octets pipelined after STARTTLS from {client}", n=len(self._buf),
+        if self.buffered_input:
+            log.info("discarded {n} octets pipelined after STARTTLS from {client}", n=self.buffered_input,
                      client=self.session.peer_address, event="starttls_injection")  # fmt: skip
-            self._buf = b""  # CVE-2011-0411: nothing sent in plaintext survives the handshake
+            self._buf, self._pos = b"", 0  # CVE-2011-0411: nothing sent in plaintext survives the handshake
         self.transport.startTLS(self.factory.tls_context_factory)
         self.session.helo_name = None
         self.session.esmtp = False
@@ -1069,6 +1238,7 @@ class SMTPServerFactory(Factory):
         authenticator: Any = None,
         auth_required: bool = False,
         disabled_extensions: frozenset[str] = frozenset(),
+        connections: ConnectionSlots | None = None,
     ) -> None:
         self.delegate = delegate
         self.hostname = hostname
@@ -1078,6 +1248,7 @@ class SMTPServerFactory(Factory):
         self.authenticator = authenticator
         self.auth_required = auth_required
         self.disabled_extensions = disabled_extensions  # e.g. {"PIPELINING"} to act as an older peer
+        self.connections = connections  # the cap on open connections (None: no cap), maybe shared
         self.id_prefix = os.urandom(4).hex() + "-"
         self.counter = itertools.count(1)
 
