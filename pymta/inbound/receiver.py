@@ -98,6 +98,8 @@ class InboundReceiver:
         dnsbl: Any = None,
         resolver: Any = None,
         reverse_lookup: bool = False,
+        free_space: Callable[[], int] | None = None,
+        space_needed: int = 0,
     ) -> None:
         self.hostname = hostname
         self.policy = policy
@@ -112,6 +114,10 @@ class InboundReceiver:
         self.dnsbl = dnsbl
         self.resolver = resolver
         self.reverse_lookup = reverse_lookup and resolver is not None
+        # Octets free where the queue lives (a callable, asked at MAIL) and how many must be, so
+        # a full disk is refused before the client sends the body.
+        self.free_space = free_space
+        self.space_needed = space_needed
 
     # -- stages ---------------------------------------------------------------------------
 
@@ -161,6 +167,12 @@ class InboundReceiver:
         return self._acl("helo", session)
 
     def mail_from(self, session: Any, sender: str, params: dict[str, str]) -> Reply | None:
+        if self.free_space is not None:
+            free = self.free_space()
+            if free <= self.space_needed:
+                log.warn("refusing mail: {free} octets free for the queue, {needed} needed", event="storage_low",
+                         free=free, needed=self.space_needed)  # fmt: skip
+                return STORAGE_FULL
         if self.limits is not None and not self._trusted(session):
             refused = self.limits.message(session.peer_address)
             if refused is not None:
