@@ -355,7 +355,8 @@ class SMTPServerProtocol(Protocol):
         self._mode = _GREET
         self._buf = b""
         self._pos = 0  # input before this offset in _buf is handled
-        self._paused: set[str] = set()  # why the transport is paused: "input", "output"
+        self._reading_paused = False  # the transport is paused: too much unhandled input
+        self._output_full = False  # the transport asked us to stop producing output
         self._slot = False  # holds one of the factory's connection slots
         self._producing = False  # registered as the transport's producer
         self._refused = False  # turned away by the connection cap
@@ -518,29 +519,26 @@ class SMTPServerProtocol(Protocol):
 
     @property
     def input_paused(self) -> bool:
-        """Whether the transport is paused (input over the bound while an answer is pending, or
-        the client not reading our replies)."""
-        return bool(self._paused)
-
-    def _hold(self, reason: str, on: bool) -> None:
-        if on:
-            if not self._paused and self._mode != _CLOSED:
-                self.transport.pauseProducing()
-            self._paused.add(reason)
-        elif reason in self._paused:
-            self._paused.discard(reason)
-            if not self._paused and self._mode != _CLOSED:
-                self.transport.resumeProducing()
+        """Whether reading from the transport is paused (unhandled input over the bound)."""
+        return self._reading_paused
 
     def _bound_input(self) -> None:
-        self._hold("input", len(self._buf) - self._pos > self.limits.max_pending_input)
+        over = len(self._buf) - self._pos > self.limits.max_pending_input
+        if over != self._reading_paused and self._mode != _CLOSED:
+            self._reading_paused = over
+            if over:
+                self.transport.pauseProducing()
+            else:
+                self.transport.resumeProducing()
 
     def pauseProducing(self) -> None:
-        """The transport's send buffer is full (the client does not read): stop reading it."""
-        self._hold("output", True)
+        """The transport cannot take more now (the client does not read, or TLS is busy): answer
+        nothing more, so input waits and is bounded like input behind any pending answer. (Not
+        reading at once would stall a TLS handshake that must read before it can write.)"""
+        self._output_full = True
 
     def resumeProducing(self) -> None:
-        self._hold("output", False)
+        self._output_full = False
         if not self._waiting and self._mode not in (_CLOSED, _GREET):
             self._process()
 
@@ -580,7 +578,7 @@ class SMTPServerProtocol(Protocol):
 
     def _process(self) -> None:
         try:
-            while self._pos < len(self._buf) and not self._waiting and "output" not in self._paused \
+            while self._pos < len(self._buf) and not self._waiting and not self._output_full \
                     and self._mode not in (_CLOSED, _GREET):  # fmt: skip
                 if self._mode == _DATA:
                     self._data_input()
