@@ -369,6 +369,7 @@ class SMTPServerProtocol(Protocol):
         self._errors = 0
         self._auth_failures = 0
         self._timer: Any = None
+        self._wait_since = 0.0  # when the client's current deadline began (see _arm_timer)
         self._discard_line = False
         self._tls_pending = False
         self._body: BodyCollector | None = None
@@ -421,7 +422,6 @@ class SMTPServerProtocol(Protocol):
             return
         self._mode = _COMMAND
         self._out.append(f"220 {self.factory.hostname} ESMTP pymta\r\n".encode())
-        self._arm_timer()
         self._process()
 
     def connectionLost(self, reason: Failure = None) -> None:
@@ -460,11 +460,18 @@ class SMTPServerProtocol(Protocol):
     # -- timers -------------------------------------------------------------------------------
 
     def _arm_timer(self) -> None:
-        timeout = self.limits.data_timeout if self._mode in (_DATA, _BDAT) else self.limits.command_timeout
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(timeout)
-        else:
-            self._timer = self.clock.callLater(timeout, self._timed_out)
+        """The client's time for what it must send next (a command line, more content) starts now.
+
+        One timer, moved lazily: a new deadline only notes when it started, and the timer is
+        moved sooner only when the deadline shrinks; when it fires early it sleeps on."""
+        now = self.clock.seconds()
+        self._wait_since = now
+        due = now + (self.limits.data_timeout if self._mode in (_DATA, _BDAT) else self.limits.command_timeout)
+        timer = self._timer
+        if timer is None:
+            self._timer = self.clock.callLater(due - now, self._timed_out)
+        elif due < timer.getTime():
+            timer.reset(due - now)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -476,7 +483,12 @@ class SMTPServerProtocol(Protocol):
         if self._waiting:  # our own work is slow, not the client: wait on
             self._arm_timer()
             return
-        self._time_limit("data" if self._mode in (_DATA, _BDAT) else "command", TIMEOUT)
+        data = self._mode in (_DATA, _BDAT)
+        left = self._wait_since + (self.limits.data_timeout if data else self.limits.command_timeout) - self.clock.seconds()
+        if left > 0:  # the deadline moved on since the timer was set
+            self._timer = self.clock.callLater(left, self._timed_out)
+            return
+        self._time_limit("data" if data else "command", TIMEOUT)
 
     def _time_limit(self, why: str, reply: Reply) -> None:
         """A time limit ran out: say so and close."""
@@ -568,8 +580,11 @@ class SMTPServerProtocol(Protocol):
             self._reply(Reply(554, "5.5.1", "Protocol error: talked before the greeting"), stage="connect")
             self._close()
             return
-        self._append(data)
-        if self._mode in (_DATA, _BDAT):
+        if self._buf:
+            self._append(data)
+        else:
+            self._buf = data
+        if self._mode == _DATA or self._mode == _BDAT:
             self._arm_timer()  # content: an inactivity bound, plus the minimum rate
         if self._data_since is not None and not self._data_rate_ok(len(data)):
             self._time_limit("data_rate", DATA_TOO_SLOW)
@@ -578,8 +593,8 @@ class SMTPServerProtocol(Protocol):
 
     def _process(self) -> None:
         try:
-            while self._pos < len(self._buf) and not self._waiting and not self._output_full \
-                    and self._mode not in (_CLOSED, _GREET):  # fmt: skip
+            # _buf is b"" once all of it is handled (so _pos < len(_buf) whenever _buf is not empty)
+            while self._buf and not self._waiting and not self._output_full and self._mode not in (_CLOSED, _GREET):
                 if self._mode == _DATA:
                     self._data_input()
                 elif self._mode == _BDAT:
@@ -592,11 +607,10 @@ class SMTPServerProtocol(Protocol):
             self._reset_transaction()
             self._mode = _COMMAND if self._mode != _CLOSED else _CLOSED
             self._reply(LOCAL_ERROR)
-        if self._pos and self._pos >= len(self._buf):
-            self._buf, self._pos = b"", 0
         if not self._waiting:
             self._flush()
-        self._bound_input()
+        if self._reading_paused or (self._buf and len(self._buf) - self._pos > self.limits.max_pending_input):
+            self._bound_input()
 
     def _flush(self) -> None:
         if self._out and self.transport is not None:
@@ -632,7 +646,11 @@ class SMTPServerProtocol(Protocol):
                     self._discard_line = True
                     self._error(Reply(500, "5.5.2", "Line too long"))
             return False
-        line, self._pos = buf[pos:lf], lf + 1
+        line = buf[pos:lf]
+        if lf + 1 == len(buf):
+            self._buf, self._pos = b"", 0
+        else:
+            self._pos = lf + 1
         self._arm_timer()  # the next line's deadline counts from now, however its bytes trickle in
         if self._discard_line:
             self._discard_line = False
@@ -1011,8 +1029,11 @@ class SMTPServerProtocol(Protocol):
     def _bdat_input(self) -> None:
         pos = self._pos
         take = self._buf[pos : pos + self._bdat_left]
-        self._pos = pos + len(take)
         self._bdat_left -= len(take)
+        if pos + len(take) == len(self._buf):
+            self._buf, self._pos = b"", 0
+        else:
+            self._pos = pos + len(take)
         if self._bdat_failed is None:
             self._body.feed(take)
         if self._bdat_left == 0:
