@@ -27,10 +27,11 @@ HEAD = (
     b"MAIL FROM:<a@b.example>\r\nRCPT TO:<x@y.example>\r\nDATA\r\n"
 )
 
-# argv: port, file with the bytes to send first, flood size, flood line, wait for stdin before reading
+# argv: port, file with the bytes to send first, flood size, flood line, wait for stdin before
+# reading, "tls" for implicit TLS
 CLIENT = textwrap.dedent(
     """
-    import socket, sys, threading
+    import socket, ssl, sys, threading
     port, head_file, size, line, wait = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
     head = open(head_file, "rb").read()
     line = line.encode().decode("unicode_escape").encode()
@@ -38,6 +39,11 @@ CLIENT = textwrap.dedent(
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     s.settimeout(100)
     s.connect(("127.0.0.1", port))
+    if sys.argv[6] == "tls":
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        s = context.wrap_socket(s)
     chunk = line * (65536 // len(line))
     def send():
         s.sendall(head)
@@ -91,7 +97,7 @@ class BackPressureTests(unittest.TestCase):
         self.addCleanup(self.port.stopListening)
         self.tmp = tempfile.mkdtemp()
 
-    def client(self, head: bytes, size: int, line: str, wait: bool) -> subprocess.Popen:
+    def client(self, head: bytes, size: int, line: str, wait: bool, tls: bool = False) -> subprocess.Popen:
         head_file = os.path.join(self.tmp, "head")
         with open(head_file, "wb") as f:
             f.write(head)
@@ -99,7 +105,7 @@ class BackPressureTests(unittest.TestCase):
         self.out = open(self.out_path, "wb")
         self.addCleanup(self.out.close)
         args = [sys.executable, "-c", CLIENT, str(self.port.getHost().port), head_file, str(size), line,
-                "wait" if wait else "go"]  # fmt: skip
+                "wait" if wait else "go", "tls" if tls else "plain"]  # fmt: skip
         proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=self.out, stderr=subprocess.PIPE)
         self.addCleanup(lambda: proc.poll() is None and proc.kill())
         return proc
@@ -118,10 +124,11 @@ class BackPressureTests(unittest.TestCase):
         return [line.split(" ", 2)[0] + " " + line.split(" ", 2)[1] for line in lines if line[3:4] == " "]
 
     @defer.inlineCallbacks
-    def flood_behind(self, pending: defer.Deferred, answer: Reply | None):
+    def flood_behind(self, pending: defer.Deferred, answer: Reply | None, size: int = FLOOD, tls: bool = False):
         tracemalloc.start()
         self.addCleanup(tracemalloc.stop)
-        proc = self.client(HEAD, FLOOD, r"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\r\n", False)
+        line = r"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\r\n"
+        proc = self.client(HEAD, size, line, False, tls)
         yield self.poll(lambda: self.protocols and self.protocols[0].input_paused, "the server to pause reading")
         for _ in range(10):  # while paused, nothing more is read: the buffered amount stays put
             yield task.deferLater(reactor, 0.02, lambda: None)
@@ -132,11 +139,10 @@ class BackPressureTests(unittest.TestCase):
         _, peak = tracemalloc.get_traced_memory()
         assert peak < 16 * 1024 * 1024, peak  # 50 MB went through; the server never held much of it
         assert self.max_buffered <= 2 * 65536, self.max_buffered
-        assert int(proc.stderr.read()) >= FLOOD
+        assert int(proc.stderr.read()) >= size
         return self.replies()
 
-    @defer.inlineCallbacks
-    def test_50_mb_pipelined_behind_the_queue_write_is_read_only_as_answers_go_out(self):
+    def slow_first_queue_write(self) -> defer.Deferred:
         first = defer.Deferred()  # the first message waits on a slow queue write
         original = self.delegate.message
 
@@ -145,6 +151,11 @@ class BackPressureTests(unittest.TestCase):
             return first if len(self.delegate.messages) == 1 else reply
 
         self.delegate.message = message
+        return first
+
+    @defer.inlineCallbacks
+    def test_50_mb_pipelined_behind_the_queue_write_is_read_only_as_answers_go_out(self):
+        first = self.slow_first_queue_write()
         replies = yield self.flood_behind(first, Reply(250, "2.0.0", "Ok: queued as Q1"))
         assert replies == ["220 mx.example.test", "250 DSN", "250 2.1.0", "250 2.1.5", "354 End",
                            "250 2.0.0", "250 2.1.0", "250 2.1.5", "354 End", "552 5.3.4", "221 2.0.0"]  # fmt: skip
@@ -187,3 +198,20 @@ class BackPressureTests(unittest.TestCase):
         replies = self.replies()
         assert replies[:2] == ["220 mx.example.test", "250 DSN"]
         assert replies[2:-1] == ["250 2.0.0"] * (sent // 6) and replies[-1] == "221 2.0.0"
+
+    @defer.inlineCallbacks
+    def test_implicit_tls_input_behind_the_queue_write_is_bounded_too(self):
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        from pymta.tls import ServerTLS
+        from tests.test_e2e_tls import make_cert
+
+        cert, key = make_cert(self.tmp)
+        yield self.port.stopListening()
+        wrapped = TLSMemoryBIOFactory(ServerTLS(cert, key), False, self.factory)
+        self.port = reactor.listenTCP(0, wrapped, interface="127.0.0.1")
+        self.addCleanup(self.port.stopListening)
+        first = self.slow_first_queue_write()
+        replies = yield self.flood_behind(first, Reply(250, "2.0.0", "Ok: queued as Q1"), size=8 * 1024 * 1024, tls=True)
+        assert replies == ["220 mx.example.test", "250 DSN", "250 2.1.0", "250 2.1.5", "354 End",
+                           "250 2.0.0", "250 2.1.0", "250 2.1.5", "354 End", "552 5.3.4", "221 2.0.0"]  # fmt: skip
