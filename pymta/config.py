@@ -72,8 +72,10 @@ def conv_size(value: Any) -> int:
 
 
 def conv_byte_rate(value: Any) -> float:
-    """``"1KB/s"``, ``"60KB/min"`` -> octets per second (``0`` or ``"0"`` turns the check off)."""
-    if value == 0 or value == "0":
+    """``"1KB/s"``, ``"60KB/min"`` -> octets per second (a bare number is octets per second; 0 = off)."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    if value == "0":
         return 0.0
     size, sep, period = value.partition("/") if isinstance(value, str) else ("", "", "")
     seconds = {"s": 1, "sec": 1, "second": 1, "min": 60, "minute": 60}.get(period.strip().lower())
@@ -311,7 +313,7 @@ class QueueConfig:
     max_active: int = _key(conv_int(1, 100000), 200)
     greylist_retry: float = _key(conv_duration(1), 300.0)  # retry after a greylisting reply
     fsync: bool = _key(conv_bool, True)
-    min_free: int = _key(conv_size, 0)  # free space the queue's file system keeps; MAIL gets 452 4.3.1 below it
+    min_free: int = _key(conv_size, 0)  # MAIL gets 452 4.3.1 unless this + 1.5 x max_message_size is free
     # false: this process only accepts into the queue (a listener-only process beside another
     # pymta process that delivers from the same queue directory).
     deliver: bool = _key(conv_bool, True)

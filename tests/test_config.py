@@ -123,6 +123,7 @@ def test_session_limits_and_min_free_take_sizes_rates_and_durations(tmp_path):
     assert defaults.smtp.min_data_rate == 1024 and defaults.smtp.max_session_time == 1800
     assert load_config(write(tmp_path, "[smtp]\nmin_data_rate = \"60KB/min\"\n")).smtp.min_data_rate == 1024
     assert load_config(write(tmp_path, "[smtp]\nmin_data_rate = 0\n")).smtp.min_data_rate == 0
+    assert load_config(write(tmp_path, "[smtp]\nmin_data_rate = 512\n")).smtp.min_data_rate == 512
 
 
 @pytest.mark.parametrize(
@@ -130,6 +131,7 @@ def test_session_limits_and_min_free_take_sizes_rates_and_durations(tmp_path):
     [
         ("[smtp]\nmin_data_rate = \"fast\"\n", "smtp.min_data_rate", "data rate like"),
         ("[smtp]\nmin_data_rate = \"1KB/fortnight\"\n", "smtp.min_data_rate", "data rate like"),
+        ("[smtp]\nmin_data_rate = -1\n", "smtp.min_data_rate", "data rate like"),
         ("[smtp]\nmax_session_time = \"forever\"\n", "smtp.max_session_time", "duration"),
         ("[queue]\nmin_free = \"lots\"\n", "queue.min_free", "size like"),
         ("[queue]\nmin_free = -5\n", "queue.min_free", "negative"),
