@@ -302,6 +302,8 @@ class DomainsConfig:
         conv_list(conv_network), (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
     )
     forward: tuple[str, ...] = _key(conv_list(conv_hostname), ())
+    # where RCPT TO:<postmaster> (RFC 5321 §4.5.1) goes; default postmaster@<first local domain>
+    postmaster: str | None = _key(conv_address, None)
 
 
 @dataclass(frozen=True)
@@ -319,6 +321,11 @@ class QueueConfig:
     deliver: bool = _key(conv_bool, True)
 
 
+# The SMTP client's stages (RFC 5321 §4.5.3.2), the keys of [outbound] timeouts.
+CLIENT_TIMEOUT_STAGES = ("connect", "greeting", "ehlo", "starttls", "mail", "rcpt", "data", "data_block", "data_end",
+                         "rset", "quit")  # fmt: skip
+
+
 @dataclass(frozen=True)
 class OutboundConfig:
     smarthost: tuple[str, int] | None = _key(conv_hostport(25), None)
@@ -328,10 +335,12 @@ class OutboundConfig:
     max_connections_per_domain: int = _key(conv_int(1, 10000), 10)
     max_messages_per_connection: int = _key(conv_int(1, 100000), 100)
     max_recipients_per_transaction: int = _key(conv_int(1, 100000), 100)
-    connect_timeout: float = _key(conv_duration(1), 30.0)
+    connect_timeout: float | None = _key(conv_duration(1), None)  # also timeouts.connect (default 30s)
+    timeouts: dict[str, float] = _key(conv_table(conv_choice(*CLIENT_TIMEOUT_STAGES), conv_duration(1)), None)
     tls: str = _key(conv_choice("none", "opportunistic", "verify"), "opportunistic")
     tls_ca_file: str | None = _key(conv_path, None)
     tls_policy: dict[str, str] = _key(conv_table(conv_hostname, conv_choice("none", "opportunistic", "verify")), None)
+    mta_sts: bool = _key(conv_bool, True)  # RFC 8461 for domains without a tls_policy entry
 
 
 @dataclass(frozen=True)
@@ -393,11 +402,15 @@ class TLSConfig:
 
 @dataclass(frozen=True)
 class SubmissionConfig:
-    """Authenticated submission (port 587 style): AUTH PLAIN/LOGIN after STARTTLS, then relay."""
+    """Authenticated submission: port 587 style (AUTH PLAIN/LOGIN after STARTTLS) or, on ``ssl:``
+    endpoints, implicit TLS (port 465, RFC 8314); then relay."""
 
     listen: tuple[str, ...] = _key(conv_list(conv_endpoint), ())
     users_file: str | None = _key(conv_path, None)
     max_auth_failures: int = _key(conv_int(1, 100), 3)
+    # "strict": MAIL FROM and From: must be addresses the user owns (users file, sender_login_maps)
+    sender_login: str = _key(conv_choice("any", "strict"), "any")
+    sender_login_maps: str | None = _key(conv_path, None)  # "sender user[,user]" lines, Postfix style
 
 
 @dataclass(frozen=True)
@@ -660,6 +673,29 @@ def _conv_acl(value: Any, where: str) -> dict[str, tuple[AclRule, ...]]:
 _DEFAULT_MESSAGE_RATE = conv_rate("600/min, burst=100")
 _DEFAULT_RECIPIENT_RATE = conv_rate("6000/min, burst=1000")
 
+def conv_https_url(value: Any) -> str:
+    url = conv_str(value).rstrip("/")
+    if not re.match(r"^https://[A-Za-z0-9.-]+(:\d{1,5})?(/[!-~]*)?$", url):
+        raise ConfigValueError(f"expected an https:// URL (RFC 8058 one-click needs HTTPS), got {value!r}")
+    return url
+
+
+@dataclass(frozen=True)
+class HTTPConfig:
+    """The HTTP service: admin and injection API plus /metrics on ``listen``, one-click
+    unsubscribe on ``public_listen`` (reached by receivers as ``public_url``)."""
+
+    listen: tuple[str, ...] = _key(conv_list(conv_endpoint), ())
+    tokens_file: str | None = _key(conv_path, None)  # NAME:SCOPES:SHA256 lines (pymta-token)
+    public_listen: tuple[str, ...] = _key(conv_list(conv_endpoint), ())
+    public_url: str | None = _key(conv_https_url, None)
+    metrics_auth: bool = _key(conv_bool, False)  # /metrics needs a "read" token
+    max_body: int = _key(conv_int(1024, 1 << 30), 50 * 1024 * 1024)
+    template_timeout: float = _key(conv_duration(0.01), 2.0)  # per recipient
+    metric_campaigns: tuple[str, ...] | None = _key(conv_list(conv_str), None)  # campaigns with their own label
+    metric_tenants: tuple[str, ...] | None = _key(conv_list(conv_str), None)
+
+
 _SECTIONS: dict[str, type] = {
     "smtp": SMTPConfig,
     "domains": DomainsConfig,
@@ -674,6 +710,7 @@ _SECTIONS: dict[str, type] = {
     "submission": SubmissionConfig,
     "dnsbl": DNSBLConfig,
     "warmup": WarmupConfig,
+    "http": HTTPConfig,
 }
 
 
@@ -703,6 +740,7 @@ class Config:
     pools: dict[str, PoolConfig] = field(default_factory=dict)
     pool_select: PoolSelectConfig = field(default_factory=PoolSelectConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    http: HTTPConfig = field(default_factory=HTTPConfig)
     routes: dict[str, tuple[str, int]] = field(default_factory=dict)
     acl: dict[str, tuple[AclRule, ...]] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -722,6 +760,11 @@ class Config:
     @property
     def suppression_db(self) -> str:
         return self.feedback.suppression_db or os.path.join(self.state_dir, "suppression.sqlite")
+
+    @property
+    def postmaster(self) -> str:
+        """The mailbox for ``RCPT TO:<postmaster>`` and postmaster@ every local domain."""
+        return self.domains.postmaster or f"postmaster@{(self.domains.local or (self.hostname,))[0]}"
 
     @property
     def control_socket(self) -> str:
@@ -825,6 +868,8 @@ def _check_consistency(config: Config) -> None:
         raise ConfigError(
             f"{where}: outbound.max_connections_per_domain: must not exceed outbound.max_connections"
         )
+    if config.outbound.connect_timeout is not None and "connect" in (config.outbound.timeouts or {}):
+        raise ConfigError(f"{where}: outbound.timeouts: connect: also set as outbound.connect_timeout; keep one")
     overlap = set(config.domains.local) & set(config.domains.forward)
     if overlap:
         raise ConfigError(f"{where}: domains.forward: {sorted(overlap)[0]} is also in domains.local")
@@ -867,3 +912,8 @@ def _check_consistency(config: Config) -> None:
             raise ConfigError(f"{where}: pool_select.{key}: no pool named {target!r}")
     if not config.smtp.listen:
         raise ConfigError(f"{where}: smtp.listen: at least one listener is needed")
+    if config.http.public_listen and not (fb.bounce_domain and fb.unsubscribe):
+        raise ConfigError(f"{where}: http.public_listen: one-click unsubscribe needs feedback.bounce_domain and "
+                          "feedback.unsubscribe = true")  # fmt: skip
+    if config.http.public_listen and not config.http.public_url:
+        raise ConfigError(f"{where}: http.public_url: needed with http.public_listen")

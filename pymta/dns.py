@@ -7,6 +7,7 @@ Errors are two kinds: :class:`DNSPermanentError` (NXDOMAIN: bounce, 5.1.2) and
 
 from __future__ import annotations
 
+import ipaddress
 import random
 import re
 from dataclasses import dataclass, field
@@ -57,6 +58,7 @@ class MXResult:
     null: bool = False  # RFC 7505: the domain accepts no mail
     implicit: bool = False  # no MX records: the domain itself (RFC 5321 §5.1)
     preferences: tuple[int, ...] = field(default=(), compare=False)
+    literals: tuple[str, ...] = field(default=(), compare=False)  # IP literals given as MX names, left out
 
 
 def to_ascii(name: str) -> str:
@@ -70,6 +72,17 @@ def to_ascii(name: str) -> str:
     if len(name) > 253 or not all(_LABEL.match(label) for label in name.split(".")):
         raise DNSPermanentError(f"invalid domain name {name!r}")
     return name
+
+
+def ip_literal(host: str) -> str | None:
+    """The address of ``192.0.2.1``, ``[192.0.2.1]``, ``2001:db8::1``, ``[IPv6:2001:db8::1]``; else None."""
+    text = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if text[:5].lower() == "ipv6:":
+        text = text[5:]
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return None
 
 
 def parse_server(text: str) -> tuple[str, int]:
@@ -182,6 +195,9 @@ class Resolver:
         if len(mx) == 1 and mx[0][1] in ("", "."):
             return MXResult(name, (), null=True)
         mx = [(p, h) for p, h in mx if h not in ("", ".")]
+        # RFC 5321 §5.1: an MX names a host, never an address; a literal is not used (Postfix alike).
+        literals = tuple(h for _, h in mx if ip_literal(h) is not None)
+        mx = [(p, h) for p, h in mx if h not in literals]
         # Equal preferences in random order (RFC 5321 §5.1), lower preferences first.
         groups: dict[int, list[str]] = {}
         for pref, host in mx:
@@ -193,7 +209,7 @@ class Resolver:
             self.rng.shuffle(group)
             hosts.extend(group)
             prefs.extend([pref] * len(group))
-        return MXResult(name, tuple(hosts), preferences=tuple(prefs))
+        return MXResult(name, tuple(hosts), preferences=tuple(prefs), literals=literals)
 
     @defer.inlineCallbacks
     def lookup_addresses(self, host: str):

@@ -67,7 +67,9 @@ class CloseOnStop(service.Service):
 
 
 def makeService(options: dict[str, Any]) -> service.MultiService:
+    from pymta.admin.http.tokens import TokensFileError
     from pymta.inbound.auth import UsersFileError
+    from pymta.state.local import InboundStateError
     from pymta.tls import TLSConfigError
 
     config: Config = options["loaded"]
@@ -79,7 +81,7 @@ def makeService(options: dict[str, Any]) -> service.MultiService:
         worker_fds = [tuple(int(x) for x in item.split(":")) for item in options["worker-fds"].split(",")]
     try:
         return build_service(config, global_reactor, worker_fds)
-    except (TLSConfigError, UsersFileError) as e:
+    except (TLSConfigError, UsersFileError, TokensFileError, InboundStateError) as e:
         sys.stderr.write(f"pymta: configuration error: {e}\n")
         raise SystemExit(2) from None
 
@@ -102,7 +104,7 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
     from pymta.feedback.gate import FeedbackGate
     from pymta.feedback.processor import FeedbackProcessor
     from pymta.inbound.acl import AclPolicy
-    from pymta.inbound.auth import Authenticator, load_users
+    from pymta.inbound.auth import Authenticator, SenderLogins, load_users
     from pymta.inbound.dnsbl import DNSBL
     from pymta.inbound.limits import ClientLimits, Greylist
     from pymta.inbound.mailbox import MaildirDeliveryAgent
@@ -136,7 +138,8 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
     suppression, tagger = _feedback_parts(config, reactor)
     CloseOnStop(suppression.close).setServiceParent(top)
     fb = config.feedback
-    relay = FeedbackGate(smtp_agent, suppression, tagger, fb.sender_domains, classify, fb.unsubscribe)
+    relay = FeedbackGate(smtp_agent, suppression, tagger, fb.sender_domains, classify, fb.unsubscribe,
+                         config.http.public_url if config.http.public_listen else None)  # fmt: skip
     agents["relay"] = agents["forward"] = relay
     agents["feedback"] = FeedbackProcessor(
         suppression, tagger, fb.complaint_addresses, fb.reply_addresses, agents["local"], fb.reply_mailbox, accounting,
@@ -159,7 +162,14 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
     )
     if config.queue.deliver:
         manager.setServiceParent(top)
+    from pymta.admin.http.service import make_metrics
 
+    metrics = make_metrics(config) if worker_fds is None else None
+    # Every message the queue manager hears of (from this process or a listener worker) is counted once.
+    notify = metrics.counting(manager.notify_incoming) if metrics is not None else manager.notify_incoming
+
+    inbound_state = _inbound_state(config, reactor, main=worker_fds is None)
+    CloseOnStop(inbound_state.close).setServiceParent(top)
     policy = RelayPolicy(
         config.domains.local,
         config.domains.mailboxes,
@@ -168,13 +178,15 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
         config.mail_dir,
         feedback_domains=[fb.bounce_domain] if fb.bounce_domain else [],
         feedback_addresses=[*fb.complaint_addresses, *fb.reply_addresses],
+        postmaster=config.postmaster,
+        hostname=config.hostname,
     )
     receiver = InboundReceiver(
         config.hostname,
         policy,
         store,
         reactor,
-        on_queued=manager.notify_incoming if config.queue.deliver else None,
+        on_queued=notify if config.queue.deliver else None,
         accounting=accounting,
         acl=AclPolicy(config.acl) if config.acl else None,
         limits=ClientLimits(
@@ -182,14 +194,19 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
             config.limits.connections_per_client,
             config.limits.message_rate,
             config.limits.recipient_rate,
+            state=inbound_state,
         ),
-        greylist=Greylist(reactor, config.greylist.delay, config.greylist.expire, config.greylist.lifetime)
+        greylist=Greylist(reactor, config.greylist.delay, config.greylist.expire, config.greylist.lifetime,
+                          state=inbound_state)  # fmt: skip
         if config.greylist.enabled
         else None,
         suppression=suppression,
         dnsbl=DNSBL(resolver, config.dnsbl.zones, Reply(*config.dnsbl.reply)) if config.dnsbl.zones else None,
         resolver=resolver,
         reverse_lookup=config.smtp.reverse_lookup or any(r.rdns is not None for rules in config.acl.values() for r in rules),
+        sender_login=SenderLogins.from_files(config.submission.users_file, config.submission.sender_login_maps)
+        if config.submission.listen and config.submission.sender_login == "strict"
+        else None,
         free_space=lambda: free_octets(config.queue_dir),
         # Postfix's rule: room for min_free plus one and a half messages of the largest size.
         space_needed=config.queue.min_free + config.smtp.max_message_size * 3 // 2,
@@ -219,7 +236,7 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
         for fd, family in worker_fds:
             AdoptedPort(reactor, fd, family, factory).setServiceParent(top)
         return top
-    _listen(config, reactor, factory, top)
+    _listen(config, reactor, factory, top, on_worker_ended=inbound_state.release_owner)
 
     from pymta.admin.control import control_service
     from pymta.admin.queue_ops import QueueOperations
@@ -228,14 +245,21 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
         store, manager if config.queue.deliver else None, smtp_agent.shaper, smtp_agent.selector
     )
     control_service(config.control_socket, operations, reactor=reactor).setServiceParent(top)
+    if config.http.listen or config.http.public_listen:
+        from pymta.admin.http.service import build_http
+
+        build_http(
+            config, reactor, top, store=store, operations=operations, policy=policy, threadpool=pool,
+            metrics=metrics, suppression=suppression, tagger=tagger, accounting=accounting,
+            on_queued=notify if config.queue.deliver else None, shaper=smtp_agent.shaper,
+        )  # fmt: skip
     if config.queue.deliver:
         from pymta.queue.watch import IncomingWatcher
 
-        IncomingWatcher(os.path.join(config.queue_dir, "incoming"), manager.notify_incoming, reactor).setServiceParent(top)
+        IncomingWatcher(os.path.join(config.queue_dir, "incoming"), notify, reactor).setServiceParent(top)
     for endpoint in config.smtp.listen_tls:
         implicit = SMTPServerFactory(receiver, config.hostname, limits, reactor, connections=mx_slots)
-        wrapped = TLSMemoryBIOFactory(server_tls, False, implicit)
-        strports.service(endpoint, wrapped, reactor=reactor).setServiceParent(top)
+        strports.service(endpoint, TLSMemoryBIOFactory(server_tls, False, implicit), reactor=reactor).setServiceParent(top)
     if config.submission.listen:
         users = load_users(config.submission.users_file)
         auth = Authenticator(users, reactor, pool, max_failures=config.submission.max_auth_failures)
@@ -243,11 +267,24 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
                                        authenticator=auth, auth_required=True,
                                        connections=ConnectionSlots(config.smtp.max_connections))  # fmt: skip
         for endpoint in config.submission.listen:
-            strports.service(endpoint, submission, reactor=reactor).setServiceParent(top)
+            plain = implicit_tls_endpoint(endpoint)  # "ssl:465": implicit TLS with the [tls] certificate
+            factory = submission if plain is None else TLSMemoryBIOFactory(server_tls, False, submission)
+            strports.service(plain or endpoint, factory, reactor=reactor).setServiceParent(top)
     return top
 
 
-def _listen(config: Config, reactor: Any, factory: Any, top: service.MultiService) -> None:
+def implicit_tls_endpoint(endpoint: str) -> str | None:
+    """An ``ssl:`` endpoint as the ``tcp:`` one to listen on, TLS being added with the ``[tls]``
+    certificate (reloaded on SIGHUP; certificate options in the string are ignored); None for
+    other endpoints."""
+    kind, _, rest = endpoint.partition(":")
+    if kind != "ssl":
+        return None
+    ignored = ("certKey=", "privateKey=", "extraCertChain=", "sslmethod=", "dhParameters=")
+    return "tcp:" + ":".join(part for part in rest.split(":") if not part.startswith(ignored))
+
+
+def _listen(config: Config, reactor: Any, factory: Any, top: service.MultiService, on_worker_ended: Any = None) -> None:
     """The MX listeners; with ``[smtp] processes`` > 1, TCP ones are shared with worker processes."""
     if config.smtp.processes <= 1:
         for endpoint in config.smtp.listen:
@@ -270,7 +307,7 @@ def _listen(config: Config, reactor: Any, factory: Any, top: service.MultiServic
         sockets.append(sock)
         AdoptedPort(reactor, sock.fileno(), sock.family, factory).setServiceParent(top)
     if sockets:
-        pool = WorkerPool(reactor, config.smtp.processes - 1, config.path, sockets)
+        pool = WorkerPool(reactor, config.smtp.processes - 1, config.path, sockets, on_ended=on_worker_ended)
         pool.setServiceParent(top)
         # The workers serve STARTTLS too: a SIGHUP to the main process reloads their certificate.
         for child in top:
@@ -300,6 +337,17 @@ class ReloadOnHangup(service.Service):
         super().stopService()
         if self.previous is not None:
             signal.signal(signal.SIGHUP, self.previous)
+
+
+def _inbound_state(config: Config, reactor: Any, main: bool) -> Any:
+    """The node's shared inbound state (per-client counts, rates, greylist) under state_dir;
+    the main process starts with no connection counted."""
+    from pymta.state.local import LocalInboundState
+
+    state = LocalInboundState(os.path.join(config.state_dir, "inbound.sqlite"), reactor, owner=os.getpid())
+    if main:
+        state.clear_connections()
+    return state
 
 
 def _feedback_parts(config: Config, reactor: Any) -> tuple[Any, Any]:
@@ -383,11 +431,21 @@ def listener_addresses(endpoints: tuple[str, ...]) -> list[tuple[str, int]]:
     return out
 
 
+def client_timeouts(out: Any) -> Any:
+    """The SMTP client's stage timeouts from ``[outbound] timeouts`` (and ``connect_timeout``)."""
+    from pymta.smtp.client import ClientTimeouts
+
+    stages = dict(out.timeouts or {})
+    if out.connect_timeout is not None:
+        stages["connect"] = out.connect_timeout
+    return ClientTimeouts(**stages)
+
+
 def _outbound_agent(config: Config, reactor: Any, resolver: Any) -> Any:
     """The SMTP delivery agent for relayed and forwarded recipients."""
     from pymta.outbound.delivery import SMTPDeliveryAgent
     from pymta.outbound.routes import Router
-    from pymta.smtp.client import ClientTimeouts
+    from pymta.outbound.tlspolicy import MTASTS
     from pymta.tls import client_tls
 
     out = config.outbound
@@ -415,7 +473,9 @@ def _outbound_agent(config: Config, reactor: Any, resolver: Any) -> Any:
         max_messages_per_connection=out.max_messages_per_connection,
         max_recipients_per_transaction=out.max_recipients_per_transaction,
         source_address=out.source_address,
-        timeouts=ClientTimeouts(connect=out.connect_timeout),
+        timeouts=client_timeouts(out),
         tls_policy_for=tls_policy_for,
         tls_context_for=lambda host, verify: client_tls(host, verify, out.tls_ca_file),
+        mta_sts=MTASTS(reactor, resolver, os.path.join(config.state_dir, "mta-sts"), ca_file=out.tls_ca_file,
+                       skip=set(policies)) if out.mta_sts else None,  # fmt: skip
     )

@@ -82,13 +82,51 @@ def client_tls(hostname: str, verify: bool = False, ca_file: str | None = None) 
     match (service_identity); otherwise any certificate is taken (opportunistic TLS, RFC 7435).
     """
     if verify:
-        if ca_file:
-            with open(ca_file, "rb") as f:
-                root: Any = ssl.Certificate.loadPEM(f.read())
-        else:
-            root = ssl.platformTrust()
-        return ssl.optionsForClientTLS(hostname, trustRoot=root)
+        return ssl.optionsForClientTLS(hostname, trustRoot=trust_root(ca_file))
     return ssl.CertificateOptions(verify=False)
+
+
+def trust_root(ca_file: str | None = None) -> Any:
+    """The system trust store, or the PEM certificate in ``ca_file`` (e.g. a private CA)."""
+    if not ca_file:
+        return ssl.platformTrust()
+    with open(ca_file, "rb") as f:
+        return ssl.Certificate.loadPEM(f.read())
+
+
+def certificate_problem(transport: Any, hostname: str, ca_file: str | None = None) -> str | None:
+    """What is wrong with the TLS session on ``transport`` for ``hostname``, as an RFC 8460
+    result type (``starttls-not-supported``, ``certificate-expired``, ``certificate-not-trusted``,
+    ``certificate-host-mismatch``, ``validation-failure``), or None when it would have verified.
+    For sessions made without verification (MTA-STS testing mode reports what enforce would do)."""
+    from OpenSSL import crypto
+    from service_identity import VerificationError
+    from service_identity.pyopenssl import verify_hostname
+
+    conn = getattr(transport, "getHandle", lambda: None)()
+    if conn is None or not hasattr(conn, "get_peer_cert_chain"):
+        return "starttls-not-supported"
+    chain = conn.get_peer_cert_chain() or []
+    if not chain:
+        return "validation-failure"
+    store = crypto.X509Store()
+    try:
+        if ca_file:
+            store.load_locations(ca_file)
+        else:
+            store.set_default_paths()
+        crypto.X509StoreContext(store, chain[0], chain[1:]).verify_certificate()
+    except crypto.X509StoreContextError as e:
+        return "certificate-expired" if e.errors and e.errors[0] == 10 else "certificate-not-trusted"  # 10: expired
+    except (crypto.Error, OSError):
+        return "validation-failure"
+    try:
+        verify_hostname(conn, hostname)
+    except VerificationError:
+        return "certificate-host-mismatch"
+    except Exception:
+        return "validation-failure"
+    return None
 
 
 def describe_tls(transport: Any) -> str | None:

@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application import service
@@ -75,6 +76,7 @@ class _Worker(protocol.ProcessProtocol):
     def __init__(self, owner: WorkerPool, index: int) -> None:
         self.owner = owner
         self.index = index
+        self.pid: int | None = None  # kept: the process transport forgets it when the process ends
 
     def processEnded(self, reason: Any) -> None:
         self.owner.ended(self, reason)
@@ -83,11 +85,15 @@ class _Worker(protocol.ProcessProtocol):
 class WorkerPool(service.Service):
     """Starts ``count`` worker processes that inherit the listening sockets."""
 
-    def __init__(self, reactor: Any, count: int, config_path: str, sockets: list[socket.socket]) -> None:
+    def __init__(
+        self, reactor: Any, count: int, config_path: str, sockets: list[socket.socket],
+        on_ended: Callable[[int], None] | None = None,
+    ) -> None:  # fmt: skip
         self.reactor = reactor
         self.count = count
         self.config_path = config_path
         self.sockets = sockets
+        self.on_ended = on_ended  # called with the pid of a worker that ended (drop what it held)
         self.processes: dict[int, Any] = {}
 
     def command(self) -> list[str]:
@@ -103,9 +109,11 @@ class WorkerPool(service.Service):
         for i, sock in enumerate(self.sockets):
             child_fds[FIRST_FD + i] = sock.fileno()
         env = dict(os.environ, **{PARENT_ENV: str(os.getpid())})
+        worker = _Worker(self, index)
         self.processes[index] = self.reactor.spawnProcess(
-            _Worker(self, index), sys.executable, self.command(), env=env, childFDs=child_fds
+            worker, sys.executable, self.command(), env=env, childFDs=child_fds
         )
+        worker.pid = self.processes[index].pid
         log.info("listener worker {index} started, pid {pid}", index=index, pid=self.processes[index].pid)
 
     def startService(self) -> None:
@@ -115,6 +123,11 @@ class WorkerPool(service.Service):
 
     def ended(self, worker: _Worker, reason: Any) -> None:
         self.processes.pop(worker.index, None)
+        if self.on_ended is not None and worker.pid is not None:
+            try:
+                self.on_ended(worker.pid)
+            except Exception:
+                log.failure("cleaning up after listener worker {index} failed", index=worker.index)
         if self.running:
             log.warn("listener worker {index} ended ({why}); starting it again", index=worker.index,
                      why=reason.getErrorMessage())  # fmt: skip

@@ -136,3 +136,20 @@ def free_udp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def loopback_router(case: Any, zone: dict, smtp_port: int, **router_options: Any) -> Any:
+    """A :class:`pymta.outbound.routes.Router` over pymta's resolver asking a DNSServer for ``zone``;
+    the server and the resolver's thread pool are stopped by the test case's cleanups."""
+    from twisted.internet import reactor
+    from twisted.python.threadpool import ThreadPool
+
+    from pymta.dns import Resolver
+    from pymta.outbound.routes import Router
+
+    server = DNSServer(zone if isinstance(zone, Zone) else Zone(zone)).start()
+    case.addCleanup(server.stop)
+    pool = ThreadPool(1, 2)
+    pool.start()
+    case.addCleanup(pool.stop)
+    return Router(Resolver(reactor, pool, [server.address], timeout=1.0), smtp_port=smtp_port, **router_options)

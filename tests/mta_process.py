@@ -33,6 +33,21 @@ def wait_for_port(host: str, port: int, seconds: float = 30.0, proc: subprocess.
     raise RuntimeError(f"nothing listens on {host}:{port} after {seconds}s")
 
 
+def wait_gone(pids: list[int], seconds: float = 10.0) -> list[int]:
+    """Waits (bounded) for processes to end; the PIDs still alive then."""
+    deadline = time.monotonic() + seconds
+    alive = list(pids)
+    while alive and time.monotonic() < deadline:
+        for pid in list(alive):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                alive.remove(pid)
+        if alive:
+            time.sleep(0.05)
+    return alive
+
+
 def port_is_free(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.5):
@@ -97,6 +112,8 @@ class MTAProcess:
             stdout=self.stderr, stderr=self.stderr,
         )  # fmt: skip
         wait_for_port("127.0.0.1", self.port, 60, self.proc)
+        # The control socket (pymta-queue) may come up just after the listeners.
+        self.wait_for(lambda: os.path.exists(os.path.join(self.state_dir, "control.sock")), 60, "the control socket")
         return self
 
     def stop(self, sig: int = signal.SIGTERM, seconds: float = 20.0) -> int | None:
@@ -139,6 +156,12 @@ class MTAProcess:
             with open(os.path.join(new, name), "rb") as f:
                 out.append(f.read())
         return out
+
+    def children(self) -> list[int]:
+        """PIDs of the running MTA's child processes (listener workers), zombies excluded."""
+        assert self.proc is not None
+        out = subprocess.run(["ps", "-o", "pid=,stat=", "--ppid", str(self.proc.pid)], capture_output=True, text=True).stdout
+        return [int(pid) for pid, stat in (line.split() for line in out.splitlines()) if not stat.startswith("Z")]
 
     def wait_for(self, predicate, seconds: float = 30.0, what: str = "condition"):
         deadline = time.monotonic() + seconds

@@ -1,15 +1,25 @@
 #!/usr/bin/env bash
 # Installs everything the test suite needs, then runs it (ruff, then pytest).
-#   Debian packages: postfix (smtp-sink, smtp-source: real SMTP peers), swaks, testssl.sh.
-#   Python packages: pymta itself (editable, compat mode so twistd sees the plugin) + test extras.
+#   Debian packages: postfix (smtp-sink, smtp-source: real SMTP peers), swaks, testssl.sh,
+#   python3-venv where the interpreter cannot make a virtual environment.
+#   Python packages: pymta itself (editable, compat mode so twistd sees the plugin) + test extras,
+#   into the active virtual environment, or else into ./.venv (made here): Debian 12 refuses a
+#   pip install into the system Python.
 # Extra arguments go to pytest (e.g. tests/run.sh -k smuggling).
 set -eu
 cd "$(dirname "$0")/.."
 
+PY="${PYTHON:-python3}"
+
 need=()
 command -v swaks >/dev/null 2>&1 || need+=(swaks)
 command -v testssl >/dev/null 2>&1 || need+=(testssl.sh)
+command -v msmtp >/dev/null 2>&1 || need+=(msmtp)
 [ -x /usr/sbin/smtp-sink ] && [ -x /usr/sbin/smtp-source ] || need+=(postfix)
+in_venv=$("$PY" -c 'import sys; print(int(sys.prefix != sys.base_prefix))')
+if [ "$in_venv" = 0 ] && ! "$PY" -c 'import ensurepip, venv' >/dev/null 2>&1; then
+    need+=(python3-venv)
+fi
 if [ ${#need[@]} -gt 0 ]; then
     SUDO=""
     [ "$(id -u)" = 0 ] || SUDO="sudo"
@@ -17,7 +27,11 @@ if [ ${#need[@]} -gt 0 ]; then
     $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" </dev/null
 fi
 
-PY="${PYTHON:-python3}"
+if [ "$in_venv" = 0 ]; then
+    [ -x .venv/bin/python ] || "$PY" -m venv .venv
+    PY=.venv/bin/python
+fi
+
 "$PY" -m pip install -q --disable-pip-version-check -e '.[test]' --config-settings editable_mode=compat
 "$PY" -m ruff check pymta tests twisted bench
-exec "$PY" -m pytest -q -p no:cacheprovider tests "$@"
+exec "$PY" -m pytest -q -rs -p no:cacheprovider tests "$@"

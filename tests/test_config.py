@@ -109,6 +109,67 @@ def test_config_defaults_to_the_environment_variable(tmp_path, monkeypatch):
     assert default_config_path() == "/etc/pymta/pymta.toml"
 
 
+def test_outbound_timeouts_reach_every_client_stage(tmp_path):
+    from dataclasses import fields
+
+    from pymta.config import CLIENT_TIMEOUT_STAGES
+    from pymta.smtp.client import ClientTimeouts
+    from pymta.tap import client_timeouts
+
+    assert set(CLIENT_TIMEOUT_STAGES) == {f.name for f in fields(ClientTimeouts)}
+    config = load_config(write(tmp_path, """
+        [outbound]
+        timeouts = { greeting = "2m", data_block = "90s", data_end = "10m", connect = "20s" }
+        """))
+    timeouts = client_timeouts(config.outbound)
+    assert (timeouts.greeting, timeouts.data_block, timeouts.data_end, timeouts.connect) == (120, 90, 600, 20)
+    assert timeouts.rcpt == ClientTimeouts().rcpt == 300  # RFC 5321 defaults for the rest
+    assert client_timeouts(load_config(write(tmp_path, "[outbound]\nconnect_timeout = \"7s\"\n")).outbound).connect == 7
+
+
+@pytest.mark.parametrize(
+    "text,reason",
+    [
+        ('timeouts = { data_blok = "1m" }', "data_blok: must be one of connect, greeting"),
+        ('timeouts = { data_end = "soon" }', "data_end: expected a duration"),
+        ('timeouts = { mail = "0s" }', "mail: must be at least 1s"),
+        ('connect_timeout = "5s"\ntimeouts = { connect = "6s" }', "connect: also set as outbound.connect_timeout"),
+    ],
+)
+def test_bad_outbound_timeouts_name_the_stage(tmp_path, text, reason):
+    path = write(tmp_path, "[outbound]\n" + text + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}: outbound.timeouts: ") and reason in str(info.value)
+
+
+def test_mta_sts_is_on_by_default_and_can_be_turned_off(tmp_path):
+    assert load_config(write(tmp_path, "")).outbound.mta_sts is True
+    assert load_config(write(tmp_path, "[outbound]\nmta_sts = false\n")).outbound.mta_sts is False
+    with pytest.raises(ConfigError, match="outbound.mta_sts: expected true or false"):
+        load_config(write(tmp_path, "[outbound]\nmta_sts = \"yes\"\n"))
+
+
+def test_postmaster_defaults_to_the_first_local_domain_and_can_be_set():
+    from pymta.config import build_config
+
+    assert build_config({"domains": {"local": ["a.test", "b.test"]}}).postmaster == "postmaster@a.test"
+    assert build_config({"hostname": "mx.c.test"}).postmaster == "postmaster@mx.c.test"
+    config = build_config({"domains": {"local": ["a.test"], "postmaster": "Noc@A.Test"}})
+    assert config.postmaster == "Noc@a.test"
+    with pytest.raises(ConfigError, match=r"domains\.postmaster: not a mail address"):
+        build_config({"domains": {"postmaster": "nobody"}})
+
+
+def test_sender_login_is_any_or_strict():
+    from pymta.config import build_config
+
+    assert build_config({}).submission.sender_login == "any"
+    assert build_config({"submission": {"sender_login": "strict"}}).submission.sender_login == "strict"
+    with pytest.raises(ConfigError, match=r"submission\.sender_login: must be one of any, strict"):
+        build_config({"submission": {"sender_login": "loose"}})
+
+
 def test_session_limits_and_min_free_take_sizes_rates_and_durations(tmp_path):
     config = load_config(write(tmp_path, """\
         [smtp]

@@ -8,12 +8,11 @@ import shutil
 import signal
 import smtplib
 import subprocess
-import time
 
 import pytest
 
 from tests.dnsserver import DNSServer, Zone
-from tests.mta_process import MTAProcess, port_is_free
+from tests.mta_process import MTAProcess, port_is_free, wait_gone
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -149,26 +148,28 @@ def test_swaks_delivers_with_pipelining_and_chunking_variants(mta):
 
 
 def test_sigkill_leaves_no_process_or_port_and_a_restart_keeps_what_was_queued(tmp_path, dns_server):
-    mta = MTAProcess(str(tmp_path), dns=dns_server.address).start()
-    pid = mta.proc.pid
+    mta = MTAProcess(str(tmp_path), dns=dns_server.address, smtp_extra="processes = 2").start()
+    workers = mta.wait_for(lambda: mta.children() if len(mta.children()) == 1 else None, what="one listener worker")
     with smtplib.SMTP("127.0.0.1", mta.port, timeout=30) as client:
         client.sendmail("someone@example.org", ["carol@remote.example"], MESSAGE)
     mta.stop(signal.SIGKILL)
     # One process tree: nothing it started survives it, the port is free again.
-    children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
-    assert children.strip() == ""
+    survivors = wait_gone(workers)
+    for pid in survivors:
+        os.kill(pid, signal.SIGKILL)
+    assert survivors == [], "a listener worker outlived the main process"
     assert port_is_free("127.0.0.1", mta.port)
     queued_before = sorted(
         name for s in ("incoming", "active", "deferred") for name in mta.queue_files(s)
     )
     assert len(queued_before) == 1
-    # Restart over the same state: the acknowledged message is still queued, nothing is lost.
+    # Restart over the same state: the acknowledged message is still queued, nothing is lost,
+    # and the leftovers of the crash are cleared.
     mta.start()
     try:
-        time.sleep(0.5)
+        mta.wait_for(lambda: os.listdir(os.path.join(mta.state_dir, "queue", "tmp")) == [], what="tmp/ cleared")
         queued_after = sorted(name for s in ("incoming", "active", "deferred") for name in mta.queue_files(s))
         assert queued_after == queued_before
-        assert os.listdir(os.path.join(mta.state_dir, "queue", "tmp")) == []
     finally:
         mta.stop()
 
@@ -177,11 +178,7 @@ def test_listener_workers_share_the_port_deliver_through_the_main_process_and_di
     mta = MTAProcess(str(tmp_path), dns=dns_server.address, smtp_extra="processes = 2").start()
     pid = mta.proc.pid
     try:
-        children = mta.wait_for(
-            lambda: subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout.split(),
-            what="a listener worker",
-        )  # fmt: skip
-        assert len(children) == 1
+        children = mta.wait_for(lambda: mta.children() if len(mta.children()) == 1 else None, what="one listener worker")
         # With the main process frozen, only the worker can answer: the mail is accepted...
         os.kill(pid, signal.SIGSTOP)
         try:
@@ -194,15 +191,8 @@ def test_listener_workers_share_the_port_deliver_through_the_main_process_and_di
         mta.wait_for(lambda: len(mta.maildir_messages("alice@example.test")) == 3, what="3 deliveries")
     finally:
         mta.stop(signal.SIGKILL)
-    worker = int(children[0])
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            os.kill(worker, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.05)
-    else:
+    survivors = wait_gone(children)
+    for worker in survivors:
         os.kill(worker, signal.SIGKILL)
-        raise AssertionError("the listener worker outlived the main process")
+    assert survivors == [], "the listener worker outlived the main process"
     assert port_is_free("127.0.0.1", mta.port)

@@ -4,6 +4,7 @@ certificates the test makes."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import os
 import shutil
@@ -120,21 +121,29 @@ def test_starttls_delivery_is_recorded_as_esmtps(mta):
     assert b"with ESMTPS id" in raw and b"TLSv1." in raw
 
 
+def handshake(ctx: ssl.SSLContext, port: int) -> str:
+    """A TLS handshake with the implicit-TLS listener; the negotiated version. The TCP connection
+    is made outside, so a refusal can only come from the handshake itself."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        with ctx.wrap_socket(raw, server_hostname="x") as tls:
+            return tls.version()
+    finally:
+        raw.close()
+
+
 def test_old_protocols_and_weak_ciphers_are_refused(mta):
-    for kw in ({"maximum_version": ssl.TLSVersion.TLSv1_1, "minimum_version": ssl.TLSVersion.TLSv1},):
-        ctx = client_context(**kw)
-        try:
-            ctx.set_ciphers("ALL:@SECLEVEL=0")
-        except ssl.SSLError:
-            pass
-        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
-            with socket.create_connection(("127.0.0.1", mta.tls_port), timeout=10) as raw:
-                ctx.wrap_socket(raw, server_hostname="x").close()
-    ctx = client_context(maximum_version=ssl.TLSVersion.TLSv1_2)
-    ctx.set_ciphers("AES128-SHA:AES256-SHA:DES-CBC3-SHA")  # no forward secrecy
-    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
-        with socket.create_connection(("127.0.0.1", mta.tls_port), timeout=10) as raw:
-            ctx.wrap_socket(raw, server_hostname="x").close()
+    # The listener is alive and speaks modern TLS: the refusals below are about the offer.
+    assert handshake(client_context(), mta.tls_port) in ("TLSv1.2", "TLSv1.3")
+    old = client_context(maximum_version=ssl.TLSVersion.TLSv1_1, minimum_version=ssl.TLSVersion.TLSv1)
+    with contextlib.suppress(ssl.SSLError):
+        old.set_ciphers("ALL:@SECLEVEL=0")
+    with pytest.raises((ssl.SSLError, ConnectionResetError)):
+        handshake(old, mta.tls_port)
+    weak = client_context(maximum_version=ssl.TLSVersion.TLSv1_2)
+    weak.set_ciphers("AES128-SHA:AES256-SHA:DES-CBC3-SHA")  # no forward secrecy
+    with pytest.raises((ssl.SSLError, ConnectionResetError)):
+        handshake(weak, mta.tls_port)
 
 
 def test_implicit_tls_listener(mta):
@@ -178,14 +187,12 @@ def test_repeated_auth_failures_disconnect(mta):
                 codes.append(code)
             except smtplib.SMTPServerDisconnected:
                 codes.append("closed")
-        assert codes[:2] == [535, 535]
-        try:
-            code, text = client.noop()  # the 421 that followed the third 535 is read here
-            assert (code, text[:5]) == (421, b"4.7.0")
-            with pytest.raises((smtplib.SMTPServerDisconnected, OSError)):
-                client.noop()
-        except smtplib.SMTPServerDisconnected:
-            pass
+        # The third failure in a row is answered 535, then 421 4.7.0, and the connection closes.
+        assert codes == [535, 535, 535]
+        code, text = client.noop()  # reads the 421 that followed the third 535
+        assert (code, text[:5]) == (421, b"4.7.0")
+        with pytest.raises((smtplib.SMTPServerDisconnected, OSError)):
+            client.noop()
 
 
 def test_sighup_reloads_the_certificate(mta):
@@ -302,8 +309,12 @@ def test_testssl_finds_no_weak_protocol_or_cipher(mta):
     lines = {line.split("  ")[0].strip(): line for line in out.splitlines() if line.strip()}
     for protocol in ("SSLv2", "SSLv3", "TLS 1", "TLS 1.1"):
         assert "not offered" in lines.get(protocol, ""), (protocol, out[-3000:])
-    assert "offered" in lines.get("TLS 1.2", "") or "offered" in lines.get("TLS 1.3", "")
+
+    def offered(line: str) -> bool:
+        return " offered" in line and "not offered" not in line
+
+    assert offered(lines.get("TLS 1.2", "")) or offered(lines.get("TLS 1.3", "")), out[-3000:]
     for category in ("NULL ciphers", "Anonymous NULL", "Export ciphers", "LOW: 64 Bit", "Triple DES"):
         [line] = [v for k, v in lines.items() if k.startswith(category)]
         assert "not offered" in line, line
-    assert any("PFS is offered" in v or "FS is offered" in v for v in lines.values()), out[-3000:]
+    assert any("FS is offered" in v and "not" not in v for v in lines.values()), out[-3000:]

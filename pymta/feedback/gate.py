@@ -37,6 +37,7 @@ class FeedbackGate:
         tag_domains: Iterable[str] = (),
         classify: Classifier | None = None,
         unsubscribe: bool = False,
+        unsubscribe_url: str | None = None,
     ) -> None:
         self.inner = inner
         self.suppression = suppression
@@ -44,6 +45,7 @@ class FeedbackGate:
         self.tag_domains = frozenset(d.lower() for d in tag_domains)
         self.classify = classify
         self.unsubscribe = unsubscribe
+        self.unsubscribe_url = unsubscribe_url.rstrip("/") if unsubscribe_url else None
 
     def tags(self, envelope: Envelope) -> bool:
         if self.tagger is None or not envelope.sender:
@@ -87,12 +89,16 @@ class FeedbackGate:
         return defer.maybeDeferred(self.inner.deliver, tagged, rcpts, headers.encode() + body)
 
     def unsubscribe_headers(self, envelope: Envelope, recipient: str) -> str:
-        """RFC 8058 one-click: a signed mailto on the bounce domain (``u-`` token)."""
-        address = self.tagger.unsubscribe_address(envelope.qid, recipient, sender_domain(envelope.sender))
-        return (
-            f"List-Unsubscribe: <mailto:{address}?subject=unsubscribe>\r\n"
-            "List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n"
-        )
+        """RFC 8058 one-click: the HTTPS URI on the public listener (``[http] public_url``), which
+        Gmail and Yahoo require, and a signed mailto on the bounce domain (``u-`` token)."""
+        domain = sender_domain(envelope.sender)
+        address = self.tagger.unsubscribe_address(envelope.qid, recipient, domain)
+        targets = [f"<mailto:{address}?subject=unsubscribe>"]
+        if self.unsubscribe_url:
+            token = self.tagger.unsubscribe_token(envelope.qid, recipient, domain)
+            targets.insert(0, f"<{self.unsubscribe_url}/u/{token}>")
+        folded = ",\r\n ".join(targets)
+        return f"List-Unsubscribe: {folded}\r\nList-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n"
 
     def _learn(self, envelope: Envelope, result: DeliveryResult, scope: str | None) -> None:
         """The relay's own 5xx (e.g. user unknown at RCPT) feeds the same store."""

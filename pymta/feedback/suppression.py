@@ -78,6 +78,20 @@ class SuppressionStore:
         for row in self.db.execute(f"SELECT {', '.join(CSV_FIELDS)} FROM suppression ORDER BY address, scope"):
             yield dict(zip(CSV_FIELDS, row, strict=True))
 
+    def page(self, cursor: str, limit: int) -> list[dict[str, Any]]:
+        """Up to ``limit`` entries in (address, scope) order after ``cursor`` ("address\tscope")."""
+        address, _, scope = cursor.partition("\t")
+        rows = self.db.execute(
+            f"SELECT {', '.join(CSV_FIELDS)} FROM suppression WHERE (address, scope) > (?, ?)"
+            " ORDER BY address, scope LIMIT ?",
+            (address, scope, limit),
+        )
+        return [dict(zip(CSV_FIELDS, row, strict=True)) for row in rows]
+
+    def count(self) -> int:
+        (n,) = self.db.execute("SELECT COUNT(*) FROM suppression").fetchone()
+        return int(n)
+
     # -- changes --------------------------------------------------------------------------
 
     def add(

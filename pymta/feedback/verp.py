@@ -20,6 +20,7 @@ _MAC_LEN = 16  # base32 characters (80 bits)
 _RETURN_PATH = re.compile(r"^([bu])-([0-9A-Z]{16,32})-([a-z2-7]{16})(?:=([a-z0-9.-]{1,253}))?$", re.IGNORECASE)
 BOUNCE = "b"  # token kinds: a return path for bounces ...
 UNSUBSCRIBE = "u"  # ... and an RFC 8058 one-click unsubscribe address
+_UNSUBSCRIBE_TOKEN = re.compile(r"^([0-9A-Z]{16,32})\.([a-z2-7]{1,520})\.([a-z2-7]{0,410})\.([a-z2-7]{16})$", re.I)
 _TRACE = re.compile(r"^\s*([0-9A-Z]{16,32})\.([a-z2-7]+)\.([a-z2-7]{16})\s*$", re.IGNORECASE)
 
 
@@ -54,6 +55,26 @@ class Tagger:
     def unsubscribe_address(self, qid: str, recipient: str, sender_domain: str) -> str:
         """The mailto target of RFC 8058 one-click: suppresses ``recipient`` for ``sender_domain``."""
         return self.return_path(qid, recipient, UNSUBSCRIBE, sender_domain)
+
+    def unsubscribe_token(self, qid: str, recipient: str, sender_domain: str) -> str:
+        """The path token of the RFC 8058 HTTPS one-click URI: ``qid.b32(recipient).b32(domain).mac``,
+        the same MAC as the mailto form, so either unsubscribes exactly that recipient."""
+        rcpt = _b32(recipient.lower().encode())
+        scope = _b32(sender_domain.lower().encode())
+        return f"{qid}.{rcpt}.{scope}.{self.mac(qid, recipient, UNSUBSCRIBE, sender_domain)}"
+
+    def parse_unsubscribe_token(self, token: str) -> tuple[str, str, str] | None:
+        """(qid, recipient, sender domain) from a genuine one-click token, else None."""
+        m = _UNSUBSCRIBE_TOKEN.match(token or "")
+        if not m:
+            return None
+        try:
+            recipient = _unb32(m.group(2)).decode("utf-8")
+            scope = _unb32(m.group(3)).decode("utf-8") if m.group(3) else ""
+        except (ValueError, UnicodeDecodeError):
+            return None
+        qid = m.group(1).upper()
+        return (qid, recipient, scope) if self.verify(qid, m.group(4), recipient, UNSUBSCRIBE, scope) else None
 
     def trace_value(self, qid: str, recipient: str) -> str:
         return f"{qid}.{_b32(recipient.lower().encode())}.{self.mac(qid, recipient, 't')}"

@@ -7,7 +7,7 @@ import re
 import time
 from collections.abc import Callable
 from datetime import datetime
-from email.utils import formatdate, parsedate_to_datetime
+from email.utils import formatdate, getaddresses, parsedate_to_datetime
 from typing import Any
 
 from twisted.internet import defer
@@ -18,6 +18,7 @@ from zope.interface import implementer
 from pymta.envelope import ROUTE_RELAY, Envelope, Recipient, new_qid
 from pymta.inbound.limits import ClientLimits, Greylist
 from pymta.inbound.policy import RelayPolicy
+from pymta.inbound.submit import record_queued
 from pymta.interfaces import IPolicy, IQueueStore, ISMTPServerDelegate, QueueFull
 from pymta.smtp.replies import LOCAL_ERROR, STORAGE_FULL, Reply
 
@@ -66,13 +67,37 @@ def take_deliver_after(body: bytes) -> tuple[bytes, float]:
 
 def take_header(body: bytes, name: bytes) -> tuple[bytes, str | None]:
     """Remove header ``name`` from the message header; its (unfolded) value or None."""
-    end = body.find(b"\r\n\r\n")
-    head = body[: end + 2] if end >= 0 else body
-    m = re.search(rb"^" + re.escape(name) + rb":[ \t]*(.*(?:\r\n[ \t].*)*)\r\n", head, re.I | re.M)
+    m = next(_header_fields(body, name), None)
     if m is None:
         return body, None
-    value = " ".join(m.group(1).decode("utf-8", "replace").split())
-    return body[: m.start()] + body[m.end() :], value
+    return body[: m.start()] + body[m.end() :], _unfolded(m)
+
+
+def header_values(body: bytes, name: bytes) -> list[str]:
+    """The (unfolded) values of every header field ``name`` in the message header."""
+    return [_unfolded(m) for m in _header_fields(body, name)]
+
+
+def _header_fields(body: bytes, name: bytes) -> Any:
+    end = body.find(b"\r\n\r\n")
+    head = body[: end + 2] if end >= 0 else body
+    return re.finditer(rb"^" + re.escape(name) + rb":[ \t]*(.*(?:\r\n[ \t].*)*)\r\n", head, re.I | re.M)
+
+
+def _unfolded(m: re.Match[bytes]) -> str:
+    return " ".join(m.group(1).decode("utf-8", "replace").split())
+
+
+def unowned_from(body: bytes, user: str, owns: Callable[[str, str], bool]) -> str | None:
+    """The first From: header address ``user`` does not own (or the unreadable From: text), else None."""
+    for value in header_values(body, b"From"):
+        addresses = [address for _, address in getaddresses([value]) if address]
+        if not addresses:
+            return value[:200]
+        for address in addresses:
+            if not owns(user, address):
+                return address
+    return None
 
 
 def _header_safe(text: str) -> str:
@@ -98,6 +123,7 @@ class InboundReceiver:
         dnsbl: Any = None,
         resolver: Any = None,
         reverse_lookup: bool = False,
+        sender_login: Any = None,
         free_space: Callable[[], int] | None = None,
         space_needed: int = 0,
     ) -> None:
@@ -114,6 +140,7 @@ class InboundReceiver:
         self.dnsbl = dnsbl
         self.resolver = resolver
         self.reverse_lookup = reverse_lookup and resolver is not None
+        self.sender_login = sender_login  # SenderLogins: authenticated users send only as themselves
         # Octets free where the queue lives (a callable, asked at MAIL) and how many must be, so
         # a full disk is refused before the client sends the body.
         self.free_space = free_space
@@ -154,10 +181,10 @@ class InboundReceiver:
     def _connected(self, session: Any) -> Reply | None | defer.Deferred:
         trusted = self._trusted(session)
         if self.limits is not None and not trusted:
-            session.notes["counted"] = True
             refused = self.limits.connected(session.peer_address)
             if refused is not None:
                 return refused
+            session.notes["counted"] = True
         refused = self._acl("connect", session)
         if refused is not None or trusted or self.dnsbl is None or not self.dnsbl.zones:
             return refused
@@ -167,6 +194,9 @@ class InboundReceiver:
         return self._acl("helo", session)
 
     def mail_from(self, session: Any, sender: str, params: dict[str, str]) -> Reply | None:
+        user = session.auth_user
+        if user and self.sender_login is not None and sender and not self.sender_login.owns(user, sender):
+            return Reply(553, "5.7.1", f"<{sender}>: Sender address rejected: not owned by user {user}")
         if self.free_space is not None:
             free = self.free_space()
             if free <= self.space_needed:
@@ -226,6 +256,11 @@ class InboundReceiver:
         )
         if refused is not None:
             return refused
+        user = session.auth_user
+        if user and self.sender_login is not None:
+            unowned = unowned_from(body, user, self.sender_login.owns)
+            if unowned is not None:
+                return Reply(553, "5.7.1", f"From: <{_header_safe(unowned)}> rejected: not owned by user {user}")
         now = self.clock.seconds()
         qid = new_qid(time.time())
         routes = txn.notes.get("routes", {})
@@ -275,29 +310,7 @@ class InboundReceiver:
 
     def _queued(self, _: Any, session: Any, envelope: Envelope) -> Reply:
         reply = Reply(250, "2.0.0", f"Ok: queued as {envelope.qid}")
-        log.info(
-            "queued {qid} from <{sender}> for {nrcpt} recipient(s), {size} octets",
-            event="queued",
-            qid=envelope.qid,
-            client=envelope.client_address,
-            sender=envelope.sender,
-            recipients=[r.address for r in envelope.recipients],
-            nrcpt=len(envelope.recipients),
-            size=envelope.size,
-            code=reply.code,
-            enhanced=reply.enhanced,
-        )
-        if self.accounting is not None:
-            for r in envelope.recipients:
-                self.accounting.record(
-                    "received", qid=envelope.qid, sender=envelope.sender, recipient=r.address,
-                    size=envelope.size, client=envelope.client_address, route=r.route,
-                )
-        if self.on_queued is not None:
-            try:
-                self.on_queued(envelope.qid)
-            except Exception:
-                log.failure("queue manager notification failed for {qid}", qid=envelope.qid)
+        record_queued(envelope, self.accounting, self.on_queued, code=reply.code, enhanced=reply.enhanced)
         return reply
 
     def _not_queued(self, failure: Any, session: Any, envelope: Envelope) -> Reply:

@@ -41,10 +41,35 @@ class ConnectFailed(Exception):
         self.tls_failed = tls_failed
 
 
+@dataclass(frozen=True)
+class PoolKey:
+    """What an idle connection can be reused for: the peer and source, the TLS policy it was
+    opened under, and the name its certificate was verified for (None when not verified)."""
+
+    address: str
+    port: int
+    source: str
+    tls: str
+    verified: str | None = None
+
+
+def reusable_keys(address: str, port: int, source: str, policy: str, host: str) -> list[PoolKey]:
+    """Idle sessions that satisfy ``policy`` for the MX ``host``, best first: a ``verify`` message
+    takes only a session verified for ``host``; an opportunistic one never takes a session opened
+    in plaintext by a ``none`` policy (it may have had TLS); ``none`` takes any."""
+    verified = PoolKey(address, port, source, "verify", host)
+    if policy == "verify":
+        return [verified]
+    opportunistic = PoolKey(address, port, source, "opportunistic")
+    if policy == "opportunistic":
+        return [opportunistic, verified]
+    return [PoolKey(address, port, source, "none"), opportunistic, verified]
+
+
 @dataclass
 class Session:
     proto: SMTPClientProtocol
-    key: tuple[str, int, str]
+    key: PoolKey
     host: str
     messages: int = 0
     idle_call: Any = None
@@ -52,7 +77,7 @@ class Session:
 
     @property
     def remote(self) -> str:
-        return f"{self.host} [{self.key[0]}]"
+        return f"{self.host} [{self.key.address}]"
 
 
 def _status(code: int) -> str:
@@ -85,6 +110,7 @@ class SMTPDeliveryAgent:
         idle_timeout: float = 5.0,
         shaper: Any = None,
         selector: Any = None,
+        mta_sts: Any = None,
     ) -> None:
         self.reactor = reactor
         self.clock = clock or reactor
@@ -99,10 +125,11 @@ class SMTPDeliveryAgent:
         self.idle_timeout = idle_timeout
         self.shaper = shaper
         self.selector = selector
+        self.mta_sts = mta_sts  # pymta.outbound.tlspolicy.MTASTS, or None
         self.global_slots = defer.DeferredSemaphore(max_connections)
         self.per_domain = max_connections_per_domain
         self.domain_slots: dict[str, defer.DeferredSemaphore] = {}
-        self.idle: dict[tuple[str, int], list[Session]] = {}
+        self.idle: dict[PoolKey, list[Session]] = {}
         self.no_tls_until: dict[str, float] = {}
         self._closing: list[defer.Deferred] = []  # connections being closed (QUIT sent)
 
@@ -176,12 +203,43 @@ class SMTPDeliveryAgent:
     def _try_hops(self, envelope: Envelope, recipients: list[Recipient], body: bytes, domain: str,
                   hops: list[Hop], shaping: tuple[str, Any] | None, source: Any = None):  # fmt: skip
         policy = self.tls_policy_for(domain)
+        label = policy  # what the accounting record calls the policy applied
+        sts = None
+        if self.mta_sts is not None and self.router.uses_mx(domain):
+            sts = yield self.mta_sts.policy_for(domain)
+        if sts is not None:
+            label = "mta-sts"
+            matching = [h for h in hops if sts.policy.matches(h.name)]
+            if len(matching) < len(hops):
+                log.info("MTA-STS ({mode}) of {domain}: MX {skipped} not in the policy's mx {mx}", mode=sts.policy.mode,
+                         domain=domain, skipped=[h.name for h in hops if h not in matching], mx=list(sts.policy.mx),
+                         event="mta_sts_mx_mismatch")  # fmt: skip
+            if sts.policy.mode == "enforce":
+                if not matching:
+                    reply = Reply(451, "4.7.5", f"No MX host of {domain} matches its MTA-STS policy "
+                                                f"(mx: {', '.join(sts.policy.mx)}); not delivered")  # fmt: skip
+                    return [_result(r, reply, None, None, tls_policy=label) for r in recipients]
+                hops, policy = matching, "verify"  # TLS required, certificate verified for the MX name
+        enforced = sts is not None and sts.policy.mode == "enforce"
+        results = yield self._hops_in_turn(envelope, recipients, body, domain, hops, shaping, source, policy,
+                                           enforced_by=label if enforced else None,
+                                           testing=sts if sts is not None and not enforced else None)  # fmt: skip
+        for r in results:
+            r.extra.setdefault("tls_policy", label)
+        return results
+
+    @defer.inlineCallbacks
+    def _hops_in_turn(self, envelope: Envelope, recipients: list[Recipient], body: bytes, domain: str,
+                      hops: list[Hop], shaping: tuple[str, Any] | None, source: Any, policy: str,
+                      enforced_by: str | None, testing: Any = None):  # fmt: skip
         last = Reply(451, "4.4.1", "No mail exchanger could be reached")
         for hop in hops:
             for address in hop.addresses:
                 try:
                     session = yield self._session(hop, address, policy, source, shaping)
                 except ConnectFailed as e:
+                    if enforced_by == "mta-sts" and e.reply.enhanced.startswith("4.7."):
+                        e.reply = Reply(451, "4.7.5", f"MTA-STS policy of {domain} requires verified TLS: {e.reply.text}")
                     last = e.reply
                     if shaping is not None:
                         self.shaper.observe(shaping[0], e.reply.code, e.reply.enhanced, e.reply.text)
@@ -189,10 +247,14 @@ class SMTPDeliveryAgent:
                     log.info("{mx} [{ip}] unusable for {domain}: {why}", mx=hop.name, ip=address, domain=domain,
                              why=str(e.reply), code=e.reply.code, enhanced=e.reply.enhanced)  # fmt: skip
                     continue
+                problem = self._testing_problem(testing, session, domain) if testing is not None else None
                 per_connection = shaping[1].messages_per_connection if shaping is not None else None
                 per_message = shaping[1].recipients_per_message if shaping is not None else None
                 results = yield self._send(session, envelope, recipients, body, per_connection, per_message)
                 if results is not None:
+                    if problem is not None:
+                        for r in results:
+                            r.extra["tls_failure"] = problem
                     if shaping is not None:
                         self._shaping_feedback(shaping[0], results)
                         if shaping[1].retry is not None:
@@ -202,18 +264,33 @@ class SMTPDeliveryAgent:
                 last = Reply(451, "4.4.2", f"Connection to {session.remote} lost before the transaction")
         return [_result(r, last, None, None) for r in recipients]
 
+    def _testing_problem(self, sts: Any, session: Session, domain: str) -> str | None:
+        """MTA-STS testing mode: what enforce would have refused here, logged (for TLS reports)."""
+        problem = "validation-failure" if not sts.policy.matches(session.host) else None
+        problem = self.mta_sts.tls_problem(session.proto, session.host) or problem
+        if problem is not None:
+            log.warn("MTA-STS testing policy of {domain} would refuse {mx}: {result_type}; delivering anyway",
+                     domain=domain, mx=session.remote, result_type=problem, event="mta_sts_testing_failure")  # fmt: skip
+        return problem
+
     # -- sessions -------------------------------------------------------------------------------
 
     @defer.inlineCallbacks
     def _session(self, hop: Hop, address: str, policy: str, source: Any = None, shaping: Any = None):
-        key = (address, hop.port, source.name if source is not None else "")
-        pool = self.idle.get(key)
-        while pool:
-            session = pool.pop()
-            if session.idle_call is not None and session.idle_call.active():
-                session.idle_call.cancel()
-            if not session.proto.is_lost:
-                return session
+        source_name = source.name if source is not None else ""
+        for reusable in reusable_keys(address, hop.port, source_name, policy, hop.name):
+            pool = self.idle.get(reusable)
+            while pool:
+                session = pool.pop()
+                if not pool:
+                    self.idle.pop(reusable, None)
+                if session.idle_call is not None and session.idle_call.active():
+                    session.idle_call.cancel()
+                if not session.proto.is_lost:
+                    log.debug("reusing {mx} [{ip}] for {policy} mail ({key})", mx=hop.name, ip=address, policy=policy,
+                              key=reusable)  # fmt: skip
+                    return session
+        key = PoolKey(address, hop.port, source_name, policy)
         if shaping is not None:  # a new connection: the destination's connection rate applies
             wait = self.shaper.connection_wait(*shaping)
             if wait > 0:
@@ -236,6 +313,8 @@ class SMTPDeliveryAgent:
             except ConnectFailed:
                 proto.abort()
                 raise
+        # Pooled under what it actually is: a verified session carries the verified name.
+        session.key = PoolKey(address, hop.port, source_name, policy, proto.tls_verified)
         return session
 
     @defer.inlineCallbacks
@@ -270,10 +349,12 @@ class SMTPDeliveryAgent:
         except Exception as e:
             raise ConnectFailed(Reply(451, "4.4.2", f"{session.remote}: {e or type(e).__name__}")) from None
         wants_tls = policy != "none" and self.tls_context_for is not None
-        plaintext_ok = self.no_tls_until.get(session.key[0], 0) > self.clock.seconds()
+        plaintext_ok = self.no_tls_until.get(session.key.address, 0) > self.clock.seconds()
         if wants_tls and proto.extensions.has("STARTTLS") and not (plaintext_ok and policy == "opportunistic"):
+            verify = policy == "verify"
             try:
-                yield proto.starttls(self.tls_context_for(session.host, policy == "verify"), session.helo, t)
+                yield proto.starttls(self.tls_context_for(session.host, verify), session.helo, t,
+                                     verified_for=session.host if verify else None)  # fmt: skip
             except Exception as e:
                 raise ConnectFailed(Reply(451, "4.7.5", f"STARTTLS with {session.remote} failed: {e}"),
                                     tls_failed=True) from None  # fmt: skip

@@ -10,8 +10,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import defer
+from twisted.logger import Logger
 
 from pymta.dns import DNSPermanentError, DNSTemporaryError
+from pymta.dns import ip_literal as _literal
 from pymta.smtp.replies import Reply
 
 
@@ -32,18 +34,9 @@ class RouteError(Exception):
         self.reply = reply
 
 
+log = Logger(namespace="pymta.outbound.routes")
+
 NULL_MX = Reply(556, "5.1.10", "Recipient domain does not accept mail (null MX, RFC 7505)")
-
-
-def _literal(host: str) -> str | None:
-    """The IP of ``[1.2.3.4]``, ``[IPv6:2001:db8::1]``, or a bare IP; else None."""
-    text = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if text[:5].lower() == "ipv6:":
-        text = text[5:]
-    try:
-        return str(ipaddress.ip_address(text))
-    except ValueError:
-        return None
 
 
 class Router:
@@ -72,6 +65,11 @@ class Router:
         wildcard = any(ip in ("0.0.0.0", "::") and p == port for ip, p in self.own)
         return wildcard and address in self.local_addresses
 
+    def uses_mx(self, domain: str) -> bool:
+        """Whether mail for ``domain`` goes to its MX hosts (not a smarthost, a route or a literal)."""
+        domain = domain.lower().rstrip(".")
+        return _literal(domain) is None and (self.routes.get(domain) or self.smarthost) is None
+
     @defer.inlineCallbacks
     def next_hops(self, domain: str):
         """A list of :class:`Hop` to try in order; raises :class:`RouteError`."""
@@ -96,6 +94,9 @@ class Router:
             raise RouteError(Reply(451, "4.4.3", f"DNS lookup failed, will retry: {e}")) from None
         if mx.null:
             raise RouteError(NULL_MX)
+        for literal in mx.literals:
+            log.warn("MX of {domain} names the IP literal {mx}: ignored (RFC 5321 §5.1 wants a host name)",
+                     domain=domain, mx=literal, event="mx_ip_literal")  # fmt: skip
         hops: list[Hop] = []
         temporary: Exception | None = None
         for host in mx.hosts:
@@ -113,6 +114,9 @@ class Router:
                 raise RouteError(Reply(451, "4.4.3", f"DNS lookup of the mail exchangers failed: {temporary}"))
             if mx.implicit:
                 raise RouteError(Reply(550, "5.1.2", f"Domain {domain} has no MX and no address records"))
+            if mx.literals and not mx.hosts:
+                raise RouteError(Reply(451, "4.4.4", f"The MX records of {domain} name only IP literals "
+                                                     f"({', '.join(mx.literals)}), which RFC 5321 §5.1 excludes"))  # fmt: skip
             raise RouteError(Reply(451, "4.4.4", f"No address for any mail exchanger of {domain}"))
         return self._check_loop(hops)
 

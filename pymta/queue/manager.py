@@ -203,11 +203,16 @@ class QueueManager(service.Service):
             self._account(_EVENT_FOR_STATE[rcpt.state], envelope, rcpt, now, result)
 
     def _account(self, event: str, envelope: Envelope, rcpt: Recipient, now: float, result: Any = None) -> None:
+        # What the message travelled with (injection campaign/tenant, pool and source): in the log
+        # event (metrics read it) and in the accounting record.
+        tags = {k: envelope.extra[k] for k in ("campaign", "tenant", "pool", "source") if envelope.extra.get(k)}
+        queue_time = round(now - envelope.arrival, 3)
         log.info(
             "{event} {qid} to {rcpt}: {code} {enhanced} {text}",
             event=event, qid=envelope.qid, rcpt=rcpt.address, sender=envelope.sender,
             code=(rcpt.reply or {}).get("code"), enhanced=(rcpt.reply or {}).get("enhanced"),
             text=(rcpt.reply or {}).get("text"), mx=rcpt.remote_mta, attempt=rcpt.attempts,
+            queue_time=queue_time, **tags,
         )  # fmt: skip
         if self.accounting is None:
             return
@@ -222,8 +227,10 @@ class QueueManager(service.Service):
             reply=rcpt.reply,
             tls=getattr(result, "tls", None),
             attempt=rcpt.attempts,
-            queue_time=round(now - envelope.arrival, 3),
-            **{k: v for k, v in extra.items() if k in ("ip", "host", "tls_version", "cipher")},
+            queue_time=queue_time,
+            metadata=envelope.extra.get("metadata"),
+            **tags,
+            **{k: v for k, v in extra.items() if k in ("ip", "host", "tls_version", "cipher", "tls_policy", "tls_failure")},
         )
 
     @defer.inlineCallbacks

@@ -13,9 +13,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet import defer, error
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from pymta.smtp.replies import Reply, parse_reply_lines
 from pymta.smtp.sockets import set_nodelay
@@ -24,11 +26,17 @@ log = Logger(namespace="pymta.smtp.client")
 
 MAX_REPLY_LINE = 4096
 MAX_REPLY_LINES = 100
+DATA_CHUNK = 65536  # message data is handed to the transport in pieces this large, as it takes them
 
 
-@dataclass
+@dataclass(frozen=True)
 class ClientTimeouts:
-    """RFC 5321 §4.5.3.2 client timeouts (seconds)."""
+    """RFC 5321 §4.5.3.2 client timeouts (seconds), one per stage.
+
+    ``data`` waits for the 354 after DATA; ``data_block`` bounds each stretch without progress while
+    the message is sent (a remote that stops reading is dropped after it, as Postfix's
+    ``smtp_data_xfer_timeout``); ``data_end`` waits for the reply after the final dot.
+    """
 
     connect: float = 30.0
     greeting: float = 300.0
@@ -36,9 +44,9 @@ class ClientTimeouts:
     starttls: float = 120.0
     mail: float = 300.0
     rcpt: float = 300.0
-    data_init: float = 120.0
+    data: float = 120.0
     data_block: float = 180.0
-    data_done: float = 600.0
+    data_end: float = 600.0
     rset: float = 60.0
     quit: float = 10.0
 
@@ -49,6 +57,79 @@ class SMTPProtocolError(Exception):
 
 class ReplyTimeout(Exception):
     """No (complete) reply in time."""
+
+
+class DataStalled(Exception):
+    """The message data could not all be sent: the remote stopped taking it, or the connection went."""
+
+
+@implementer(IPushProducer)
+class _DataSender:
+    """Writes message data as the transport takes it (a streaming producer); the block timer runs
+    while the transport holds us paused, and the whole payload counts as sent only once the
+    transport has taken it all (not paused after the last piece)."""
+
+    def __init__(self, proto: SMTPClientProtocol, payload: bytes, block_timeout: float) -> None:
+        self.proto = proto
+        self.payload = payload
+        self.block_timeout = block_timeout
+        self.offset = 0
+        self.paused = False
+        self.timer: Any = None
+        self.done: defer.Deferred = defer.Deferred()
+
+    def start(self) -> defer.Deferred:
+        self.proto.transport.registerProducer(self, True)
+        self._pump()
+        return self.done
+
+    def _pump(self) -> None:
+        while not self.paused and not self.done.called and self.offset < len(self.payload):
+            if self.proto.is_lost:
+                return self.lost()
+            chunk = self.payload[self.offset : self.offset + DATA_CHUNK]
+            self.offset += len(chunk)
+            self.proto.transport.write(chunk)
+        if not self.paused and not self.done.called and self.offset >= len(self.payload):
+            self._finish(None)
+
+    def _finish(self, failure: Exception | None) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+        if self.done.called:
+            return
+        if self.proto.transport is not None and not self.proto.is_lost:
+            self.proto.transport.unregisterProducer()
+        if failure is None:
+            self.done.callback(None)
+        else:
+            self.done.errback(failure)
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        if self.timer is None and not self.done.called:
+            self.timer = self.proto.clock.callLater(self.block_timeout, self._stalled)
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+        self._pump()
+
+    def stopProducing(self) -> None:
+        self.lost()
+
+    def lost(self) -> None:
+        written = f"{self.offset} of {len(self.payload)} bytes written"
+        self._finish(DataStalled(f"connection lost while sending message data ({written})"))
+
+    def _stalled(self) -> None:
+        self.timer = None
+        why = f"remote took no message data for {self.block_timeout:g}s ({self.offset} of {len(self.payload)} bytes written)"
+        self._finish(DataStalled(why))
+        self.proto.abort()
 
 
 @dataclass
@@ -108,6 +189,8 @@ class SMTPClientProtocol(Protocol):
         self.lost_reason: Failure | None = None
         self.extensions = Extensions()
         self.tls: str | None = None
+        self.tls_verified: str | None = None  # the name the server's certificate was verified for
+        self._sender: _DataSender | None = None
 
     # -- connection ---------------------------------------------------------------------------
 
@@ -120,6 +203,8 @@ class SMTPClientProtocol(Protocol):
         self.lost_reason = reason if reason is not None else Failure(error.ConnectionDone())
         if not self.lost_d.called:
             self.lost_d.callback(None)
+        if self._sender is not None:
+            self._sender.lost()
         waiting, self._waiting = self._waiting, deque()
         for d, call in waiting:
             if call is not None and call.active():
@@ -137,6 +222,20 @@ class SMTPClientProtocol(Protocol):
     def abort(self) -> None:
         if self.transport is not None and not self.is_lost:
             self.transport.abortConnection()
+
+    def send_data(self, payload: bytes, block_timeout: float) -> defer.Deferred:
+        """Send the encoded message data with flow control; fires once the transport has taken it
+        all, fails with :class:`DataStalled` (the connection aborted) when the remote takes none
+        for ``block_timeout`` seconds or the connection is lost."""
+        if self.is_lost:
+            return defer.fail(DataStalled("connection lost before the message data"))
+        sender = self._sender = _DataSender(self, payload, block_timeout)
+
+        def forget(result: Any) -> Any:
+            self._sender = None
+            return result
+
+        return sender.start().addBoth(forget)
 
     # -- replies ------------------------------------------------------------------------------
 
@@ -219,7 +318,9 @@ class SMTPClientProtocol(Protocol):
         raise SessionRefused(reply, "HELO")
 
     @defer.inlineCallbacks
-    def starttls(self, context: Any, name: str, timeouts: ClientTimeouts):
+    def starttls(self, context: Any, name: str, timeouts: ClientTimeouts, verified_for: str | None = None):
+        """STARTTLS, the handshake and EHLO again; ``verified_for``: the name ``context`` verifies
+        the certificate against (recorded once the handshake has succeeded)."""
         reply = yield self.command("STARTTLS", timeouts.starttls)
         if reply.code != 220:
             raise TLSUnavailable(f"STARTTLS refused: {reply}")
@@ -228,6 +329,7 @@ class SMTPClientProtocol(Protocol):
         if reply.code != 250:
             raise SessionRefused(reply, "EHLO after STARTTLS")
         self.extensions = Extensions.from_reply(reply)
+        self.tls_verified = verified_for
         handle = getattr(self.transport, "getHandle", lambda: None)()
         try:
             self.tls = f"{handle.get_protocol_version_name()} {handle.get_cipher_name()}"
@@ -276,7 +378,7 @@ def transact(
         rcpt_replies = []
         for _ in rcpts:
             rcpt_replies.append((yield proto.expect(timeouts.rcpt)))
-        data_reply = yield proto.expect(timeouts.data_init)
+        data_reply = yield proto.expect(timeouts.data)
     else:
         mail = yield proto.command(mail_from, timeouts.mail)
         if mail.code != 250:
@@ -287,18 +389,22 @@ def transact(
         if not any(r.code in (250, 251) for r in rcpt_replies):
             yield _rset(proto, timeouts)
             return TransactionResult(mail, rcpt_replies, None)
-        data_reply = yield proto.command("DATA", timeouts.data_init)
+        data_reply = yield proto.command("DATA", timeouts.data)
     if mail.code != 250 or not any(r.code in (250, 251) for r in rcpt_replies):
         if data_reply.code == 354:  # the server wants data nobody can send: end it empty, then reset
             proto.send(b".\r\n")
-            yield proto.expect(timeouts.data_done)
+            yield proto.expect(timeouts.data_end)
         yield _rset(proto, timeouts)
         return TransactionResult(mail, rcpt_replies, None)
     if data_reply.code != 354:
         return TransactionResult(mail, rcpt_replies, data_reply)
-    proto.send(payload)
     try:
-        final = yield proto.expect(timeouts.data_done)
+        yield proto.send_data(payload, timeouts.data_block)
+    except DataStalled as e:  # the final dot never left: no risk of a duplicate
+        log.info("sending message data stopped: {why}", why=str(e))
+        return TransactionResult(mail, rcpt_replies, Reply(451, "4.4.2", f"Message data not sent: {e}"))
+    try:
+        final = yield proto.expect(timeouts.data_end)
     except (error.ConnectionLost, error.ConnectionDone, ReplyTimeout, SMTPProtocolError):
         return TransactionResult(mail, rcpt_replies, None, lost_after_data=True)
     return TransactionResult(mail, rcpt_replies, final)
@@ -317,5 +423,13 @@ def quit_session(proto: SMTPClientProtocol, timeouts: ClientTimeouts) -> defer.D
     if proto.is_lost:
         return defer.succeed(None)
     d = proto.command("QUIT", timeouts.quit)
-    d.addBoth(lambda _: proto.transport.loseConnection() if proto.transport is not None else None)
+
+    def close(_: Any) -> None:
+        if proto.transport is not None and not proto.is_lost:
+            proto.transport.loseConnection()
+            # A remote that takes no more data would keep a closing connection open: bound it.
+            call = proto.clock.callLater(timeouts.quit, proto.abort)
+            proto.lost_d.addBoth(lambda r: (call.cancel() if call.active() else None, r)[1])
+
+    d.addBoth(close)
     return proto.lost_d

@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet import defer, tcp
-from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime, ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -403,6 +403,8 @@ class SMTPServerProtocol(Protocol):
         self._producing = True
         if self.limits.max_session_time > 0:
             self._session_call = self.clock.callLater(self.limits.max_session_time, self._session_expired)
+        if ISSLTransport.providedBy(self.transport):  # implicit TLS (RFC 8314): no STARTTLS, AUTH offered
+            self.session.tls, self._tls_pending = "TLS", True  # the cipher is named at the first command
         self._arm_timer()
         self._ask(self.delegate.connected, (self.session,), self._connected_answer)
 
@@ -913,8 +915,6 @@ class SMTPServerProtocol(Protocol):
         if address == "":
             self._error(Reply(501, "5.1.3", "Null recipient"), stage="rcpt")
             return
-        if address == "postmaster":
-            address = f"postmaster@{self.factory.hostname}"
         accepted = AcceptedRecipient(address, params)
         refused = self._rcpt_params(accepted, params)
         if refused is not None:

@@ -1,0 +1,515 @@
+"""``POST /api/v1/inject``: a message (built from parts, or raw RFC 5322) for many recipients,
+each with its own substitutions, queued exactly as SMTP queues mail.
+
+Messages are built with the stdlib ``email`` package (multipart/alternative, attachments,
+RFC 2047/2231 encodings, Message-ID, Date). Templates use Jinja2's ``SandboxedEnvironment``
+(a template cannot reach Python objects) with undefined variables as errors; a template that
+fails for one recipient fails that recipient, not the batch. Rendering runs on its own thread,
+each recipient bounded in time (a runaway template is interrupted) and in output size.
+
+Recipients are validated as RCPT TO is, suppressed ones fail with the reason, and each
+recipient's message is written to the queue and made durable before the next few are built
+(a small window of enqueues in flight shares the directory fsyncs), so 10,000 recipients never
+sit in memory as built messages. The answer comes only once every accepted message is on disk.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ctypes
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.policy import SMTP
+from email.utils import format_datetime, formataddr, make_msgid
+from typing import Any
+
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+
+from pymta.admin.http.jsonapi import APIError, json_body
+from pymta.envelope import ROUTE_FEEDBACK, Envelope, Recipient, new_qid
+from pymta.inbound.submit import record_queued
+from pymta.smtp.server import parse_path
+
+log = Logger(namespace="pymta.http.inject")
+
+MAX_RECIPIENTS = 10_000
+WINDOW = 16  # enqueues in flight at once
+_HEADER_NAME = re.compile(r"^[!-9;-~]{1,76}$")  # RFC 5322 ftext
+_RESERVED_HEADERS = {
+    "from", "to", "cc", "bcc", "subject", "date", "message-id", "reply-to", "mime-version",
+    "content-type", "content-transfer-encoding", "received", "return-path",
+}  # fmt: skip
+
+
+class TemplateError(Exception):
+    """Rendering failed for one recipient; the text says why."""
+
+
+@dataclass
+class InjectRequest:
+    sender: str
+    recipients: list[dict[str, Any]]
+    content: Any
+    substitutions: dict[str, Any] = field(default_factory=dict)
+    campaign: str | None = None
+    tenant: str | None = None
+    pool: str | None = None
+    not_before: float = 0.0
+
+
+def _string(value: Any, name: str, limit: int = 998, required: bool = False) -> str | None:
+    if value is None:
+        if required:
+            raise APIError(400, f"{name} is required", name)
+        return None
+    if not isinstance(value, str):
+        raise APIError(400, f"{name} must be a string", name)
+    if len(value) > limit:
+        raise APIError(400, f"{name} is longer than {limit} characters", name)
+    if limit <= 998 and ("\r" in value or "\n" in value):
+        raise APIError(400, f"{name} must not contain line breaks", name)
+    return value
+
+
+def _mailbox(value: Any, name: str) -> tuple[str, str]:
+    """(address, display name) from ``"a@b"`` or ``{"email": "a@b", "name": "A"}``."""
+    display = ""
+    if isinstance(value, dict):
+        display = _string(value.get("name"), f"{name}.name", 200) or ""
+        value = value.get("email")
+        name = f"{name}.email"
+    address = _string(value, name, 320, required=True)
+    try:
+        parsed = parse_path(f"<{address}>", utf8=True)
+    except ValueError as e:
+        raise APIError(400, f"{name}: {e}", name) from None
+    if not parsed:
+        raise APIError(400, f"{name}: an address is needed", name)
+    return parsed, display
+
+
+def parse_request(body: Any) -> InjectRequest:
+    if not isinstance(body, dict):
+        raise APIError(400, "expected a JSON object")
+    known = {"envelope_sender", "recipients", "content", "substitutions", "campaign", "tenant", "pool",
+             "deliver_after"}  # fmt: skip
+    for key in body:
+        if key not in known:
+            raise APIError(400, f"unknown field {key!r}", key)
+    sender = _string(body.get("envelope_sender"), "envelope_sender", 320, required=True)
+    try:
+        sender = parse_path(f"<{sender}>", utf8=True)
+    except ValueError as e:
+        raise APIError(400, f"envelope_sender: {e}", "envelope_sender") from None
+    recipients = body.get("recipients")
+    if not isinstance(recipients, list) or not recipients:
+        raise APIError(400, "recipients must be a non-empty list", "recipients")
+    if len(recipients) > MAX_RECIPIENTS:
+        raise APIError(400, f"at most {MAX_RECIPIENTS} recipients per request", "recipients")
+    for i, r in enumerate(recipients):
+        if not isinstance(r, dict | str):
+            raise APIError(400, "a recipient is an object with email (or a string)", f"recipients[{i}]")
+        if isinstance(r, dict):
+            for key in ("substitutions", "metadata"):
+                if r.get(key) is not None and not isinstance(r.get(key), dict):
+                    raise APIError(400, f"{key} must be an object", f"recipients[{i}].{key}")
+    content = body.get("content")
+    if not isinstance(content, dict | str):
+        raise APIError(400, "content must be an object or a raw RFC 5322 message string", "content")
+    substitutions = body.get("substitutions") or {}
+    if not isinstance(substitutions, dict):
+        raise APIError(400, "substitutions must be an object", "substitutions")
+    not_before = 0.0
+    if body.get("deliver_after") is not None:
+        when = _string(body.get("deliver_after"), "deliver_after", 64)
+        try:
+            not_before = datetime.fromisoformat(when.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            raise APIError(400, "deliver_after must be an ISO 8601 time", "deliver_after") from None
+    return InjectRequest(
+        sender=sender,
+        recipients=recipients,
+        content=content,
+        substitutions=substitutions,
+        campaign=_string(body.get("campaign"), "campaign", 200),
+        tenant=_string(body.get("tenant"), "tenant", 200),
+        pool=_string(body.get("pool"), "pool", 200),
+        not_before=not_before,
+    )
+
+
+# -- templates ------------------------------------------------------------------------------
+
+
+class Templates:
+    """The content's templates compiled once per request (syntax errors: 400 naming the field)."""
+
+    def __init__(self, content: dict[str, Any], max_output: int) -> None:
+        from jinja2 import StrictUndefined, TemplateSyntaxError
+        from jinja2.sandbox import SandboxedEnvironment
+
+        self.max_output = max_output
+        plain = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
+        html = SandboxedEnvironment(undefined=StrictUndefined, autoescape=True)
+        self.compiled: dict[str, Any] = {}
+        for name, env, limit in (("subject", plain, 998), ("text_body", plain, 10_000_000),
+                                 ("html_body", html, 10_000_000)):  # fmt: skip
+            source = content.get(name)
+            if source is None:
+                continue
+            if not isinstance(source, str) or len(source) > limit:
+                raise APIError(400, f"content.{name} must be a string of at most {limit} characters", f"content.{name}")
+            try:
+                self.compiled[name] = env.from_string(source)
+            except TemplateSyntaxError as e:
+                raise APIError(400, f"content.{name}: template syntax error line {e.lineno}: {e.message}",
+                               f"content.{name}") from None  # fmt: skip
+
+    def render(self, name: str, variables: dict[str, Any]) -> str | None:
+        template = self.compiled.get(name)
+        if template is None:
+            return None
+        out: list[str] = []
+        size = 0
+        try:
+            for chunk in template.generate(variables):
+                size += len(chunk)
+                if size > self.max_output:
+                    raise TemplateError(f"{name}: rendered output over {self.max_output} characters")
+                out.append(chunk)
+        except (TemplateError, RenderTimeout):
+            raise
+        except Exception as e:  # any template failure is this recipient's, with its text
+            raise TemplateError(f"{name}: {type(e).__name__}: {e}") from None
+        return "".join(out)
+
+
+class RenderTimeout(Exception):
+    """Raised inside the rendering thread when a template runs past its time."""
+
+
+class BoundedRenderer:
+    """Runs rendering on one dedicated thread; a call that runs past ``timeout`` seconds gets
+    :class:`RenderTimeout` raised inside it (templates are Python code, so the interruption
+    lands between bytecodes) and fails its recipient."""
+
+    def __init__(self, reactor: Any, timeout: float) -> None:
+        from twisted.python.threadpool import ThreadPool
+
+        self.reactor = reactor
+        self.timeout = timeout
+        self.pool = ThreadPool(1, 1, name="pymta-render")
+        self.pool.start()
+
+    def stop(self) -> None:
+        self.pool.stop()
+
+    def run(self, f: Callable[..., Any], *args: Any) -> defer.Deferred:
+        state: dict[str, Any] = {}
+
+        def call() -> Any:
+            state["thread"] = threading.get_ident()
+            try:
+                return f(*args)
+            finally:
+                state["done"] = True
+
+        def interrupt() -> None:
+            ident = state.get("thread")
+            if ident is not None and not state.get("done"):
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(RenderTimeout))
+
+        watchdog = self.reactor.callLater(self.timeout, interrupt)
+        d = threads.deferToThreadPool(self.reactor, self.pool, call)
+
+        def finished(result: Any) -> Any:
+            if watchdog.active():
+                watchdog.cancel()
+            return result
+
+        d.addBoth(finished)
+        return d
+
+
+# -- building -------------------------------------------------------------------------------
+
+
+def _attachments(content: dict[str, Any]) -> list[tuple[str, str, bytes]]:
+    items = content.get("attachments") or []
+    if not isinstance(items, list):
+        raise APIError(400, "content.attachments must be a list", "content.attachments")
+    out = []
+    for i, a in enumerate(items):
+        where = f"content.attachments[{i}]"
+        if not isinstance(a, dict):
+            raise APIError(400, "an attachment is an object", where)
+        name = _string(a.get("file_name"), f"{where}.file_name", 255, required=True)
+        ctype = _string(a.get("content_type") or "application/octet-stream", f"{where}.content_type", 255)
+        if not re.fullmatch(r"[a-zA-Z0-9!#$&^_.+-]{1,64}/[a-zA-Z0-9!#$&^_.+-]{1,64}", ctype):
+            raise APIError(400, "content_type must be type/subtype", f"{where}.content_type")
+        try:
+            data = base64.b64decode(_string(a.get("data"), f"{where}.data", 50_000_000, required=True), validate=True)
+        except (binascii.Error, ValueError):
+            raise APIError(400, "data must be base64", f"{where}.data") from None
+        out.append((name, ctype, data))
+    return out
+
+
+def check_headers(content: dict[str, Any]) -> dict[str, str]:
+    headers = content.get("headers") or {}
+    if not isinstance(headers, dict) or len(headers) > 100:
+        raise APIError(400, "content.headers must be an object of at most 100 headers", "content.headers")
+    for name, value in headers.items():
+        where = f"content.headers.{name}"
+        if not _HEADER_NAME.match(name) or name.lower() in _RESERVED_HEADERS:
+            raise APIError(400, "not a header name that may be set here", where)
+        _string(value, where, 998, required=True)
+    return headers
+
+
+class MessageBuilder:
+    """Builds one recipient's message from the parts (everything checked once up front)."""
+
+    def __init__(self, content: dict[str, Any], max_output: int, clock: Any) -> None:
+        self.content = content
+        self.clock = clock
+        self.templates = Templates(content, max_output)
+        if "subject" not in self.templates.compiled:
+            raise APIError(400, "content.subject is required", "content.subject")
+        if not ({"text_body", "html_body"} & set(self.templates.compiled)):
+            raise APIError(400, "content needs text_body or html_body", "content")
+        self.from_address, self.from_name = _mailbox(content.get("from"), "content.from")
+        self.reply_to = _mailbox(content["reply_to"], "content.reply_to") if content.get("reply_to") else None
+        self.headers = check_headers(content)
+        self.attachments = _attachments(content)
+        known = {"from", "reply_to", "subject", "text_body", "html_body", "headers", "attachments"}
+        for key in content:
+            if key not in known:
+                raise APIError(400, f"unknown field content.{key}", f"content.{key}")
+
+    def build(self, rcpt: str, rcpt_name: str, variables: dict[str, Any]) -> bytes:
+        msg = EmailMessage(policy=SMTP)
+        msg["From"] = _format(self.from_address, self.from_name)
+        msg["To"] = _format(rcpt, rcpt_name)
+        if self.reply_to:
+            msg["Reply-To"] = _format(*self.reply_to)
+        subject = self.templates.render("subject", variables) or ""
+        msg["Subject"] = " ".join(subject.split())  # a subject is one line
+        # Wall-clock time on purpose: the Date header states the time of composition.
+        msg["Date"] = format_datetime(datetime.fromtimestamp(self.clock.seconds()).astimezone())
+        msg["Message-ID"] = make_msgid(domain=self.from_address.rpartition("@")[2] or None)
+        for name, value in self.headers.items():
+            msg[name] = value
+        text = self.templates.render("text_body", variables)
+        html = self.templates.render("html_body", variables)
+        if text is not None:
+            msg.set_content(text)
+            if html is not None:
+                msg.add_alternative(html, subtype="html")
+        else:
+            msg.set_content(html or "", subtype="html")
+        for name, ctype, data in self.attachments:
+            maintype, subtype = ctype.split("/", 1)
+            msg.add_attachment(data, maintype=maintype, subtype=subtype, filename=name)
+        return msg.as_bytes(policy=SMTP)
+
+
+def _format(address: str, name: str) -> str:
+    if not name:
+        return address
+    local, _, domain = address.rpartition("@")
+    try:
+        return str(Address(display_name=name, username=local, domain=domain))
+    except (ValueError, IndexError):
+        return formataddr((name, address))
+
+
+def _email_of(item: Any) -> str:
+    return str(item.get("email") if isinstance(item, dict) else item)[:320]
+
+
+def raw_message(content: str, limit: int) -> bytes:
+    """A raw RFC 5322 message as given, line ends made CRLF; must have a header section."""
+    data = content.encode("utf-8")
+    if len(data) > limit:
+        raise APIError(413, f"content over the message size limit of {limit} octets", "content")
+    data = re.sub(rb"\r?\n|\r", b"\r\n", data)
+    if not re.match(rb"^[!-9;-~]+:", data):
+        raise APIError(400, "content does not start with a header field", "content")
+    if b"\r\n\r\n" not in data:
+        data += b"\r\n" if data.endswith(b"\r\n") else b"\r\n\r\n"
+    return data
+
+
+# -- the endpoint ---------------------------------------------------------------------------
+
+
+class InjectAPI:
+    """``POST /api/v1/inject``; ``policy`` decides recipients as RCPT TO does for a trusted client."""
+
+    def __init__(
+        self,
+        store: Any,
+        policy: Any,
+        clock: Any,
+        reactor: Any,
+        hostname: str,
+        max_message_size: int,
+        suppression: Any = None,
+        accounting: Any = None,
+        on_queued: Callable[[str], Any] | None = None,
+        template_timeout: float = 2.0,
+        metrics: Any = None,
+    ) -> None:
+        self.store = store
+        self.policy = policy
+        self.clock = clock
+        self.reactor = reactor
+        self.hostname = hostname
+        self.max_message_size = max_message_size
+        self.suppression = suppression
+        self.accounting = accounting
+        self.on_queued = on_queued
+        self.renderer = BoundedRenderer(reactor, template_timeout)
+        self.metrics = metrics
+        self.closing = False
+
+    def register(self, api: Any) -> None:
+        api.route("POST", "/api/v1/inject", self.inject, "inject")
+
+    def close(self) -> None:
+        self.closing = True
+        self.renderer.stop()
+
+    def inject(self, request: Any) -> defer.Deferred:
+        req = parse_request(json_body(request))
+        builder = None
+        raw = None
+        if isinstance(req.content, dict):
+            builder = MessageBuilder(req.content, self.max_message_size, self.clock)
+        else:
+            raw = raw_message(req.content, self.max_message_size)
+        d = self._run(req, builder, raw, getattr(request, "token_name", "api"))
+        if self.metrics is not None:
+            d.addBoth(self.metrics.injected_result)
+        return d
+
+    def _recipient(self, req: InjectRequest, i: int, item: Any, token: str) -> tuple[str, str, Any] | str:
+        """(address, route, item) for an acceptable recipient, else the reason it fails."""
+        email = item.get("email") if isinstance(item, dict) else item
+        if not isinstance(email, str) or len(email) > 320:
+            return "not an address"
+        try:
+            address = parse_path(f"<{email}>", utf8=True)
+        except ValueError as e:
+            return f"5.1.3 bad address syntax: {e}"
+        if not address:
+            return "5.1.3 an address is needed"
+        decision = self.policy.recipient(address, "", auth_user=f"api:{token}")
+        if decision.reply is not None:
+            return f"{decision.reply.enhanced} {decision.reply.text}"
+        if decision.route == ROUTE_FEEDBACK:
+            return "5.7.1 feedback addresses take no injected mail"
+        if self.suppression is not None:
+            entry = self.suppression.is_suppressed(decision.address, req.sender.rpartition("@")[2] or None)
+            if entry is not None:
+                return f"5.7.1 Recipient suppressed ({entry['source']}: {entry['reason']})"
+        return decision.address, decision.route, item
+
+    @defer.inlineCallbacks
+    def _run(self, req: InjectRequest, builder: MessageBuilder | None, raw: bytes | None, token: str):
+        failed: list[dict[str, str]] = []
+        queue_ids: list[str] = []
+        in_flight: list[defer.Deferred] = []
+        seen: set[str] = set()
+        for i, item in enumerate(req.recipients):
+            if self.closing:  # the MTA is stopping: what is not queued yet is refused, for a retry
+                failed.append({"email": _email_of(item), "reason": "4.3.2 the MTA is shutting down"})
+                continue
+            decided = self._recipient(req, i, item, token)
+            if isinstance(decided, str):
+                failed.append({"email": _email_of(item), "reason": decided})
+                continue
+            address, route, item = decided
+            if address.lower() in seen:
+                failed.append({"email": address, "reason": "duplicate recipient in this request"})
+                continue
+            seen.add(address.lower())
+            if builder is not None:
+                variables = {**req.substitutions, **((item.get("substitutions") if isinstance(item, dict) else None) or {})}
+                name = (item.get("name") if isinstance(item, dict) else "") or ""
+                if not isinstance(name, str) or len(name) > 200 or "\n" in name or "\r" in name:
+                    failed.append({"email": address, "reason": "name must be one line of at most 200 characters"})
+                    continue
+                try:
+                    data = yield self.renderer.run(builder.build, address, name, variables)
+                except (TemplateError, RenderTimeout) as e:
+                    reason = str(e) if isinstance(e, TemplateError) else "template ran too long"
+                    failed.append({"email": address, "reason": f"template error: {reason}"})
+                    continue
+            else:
+                data = raw
+            if len(data) > self.max_message_size:
+                failed.append({"email": address, "reason": "5.3.4 message too big"})
+                continue
+            metadata = item.get("metadata") if isinstance(item, dict) else None
+            envelope = self._envelope(req, address, route, token, metadata)
+            data = self._received(envelope, token) + data
+            envelope.size = len(data)
+            d = defer.maybeDeferred(self.store.enqueue, envelope, data)
+            d.addCallback(self._queued, envelope, queue_ids)
+            d.addErrback(self._not_queued, envelope, failed)
+            in_flight.append(d)
+            if len(in_flight) >= WINDOW:
+                yield in_flight.pop(0)
+        yield defer.gatherResults(in_flight)
+        log.info("injected {ok} message(s), {bad} recipient(s) failed, by token {token}", ok=len(queue_ids),
+                 bad=len(failed), token=token, campaign=req.campaign, tenant=req.tenant)  # fmt: skip
+        return {"success_count": len(queue_ids), "fail_count": len(failed), "failed_recipients": failed,
+                "queue_ids": queue_ids}  # fmt: skip
+
+    def _received(self, envelope: Envelope, token: str) -> bytes:
+        # Wall-clock time on purpose: a trace header states when the message arrived.
+        stamp = format_datetime(datetime.fromtimestamp(self.clock.seconds()).astimezone())
+        return (f"Received: from api (token {token})\r\n\tby {self.hostname} (pymta) with HTTP id {envelope.qid}"
+                f"\r\n\tfor <{envelope.recipients[0].address}>; {stamp}\r\n").encode()  # fmt: skip
+
+    def _envelope(self, req: InjectRequest, address: str, route: str, token: str,
+                  metadata: dict[str, Any] | None) -> Envelope:  # fmt: skip
+        extra: dict[str, Any] = {}
+        if req.pool:
+            extra["pool"] = req.pool
+        for key, value in (("campaign", req.campaign), ("tenant", req.tenant), ("metadata", metadata)):
+            if value:
+                extra[key] = value
+        now = self.clock.seconds()
+        return Envelope(
+            qid=new_qid(now),
+            sender=req.sender,
+            recipients=[Recipient(address=address, route=route)],
+            arrival=now,
+            body_type="8BITMIME",
+            smtputf8=not (req.sender.isascii() and address.isascii()),
+            client_address="",
+            helo="",
+            protocol="HTTP",
+            auth_user=f"api:{token}",
+            not_before=req.not_before,
+            extra=extra,
+        )
+
+    def _queued(self, _: Any, envelope: Envelope, queue_ids: list[str]) -> None:
+        queue_ids.append(envelope.qid)
+        record_queued(envelope, self.accounting, self.on_queued, listener="http")
+
+    def _not_queued(self, failure: Any, envelope: Envelope, failed: list[dict[str, str]]) -> None:
+        log.error("could not queue an injected message for {rcpt}: {why}", rcpt=envelope.recipients[0].address,
+                  why=failure.getErrorMessage())  # fmt: skip
+        failed.append({"email": envelope.recipients[0].address, "reason": "4.3.0 could not queue the message"})

@@ -1,0 +1,154 @@
+"""Wires the HTTP service from ``[http]``: the admin listener (API, injection, /metrics, /healthz)
+and the public listener (one-click unsubscribe), as services of the MTA's MultiService."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application import service, strports
+from twisted.logger import globalLogPublisher
+from twisted.web import resource
+
+from pymta.admin.http.admin import AdminAPI, disk_health
+from pymta.admin.http.inject import InjectAPI
+from pymta.admin.http.jsonapi import JSONAPI, APIError, APISite, send_json
+from pymta.admin.http.metrics import Metrics
+from pymta.admin.http.public import public_root
+from pymta.admin.http.tokens import TokenChecker, load_tokens
+from pymta.interfaces import QUEUE_STATES
+
+
+class MetricsObserver(service.Service):
+    """Feeds the metrics from the log events while the MTA runs."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def startService(self) -> None:
+        super().startService()
+        globalLogPublisher.addObserver(self.metrics.observe)
+
+    def stopService(self) -> None:
+        super().stopService()
+        globalLogPublisher.removeObserver(self.metrics.observe)
+
+
+class CloseRenderer(service.Service):
+    def __init__(self, inject: InjectAPI) -> None:
+        self.inject = inject
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.inject.close()
+
+
+class MetricsPage(resource.Resource):
+    """``GET /metrics`` in the Prometheus text format; with ``metrics_auth`` a "read" token."""
+
+    isLeaf = True
+
+    def __init__(self, metrics: Metrics, api: JSONAPI, need_token: bool) -> None:
+        super().__init__()
+        self.metrics = metrics
+        self.api = api
+        self.need_token = need_token
+
+    def render_GET(self, request: Any) -> bytes:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        if self.need_token:
+            try:
+                self.api.authorise(request, "read")
+            except APIError as e:
+                send_json(request, e.status, e.body())
+                return b""
+        request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode())
+        return generate_latest(self.metrics.registry)
+
+
+class AdminRoot(resource.Resource):
+    """``/metrics`` to the metrics page, everything else to the JSON API."""
+
+    def __init__(self, api: JSONAPI, metrics_page: resource.Resource) -> None:
+        super().__init__()
+        self.api = api
+        self.putChild(b"metrics", metrics_page)
+
+    def getChild(self, path: bytes, request: Any) -> resource.Resource:
+        request.postpath.insert(0, path)
+        request.prepath.pop()
+        return self.api
+
+    def render(self, request: Any) -> Any:
+        return self.api.render(request)
+
+
+def make_metrics(config: Any) -> Metrics | None:
+    """The metrics, when the admin listener is configured (the receiver counts into them)."""
+    if not config.http.listen:
+        return None
+    h = config.http
+    return Metrics(
+        frozenset(h.metric_campaigns) if h.metric_campaigns is not None else None,
+        frozenset(h.metric_tenants) if h.metric_tenants is not None else None,
+    )
+
+
+def build_http(
+    config: Any,
+    reactor: Any,
+    top: service.MultiService,
+    *,
+    store: Any,
+    operations: Any,
+    policy: Any,
+    threadpool: Any,
+    metrics: Metrics | None,
+    suppression: Any = None,
+    tagger: Any = None,
+    accounting: Any = None,
+    on_queued: Any = None,
+    shaper: Any = None,
+) -> None:
+    h = config.http
+    if h.listen:
+        tokens = TokenChecker(load_tokens(h.tokens_file) if h.tokens_file else [])
+        api = JSONAPI(tokens)
+        min_free = int(getattr(config.queue, "min_free", 0) or 0)
+
+        def health() -> dict[str, Any]:
+            report = disk_health(config.queue_dir, min_free)
+            report["queue"] = {state: len(store.list(state)) for state in QUEUE_STATES}
+            return report
+
+        AdminAPI(operations, reactor, threadpool, reactor, suppression, health).register(api)
+        inject = InjectAPI(
+            store, policy, reactor, reactor, config.hostname, config.smtp.max_message_size,
+            suppression=suppression, accounting=accounting, on_queued=on_queued,
+            template_timeout=h.template_timeout, metrics=metrics,
+        )  # fmt: skip
+        inject.register(api)
+        CloseRenderer(inject).setServiceParent(top)
+        assert metrics is not None
+        metrics.add_gauges(lambda: _gauges(store, suppression, shaper))
+        MetricsObserver(metrics).setServiceParent(top)
+        site = APISite(AdminRoot(api, MetricsPage(metrics, api, h.metrics_auth)), h.max_body, reactor=reactor)
+        for endpoint in h.listen:
+            strports.service(endpoint, site, reactor=reactor).setServiceParent(top)
+    if h.public_listen:
+        public = APISite(public_root(tagger, suppression), 64 * 1024, reactor=reactor)
+        for endpoint in h.public_listen:
+            strports.service(endpoint, public, reactor=reactor).setServiceParent(top)
+
+
+def _gauges(store: Any, suppression: Any, shaper: Any) -> dict[str, Any]:
+    values: dict[str, Any] = {"queue": {state: len(store.list(state)) for state in QUEUE_STATES}}
+    if suppression is not None and hasattr(suppression, "count"):
+        values["suppressions"] = suppression.count()
+    if shaper is not None:
+        states = [shaper.explain(key) for key in sorted(shaper.states)]
+        now = shaper.clock.seconds() if hasattr(shaper, "clock") else 0
+        values["paused_destinations"] = sum(1 for s in states if (s.get("paused_until") or 0) > now)
+        values["connections"] = {s["key"]: s.get("connections", 0) for s in states if s.get("connections")}
+    return values
+
