@@ -173,7 +173,7 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
     from pymta.queue.manager import QueueManager, local_route_for
     from pymta.queue.store import MaildirQueueStore
     from pymta.smtp.replies import Reply
-    from pymta.smtp.server import ServerLimits, SMTPServerFactory
+    from pymta.smtp.server import ConnectionSlots, ServerLimits, SMTPServerFactory
     from pymta.tls import ServerTLS
 
     for path in (config.state_dir, config.queue_dir, config.mail_dir, config.log_dir):
@@ -285,6 +285,9 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
         sender_login=SenderLogins.from_files(config.submission.users_file, config.submission.sender_login_maps)
         if config.submission.listen and config.submission.sender_login == "strict"
         else None,
+        free_space=lambda: free_octets(config.queue_dir),
+        # Postfix's rule: room for min_free plus one and a half messages of the largest size.
+        space_needed=config.queue.min_free + config.smtp.max_message_size * 3 // 2,
     )
     limits = ServerLimits(
         max_message_size=config.smtp.max_message_size,
@@ -294,11 +297,17 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
         data_timeout=config.smtp.data_timeout,
         greet_pause=config.smtp.greet_pause,
         max_auth_failures=config.submission.max_auth_failures,
+        min_data_rate=config.smtp.min_data_rate,
+        max_session_time=config.smtp.max_session_time,
     )
+    # [smtp] max_connections holds for the MX listeners together; with listener workers each
+    # process takes an equal share. Submission listeners count apart, with the same cap.
+    mx_slots = ConnectionSlots(-(-config.smtp.max_connections // config.smtp.processes))
     server_tls = ServerTLS(config.tls.cert, config.tls.key) if config.tls.cert else None
     if server_tls is not None:
         ReloadOnHangup(server_tls.reload, reactor).setServiceParent(top)
-    factory = SMTPServerFactory(receiver, config.hostname, limits, reactor, tls_context_factory=server_tls)
+    factory = SMTPServerFactory(receiver, config.hostname, limits, reactor, tls_context_factory=server_tls,
+                                connections=mx_slots)  # fmt: skip
     drain.factories.append(factory)
     if worker_fds is not None:
         from pymta.workers import AdoptedPort
@@ -324,7 +333,7 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
             on_queued=notify if config.queue.deliver else None, shaper=smtp_agent.shaper,
         )  # fmt: skip
     for endpoint in config.smtp.listen_tls:
-        implicit = SMTPServerFactory(receiver, config.hostname, limits, reactor)
+        implicit = SMTPServerFactory(receiver, config.hostname, limits, reactor, connections=mx_slots)
         drain.factories.append(implicit)
         strports.service(endpoint, TLSMemoryBIOFactory(server_tls, False, implicit), reactor=reactor).setServiceParent(top)
     if config.submission.listen:
@@ -333,7 +342,8 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
         ThreadPoolService(auth_pool).setServiceParent(top)
         auth = Authenticator(users, reactor, auth_pool, max_failures=config.submission.max_auth_failures)
         submission = SMTPServerFactory(receiver, config.hostname, limits, reactor, tls_context_factory=server_tls,
-                                       authenticator=auth, auth_required=True)  # fmt: skip
+                                       authenticator=auth, auth_required=True,
+                                       connections=ConnectionSlots(config.smtp.max_connections))  # fmt: skip
         drain.factories.append(submission)
         for endpoint in config.submission.listen:
             plain = implicit_tls_endpoint(endpoint)  # "ssl:465": implicit TLS with the [tls] certificate
@@ -476,6 +486,12 @@ def _shaper(config: Config, reactor: Any) -> Any:
         {name: (c.mx_suffix, limits(c)) for name, c in sh.provider.items()},
         tuple(BackoffRule(re.compile(b.match, re.I), b.pause, b.rate, b.recover) for b in sh.backoff),
     )
+
+
+def free_octets(path: str) -> int:
+    """Octets an unprivileged process may still write on the file system holding ``path``."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
 
 
 def listener_addresses(endpoints: tuple[str, ...]) -> list[tuple[str, int]]:

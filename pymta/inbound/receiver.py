@@ -124,6 +124,8 @@ class InboundReceiver:
         resolver: Any = None,
         reverse_lookup: bool = False,
         sender_login: Any = None,
+        free_space: Callable[[], int] | None = None,
+        space_needed: int = 0,
     ) -> None:
         self.hostname = hostname
         self.policy = policy
@@ -139,6 +141,10 @@ class InboundReceiver:
         self.resolver = resolver
         self.reverse_lookup = reverse_lookup and resolver is not None
         self.sender_login = sender_login  # SenderLogins: authenticated users send only as themselves
+        # Octets free where the queue lives (a callable, asked at MAIL) and how many must be, so
+        # a full disk is refused before the client sends the body.
+        self.free_space = free_space
+        self.space_needed = space_needed
 
     # -- stages ---------------------------------------------------------------------------
 
@@ -191,6 +197,12 @@ class InboundReceiver:
         user = session.auth_user
         if user and self.sender_login is not None and sender and not self.sender_login.owns(user, sender):
             return Reply(553, "5.7.1", f"<{sender}>: Sender address rejected: not owned by user {user}")
+        if self.free_space is not None:
+            free = self.free_space()
+            if free <= self.space_needed:
+                log.warn("refusing mail: {free} octets free for the queue, {needed} needed", event="storage_low",
+                         free=free, needed=self.space_needed)  # fmt: skip
+                return STORAGE_FULL
         if self.limits is not None and not self._trusted(session):
             refused = self.limits.message(session.peer_address)
             if refused is not None:
