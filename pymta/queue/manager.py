@@ -161,6 +161,7 @@ class QueueManager(service.Service):
         outcomes = yield defer.DeferredList(calls, consumeErrors=True)
         now = self.clock.seconds()
         holds: list[float] = []
+        records: list[defer.Deferred] = []
         retry = None  # a destination's own (initial, maximum) retry delays
         for (_, rcpts), (ok, results) in zip(groups.items(), outcomes, strict=True):
             if not ok:
@@ -168,7 +169,8 @@ class QueueManager(service.Service):
                 results = [DeliveryResult(r.address, R_DEFERRED, 451, "4.3.0", "Local error in delivery") for r in rcpts]
             holds.extend(r.extra.get("hold_until") or 0.0 for r in results)
             retry = next((r.extra["retry"] for r in results if r.extra.get("retry")), retry)
-            self._apply(envelope, rcpts, results, now)
+            records.extend(self._apply(envelope, rcpts, results, now))
+        yield self._durable(records)  # the records are on disk before the queue state they report
         # Held back only by traffic shaping: no attempt is used up; try again when the limit allows.
         held_until = min(holds) if holds and all(holds) else None
         if held_until is None:
@@ -192,7 +194,10 @@ class QueueManager(service.Service):
 
         return d.addCallback(check)
 
-    def _apply(self, envelope: Envelope, rcpts: list[Recipient], results: list[DeliveryResult], now: float) -> None:
+    def _apply(self, envelope: Envelope, rcpts: list[Recipient], results: list[DeliveryResult],
+               now: float) -> list[defer.Deferred]:  # fmt: skip
+        """Per-recipient outcomes into the envelope; the accounting records' Deferreds."""
+        records = []
         for rcpt, result in zip(rcpts, results, strict=True):
             if not result.extra.get("hold_until"):
                 rcpt.attempts += 1
@@ -200,9 +205,17 @@ class QueueManager(service.Service):
             rcpt.reply = result.reply_dict()
             rcpt.remote_mta = result.remote_mta
             rcpt.state = result.status if result.status in (DELIVERED, FAILED, RELAYED) else R_DEFERRED
-            self._account(_EVENT_FOR_STATE[rcpt.state], envelope, rcpt, now, result)
+            records.append(self._account(_EVENT_FOR_STATE[rcpt.state], envelope, rcpt, now, result))
+        return records
 
-    def _account(self, event: str, envelope: Envelope, rcpt: Recipient, now: float, result: Any = None) -> None:
+    @staticmethod
+    def _durable(records: list[defer.Deferred]) -> defer.Deferred:
+        """Fires when every record is on disk; a record that could not be written was logged in full
+        by the accounting log and does not stop the queue (the delivery has happened)."""
+        return defer.DeferredList(records, consumeErrors=True) if records else defer.succeed(None)
+
+    def _account(self, event: str, envelope: Envelope, rcpt: Recipient, now: float,
+                 result: Any = None) -> defer.Deferred:  # fmt: skip
         # What the message travelled with (injection campaign/tenant, pool and source): in the log
         # event (metrics read it) and in the accounting record.
         tags = {k: envelope.extra[k] for k in ("campaign", "tenant", "pool", "source") if envelope.extra.get(k)}
@@ -215,9 +228,9 @@ class QueueManager(service.Service):
             queue_time=queue_time, **tags,
         )  # fmt: skip
         if self.accounting is None:
-            return
+            return defer.succeed(None)
         extra = dict(result.extra) if result is not None else {}
-        self.accounting.record(
+        return self.accounting.record(
             event,
             qid=envelope.qid,
             sender=envelope.sender,
@@ -239,13 +252,15 @@ class QueueManager(service.Service):
         qid = envelope.qid
         pending = envelope.pending_recipients()
         if pending and now - envelope.arrival >= self.max_age:
+            records = []
             for r in pending:
                 r.state = EXPIRED
                 r.updated = now
                 last = r.reply or {}
                 r.reply = {"code": 451, "enhanced": "4.4.7",
                            "text": f"Message expired after {int(self.max_age)}s in the queue; last: {last.get('text', 'no answer')}"}  # fmt: skip
-                self._account("expired", envelope, r, now)
+                records.append(self._account("expired", envelope, r, now))
+            yield self._durable(records)
             pending = []
         yield self._notices(envelope, body, now, bool(pending))
         action = self._after.pop(qid, None)
