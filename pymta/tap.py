@@ -410,7 +410,7 @@ def _shaper(config: Config, reactor: Any) -> Any:
     def limits(c: Any) -> Limits:
         retry = (c.retry_initial, c.retry_max or max(c.retry_initial, config.queue.retry_max)) if c.retry_initial else None
         return Limits(c.connections, c.message_rate, c.messages_per_connection, c.recipients_per_message,
-                      c.window, c.timezone, c.connection_rate, retry, c.per_source)  # fmt: skip
+                      c.window, c.timezone, c.connection_rate, retry, c.per_source, c.dead_site_pause)  # fmt: skip
 
     default = limits(sh.default).over(Limits(connections=config.outbound.max_connections_per_domain))
     return Shaper(

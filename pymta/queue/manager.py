@@ -134,6 +134,10 @@ class QueueManager(service.Service):
 
     def _finished(self, _: Any, qid: str) -> None:
         self._inflight.pop(qid, None)
+        action = self._after.pop(qid, None)
+        if action is not None:  # asked for during an attempt that ended without concluding
+            d = self.delete(qid) if action == "delete" else self.hold(qid)
+            d.addErrback(lambda f: log.failure("{action} of {qid} after its attempt failed", f, action=action, qid=qid))
         self._pump()
 
     # -- one attempt ------------------------------------------------------------------------
@@ -288,7 +292,8 @@ class QueueManager(service.Service):
         envelope.next_attempt = when
         yield self.store.update(envelope)
         yield self.store.move(envelope.qid, DEFERRED)
-        if self._after.pop(envelope.qid, None) == "hold":
+        if self._after.get(envelope.qid) == "hold":
+            del self._after[envelope.qid]
             yield self.store.move(envelope.qid, HOLD)
             return
         self.scheduler.schedule(envelope.qid, when)
@@ -344,9 +349,21 @@ class QueueManager(service.Service):
 
     # -- operator actions -------------------------------------------------------------------
 
-    def flush(self) -> None:
-        """Everything deferred is due now."""
-        self.scheduler.due_now()
+    def flush(self, qids: list[str] | None = None) -> list[str]:
+        """Everything deferred (or the deferred messages among ``qids``) is due now; the ids made due."""
+        if qids is None:
+            due = [qid for qid in self.store.list(DEFERRED) if qid in self.scheduler]
+            self.scheduler.due_now()
+            return due
+        due = [qid for qid in qids if qid in self.scheduler]
+        now = self.clock.seconds()
+        for qid in due:
+            self.scheduler.schedule(qid, now)
+        return due
+
+    def in_flight(self, qid: str) -> bool:
+        """A delivery attempt of ``qid`` is running now."""
+        return qid in self._inflight
 
     @defer.inlineCallbacks
     def delete(self, qid: str):
@@ -358,8 +375,8 @@ class QueueManager(service.Service):
 
     @defer.inlineCallbacks
     def hold(self, qid: str):
-        if qid in self._inflight:
-            self._after[qid] = "hold"
+        if qid in self._inflight:  # held when its attempt ends (a delete asked for first still wins)
+            self._after.setdefault(qid, "hold")
             return
         self.scheduler.cancel(qid)
         if self.store.state(qid) not in (HOLD, None):
@@ -367,6 +384,9 @@ class QueueManager(service.Service):
 
     @defer.inlineCallbacks
     def release(self, qid: str):
+        if self._after.get(qid) == "hold":  # held while active: not held after all
+            del self._after[qid]
+            return
         if self.store.state(qid) != HOLD:
             return
         yield self.store.move(qid, INCOMING)
