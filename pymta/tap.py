@@ -155,10 +155,13 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
         sources=smtp_agent.selector,
     )
 
+    from pymta.queue.scheduler import MonotonicClock
+
     manager = QueueManager(
         store=store,
         agents=agents,
-        clock=reactor,
+        clock=MonotonicClock(reactor),  # retries and expiry immune to wall-clock steps
+        wall=reactor,
         hostname=config.hostname,
         retry_initial=config.queue.retry_initial,
         retry_max=config.queue.retry_max,

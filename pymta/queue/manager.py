@@ -4,6 +4,12 @@ incoming -> active -> (done | deferred -> active ...); per-recipient state in th
 jittered exponential retries on a timer heap; bounces (DSNs) for failures and expiry, delay
 warnings, success notices as NOTIFY asks; a concurrency cap on messages in flight.
 Restart-safe: at start the store recovers and the schedule is rebuilt from the envelope files.
+
+Time: retries and expiry run on ``clock``, a monotonic clock, so a step of the wall clock neither
+freezes the queue nor makes every message look a day older (a burst of delay notices or
+expiries). ``wall`` gives the times written down: arrival, ``next_attempt`` (so that a restart can
+compute the remaining delay), headers and ``Will-Retry-Until``. A message's age is taken from its
+wall-clock arrival once, when this process first sees it, and counted on the monotonic clock after.
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ from pymta.queue.scheduler import TimerHeapScheduler, retry_delay
 
 log = Logger(namespace="pymta.queue")
 
+MAX_HOLD = 86400.0  # the longest a destination's delivery window holds mail back (one day)
+
 _EVENT_FOR_STATE = {DELIVERED: "delivered", FAILED: "bounced", R_DEFERRED: "deferred", RELAYED: "relayed"}
 
 
@@ -60,10 +68,12 @@ class QueueManager(service.Service):
         route_for: Callable[[str], str] | None = None,
         rng: random.Random | None = None,
         greylist_retry: float = 300.0,
+        wall: Any = None,
     ) -> None:
         self.store = store
         self.agents = agents
-        self.clock = clock
+        self.clock = clock  # monotonic: when attempts are due, how old a message is
+        self.wall = wall if wall is not None else clock  # wall time: what is written down and shown
         self.hostname = hostname
         self.retry_initial = retry_initial
         self.retry_max = retry_max
@@ -80,6 +90,7 @@ class QueueManager(service.Service):
         self._inflight: dict[str, defer.Deferred] = {}
         self._after: dict[str, str] = {}  # qid -> "hold" | "delete" once its attempt ends
         self._missing_agent_logged: set[str] = set()
+        self._born: dict[str, float] = {}  # qid -> arrival on the monotonic clock
 
     # -- service ----------------------------------------------------------------------------
 
@@ -89,12 +100,18 @@ class QueueManager(service.Service):
         log.info("queue recovered: {counts}", counts=counts, event="recover")
         for qid in self.store.list(INCOMING):
             self._enqueue_ready(qid)
+        wall_now, now = self.wall.seconds(), self.clock.seconds()
+        longest = max(self.retry_max, MAX_HOLD)
         for qid in self.store.list(DEFERRED):
             try:
                 envelope = self.store.load(qid)
             except (KeyError, ValueError):
                 continue
-            self.scheduler.schedule(qid, max(envelope.next_attempt, envelope.not_before))
+            self._age(envelope)
+            # The delay that remained when the MTA stopped, clamped: a time in the past is due now, one
+            # absurdly far ahead (a clock that was wrong) is retried after the longest regular wait.
+            remaining = max(envelope.next_attempt, envelope.not_before) - wall_now
+            self.scheduler.schedule(qid, now + min(max(remaining, 0.0), longest))
         self._pump()
 
     def stopService(self) -> defer.Deferred:
@@ -153,9 +170,10 @@ class QueueManager(service.Service):
         except (KeyError, ValueError) as e:
             log.error("cannot read {qid}: {why}", qid=qid, why=str(e))
             return
-        now = self.clock.seconds()
+        self._age(envelope)  # first seen: its age starts counting on the monotonic clock
+        now = self.wall.seconds()
         if envelope.not_before > now:
-            yield self._reschedule(envelope, envelope.not_before)
+            yield self._reschedule(envelope, envelope.not_before - now)
             return
         pending = envelope.pending_recipients()
         groups: dict[tuple[str, str], list[Recipient]] = {}
@@ -163,7 +181,7 @@ class QueueManager(service.Service):
             groups.setdefault((r.route, r.domain), []).append(r)
         calls = [self._deliver_group(envelope, route, rcpts, body) for (route, _), rcpts in groups.items()]
         outcomes = yield defer.DeferredList(calls, consumeErrors=True)
-        now = self.clock.seconds()
+        now = self.wall.seconds()
         holds: list[float] = []
         records: list[defer.Deferred] = []
         retry = None  # a destination's own (initial, maximum) retry delays
@@ -223,7 +241,7 @@ class QueueManager(service.Service):
         # What the message travelled with (injection campaign/tenant, pool and source): in the log
         # event (metrics read it) and in the accounting record.
         tags = {k: envelope.extra[k] for k in ("campaign", "tenant", "pool", "source") if envelope.extra.get(k)}
-        queue_time = round(now - envelope.arrival, 3)
+        queue_time = round(self._age(envelope), 3)
         log.info(
             "{event} {qid} to {rcpt}: {code} {enhanced} {text}",
             event=event, qid=envelope.qid, rcpt=rcpt.address, sender=envelope.sender,
@@ -255,7 +273,7 @@ class QueueManager(service.Service):
                   retry: list[float] | None = None):  # fmt: skip
         qid = envelope.qid
         pending = envelope.pending_recipients()
-        if pending and now - envelope.arrival >= self.max_age:
+        if pending and self._age(envelope) >= self.max_age:
             records = []
             for r in pending:
                 r.state = EXPIRED
@@ -269,14 +287,15 @@ class QueueManager(service.Service):
         yield self._notices(envelope, body, now, bool(pending))
         action = self._after.pop(qid, None)
         if action == "delete" or not pending:
+            self._born.pop(qid, None)
             yield self.store.remove(qid)
             return
         if action == "hold":
             yield self.store.update(envelope)
             yield self.store.move(qid, HOLD)
             return
-        if held_until is not None:
-            yield self._reschedule(envelope, max(held_until, now))
+        if held_until is not None:  # a wall-clock time (a shaping pause, a delivery window)
+            yield self._reschedule(envelope, held_until - now)
             return
         initial, maximum = retry if retry else (self.retry_initial, self.retry_max)
         delay = retry_delay(envelope.attempts, initial, maximum, self.rng)
@@ -285,11 +304,24 @@ class QueueManager(service.Service):
             delay = min(self.greylist_retry, self.retry_initial)
         if any(r.route not in self.agents for r in pending):
             delay = self.retry_max
-        yield self._reschedule(envelope, now + delay)
+        yield self._reschedule(envelope, delay)
+
+    def _age(self, envelope: Envelope) -> float:
+        """Seconds ``envelope`` has been queued, on the monotonic clock; when this process first sees
+        it, its wall-clock age, clamped to [0, max_age] (a wall clock set back, or far ahead)."""
+        now = self.clock.seconds()
+        born = self._born.get(envelope.qid)
+        if born is None:
+            age = min(max(self.wall.seconds() - envelope.arrival, 0.0), self.max_age)
+            born = self._born[envelope.qid] = now - age
+        return now - born
 
     @defer.inlineCallbacks
-    def _reschedule(self, envelope: Envelope, when: float):
-        envelope.next_attempt = when
+    def _reschedule(self, envelope: Envelope, delay: float):
+        """Next attempt in ``delay`` seconds: written down as wall time, scheduled on the monotonic clock."""
+        delay = max(delay, 0.0)
+        when = self.clock.seconds() + delay
+        envelope.next_attempt = self.wall.seconds() + delay
         yield self.store.update(envelope)
         yield self.store.move(envelope.qid, DEFERRED)
         if self._after.get(envelope.qid) == "hold":
@@ -313,10 +345,11 @@ class QueueManager(service.Service):
         yield self._send_dsn(envelope, failed, "failed", body, now)
         for state, action in ((DELIVERED, "delivered"), (RELAYED, "relayed")):
             yield self._send_dsn(envelope, [r for r in success if r.state == state], action, body, now)
-        if still_pending and not envelope.delay_warned and now - envelope.arrival >= self.delay_warning > 0:
+        age = self._age(envelope)
+        if still_pending and not envelope.delay_warned and age >= self.delay_warning > 0:
             envelope.delay_warned = True
             delayed = [r for r in envelope.pending_recipients() if notify_allows(r, "delayed")]
-            yield self._send_dsn(envelope, delayed, "delayed", body, now, envelope.arrival + self.max_age)
+            yield self._send_dsn(envelope, delayed, "delayed", body, now, now + self.max_age - age)
 
     @defer.inlineCallbacks
     def _send_dsn(self, envelope: Envelope, rcpts: list[Recipient], action: str, body: bytes, now: float,
@@ -371,6 +404,7 @@ class QueueManager(service.Service):
             self._after[qid] = "delete"
             return
         self.scheduler.cancel(qid)
+        self._born.pop(qid, None)
         yield self.store.remove(qid)
 
     @defer.inlineCallbacks
