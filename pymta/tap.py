@@ -316,7 +316,7 @@ def _listen(config: Config, reactor: Any, factory: Any, top: service.MultiServic
         # The workers serve STARTTLS and log too: SIGHUP (certificate, logs) and SIGUSR1 (logs) reach them.
         for child in top:
             if isinstance(child, ReloadOnHangup):
-                child.also.append(lambda name=child.signum.name[3:]: pool.signal_all(name))
+                child.also.append(lambda signum=child.signum: pool.signal_all(int(signum)))
 
 
 class ReloadOnHangup(service.Service):
@@ -342,7 +342,8 @@ class ReloadOnHangup(service.Service):
     def stopService(self) -> None:
         super().stopService()
         if self.previous is not None:
-            signal.signal(self.signum, self.previous)
+            # Not back to the default action, which would end a process that is still stopping.
+            signal.signal(self.signum, signal.SIG_IGN if self.previous == signal.SIG_DFL else self.previous)
 
 
 def _log_reopener(accounting: Any) -> Any:

@@ -94,26 +94,35 @@ def test_after_kill_9_under_load_every_acknowledged_and_every_delivered_message_
         dns.stop()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGHUP], ids=["SIGUSR1", "SIGHUP"])
-def test_a_signal_reopens_the_accounting_log_and_the_log_file_after_logrotate_renamed_them(tmp_path, sig):
-    mta = MTAProcess(str(tmp_path)).start()
+@pytest.mark.parametrize("sig,processes", [(signal.SIGUSR1, 1), (signal.SIGHUP, 1), (signal.SIGUSR1, 2)],
+                         ids=["SIGUSR1", "SIGHUP", "SIGUSR1-with-a-listener-worker"])  # fmt: skip
+def test_a_signal_reopens_the_accounting_log_and_the_log_file_after_logrotate_renamed_them(tmp_path, sig, processes):
+    mta = MTAProcess(str(tmp_path), smtp_extra=f"processes = {processes}").start()
     log_dir = os.path.join(mta.state_dir, "log")
     try:
         with smtplib.SMTP("127.0.0.1", mta.port, timeout=30) as smtp:
             smtp.sendmail("s@example.org", ["alice@example.test"], "Subject: one\r\n\r\nfirst\r\n")
         mta.wait_for(lambda: any(r["event"] == "delivered" for r in accounting(mta)), what="first delivery")
+        # Every process listens (its signal handlers are installed before its port starts).
+        mta.wait_for(lambda: len([e for e in mta.log_events() if e["message"].startswith(
+            f"SMTPServerFactory starting on {mta.port}")]) == processes, what="listener workers ready")  # fmt: skip
         os.rename(os.path.join(log_dir, "accounting.jsonl"), os.path.join(log_dir, "accounting.jsonl.1"))
         os.rename(mta.log_path, mta.log_path + ".1")
         mta.proc.send_signal(sig)
-        mta.wait_for(lambda: os.path.exists(mta.log_path) and any(
-            e.get("event") == "log_reopen" for e in mta.log_events()), what="log file reopened")  # fmt: skip
-        with smtplib.SMTP("127.0.0.1", mta.port, timeout=30) as smtp:
-            smtp.sendmail("s@example.org", ["bob@example.test"], "Subject: two\r\n\r\nsecond\r\n")
-        records = mta.wait_for(lambda: [r for r in accounting(mta) if r["event"] == "delivered"], what="second delivery")
-        assert [r["recipient"] for r in records] == ["bob@example.test"]
-        assert [r["recipient"] for r in accounting(mta, "accounting.jsonl.1") if r["event"] == "delivered"] == [
-            "alice@example.test"]  # fmt: skip
-        assert any(e.get("event") == "queued" for e in mta.log_events())  # new events go to the new log file
+        # Every process (the main one and each listener worker) reopens both files.
+        mta.wait_for(lambda: os.path.exists(mta.log_path) and len(
+            [e for e in mta.log_events() if e.get("event") == "log_reopen"]) == processes, what="log files reopened")  # fmt: skip
+        for n in range(6):  # spread over the processes that accept
+            with smtplib.SMTP("127.0.0.1", mta.port, timeout=30) as smtp:
+                smtp.sendmail("s@example.org", ["bob@example.test"], f"Subject: {n}\r\n\r\nsecond\r\n")
+        records = mta.wait_for(lambda: (r := [r for r in accounting(mta) if r["event"] == "delivered"]) and len(r) == 6
+                               and r, what="later deliveries")  # fmt: skip
+        assert {r["recipient"] for r in records} == {"bob@example.test"}
+        assert len([r for r in accounting(mta) if r["event"] == "received"]) == 6
+        old = list(read_records(os.path.join(log_dir, "accounting.jsonl.1")))
+        assert [(r["event"], r["recipient"]) for r in old] == [("received", "alice@example.test"),
+                                                                ("delivered", "alice@example.test")]  # fmt: skip
+        assert len([e for e in mta.log_events() if e.get("event") == "queued"]) == 6  # all in the new log file
         assert mta.proc.poll() is None
     finally:
         mta.stop()
