@@ -9,6 +9,7 @@ import queue
 import random
 import threading
 import time
+import tracemalloc
 from email.utils import parsedate_to_datetime
 
 from twisted.internet import task
@@ -140,5 +141,23 @@ def test_the_monotonic_clock_runs_calls_in_order_on_the_reactor_thread_and_skips
         reactor.run_next()
     assert fired == ["first", "second"] and clock.seconds() - start >= 0.2
     assert threading.current_thread() is threading.main_thread()  # they ran here, not in the helper thread
+    for stop in reactor.triggers:
+        stop()
+
+
+def test_cancelled_calls_do_not_pile_up_in_the_monotonic_clock():
+    reactor = ThreadReactor()
+    clock = MonotonicClock(reactor)
+    earliest = clock.callLater(600, lambda: None)  # stays armed, above the cancelled ones
+    clock.callLater(3600, lambda: None).cancel()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(5_000):  # the scheduler re-arming its one timer again and again
+            clock.callLater(3600, lambda: None).cancel()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert clock.getDelayedCalls() == [earliest] and grown < 100_000  # kept, they would take megabytes
     for stop in reactor.triggers:
         stop()

@@ -148,6 +148,7 @@ class MonotonicClock:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopped = False
+        self._compact_at = 64  # cancelled calls stay in the heap until then (amortised clean-up)
 
     def seconds(self) -> float:
         return self._monotonic()
@@ -156,6 +157,10 @@ class MonotonicClock:
         call = MonotonicCall(self.seconds() + max(0.0, delay), f, args, kw)
         with self._cond:
             heapq.heappush(self._heap, (call.time, next(self._seq), call))
+            if len(self._heap) > self._compact_at:
+                self._heap[:] = [entry for entry in self._heap if entry[2].active()]
+                heapq.heapify(self._heap)
+                self._compact_at = max(64, 2 * len(self._heap))
             self._cond.notify()
             if self._thread is None and not self._stopped:
                 self._thread = threading.Thread(target=self._wait_loop, name="pymta-monotonic-timer", daemon=True)
