@@ -47,7 +47,7 @@ def test_after_kill_9_under_load_every_acknowledged_and_every_delivered_message_
         for seq in range(first, first + 1000, 1):
             if stop.is_set():
                 return
-            message = f"From: s@example.org\r\nTo: r@remote.test\r\nX-Seq: {seq}\r\nSubject: load\r\n\r\nbody {seq}\r\n"
+            message = f"From: s@example.org\r\nTo: r@remote.test\r\nX-Seq: {seq}\r\nSubject: load\r\n\r\n{seq}\r\nbody\r\n"
             try:
                 with smtplib.SMTP("127.0.0.1", mta.port, timeout=10) as smtp:
                     smtp.ehlo()
