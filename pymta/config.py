@@ -432,6 +432,7 @@ class ShapingLimitsConfig:
     retry_initial: float | None = _key(conv_duration(1), None)
     retry_max: float | None = _key(conv_duration(1), None)
     per_source: bool | None = _key(conv_bool, None)
+    dead_site_pause: float | None = _key(conv_duration(0), None)  # default 600 s; 0: never suspend
     mx_suffix: tuple[str, ...] = _key(conv_list(conv_hostname), ())  # providers only
 
 

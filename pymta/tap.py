@@ -13,6 +13,7 @@ from typing import Any
 
 from twisted.application import service, strports
 from twisted.internet import reactor as global_reactor
+from twisted.internet.threads import deferToThreadPool
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
@@ -195,8 +196,16 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
     store = MaildirQueueStore(config.queue_dir, reactor=reactor, threadpool=pool, fsync=config.queue.fsync)
     accounting = None
     if config.log.accounting:
-        accounting = AccountingLog(os.path.join(config.log_dir, "accounting.jsonl"), reactor)
+        # Its own thread: record fsyncs never wait behind (or delay) queue or DNS work.
+        accounting_pool = ThreadPool(minthreads=1, maxthreads=1, name="pymta-accounting")
+        ThreadPoolService(accounting_pool).setServiceParent(top)
+        accounting = AccountingLog(
+            os.path.join(config.log_dir, "accounting.jsonl"), reactor,
+            run=lambda f: deferToThreadPool(reactor, accounting_pool, f), fsync=config.queue.fsync,
+        )  # fmt: skip
         CloseOnStop(accounting.close).setServiceParent(top)
+    reopen = _log_reopener(accounting)
+    ReloadOnHangup(reopen, reactor, signal.SIGUSR1).setServiceParent(top)
 
     agents: dict[str, Any] = {
         "local": MaildirDeliveryAgent(config.mail_dir, config.hostname, reactor=reactor, threadpool=pool),
@@ -217,10 +226,13 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
         sources=smtp_agent.selector, parser=parse_pool.parse,
     )
 
+    from pymta.queue.scheduler import MonotonicClock
+
     manager = QueueManager(
         store=store,
         agents=agents,
-        clock=reactor,
+        clock=MonotonicClock(reactor),  # retries and expiry immune to wall-clock steps
+        wall=reactor,
         hostname=config.hostname,
         retry_initial=config.queue.retry_initial,
         retry_max=config.queue.retry_max,
@@ -304,8 +316,10 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
     # process takes an equal share. Submission listeners count apart, with the same cap.
     mx_slots = ConnectionSlots(-(-config.smtp.max_connections // config.smtp.processes))
     server_tls = ServerTLS(config.tls.cert, config.tls.key) if config.tls.cert else None
+    hangup = ReloadOnHangup(server_tls.reload if server_tls is not None else reopen, reactor)
     if server_tls is not None:
-        ReloadOnHangup(server_tls.reload, reactor).setServiceParent(top)
+        hangup.also.append(reopen)
+    hangup.setServiceParent(top)
     factory = SMTPServerFactory(receiver, config.hostname, limits, reactor, tls_context_factory=server_tls,
                                 connections=mx_slots)  # fmt: skip
     drain.factories.append(factory)
@@ -390,20 +404,22 @@ def _listen(config: Config, reactor: Any, factory: Any, top: service.MultiServic
         pool = WorkerPool(reactor, config.smtp.processes - 1, config.path, sockets, on_ended=on_worker_ended,
                           stop_limit=stop_limit)
         pool.setServiceParent(top)
-        # The workers serve STARTTLS too: a SIGHUP to the main process reloads their certificate.
+        # The workers serve STARTTLS and log too: SIGHUP (certificate, logs) and SIGUSR1 (logs) reach them.
         for child in top:
             if isinstance(child, ReloadOnHangup):
-                child.also.append(lambda: pool.signal_all("HUP"))
+                child.also.append(lambda signum=child.signum: pool.signal_all(int(signum)))
 
 
 class ReloadOnHangup(service.Service):
-    """SIGHUP reloads the certificate (the signal handler only schedules the work on the reactor)."""
+    """SIGHUP reloads the certificate and reopens the logs; with ``signum=SIGUSR1``, logs only (the
+    signal handler only schedules the work on the reactor)."""
 
-    def __init__(self, reload: Any, reactor: Any) -> None:
+    def __init__(self, reload: Any, reactor: Any, signum: signal.Signals = signal.SIGHUP) -> None:
         self.reload = reload
         self.reactor = reactor
+        self.signum = signum
         self.previous: Any = None
-        self.also: list[Any] = []  # further actions on SIGHUP (e.g. tell the listener workers)
+        self.also: list[Any] = []  # further actions on the signal (e.g. tell the listener workers)
 
     def hangup(self) -> None:
         self.reload()
@@ -412,12 +428,25 @@ class ReloadOnHangup(service.Service):
 
     def startService(self) -> None:
         super().startService()
-        self.previous = signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.hangup))
+        self.previous = signal.signal(self.signum, lambda *_: self.reactor.callFromThread(self.hangup))
 
     def stopService(self) -> None:
         super().stopService()
         if self.previous is not None:
-            signal.signal(signal.SIGHUP, self.previous)
+            # Not back to the default action, which would end a process that is still stopping.
+            signal.signal(self.signum, signal.SIG_IGN if self.previous == signal.SIG_DFL else self.previous)
+
+
+def _log_reopener(accounting: Any) -> Any:
+    """What SIGUSR1 and SIGHUP do for logrotate: reopen $PYMTA_LOG_FILE and the accounting log."""
+    from pymta.log import reopen_log_files
+
+    def reopen() -> None:
+        reopen_log_files()
+        if accounting is not None:
+            accounting.reopen()
+
+    return reopen
 
 
 def _inbound_state(config: Config, reactor: Any, main: bool) -> Any:
@@ -476,7 +505,7 @@ def _shaper(config: Config, reactor: Any) -> Any:
     def limits(c: Any) -> Limits:
         retry = (c.retry_initial, c.retry_max or max(c.retry_initial, config.queue.retry_max)) if c.retry_initial else None
         return Limits(c.connections, c.message_rate, c.messages_per_connection, c.recipients_per_message,
-                      c.window, c.timezone, c.connection_rate, retry, c.per_source)  # fmt: skip
+                      c.window, c.timezone, c.connection_rate, retry, c.per_source, c.dead_site_pause)  # fmt: skip
 
     default = limits(sh.default).over(Limits(connections=config.outbound.max_connections_per_domain))
     return Shaper(

@@ -68,8 +68,10 @@ class MTAProcess:
         smtp_port: int = 2,
         smtp_extra: str = "",
         relay_from: str = "127.0.0.0/8",
+        env: dict[str, str] | None = None,
     ) -> None:
         self.workdir = workdir
+        self.env = env or {}  # extra environment for twistd (e.g. libfaketime)
         self.port = port or free_port()
         self.state_dir = os.path.join(workdir, "var")
         self.config_path = os.path.join(workdir, "pymta.toml")
@@ -105,7 +107,7 @@ class MTAProcess:
         ]  # fmt: skip
 
     def start(self) -> MTAProcess:
-        env = dict(os.environ, PYMTA_LOG_FILE=self.log_path, PYTHONPATH=ROOT)
+        env = dict(os.environ, PYMTA_LOG_FILE=self.log_path, PYTHONPATH=ROOT, **self.env)
         self.stderr = open(os.path.join(self.workdir, "twistd.stderr"), "ab")
         self.proc = subprocess.Popen(
             self.twistd_command(), cwd=self.workdir, env=env, stdin=subprocess.DEVNULL,

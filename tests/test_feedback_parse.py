@@ -236,7 +236,7 @@ def test_rules_file_errors_name_the_rule(tmp_path):
         load_rules(str(path))
 
 
-def test_cli_prints_one_line_per_file_and_exits_0(tmp_path):
+def test_cli_prints_one_line_per_file_and_a_missing_file_is_one_error_line_and_exit_1(tmp_path):
     files = []
     for name, raw in (("dsn.eml", POSTFIX_DSN), ("arf.eml", ARF), ("junk.eml", b"\x00\x01")):
         (tmp_path / name).write_bytes(raw)
@@ -244,11 +244,14 @@ def test_cli_prints_one_line_per_file_and_exits_0(tmp_path):
     files.append(str(tmp_path / "missing.eml"))
     proc = subprocess.run([sys.executable, "-m", "pymta.feedback.cli", "parse", *files],
                           capture_output=True, text=True, timeout=60)  # fmt: skip
-    assert proc.returncode == 0 and "Traceback" not in proc.stderr
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines() == [f"pymta-feedback: cannot read {files[3]}: No such file or directory"]
     lines = [json.loads(x) for x in proc.stdout.splitlines()]
-    assert [x["file"] for x in lines] == files
+    assert [x["file"] for x in lines] == files[:3]
     assert lines[0]["kind"] == "dsn" and lines[0]["status"] == "5.1.1"
     assert lines[0]["hard"] is None  # one hard and one soft recipient: no single verdict
     assert lines[1]["action"] == "complaint"
-    assert lines[3]["kind"] == "unknown"
+    ok = subprocess.run([sys.executable, "-m", "pymta.feedback.cli", "parse", *files[:3]],
+                        capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert ok.returncode == 0 and ok.stderr == ""
     assert set(lines[0]) == {"file", "kind", "recipients", "action", "hard", "reason", "status"}

@@ -297,10 +297,11 @@ class InboundReceiver:
 
     # -- outcome --------------------------------------------------------------------------
 
-    def _queued(self, _: Any, session: Any, envelope: Envelope) -> Reply:
+    def _queued(self, _: Any, session: Any, envelope: Envelope) -> defer.Deferred:
         reply = Reply(250, "2.0.0", f"Ok: queued as {envelope.qid}")
-        record_queued(envelope, self.accounting, self.on_queued, code=reply.code, enhanced=reply.enhanced)
-        return reply
+        # The 250 waits until the received records are on disk too (one group-committed fsync).
+        d = record_queued(envelope, self.accounting, self.on_queued, code=reply.code, enhanced=reply.enhanced)
+        return d.addCallback(lambda _: reply)
 
     def _not_queued(self, failure: Any, session: Any, envelope: Envelope) -> Reply:
         reply = STORAGE_FULL if failure.check(QueueFull) else LOCAL_ERROR

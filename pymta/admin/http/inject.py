@@ -505,9 +505,9 @@ class InjectAPI:
             extra=extra,
         )
 
-    def _queued(self, _: Any, envelope: Envelope, queue_ids: list[str]) -> None:
+    def _queued(self, _: Any, envelope: Envelope, queue_ids: list[str]) -> defer.Deferred:
         queue_ids.append(envelope.qid)
-        record_queued(envelope, self.accounting, self.on_queued, listener="http")
+        return record_queued(envelope, self.accounting, self.on_queued, listener="http")  # answered once on disk
 
     def _not_queued(self, failure: Any, envelope: Envelope, failed: list[dict[str, str]]) -> None:
         log.error("could not queue an injected message for {rcpt}: {why}", rcpt=envelope.recipients[0].address,
