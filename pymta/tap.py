@@ -64,6 +64,7 @@ def makeService(options: dict[str, Any]) -> service.MultiService:
     import sqlite3
 
     from pymta.admin.http.tokens import TokensFileError
+    from pymta.auth.dkim import DkimKeyError
     from pymta.inbound.auth import UsersFileError
     from pymta.state.local import InboundStateError
     from pymta.tls import TLSConfigError
@@ -84,7 +85,7 @@ def makeService(options: dict[str, Any]) -> service.MultiService:
         _startup_failed(f"configuration error: {config.path}: {e.key}: {e}" if e.key else f"configuration error: {e}")
     except UsersFileError as e:
         _startup_failed(f"configuration error: {config.path}: submission.users_file: {e}")
-    except (TokensFileError, InboundStateError) as e:
+    except (TokensFileError, InboundStateError, DkimKeyError) as e:
         _startup_failed(f"configuration error: {e}")
     except StartupError as e:
         _startup_failed(str(e))
@@ -202,6 +203,11 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
         "local": MaildirDeliveryAgent(config.mail_dir, config.hostname, reactor=reactor, threadpool=pool),
     }
     resolver = Resolver(reactor, dns_pool, config.dns.servers, timeout=config.dns.timeout)
+    from pymta.auth.accept import sender_auth_from_config
+
+    sender_auth = sender_auth_from_config(config, reactor, resolver)
+    if sender_auth is not None:
+        ThreadPoolService(sender_auth.threadpool).setServiceParent(top)
     smtp_agent = _outbound_agent(config, reactor, resolver)
     CloseOnStop(smtp_agent.close_idle).setServiceParent(top)
     suppression, tagger = _feedback_parts(config, reactor)
@@ -285,6 +291,7 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
         sender_login=SenderLogins.from_files(config.submission.users_file, config.submission.sender_login_maps)
         if config.submission.listen and config.submission.sender_login == "strict"
         else None,
+        sender_auth=sender_auth,
     )
     limits = ServerLimits(
         max_message_size=config.smtp.max_message_size,
@@ -298,6 +305,8 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
     server_tls = ServerTLS(config.tls.cert, config.tls.key) if config.tls.cert else None
     if server_tls is not None:
         ReloadOnHangup(server_tls.reload, reactor).setServiceParent(top)
+    if sender_auth is not None and sender_auth.signer is not None:
+        on_hangup(top, reactor, sender_auth.signer.reload)  # DKIM keys
     factory = SMTPServerFactory(receiver, config.hostname, limits, reactor, tls_context_factory=server_tls)
     drain.factories.append(factory)
     if worker_fds is not None:
@@ -384,6 +393,15 @@ def _listen(config: Config, reactor: Any, factory: Any, top: service.MultiServic
         for child in top:
             if isinstance(child, ReloadOnHangup):
                 child.also.append(lambda: pool.signal_all("HUP"))
+
+
+def on_hangup(top: service.MultiService, reactor: Any, action: Any) -> None:
+    """Adds ``action`` to the tree's one SIGHUP handler (created when there is none yet)."""
+    for child in top:
+        if isinstance(child, ReloadOnHangup):
+            child.also.append(action)
+            return
+    ReloadOnHangup(action, reactor).setServiceParent(top)
 
 
 class ReloadOnHangup(service.Service):

@@ -124,6 +124,7 @@ class InboundReceiver:
         resolver: Any = None,
         reverse_lookup: bool = False,
         sender_login: Any = None,
+        sender_auth: Any = None,
     ) -> None:
         self.hostname = hostname
         self.policy = policy
@@ -139,6 +140,7 @@ class InboundReceiver:
         self.resolver = resolver
         self.reverse_lookup = reverse_lookup and resolver is not None
         self.sender_login = sender_login  # SenderLogins: authenticated users send only as themselves
+        self.sender_auth = sender_auth  # pymta.auth.accept.SenderAuth: DKIM signing, inbound verdicts
 
     # -- stages ---------------------------------------------------------------------------
 
@@ -227,6 +229,12 @@ class InboundReceiver:
         return None
 
     def message(self, session: Any, body: bytes) -> defer.Deferred[Reply] | Reply:
+        if self.sender_auth is not None:
+            d = self.sender_auth.accept(session, body, self._trusted(session))
+            return d.addCallback(lambda got: got if isinstance(got, Reply) else self._message(session, got))
+        return self._message(session, body)
+
+    def _message(self, session: Any, body: bytes) -> defer.Deferred[Reply] | Reply:
         txn = session.transaction
         refused = self._acl(
             "data", session, sender=txn.sender, recipients=[r.address for r in txn.recipients], size=len(body)
