@@ -221,6 +221,7 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
     agents["feedback"] = FeedbackProcessor(
         suppression, tagger, fb.complaint_addresses, fb.reply_addresses, agents["local"], fb.reply_mailbox, accounting,
         sources=smtp_agent.selector, parser=parse_pool.parse,
+        authserv_id=sender_auth.authserv_id if sender_auth is not None and sender_auth.verify else None,
     )
 
     manager = QueueManager(
