@@ -92,8 +92,8 @@ def signer_for(tmp_path, dkim_toml: str, now: float = 0.0) -> DkimSigner:
     return DkimSigner(config.dkim, config.path, clock)
 
 
-def verify(message: bytes, dns_port: int) -> list[str]:
-    out = subprocess.run(["perl", VERIFIER, str(dns_port)], input=message, capture_output=True, timeout=60)
+def verify(message: bytes, dns_port: int, mode: str = "dkim") -> list[str]:
+    out = subprocess.run(["perl", VERIFIER, str(dns_port), mode], input=message, capture_output=True, timeout=60)
     assert out.returncode == 0, out.stderr.decode()
     return out.stdout.decode().splitlines()
 
