@@ -214,7 +214,8 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
     CloseOnStop(suppression.close).setServiceParent(top)
     fb = config.feedback
     relay = FeedbackGate(smtp_agent, suppression, tagger, fb.sender_domains, classify, fb.unsubscribe,
-                         config.http.public_url if config.http.public_listen else None)  # fmt: skip
+                         config.http.public_url if config.http.public_listen else None,
+                         signer=sender_auth.signer if sender_auth is not None else None)  # fmt: skip
     agents["relay"] = agents["forward"] = relay
     parse_pool = ParsePool(reactor)  # bounces are parsed in a worker process, never on the reactor
     CloseOnStop(parse_pool.close).setServiceParent(top)

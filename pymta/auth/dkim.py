@@ -232,11 +232,13 @@ class DkimSigner:
                     return keys
         return self.keys.get("default", [])
 
-    def signatures(self, message: bytes, keys: Iterable[SigningKey] | None = None) -> bytes:
-        """The signature fields to put on top of ``message`` (empty when no key applies)."""
+    def signatures(self, message: bytes, keys: Iterable[SigningKey] | None = None, timestamp: float | None = None) -> bytes:
+        """The signature fields to put on top of ``message`` (empty when no key applies); ``t=`` is
+        ``timestamp`` when given (the same message and time give the same bytes: RSA PKCS#1 v1.5
+        and Ed25519 signatures are deterministic), else the clock's now."""
         if keys is None:
             keys = self.keys_for(from_domain(message))
-        now = int(self.clock.seconds())
+        now = int(self.clock.seconds() if timestamp is None else timestamp)
         out = b""
         for key in keys:
             try:
