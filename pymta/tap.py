@@ -208,6 +208,7 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
     sender_auth = sender_auth_from_config(config, reactor, resolver)
     if sender_auth is not None:
         ThreadPoolService(sender_auth.threadpool).setServiceParent(top)
+        CloseOnStop(sender_auth.stop).setServiceParent(top)  # stops first: lookups in flight give up
     smtp_agent = _outbound_agent(config, reactor, resolver)
     CloseOnStop(smtp_agent.close_idle).setServiceParent(top)
     suppression, tagger = _feedback_parts(config, reactor)

@@ -355,6 +355,19 @@ class ResolverDNSTests(unittest.TestCase):
         assert session.transaction.notes["auth"].dmarc == "temperror"
 
     @defer.inlineCallbacks
+    def test_stopping_ends_lookups_in_flight_so_the_pool_can_be_joined(self):
+        slow = Resolver(reactor, self.pool, [self.server.address], timeout=4)  # the silent name: 8 s
+        auth = SenderAuth(reactor, self.auth_pool, "mx.example.test", resolver=slow, verify=True, dns_budget=60)
+        session = self.session("a@slow.example")
+        d = auth.accept(session, message("a@slow.example"), trusted=False)
+        reactor.callLater(0.5, auth.stop)
+        started = reactor.seconds()
+        body = yield d
+        assert reactor.seconds() - started < 4  # well below the resolver's 8 s: the stop ended the wait
+        assert body.endswith(message("a@slow.example"))
+        assert session.transaction.notes["auth"].dmarc == "temperror"
+
+    @defer.inlineCallbacks
     def test_trusted_clients_get_no_verdicts(self):
         session = self.session("a@example.org")
         body = yield self.auth.accept(session, message(), trusted=True)

@@ -50,7 +50,12 @@ class SenderAuth:
         self.dmarc_reject = dmarc_reject
         self.dmarc_quarantine = dmarc_quarantine
         self.arc_seal = arc_seal
-        self.dns_factory = dns_factory or (lambda: V.ResolverDNS(reactor, resolver, dns_budget))
+        self.stopped = False
+        self.dns_factory = dns_factory or (lambda: V.ResolverDNS(reactor, resolver, dns_budget, lambda: self.stopped))
+
+    def stop(self) -> None:
+        """Lookups in flight give up (temperror), so the thread pool can be joined at shutdown."""
+        self.stopped = True
 
     def _run(self, function: Any, *args: Any) -> defer.Deferred:
         if self.threadpool is None:
@@ -86,8 +91,8 @@ class SenderAuth:
 
     def seal(self, message: bytes, forwards: list[str], verdicts: V.Verdicts) -> bytes:
         """An ARC set (RFC 8617) by the forwarding domain's RSA key, or nothing without one."""
-        if self.signer is None:
-            return b""
+        if self.signer is None or verdicts.arc not in ("pass", "fail", "none"):
+            return b""  # no key, or no chain validation status to seal (RFC 8617 cv=)
         import dkim
 
         domain = forwards[0].rpartition("@")[2].lower()

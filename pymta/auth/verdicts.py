@@ -57,35 +57,62 @@ class SyncDNS:
 
 
 class ResolverDNS(SyncDNS):
-    """pymta's :class:`pymta.interfaces.IResolver` from a worker thread, within a time budget."""
+    """pymta's :class:`pymta.interfaces.IResolver` from a worker thread, within a time budget.
 
-    def __init__(self, reactor: Any, resolver: Any, budget: float = 30.0) -> None:
+    Each lookup is started on the reactor and waited for in short slices, so that a stopping
+    service (``stopped()`` true) or the spent budget ends the wait: a worker thread never blocks
+    the shutdown that joins it.
+    """
+
+    def __init__(self, reactor: Any, resolver: Any, budget: float = 30.0, stopped: Any = None) -> None:
         self.reactor = reactor
         self.resolver = resolver
         self.deadline = reactor.seconds() + budget
+        self.stopped = stopped or (lambda: False)
+
+    def _call(self, function: Any, *args: Any) -> Any:
+        import threading
+
+        from twisted.internet import defer
+
+        done = threading.Event()
+        box: list[Any] = []
+
+        def start() -> None:
+            d = defer.maybeDeferred(function, *args)
+            d.addBoth(lambda result: (box.append(result), done.set()))
+
+        self.reactor.callFromThread(start)
+        while not done.wait(0.1):
+            if self.stopped() or self.reactor.seconds() > self.deadline:
+                raise TempDNSError("DNS time budget spent" if not self.stopped() else "shutting down")
+        result = box[0]
+        if hasattr(result, "raiseException"):  # a Failure
+            result.raiseException()
+        return result
 
     def query(self, name: str, rdtype: str) -> list[str]:
-        from twisted.internet.threads import blockingCallFromThread
-
         from pymta.dns import DNSPermanentError
 
-        if self.reactor.seconds() > self.deadline:
+        if self.stopped() or self.reactor.seconds() > self.deadline:
             raise TempDNSError("DNS time budget spent")
         try:
             if rdtype == "TXT":
-                return list(blockingCallFromThread(self.reactor, self.resolver.lookup_txt, name))
+                return list(self._call(self.resolver.lookup_txt, name))
             if rdtype == "PTR":
-                return list(blockingCallFromThread(self.reactor, self.resolver.lookup_ptr, name))
+                return list(self._call(self.resolver.lookup_ptr, name))
             if rdtype == "MX":
-                result = blockingCallFromThread(self.reactor, self.resolver.lookup_mx, name)
+                result = self._call(self.resolver.lookup_mx, name)
                 if result.implicit or result.null:
                     return []
                 return [f"{p} {h}" for p, h in zip(result.preferences, result.hosts, strict=False)]
-            addresses = blockingCallFromThread(self.reactor, self.resolver.lookup_addresses, name)
+            addresses = self._call(self.resolver.lookup_addresses, name)
             version = 6 if rdtype == "AAAA" else 4
             return [a for a in addresses if ipaddress.ip_address(a).version == version]
         except DNSPermanentError:
-            return []
+            return []  # NXDOMAIN: no such data
+        except TempDNSError:
+            raise
         except Exception as e:  # temporary failures, malformed answers
             raise TempDNSError(str(e)) from None
 
