@@ -557,8 +557,8 @@ DKIM_HEADERS = ("From", "To", "Cc", "Subject", "Date", "Message-ID", "Reply-To",
 
 @dataclass(frozen=True)
 class DkimConfig:
-    """``[dkim."example.com"]`` signs for that From domain and its subdomains; ``[dkim.default]``
-    (with ``domain``, the d= it signs as) for senders without a key of their own."""
+    """``[dkim."example.com"]`` signs for that From domain and its subdomains (and for ``users``);
+    ``[dkim.default]`` (with ``domain``, the d= it signs as) for senders without a key of their own."""
 
     selector: tuple[str, ...] = _key(conv_list(conv_str), ())  # several: one signature each
     key: tuple[str, ...] = _key(conv_list(conv_path), ())  # PEM, one per selector
@@ -569,6 +569,7 @@ class DkimConfig:
         conv_choice("relaxed/relaxed", "relaxed/simple", "simple/relaxed", "simple/simple"), "relaxed/relaxed"
     )
     domain: str | None = _key(conv_hostname, None)  # d=; default the table's name
+    users: tuple[str, ...] = _key(conv_list(conv_str), ())  # authenticated users it signs for (no key of their own)
 
 
 @dataclass(frozen=True)

@@ -199,6 +199,22 @@ def test_keys_are_chosen_by_from_domain_parent_domain_or_default(tmp_path, keys)
     assert [k.domain for k in signer.keys_for(None)] == ["esp.example"]
 
 
+def test_an_authenticated_user_named_by_a_table_signs_with_its_key(tmp_path, keys):
+    signer = signer_for(tmp_path, f"""
+        [dkim."customer.example"]
+        selector = "s1"
+        key = "{keys["rsa"]}"
+        users = ["shop"]
+        [dkim.default]
+        domain = "esp.example"
+        selector = "esp"
+        key = "{keys["ed25519"]}"
+    """)
+    assert [k.domain for k in signer.keys_for("shop-mail.example", "shop")] == ["customer.example"]
+    assert [k.domain for k in signer.keys_for("shop-mail.example", "other")] == ["esp.example"]
+    assert b"d=customer.example;" in signer.sign(message(), user="shop")
+
+
 def test_from_domain_needs_exactly_one_from_address():
     assert from_domain(b"From: A <a@Example.ORG>\r\nTo: b@x\r\n\r\nbody") == "example.org"
     assert from_domain(b"From: a@x.example\r\nFrom: b@y.example\r\n\r\n") is None

@@ -66,7 +66,7 @@ class SenderAuth:
         if trusted:
             if self.signer is None:
                 return defer.succeed(body)
-            d = self._run(self.signer.sign, body)
+            d = self._run(self.signer.sign, body, session.auth_user)
             return d.addErrback(self._unsigned, session, body)
         if not self.verify:
             return defer.succeed(body)

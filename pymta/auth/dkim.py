@@ -222,22 +222,28 @@ class DkimSigner:
         log.info("DKIM keys reloaded", event="dkim_reloaded", domains=sorted(self.keys))
         return True
 
-    def keys_for(self, domain: str | None) -> list[SigningKey]:
-        """The From domain's own keys (the domain or its closest configured parent), else ``default``."""
+    def keys_for(self, domain: str | None, user: str | None = None) -> list[SigningKey]:
+        """The From domain's own keys (the domain or its closest configured parent), else those of
+        a table naming the authenticated ``user``, else ``default``."""
         if domain:
             labels = domain.split(".")
             for i in range(len(labels) - 1):
                 keys = self.keys.get(".".join(labels[i:]))
                 if keys:
                     return keys
+        if user:
+            for name, table in self.tables.items():
+                if user in table.users and self.keys.get(name):
+                    return self.keys[name]
         return self.keys.get("default", [])
 
-    def signatures(self, message: bytes, keys: Iterable[SigningKey] | None = None, timestamp: float | None = None) -> bytes:
+    def signatures(self, message: bytes, keys: Iterable[SigningKey] | None = None, timestamp: float | None = None,
+                   user: str | None = None) -> bytes:  # fmt: skip
         """The signature fields to put on top of ``message`` (empty when no key applies); ``t=`` is
         ``timestamp`` when given (the same message and time give the same bytes: RSA PKCS#1 v1.5
         and Ed25519 signatures are deterministic), else the clock's now."""
         if keys is None:
-            keys = self.keys_for(from_domain(message))
+            keys = self.keys_for(from_domain(message), user)
         now = int(self.clock.seconds() if timestamp is None else timestamp)
         out = b""
         for key in keys:
@@ -248,6 +254,6 @@ class DkimSigner:
                 return b""
         return out
 
-    def sign(self, message: bytes) -> bytes:
+    def sign(self, message: bytes, user: str | None = None) -> bytes:
         """``message`` with its signatures on top (unchanged when no key applies)."""
-        return self.signatures(message) + message
+        return self.signatures(message, user=user) + message
