@@ -403,3 +403,33 @@ def test_acl_conditions_match_the_verdicts_of_the_transaction():
     assert policy.check("data", session).code == 450
     session.transaction.notes["auth"] = V.Verdicts(dkim="pass", spf="temperror", dmarc="pass")
     assert policy.check("data", session) is None
+
+
+# -- bad input never raises ---------------------------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_value = st.binary(max_size=300).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b" "))
+_record = st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=200)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(dkim_value=st.one_of(_value, _value.map(lambda v: b"v=1; a=rsa-sha256; d=example.org; s=s1; " + v)),
+       arc_value=st.one_of(_value, _value.map(lambda v: b"i=1; cv=none; " + v)), ar_value=_value,
+       spf=st.one_of(_record, _record.map(lambda r: "v=spf1 " + r)),
+       dmarc=st.one_of(_record, _record.map(lambda r: "v=DMARC1; " + r)),
+       key=st.one_of(_record, _record.map(lambda r: "v=DKIM1; k=rsa; p=" + r)))
+def test_malformed_signatures_records_and_sets_give_verdicts_never_exceptions(dkim_value, arc_value, ar_value, spf,
+                                                                             dmarc, key):  # fmt: skip
+    msg = (b"DKIM-Signature: " + dkim_value + b"\r\nARC-Seal: " + arc_value + b"\r\nARC-Message-Signature: " + arc_value
+           + b"\r\nAuthentication-Results: " + ar_value + b"\r\n" + message())  # fmt: skip
+    d = dns(records={("example.org", "TXT"): [spf], ("_dmarc.example.org", "TXT"): [dmarc],
+                     ("s1._domainkey.example.org", "TXT"): [key]})  # fmt: skip
+    v = V.evaluate(msg, d, "192.0.2.9", "h.example", "a@example.org")
+    assert {v.spf, v.helo_spf, v.dkim, v.dmarc, v.arc} <= set(V.RESULTS)
+    assert all(r.result in V.RESULTS for r in v.dkim_results)
+    field = V.authentication_results("mx.example.test", v)
+    assert field.count(b"\r\n") == field.count(b";\r\n\t") + 1  # one field, folded only between results
+    cleaned, _ = V.remove_forged(msg, "mx.example.test")
+    assert cleaned.endswith(message())
