@@ -891,6 +891,10 @@ def _conv_dkim(value: Any, where: str) -> dict[str, DkimConfig]:
             raise ConfigError(f"{prefix}.algorithm: one algorithm per selector ({len(entry.selector)})")
         if "from" not in {h.lower() for h in entry.headers}:
             raise ConfigError(f"{prefix}.headers: From must be signed")
+        for what in ("headers", "oversign"):
+            ours = [h for h in getattr(entry, what) if h.lower().startswith("x-pymta-")]
+            if ours:  # pymta removes or adds these after signing: a signature over them would break
+                raise ConfigError(f"{prefix}.{what}: {ours[0]} is pymta's own header, never signed")
         if name == "default" and entry.domain is None:
             raise ConfigError(f"{prefix}.domain: needed (the d= domain that signs for other senders)")
         try:

@@ -179,6 +179,8 @@ def test_config_errors_name_the_key(tmp_path, keys):
         config_for(tmp_path, f'[dkim."example.org"]\nselector = ["a", "b"]\nkey = "{keys["rsa"]}"\n')
     with pytest.raises(ConfigError, match=r"dkim\.example\.org\.headers: From must be signed"):
         config_for(tmp_path, f'[dkim."example.org"]\nselector = "a"\nkey = "{keys["rsa"]}"\nheaders = ["To"]\n')
+    with pytest.raises(ConfigError, match=r"dkim\.example\.org\.headers: X-Pymta-Pool is pymta's own header"):
+        config_for(tmp_path, f'[dkim."example.org"]\nselector = "a"\nkey = "{keys["rsa"]}"\nheaders = ["From", "X-Pymta-Pool"]\n')
     with pytest.raises(ConfigError, match=r"acl\.rcpt\[1\]\.dmarc: sender verdicts are known at the data stage"):
         config_for(tmp_path, '[[acl.rcpt]]\ndmarc = "fail"\naction = "reject"\n')
 
