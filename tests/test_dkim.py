@@ -375,3 +375,42 @@ def test_twistd_refuses_to_start_with_a_short_key(tmp_path):
     err = proc.stderr.decode().strip().splitlines()
     assert err == [f"pymta: configuration error: {mta.config_path}: dkim.example.org.key: {short}: RSA key of 1024 bits, "
                    "at least 2048 needed"]  # fmt: skip
+
+
+@needs_perl
+@pytest.mark.timeout(180)
+def test_mail_injected_over_http_is_signed_once(tmp_path, keys, zone):
+    import json
+    import urllib.request
+
+    from pymta.admin.http.tokens import digest
+    from tests.mta_process import free_port, wait_for_port
+
+    z, server = zone
+    token = "inject-token-0123456789abcdefghijklmno"
+    (tmp_path / "tokens").write_text(f"crm:inject:{digest(token)}\n")
+    api_port = free_port()
+    dkim_toml = f'[dkim."example.org"]\nselector = "s1"\nkey = "{keys["rsa"]}"\n'
+    mta = MTAProcess(str(tmp_path), dns=server.address, extra_config=f"""
+        [http]
+        listen = ["tcp:{api_port}:interface=127.0.0.1"]
+        tokens_file = "{tmp_path / "tokens"}"
+        """ + dkim_toml)  # fmt: skip
+    publish(z, signer_for(tmp_path, dkim_toml))
+    mta.start()
+    try:
+        wait_for_port("127.0.0.1", api_port, 30)
+        request = {"envelope_sender": "news@example.org",
+                   "recipients": [{"email": "alice@example.test", "substitutions": {"first": "Alice"}}],
+                   "content": {"from": {"email": "news@example.org"}, "subject": "Hello {{ first }}",
+                               "text_body": "Dear {{ first }},\n.a dotted line\ncaf\u00e9\n"}}  # fmt: skip
+        req = urllib.request.Request(f"http://127.0.0.1:{api_port}/api/v1/inject", json.dumps(request).encode(),
+                                     {"Authorization": f"Bearer {token}", "Content-Type": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            assert json.loads(resp.read())["success_count"] == 1
+        [stored] = mta.wait_for(lambda: mta.maildir_messages("alice@example.test"), what="delivery")
+        stored = maildir_crlf(stored)
+        assert stored.count(b"DKIM-Signature:") == 1
+        assert verify(stored, server.port)[-1] == "overall pass"
+    finally:
+        mta.stop()

@@ -62,12 +62,16 @@ class SenderAuth:
             return defer.maybeDeferred(function, *args)
         return threads.deferToThreadPool(self.reactor, self.threadpool, function, *args)
 
+    def sign(self, body: bytes, user: str | None = None, client: str = "") -> defer.Deferred:
+        """``body`` DKIM-signed (in the pool; unchanged when no key applies or signing fails)."""
+        if self.signer is None:
+            return defer.succeed(body)
+        d = self._run(self.signer.sign, body, user)
+        return d.addErrback(self._unsigned, client, body)
+
     def accept(self, session: Any, body: bytes, trusted: bool) -> defer.Deferred:
         if trusted:
-            if self.signer is None:
-                return defer.succeed(body)
-            d = self._run(self.signer.sign, body, session.auth_user)
-            return d.addErrback(self._unsigned, session, body)
+            return self.sign(body, session.auth_user, session.peer_address or "")
         if not self.verify:
             return defer.succeed(body)
         txn = session.transaction
@@ -143,8 +147,8 @@ class SenderAuth:
         log.failure("verdicts failed for mail from {client}", failure, client=session.peer_address)
         return body
 
-    def _unsigned(self, failure: Any, session: Any, body: bytes) -> bytes:
-        log.failure("DKIM signing failed for mail from {client}", failure, client=session.peer_address)
+    def _unsigned(self, failure: Any, client: str, body: bytes) -> bytes:
+        log.failure("DKIM signing failed for mail from {client}", failure, client=client)
         return body
 
 
