@@ -433,3 +433,22 @@ def test_malformed_signatures_records_and_sets_give_verdicts_never_exceptions(dk
     assert field.count(b"\r\n") == field.count(b";\r\n\t") + 1  # one field, folded only between results
     cleaned, _ = V.remove_forged(msg, "mx.example.test")
     assert cleaned.endswith(message())
+
+
+def test_dmarc_quarantine_adds_a_header_or_reroutes_to_the_quarantine_mailbox():
+    def session() -> Sess:
+        txn = Txn(sender="x@elsewhere.example", recipients=[Accepted("alice@example.test"), Accepted("bob@example.test")])
+        txn.notes["routes"] = {a: ("local", a) for a in ("alice@example.test", "bob@example.test")}
+        return Sess(peer_address="203.0.113.5", helo_name="h.example", transaction=txn)
+
+    msg = message("news@mail.example.org")  # sp=quarantine applies to the subdomain
+    plain = SenderAuth(task.Clock(), None, "mx.example.test", verify=True, dns_factory=dns)
+    s1 = session()
+    body = plain.accept(s1, msg, trusted=False).result
+    assert body.startswith(b"X-DMARC-Quarantine: p=quarantine of mail.example.org\r\nAuthentication-Results:")
+    assert s1.transaction.notes["routes"]["bob@example.test"] == ("local", "bob@example.test")
+    held = SenderAuth(task.Clock(), None, "mx.example.test", verify=True, dns_factory=dns,
+                      dmarc_quarantine="quarantine@example.test")  # fmt: skip
+    s2 = session()
+    held.accept(s2, msg, trusted=False)
+    assert set(s2.transaction.notes["routes"].values()) == {("local", "quarantine@example.test")}
