@@ -452,3 +452,17 @@ def test_dmarc_quarantine_adds_a_header_or_reroutes_to_the_quarantine_mailbox():
     s2 = session()
     held.accept(s2, msg, trusted=False)
     assert set(s2.transaction.notes["routes"].values()) == {("local", "quarantine@example.test")}
+
+
+def test_dkimpys_rsa_primitive_on_openssl_gives_the_same_signature():
+    import hashlib
+
+    from pymta.auth.dkim import _PURE_RSA_SIGN, openssl_rsa_sign
+
+    pem = RSA.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                            serialization.NoEncryption())  # fmt: skip
+    private = dkim.crypto.parse_pem_private_key(pem)
+    digest = hashlib.sha256(b"canonicalised header fields")
+    assert openssl_rsa_sign(digest, private) == _PURE_RSA_SIGN(digest.copy(), private)
+    sha1 = hashlib.sha1(b"x")
+    assert openssl_rsa_sign(sha1, private) == _PURE_RSA_SIGN(sha1.copy(), private)  # falls back

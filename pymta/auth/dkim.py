@@ -195,6 +195,35 @@ def _fold(fields: list[tuple[bytes, bytes]], width: int = 76) -> bytes:
     return b"\r\n".join(lines)[len(b"DKIM-Signature:") :]
 
 
+_PURE_RSA_SIGN = dkim.RSASSA_PKCS1_v1_5_sign
+_OPENSSL_KEYS: dict[int, Any] = {}
+
+
+def openssl_rsa_sign(digest_source: Any, private_key: dict[str, int]) -> bytes:
+    """dkimpy's RSA signing primitive (``RSASSA_PKCS1_v1_5_sign``) on OpenSSL: the same bytes
+    (PKCS#1 v1.5 is deterministic), about twenty times faster; SHA-256 only, else dkimpy's own."""
+    digest = digest_source.digest()
+    if len(digest) != 32:
+        return _PURE_RSA_SIGN(digest_source, private_key)
+    modulus = private_key["modulus"]
+    key = _OPENSSL_KEYS.get(modulus)
+    if key is None:
+        public = rsa.RSAPublicNumbers(private_key["publicExponent"], modulus)
+        key = rsa.RSAPrivateNumbers(
+            private_key["prime1"], private_key["prime2"], private_key["privateExponent"], private_key["exponent1"],
+            private_key["exponent2"], private_key["coefficient"], public,
+        ).private_key(unsafe_skip_rsa_key_validation=True)  # fmt: skip  (our own key, checked when loaded)
+        if len(_OPENSSL_KEYS) >= 64:
+            _OPENSSL_KEYS.clear()
+        _OPENSSL_KEYS[modulus] = key
+    return key.sign(digest, padding.PKCS1v15(), Prehashed(hashes.SHA256()))
+
+
+def use_openssl_in_dkimpy() -> None:
+    """dkimpy's ARC sealing (and any other dkimpy RSA signing in this process) signs on OpenSSL."""
+    dkim.RSASSA_PKCS1_v1_5_sign = openssl_rsa_sign
+
+
 class DkimSigner:
     """Chooses the keys for a message's From domain and signs it (blocking: callers use a thread pool)."""
 
