@@ -241,6 +241,7 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
         greylist_retry=config.queue.greylist_retry,
         shutdown_grace=grace,
         abort=smtp_agent.abort_all,
+        sign=sender_auth.sign if sender_auth is not None and sender_auth.signer is not None else None,
     )
     from pymta.admin.http.service import make_metrics
 
