@@ -65,6 +65,7 @@ def makeService(options: dict[str, Any]) -> service.MultiService:
     import sqlite3
 
     from pymta.admin.http.tokens import TokensFileError
+    from pymta.auth.dkim import DkimKeyError
     from pymta.inbound.auth import UsersFileError
     from pymta.state.local import InboundStateError
     from pymta.tls import TLSConfigError
@@ -85,7 +86,7 @@ def makeService(options: dict[str, Any]) -> service.MultiService:
         _startup_failed(f"configuration error: {config.path}: {e.key}: {e}" if e.key else f"configuration error: {e}")
     except UsersFileError as e:
         _startup_failed(f"configuration error: {config.path}: submission.users_file: {e}")
-    except (TokensFileError, InboundStateError) as e:
+    except (TokensFileError, InboundStateError, DkimKeyError) as e:
         _startup_failed(f"configuration error: {e}")
     except StartupError as e:
         _startup_failed(str(e))
@@ -211,19 +212,27 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
         "local": MaildirDeliveryAgent(config.mail_dir, config.hostname, reactor=reactor, threadpool=pool),
     }
     resolver = Resolver(reactor, dns_pool, config.dns.servers, timeout=config.dns.timeout)
+    from pymta.auth.accept import sender_auth_from_config
+
+    sender_auth = sender_auth_from_config(config, reactor, resolver)
+    if sender_auth is not None:
+        ThreadPoolService(sender_auth.threadpool).setServiceParent(top)
+        CloseOnStop(sender_auth.stop).setServiceParent(top)  # stops first: lookups in flight give up
     smtp_agent = _outbound_agent(config, reactor, resolver)
     CloseOnStop(smtp_agent.close_idle).setServiceParent(top)
     suppression, tagger = _feedback_parts(config, reactor)
     CloseOnStop(suppression.close).setServiceParent(top)
     fb = config.feedback
     relay = FeedbackGate(smtp_agent, suppression, tagger, fb.sender_domains, classify, fb.unsubscribe,
-                         config.http.public_url if config.http.public_listen else None)  # fmt: skip
+                         config.http.public_url if config.http.public_listen else None,
+                         signer=sender_auth.signer if sender_auth is not None else None)  # fmt: skip
     agents["relay"] = agents["forward"] = relay
     parse_pool = ParsePool(reactor)  # bounces are parsed in a worker process, never on the reactor
     CloseOnStop(parse_pool.close).setServiceParent(top)
     agents["feedback"] = FeedbackProcessor(
         suppression, tagger, fb.complaint_addresses, fb.reply_addresses, agents["local"], fb.reply_mailbox, accounting,
         sources=smtp_agent.selector, parser=parse_pool.parse,
+        authserv_id=sender_auth.authserv_id if sender_auth is not None and sender_auth.verify else None,
     )
 
     from pymta.queue.scheduler import MonotonicClock
@@ -244,6 +253,7 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
         greylist_retry=config.queue.greylist_retry,
         shutdown_grace=grace,
         abort=smtp_agent.abort_all,
+        sign=sender_auth.sign if sender_auth is not None and sender_auth.signer is not None else None,
     )
     from pymta.admin.http.service import make_metrics
 
@@ -300,6 +310,7 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
         free_space=lambda: free_octets(config.queue_dir),
         # Postfix's rule: room for min_free plus one and a half messages of the largest size.
         space_needed=config.queue.min_free + config.smtp.max_message_size * 3 // 2,
+        sender_auth=sender_auth,
     )
     limits = ServerLimits(
         max_message_size=config.smtp.max_message_size,
@@ -320,6 +331,8 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
     if server_tls is not None:
         hangup.also.append(reopen)
     hangup.setServiceParent(top)
+    if sender_auth is not None and sender_auth.signer is not None:
+        on_hangup(top, reactor, sender_auth.signer.reload)  # DKIM keys
     factory = SMTPServerFactory(receiver, config.hostname, limits, reactor, tls_context_factory=server_tls,
                                 connections=mx_slots)  # fmt: skip
     drain.factories.append(factory)
@@ -345,6 +358,7 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
             config, reactor, top, store=store, operations=operations, policy=policy, threadpool=pool,
             metrics=metrics, suppression=suppression, tagger=tagger, accounting=accounting,
             on_queued=notify if config.queue.deliver else None, shaper=smtp_agent.shaper,
+            sign=sender_auth.sign if sender_auth is not None and sender_auth.signer is not None else None,
         )  # fmt: skip
     for endpoint in config.smtp.listen_tls:
         implicit = SMTPServerFactory(receiver, config.hostname, limits, reactor, connections=mx_slots)
@@ -408,6 +422,15 @@ def _listen(config: Config, reactor: Any, factory: Any, top: service.MultiServic
         for child in top:
             if isinstance(child, ReloadOnHangup):
                 child.also.append(lambda signum=child.signum: pool.signal_all(int(signum)))
+
+
+def on_hangup(top: service.MultiService, reactor: Any, action: Any) -> None:
+    """Adds ``action`` to the tree's one SIGHUP handler (created when there is none yet)."""
+    for child in top:
+        if isinstance(child, ReloadOnHangup) and child.signum == signal.SIGHUP:
+            child.also.append(action)
+            return
+    ReloadOnHangup(action, reactor).setServiceParent(top)
 
 
 class ReloadOnHangup(service.Service):

@@ -2,6 +2,7 @@
 # Installs everything the test suite needs, then runs it (ruff, then pytest).
 #   Debian packages: postfix (smtp-sink, smtp-source: real SMTP peers), swaks, testssl.sh,
 #   libfaketime (steps the wall clock of a real twistd),
+#   libmail-dkim-perl and opendkim-tools (independent DKIM verifiers),
 #   python3-venv where the interpreter cannot make a virtual environment.
 #   Python packages: pymta itself (editable, compat mode so twistd sees the plugin) + test extras,
 #   into the active virtual environment, or else into ./.venv (made here): Debian 12 refuses a
@@ -22,6 +23,8 @@ in_venv=$("$PY" -c 'import sys; print(int(sys.prefix != sys.base_prefix))')
 if [ "$in_venv" = 0 ] && ! "$PY" -c 'import ensurepip, venv' >/dev/null 2>&1; then
     need+=(python3-venv)
 fi
+perl -MMail::DKIM::Verifier -e 1 >/dev/null 2>&1 || need+=(libmail-dkim-perl)
+command -v opendkim-testmsg >/dev/null 2>&1 || [ -x /usr/sbin/opendkim-testmsg ] || need+=(opendkim-tools)
 if [ ${#need[@]} -gt 0 ]; then
     SUDO=""
     [ "$(id -u)" = 0 ] || SUDO="sudo"

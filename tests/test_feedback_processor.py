@@ -147,3 +147,21 @@ def test_human_replies_are_kept_in_the_reply_mailbox_and_auto_replies_are_not(wo
     processor.deliver(envelope, [Recipient("replies@sender.test", route="feedback")], auto).addCallback(results.extend)
     assert [address for address, _ in kept] == ["inbox@sender.test"] and kept[0][1] == human
     assert results[0].text.startswith("reply kept in inbox@sender.test") and "auto-reply" in results[1].text
+
+
+def test_a_complaint_whose_dkim_signature_fails_suppresses_nobody(tmp_path):
+    store = SuppressionStore(str(tmp_path / "s.sqlite"), task.Clock())
+    tagger = Tagger(SECRET, "bounces.sender.test")
+    processor = FeedbackProcessor(store, tagger, complaint_addresses=("fbl@sender.test",), authserv_id="mx.sender.test")
+    qid = new_qid()
+    report = arf(tagger.trace_value(qid, "grace@isp.test"))
+    envelope = Envelope(qid=qid, sender="fbl@isp.test", recipients=[])
+    failed = b"Authentication-Results: mx.sender.test; spf=pass smtp.mailfrom=isp.test;\r\n\tdkim=fail header.d=isp.test\r\n"
+    results = processor.deliver(envelope, [Recipient("fbl@sender.test", route="feedback")], failed + report).result
+    assert "DKIM signature fails" in results[0].text
+    assert store.is_suppressed("grace@isp.test") is None
+    # the same report with our dkim=pass suppresses
+    passed = failed.replace(b"dkim=fail", b"dkim=pass")
+    processor.deliver(envelope, [Recipient("fbl@sender.test", route="feedback")], passed + report)
+    assert store.is_suppressed("grace@isp.test")["source"] == "complaint"
+    store.close()

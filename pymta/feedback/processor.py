@@ -12,6 +12,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from pymta.auth.verdicts import recorded_dkim
 from pymta.envelope import DELIVERED, DeliveryResult, Envelope, Recipient
 from pymta.feedback.classify import bounce_verdict
 from pymta.feedback.parse import ARF, AUTOREPLY, DSN, Report, parse_message
@@ -36,6 +37,7 @@ class FeedbackProcessor:
         accounting: Any = None,
         sources: Any = None,
         parser: Callable[[bytes], defer.Deferred[Report]] | None = None,
+        authserv_id: str | None = None,
     ) -> None:
         self.suppression = suppression
         self.tagger = tagger
@@ -47,10 +49,16 @@ class FeedbackProcessor:
         self.sources = sources  # the warm-up's source selector: bounces and complaints count against a source
         # parse off the reactor (pymta.feedback.pool.ParsePool.parse); in-line when not given (tests)
         self.parser = parser or (lambda raw: defer.succeed(parse_message(raw)))
+        self.authserv_id = authserv_id  # whose Authentication-Results to trust (inbound verdicts on)
 
     @defer.inlineCallbacks
     def deliver(self, envelope: Envelope, recipients: list[Recipient], body: bytes):
         report = yield self.parser(body)
+        if report.kind == ARF and self.authserv_id and recorded_dkim(body, self.authserv_id) == "fail":
+            text = "feedback processed: ignored: complaint whose DKIM signature fails"
+            log.info("complaint for {to} ignored: its DKIM signature fails", to=[r.address for r in recipients],
+                     qid=envelope.qid, kind=report.kind, event="feedback")  # fmt: skip
+            return [DeliveryResult(r.address, DELIVERED, 250, "2.0.0", text) for r in recipients]
         results = []
         for rcpt in recipients:
             outcome = self.handle(rcpt.address, envelope, report)

@@ -126,6 +126,7 @@ class InboundReceiver:
         sender_login: Any = None,
         free_space: Callable[[], int] | None = None,
         space_needed: int = 0,
+        sender_auth: Any = None,
     ) -> None:
         self.hostname = hostname
         self.policy = policy
@@ -145,6 +146,7 @@ class InboundReceiver:
         # a full disk is refused before the client sends the body.
         self.free_space = free_space
         self.space_needed = space_needed
+        self.sender_auth = sender_auth  # pymta.auth.accept.SenderAuth: DKIM signing, inbound verdicts
 
     # -- stages ---------------------------------------------------------------------------
 
@@ -239,6 +241,12 @@ class InboundReceiver:
         return None
 
     def message(self, session: Any, body: bytes) -> defer.Deferred[Reply] | Reply:
+        if self.sender_auth is not None:
+            d = self.sender_auth.accept(session, body, self._trusted(session))
+            return d.addCallback(lambda got: got if isinstance(got, Reply) else self._message(session, got))
+        return self._message(session, body)
+
+    def _message(self, session: Any, body: bytes) -> defer.Deferred[Reply] | Reply:
         txn = session.transaction
         refused = self._acl(
             "data", session, sender=txn.sender, recipients=[r.address for r in txn.recipients], size=len(body)

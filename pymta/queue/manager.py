@@ -71,6 +71,7 @@ class QueueManager(service.Service):
         shutdown_grace: float = 30.0,
         abort: Callable[[], Any] | None = None,
         wall: Any = None,
+        sign: Callable[[bytes], Any] | None = None,
     ) -> None:
         self.store = store
         self.agents = agents
@@ -88,6 +89,7 @@ class QueueManager(service.Service):
         self.greylist_retry = greylist_retry
         self.shutdown_grace = shutdown_grace  # how long a stop waits for deliveries in flight
         self.abort = abort  # then aborts them with this (their results come back as deferred)
+        self.sign = sign  # DKIM for our own notices (bytes -> Deferred of the signed bytes)
         self.scheduler = TimerHeapScheduler(clock, self._due)
         self._ready: deque[str] = deque()
         self._queued: set[str] = set()  # in _ready
@@ -378,6 +380,8 @@ class QueueManager(service.Service):
         message = build_dsn(envelope, rcpts, action, body, self.hostname, now, retry_until)
         if message is None:
             return
+        if self.sign is not None:
+            message = yield self.sign(message)
         dsn = Envelope(
             qid=new_qid(),
             sender="",

@@ -109,6 +109,7 @@ def build_http(
     accounting: Any = None,
     on_queued: Any = None,
     shaper: Any = None,
+    sign: Any = None,
 ) -> None:
     h = config.http
     if h.listen:
@@ -125,7 +126,7 @@ def build_http(
         inject = InjectAPI(
             store, policy, reactor, reactor, config.hostname, config.smtp.max_message_size,
             suppression=suppression, accounting=accounting, on_queued=on_queued,
-            template_timeout=h.template_timeout, metrics=metrics,
+            template_timeout=h.template_timeout, metrics=metrics, sign=sign,
         )  # fmt: skip
         inject.register(api)
         CloseRenderer(inject).setServiceParent(top)
