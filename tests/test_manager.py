@@ -286,3 +286,11 @@ def test_our_own_notices_are_dkim_signed_before_they_are_queued():
     record = key.public_record().encode()
     assert dkim.verify(notice.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"),
                        dnsfunc=lambda name, timeout=5: record)  # fmt: skip
+
+
+def test_a_late_second_announcement_of_a_message_that_left_incoming_starts_no_attempt():
+    h = Harness({"a@remote.example": [deferred(), OK]})
+    qid = h.queue(["a@remote.example"])
+    assert h.store.state(qid) == DEFERRED and len(h.relay.calls) == 1
+    h.manager.notify_incoming(qid)  # e.g. the incoming/ watcher, after the attempt already ended
+    assert len(h.relay.calls) == 1 and h.store.state(qid) == DEFERRED

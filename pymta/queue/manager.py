@@ -146,7 +146,13 @@ class QueueManager(service.Service):
     # -- intake -----------------------------------------------------------------------------
 
     def notify_incoming(self, qid: str) -> None:
-        """New mail in INCOMING: deliver it now, without waiting for any scan."""
+        """New mail in INCOMING: deliver it now, without waiting for any scan.
+
+        The same message may be announced twice (by the process that queued or released it and
+        by the watcher of incoming/); an announcement that comes after the message has already
+        left INCOMING (delivered, deferred, held, deleted) starts no second attempt."""
+        if qid not in self._inflight and self.store.state(qid) != INCOMING:
+            return
         self._enqueue_ready(qid)
         self._pump()
 
