@@ -331,6 +331,7 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
             config, reactor, top, store=store, operations=operations, policy=policy, threadpool=pool,
             metrics=metrics, suppression=suppression, tagger=tagger, accounting=accounting,
             on_queued=notify if config.queue.deliver else None, shaper=smtp_agent.shaper,
+            selector=smtp_agent.selector,
         )  # fmt: skip
     for endpoint in config.smtp.listen_tls:
         implicit = SMTPServerFactory(receiver, config.hostname, limits, reactor, connections=mx_slots)
