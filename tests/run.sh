@@ -16,6 +16,7 @@ command -v swaks >/dev/null 2>&1 || need+=(swaks)
 command -v testssl >/dev/null 2>&1 || need+=(testssl.sh)
 command -v msmtp >/dev/null 2>&1 || need+=(msmtp)
 [ -x /usr/sbin/smtp-sink ] && [ -x /usr/sbin/smtp-source ] || need+=(postfix)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
 in_venv=$("$PY" -c 'import sys; print(int(sys.prefix != sys.base_prefix))')
 if [ "$in_venv" = 0 ] && ! "$PY" -c 'import ensurepip, venv' >/dev/null 2>&1; then
     need+=(python3-venv)

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -25,11 +26,9 @@ from tests.dnsserver import DNSServer, Zone
 from tests.mta_process import MTAProcess, free_port, wait_for_port
 
 CHROMIUM = shutil.which("chromium")
-pytestmark = [
-    pytest.mark.timeout(240),
-    pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed"),
-]
+pytestmark = pytest.mark.timeout(240)
 READ = "read-token-0123456789abcdefghijklmnopqrstu"
+INJECT = "inject-token-0123456789abcdefghijklmnopq"
 GOOD = [f"good{i}@ok.test" for i in range(4)]
 BAD = ["bad0@ok.test", "bad1@ok.test"]
 
@@ -186,7 +185,7 @@ def world(tmp_path):
     })).start()  # fmt: skip
     receiver = Receiver(port)
     tokens = tmp_path / "api-tokens"
-    tokens.write_text(f"dash:read:{digest(READ)}\n")
+    tokens.write_text(f"dash:read:{digest(READ)}\ncrm:inject:{digest(INJECT)}\n")
     api_port = free_port()
     mta = MTAProcess(str(tmp_path), dns=dns.address, smtp_port=port, extra_config=f"""
         [http]
@@ -212,6 +211,7 @@ def _accounting(mta: MTAProcess) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")
 def test_the_dashboard_plots_what_was_sent_in_a_real_browser(tmp_path, world):
     mta, receiver, api_port = world
     with smtplib.SMTP("127.0.0.1", mta.port, timeout=30) as client:
@@ -272,3 +272,47 @@ def test_the_dashboard_plots_what_was_sent_in_a_real_browser(tmp_path, world):
     assert cli.returncode == 0, cli.stderr
     printed = json.loads(cli.stdout)
     assert printed["groups"] == api["groups"] and printed["total"] == api["total"]
+
+
+def _get(port: int, path: str, headers: dict[str, str] | None = None, data: bytes | None = None):
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, headers=headers or {})
+    opener = urllib.request.build_opener(_NoRedirect)
+    try:
+        with opener.open(request, timeout=30) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+def test_the_dashboard_needs_a_read_token_and_reports_refuse_bad_parameters(world):
+    _mta, _receiver, port = world
+    status, headers, body = _get(port, "/")
+    assert status == 200 and b'name="token"' in body and b"<svg" not in body
+    assert "default-src 'none'" in headers["Content-Security-Policy"]
+    status, _, body = _get(port, "/login", data=b"token=" + INJECT.encode())  # no read scope
+    assert status == 401 and b"not valid" in body
+    status, headers, _ = _get(port, "/login", data=b"token=" + READ.encode())
+    assert status == 303 and headers["Location"] == "/"
+    cookie = headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+    status, _, body = _get(port, "/?range=week", {"Cookie": cookie.split(";")[0]})
+    assert status == 200 and b'id="flow"' in body and b"Last week" in body
+    status, _, body = _get(port, "/", {"Authorization": f"Bearer {READ}"})
+    assert status == 200 and b'id="flow"' in body
+    status, _, body = _get(port, "/", {"Cookie": "pymta_token=forged"})
+    assert status == 200 and b'id="flow"' not in body
+    # The cookie opens the page only, never the JSON API.
+    status, _, _ = _get(port, "/api/v1/reports", {"Cookie": cookie.split(";")[0]})
+    assert status == 401
+    auth = {"Authorization": f"Bearer {READ}"}
+    status, _, body = _get(port, "/api/v1/reports?since=soon", auth)
+    assert status == 400 and json.loads(body)["field"] == "since"
+    status, _, body = _get(port, "/api/v1/reports?by=planet", auth)
+    assert status == 400 and json.loads(body)["field"] == "by"
+    status, _, body = _get(port, "/api/v1/reports?since=7d&by=day", auth)
+    assert status == 200 and json.loads(body)["total"]["sent"] == 0

@@ -185,3 +185,16 @@ def test_pymta_report_prints_json_and_csv_and_refuses_a_bad_since(tmp_path):
         and bad.stderr.startswith("pymta-report: since:")
         and "Traceback" not in bad.stderr
     )
+
+
+def test_stats_retention_below_an_hour_is_a_config_error(tmp_path):
+    from pymta.config import ConfigError, load_config
+
+    path = tmp_path / "pymta.toml"
+    path.write_text('[stats]\nretention = "5m"\n')
+    try:
+        load_config(str(path))
+    except ConfigError as e:
+        assert str(e) == f"{path}: stats.retention: must be at least 3600s, got '5m'"
+    else:
+        raise AssertionError("accepted")
