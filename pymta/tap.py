@@ -94,6 +94,7 @@ def makeService(options: dict[str, Any]) -> service.MultiService:
     except sqlite3.Error as e:
         databases = [config.suppression_db, os.path.join(config.state_dir, "inbound.sqlite")]
         databases += [os.path.join(config.state_dir, "warmup.sqlite")] if config.pools else []
+        databases += [os.path.join(config.state_dir, "stats.sqlite")] if config.http.listen else []
         _startup_failed(f"cannot start: cannot open database {' or '.join(databases)}: {e}")
     SignalGuard(global_reactor).setServiceParent(top)
     return top
