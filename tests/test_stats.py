@@ -198,3 +198,36 @@ def test_stats_retention_below_an_hour_is_a_config_error(tmp_path):
         assert str(e) == f"{path}: stats.retention: must be at least 3600s, got '5m'"
     else:
         raise AssertionError("accepted")
+
+
+def test_dashboard_shows_ladders_rates_against_thresholds_and_shaping_holds(tmp_path):
+    from datetime import date
+
+    from pymta.admin.http.dashboard import DashboardData, render_dashboard
+    from pymta.outbound.pools import Pool, Source, SourceSelector, WarmupCounter
+    from pymta.outbound.shaping import Limits, Shaper
+
+    clock = task.Clock()
+    clock.advance(1_800_000_000)  # 2027-01-15
+    ts = _series(tmp_path, clock)
+    for _ in range(8):
+        ts.observe(_delivery("delivered", "a@gmail.com", source="ip1"))
+    for _ in range(2):
+        ts.observe(_delivery("bounced", "b@gmail.com", source="ip1", code=550, enhanced="5.1.1", text="no such user"))
+    ip1 = Source("ip1", "127.0.0.2", "mx1.example.test", ladder=(50, 100, 200), start=date(2027, 1, 14))
+    counter = WarmupCounter(str(tmp_path / "warmup.sqlite"))
+    selector = SourceSelector(clock, {"main": Pool("main", [(ip1, 1)])}, default_pool="main", counter=counter)
+    selector.sent(ip1, 37)
+    shaper = Shaper(clock, Limits(connections=2))
+    held = shaper.state("provider:gmail")
+    held.paused_until, held.reason = clock.seconds() + 600, "421 4.7.0 try again later"
+    thresholds = {"bounce_rate": 0.05, "deferral_rate": 0.2, "complaint_rate": 0.001}
+    data = DashboardData(ts, inline, clock, thresholds, selector, shaper)
+    html = render_dashboard(data.gather("day").result, thresholds).decode()
+    assert "<tr><td>ip1</td><td>main</td><td>2</td><td>100</td><td>37</td><td>0</td></tr>" in html
+    assert "<td>gmail</td><td>8</td><td>20.00%</td>" in html  # by provider: 2 of 10 bounced
+    assert html.count('fill="#c8372d"/>') >= 2  # over the 5 % threshold: red, for provider and source
+    assert "provider:gmail" in html and "421 4.7.0 try again later" in html
+    assert '<meta http-equiv="refresh" content="60">' in html
+    counter.close()
+    ts.close()

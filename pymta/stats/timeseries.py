@@ -128,6 +128,8 @@ class TimeSeries:
                 self.count("bounced_hard" if hard else "bounced_soft", provider, source, campaign)
                 key = (self.minute(), _label(provider), _label(source), _label(reason))
                 self._reasons[key] = self._reasons.get(key, 0) + 1
+                if len(self._reasons) >= MAX_PENDING_KEYS:
+                    self.flush()
             else:
                 self.count(kind, provider, source, campaign)
         elif namespace == "pymta.feedback" and (kind == "feedback" or event.get("kind") == "unsubscribe"):
