@@ -67,6 +67,7 @@ def run_directly(queue_dir: str, command: str, target: str | None) -> dict[str, 
         pool.start()
         try:
             store = MaildirQueueStore(queue_dir, reactor=reactor, threadpool=pool)
+            store.migrate()  # a queue left by the previous release, not yet started since the upgrade
             result = yield QueueOperations(store).run(command, target)
             outcome.update(ok=True, result=result)
         except QueueOpError as e:
