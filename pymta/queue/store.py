@@ -298,7 +298,8 @@ class MaildirQueueStore:
     def _enqueue(self, qid: str, first: bytes, body: bytes) -> str:
         ops = self._ops
         path = self._path_of(INCOMING, qid)
-        if self._find(qid) is not None:
+        # qids are unique across processes by construction: the index and incoming/ are enough
+        if qid in self._index or os.path.exists(path):
             raise QueueError(f"queue id {qid} already queued")
         tmp = os.path.join(self._tmp, qid)
         write_new_file(ops, tmp, [qfile.header(body), body, first])
@@ -318,9 +319,16 @@ class MaildirQueueStore:
         return qid
 
     def _open(self, qid: str, flags: int = _RDONLY, ops: FileOps | None = None) -> int:
+        """Open the file of ``qid`` where the index says, else where the disk says (no stat first)."""
+        opener = ops.open if ops else os.open
+        state = self._index.get(qid)
+        if state is not None:
+            try:
+                return opener(self._path_of(state, qid), flags)
+            except FileNotFoundError:  # moved by another process: look again
+                pass
         try:
-            path = self._path(qid)
-            return ops.open(path, flags) if ops else os.open(path, flags)
+            return opener(self._path(qid), flags)
         except FileNotFoundError:  # moved or removed meanwhile
             raise KeyError(qid) from None
 
@@ -419,30 +427,42 @@ class MaildirQueueStore:
             return defer.fail()
         return self._run(self._move, qid, state)
 
+    def _on_file(self, qid: str, action: Callable[[str], None]) -> str:
+        """Run ``action(path)`` on the file of ``qid`` where the index says (no stat first), else
+        where the disk says; return the state it was in. KeyError if it is nowhere."""
+        state = self._index.get(qid)
+        if state is not None:
+            try:
+                action(self._path_of(state, qid))
+                return state
+            except FileNotFoundError:  # moved by another process: look again
+                pass
+        state = self._find(qid)
+        if state is None:
+            raise KeyError(qid)
+        action(self._path_of(state, qid))
+        return state
+
     @_translated
     def _move(self, qid: str, state: str) -> None:
-        source = self._path(qid)
-        current = self._index[qid]
-        if current == state:
-            return
         target = self._path_of(state, qid)
-        self._ops.rename(source, target)
+        if self._index.get(qid) == state and os.path.exists(target):
+            return
+        current = self._on_file(qid, lambda source: self._ops.rename(source, target))
         self._index[qid] = state
-        self.syncer.sync((os.path.dirname(source), os.path.dirname(target)))
+        self.syncer.sync((self._dir_of(current, qid), os.path.dirname(target)))
 
     def remove(self, qid: str) -> defer.Deferred:
         return self._run(self._remove, qid)
 
     @_translated
     def _remove(self, qid: str) -> None:
-        state = self._find(qid)
-        if state is None:
-            return
         try:
-            self._ops.unlink(self._path_of(state, qid))
-        except FileNotFoundError:
-            pass
-        self._index.pop(qid, None)
+            state = self._on_file(qid, self._ops.unlink)
+        except KeyError:
+            return
+        finally:
+            self._index.pop(qid, None)
         self.syncer.sync((self._dir_of(state, qid),))
 
     def list(self, state: str) -> list[str]:
