@@ -120,3 +120,5 @@ def test_queue_list_and_show_read_a_queue_left_by_the_previous_release(config, t
     shown = json.loads(run("queue_main", config, "show", qid).stdout)
     assert shown["state"] == "deferred" and "Subject: from before" in shown["headers"]
     assert not (queue_dir / "data").exists()
+    (queue_dir / "corrupt" / ("0" * 19 + "2")).write_bytes(b"PYMTAQ1\ntorn")
+    assert run("queue_main", config, "list").stdout.endswith("-- 2 message(s), 1 quarantined in corrupt/\n")

@@ -10,7 +10,7 @@ import threading
 import time
 import zlib
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
@@ -544,3 +544,41 @@ class _CapturedEvents:
 
     def text(self, i):
         return formatEvent(self.events[i])
+
+
+class DeliveryChecksTheBodyTests(_OnDiskStoreTest):
+    @defer.inlineCallbacks
+    def test_a_body_rotten_on_disk_is_quarantined_and_never_delivered(self):
+        from pymta.envelope import ROUTE_RELAY
+        from pymta.queue.manager import QueueManager
+        from tests.fakes import ScriptedDeliveryAgent
+
+        store = self.store()
+        big = b"X" * 76 + b"\r\n"
+        rotten, sound = make_envelope(now=1_700_000_000), make_envelope(now=1_700_000_001)
+        yield store.enqueue(rotten, big * 2000)  # 156 KB: only its size is checked at recovery
+        yield store.enqueue(sound, big * 2000)
+        path = os.path.join(self.root, f"incoming/{rotten.qid}")
+        raw = bytearray(read_file(self.root, f"incoming/{rotten.qid}"))
+        raw[qfile.HEADER.size + 150_000] = ord("Y")
+        write_file(self.root, f"incoming/{rotten.qid}", bytes(raw))
+        self.assertEqual(os.path.getsize(path), len(raw))
+
+        agent = ScriptedDeliveryAgent()
+        fresh = self.store()
+        manager = QueueManager(
+            fresh, {ROUTE_RELAY: agent}, reactor, "mx.example.test", retry_initial=300, retry_max=3600,
+            max_age=86400, delay_warning=7200, max_active=10, route_for=lambda a: ROUTE_RELAY,
+        )  # fmt: skip
+        with _CapturedEvents(self, "quarantine") as events:
+            manager.startService()
+            self.addCleanup(manager.stopService)
+            for _ in range(500):  # bounded: until both messages are settled
+                if fresh.state(sound.qid) is None and fresh.state(rotten.qid) == CORRUPT:
+                    break
+                yield task.deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(fresh.state(rotten.qid), CORRUPT)
+        self.assertIsNone(fresh.state(sound.qid))
+        self.assertEqual({call[0] for call in agent.calls}, {sound.qid})  # one call per recipient domain
+        self.assertEqual([e["qid"] for e in events], [rotten.qid])
+        self.assertEqual(fresh.quarantined, 1)

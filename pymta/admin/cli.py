@@ -100,7 +100,8 @@ def print_list(messages: list[dict[str, Any]], out: Any) -> None:
             reply = r.get("reply") or {}
             why = f" ({reply.get('code')} {reply.get('enhanced', '')} {reply.get('text', '')})".rstrip() if reply else ""
             out.write(f"{'':<58}  {r['address']} [{r['state']}]{why}\n")
-    out.write(f"-- {len(messages)} message(s)\n")
+    quarantined = sum(1 for m in messages if m["state"] == "corrupt")
+    out.write(f"-- {len(messages)} message(s)" + (f", {quarantined} quarantined in corrupt/" if quarantined else "") + "\n")
 
 
 def queue_main(argv: list[str] | None = None) -> int:
