@@ -109,15 +109,28 @@ def _pread_exact(fd: int, length: int, offset: int) -> bytes:
     return b"".join(chunks)
 
 
-def read_meta(fd: int) -> QueueFile:
-    """Header and envelope records of the open queue file ``fd`` (the body is not read)."""
+SMALL_FILE = 128 * 1024  # a file up to this size is read with one pread (its pages are read anyway)
+
+
+def read_meta(fd: int, verify_body: bool = False) -> QueueFile:
+    """Header and envelope records of the open queue file ``fd``; the body is checked against its
+    checksum only with ``verify_body`` (and then only when the whole file is small)."""
     size = os.fstat(fd).st_size
-    body_len, body_crc = parse_header(_pread_exact(fd, HEADER.size, 0))
+    if size <= SMALL_FILE:
+        raw = memoryview(_pread_exact(fd, size, 0))
+    else:
+        raw = memoryview(_pread_exact(fd, HEADER.size, 0))
+    body_len, body_crc = parse_header(raw[: HEADER.size])
     start = HEADER.size + body_len
     if size < start:
         raise QueueFileError(f"torn body: {size - HEADER.size} of {body_len} bytes")
-    records = scan_records(_pread_exact(fd, size - start, start))
-    return QueueFile(body_len, body_crc, size, records)
+    if size <= SMALL_FILE:
+        if verify_body and zlib.crc32(raw[HEADER.size : start]) != body_crc:
+            raise QueueFileError("body checksum mismatch")
+        area: bytes | memoryview = raw[start:]
+    else:
+        area = _pread_exact(fd, size - start, start)
+    return QueueFile(body_len, body_crc, size, scan_records(area))
 
 
 def read_body(fd: int) -> bytes:

@@ -482,7 +482,7 @@ class MaildirQueueStore:
         """Make the directory consistent after a stop or crash; see IQueueStore.recover.
 
         Also migrates a queue written before the one-file format (:meth:`migrate`), checks every
-        file's header, recorded body size (and, for bodies up to 64 KiB, checksum) and envelope
+        file's header, recorded body size (and, in files up to 128 KiB, the body's checksum) and envelope
         records, quarantines what fails, and counts torn envelope records (the state before
         them counts: their recipients are retried).
         """
@@ -543,9 +543,7 @@ class MaildirQueueStore:
         except OSError as e:
             return f"unreadable: {e}", False
         try:
-            meta = qfile.read_meta(fd)
-            if meta.body_len <= _VERIFY_AT_RECOVERY:
-                qfile.read_body(fd)
+            meta = qfile.read_meta(fd, verify_body=True)
             self._envelope_of(name, meta)
         except (OSError, ValueError) as e:
             return str(e), False
@@ -636,9 +634,6 @@ class MaildirQueueStore:
         target = os.path.join(self._dirs[CORRUPT], f"{qid}.body")
         if _SAFE_QID.match(qid) and os.path.exists(source) and not os.path.exists(target):
             self._ops.rename(source, target)
-
-
-_VERIFY_AT_RECOVERY = 64 * 1024  # bodies up to this size are checksummed at recovery too (same pages)
 
 
 def _head(path: str) -> bytes:
