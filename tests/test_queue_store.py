@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+import shutil
 import stat
 import threading
 import time
@@ -43,9 +44,16 @@ class MemoryQueueStoreFaultTests(unittest.TestCase):
         self.assertEqual(store.read_body(env.qid), BODY)
 
 
+def scratch_dir(test: unittest.TestCase) -> str:
+    """A fresh directory for ``test``, removed after it (a store makes 256 hashed subdirectories)."""
+    path = test.mktemp()
+    test.addCleanup(shutil.rmtree, path, True)
+    return path
+
+
 class MaildirQueueStoreContractTests(QueueStoreContract, unittest.TestCase):
     def make_store(self):
-        store = MaildirQueueStore(self.mktemp(), reactor, started_pool(self))
+        store = MaildirQueueStore(scratch_dir(self), reactor, started_pool(self))
         store.recover()
         return store
 
@@ -82,7 +90,7 @@ class _OnDiskStoreTest(unittest.TestCase):
     """A queue directory of its own and stores over it (each with its own FileOps)."""
 
     def setUp(self):
-        self.root = self.mktemp()
+        self.root = scratch_dir(self)
         self.pool = started_pool(self)
 
     def store(self, ops=None):
@@ -498,7 +506,7 @@ class LegacyQueueMigrationTests(_OnDiskStoreTest):
 
     def test_migration_is_resumed_after_a_crash_at_any_step(self):
         for step in itertools.count():
-            self.root = self.mktemp()
+            self.root = scratch_dir(self)
             messages, envs = self.legacy()
             self.store()  # the new layout's directories (a crash while making them loses nothing)
             try:
