@@ -304,12 +304,14 @@ class OutboundConfig:
     tls_ca_file: str | None = _key(conv_path, None)
     tls_policy: dict[str, str] = _key(conv_table(conv_hostname, conv_choice("none", "opportunistic", "verify")), None)
     mta_sts: bool = _key(conv_bool, True)  # RFC 8461 for domains without a tls_policy entry
+    mta_sts_port: int = _key(conv_int(1, 65535), 443)  # the policy host's HTTPS port: a test/lab setting
 
 
 @dataclass(frozen=True)
 class DNSConfig:
     servers: tuple[str, ...] | None = _key(conv_list(conv_str), None)
     timeout: float = _key(conv_duration(0.1), 5.0)
+    dnssec: bool = _key(conv_bool, False)  # trust the AD bit of `servers` (a validating resolver): enables DANE
 
 
 def conv_rate(value: Any) -> Any:

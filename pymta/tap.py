@@ -131,7 +131,7 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
     agents: dict[str, Any] = {
         "local": MaildirDeliveryAgent(config.mail_dir, config.hostname, reactor=reactor, threadpool=pool),
     }
-    resolver = Resolver(reactor, pool, config.dns.servers, timeout=config.dns.timeout)
+    resolver = Resolver(reactor, pool, config.dns.servers, timeout=config.dns.timeout, dnssec=config.dns.dnssec)
     smtp_agent = _outbound_agent(config, reactor, resolver)
     CloseOnStop(smtp_agent.close_idle).setServiceParent(top)
     suppression, tagger = _feedback_parts(config, reactor)
@@ -394,6 +394,7 @@ def client_timeouts(out: Any) -> Any:
 
 def _outbound_agent(config: Config, reactor: Any, resolver: Any) -> Any:
     """The SMTP delivery agent for relayed and forwarded recipients."""
+    from pymta.outbound.dane import DANE
     from pymta.outbound.delivery import SMTPDeliveryAgent
     from pymta.outbound.routes import Router
     from pymta.outbound.tlspolicy import MTASTS
@@ -428,5 +429,6 @@ def _outbound_agent(config: Config, reactor: Any, resolver: Any) -> Any:
         tls_policy_for=tls_policy_for,
         tls_context_for=lambda host, verify: client_tls(host, verify, out.tls_ca_file),
         mta_sts=MTASTS(reactor, resolver, os.path.join(config.state_dir, "mta-sts"), ca_file=out.tls_ca_file,
-                       skip=set(policies)) if out.mta_sts else None,  # fmt: skip
+                       https_port=out.mta_sts_port, skip=set(policies)) if out.mta_sts else None,  # fmt: skip
+        dane=DANE(resolver) if config.dns.dnssec else None,
     )

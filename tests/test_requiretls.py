@@ -1,0 +1,44 @@
+"""REQUIRETLS (RFC 8689) on the receiving side: offered after STARTTLS only, the MAIL parameter
+refused in plaintext (530 5.7.10) and kept in the envelope; the TLS-Required header read."""
+
+from __future__ import annotations
+
+from pymta.envelope import Envelope
+from pymta.outbound.requiretls import requiretls_of, tls_optional
+from tests.test_smtp_server import Client
+
+
+def test_requiretls_is_offered_after_starttls_only():
+    c = Client(tls=True)
+    before = c.send("EHLO client.test\r\n").decode()
+    assert "STARTTLS" in before and "REQUIRETLS" not in before
+    c.send("STARTTLS\r\n")
+    after = c.send("EHLO client.test\r\n").decode()
+    assert "250-REQUIRETLS" in after or "250 REQUIRETLS" in after
+
+
+def test_requiretls_in_plaintext_is_refused_with_5_7_10():
+    c = Client(tls=True)
+    c.ready()
+    assert c.codes("MAIL FROM:<a@b.example> REQUIRETLS\r\n") == ["530 5.7.10"]
+    assert not [call for call in c.delegate.calls if call[0] == "mail"]
+
+
+def test_requiretls_over_tls_is_accepted_and_reaches_the_delegate():
+    c = Client(tls=True)
+    c.ready()
+    c.send("STARTTLS\r\n")
+    c.send("EHLO again\r\n")
+    assert c.codes("MAIL FROM:<a@b.example> REQUIRETLS\r\n") == ["250 2.1.0"]
+    assert c.delegate.calls[-1] == ("mail", "a@b.example", {"REQUIRETLS": ""})
+    assert c.codes("RSET\r\n") == ["250 2.0.0"]
+    assert c.codes("MAIL FROM:<a@b.example> REQUIRETLS=yes\r\n") == ["555 5.5.4"]
+
+
+def test_the_tls_required_no_header_is_found_in_the_header_section_only():
+    assert tls_optional(b"Subject: x\r\nTLS-Required: No\r\n\r\nbody\r\n")
+    assert tls_optional(b"tls-required:no\n\nbody\n")
+    assert not tls_optional(b"Subject: x\r\n\r\nTLS-Required: No\r\n")
+    assert not tls_optional(b"TLS-Required: Nope\r\n\r\n")
+    assert requiretls_of(Envelope("Q", "a@b", [], extra={"requiretls": True}))
+    assert not requiretls_of(Envelope("Q", "a@b", []))
