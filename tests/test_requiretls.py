@@ -42,3 +42,34 @@ def test_the_tls_required_no_header_is_found_in_the_header_section_only():
     assert not tls_optional(b"TLS-Required: Nope\r\n\r\n")
     assert requiretls_of(Envelope("Q", "a@b", [], extra={"requiretls": True}))
     assert not requiretls_of(Envelope("Q", "a@b", []))
+
+
+def test_a_requiretls_message_no_hop_could_take_bounces_with_5_7_30_after_its_retries():
+    from twisted.internet import task
+
+    from pymta.envelope import DEFERRED, ROUTE_LOCAL, ROUTE_RELAY, Recipient, new_qid
+    from pymta.queue.manager import QueueManager
+    from pymta.queue.store import MemoryQueueStore
+    from tests.fakes import ScriptedDeliveryAgent
+
+    clock = task.Clock()
+    clock.advance(1_700_000_000)
+    waits = (DEFERRED, 451, "4.7.30", "mx.test does not offer REQUIRETLS, which this message requires; not sent")
+    relay = ScriptedDeliveryAgent({"r@far.test": [waits]})
+    local = ScriptedDeliveryAgent()
+    store = MemoryQueueStore()
+    manager = QueueManager(store, {ROUTE_RELAY: relay, ROUTE_LOCAL: local}, clock, "mx.test", retry_initial=60,
+                           retry_max=600, max_age=3600, delay_warning=0,
+                           route_for=lambda a: ROUTE_LOCAL if a.endswith("@here.test") else ROUTE_RELAY)  # fmt: skip
+    manager.startService()
+    env = Envelope(qid=new_qid(), sender="s@here.test", arrival=clock.seconds(), extra={"requiretls": True},
+                   recipients=[Recipient("r@far.test", route=ROUTE_RELAY)])  # fmt: skip
+    store.enqueue(env, b"Subject: secret\r\n\r\nx\r\n")
+    manager.notify_incoming(env.qid)
+    for _ in range(200):  # bounded: retries until max_age
+        clock.advance(60)
+        if local.calls:
+            break
+    assert len(relay.calls) > 1  # retried first
+    [(_, rcpts, dsn)] = local.calls
+    assert rcpts == ["s@here.test"] and b"Status: 5.7.30" in dsn and b"REQUIRETLS" in dsn

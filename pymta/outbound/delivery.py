@@ -249,7 +249,7 @@ class SMTPDeliveryAgent:
         dane_hosts: dict[str, Any] = {}
         if self.dane is not None and uses_mx and (yield self.dane.domain_secure(domain)):
             for hop in hops:
-                found = yield self.dane.host(hop.name, hop.port)
+                found = yield self.dane.host(hop.name)  # _25._tcp: the SMTP port of MX hosts (§2.2.3)
                 if found is not None:
                     dane_hosts[hop.name] = found
         sts = None
@@ -275,8 +275,10 @@ class SMTPDeliveryAgent:
                 plan = HopPlan(hop, base, "mta-sts", testing=sts)
             else:
                 plan = HopPlan(hop, base, base)
-            if requiretls and not (plan.policy == "dane" and plan.dane.records):
-                plan = HopPlan(hop, "verify", "requiretls", skip=plan.skip)  # PKIX for the MX name
+            if requiretls:  # verified by the TLSA records, else PKIX for the MX name
+                dane_ok = plan.policy == "dane" and bool(plan.dane.records)
+                plan = HopPlan(hop, "dane" if dane_ok else "verify", "requiretls", plan.dane if dane_ok else None,
+                               skip=plan.skip)  # fmt: skip
             plans.append(plan)
         if sts is not None and sts.policy.mode == "enforce" and all(p.skip is not None for p in plans) and not dane_hosts:
             reply = Reply(451, "4.7.5", f"No MX host of {domain} matches its MTA-STS policy "

@@ -245,6 +245,8 @@ class QueueManager(service.Service):
                 last = r.reply or {}
                 r.reply = {"code": 451, "enhanced": "4.4.7",
                            "text": f"Message expired after {int(self.max_age)}s in the queue; last: {last.get('text', 'no answer')}"}  # fmt: skip
+                if last.get("enhanced") == "4.7.30":  # RFC 8689 §5: no hop could take it with REQUIRETLS
+                    r.reply.update(code=550, enhanced="5.7.30")
                 self._account("expired", envelope, r, now)
             pending = []
         yield self._notices(envelope, body, now, bool(pending))
