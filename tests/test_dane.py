@@ -177,6 +177,23 @@ class DANETests(unittest.TestCase):
         assert result.status == DELIVERED and result.tls is None and result.extra["tls_policy"] == "opportunistic"
         assert len(peer.messages) == 1
 
+    @defer.inlineCallbacks
+    def test_dane_precedes_an_mta_sts_policy_of_the_same_domain(self):
+        from pymta.outbound.tlspolicy import CachedPolicy, STSPolicy
+
+        class EnforceElsewhere:  # an enforce policy no MX of the domain matches
+            def policy_for(self, domain):
+                return defer.succeed(CachedPolicy(domain, "x", STSPolicy("enforce", ("other.test",), 600), 0.0))
+
+        peer = self.peer("127.0.0.2", server_options(*self.good))
+        agent = self.agent()
+        agent.mta_sts = EnforceElsewhere()
+        result = yield self.send(agent, "ee.dane.test")
+        assert result.status == DELIVERED and result.extra["tls_policy"] == "dane" and len(peer.messages) == 1
+        agent.dane = None  # without DANE the MTA-STS policy would have stopped it
+        refused = yield self.send(agent, "ee.dane.test")
+        assert (refused.status, refused.enhanced, refused.extra["tls_policy"]) == (DEFERRED, "4.7.5", "mta-sts")
+
     # a STARTTLS-stripping attacker ------------------------------------------------------------
 
     @defer.inlineCallbacks

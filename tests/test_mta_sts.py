@@ -207,6 +207,20 @@ class MTASTSTests(unittest.TestCase):
         assert peer.connections == 0
         assert self.logged("mta_sts_mx_mismatch")[0]["skipped"] == ["mx.sts.test"]
 
+    @defer.inlineCallbacks
+    def test_enforce_sends_nothing_through_a_starttls_stripping_proxy(self):
+        from tests.mitm import StrippingProxy
+
+        backend = Peer("127.0.0.13")
+        backend.factory.tls_context_factory = server_options(*self.ca.issue("mx.sts.test"))
+        backend.listen(self.smtp_port)
+        self.addCleanup(backend.stop)
+        proxy = StrippingProxy("127.0.0.2", self.smtp_port, ("127.0.0.13", self.smtp_port))
+        self.addCleanup(proxy.stop)
+        result = yield self.send(self.agent(self.sts()))
+        assert (result.status, result.enhanced) == (DEFERRED, "4.7.5") and "MTA-STS" in result.text
+        assert proxy.stripped >= 1 and b"MAIL FROM" not in proxy.client_bytes and backend.messages == []
+
     # testing ---------------------------------------------------------------------------------
 
     @defer.inlineCallbacks

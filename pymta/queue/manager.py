@@ -198,6 +198,8 @@ class QueueManager(service.Service):
                 rcpt.attempts += 1
             rcpt.updated = now
             rcpt.reply = result.reply_dict()
+            # The TLS decision of the attempt (policy source, what failed), for `pymta-queue show`.
+            rcpt.reply.update({k: result.extra[k] for k in ("tls_policy", "tls_failure") if result.extra.get(k)})
             rcpt.remote_mta = result.remote_mta
             rcpt.state = result.status if result.status in (DELIVERED, FAILED, RELAYED) else R_DEFERRED
             self._account(_EVENT_FOR_STATE[rcpt.state], envelope, rcpt, now, result)
