@@ -358,6 +358,17 @@ class FeedbackConfig:
 
 
 @dataclass(frozen=True)
+class TLSRPTConfig:
+    """TLS reporting (RFC 8460): daily reports sent to the domains that ask (``enabled``), and the
+    addresses where reports about our own domains arrive."""
+
+    enabled: bool = _key(conv_bool, False)
+    organization: str | None = _key(conv_str, None)  # default: hostname
+    contact: str | None = _key(conv_str, None)  # default: postmaster@hostname
+    report_addresses: tuple[str, ...] = _key(conv_list(conv_address), ())
+
+
+@dataclass(frozen=True)
 class TLSConfig:
     """The listeners' certificate (PEM chain) and key; reloaded on SIGHUP."""
 
@@ -668,6 +679,7 @@ _SECTIONS: dict[str, type] = {
     "greylist": GreylistConfig,
     "feedback": FeedbackConfig,
     "tls": TLSConfig,
+    "tlsrpt": TLSRPTConfig,
     "submission": SubmissionConfig,
     "dnsbl": DNSBLConfig,
     "warmup": WarmupConfig,
@@ -694,6 +706,7 @@ class Config:
     greylist: GreylistConfig = field(default_factory=GreylistConfig)
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)
+    tlsrpt: TLSRPTConfig = field(default_factory=TLSRPTConfig)
     submission: SubmissionConfig = field(default_factory=SubmissionConfig)
     dnsbl: DNSBLConfig = field(default_factory=DNSBLConfig)
     shaping: ShapingConfig = field(default_factory=ShapingConfig)

@@ -41,6 +41,16 @@ def chain_options(cert_path: str, key_path: str, ca_path: str) -> ssl.Certificat
                                   extraCertChain=[ca.original])  # fmt: skip
 
 
+class Sessions:
+    """Records what the delivery agent counts for TLS reports."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple] = []
+
+    def session(self, *args) -> None:
+        self.seen.append(args)
+
+
 class DANETests(unittest.TestCase):
     timeout = 90
 
@@ -114,18 +124,27 @@ class DANETests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_a_dane_ee_match_delivers_whatever_the_name_or_issuer(self):
         peer = self.peer("127.0.0.2", server_options(*self.good))
-        result = yield self.send(self.agent(), "ee.dane.test")
+        agent = self.agent()
+        agent.tls_reports = Sessions()
+        result = yield self.send(agent, "ee.dane.test")
         assert result.status == DELIVERED and result.tls and result.extra["tls_policy"] == "dane"
         assert len(peer.messages) == 1
+        assert [(s[0], s[1], s[5]) for s in agent.tls_reports.seen] == [("ee.dane.test", "tlsa", None)]  # a success
 
     @defer.inlineCallbacks
     def test_a_certificate_matching_no_tlsa_record_is_refused_even_if_pkix_valid(self):
         peer = self.peer("127.0.0.3", server_options(*self.valid_other))
-        result = yield self.send(self.agent(), "wrong.dane.test")
+        agent = self.agent()
+        agent.tls_reports = Sessions()
+        result = yield self.send(agent, "wrong.dane.test")
         assert (result.status, result.code, result.enhanced) == (DEFERRED, 451, "4.7.5"), result
         assert "matches no TLSA record" in result.text and "DANE" in result.text
         assert peer.messages == [] and b"MAIL FROM" not in peer.raw
         assert self.logged("dane_mismatch")[0]["result_type"] == "validation-failure"
+        [(domain, policy_type, strings, mx, ip, outcome)] = agent.tls_reports.seen  # counted for TLS reports
+        assert (domain, policy_type, mx, ip, outcome) == ("wrong.dane.test", "tlsa", "mx.wrong.dane.test", "127.0.0.3",
+                                                          "validation-failure")  # fmt: skip
+        assert strings == [dnssec.tlsa_for(self.good[0])]
 
     @defer.inlineCallbacks
     def test_dane_never_falls_back_to_plaintext(self):

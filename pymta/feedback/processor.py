@@ -33,6 +33,7 @@ class FeedbackProcessor:
         reply_mailbox: str | None = None,
         accounting: Any = None,
         sources: Any = None,
+        tls_reports: Any = None,
     ) -> None:
         self.suppression = suppression
         self.tagger = tagger
@@ -42,12 +43,19 @@ class FeedbackProcessor:
         self.reply_mailbox = reply_mailbox
         self.accounting = accounting
         self.sources = sources  # the warm-up's source selector: bounces and complaints count against a source
+        self.tls_reports = tls_reports  # pymta.feedback.tlsrpt.TLSReportInbox for [tlsrpt] report_addresses
 
     @defer.inlineCallbacks
     def deliver(self, envelope: Envelope, recipients: list[Recipient], body: bytes):
-        report = parse_message(body)
         results = []
+        report = None
         for rcpt in recipients:
+            if self.tls_reports is not None and rcpt.address.lower() in self.tls_reports.addresses:
+                outcome = self.tls_reports.take(envelope.qid, body)  # a TLS report (RFC 8460): its own inbox
+                results.append(DeliveryResult(rcpt.address, DELIVERED, 250, "2.0.0", f"feedback processed: {outcome}"))
+                continue
+            if report is None:
+                report = parse_message(body)
             outcome = self.handle(rcpt.address, envelope, report)
             if outcome == "keep" and self.reply_agent is not None and self.reply_mailbox:
                 [kept] = yield self.reply_agent.deliver(envelope, [Recipient(self.reply_mailbox, route="local")], body)

@@ -43,10 +43,11 @@ TLS_POLICIES = ("none", "opportunistic", "verify", "dane")
 class ConnectFailed(Exception):
     """No SMTP session with this address (connect, greeting, EHLO or TLS): try the next one."""
 
-    def __init__(self, reply: Reply, tls_failed: bool = False) -> None:
+    def __init__(self, reply: Reply, tls_failed: bool = False, result_type: str | None = None) -> None:
         super().__init__(str(reply))
         self.reply = reply
         self.tls_failed = tls_failed
+        self.result_type = result_type  # RFC 8460, when TLS is why
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,7 @@ class HopPlan:
     dane: Any = None  # pymta.outbound.dane.DANEHost
     testing: Any = None  # an MTA-STS policy in testing mode (failures recorded, not enforced)
     skip: Reply | None = None
+    sts: Any = None  # the domain's MTA-STS policy (CachedPolicy) this plan follows, for TLS reports
 
 
 def _status(code: int) -> str:
@@ -136,6 +138,7 @@ class SMTPDeliveryAgent:
         selector: Any = None,
         mta_sts: Any = None,
         dane: Any = None,
+        tls_reports: Any = None,
     ) -> None:
         self.reactor = reactor
         self.clock = clock or reactor
@@ -152,6 +155,7 @@ class SMTPDeliveryAgent:
         self.selector = selector
         self.mta_sts = mta_sts  # pymta.outbound.tlspolicy.MTASTS, or None
         self.dane = dane  # pymta.outbound.dane.DANE (needs [dns] dnssec), or None
+        self.tls_reports = tls_reports  # pymta.outbound.tlsrpt.TLSReporter, or None
         self.global_slots = defer.DeferredSemaphore(max_connections)
         self.per_domain = max_connections_per_domain
         self.domain_slots: dict[str, defer.DeferredSemaphore] = {}
@@ -265,14 +269,14 @@ class SMTPDeliveryAgent:
         for hop in hops:
             found = dane_hosts.get(hop.name)
             if found is not None:  # DANE precedes MTA-STS (RFC 8461 §2)
-                skip = Reply(451, "4.7.5", found.failure) if found.failure else None
+                skip = Reply(451, "4.7.5", f"dnssec-invalid: {found.failure}") if found.failure else None
                 plan = HopPlan(hop, "dane", "dane", found, skip=skip)
             elif sts is not None and sts.policy.mode == "enforce":
                 skip = None if sts.policy.matches(hop.name) else Reply(
                     451, "4.7.5", f"MX {hop.name} of {domain} is not in its MTA-STS policy (mx: {', '.join(sts.policy.mx)})")
-                plan = HopPlan(hop, "verify", "mta-sts", skip=skip)  # TLS required, verified for the MX name
+                plan = HopPlan(hop, "verify", "mta-sts", skip=skip, sts=sts)  # TLS required, verified for the MX name
             elif sts is not None:
-                plan = HopPlan(hop, base, "mta-sts", testing=sts)
+                plan = HopPlan(hop, base, "mta-sts", testing=sts, sts=sts)
             else:
                 plan = HopPlan(hop, base, base)
             if requiretls:  # verified by the TLSA records, else PKIX for the MX name
@@ -295,6 +299,8 @@ class SMTPDeliveryAgent:
             hop = plan.hop
             if plan.skip is not None:
                 last = plan.skip
+                if plan.sts is not None or plan.dane is not None:
+                    self._report(plan, domain, "", plan.skip.text)
                 log.info("{mx} not used for {domain}: {why}", mx=hop.name, domain=domain, why=str(plan.skip),
                          tls_policy=plan.label, event="tls_policy_skip")  # fmt: skip
                 continue
@@ -308,6 +314,8 @@ class SMTPDeliveryAgent:
                                "requiretls": "REQUIRETLS"}[plan.label]  # fmt: skip
                         e.reply = Reply(451, "4.7.5", f"{why} requires verified TLS: {e.reply.text}")
                     last = e.reply
+                    if e.result_type is not None:
+                        self._report(plan, domain, address, e.result_type)
                     if shaping is not None:
                         self.shaper.observe(shaping[0], e.reply.code, e.reply.enhanced, e.reply.text)
                         self.shaper.connection_failed(shaping[0], str(e.reply))
@@ -323,6 +331,7 @@ class SMTPDeliveryAgent:
                     self._release(session)
                     continue
                 problem = self._testing_problem(plan.testing, session, domain) if plan.testing is not None else None
+                self._report(plan, domain, address, problem, success=problem is None)
                 per_connection = shaping[1].messages_per_connection if shaping is not None else None
                 per_message = shaping[1].recipients_per_message if shaping is not None else None
                 results = yield self._send(session, envelope, recipients, body, per_connection, per_message)
@@ -339,6 +348,23 @@ class SMTPDeliveryAgent:
                     return results
                 last = Reply(451, "4.4.2", f"Connection to {session.remote} lost before the transaction")
         return [_result(r, last, None, None, tls_policy=label) for r in recipients]
+
+    def _report(self, plan: HopPlan, domain: str, address: str, result: str | None, success: bool = False) -> None:
+        """Count a session for TLS reports (RFC 8460) when an MTA-STS or DANE policy governed it."""
+        if self.tls_reports is None:
+            return
+        if plan.dane is not None:
+            policy_type, strings = "tlsa", [f"{u} {s} {m} {d.hex()}" for u, s, m, d in plan.dane.records]
+        elif plan.sts is not None:
+            p = plan.sts.policy
+            policy_type = "sts"
+            strings = ["version: STSv1", f"mode: {p.mode}", *[f"mx: {m}" for m in p.mx], f"max_age: {p.max_age}"]
+        else:
+            return
+        from pymta.outbound.tlsrpt import result_type_of
+
+        outcome = None if success else result_type_of(result)
+        self.tls_reports.session(domain, policy_type, strings, plan.hop.name, address, outcome)
 
     def _testing_problem(self, sts: Any, session: Session, domain: str) -> str | None:
         """MTA-STS testing mode: what enforce would have refused here, logged (for TLS reports)."""
@@ -434,8 +460,8 @@ class SMTPDeliveryAgent:
                 yield proto.starttls(self.tls_context_for(session.host, verify), session.helo, t,
                                      verified_for=session.host if authenticated else None)  # fmt: skip
             except Exception as e:
-                raise ConnectFailed(Reply(451, "4.7.5", f"STARTTLS with {session.remote} failed: {e}"),
-                                    tls_failed=True) from None  # fmt: skip
+                raise ConnectFailed(Reply(451, "4.7.5", f"STARTTLS with {session.remote} failed: {e}"), tls_failed=True,
+                                    result_type="validation-failure") from None  # fmt: skip
             if policy == "dane" and dane is not None:
                 from pymta.outbound.dane import check_chain
 
@@ -443,9 +469,11 @@ class SMTPDeliveryAgent:
                 if problem is not None:  # checked before any mail command: nothing was sent
                     log.warn("DANE: {mx} failed TLSA authentication: {why}", mx=session.remote, why=problem,
                              result_type=problem.split(":")[0], event="dane_mismatch")  # fmt: skip
-                    raise ConnectFailed(Reply(451, "4.7.5", f"{session.remote}: {problem}"))
+                    raise ConnectFailed(Reply(451, "4.7.5", f"{session.remote}: {problem}"),
+                                        result_type=problem.split(":")[0])  # fmt: skip
         elif policy in ("verify", "dane"):
-            raise ConnectFailed(Reply(451, "4.7.4", f"{session.remote} does not offer STARTTLS (TLS required)"))
+            raise ConnectFailed(Reply(451, "4.7.4", f"{session.remote} does not offer STARTTLS (TLS required)"),
+                                result_type="starttls-not-supported")  # fmt: skip
 
     def _shaping_feedback(self, key: str, results: list[DeliveryResult]) -> None:
         for r in results:
