@@ -73,3 +73,27 @@ def test_a_requiretls_message_no_hop_could_take_bounces_with_5_7_30_after_its_re
     assert len(relay.calls) > 1  # retried first
     [(_, rcpts, dsn)] = local.calls
     assert rcpts == ["s@here.test"] and b"Status: 5.7.30" in dsn and b"REQUIRETLS" in dsn
+
+
+def test_the_requiretls_parameter_is_kept_in_the_queued_envelope(tmp_path):
+    import ipaddress
+
+    from twisted.internet import defer, task
+
+    from pymta.inbound.policy import RelayPolicy
+    from pymta.inbound.receiver import InboundReceiver
+    from pymta.interfaces import INCOMING
+    from pymta.queue.store import MemoryQueueStore
+    from tests.sessions import Accepted, Sess, Txn
+
+    store = MemoryQueueStore()
+    policy = RelayPolicy(["example.test"], None, [ipaddress.ip_network("127.0.0.0/8")], [], str(tmp_path))
+    receiver = InboundReceiver("mx.example.test", policy, store, task.Clock())
+    for params, expected in (({"REQUIRETLS": ""}, {"requiretls": True}), ({}, {})):
+        session = Sess(tls="TLSv1.3", transaction=Txn(sender="s@example.org", params=params))
+        session.transaction.recipients.append(Accepted("r@remote.example"))
+        replies: list = []
+        defer.maybeDeferred(receiver.message, session, b"Subject: x\r\n\r\nx\r\n").addBoth(replies.append)
+        assert replies[0].code == 250
+        qid = replies[0].text.rsplit(" ", 1)[-1]
+        assert store.load(qid).extra == expected and store.state(qid) == INCOMING

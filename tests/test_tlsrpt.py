@@ -9,14 +9,21 @@ import email
 import gzip
 import json
 import os
+import shutil
+import tempfile
 
-from twisted.internet import defer, task
+from twisted.internet import defer, reactor, task
 from twisted.logger import globalLogPublisher
+from twisted.trial import unittest
+from twisted.web import resource, server
+from twisted.web.client import RequestTransmissionFailed, ResponseNeverReceived
 
 from pymta.envelope import Envelope, Recipient, new_qid
 from pymta.feedback.processor import FeedbackProcessor
 from pymta.feedback.tlsrpt import TLSReportInbox, extract_report, inbox_paths, parse_report, tlsrpt_main
-from pymta.outbound.tlsrpt import TLSCounts, TLSReporter, parse_tlsrpt_txt, report_mail
+from pymta.outbound.tlsrpt import TLSCounts, TLSReporter, https_poster, parse_tlsrpt_txt, report_mail
+from tests.mta_process import free_port
+from tests.pki import make_ca, server_options
 
 DAY = datetime.datetime(2026, 12, 1, 10, 0, tzinfo=datetime.UTC).timestamp()
 STS = ["version: STSv1", "mode: enforce", "mx: mx.sts.test", "max_age: 86400"]
@@ -145,3 +152,55 @@ def test_pymta_tlsrpt_lists_per_organisation_and_day(tmp_path, capsys):
     bad.write_text("[tlsrpt]\nreport_addresses = [\"nope\"]\n")
     assert tlsrpt_main(["--config", str(bad)]) == 2
     assert "tlsrpt.report_addresses" in capsys.readouterr().err
+
+
+
+class Inbox(resource.Resource):
+    """An https: rua on loopback: records each POST."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.posts: list[tuple[bytes, bytes]] = []
+        self.status = 200
+
+    def render_POST(self, request):
+        self.posts.append((request.getHeader(b"content-type"), request.content.read()))
+        request.setResponseCode(self.status)
+        return b"thanks"
+
+
+class HTTPSPostTests(unittest.TestCase):
+    """The https: rua: a real POST with Twisted's HTTP client to a loopback HTTPS server."""
+
+    timeout = 30
+
+    def setUp(self) -> None:
+        directory = tempfile.mkdtemp(prefix="pymta-rua-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        self.ca = make_ca(directory)
+        self.stranger = make_ca(tempfile.mkdtemp(dir=directory), name="stranger")
+        self.inbox = Inbox()
+        self.port = free_port()
+        listening = reactor.listenSSL(self.port, server.Site(self.inbox), server_options(*self.ca.issue("localhost")),
+                                      interface="127.0.0.1")  # fmt: skip
+        self.addCleanup(listening.stopListening)
+
+    @defer.inlineCallbacks
+    def test_a_report_is_posted_as_application_tlsrpt_gzip(self):
+        post = https_poster(reactor, reactor, self.ca.cert_path)
+        code = yield post(f"https://localhost:{self.port}/in", gzip.compress(b'{"report-id": "r"}'))
+        assert code == 200
+        [(ctype, data)] = self.inbox.posts
+        assert ctype == b"application/tlsrpt+gzip" and json.loads(gzip.decompress(data)) == {"report-id": "r"}
+        self.inbox.status = 500
+        with self.assertRaises(ValueError):
+            yield post(f"https://localhost:{self.port}/in", b"x")
+
+    @defer.inlineCallbacks
+    def test_an_untrusted_report_host_gets_nothing(self):
+        post = https_poster(reactor, reactor, self.stranger.cert_path)
+        with self.assertRaises((ResponseNeverReceived, RequestTransmissionFailed)):  # the TLS handshake refused it
+            yield post(f"https://localhost:{self.port}/in", b"x")
+        assert self.inbox.posts == []
