@@ -10,6 +10,7 @@ import http.server
 import json
 import os
 import smtplib
+import socket
 import socketserver
 import ssl
 import threading
@@ -61,9 +62,11 @@ class Receiver:
     """A minimal SMTP server in a thread: STARTTLS offered when given a certificate; records each
     message with whether it came over TLS."""
 
-    def __init__(self, address: str, port: int, cert: tuple[str, str] | None) -> None:
+    def __init__(self, address: str, port: int, cert: tuple[str, str] | None, requiretls: bool = False) -> None:
         receiver = self
         self.messages: list[tuple[bool, bytes]] = []
+        self.mail_lines: list[bytes] = []
+        self.connections: list = []
         context = None
         if cert is not None:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -78,6 +81,7 @@ class Receiver:
 
             def handle(self) -> None:
                 tls = False
+                receiver.connections.append(self.connection)
                 self.reply("220 mx.sts.test ESMTP")
                 for _ in range(100):  # bounded dialogue
                     line = self.rfile.readline(1000)
@@ -86,14 +90,19 @@ class Receiver:
                     verb = line[:4].upper()
                     if verb == b"EHLO":
                         offer = ["250-mx.sts.test", "250-PIPELINING"] + (["250-STARTTLS"] if context and not tls else [])
+                        offer += ["250-REQUIRETLS"] if requiretls and tls else []
                         for x in [*offer, "250 8BITMIME"]:
                             self.reply(x)
                     elif verb == b"STAR" and context is not None:
                         self.reply("220 go ahead")
                         self.connection = context.wrap_socket(self.connection, server_side=True)
+                        receiver.connections.append(self.connection)
                         self.rfile = self.connection.makefile("rb")
                         self.wfile = self.connection.makefile("wb")
                         tls = True
+                    elif verb == b"MAIL":
+                        receiver.mail_lines.append(line.strip())
+                        self.reply("250 ok")
                     elif verb == b"DATA":
                         self.reply("354 go on")
                         data = b""
@@ -118,8 +127,14 @@ class Receiver:
         wait_for_port(address, port, 10)
 
     def stop(self) -> None:
+        """Stop listening and cut the open connections (a client's idle pooled session too)."""
         self.server.shutdown()
         self.server.server_close()
+        for connection in self.connections:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         self.thread.join(10)
 
 
@@ -169,4 +184,49 @@ def test_enforce_holds_mail_for_a_plaintext_mx_then_delivers_over_verified_tls(t
         mta.stop()
         plain.stop()
         policy_host.stop()
+        dns.stop()
+
+
+def test_requiretls_end_to_end_accepted_over_tls_only_and_held_for_a_hop_without_it(tmp_path):
+    ca = make_ca(str(tmp_path))
+    smtp_port = free_port("127.0.0.2")
+    dns = DNSServer(Zone({"rt.test": {"MX": ["10 mx.rt.test."]}, "mx.rt.test": {"A": ["127.0.0.2"]}})).start()
+    mx_cert = ca.issue("mx.rt.test")
+    cert, key = ca.issue("mx.example.test")
+    old = Receiver("127.0.0.2", smtp_port, mx_cert)  # TLS, but no REQUIRETLS
+    mta = MTAProcess(str(tmp_path), dns=dns.address, smtp_port=smtp_port,
+                     extra_config=f'[tls]\ncert = "{cert}"\nkey = "{key}"\n')  # fmt: skip
+    try:
+        with open(mta.config_path) as f:
+            text = f.read()
+        with open(mta.config_path, "w") as f:
+            f.write(text.replace(f"smtp_port = {smtp_port}\n", f'smtp_port = {smtp_port}\ntls_ca_file = "{ca.cert_path}"\n', 1))
+        mta.start()
+        with smtplib.SMTP("127.0.0.1", mta.port, timeout=30) as client:
+            client.ehlo("client.test")
+            assert "requiretls" not in client.esmtp_features
+            assert client.mail("s@example.org", ["REQUIRETLS"])[0] == 530
+            client.rset()
+            context = ssl.create_default_context(cafile=ca.cert_path)
+            context.check_hostname = False  # the certificate names mx.example.test; we dial 127.0.0.1
+            client.starttls(context=context)
+            client.ehlo("client.test")
+            assert "requiretls" in client.esmtp_features
+            client.sendmail("s@example.org", ["r@rt.test"], "Subject: secret\r\n\r\nbody\r\n", mail_options=["REQUIRETLS"])
+        mta.wait_for(lambda: mta.queue_files("deferred"), what="deferral: the hop offers no REQUIRETLS")
+        [qid] = mta.queue_files("deferred")
+        reply = json.loads(queue_cli(mta, "show", qid).stdout)["recipients"][0]["reply"]
+        assert (reply["enhanced"], reply["tls_policy"]) == ("4.7.30", "requiretls")
+        assert old.messages == [] and old.mail_lines == []
+        old.stop()
+        new = Receiver("127.0.0.2", smtp_port, mx_cert, requiretls=True)
+        try:
+            assert queue_cli(mta, "flush").returncode == 0
+            [(tls, data)] = mta.wait_for(lambda: new.messages, what="delivery to a REQUIRETLS hop")
+            assert tls and b"Subject: secret" in data and new.mail_lines[0].endswith(b" REQUIRETLS")
+        finally:
+            new.stop()
+    finally:
+        mta.stop()
+        old.stop()
         dns.stop()

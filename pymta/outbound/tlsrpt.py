@@ -66,6 +66,10 @@ class TLSCounts:
     def __init__(self, path: str) -> None:
         os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
         self.db = sqlite3.connect(path)
+        # One small commit per session on the reactor thread: WAL without an fsync per commit keeps
+        # every count across a process restart (a power loss may cost the last ones).
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute(
             "CREATE TABLE IF NOT EXISTS sessions (day TEXT, domain TEXT, policy_type TEXT, policy TEXT, mx TEXT,"
             " ip TEXT, result TEXT, count INTEGER, PRIMARY KEY (day, domain, policy_type, mx, ip, result))"
