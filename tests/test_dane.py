@@ -130,6 +130,7 @@ class DANETests(unittest.TestCase):
         assert result.status == DELIVERED and result.tls and result.extra["tls_policy"] == "dane"
         assert len(peer.messages) == 1
         assert [(s[0], s[1], s[5]) for s in agent.tls_reports.seen] == [("ee.dane.test", "tlsa", None)]  # a success
+        assert peer.protocols[0].transport.getHandle().get_servername() == b"mx.ee.dane.test"  # SNI, RFC 7672 §8.1
 
     @defer.inlineCallbacks
     def test_a_certificate_matching_no_tlsa_record_is_refused_even_if_pkix_valid(self):

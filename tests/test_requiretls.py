@@ -55,8 +55,15 @@ def test_a_requiretls_message_no_hop_could_take_bounces_with_5_7_30_after_its_re
     clock = task.Clock()
     clock.advance(1_700_000_000)
     waits = (DEFERRED, 451, "4.7.30", "mx.test does not offer REQUIRETLS, which this message requires; not sent")
+    class Keeping(ScriptedDeliveryAgent):
+        extras: list = []
+
+        def deliver(self, envelope, recipients, body):
+            self.extras.append(dict(envelope.extra))
+            return super().deliver(envelope, recipients, body)
+
     relay = ScriptedDeliveryAgent({"r@far.test": [waits]})
-    local = ScriptedDeliveryAgent()
+    local = Keeping()
     store = MemoryQueueStore()
     manager = QueueManager(store, {ROUTE_RELAY: relay, ROUTE_LOCAL: local}, clock, "mx.test", retry_initial=60,
                            retry_max=600, max_age=3600, delay_warning=0,
@@ -73,6 +80,7 @@ def test_a_requiretls_message_no_hop_could_take_bounces_with_5_7_30_after_its_re
     assert len(relay.calls) > 1  # retried first
     [(_, rcpts, dsn)] = local.calls
     assert rcpts == ["s@here.test"] and b"Status: 5.7.30" in dsn and b"REQUIRETLS" in dsn
+    assert local.extras == [{"dsn_for": env.qid, "action": "failed", "requiretls": True}]  # the notice keeps REQUIRETLS
 
 
 def test_the_requiretls_parameter_is_kept_in_the_queued_envelope(tmp_path):

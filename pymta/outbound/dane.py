@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from pymta.dns import DNSError
 
@@ -78,6 +80,25 @@ class DANE:
             log.warn("{mx}: {n} TLSA record(s) with unusable parameters ignored{rest}", mx=host, n=left,
                      rest="" if good else "; none usable: TLS is mandatory, unauthenticated", event="dane_tlsa_unusable")  # fmt: skip
         return DANEHost(host, good, left)
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class WithSNI:
+    """A client TLS context that sends the TLSA base domain as SNI (RFC 7672 §8.1); the chain is
+    checked against the TLSA records afterwards (:func:`check_chain`), not by PKIX."""
+
+    def __init__(self, options: Any, hostname: str) -> None:
+        self.options = options
+        self.hostname = hostname.encode("ascii")
+
+    def clientConnectionForTLS(self, tls_protocol: Any) -> Any:
+        from OpenSSL import SSL
+
+        connection = SSL.Connection(self.options.getContext(), None)
+        connection.set_app_data(tls_protocol)
+        connection.set_tlsext_host_name(self.hostname)
+        connection.set_connect_state()
+        return connection
 
 
 def _digest(data: bytes, mtype: int) -> bytes:

@@ -456,9 +456,13 @@ class SMTPDeliveryAgent:
         if wants_tls and proto.extensions.has("STARTTLS") and not (plaintext_ok and policy == "opportunistic"):
             verify = policy == "verify"  # DANE authenticates by the TLSA records instead of PKIX
             authenticated = verify or (policy == "dane" and dane is not None and bool(dane.records))
+            context = self.tls_context_for(session.host, verify)
+            if policy == "dane" and hasattr(context, "getContext"):
+                from pymta.outbound.dane import WithSNI
+
+                context = WithSNI(context, session.host)
             try:
-                yield proto.starttls(self.tls_context_for(session.host, verify), session.helo, t,
-                                     verified_for=session.host if authenticated else None)  # fmt: skip
+                yield proto.starttls(context, session.helo, t, verified_for=session.host if authenticated else None)
             except Exception as e:
                 raise ConnectFailed(Reply(451, "4.7.5", f"STARTTLS with {session.remote} failed: {e}"), tls_failed=True,
                                     result_type="validation-failure") from None  # fmt: skip

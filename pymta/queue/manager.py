@@ -318,7 +318,8 @@ class QueueManager(service.Service):
             size=len(message),
             body_type="8BITMIME" if any(b > 127 for b in message) else "7BIT",
             protocol="LOCAL",
-            extra={"dsn_for": envelope.qid, "action": action},
+            # RFC 8689 §5: a notice about a REQUIRETLS message travels under REQUIRETLS too.
+            extra={"dsn_for": envelope.qid, "action": action, **({"requiretls": True} if envelope.extra.get("requiretls") else {})},
         )
         try:
             yield self.store.enqueue(dsn, message)
