@@ -22,6 +22,7 @@ from pymta.outbound.routes import Router
 from pymta.smtp.client import ClientTimeouts
 from pymta.tls import client_tls
 from tests import dnssec
+from tests.fakes import Sessions
 from tests.mitm import StrippingProxy
 from tests.mta_process import free_port
 from tests.pki import make_ca, server_options
@@ -39,16 +40,6 @@ def chain_options(cert_path: str, key_path: str, ca_path: str) -> ssl.Certificat
         ca = ssl.Certificate.loadPEM(a.read())
     return ssl.CertificateOptions(privateKey=leaf.privateKey.original, certificate=leaf.original,
                                   extraCertChain=[ca.original])  # fmt: skip
-
-
-class Sessions:
-    """Records what the delivery agent counts for TLS reports."""
-
-    def __init__(self) -> None:
-        self.seen: list[tuple] = []
-
-    def session(self, *args) -> None:
-        self.seen.append(args)
 
 
 class DANETests(unittest.TestCase):

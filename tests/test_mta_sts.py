@@ -25,6 +25,7 @@ from pymta.outbound.tlspolicy import MTASTS, PolicyError, STSPolicy, parse_polic
 from pymta.smtp.client import ClientTimeouts
 from pymta.tls import client_tls
 from tests.dnsserver import DNSServer, Zone
+from tests.fakes import Sessions
 from tests.mta_process import free_port
 from tests.pki import make_ca, server_options
 from tests.test_delivery import Peer
@@ -227,7 +228,12 @@ class MTASTSTests(unittest.TestCase):
     def test_testing_mode_delivers_as_before_and_records_what_failed(self):
         self.policy.body = b"version: STSv1\nmode: testing\nmx: other.sts.test\nmax_age: 600\n"
         peer = self.peer(cert_name=None)
-        result = yield self.send(self.agent(self.sts()))
+        agent = self.agent(self.sts())
+        agent.tls_reports = Sessions()
+        result = yield self.send(agent)
+        [(domain, policy_type, strings, mx, _, outcome)] = agent.tls_reports.seen  # counted for TLS reports
+        assert (domain, policy_type, mx, outcome) == ("sts.test", "sts", "mx.sts.test", "starttls-not-supported")
+        assert strings == ["version: STSv1", "mode: testing", "mx: other.sts.test", "max_age: 600"]
         assert result.status == DELIVERED and result.tls is None and result.extra["tls_policy"] == "mta-sts"
         assert len(peer.messages) == 1 and result.extra["tls_failure"] == "starttls-not-supported"
         [mismatch] = self.logged("mta_sts_mx_mismatch")
