@@ -52,6 +52,38 @@ def parse_duration(value: Any) -> float:
     return seconds
 
 
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*$", re.I)
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 1024, "kib": 1024, "mb": 1024**2, "mib": 1024**2, "gb": 1024**3, "gib": 1024**3}
+
+
+def conv_size(value: Any) -> int:
+    """``"100MB"``, ``"64KiB"``, ``"2GB"`` (binary units: KB = 1024 octets; a bare number is octets)."""
+    if isinstance(value, bool):
+        raise ConfigValueError('expected a size like "100MB" or "64KB"')
+    if isinstance(value, int):
+        octets = float(value)
+    elif isinstance(value, str) and (m := _SIZE.match(value)):
+        octets = float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()]
+    else:
+        raise ConfigValueError(f'expected a size like "100MB" or "64KB", got {value!r}')
+    if octets < 0:
+        raise ConfigValueError("a size cannot be negative")
+    return int(octets)
+
+
+def conv_byte_rate(value: Any) -> float:
+    """``"1KB/s"``, ``"60KB/min"`` -> octets per second (a bare number is octets per second; 0 = off)."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    if value == "0":
+        return 0.0
+    size, sep, period = value.partition("/") if isinstance(value, str) else ("", "", "")
+    seconds = {"s": 1, "sec": 1, "second": 1, "min": 60, "minute": 60}.get(period.strip().lower())
+    if not sep or seconds is None:
+        raise ConfigValueError(f'expected a data rate like "1KB/s", got {value!r}')
+    return conv_size(size) / seconds
+
+
 def _type_name(value: Any) -> str:
     return {bool: "boolean", int: "integer", float: "number", str: "string", list: "list", dict: "table"}.get(
         type(value), type(value).__name__
@@ -252,8 +284,10 @@ class SMTPConfig:
     max_recipients: int = _key(conv_int(1, 100000), 1000)
     max_errors: int = _key(conv_int(1, 1000), 10)
     command_timeout: float = _key(conv_duration(1), 300.0)
-    data_timeout: float = _key(conv_duration(1), 600.0)
-    max_connections: int = _key(conv_int(1, 100000), 1000)
+    data_timeout: float = _key(conv_duration(1), 600.0)  # inactivity in DATA/BDAT
+    min_data_rate: float = _key(conv_byte_rate, 1024.0)  # DATA/BDAT average after its first 30 s; 0 = off
+    max_session_time: float = _key(conv_duration(0), 1800.0)  # a connection's whole life; 0 = no cap
+    max_connections: int = _key(conv_int(1, 100000), 1000)  # each of `processes` takes an equal share
     listen_tls: tuple[str, ...] = _key(conv_list(conv_endpoint), ())  # implicit TLS (port 465 style)
     greet_pause: float = _key(conv_duration(0), 0.0)  # early-talker check; 0 = off
     processes: int = _key(conv_int(1, 64), 1)  # listener processes sharing the `listen` sockets
@@ -268,6 +302,8 @@ class DomainsConfig:
         conv_list(conv_network), (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
     )
     forward: tuple[str, ...] = _key(conv_list(conv_hostname), ())
+    # where RCPT TO:<postmaster> (RFC 5321 §4.5.1) goes; default postmaster@<first local domain>
+    postmaster: str | None = _key(conv_address, None)
 
 
 @dataclass(frozen=True)
@@ -278,7 +314,9 @@ class QueueConfig:
     delay_warning: float = _key(conv_duration(0), 4 * 3600.0)
     max_active: int = _key(conv_int(1, 100000), 200)
     greylist_retry: float = _key(conv_duration(1), 300.0)  # retry after a greylisting reply
+    shutdown_grace: float = _key(conv_duration(0), 30.0)  # a stop waits this long for deliveries in flight
     fsync: bool = _key(conv_bool, True)
+    min_free: int = _key(conv_size, 0)  # MAIL gets 452 4.3.1 unless this + 1.5 x max_message_size is free
     # false: this process only accepts into the queue (a listener-only process beside another
     # pymta process that delivers from the same queue directory).
     deliver: bool = _key(conv_bool, True)
@@ -378,11 +416,15 @@ class TLSConfig:
 
 @dataclass(frozen=True)
 class SubmissionConfig:
-    """Authenticated submission (port 587 style): AUTH PLAIN/LOGIN after STARTTLS, then relay."""
+    """Authenticated submission: port 587 style (AUTH PLAIN/LOGIN after STARTTLS) or, on ``ssl:``
+    endpoints, implicit TLS (port 465, RFC 8314); then relay."""
 
     listen: tuple[str, ...] = _key(conv_list(conv_endpoint), ())
     users_file: str | None = _key(conv_path, None)
     max_auth_failures: int = _key(conv_int(1, 100), 3)
+    # "strict": MAIL FROM and From: must be addresses the user owns (users file, sender_login_maps)
+    sender_login: str = _key(conv_choice("any", "strict"), "any")
+    sender_login_maps: str | None = _key(conv_path, None)  # "sender user[,user]" lines, Postfix style
 
 
 @dataclass(frozen=True)
@@ -734,6 +776,11 @@ class Config:
     @property
     def suppression_db(self) -> str:
         return self.feedback.suppression_db or os.path.join(self.state_dir, "suppression.sqlite")
+
+    @property
+    def postmaster(self) -> str:
+        """The mailbox for ``RCPT TO:<postmaster>`` and postmaster@ every local domain."""
+        return self.domains.postmaster or f"postmaster@{(self.domains.local or (self.hostname,))[0]}"
 
     @property
     def control_socket(self) -> str:

@@ -121,7 +121,8 @@ class ISMTPServerDelegate(Interface):
         """MAIL FROM ``sender`` ("" for <>) with ``params`` (dict of upper-case keyword -> value)."""
 
     def rcpt_to(session, address, params):
-        """RCPT TO ``address`` with ``params``; the transaction is ``session.transaction``."""
+        """RCPT TO ``address`` with ``params``; the transaction is ``session.transaction``.
+        ``address`` is the bare ``"postmaster"`` for ``<postmaster>`` without a domain (RFC 5321 §4.5.1)."""
 
     def message(session, body):
         """End of data: ``body`` (bytes, CRLF lines, dot-unstuffed) for ``session.transaction``.
@@ -183,3 +184,39 @@ class ISession(Interface):
     tls = Attribute("None, or a description of the TLS session")
     auth_user = Attribute("authenticated user, or None")
     transaction = Attribute("the current Transaction, or None")
+
+
+class IInboundState(Interface):
+    """Inbound counters that every listener process of a node (later: of a cluster) shares:
+    connections per client, GCRA rates per client, greylisting triples.
+
+    Keys are opaque strings chosen by the caller. Times come from the backend's injected clock.
+    A backend that cannot answer (store down, lock timeout) fails open and logs: a limit
+    store never refuses mail by itself.
+    """
+
+    owner = Attribute("the process (pid) whose connections this handle counts")
+
+    def acquire_connection(key, limit):
+        """Count one more open connection for ``key`` unless ``limit`` are open; True if counted."""
+
+    def release_connection(key):
+        """One connection counted by :meth:`acquire_connection` for ``key`` has ended."""
+
+    def take(name, key, rate):
+        """GCRA for limit ``name``: 0.0 if one event for ``key`` at ``rate`` may happen now (and
+        is recorded), else the seconds until it would be allowed."""
+
+    def greylist(triple, delay, expire, lifetime):
+        """0.0 if the (client, sender, recipient) ``triple`` passes now (its pass is renewed for
+        ``lifetime``), else the seconds until a retry would pass. A triple first seen more than
+        ``expire`` ago without a passing retry starts again."""
+
+    def release_owner(owner):
+        """Forget the connections counted by process ``owner`` (it has ended)."""
+
+    def clear_connections():
+        """Forget every counted connection (the node starts: no connection is open)."""
+
+    def close():
+        """Release the store."""

@@ -5,6 +5,9 @@ becomes one JSON object on one line: ``time`` (ISO 8601 UTC), ``level``, ``names
 ``message`` (the formatted text) and every named field of the event that JSON can carry
 (``qid``, ``client``, ``sender``, ``recipients``, ``size``, ``code``, ``enhanced`` ...).
 Output goes to ``$PYMTA_LOG_FILE`` when set, else standard output.
+
+Twisted's own per-connection "Starting factory" / "Stopping factory" lines (outbound HTTPS for
+MTA-STS, client endpoints) are left out: one pair per outbound connection is noise, not news.
 """
 
 from __future__ import annotations
@@ -15,10 +18,18 @@ import sys
 from datetime import UTC, datetime
 from typing import IO, Any
 
-from twisted.logger import FileLogObserver, formatEvent
+from twisted.logger import FileLogObserver, FilteringLogObserver, PredicateResult, formatEvent
 from twisted.python.failure import Failure
 
 _SKIP_PREFIXES = ("log_", "isError", "message", "format", "system", "why", "failure")
+_FACTORY_LINES = frozenset({"Starting factory {factory!r}", "Stopping factory {factory!r}"})
+
+
+def not_factory_noise(event: dict[str, Any]) -> PredicateResult:
+    """No for Twisted's factory start/stop lines of its own factories (ours, the listeners, stay)."""
+    if event.get("log_format") in _FACTORY_LINES and not str(event.get("log_namespace", "")).startswith("pymta."):
+        return PredicateResult.no
+    return PredicateResult.maybe
 
 
 def _jsonable(value: Any) -> Any:
@@ -53,9 +64,9 @@ def event_as_json(event: dict[str, Any]) -> str:
     return json.dumps(record, ensure_ascii=False) + "\n"
 
 
-def observer(out: IO[str] | None = None) -> FileLogObserver:
+def observer(out: IO[str] | None = None) -> FilteringLogObserver:
     """The factory twistd's ``--logger`` calls."""
     if out is None:
         path = os.environ.get("PYMTA_LOG_FILE")
         out = open(path, "a", encoding="utf-8", buffering=1) if path else sys.stdout
-    return FileLogObserver(out, event_as_json)
+    return FilteringLogObserver(FileLogObserver(out, event_as_json), [not_factory_noise])

@@ -48,6 +48,18 @@ def parse_rate(text: Any) -> Rate:
     return Rate(count, float(_PERIODS[m.group(2)]), burst)
 
 
+def gcra_step(tat: float | None, now: float, rate: Rate, cost: int = 1) -> tuple[float, float]:
+    """One GCRA decision from the stored theoretical arrival time (None: never seen):
+    (the TAT to store, 0.0) when allowed, else (``tat`` unchanged, seconds to wait)."""
+    interval = rate.interval
+    start = now if tat is None else max(tat, now)
+    new_tat = start + interval * cost
+    allow_at = new_tat - interval * rate.burst
+    if allow_at > now + 1e-9:
+        return (now if tat is None else tat), allow_at - now
+    return new_tat, 0.0
+
+
 class KeyedLimiter:
     """GCRA per key: :meth:`take` says whether one event may happen now, else how long to wait.
 
@@ -64,12 +76,9 @@ class KeyedLimiter:
     def take(self, key: Hashable, cost: int = 1) -> float:
         """0.0 if allowed now (and recorded); else the seconds until it would be allowed."""
         now = self.clock.seconds()
-        interval = self.rate.interval
-        tat = max(self._tat.get(key, now), now)
-        new_tat = tat + interval * cost
-        allow_at = new_tat - interval * self.rate.burst
-        if allow_at > now + 1e-9:
-            return allow_at - now
+        new_tat, wait = gcra_step(self._tat.get(key), now, self.rate, cost)
+        if wait:
+            return wait
         self._tat[key] = new_tat
         self._tat.move_to_end(key)
         if len(self._tat) > self.max_keys:

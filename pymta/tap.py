@@ -17,6 +17,7 @@ from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
 from pymta.config import Config, ConfigError, default_config_path, load_config
+from pymta.shutdown import CLOSE, SESSION_GRACE, SessionDrain, SignalGuard, StagedService, ThreadPoolService
 
 
 class Options(usage.Options):
@@ -40,23 +41,11 @@ class Options(usage.Options):
             raise SystemExit(2) from None
 
 
-class ThreadPoolService(service.Service):
-    """Starts and stops the thread pool that runs fsync-heavy file work off the reactor."""
-
-    def __init__(self, pool: ThreadPool) -> None:
-        self.pool = pool
-
-    def startService(self) -> None:
-        super().startService()
-        self.pool.start()
-
-    def stopService(self) -> None:
-        super().stopService()
-        self.pool.stop()
-
-
 class CloseOnStop(service.Service):
-    """Calls ``close`` when the service tree stops (after the services added later have stopped)."""
+    """Calls ``close`` when the service tree stops, once the listeners, sessions and deliveries that
+    used it are done (the ``CLOSE`` stage of :mod:`pymta.shutdown`)."""
+
+    stop_stage = CLOSE
 
     def __init__(self, close: Any) -> None:
         self.close = close
@@ -66,9 +55,17 @@ class CloseOnStop(service.Service):
         self.close()
 
 
+class StartupError(Exception):
+    """The MTA cannot start; the text says what and where, in one line."""
+
+
 def makeService(options: dict[str, Any]) -> service.MultiService:
+    """Every startup failure is one line on standard error and exit status 2, never a traceback."""
+    import sqlite3
+
     from pymta.admin.http.tokens import TokensFileError
     from pymta.inbound.auth import UsersFileError
+    from pymta.state.local import InboundStateError
     from pymta.tls import TLSConfigError
 
     config: Config = options["loaded"]
@@ -79,10 +76,73 @@ def makeService(options: dict[str, Any]) -> service.MultiService:
         die_with_parent()
         worker_fds = [tuple(int(x) for x in item.split(":")) for item in options["worker-fds"].split(",")]
     try:
-        return build_service(config, global_reactor, worker_fds)
-    except (TLSConfigError, UsersFileError, TokensFileError) as e:
-        sys.stderr.write(f"pymta: configuration error: {e}\n")
-        raise SystemExit(2) from None
+        if worker_fds is None:  # the workers share the main process's state_dir and sockets
+            lock_state_dir(config.state_dir)
+            check_listeners(config)
+        top = build_service(config, global_reactor, worker_fds)
+    except TLSConfigError as e:
+        _startup_failed(f"configuration error: {config.path}: {e.key}: {e}" if e.key else f"configuration error: {e}")
+    except UsersFileError as e:
+        _startup_failed(f"configuration error: {config.path}: submission.users_file: {e}")
+    except (TokensFileError, InboundStateError) as e:
+        _startup_failed(f"configuration error: {e}")
+    except StartupError as e:
+        _startup_failed(str(e))
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        _startup_failed(f"cannot start: {where}{e.strerror or e}")
+    except sqlite3.Error as e:
+        databases = [config.suppression_db, os.path.join(config.state_dir, "inbound.sqlite")]
+        databases += [os.path.join(config.state_dir, "warmup.sqlite")] if config.pools else []
+        _startup_failed(f"cannot start: cannot open database {' or '.join(databases)}: {e}")
+    SignalGuard(global_reactor).setServiceParent(top)
+    return top
+
+
+def _startup_failed(text: str) -> None:
+    sys.stderr.write(f"pymta: {text}\n")
+    raise SystemExit(2) from None
+
+
+_held: list[int] = []  # descriptors of the locks this process holds (for its whole life)
+
+
+def lock_state_dir(state_dir: str) -> None:
+    """Take ``state_dir/pymta.lock`` (flock): two MTAs on one queue would deliver everything twice."""
+    import fcntl
+
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    path = os.path.join(state_dir, "pymta.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode("ascii", "replace").strip() or "?"
+        os.close(fd)
+        raise StartupError(f"{state_dir}: in use by another running pymta (pid {holder}, lock {path})") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _held.append(fd)
+
+
+def check_listeners(config: Config) -> None:
+    """Fail early, in one line, on an address we cannot listen on (in use, not ours, privileged)."""
+    import socket
+
+    for key, endpoints in (("smtp.listen", config.smtp.listen), ("smtp.listen_tls", config.smtp.listen_tls),
+                           ("submission.listen", config.submission.listen), ("http.listen", config.http.listen),
+                           ("http.public_listen", config.http.public_listen)):  # fmt: skip
+        for endpoint in endpoints:
+            for interface, port in listener_addresses((endpoint,)):
+                if port == 0:
+                    continue
+                family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+                with socket.socket(family, socket.SOCK_STREAM) as sock:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    try:
+                        sock.bind((interface, port))
+                    except OSError as e:
+                        raise StartupError(f"cannot listen on {endpoint} ({key}): {e.strerror}") from None
 
 
 def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]] | None = None) -> service.MultiService:
@@ -101,9 +161,10 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
     from pymta.dns import Resolver
     from pymta.feedback.classify import classify
     from pymta.feedback.gate import FeedbackGate
+    from pymta.feedback.pool import ParsePool
     from pymta.feedback.processor import FeedbackProcessor
     from pymta.inbound.acl import AclPolicy
-    from pymta.inbound.auth import Authenticator, load_users
+    from pymta.inbound.auth import Authenticator, SenderLogins, load_users
     from pymta.inbound.dnsbl import DNSBL
     from pymta.inbound.limits import ClientLimits, Greylist
     from pymta.inbound.mailbox import MaildirDeliveryAgent
@@ -112,15 +173,24 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
     from pymta.queue.manager import QueueManager, local_route_for
     from pymta.queue.store import MaildirQueueStore
     from pymta.smtp.replies import Reply
-    from pymta.smtp.server import ServerLimits, SMTPServerFactory
+    from pymta.smtp.server import ConnectionSlots, ServerLimits, SMTPServerFactory
     from pymta.tls import ServerTLS
 
     for path in (config.state_dir, config.queue_dir, config.mail_dir, config.log_dir):
         os.makedirs(path, mode=0o700, exist_ok=True)
 
-    top = service.MultiService()
+    grace = config.queue.shutdown_grace
+    session_grace = min(SESSION_GRACE, grace)
+    top = StagedService(reactor, grace)
+    # Three pools, so that one kind of slow work cannot hold up another: queue and Maildir file
+    # I/O (the 250 waits for it), DNS lookups (a dead resolver blocks a thread for its timeout),
+    # password hashing (scrypt, CPU-bound, deliberately slow).
     pool = ThreadPool(minthreads=2, maxthreads=16, name="pymta-io")
     ThreadPoolService(pool).setServiceParent(top)
+    dns_pool = ThreadPool(minthreads=1, maxthreads=16, name="pymta-dns")
+    ThreadPoolService(dns_pool, join=False).setServiceParent(top)
+    drain = SessionDrain([], reactor, session_grace)
+    drain.setServiceParent(top)
 
     store = MaildirQueueStore(config.queue_dir, reactor=reactor, threadpool=pool, fsync=config.queue.fsync)
     accounting = None
@@ -131,7 +201,7 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
     agents: dict[str, Any] = {
         "local": MaildirDeliveryAgent(config.mail_dir, config.hostname, reactor=reactor, threadpool=pool),
     }
-    resolver = Resolver(reactor, pool, config.dns.servers, timeout=config.dns.timeout, dnssec=config.dns.dnssec)
+    resolver = Resolver(reactor, dns_pool, config.dns.servers, timeout=config.dns.timeout, dnssec=config.dns.dnssec)
     tls_reports = _tls_reporter(config, reactor, resolver, store, top)
     smtp_agent = _outbound_agent(config, reactor, resolver, tls_reports)
     CloseOnStop(smtp_agent.close_idle).setServiceParent(top)
@@ -141,9 +211,11 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
     relay = FeedbackGate(smtp_agent, suppression, tagger, fb.sender_domains, classify, fb.unsubscribe,
                          config.http.public_url if config.http.public_listen else None)  # fmt: skip
     agents["relay"] = agents["forward"] = relay
+    parse_pool = ParsePool(reactor)  # bounces are parsed in a worker process, never on the reactor
+    CloseOnStop(parse_pool.close).setServiceParent(top)
     agents["feedback"] = FeedbackProcessor(
         suppression, tagger, fb.complaint_addresses, fb.reply_addresses, agents["local"], fb.reply_mailbox, accounting,
-        sources=smtp_agent.selector, tls_reports=_tls_report_inbox(config, top),
+        sources=smtp_agent.selector, parser=parse_pool.parse, tls_reports=_tls_report_inbox(config, top),
     )
 
     manager = QueueManager(
@@ -159,9 +231,9 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
         accounting=accounting,
         route_for=local_route_for(config.domains.local),
         greylist_retry=config.queue.greylist_retry,
+        shutdown_grace=grace,
+        abort=smtp_agent.abort_all,
     )
-    if config.queue.deliver:
-        manager.setServiceParent(top)
     if tls_reports is not None:
         tls_reports.notify = manager.notify_incoming
     from pymta.admin.http.service import make_metrics
@@ -169,7 +241,16 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
     metrics = make_metrics(config) if worker_fds is None else None
     # Every message the queue manager hears of (from this process or a listener worker) is counted once.
     notify = metrics.counting(manager.notify_incoming) if metrics is not None else manager.notify_incoming
+    if config.queue.deliver:
+        from pymta.queue.watch import IncomingWatcher
 
+        # The watch starts before the manager's start-up scan of incoming/: mail that a listener
+        # worker renames in between raises an event instead of waiting for the next restart.
+        IncomingWatcher(os.path.join(config.queue_dir, "incoming"), notify, reactor).setServiceParent(top)
+        manager.setServiceParent(top)
+
+    inbound_state = _inbound_state(config, reactor, main=worker_fds is None)
+    CloseOnStop(inbound_state.close).setServiceParent(top)
     policy = RelayPolicy(
         config.domains.local,
         config.domains.mailboxes,
@@ -178,6 +259,8 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
         config.mail_dir,
         feedback_domains=[fb.bounce_domain] if fb.bounce_domain else [],
         feedback_addresses=[*fb.complaint_addresses, *fb.reply_addresses, *config.tlsrpt.report_addresses],
+        postmaster=config.postmaster,
+        hostname=config.hostname,
     )
     receiver = InboundReceiver(
         config.hostname,
@@ -192,14 +275,22 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
             config.limits.connections_per_client,
             config.limits.message_rate,
             config.limits.recipient_rate,
+            state=inbound_state,
         ),
-        greylist=Greylist(reactor, config.greylist.delay, config.greylist.expire, config.greylist.lifetime)
+        greylist=Greylist(reactor, config.greylist.delay, config.greylist.expire, config.greylist.lifetime,
+                          state=inbound_state)  # fmt: skip
         if config.greylist.enabled
         else None,
         suppression=suppression,
         dnsbl=DNSBL(resolver, config.dnsbl.zones, Reply(*config.dnsbl.reply)) if config.dnsbl.zones else None,
         resolver=resolver,
         reverse_lookup=config.smtp.reverse_lookup or any(r.rdns is not None for rules in config.acl.values() for r in rules),
+        sender_login=SenderLogins.from_files(config.submission.users_file, config.submission.sender_login_maps)
+        if config.submission.listen and config.submission.sender_login == "strict"
+        else None,
+        free_space=lambda: free_octets(config.queue_dir),
+        # Postfix's rule: room for min_free plus one and a half messages of the largest size.
+        space_needed=config.queue.min_free + config.smtp.max_message_size * 3 // 2,
     )
     limits = ServerLimits(
         max_message_size=config.smtp.max_message_size,
@@ -209,18 +300,25 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
         data_timeout=config.smtp.data_timeout,
         greet_pause=config.smtp.greet_pause,
         max_auth_failures=config.submission.max_auth_failures,
+        min_data_rate=config.smtp.min_data_rate,
+        max_session_time=config.smtp.max_session_time,
     )
+    # [smtp] max_connections holds for the MX listeners together; with listener workers each
+    # process takes an equal share. Submission listeners count apart, with the same cap.
+    mx_slots = ConnectionSlots(-(-config.smtp.max_connections // config.smtp.processes))
     server_tls = ServerTLS(config.tls.cert, config.tls.key) if config.tls.cert else None
     if server_tls is not None:
         ReloadOnHangup(server_tls.reload, reactor).setServiceParent(top)
-    factory = SMTPServerFactory(receiver, config.hostname, limits, reactor, tls_context_factory=server_tls)
+    factory = SMTPServerFactory(receiver, config.hostname, limits, reactor, tls_context_factory=server_tls,
+                                connections=mx_slots)  # fmt: skip
+    drain.factories.append(factory)
     if worker_fds is not None:
         from pymta.workers import AdoptedPort
 
         for fd, family in worker_fds:
-            AdoptedPort(reactor, fd, family, factory).setServiceParent(top)
+            AdoptedPort(reactor, fd, family, factory, inherited=True).setServiceParent(top)
         return top
-    _listen(config, reactor, factory, top)
+    _listen(config, reactor, factory, top, on_worker_ended=inbound_state.release_owner, stop_limit=session_grace + 2.5)
 
     from pymta.admin.control import control_service
     from pymta.admin.queue_ops import QueueOperations
@@ -237,25 +335,39 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
             metrics=metrics, suppression=suppression, tagger=tagger, accounting=accounting,
             on_queued=notify if config.queue.deliver else None, shaper=smtp_agent.shaper,
         )  # fmt: skip
-    if config.queue.deliver:
-        from pymta.queue.watch import IncomingWatcher
-
-        IncomingWatcher(os.path.join(config.queue_dir, "incoming"), notify, reactor).setServiceParent(top)
     for endpoint in config.smtp.listen_tls:
-        implicit = SMTPServerFactory(receiver, config.hostname, limits, reactor)
-        wrapped = TLSMemoryBIOFactory(server_tls, False, implicit)
-        strports.service(endpoint, wrapped, reactor=reactor).setServiceParent(top)
+        implicit = SMTPServerFactory(receiver, config.hostname, limits, reactor, connections=mx_slots)
+        drain.factories.append(implicit)
+        strports.service(endpoint, TLSMemoryBIOFactory(server_tls, False, implicit), reactor=reactor).setServiceParent(top)
     if config.submission.listen:
         users = load_users(config.submission.users_file)
-        auth = Authenticator(users, reactor, pool, max_failures=config.submission.max_auth_failures)
+        auth_pool = ThreadPool(minthreads=0, maxthreads=2, name="pymta-auth")
+        ThreadPoolService(auth_pool).setServiceParent(top)
+        auth = Authenticator(users, reactor, auth_pool, max_failures=config.submission.max_auth_failures)
         submission = SMTPServerFactory(receiver, config.hostname, limits, reactor, tls_context_factory=server_tls,
-                                       authenticator=auth, auth_required=True)  # fmt: skip
+                                       authenticator=auth, auth_required=True,
+                                       connections=ConnectionSlots(config.smtp.max_connections))  # fmt: skip
+        drain.factories.append(submission)
         for endpoint in config.submission.listen:
-            strports.service(endpoint, submission, reactor=reactor).setServiceParent(top)
+            plain = implicit_tls_endpoint(endpoint)  # "ssl:465": implicit TLS with the [tls] certificate
+            factory = submission if plain is None else TLSMemoryBIOFactory(server_tls, False, submission)
+            strports.service(plain or endpoint, factory, reactor=reactor).setServiceParent(top)
     return top
 
 
-def _listen(config: Config, reactor: Any, factory: Any, top: service.MultiService) -> None:
+def implicit_tls_endpoint(endpoint: str) -> str | None:
+    """An ``ssl:`` endpoint as the ``tcp:`` one to listen on, TLS being added with the ``[tls]``
+    certificate (reloaded on SIGHUP; certificate options in the string are ignored); None for
+    other endpoints."""
+    kind, _, rest = endpoint.partition(":")
+    if kind != "ssl":
+        return None
+    ignored = ("certKey=", "privateKey=", "extraCertChain=", "sslmethod=", "dhParameters=")
+    return "tcp:" + ":".join(part for part in rest.split(":") if not part.startswith(ignored))
+
+
+def _listen(config: Config, reactor: Any, factory: Any, top: service.MultiService, on_worker_ended: Any = None,
+            stop_limit: float = 8.0) -> None:
     """The MX listeners; with ``[smtp] processes`` > 1, TCP ones are shared with worker processes."""
     if config.smtp.processes <= 1:
         for endpoint in config.smtp.listen:
@@ -278,7 +390,8 @@ def _listen(config: Config, reactor: Any, factory: Any, top: service.MultiServic
         sockets.append(sock)
         AdoptedPort(reactor, sock.fileno(), sock.family, factory).setServiceParent(top)
     if sockets:
-        pool = WorkerPool(reactor, config.smtp.processes - 1, config.path, sockets)
+        pool = WorkerPool(reactor, config.smtp.processes - 1, config.path, sockets, on_ended=on_worker_ended,
+                          stop_limit=stop_limit)
         pool.setServiceParent(top)
         # The workers serve STARTTLS too: a SIGHUP to the main process reloads their certificate.
         for child in top:
@@ -308,6 +421,17 @@ class ReloadOnHangup(service.Service):
         super().stopService()
         if self.previous is not None:
             signal.signal(signal.SIGHUP, self.previous)
+
+
+def _inbound_state(config: Config, reactor: Any, main: bool) -> Any:
+    """The node's shared inbound state (per-client counts, rates, greylist) under state_dir;
+    the main process starts with no connection counted."""
+    from pymta.state.local import LocalInboundState
+
+    state = LocalInboundState(os.path.join(config.state_dir, "inbound.sqlite"), reactor, owner=os.getpid())
+    if main:
+        state.clear_connections()
+    return state
 
 
 def _feedback_parts(config: Config, reactor: Any) -> tuple[Any, Any]:
@@ -367,6 +491,12 @@ def _shaper(config: Config, reactor: Any) -> Any:
     )
 
 
+def free_octets(path: str) -> int:
+    """Octets an unprivileged process may still write on the file system holding ``path``."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
 def listener_addresses(endpoints: tuple[str, ...]) -> list[tuple[str, int]]:
     """(interface, port) of our TCP listeners, for loop detection (0.0.0.0 / :: for all)."""
     out = []
@@ -408,7 +538,6 @@ class TLSReportService(service.Service):
     def stopService(self) -> None:
         super().stopService()
         self.reporter.stop()
-        self.reporter.counts.close()
 
 
 def _tls_reporter(config: Config, reactor: Any, resolver: Any, store: Any, top: service.MultiService) -> Any:
@@ -425,6 +554,7 @@ def _tls_reporter(config: Config, reactor: Any, resolver: Any, store: Any, top: 
                            t.organization or config.hostname, t.contact or f"postmaster@{config.hostname}",
                            config.hostname, submit, https_poster(reactor, reactor, config.outbound.tls_ca_file))  # fmt: skip
     TLSReportService(reporter).setServiceParent(top)
+    CloseOnStop(reporter.counts.close).setServiceParent(top)  # after the deliveries that count sessions
     return reporter
 
 

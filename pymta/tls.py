@@ -8,7 +8,9 @@ from typing import Any
 
 from OpenSSL import SSL
 from twisted.internet import ssl
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
+from zope.interface import implementer
 
 log = Logger(namespace="pymta.tls")
 
@@ -21,13 +23,20 @@ _HARDENING = (
 
 
 class TLSConfigError(Exception):
-    """A certificate or key cannot be used; the text names the file and the reason."""
+    """A certificate or key cannot be used; the text names the file and the reason, ``key`` the
+    configuration key (``tls.cert`` or ``tls.key``)."""
+
+    def __init__(self, text: str, key: str = "") -> None:
+        super().__init__(text)
+        self.key = key
 
 
 def _server_context(cert_path: str, key_path: str) -> SSL.Context:
-    for path in (cert_path, key_path):
+    for path, key in ((cert_path, "tls.cert"), (key_path, "tls.key")):
         if not os.path.isfile(path):
-            raise TLSConfigError(f"{path}: no such file")
+            raise TLSConfigError(f"{path}: no such file", key)
+        if not os.access(path, os.R_OK):
+            raise TLSConfigError(f"{path}: not readable (permission denied)", key)
     ctx = SSL.Context(SSL.TLS_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
     ctx.set_options(_HARDENING)
@@ -35,12 +44,13 @@ def _server_context(cert_path: str, key_path: str) -> SSL.Context:
         ctx.set_cipher_list(SERVER_CIPHERS)
         ctx.use_certificate_chain_file(cert_path)
     except SSL.Error as e:
-        raise TLSConfigError(f"{cert_path}: not a usable PEM certificate chain ({_ssl_reason(e)})") from None
+        raise TLSConfigError(f"{cert_path}: not a usable PEM certificate chain ({_ssl_reason(e)})", "tls.cert") from None
     try:
         ctx.use_privatekey_file(key_path)
         ctx.check_privatekey()
     except SSL.Error as e:
-        raise TLSConfigError(f"{key_path}: not a usable PEM private key for {cert_path} ({_ssl_reason(e)})") from None
+        raise TLSConfigError(f"{key_path}: not a usable PEM private key for {cert_path} ({_ssl_reason(e)})",
+                             "tls.key") from None  # fmt: skip
     ctx.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
     ctx.set_session_id(b"pymta")
     return ctx
@@ -53,8 +63,13 @@ def _ssl_reason(error: SSL.Error) -> str:
         return str(error)
 
 
+@implementer(IOpenSSLServerConnectionCreator)
 class ServerTLS:
-    """The listener's TLS context factory; :meth:`reload` swaps in a new certificate (SIGHUP)."""
+    """The listener's TLS connection creator; :meth:`reload` swaps in a new certificate (SIGHUP).
+
+    It provides the current interface (not a bare ``getContext``), so Twisted does not warn
+    (LegacyContextFactoryWarning) on every TLS start.
+    """
 
     def __init__(self, cert_path: str, key_path: str) -> None:
         self.cert_path = cert_path
@@ -73,6 +88,9 @@ class ServerTLS:
 
     def getContext(self) -> SSL.Context:
         return self._context
+
+    def serverConnectionForTLS(self, tls_protocol: Any) -> SSL.Connection:
+        return SSL.Connection(self._context, None)
 
 
 def client_tls(hostname: str, verify: bool = False, ca_file: str | None = None) -> Any:

@@ -3,7 +3,8 @@ listening sockets are shared with N-1 child processes that accept and queue mail
 deliver: the main process's queue manager sees their mail through inotify).
 
 Children die with the main process, SIGKILL included (PR_SET_PDEATHSIG), and are started again
-if they exit while the main process runs.
+if they exit while the main process runs. On a stop the main process closes its copies of the
+listening sockets, sends SIGTERM to the children and waits for them (SIGKILL after a bound).
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application import service
-from twisted.internet import protocol
+from twisted.internet import defer, protocol
 from twisted.logger import Logger
 
 log = Logger(namespace="pymta.workers")
@@ -53,16 +55,20 @@ def die_with_parent() -> None:
 class AdoptedPort(service.Service):
     """Serves ``factory`` on an already listening socket (ours, or inherited as a file descriptor)."""
 
-    def __init__(self, reactor: Any, fileno: int, family: int, factory: Any) -> None:
+    def __init__(self, reactor: Any, fileno: int, family: int, factory: Any, inherited: bool = False) -> None:
         self.reactor = reactor
         self.fileno = fileno
         self.family = family
         self.factory = factory
+        self.inherited = inherited  # an inherited descriptor: close it once adopted (the port has a copy)
         self.port: Any = None
 
     def startService(self) -> None:
         super().startService()
         self.port = self.reactor.adoptStreamPort(self.fileno, self.family, self.factory)
+        if self.inherited:
+            # Otherwise the socket would go on accepting into its backlog after the port stops.
+            os.close(self.fileno)
 
     def stopService(self) -> Any:
         super().stopService()
@@ -75,6 +81,7 @@ class _Worker(protocol.ProcessProtocol):
     def __init__(self, owner: WorkerPool, index: int) -> None:
         self.owner = owner
         self.index = index
+        self.pid: int | None = None  # kept: the process transport forgets it when the process ends
 
     def processEnded(self, reason: Any) -> None:
         self.owner.ended(self, reason)
@@ -83,12 +90,18 @@ class _Worker(protocol.ProcessProtocol):
 class WorkerPool(service.Service):
     """Starts ``count`` worker processes that inherit the listening sockets."""
 
-    def __init__(self, reactor: Any, count: int, config_path: str, sockets: list[socket.socket]) -> None:
+    def __init__(
+        self, reactor: Any, count: int, config_path: str, sockets: list[socket.socket],
+        on_ended: Callable[[int], None] | None = None, stop_limit: float = 8.0,
+    ) -> None:  # fmt: skip
         self.reactor = reactor
         self.count = count
         self.config_path = config_path
         self.sockets = sockets
+        self.on_ended = on_ended  # called with the pid of a worker that ended (drop what it held)
+        self.stop_limit = stop_limit  # seconds the workers get to stop before SIGKILL
         self.processes: dict[int, Any] = {}
+        self._all_ended: defer.Deferred | None = None
 
     def command(self) -> list[str]:
         logger = [a for a in sys.argv if a.startswith("--logger=")]
@@ -103,9 +116,11 @@ class WorkerPool(service.Service):
         for i, sock in enumerate(self.sockets):
             child_fds[FIRST_FD + i] = sock.fileno()
         env = dict(os.environ, **{PARENT_ENV: str(os.getpid())})
+        worker = _Worker(self, index)
         self.processes[index] = self.reactor.spawnProcess(
-            _Worker(self, index), sys.executable, self.command(), env=env, childFDs=child_fds
+            worker, sys.executable, self.command(), env=env, childFDs=child_fds
         )
+        worker.pid = self.processes[index].pid
         log.info("listener worker {index} started, pid {pid}", index=index, pid=self.processes[index].pid)
 
     def startService(self) -> None:
@@ -115,6 +130,13 @@ class WorkerPool(service.Service):
 
     def ended(self, worker: _Worker, reason: Any) -> None:
         self.processes.pop(worker.index, None)
+        if self.on_ended is not None and worker.pid is not None:
+            try:
+                self.on_ended(worker.pid)
+            except Exception:
+                log.failure("cleaning up after listener worker {index} failed", index=worker.index)
+        if not self.processes and self._all_ended is not None and not self._all_ended.called:
+            self._all_ended.callback(None)
         if self.running:
             log.warn("listener worker {index} ended ({why}); starting it again", index=worker.index,
                      why=reason.getErrorMessage())  # fmt: skip
@@ -127,6 +149,22 @@ class WorkerPool(service.Service):
             except Exception:
                 pass
 
-    def stopService(self) -> None:
+    def stopService(self) -> defer.Deferred | None:
+        """SIGTERM to every worker; fires when all have ended (SIGKILL after ``stop_limit``)."""
         super().stopService()
+        for sock in self.sockets:
+            sock.close()  # our copy: the workers close theirs as they stop
+        if not self.processes:
+            return None
+        self._all_ended = defer.Deferred()
         self.signal_all("TERM")
+
+        def kill_the_rest() -> None:
+            if self.processes:
+                log.warn("listener workers {pids} still running after {limit}s: SIGKILL",
+                         pids=[p.pid for p in self.processes.values()], limit=self.stop_limit)  # fmt: skip
+                self.signal_all("KILL")
+
+        timer = self.reactor.callLater(self.stop_limit, kill_the_rest)
+        self._all_ended.addBoth(lambda _: timer.cancel() if timer.active() else None)
+        return self._all_ended

@@ -164,10 +164,15 @@ class MTAProcess:
         return [int(pid) for pid, stat in (line.split() for line in out.splitlines()) if not stat.startswith("Z")]
 
     def wait_for(self, predicate, seconds: float = 30.0, what: str = "condition"):
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            time.sleep(0.05)
-        raise AssertionError(f"timed out waiting for {what}")
+        return wait_until(predicate, seconds, what)
+
+
+def wait_until(predicate, seconds: float = 30.0, what: str = "condition"):
+    """Poll ``predicate`` until it returns something true (returned), at most ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -15,6 +15,7 @@ PY="${PYTHON:-python3}"
 need=()
 command -v swaks >/dev/null 2>&1 || need+=(swaks)
 command -v testssl >/dev/null 2>&1 || need+=(testssl.sh)
+command -v msmtp >/dev/null 2>&1 || need+=(msmtp)
 [ -x /usr/sbin/smtp-sink ] && [ -x /usr/sbin/smtp-source ] || need+=(postfix)
 # DANE tests: knot signs zones on loopback, unbound validates them (both started by the tests).
 [ -x /usr/sbin/knotd ] || need+=(knot)

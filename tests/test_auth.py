@@ -69,3 +69,51 @@ class AuthenticatorTests(unittest.TestCase):
         assert self.auth.failed("192.0.2.1")
         self.auth.succeeded("192.0.2.1")
         assert not self.auth.failed("192.0.2.1")
+
+
+def test_users_file_lists_the_senders_each_user_owns(tmp_path):
+    from pymta.inbound.auth import SenderLogins, read_users_file
+
+    stored = hash_password("pw", n=2**10)
+    path = tmp_path / "users"
+    path.write_text(f"alice@example.test:{stored}\napp:{stored}:News@Example.Test, @Shop.Example.\nbob:{stored}\n")
+    users, owned = read_users_file(str(path))
+    assert set(users) == {"alice@example.test", "app", "bob"}
+    assert owned["app"] == frozenset({"news@example.test", "@shop.example"})
+    logins = SenderLogins(owned)
+    assert logins.owns("app", "NEWS@example.test") and logins.owns("app", "anyone@SHOP.example")
+    assert not logins.owns("app", "ceo@example.test") and not logins.owns("app", "x@sub.shop.example")
+    assert logins.owns("alice@example.test", "Alice@Example.Test")  # a login that is an address owns it
+    assert not logins.owns("bob", "bob@example.test") and not logins.owns("bob", "bob")
+    assert not logins.owns("nobody", "news@example.test")
+
+
+def test_a_sender_login_map_in_postfix_form_adds_owners(tmp_path):
+    from pymta.inbound.auth import SenderLogins
+
+    stored = hash_password("pw", n=2**10)
+    (tmp_path / "users").write_text(f"app:{stored}:news@example.test\nops:{stored}\n")
+    (tmp_path / "map").write_text("# sender  owners\n@example.test  ops\nalerts@example.test app, ops\n")
+    logins = SenderLogins.from_files(str(tmp_path / "users"), str(tmp_path / "map"))
+    assert logins.owns("app", "news@example.test") and logins.owns("app", "alerts@example.test")
+    assert not logins.owns("app", "ceo@example.test")
+    assert logins.owns("ops", "ceo@example.test")
+
+
+@pytest.mark.parametrize(
+    "users,map_text,message",
+    [
+        ("app:{h}:not an address", None, r"users: line 1: 'not an address' is neither an address nor @domain"),
+        ("app:{h}:@", None, r"users: line 1: '@' is neither"),
+        ("app:{h}", "alerts@example.test\n", r"map: line 1: expected a sender address or @domain, then its user"),
+        ("app:{h}", "\n\nnope app\n", r"map: line 3: 'nope' is neither"),
+    ],
+)
+def test_bad_owner_lists_are_one_line_errors_naming_file_and_line(tmp_path, users, map_text, message):
+    from pymta.inbound.auth import SenderLogins, UsersFileError
+
+    (tmp_path / "users").write_text(users.format(h=hash_password("pw", n=2**10)) + "\n")
+    if map_text is not None:
+        (tmp_path / "map").write_text(map_text)
+    with pytest.raises(UsersFileError, match=message):
+        SenderLogins.from_files(str(tmp_path / "users"), str(tmp_path / "map") if map_text is not None else None)

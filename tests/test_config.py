@@ -148,3 +148,55 @@ def test_mta_sts_is_on_by_default_and_can_be_turned_off(tmp_path):
     assert load_config(write(tmp_path, "[outbound]\nmta_sts = false\n")).outbound.mta_sts is False
     with pytest.raises(ConfigError, match="outbound.mta_sts: expected true or false"):
         load_config(write(tmp_path, "[outbound]\nmta_sts = \"yes\"\n"))
+
+
+def test_postmaster_defaults_to_the_first_local_domain_and_can_be_set():
+    from pymta.config import build_config
+
+    assert build_config({"domains": {"local": ["a.test", "b.test"]}}).postmaster == "postmaster@a.test"
+    assert build_config({"hostname": "mx.c.test"}).postmaster == "postmaster@mx.c.test"
+    config = build_config({"domains": {"local": ["a.test"], "postmaster": "Noc@A.Test"}})
+    assert config.postmaster == "Noc@a.test"
+    with pytest.raises(ConfigError, match=r"domains\.postmaster: not a mail address"):
+        build_config({"domains": {"postmaster": "nobody"}})
+
+
+def test_sender_login_is_any_or_strict():
+    from pymta.config import build_config
+
+    assert build_config({}).submission.sender_login == "any"
+    assert build_config({"submission": {"sender_login": "strict"}}).submission.sender_login == "strict"
+    with pytest.raises(ConfigError, match=r"submission\.sender_login: must be one of any, strict"):
+        build_config({"submission": {"sender_login": "loose"}})
+
+
+def test_session_limits_and_min_free_take_sizes_rates_and_durations(tmp_path):
+    config = load_config(write(tmp_path, """\
+        [smtp]
+        min_data_rate = "2KB/s"
+        max_session_time = "10m"
+        [queue]
+        min_free = "100MB"
+        """))  # fmt: skip
+    assert config.smtp.min_data_rate == 2048 and config.smtp.max_session_time == 600
+    assert config.queue.min_free == 100 * 1024 * 1024
+    defaults = load_config(write(tmp_path, ""))
+    assert defaults.smtp.min_data_rate == 1024 and defaults.smtp.max_session_time == 1800
+    assert load_config(write(tmp_path, "[smtp]\nmin_data_rate = \"60KB/min\"\n")).smtp.min_data_rate == 1024
+    assert load_config(write(tmp_path, "[smtp]\nmin_data_rate = 0\n")).smtp.min_data_rate == 0
+    assert load_config(write(tmp_path, "[smtp]\nmin_data_rate = 512\n")).smtp.min_data_rate == 512
+
+
+@pytest.mark.parametrize(
+    "text,key,reason",
+    [
+        ("[smtp]\nmin_data_rate = \"fast\"\n", "smtp.min_data_rate", "data rate like"),
+        ("[smtp]\nmin_data_rate = \"1KB/fortnight\"\n", "smtp.min_data_rate", "data rate like"),
+        ("[smtp]\nmin_data_rate = -1\n", "smtp.min_data_rate", "data rate like"),
+        ("[smtp]\nmax_session_time = \"forever\"\n", "smtp.max_session_time", "duration"),
+        ("[queue]\nmin_free = \"lots\"\n", "queue.min_free", "size like"),
+        ("[queue]\nmin_free = -5\n", "queue.min_free", "negative"),
+    ],
+)
+def test_bad_session_limits_name_file_key_and_reason(tmp_path, text, key, reason):
+    test_bad_values_name_file_key_and_reason(tmp_path, text, key, reason)

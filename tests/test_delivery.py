@@ -360,6 +360,35 @@ class DeliveryTests(unittest.TestCase):
         assert all(r[0].status == DELIVERED for r in results)
         assert peer.connections == 1 and len(peer.messages) == 3
 
+    @defer.inlineCallbacks
+    def test_abort_all_answers_deliveries_in_flight_as_deferred_and_connects_no_more(self):
+        peer = self.peer("127.0.0.2", answers={"data": defer.Deferred()})  # never answers the final dot
+        agent = self.agent(max_connections_per_domain=1)
+        env, rcpts = self.envelope("a@remote.test")
+        hanging = agent.deliver(env, rcpts, b"x\r\n")
+        env2, rcpts2 = self.envelope("b@remote.test")
+        waiting = agent.deliver(env2, rcpts2, b"x\r\n")  # behind the one connection allowed
+        yield deadline(lambda: peer.messages, 10)
+        assert not hanging.called and not waiting.called
+        yield agent.abort_all(settle=0.5)
+        [first] = hanging.result
+        [second] = waiting.result
+        assert first.status == DEFERRED and "may be a duplicate" in first.text  # lost after the dot
+        assert second.status == DEFERRED and second.enhanced == "4.3.2"
+        yield deadline(lambda: all(p.transport is None or not p.transport.connected for p in peer.protocols), 5)
+        env3, rcpts3 = self.envelope("c@remote.test")
+        [third] = yield agent.deliver(env3, rcpts3, b"x\r\n")
+        assert (third.status, third.enhanced) == (DEFERRED, "4.3.2") and peer.connections == 1
+
+
+@defer.inlineCallbacks
+def deadline(predicate, seconds: float):
+    """Poll ``predicate`` on the reactor until true, at most ``seconds``."""
+    end = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < end, "condition not met in time"
+        yield task.deferLater(reactor, 0.02, lambda: None)
+
 
 class SinkTests(unittest.TestCase):
     """Postfix's smtp-sink as the remote MX."""

@@ -103,6 +103,9 @@ def test_unknown_mailbox_and_relay_attempts_are_refused_and_logged(mta):
         lambda: [e for e in mta.log_events() if e.get("event") == "reject"], what="reject log event"
     )
     assert rejections[0]["rcpt"] == "nobody@example.test" and rejections[0]["enhanced"] == "5.1.1"
+    mta.stop()  # everything logged is in the file
+    rejections = [e for e in mta.log_events() if e.get("event") == "reject"]
+    assert len(rejections) == 1  # one event per reject, not one per layer that saw it
 
 
 def test_relay_mail_from_a_trusted_client_waits_safely_in_the_queue(mta):

@@ -318,3 +318,24 @@ def test_testssl_finds_no_weak_protocol_or_cipher(mta):
         [line] = [v for k, v in lines.items() if k.startswith(category)]
         assert "not offered" in line, line
     assert any("FS is offered" in v and "not" not in v for v in lines.values()), out[-3000:]
+
+
+def test_tls_starts_without_a_legacy_context_factory_warning(mta):
+    with socket.create_connection(("127.0.0.1", mta.port), timeout=10) as raw:
+        read_reply(raw)
+        raw.sendall(b"EHLO c.example\r\n")
+        read_reply(raw)
+        raw.sendall(b"STARTTLS\r\n")
+        assert read_reply(raw).startswith(b"220")
+        with client_context().wrap_socket(raw, server_hostname="mx.example.test") as tls:
+            tls.sendall(b"EHLO c.example\r\n")
+            assert read_reply(tls).startswith(b"250")
+    with socket.create_connection(("127.0.0.1", mta.tls_port), timeout=10) as raw:
+        with client_context().wrap_socket(raw, server_hostname="mx.example.test") as tls:
+            assert read_reply(tls).startswith(b"220")
+    mta.stop()
+    with open(os.path.join(mta.dir, "twistd.stderr"), encoding="utf-8", errors="replace") as f:
+        output = f.read()
+    output += "".join(e["message"] for e in mta.log_events())
+    assert "Stopping factory" in output  # the logs were read
+    assert "LegacyContextFactoryWarning" not in output and "does not explicitly provide" not in output

@@ -79,3 +79,17 @@ class FeedbackGateTests(TempDirMixin, unittest.TestCase):
         inner = RecordingAgent({"carol@remote.example": (FAILED, 550, "5.1.1", "no such user")})
         self.deliver(FeedbackGate(inner, self.store, classify=classify), ["carol@remote.example"])
         assert self.store.is_suppressed("carol@remote.example")["reason"] == "userunknown"
+
+    def test_the_relays_own_failures_suppress_for_good_only_when_hard_and_permanent(self) -> None:
+        from pymta.feedback.classify import classify as real_classify
+
+        inner = RecordingAgent({
+            "dave@remote.example": (FAILED, 550, "5.0.0", "mystery refusal nobody has a rule for"),
+            "erin@remote.example": (FAILED, 552, "5.2.2", "mailbox full"),
+        })  # fmt: skip
+        gate = FeedbackGate(inner, self.store, classify=real_classify)
+        for _ in range(self.store.policy.soft_threshold + 1):
+            self.deliver(gate, ["dave@remote.example"])
+        assert self.store.is_suppressed("dave@remote.example") is None  # onhold: undecided, never counted
+        self.deliver(gate, ["erin@remote.example"])
+        assert self.store.is_suppressed("erin@remote.example") is None  # soft: one is not enough

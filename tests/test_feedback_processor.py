@@ -15,14 +15,14 @@ from pymta.feedback.verp import TRACE_HEADER, Tagger
 SECRET = "feedback-secret-0123456789"
 
 
-def dsn(to: str, rcpt: str, status: str = "5.1.1", action: str = "failed") -> bytes:
+def dsn(to: str, rcpt: str, status: str = "5.1.1", action: str = "failed", diagnostic: str = "user unknown") -> bytes:
     return (
         f"From: MAILER-DAEMON@mx.remote.test\r\nTo: {to}\r\nSubject: Undelivered Mail Returned to Sender\r\n"
         "MIME-Version: 1.0\r\nContent-Type: multipart/report; report-type=delivery-status; boundary=\"B\"\r\n\r\n"
         "--B\r\nContent-Type: text/plain\r\n\r\nsorry\r\n"
         "--B\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; mx.remote.test\r\n\r\n"
         f"Final-Recipient: rfc822; {rcpt}\r\nAction: {action}\r\nStatus: {status}\r\n"
-        f"Diagnostic-Code: smtp; 550 {status} user unknown\r\n--B--\r\n"
+        f"Diagnostic-Code: smtp; 550 {status} {diagnostic}\r\n--B--\r\n"
     ).encode()
 
 
@@ -76,6 +76,30 @@ def test_soft_bounce_counts_but_does_not_suppress_at_once(world):
     rp = tagger.return_path(new_qid(), "frank@remote.test")
     outcome = handle(processor, rp, dsn(rp, "frank@remote.test", "5.2.2"))
     assert "soft mailboxfull" in outcome and store.is_suppressed("frank@remote.test") is None
+
+
+def test_a_hard_reason_without_a_permanent_status_only_counts_as_soft(world):
+    store, tagger, processor = world
+    rp = tagger.return_path(new_qid(), "ivan@remote.test")
+    outcome = handle(processor, rp, dsn(rp, "ivan@remote.test", "4.1.1"))
+    assert "ivan@remote.test soft userunknown" in outcome and store.is_suppressed("ivan@remote.test") is None
+
+
+def test_an_undecided_reason_suppresses_nobody_however_often(world):
+    store, tagger, processor = world
+    for _ in range(store.policy.soft_threshold + 1):
+        rp = tagger.return_path(new_qid(), "judy@remote.test")
+        outcome = handle(processor, rp, dsn(rp, "judy@remote.test", "5.0.0", diagnostic="something nobody has seen"))
+        assert "judy@remote.test undecided onhold: not counted" in outcome
+    assert store.is_suppressed("judy@remote.test") is None
+
+
+def test_soft_reasons_reach_the_threshold(world):
+    store, tagger, processor = world
+    for _ in range(store.policy.soft_threshold):
+        rp = tagger.return_path(new_qid(), "kim@remote.test")
+        handle(processor, rp, dsn(rp, "kim@remote.test", "4.2.2", diagnostic="mailbox full"))
+    assert store.is_suppressed("kim@remote.test")["source"] == "bounce"
 
 
 def test_complaint_with_a_genuine_trace_header_suppresses(world):

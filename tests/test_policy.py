@@ -100,3 +100,41 @@ def test_feedback_addresses_and_tokens_on_the_bounce_domain_route_to_feedback(tm
     assert policy.recipient("u-0123456789ABCDEFGH-abcdefghijklmnop=news.example@bounces.example.test", STRANGER).route == ROUTE_FEEDBACK
     assert policy.recipient("FBL@example.test", STRANGER).route == ROUTE_FEEDBACK
     assert policy.recipient("postmaster@bounces.example.test", STRANGER).reply.enhanced == "5.1.1"
+
+
+@pytest.mark.parametrize("bare", ["postmaster", "Postmaster", "POSTMASTER", "pOsTmAsTeR"])
+def test_unqualified_postmaster_from_anyone_goes_to_the_configured_mailbox(tmp_path, bare):
+    policy = RelayPolicy(["example.test"], ["alice@example.test"], [], [], str(tmp_path),
+                         postmaster="postmaster@example.test")  # fmt: skip
+    decision = policy.recipient(bare, STRANGER)
+    assert (decision.route, decision.reply, decision.address) == (ROUTE_LOCAL, None, "postmaster@example.test")
+
+
+def test_postmaster_of_every_local_domain_reaches_the_configured_mailbox_even_without_a_listed_mailbox(tmp_path):
+    policy = RelayPolicy(["example.test", "other.test"], ["alice@example.test"], [], [], str(tmp_path),
+                         postmaster="hostmaster@example.test")  # fmt: skip
+    for address in ("postmaster@example.test", "PostMaster@Other.Test", "hostmaster@example.test"):
+        decision = policy.recipient(address, STRANGER)
+        assert (decision.route, decision.address) == (ROUTE_LOCAL, "hostmaster@example.test"), address
+    assert policy.recipient("postmaster@elsewhere.example", STRANGER).reply.enhanced == "5.7.1"  # still no relay
+    assert policy.recipient("nobody@example.test", STRANGER).reply.enhanced == "5.1.1"
+
+
+def test_postmaster_at_our_own_host_name_is_the_postmaster_too(tmp_path):
+    policy = RelayPolicy(["example.test"], ["alice@example.test"], [], [], str(tmp_path),
+                         postmaster="postmaster@example.test", hostname="MX.example.test")  # fmt: skip
+    decision = policy.recipient("PostMaster@mx.example.test.", STRANGER)
+    assert (decision.route, decision.address) == (ROUTE_LOCAL, "postmaster@example.test")
+    assert policy.recipient("alice@mx.example.test", STRANGER).reply.enhanced == "5.7.1"
+
+
+def test_a_remote_postmaster_address_is_relayed_for_a_bare_postmaster_only(tmp_path):
+    policy = RelayPolicy(["example.test"], None, [], [], str(tmp_path), postmaster="noc@isp.example")
+    decision = policy.recipient("postmaster", STRANGER)
+    assert (decision.route, decision.address) == (ROUTE_RELAY, "noc@isp.example")
+    assert policy.recipient("noc@isp.example", STRANGER).reply.enhanced == "5.7.1"
+
+
+def test_without_a_postmaster_the_bare_name_is_a_syntax_error(tmp_path):
+    policy = RelayPolicy(["example.test"], None, [], [], str(tmp_path))
+    assert policy.recipient("postmaster", STRANGER).reply.code == 501

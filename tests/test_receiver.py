@@ -155,6 +155,51 @@ class ReceiverTests(TempDirMixin, unittest.TestCase):
         assert receiver.rcpt_to(session, "dave@remote.example", {}) is None  # suppressed for another sender only
 
 
+class SenderLoginTests(TempDirMixin, unittest.TestCase):
+    """``[submission] sender_login = "strict"``: an authenticated user sends only as an owned sender."""
+
+    def setUp(self) -> None:
+        from pymta.inbound.auth import SenderLogins
+
+        self.clock = task.Clock()
+        self.store = MemoryQueueStore()
+        policy = RelayPolicy(["example.test"], None, [], [], self.tmpdir())
+        logins = SenderLogins({"app": frozenset({"news@example.test", "@shop.example"})})
+        self.receiver = InboundReceiver("mx.example.test", policy, self.store, self.clock, sender_login=logins)
+
+    def send(self, sender: str, body: bytes, user: str | None = "app"):
+        session = Sess(peer_address="192.0.2.5", auth_user=user, transaction=Txn(sender=sender))
+        reply = self.receiver.mail_from(session, sender, {})
+        if reply is not None:
+            return reply
+        assert self.receiver.rcpt_to(session, "alice@example.test", {}) is None
+        session.transaction.recipients.append(Accepted("alice@example.test"))
+        results = []
+        defer.maybeDeferred(self.receiver.message, session, body).addBoth(results.append)
+        return results[0]
+
+    def test_mail_from_an_unowned_address_is_refused_553_571(self) -> None:
+        reply = self.send("ceo@example.test", b"From: news@example.test\r\n\r\nhi\r\n")
+        assert (reply.code, reply.enhanced) == (553, "5.7.1") and "not owned by user app" in reply.text
+        assert self.store.list(INCOMING) == []
+
+    def test_a_from_header_the_user_does_not_own_is_refused_after_data(self) -> None:
+        for header in (b"From: CEO <ceo@example.test>", b"From: news@example.test, ceo@example.test",
+                       b"From: news@example.test\r\nFrom: ceo@example.test", b"From:\r\n ceo@example.test",
+                       b"From: undisclosed:;"):  # fmt: skip
+            reply = self.send("news@example.test", header + b"\r\nSubject: x\r\n\r\nhi\r\n")
+            assert (reply.code, reply.enhanced) == (553, "5.7.1"), header
+        assert self.store.list(INCOMING) == []
+
+    def test_owned_senders_the_null_sender_and_unauthenticated_clients_pass(self) -> None:
+        body = b"From: News Desk <NEWS@example.test>\r\nSubject: x\r\n\r\nFrom: ceo@example.test\r\n"
+        assert self.send("news@example.test", body).code == 250
+        assert self.send("orders@shop.example", b"From: sales@shop.example\r\n\r\nhi\r\n").code == 250
+        assert self.send("", b"From: news@example.test\r\n\r\nhi\r\n").code == 250
+        assert self.send("ceo@example.test", b"From: ceo@example.test\r\n\r\nhi\r\n", user=None).code == 250
+        assert len(self.store.list(INCOMING)) == 4
+
+
 class DNSBLTests(unittest.TestCase):
     def test_listed_clients_are_refused_and_failures_never_refuse(self) -> None:
         from pymta.dns import DNSPermanentError, DNSTemporaryError
@@ -205,3 +250,17 @@ class ReverseLookupTests(unittest.TestCase):
         assert results["192.0.2.1"][0] is None and results["192.0.2.1"][1].notes["client_name"] == "mail.good.example"
         assert results["192.0.2.2"][0].code == 550  # the PTR name does not point back: unknown
         assert results["192.0.2.3"][0].code == 550
+
+
+def test_mail_is_refused_452_431_when_the_queue_file_system_is_short_of_space(tmp_path):
+    free = [10_000_000]
+    policy = RelayPolicy(["example.test"], None, [ipaddress.ip_network("127.0.0.0/8")], [], str(tmp_path))
+    receiver = InboundReceiver("mx.example.test", policy, MemoryQueueStore(), task.Clock(),
+                               free_space=lambda: free[0], space_needed=5_000_000)  # fmt: skip
+    session = Sess(peer_address="192.0.2.1")
+    assert receiver.mail_from(session, "a@b.example", {}) is None
+    free[0] = 5_000_000
+    reply = receiver.mail_from(session, "a@b.example", {})
+    assert (reply.code, reply.enhanced) == (452, "4.3.1")
+    trusted = Sess(peer_address="127.0.0.1")  # a full disk is full for relay clients too
+    assert receiver.mail_from(trusted, "a@b.example", {}).code == 452

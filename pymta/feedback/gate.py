@@ -13,6 +13,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from pymta.envelope import FAILED, DeliveryResult, Envelope, Recipient
+from pymta.feedback.classify import bounce_verdict
 from pymta.feedback.verp import TRACE_HEADER, Tagger
 from pymta.interfaces import IDeliveryAgent, ISuppressionList
 
@@ -107,6 +108,8 @@ class FeedbackGate:
         if result.extra.get("suppressed") or not result.remote_mta or result.code < 500:
             return
         reason, hard = self.classify(result.enhanced or None, result.text, result.code)
-        self.suppression.record_bounce(result.address, reason, hard=hard)
+        verdict = bounce_verdict(reason, hard, result.enhanced or None, result.code)
         log.info("{rcpt} failed at {mx}: {reason} ({kind})", rcpt=result.address, mx=result.remote_mta,
-                 reason=reason, kind="hard" if hard else "soft", qid=envelope.qid)  # fmt: skip
+                 reason=reason, kind=verdict or "undecided, not counted", qid=envelope.qid)  # fmt: skip
+        if verdict is not None:
+            self.suppression.record_bounce(result.address, reason, hard=verdict == "hard")

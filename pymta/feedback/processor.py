@@ -5,6 +5,7 @@ suppression store. Nothing unsigned or forged ever suppresses anyone (no backsca
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer
@@ -12,6 +13,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from pymta.envelope import DELIVERED, DeliveryResult, Envelope, Recipient
+from pymta.feedback.classify import bounce_verdict
 from pymta.feedback.parse import ARF, AUTOREPLY, DSN, Report, parse_message
 from pymta.feedback.verp import TRACE_HEADER, UNSUBSCRIBE, Tagger
 from pymta.interfaces import IDeliveryAgent
@@ -33,6 +35,7 @@ class FeedbackProcessor:
         reply_mailbox: str | None = None,
         accounting: Any = None,
         sources: Any = None,
+        parser: Callable[[bytes], defer.Deferred[Report]] | None = None,
         tls_reports: Any = None,
     ) -> None:
         self.suppression = suppression
@@ -44,6 +47,8 @@ class FeedbackProcessor:
         self.accounting = accounting
         self.sources = sources  # the warm-up's source selector: bounces and complaints count against a source
         self.tls_reports = tls_reports  # pymta.feedback.tlsrpt.TLSReportInbox for [tlsrpt] report_addresses
+        # parse off the reactor (pymta.feedback.pool.ParsePool.parse); in-line when not given (tests)
+        self.parser = parser or (lambda raw: defer.succeed(parse_message(raw)))
 
     @defer.inlineCallbacks
     def deliver(self, envelope: Envelope, recipients: list[Recipient], body: bytes):
@@ -55,7 +60,7 @@ class FeedbackProcessor:
                 results.append(DeliveryResult(rcpt.address, DELIVERED, 250, "2.0.0", f"feedback processed: {outcome}"))
                 continue
             if report is None:
-                report = parse_message(body)
+                report = yield self.parser(body)
             outcome = self.handle(rcpt.address, envelope, report)
             if outcome == "keep" and self.reply_agent is not None and self.reply_mailbox:
                 [kept] = yield self.reply_agent.deliver(envelope, [Recipient(self.reply_mailbox, route="local")], body)
@@ -104,10 +109,14 @@ class FeedbackProcessor:
                 if detail.address not in who:
                     continue
                 if detail.action == "failed":
-                    self.suppression.record_bounce(detail.address, detail.reason or "undefined", bool(detail.hard))
+                    verdict = bounce_verdict(detail.reason, detail.hard, detail.status)
+                    if verdict is None:
+                        done.append(f"{detail.address} undecided {detail.reason or 'undefined'}: not counted")
+                        continue
+                    self.suppression.record_bounce(detail.address, detail.reason or "undefined", verdict == "hard")
                     if self.sources is not None:
                         self.sources.feedback(qid, "bounced")
-                    done.append(f"{detail.address} {'hard' if detail.hard else 'soft'} {detail.reason}")
+                    done.append(f"{detail.address} {verdict} {detail.reason}")
                 else:
                     done.append(f"{detail.address} {detail.action}")
             return f"bounce of {qid}: " + "; ".join(done)

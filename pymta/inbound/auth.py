@@ -49,21 +49,90 @@ def verify_password(password: str, stored: str) -> bool:
 
 def load_users(path: str) -> dict[str, str]:
     """``user:hash`` per line; blank lines and ``#`` comments ignored."""
+    return read_users_file(path)[0]
+
+
+def read_users_file(path: str) -> tuple[dict[str, str], dict[str, frozenset[str]]]:
+    """``user:hash[:sender,sender...]`` per line -> (user -> hash, user -> owned senders).
+
+    A sender is an address or ``@domain`` (every address of the domain); blank lines and
+    ``#`` comments are ignored.
+    """
     users: dict[str, str] = {}
+    owned: dict[str, frozenset[str]] = {}
+    for number, line in _lines(path, "users file"):
+        user, sep, rest = line.partition(":")
+        stored, _, senders = rest.partition(":")
+        if not sep or not user or not stored.startswith(SCHEME):
+            raise UsersFileError(f"{path}: line {number}: expected user:$scrypt$... (made by pymta-passwd)")
+        users[user] = stored
+        owned[user] = _senders(senders.split(","), path, number)
+    return users, owned
+
+
+def read_sender_login_map(path: str) -> dict[str, frozenset[str]]:
+    """Postfix ``smtpd_sender_login_maps`` form: ``sender  user[, user...]`` per line, the
+    sender an address or ``@domain`` -> user -> owned senders."""
+    owned: dict[str, set[str]] = {}
+    for number, line in _lines(path, "sender login map"):
+        fields = line.split(None, 1)
+        users = [u.strip() for u in fields[1].split(",") if u.strip()] if len(fields) == 2 else []
+        if not users:
+            raise UsersFileError(f"{path}: line {number}: expected a sender address or @domain, then its user(s)")
+        (sender,) = _senders([fields[0]], path, number)
+        for user in users:
+            owned.setdefault(user, set()).add(sender)
+    return {user: frozenset(senders) for user, senders in owned.items()}
+
+
+def _lines(path: str, what: str) -> list[tuple[int, str]]:
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
     except OSError as e:
-        raise UsersFileError(f"{path}: cannot read users file: {e.strerror}") from None
-    for number, line in enumerate(lines, start=1):
-        line = line.strip()
-        if not line or line.startswith("#"):
+        raise UsersFileError(f"{path}: cannot read {what}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise UsersFileError(f"{path}: cannot read {what}: not UTF-8") from None
+    stripped = ((n, line.strip()) for n, line in enumerate(lines, start=1))
+    return [(n, line) for n, line in stripped if line and not line.startswith("#")]
+
+
+def _senders(items: list[str], path: str, number: int) -> frozenset[str]:
+    out = set()
+    for item in (i.strip().lower() for i in items):
+        if not item:
             continue
-        user, sep, stored = line.partition(":")
-        if not sep or not user or not stored.startswith(SCHEME):
-            raise UsersFileError(f"{path}: line {number}: expected user:$scrypt$... (made by pymta-passwd)")
-        users[user] = stored
-    return users
+        local, at, domain = item.rpartition("@")
+        if not at or not domain or any(c.isspace() for c in item):
+            raise UsersFileError(f"{path}: line {number}: {item!r} is neither an address nor @domain")
+        out.add(f"{local}@{domain.rstrip('.')}")
+    return frozenset(out)
+
+
+class SenderLogins:
+    """Which senders an authenticated user owns (Postfix's ``reject_sender_login_mismatch``):
+    the addresses and ``@domain`` entries listed for the user; a login name that is an address also
+    owns that address. Comparison ignores case."""
+
+    def __init__(self, owned: dict[str, frozenset[str]]) -> None:
+        self.owned = owned
+
+    @classmethod
+    def from_files(cls, users_file: str, map_file: str | None = None) -> SenderLogins:
+        owned = dict(read_users_file(users_file)[1])
+        for user, senders in (read_sender_login_map(map_file) if map_file else {}).items():
+            owned[user] = owned.get(user, frozenset()) | senders
+        return cls(owned)
+
+    def owns(self, user: str, address: str) -> bool:
+        address = address.lower()
+        local, at, domain = address.rpartition("@")
+        if not at or not local:
+            return False
+        domain = domain.rstrip(".")
+        address = f"{local}@{domain}"
+        allowed = self.owned.get(user, frozenset())
+        return address == user.lower() or address in allowed or f"@{domain}" in allowed
 
 
 class Authenticator:

@@ -43,6 +43,6 @@ class DNSBL:
             except DNSError:
                 continue  # not listed (NXDOMAIN) or the list is unreachable: never refuse on a failure
             if any(ipaddress.ip_address(a) in ipaddress.ip_network("127.0.0.0/8") for a in answers if ":" not in a):
-                log.info("{client} listed in {zone}", client=address, zone=zone, event="dnsbl")
+                log.debug("{client} listed in {zone}", client=address, zone=zone, event="dnsbl")  # the reject names it
                 return Reply(self.reply.code, self.reply.enhanced, f"{self.reply.text} ({zone})")
         return None

@@ -7,12 +7,13 @@ the caller decides that and does not ask.
 from __future__ import annotations
 
 import ipaddress
-from collections import OrderedDict
 from typing import Any
 
 from pymta.inbound.policy import parse_ip
-from pymta.rate import KeyedLimiter, Rate
+from pymta.interfaces import IInboundState
+from pymta.rate import Rate
 from pymta.smtp.replies import Reply
+from pymta.state.memory import MemoryInboundState
 
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections from your address, try again later")
 
@@ -27,7 +28,11 @@ def client_key(address: str, v4_prefix: int = 32, v6_prefix: int = 64) -> str:
 
 
 class ClientLimits:
-    """Connections per client at a time; messages (MAIL) and recipients (RCPT) per client per period."""
+    """Connections per client at a time; messages (MAIL) and recipients (RCPT) per client per period.
+
+    The counts live in ``state`` (an :class:`IInboundState`): in-process by default, or the
+    node's shared store so that every listener process sees the same counts.
+    """
 
     def __init__(
         self,
@@ -35,41 +40,37 @@ class ClientLimits:
         connections_per_client: int | None = None,
         message_rate: Rate | None = None,
         recipient_rate: Rate | None = None,
+        state: IInboundState | None = None,
     ) -> None:
         self.connections_per_client = connections_per_client
-        self.connections: dict[str, int] = {}
-        self.messages = KeyedLimiter(message_rate, clock) if message_rate else None
-        self.recipients = KeyedLimiter(recipient_rate, clock) if recipient_rate else None
+        self.message_rate = message_rate
+        self.recipient_rate = recipient_rate
+        self.state = state if state is not None else MemoryInboundState(clock)
 
     def connected(self, address: str) -> Reply | None:
-        key = client_key(address)
-        count = self.connections.get(key, 0) + 1
-        self.connections[key] = count
-        if self.connections_per_client is not None and count > self.connections_per_client:
+        """None if the connection is allowed (and counted: call :meth:`disconnected` later)."""
+        if self.connections_per_client is None:
+            return None
+        if not self.state.acquire_connection(client_key(address), self.connections_per_client):
             return TOO_MANY_CONNECTIONS
         return None
 
     def disconnected(self, address: str) -> None:
-        key = client_key(address)
-        count = self.connections.get(key, 0) - 1
-        if count > 0:
-            self.connections[key] = count
-        else:
-            self.connections.pop(key, None)
+        if self.connections_per_client is not None:
+            self.state.release_connection(client_key(address))
 
     def message(self, address: str) -> Reply | None:
-        return self._take(self.messages, address, "messages")
+        return self._take(self.message_rate, address, "messages")
 
     def recipient(self, address: str) -> Reply | None:
-        return self._take(self.recipients, address, "recipients")
+        return self._take(self.recipient_rate, address, "recipients")
 
-    @staticmethod
-    def _take(limiter: KeyedLimiter | None, address: str, what: str) -> Reply | None:
-        if limiter is None:
+    def _take(self, rate: Rate | None, address: str, what: str) -> Reply | None:
+        if rate is None:
             return None
-        wait = limiter.take(client_key(address))
+        wait = self.state.take(what, client_key(address), rate)
         if wait:
-            return Reply(450, "4.7.1", f"Too many {what} from your address ({limiter.rate}), try again in {int(wait) + 1}s")
+            return Reply(450, "4.7.1", f"Too many {what} from your address ({rate}), try again in {int(wait) + 1}s")
         return None
 
 
@@ -77,33 +78,20 @@ class Greylist:
     """Greylisting of (client /24 or /64, sender, recipient) triples, RFC 6647 style.
 
     A new triple gets 450 4.7.1; a retry after ``delay`` and within ``expire`` passes, and the
-    triple then passes for ``lifetime`` (renewed on every pass).
+    triple then passes for ``lifetime`` (renewed on every pass). The triples live in ``state``.
     """
 
-    def __init__(self, clock: Any, delay: float, expire: float, lifetime: float, max_entries: int = 1_000_000) -> None:
-        self.clock = clock
+    def __init__(
+        self, clock: Any, delay: float, expire: float, lifetime: float, state: IInboundState | None = None
+    ) -> None:
         self.delay = delay
         self.expire = expire
         self.lifetime = lifetime
-        self.max_entries = max_entries
-        self.entries: OrderedDict[tuple[str, str, str], list[float]] = OrderedDict()  # key -> [first_seen, pass_until]
+        self.state = state if state is not None else MemoryInboundState(clock)
 
     def check(self, client: str, sender: str, recipient: str) -> Reply | None:
-        now = self.clock.seconds()
-        key = (client_key(client, v4_prefix=24), sender.lower(), recipient.lower())
-        entry = self.entries.get(key)
-        if entry is not None and entry[1] >= now:
-            entry[1] = now + self.lifetime
-            self.entries.move_to_end(key)
-            return None
-        if entry is None or now - entry[0] > self.expire:
-            entry = [now, 0.0]
-            self.entries[key] = entry
-            self.entries.move_to_end(key)
-            if len(self.entries) > self.max_entries:
-                self.entries.popitem(last=False)
-        waited = now - entry[0]
-        if waited >= self.delay:
-            entry[1] = now + self.lifetime
-            return None
-        return Reply(450, "4.7.1", f"Greylisted, please try again in {int(self.delay - waited) + 1} seconds")
+        triple = (client_key(client, v4_prefix=24), sender.lower(), recipient.lower())
+        wait = self.state.greylist(triple, self.delay, self.expire, self.lifetime)
+        if wait:
+            return Reply(450, "4.7.1", f"Greylisted, please try again in {int(wait) + 1} seconds")
+        return None

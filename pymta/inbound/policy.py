@@ -99,6 +99,8 @@ class RelayPolicy:
         mail_root: str,
         feedback_domains: Iterable[str] = (),
         feedback_addresses: Iterable[str] = (),
+        postmaster: str | None = None,
+        hostname: str = "",
     ) -> None:
         self.local_domains = frozenset(d.lower() for d in local_domains)
         self.forward_domains = frozenset(d.lower() for d in forward_domains)
@@ -107,6 +109,9 @@ class RelayPolicy:
         self.mail_root = mail_root
         self.feedback_domains = frozenset(d.lower() for d in feedback_domains)
         self.feedback_addresses = frozenset(a.lower() for a in feedback_addresses)
+        self.postmaster = postmaster
+        # RFC 5321 §4.5.1 names: bare, and at our own host name (Postfix has it in mydestination)
+        self.postmaster_names = frozenset({"postmaster", f"postmaster@{hostname.lower()}"} if hostname else {"postmaster"})
 
     def may_relay(self, peer_address: str, auth_user: str | None = None) -> bool:
         """True for authenticated clients and clients in a ``relay_from`` network."""
@@ -114,6 +119,8 @@ class RelayPolicy:
 
     def recipient(self, address: str, peer_address: str, auth_user: str | None = None) -> Decision:
         """Decide one RCPT TO address (as parsed by the SMTP layer, source route already dropped)."""
+        if self.postmaster and address.lower().rstrip(".") in self.postmaster_names:
+            return self._postmaster()
         local, domain = split_address(address)
         normalised = f"{local}@{domain}"
         if not local or not domain:
@@ -130,6 +137,10 @@ class RelayPolicy:
             if any(c in bare_local for c in "%!@"):
                 return Decision(None, ROUTING_DENIED, normalised)
             if self.mailboxes is not None and f"{bare_local}@{domain}".lower() not in self.mailboxes:
+                if self.postmaster and bare_local.lower() == "postmaster":
+                    return self._postmaster()  # postmaster@ every local domain reaches someone
+                if self.postmaster and normalised.lower() == self.postmaster.lower():
+                    return Decision(ROUTE_LOCAL, None, normalised)
                 return Decision(None, NO_SUCH_USER, normalised)
             if mailbox_path(self.mail_root, normalised) is None:  # the form the delivery agent gets
                 return Decision(None, BAD_MAILBOX_NAME, normalised)
@@ -141,3 +152,16 @@ class RelayPolicy:
         if self.may_relay(peer_address, auth_user):
             return Decision(ROUTE_RELAY, None, normalised)
         return Decision(None, RELAY_DENIED, normalised)
+
+    def _postmaster(self) -> Decision:
+        """The configured postmaster mailbox, routed as its domain says (never refused as relaying)."""
+        address = self.postmaster or ""
+        local, domain = split_address(address)
+        normalised = f"{local}@{domain}"
+        if domain in self.local_domains:
+            if mailbox_path(self.mail_root, normalised) is None:
+                return Decision(None, BAD_MAILBOX_NAME, normalised)
+            return Decision(ROUTE_LOCAL, None, normalised)
+        if domain in self.forward_domains:
+            return Decision(ROUTE_FORWARD, None, normalised)
+        return Decision(ROUTE_RELAY, None, normalised)

@@ -7,7 +7,7 @@ import re
 import time
 from collections.abc import Callable
 from datetime import datetime
-from email.utils import formatdate, parsedate_to_datetime
+from email.utils import formatdate, getaddresses, parsedate_to_datetime
 from typing import Any
 
 from twisted.internet import defer
@@ -67,13 +67,37 @@ def take_deliver_after(body: bytes) -> tuple[bytes, float]:
 
 def take_header(body: bytes, name: bytes) -> tuple[bytes, str | None]:
     """Remove header ``name`` from the message header; its (unfolded) value or None."""
-    end = body.find(b"\r\n\r\n")
-    head = body[: end + 2] if end >= 0 else body
-    m = re.search(rb"^" + re.escape(name) + rb":[ \t]*(.*(?:\r\n[ \t].*)*)\r\n", head, re.I | re.M)
+    m = next(_header_fields(body, name), None)
     if m is None:
         return body, None
-    value = " ".join(m.group(1).decode("utf-8", "replace").split())
-    return body[: m.start()] + body[m.end() :], value
+    return body[: m.start()] + body[m.end() :], _unfolded(m)
+
+
+def header_values(body: bytes, name: bytes) -> list[str]:
+    """The (unfolded) values of every header field ``name`` in the message header."""
+    return [_unfolded(m) for m in _header_fields(body, name)]
+
+
+def _header_fields(body: bytes, name: bytes) -> Any:
+    end = body.find(b"\r\n\r\n")
+    head = body[: end + 2] if end >= 0 else body
+    return re.finditer(rb"^" + re.escape(name) + rb":[ \t]*(.*(?:\r\n[ \t].*)*)\r\n", head, re.I | re.M)
+
+
+def _unfolded(m: re.Match[bytes]) -> str:
+    return " ".join(m.group(1).decode("utf-8", "replace").split())
+
+
+def unowned_from(body: bytes, user: str, owns: Callable[[str, str], bool]) -> str | None:
+    """The first From: header address ``user`` does not own (or the unreadable From: text), else None."""
+    for value in header_values(body, b"From"):
+        addresses = [address for _, address in getaddresses([value]) if address]
+        if not addresses:
+            return value[:200]
+        for address in addresses:
+            if not owns(user, address):
+                return address
+    return None
 
 
 def _header_safe(text: str) -> str:
@@ -99,6 +123,9 @@ class InboundReceiver:
         dnsbl: Any = None,
         resolver: Any = None,
         reverse_lookup: bool = False,
+        sender_login: Any = None,
+        free_space: Callable[[], int] | None = None,
+        space_needed: int = 0,
     ) -> None:
         self.hostname = hostname
         self.policy = policy
@@ -113,6 +140,11 @@ class InboundReceiver:
         self.dnsbl = dnsbl
         self.resolver = resolver
         self.reverse_lookup = reverse_lookup and resolver is not None
+        self.sender_login = sender_login  # SenderLogins: authenticated users send only as themselves
+        # Octets free where the queue lives (a callable, asked at MAIL) and how many must be, so
+        # a full disk is refused before the client sends the body.
+        self.free_space = free_space
+        self.space_needed = space_needed
 
     # -- stages ---------------------------------------------------------------------------
 
@@ -149,10 +181,10 @@ class InboundReceiver:
     def _connected(self, session: Any) -> Reply | None | defer.Deferred:
         trusted = self._trusted(session)
         if self.limits is not None and not trusted:
-            session.notes["counted"] = True
             refused = self.limits.connected(session.peer_address)
             if refused is not None:
                 return refused
+            session.notes["counted"] = True
         refused = self._acl("connect", session)
         if refused is not None or trusted or self.dnsbl is None or not self.dnsbl.zones:
             return refused
@@ -162,6 +194,15 @@ class InboundReceiver:
         return self._acl("helo", session)
 
     def mail_from(self, session: Any, sender: str, params: dict[str, str]) -> Reply | None:
+        user = session.auth_user
+        if user and self.sender_login is not None and sender and not self.sender_login.owns(user, sender):
+            return Reply(553, "5.7.1", f"<{sender}>: Sender address rejected: not owned by user {user}")
+        if self.free_space is not None:
+            free = self.free_space()
+            if free <= self.space_needed:
+                log.warn("refusing mail: {free} octets free for the queue, {needed} needed", event="storage_low",
+                         free=free, needed=self.space_needed)  # fmt: skip
+                return STORAGE_FULL
         if self.limits is not None and not self._trusted(session):
             refused = self.limits.message(session.peer_address)
             if refused is not None:
@@ -175,18 +216,7 @@ class InboundReceiver:
             return refused
         decision = self.policy.recipient(address, session.peer_address, session.auth_user)
         if decision.reply is not None:
-            log.info(
-                "rejected RCPT {rcpt} from {client}: {code} {enhanced} {text}",
-                event="reject",
-                stage="rcpt",
-                client=session.peer_address,
-                sender=session.transaction.sender if session.transaction else None,
-                rcpt=address,
-                code=decision.reply.code,
-                enhanced=decision.reply.enhanced,
-                text=decision.reply.text,
-            )
-            return decision.reply
+            return decision.reply  # the SMTP server logs the one reject event, with the recipient
         if not self._trusted(session):
             refused = self._untrusted_rcpt(session, decision.address)
             if refused is not None:
@@ -215,6 +245,11 @@ class InboundReceiver:
         )
         if refused is not None:
             return refused
+        user = session.auth_user
+        if user and self.sender_login is not None:
+            unowned = unowned_from(body, user, self.sender_login.owns)
+            if unowned is not None:
+                return Reply(553, "5.7.1", f"From: <{_header_safe(unowned)}> rejected: not owned by user {user}")
         now = self.clock.seconds()
         qid = new_qid(time.time())
         routes = txn.notes.get("routes", {})

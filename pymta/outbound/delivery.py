@@ -10,11 +10,12 @@ REQUIRETLS (RFC 8689) on top demands a verified session with a hop that offers R
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet import defer, endpoints, error, task
+from twisted.internet import defer, endpoints, error, protocol, task
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -38,6 +39,7 @@ log = Logger(namespace="pymta.outbound")
 MAX_INLINE_WAIT = 2.0  # a shaping wait longer than this goes back to the queue instead
 NO_TLS_MEMORY = 3600.0  # a host whose STARTTLS failed is tried in plaintext for this long
 TLS_POLICIES = ("none", "opportunistic", "verify", "dane")
+INTERRUPTED = Reply(451, "4.3.2", "Delivery interrupted: the MTA is shutting down; will retry")
 
 
 class ConnectFailed(Exception):
@@ -76,6 +78,19 @@ def reusable_keys(address: str, port: int, source: str, policy: str, host: str) 
     if policy == "opportunistic":
         return [opportunistic, verified]
     return [PoolKey(address, port, source, "none"), opportunistic, verified]
+
+
+class _OneConnection(protocol.Factory):
+    """Builds the one given protocol for one outbound connection, quietly: no "Starting factory" /
+    "Stopping factory" lines per connection (``endpoints.connectProtocol``'s factory logs them)."""
+
+    noisy = False
+
+    def __init__(self, proto: SMTPClientProtocol) -> None:
+        self.proto = proto
+
+    def buildProtocol(self, addr: Any) -> SMTPClientProtocol:
+        return self.proto
 
 
 @dataclass
@@ -162,11 +177,60 @@ class SMTPDeliveryAgent:
         self.idle: dict[PoolKey, list[Session]] = {}
         self.no_tls_until: dict[str, float] = {}
         self._closing: list[defer.Deferred] = []  # connections being closed (QUIT sent)
+        self._stopping = False  # set by abort_all: no new delivery, no new connection
+        self._live: weakref.WeakSet[SMTPClientProtocol] = weakref.WeakSet()  # every connection made
+        self._connecting: set[defer.Deferred] = set()  # connection attempts in progress
+        self._calls: dict[defer.Deferred, list[Recipient]] = {}  # deliveries in flight -> their recipients
 
     # -- the IDeliveryAgent call ----------------------------------------------------------------
 
+    def deliver(self, envelope: Envelope, recipients: list[Recipient], body: bytes) -> defer.Deferred:
+        if self._stopping:
+            return defer.succeed([_result(r, INTERRUPTED, None, None) for r in recipients])
+        inner = self._deliver_within_limits(envelope, recipients, body)
+        if inner.called:
+            return inner
+        outer: defer.Deferred = defer.Deferred()
+        self._calls[outer] = recipients
+
+        def relay(result: Any) -> None:
+            self._calls.pop(outer, None)
+            if not outer.called:  # else abort_all already answered for these recipients
+                outer.callback(result)
+
+        inner.addBoth(relay)
+        return outer
+
+    def abort_all(self, settle: float = 1.0) -> defer.Deferred:
+        """At shutdown, once the grace is over: abort every connection and attempt, and answer
+        every delivery still in flight (451 4.3.2, deferred) within ``settle`` seconds.
+
+        Aborted transactions first get ``settle`` seconds to report what they know, so a
+        recipient whose 250 was already read is reported delivered, not deferred.
+        """
+        self._stopping = True
+        for d in list(self._connecting):
+            d.cancel()
+        for pool in self.idle.values():
+            for session in pool:
+                if session.idle_call is not None and session.idle_call.active():
+                    session.idle_call.cancel()
+        self.idle.clear()
+        for proto in list(self._live):
+            proto.abort()
+        if self._calls:
+            log.warn("aborting {n} delivery attempt(s) in flight", n=len(self._calls), event="shutdown")
+
+        def answer_the_rest() -> None:
+            for outer, recipients in list(self._calls.items()):
+                self._calls.pop(outer, None)
+                if not outer.called:
+                    outer.callback([_result(r, INTERRUPTED, None, None) for r in recipients])
+
+        return task.deferLater(self.clock, settle, answer_the_rest)
+
     @defer.inlineCallbacks
-    def deliver(self, envelope: Envelope, recipients: list[Recipient], body: bytes):
+    def _deliver_within_limits(self, envelope: Envelope, recipients: list[Recipient], body: bytes):
         domain = recipients[0].domain
         slot = self.domain_slots.get(domain)
         if slot is None:
@@ -308,6 +372,8 @@ class SMTPDeliveryAgent:
                 try:
                     session = yield self._session(hop, address, plan.policy, source, shaping, plan.dane)
                 except ConnectFailed as e:
+                    if self._stopping:
+                        return [_result(r, INTERRUPTED, None, None) for r in recipients]
                     if plan.label in ("mta-sts", "dane", "requiretls") and plan.policy in ("verify", "dane") \
                             and e.reply.enhanced.startswith("4.7."):  # fmt: skip
                         why = {"mta-sts": f"MTA-STS policy of {domain}", "dane": f"DANE TLSA records of {hop.name}",
@@ -380,6 +446,8 @@ class SMTPDeliveryAgent:
     @defer.inlineCallbacks
     def _session(self, hop: Hop, address: str, policy: str, source: Any = None, shaping: Any = None,
                  dane: Any = None):  # fmt: skip
+        if self._stopping:
+            raise ConnectFailed(INTERRUPTED)
         source_name = source.name if source is not None else ""
         for reusable in reusable_keys(address, hop.port, source_name, policy, hop.name):
             pool = self.idle.get(reusable)
@@ -427,14 +495,19 @@ class SMTPDeliveryAgent:
         local = source.address if source is not None else self.source_address
         bind = (local, 0) if local else None
         endpoint = kind(self.reactor, address, port, timeout=self.timeouts.connect, bindAddress=bind)
+        attempt = endpoint.connect(_OneConnection(proto))
+        self._connecting.add(attempt)
         try:
-            yield endpoints.connectProtocol(endpoint, proto)
+            yield attempt
         except error.ConnectBindError as e:
             if source is not None and self.selector is not None:
                 self.selector.unusable(source, f"cannot bind {local}: {e}")
             raise ConnectFailed(Reply(451, "4.4.1", f"Cannot bind the source address {local}: {e}")) from None
         except Exception as e:
             raise ConnectFailed(Reply(451, "4.4.1", f"Connection to [{address}]:{port} failed: {e}")) from None
+        finally:
+            self._connecting.discard(attempt)
+        self._live.add(proto)
         return proto
 
     @defer.inlineCallbacks
@@ -491,6 +564,9 @@ class SMTPDeliveryAgent:
     def _release(self, session: Session, per_connection: int | None = None) -> None:
         proto = session.proto
         if proto.is_lost:
+            return
+        if self._stopping:
+            proto.abort()
             return
         if session.messages >= (per_connection or self.max_messages_per_connection):
             self._quit(proto)

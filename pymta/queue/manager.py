@@ -60,6 +60,8 @@ class QueueManager(service.Service):
         route_for: Callable[[str], str] | None = None,
         rng: random.Random | None = None,
         greylist_retry: float = 300.0,
+        shutdown_grace: float = 30.0,
+        abort: Callable[[], Any] | None = None,
     ) -> None:
         self.store = store
         self.agents = agents
@@ -74,6 +76,8 @@ class QueueManager(service.Service):
         self.route_for = route_for or (lambda address: ROUTE_RELAY)
         self.rng = rng or random.Random()
         self.greylist_retry = greylist_retry
+        self.shutdown_grace = shutdown_grace  # how long a stop waits for deliveries in flight
+        self.abort = abort  # then aborts them with this (their results come back as deferred)
         self.scheduler = TimerHeapScheduler(clock, self._due)
         self._ready: deque[str] = deque()
         self._queued: set[str] = set()  # in _ready
@@ -98,12 +102,27 @@ class QueueManager(service.Service):
         self._pump()
 
     def stopService(self) -> defer.Deferred:
+        """Start nothing new; let attempts in flight finish within ``shutdown_grace``, then abort
+        them. Fires once every attempt has written its outcome (queue state, accounting)."""
         super().stopService()
         self.scheduler.stop()
         self._ready.clear()
         self._queued.clear()
         waiting = list(self._inflight.values())
-        return defer.DeferredList(waiting, consumeErrors=True) if waiting else defer.succeed(None)
+        if not waiting:
+            return defer.succeed(None)
+        log.info("waiting up to {grace}s for {n} delivery attempt(s) in flight", grace=self.shutdown_grace,
+                 n=len(waiting), event="shutdown")  # fmt: skip
+        done = defer.DeferredList(waiting, consumeErrors=True)
+        timer = self.clock.callLater(self.shutdown_grace, self._abort_inflight)
+        done.addBoth(lambda _: timer.cancel() if timer.active() else None)
+        return done
+
+    def _abort_inflight(self) -> None:
+        log.warn("shutdown grace of {grace}s over: aborting {n} delivery attempt(s)", grace=self.shutdown_grace,
+                 n=len(self._inflight), event="shutdown")  # fmt: skip
+        if self.abort is not None:
+            self.abort()
 
     # -- intake -----------------------------------------------------------------------------
 

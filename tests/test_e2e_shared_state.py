@@ -1,0 +1,140 @@
+"""Per-client limits and greylisting hold across the listener processes of one node
+(``[smtp] processes = 2``) and greylist triples across a restart, through the real twistd.
+
+Which process accepts a connection is made certain by stopping the other one (SIGSTOP): a
+stopped process cannot accept, so the running one does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import time
+
+import pytest
+
+from tests.mta_process import MTAProcess, wait_gone
+
+pytestmark = pytest.mark.timeout(180)
+
+STRANGER_NET = "192.0.2.0/24"  # relay_from: the loopback test clients are strangers, so limits apply
+
+
+def read_line(sock: socket.socket) -> bytes:
+    data = b""
+    deadline = time.monotonic() + 15
+    while not data.endswith(b"\r\n") and time.monotonic() < deadline:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def connect(mta: MTAProcess, source: str) -> tuple[socket.socket, bytes]:
+    sock = socket.create_connection(("127.0.0.1", mta.port), timeout=15, source_address=(source, 0))
+    return sock, read_line(sock)
+
+
+def command(sock: socket.socket, line: str) -> bytes:
+    sock.sendall(line.encode() + b"\r\n")
+    return read_line(sock)
+
+
+def worker_pid(mta: MTAProcess) -> int:
+    [pid] = mta.wait_for(mta.children, what="a listener worker")
+    return pid
+
+
+@contextlib.contextmanager
+def only(running: int, stopped: int):
+    """Connections made inside are accepted by ``running``: ``stopped`` is frozen meanwhile."""
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        yield running
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+
+
+def test_connections_and_message_rates_per_client_count_across_listener_workers(tmp_path):
+    mta = MTAProcess(str(tmp_path), relay_from=STRANGER_NET, smtp_extra="processes = 2",
+                     extra_config='[limits]\nconnections_per_client = 5\nmessage_rate = "3/h, burst=3"\n').start()  # fmt: skip
+    main, worker = mta.proc.pid, worker_pid(mta)
+    held: list[socket.socket] = []
+    try:
+        greetings = []
+        with only(worker, stopped=main):
+            for _ in range(3):
+                sock, greeting = connect(mta, "127.0.0.7")
+                held.append(sock)
+                greetings.append(greeting[:9])
+        with only(main, stopped=worker):
+            for _ in range(4):
+                sock, greeting = connect(mta, "127.0.0.7")
+                held.append(sock)
+                greetings.append(greeting[:9])
+        # 3 on the worker + 2 on the main process = the 5 allowed; the rest are turned away.
+        assert greetings == [b"220 mx.ex"] * 5 + [b"421 4.7.0"] * 2, greetings
+        # Messages: 3 per hour for this client, wherever its connections are served.
+        for sock in held[:5]:
+            assert command(sock, "EHLO client.example").startswith(b"250")
+        mails = [command(sock, "MAIL FROM:<a@remote.example>")[:9] for sock in (held[0], held[1], held[3], held[4])]
+        assert mails == [b"250 2.1.0"] * 3 + [b"450 4.7.1"], mails  # the 4th, on the main process, waits
+        other, greeting = connect(mta, "127.0.0.8")  # another client is not affected
+        held.append(other)
+        assert greeting.startswith(b"220 ")
+        # Connections closed on the worker free places for connections on the main process.
+        for sock in held[:3]:
+            command(sock, "QUIT")
+            sock.close()
+
+        def accepted_on_main() -> bool:
+            with only(main, stopped=worker):
+                sock, greeting = connect(mta, "127.0.0.7")
+            held.append(sock)
+            return greeting.startswith(b"220 ")
+
+        mta.wait_for(accepted_on_main, seconds=15, what="a place freed by the worker's closed connections")
+    finally:
+        for sock in held:
+            sock.close()
+        mta.stop()
+
+
+def greylist_try(mta: MTAProcess, sender: str) -> bytes:
+    sock, greeting = connect(mta, "127.0.0.9")
+    with sock:
+        assert greeting.startswith(b"220 ")
+        command(sock, "EHLO client.example")
+        assert command(sock, f"MAIL FROM:<{sender}>").startswith(b"250 ")
+        reply = command(sock, "RCPT TO:<alice@example.test>")
+        command(sock, "QUIT")
+    return reply[:9]
+
+
+def test_greylist_retries_pass_on_any_worker_and_after_a_restart(tmp_path):
+    mta = MTAProcess(str(tmp_path), relay_from=STRANGER_NET, smtp_extra="processes = 2",
+                     extra_config='[greylist]\nenabled = true\ndelay = "2s"\n').start()  # fmt: skip
+    senders = [f"sender{i}@remote.example" for i in range(12)]
+    main, worker = mta.proc.pid, worker_pid(mta)
+    try:
+        with only(worker, stopped=main):
+            first = [greylist_try(mta, s) for s in senders]
+        seen_at = time.monotonic()
+        assert first == [b"450 4.7.1"] * 12
+        with only(main, stopped=worker):
+            assert [greylist_try(mta, s) for s in senders[:6]] == [b"450 4.7.1"] * 6  # too early, on the other process
+        time.sleep(max(0.0, seen_at + 2.5 - time.monotonic()))  # the greylisting delay itself
+        with only(main, stopped=worker):
+            assert [greylist_try(mta, s) for s in senders[:6]] == [b"250 2.1.5"] * 6
+    finally:
+        mta.stop()
+    assert wait_gone([worker], 20) == []  # a restart must not meet the old worker
+    mta.start()
+    try:
+        assert [greylist_try(mta, s) for s in senders[6:]] == [b"250 2.1.5"] * 6  # first seen before the restart
+        assert greylist_try(mta, "new@remote.example") == b"450 4.7.1"
+    finally:
+        mta.stop()
