@@ -343,12 +343,14 @@ class OutboundConfig:
     tls_ca_file: str | None = _key(conv_path, None)
     tls_policy: dict[str, str] = _key(conv_table(conv_hostname, conv_choice("none", "opportunistic", "verify")), None)
     mta_sts: bool = _key(conv_bool, True)  # RFC 8461 for domains without a tls_policy entry
+    mta_sts_port: int = _key(conv_int(1, 65535), 443)  # the policy host's HTTPS port: a test/lab setting
 
 
 @dataclass(frozen=True)
 class DNSConfig:
     servers: tuple[str, ...] | None = _key(conv_list(conv_str), None)
     timeout: float = _key(conv_duration(0.1), 5.0)
+    dnssec: bool = _key(conv_bool, False)  # trust the AD bit of `servers` (a validating resolver): enables DANE
 
 
 def conv_rate(value: Any) -> Any:
@@ -392,6 +394,17 @@ class FeedbackConfig:
     soft_bounce_threshold: int = _key(conv_int(1, 1000), 3)
     soft_bounce_window: float = _key(conv_duration(60), 7 * 86400.0)
     soft_bounce_suppress: float = _key(conv_duration(60), 30 * 86400.0)
+
+
+@dataclass(frozen=True)
+class TLSRPTConfig:
+    """TLS reporting (RFC 8460): daily reports sent to the domains that ask (``enabled``), and the
+    addresses where reports about our own domains arrive."""
+
+    enabled: bool = _key(conv_bool, False)
+    organization: str | None = _key(conv_str, None)  # default: hostname
+    contact: str | None = _key(conv_str, None)  # default: postmaster@hostname
+    report_addresses: tuple[str, ...] = _key(conv_list(conv_address), ())
 
 
 @dataclass(frozen=True)
@@ -767,6 +780,7 @@ _SECTIONS: dict[str, type] = {
     "greylist": GreylistConfig,
     "feedback": FeedbackConfig,
     "tls": TLSConfig,
+    "tlsrpt": TLSRPTConfig,
     "submission": SubmissionConfig,
     "dnsbl": DNSBLConfig,
     "warmup": WarmupConfig,
@@ -795,6 +809,7 @@ class Config:
     greylist: GreylistConfig = field(default_factory=GreylistConfig)
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)
+    tlsrpt: TLSRPTConfig = field(default_factory=TLSRPTConfig)
     submission: SubmissionConfig = field(default_factory=SubmissionConfig)
     dnsbl: DNSBLConfig = field(default_factory=DNSBLConfig)
     shaping: ShapingConfig = field(default_factory=ShapingConfig)

@@ -1,5 +1,9 @@
-"""DNS for delivery: MX (RFC 5321 §5.1, RFC 7505 null MX), A/AAAA, TXT, on dnspython in worker
+"""DNS for delivery: MX (RFC 5321 §5.1, RFC 7505 null MX), A/AAAA, TXT, TLSA, on dnspython in worker
 threads (never blocking the reactor), with a TTL-respecting cache on the injected clock.
+
+With ``dnssec`` the queries ask for DNSSEC (DO and AD bits) and each answer remembers whether the
+resolver set the AD bit: a validating resolver the operator trusts (on loopback, as Postfix's
+``smtp_dns_support_level = dnssec`` expects) vouches for it. A bogus answer reaches us as SERVFAIL.
 
 Errors are two kinds: :class:`DNSPermanentError` (NXDOMAIN: bounce, 5.1.2) and
 :class:`DNSTemporaryError` (SERVFAIL, timeout, refusal, malformed answers: defer, 4.4.3).
@@ -59,6 +63,17 @@ class MXResult:
     implicit: bool = False  # no MX records: the domain itself (RFC 5321 §5.1)
     preferences: tuple[int, ...] = field(default=(), compare=False)
     literals: tuple[str, ...] = field(default=(), compare=False)  # IP literals given as MX names, left out
+    secure: bool = field(default=False, compare=False)  # DNSSEC-validated (AD bit) MX answer
+
+
+@dataclass(frozen=True)
+class TLSAResult:
+    """The TLSA records of ``_PORT._tcp.HOST`` as (usage, selector, matching type, data), and
+    whether the answer (or its denial) was DNSSEC-validated."""
+
+    name: str
+    records: tuple[tuple[int, int, int, bytes], ...]
+    secure: bool
 
 
 def to_ascii(name: str) -> str:
@@ -109,6 +124,7 @@ class Resolver:
         clock: Any = None,
         rng: random.Random | None = None,
         prefer_ipv6: bool = True,
+        dnssec: bool = False,
     ) -> None:
         self.reactor = reactor
         self.threadpool = threadpool
@@ -125,58 +141,71 @@ class Resolver:
                 self._resolvers.append(r)
         else:
             self._resolvers.append(dns.resolver.Resolver())
+        self.dnssec = dnssec
         for r in self._resolvers:
             r.timeout = timeout
             r.lifetime = timeout * 2
             r.cache = None
+            if dnssec:  # RFC 6840 §5.7: AD in the query asks a validating resolver to tell
+                r.use_edns(0, dns.flags.DO, 1232)
+                r.flags = dns.flags.RD | dns.flags.AD
         self._cache: dict[tuple[str, str], tuple[float, Any]] = {}
 
     # -- the raw query ---------------------------------------------------------------------
 
-    def _query_blocking(self, name: str, rdtype: str) -> tuple[list[Any], float, str | None]:
-        """(records, ttl, error kind or None) — runs in a worker thread."""
-        last: tuple[list[Any], float, str | None] = ([], ERROR_TTL, "temporary: no server answered")
+    def _query_blocking(self, name: str, rdtype: str) -> tuple[list[Any], float, str | None, bool]:
+        """(records, ttl, error kind or None, DNSSEC-validated) — runs in a worker thread."""
+        records, ttl, error, secure = self._query_resolvers(name, rdtype)
+        return records, ttl, error, secure and self.dnssec
+
+    def _query_resolvers(self, name: str, rdtype: str) -> tuple[list[Any], float, str | None, bool]:
+        last: tuple[list[Any], float, str | None, bool] = ([], ERROR_TTL, "temporary: no server answered", False)
         for resolver in self._resolvers:
             try:
                 answer = resolver.resolve(name, rdtype, search=False, raise_on_no_answer=False)
             except dns.resolver.NXDOMAIN as e:
-                return [], _negative_ttl(e), "nxdomain"
+                return [], _negative_ttl(e), "nxdomain", _nxdomain_secure(e)
             except (dns.resolver.NoNameservers, dns.exception.Timeout, dns.resolver.LifetimeTimeout) as e:
-                last = ([], ERROR_TTL, f"temporary: {type(e).__name__}: {e}")
+                last = ([], ERROR_TTL, f"temporary: {type(e).__name__}: {e}", False)
                 continue
             except dns.resolver.YXDOMAIN:
-                return [], ERROR_TTL, "nxdomain"
+                return [], ERROR_TTL, "nxdomain", False
             except (dns.exception.DNSException, ValueError, UnicodeError) as e:
-                last = ([], ERROR_TTL, f"temporary: malformed answer: {e}")
+                last = ([], ERROR_TTL, f"temporary: malformed answer: {e}", False)
                 continue
+            secure = answer.response is not None and bool(answer.response.flags & dns.flags.AD)
             if answer.rrset is None:
                 ttl = NEGATIVE_TTL
                 if answer.response is not None:
                     for rrset in answer.response.authority:
                         if rrset.rdtype == dns.rdatatype.SOA:
                             ttl = min(rrset.ttl, rrset[0].minimum, NEGATIVE_TTL)
-                return [], ttl, None
-            return list(answer.rrset), min(float(answer.rrset.ttl), MAX_TTL), None
+                return [], ttl, None, secure
+            return list(answer.rrset), min(float(answer.rrset.ttl), MAX_TTL), None, secure
         return last
 
     def _query(self, name: str, rdtype: str) -> defer.Deferred:
         """Deferred of the records of (name, rdtype); cached until the TTL runs out."""
+        return self._query_secure(name, rdtype).addCallback(lambda answer: answer[0])
+
+    def _query_secure(self, name: str, rdtype: str) -> defer.Deferred:
+        """Deferred of (records, DNSSEC-validated) of (name, rdtype), cached until the TTL runs out."""
         key = (name, rdtype)
         now = self.clock.seconds()
         hit = self._cache.get(key)
         if hit is not None and hit[0] > now:
-            records, error = hit[1]
-            return defer.fail(_error(name, rdtype, error)) if error else defer.succeed(records)
+            records, error, secure = hit[1]
+            return defer.fail(_error(name, rdtype, error)) if error else defer.succeed((records, secure))
         d = threads.deferToThreadPool(self.reactor, self.threadpool, self._query_blocking, name, rdtype)
 
-        def store(result: tuple[list[Any], float, str | None]) -> list[Any]:
-            records, ttl, error = result
-            self._cache[key] = (self.clock.seconds() + ttl, (records, error))
+        def store(result: tuple[list[Any], float, str | None, bool]) -> tuple[list[Any], bool]:
+            records, ttl, error, secure = result
+            self._cache[key] = (self.clock.seconds() + ttl, (records, error, secure))
             if len(self._cache) > 100_000:
                 self._cache.clear()
             if error:
                 raise _error(name, rdtype, error)
-            return records
+            return records, secure
 
         return d.addCallback(store)
 
@@ -186,11 +215,11 @@ class Resolver:
     def lookup_mx(self, domain: str):
         name = to_ascii(domain)
         try:
-            records = yield self._query(name, "MX")
+            records, secure = yield self._query_secure(name, "MX")
         except DNSPermanentError:
             raise DNSPermanentError(f"domain {name} does not exist (NXDOMAIN)") from None
         if not records:
-            return MXResult(name, (name,), implicit=True, preferences=(0,))
+            return MXResult(name, (name,), implicit=True, preferences=(0,), secure=secure)
         mx = sorted((int(r.preference), str(r.exchange).rstrip(".").lower()) for r in records)
         if len(mx) == 1 and mx[0][1] in ("", "."):
             return MXResult(name, (), null=True)
@@ -209,7 +238,7 @@ class Resolver:
             self.rng.shuffle(group)
             hosts.extend(group)
             prefs.extend([pref] * len(group))
-        return MXResult(name, tuple(hosts), preferences=tuple(prefs), literals=literals)
+        return MXResult(name, tuple(hosts), preferences=tuple(prefs), literals=literals, secure=secure)
 
     @defer.inlineCallbacks
     def lookup_addresses(self, host: str):
@@ -233,6 +262,34 @@ class Resolver:
         return out
 
     @defer.inlineCallbacks
+    def addresses_secure(self, host: str):
+        """Whether the address records of ``host`` (those that exist) are DNSSEC-validated
+        (RFC 7672 §2.2.2: TLSA records of a host with insecure addresses are not used)."""
+        name = to_ascii(host)
+        results = yield defer.DeferredList([self._query_secure(name, "AAAA"), self._query_secure(name, "A")],
+                                           consumeErrors=True)  # fmt: skip
+        answers = [value for ok, value in results if ok]
+        return bool(answers) and all(secure for _, secure in answers) and any(records for records, _ in answers)
+
+    @defer.inlineCallbacks
+    def lookup_tlsa(self, host: str, port: int = 25):
+        """The :class:`TLSAResult` of ``_PORT._tcp.HOST``; NXDOMAIN is an empty result, a failed
+        lookup (SERVFAIL, which is how a validating resolver reports a bogus answer) raises
+        :class:`DNSTemporaryError`."""
+        name = f"_{int(port)}._tcp.{to_ascii(host)}"
+        try:
+            records, secure = yield self._query_secure(name, "TLSA")
+        except DNSPermanentError:
+            hit = self._cache.get((name, "TLSA"))
+            return TLSAResult(name, (), bool(hit and hit[1][2]))
+        out = []
+        for r in records:
+            if getattr(r, "rdtype", None) != dns.rdatatype.TLSA:
+                continue
+            out.append((int(r.usage), int(r.selector), int(r.mtype), bytes(r.cert)))
+        return TLSAResult(name, tuple(out), secure)
+
+    @defer.inlineCallbacks
     def lookup_ptr(self, address: str):
         """Host names of an IP address (PTR), lower-case without the trailing dot."""
         import ipaddress
@@ -248,6 +305,14 @@ class Resolver:
     def lookup_txt(self, name: str):
         records = yield self._query(to_ascii(name), "TXT")
         return [b"".join(r.strings).decode("utf-8", "replace") for r in records]
+
+
+def _nxdomain_secure(error: dns.resolver.NXDOMAIN) -> bool:
+    """Whether an NXDOMAIN answer carried the AD bit (an authenticated denial)."""
+    try:
+        return any(bool(response.flags & dns.flags.AD) for response in error.responses().values())
+    except (AttributeError, KeyError):
+        return False
 
 
 def _negative_ttl(error: dns.resolver.NXDOMAIN) -> float:

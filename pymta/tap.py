@@ -212,14 +212,15 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
     agents: dict[str, Any] = {
         "local": MaildirDeliveryAgent(config.mail_dir, config.hostname, reactor=reactor, threadpool=pool),
     }
-    resolver = Resolver(reactor, dns_pool, config.dns.servers, timeout=config.dns.timeout)
+    resolver = Resolver(reactor, dns_pool, config.dns.servers, timeout=config.dns.timeout, dnssec=config.dns.dnssec)
     from pymta.auth.accept import sender_auth_from_config
 
     sender_auth = sender_auth_from_config(config, reactor, resolver)
     if sender_auth is not None:
         ThreadPoolService(sender_auth.threadpool).setServiceParent(top)
         CloseOnStop(sender_auth.stop).setServiceParent(top)  # stops first: lookups in flight give up
-    smtp_agent = _outbound_agent(config, reactor, resolver)
+    tls_reports = _tls_reporter(config, reactor, resolver, store, top)
+    smtp_agent = _outbound_agent(config, reactor, resolver, tls_reports)
     CloseOnStop(smtp_agent.close_idle).setServiceParent(top)
     suppression, tagger = _feedback_parts(config, reactor)
     CloseOnStop(suppression.close).setServiceParent(top)
@@ -232,7 +233,7 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
     CloseOnStop(parse_pool.close).setServiceParent(top)
     agents["feedback"] = FeedbackProcessor(
         suppression, tagger, fb.complaint_addresses, fb.reply_addresses, agents["local"], fb.reply_mailbox, accounting,
-        sources=smtp_agent.selector, parser=parse_pool.parse,
+        sources=smtp_agent.selector, parser=parse_pool.parse, tls_reports=_tls_report_inbox(config, top),
         authserv_id=sender_auth.authserv_id if sender_auth is not None and sender_auth.verify else None,
     )
 
@@ -256,6 +257,8 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
         abort=smtp_agent.abort_all,
         sign=sender_auth.sign if sender_auth is not None and sender_auth.signer is not None else None,
     )
+    if tls_reports is not None:
+        tls_reports.notify = manager.notify_incoming
     from pymta.admin.http.service import make_metrics
 
     metrics = make_metrics(config) if worker_fds is None else None
@@ -278,7 +281,7 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
         config.domains.forward,
         config.mail_dir,
         feedback_domains=[fb.bounce_domain] if fb.bounce_domain else [],
-        feedback_addresses=[*fb.complaint_addresses, *fb.reply_addresses],
+        feedback_addresses=[*fb.complaint_addresses, *fb.reply_addresses, *config.tlsrpt.report_addresses],
         postmaster=config.postmaster,
         hostname=config.hostname,
     )
@@ -576,8 +579,53 @@ def client_timeouts(out: Any) -> Any:
     return ClientTimeouts(**stages)
 
 
-def _outbound_agent(config: Config, reactor: Any, resolver: Any) -> Any:
+class TLSReportService(service.Service):
+    """Sends the daily TLS reports (RFC 8460) while the MTA runs."""
+
+    def __init__(self, reporter: Any) -> None:
+        self.reporter = reporter
+
+    def startService(self) -> None:
+        super().startService()
+        self.reporter.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.reporter.stop()
+
+
+def _tls_reporter(config: Config, reactor: Any, resolver: Any, store: Any, top: service.MultiService) -> Any:
+    """The TLS report sender of ``[tlsrpt]`` (None unless enabled); reports go through our queue."""
+    if not config.tlsrpt.enabled or not config.queue.deliver:
+        return None
+    from pymta.outbound.tlsrpt import TLSCounts, TLSReporter, https_poster
+
+    def submit(envelope: Any, body: bytes) -> Any:
+        return store.enqueue(envelope, body).addCallback(lambda _: reporter.notify(envelope.qid))
+
+    t = config.tlsrpt
+    reporter = TLSReporter(reactor, resolver, TLSCounts(os.path.join(config.state_dir, "tlsrpt.sqlite")),
+                           t.organization or config.hostname, t.contact or f"postmaster@{config.hostname}",
+                           config.hostname, submit, https_poster(reactor, reactor, config.outbound.tls_ca_file))  # fmt: skip
+    TLSReportService(reporter).setServiceParent(top)
+    CloseOnStop(reporter.counts.close).setServiceParent(top)  # after the deliveries that count sessions
+    return reporter
+
+
+def _tls_report_inbox(config: Config, top: service.MultiService) -> Any:
+    """Where TLS reports about our domains are kept (None without ``[tlsrpt] report_addresses``)."""
+    if not config.tlsrpt.report_addresses:
+        return None
+    from pymta.feedback.tlsrpt import TLSReportInbox, inbox_paths
+
+    inbox = TLSReportInbox(*inbox_paths(config.state_dir), addresses=config.tlsrpt.report_addresses)
+    CloseOnStop(inbox.close).setServiceParent(top)
+    return inbox
+
+
+def _outbound_agent(config: Config, reactor: Any, resolver: Any, tls_reports: Any = None) -> Any:
     """The SMTP delivery agent for relayed and forwarded recipients."""
+    from pymta.outbound.dane import DANE
     from pymta.outbound.delivery import SMTPDeliveryAgent
     from pymta.outbound.routes import Router
     from pymta.outbound.tlspolicy import MTASTS
@@ -612,5 +660,7 @@ def _outbound_agent(config: Config, reactor: Any, resolver: Any) -> Any:
         tls_policy_for=tls_policy_for,
         tls_context_for=lambda host, verify: client_tls(host, verify, out.tls_ca_file),
         mta_sts=MTASTS(reactor, resolver, os.path.join(config.state_dir, "mta-sts"), ca_file=out.tls_ca_file,
-                       skip=set(policies)) if out.mta_sts else None,  # fmt: skip
+                       https_port=out.mta_sts_port, skip=set(policies)) if out.mta_sts else None,  # fmt: skip
+        dane=DANE(resolver) if config.dns.dnssec else None,
+        tls_reports=tls_reports,
     )

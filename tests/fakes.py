@@ -69,3 +69,13 @@ class TempDirMixin:
         path = tempfile.mkdtemp(prefix="pymta-test-")
         self.addCleanup(shutil.rmtree, path, True)
         return path
+
+
+class Sessions:
+    """Records the TLS sessions a delivery agent counts for TLS reports (``TLSReporter.session``)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple] = []
+
+    def session(self, *args) -> None:
+        self.seen.append(args)

@@ -3,6 +3,8 @@
 #   Debian packages: postfix (smtp-sink, smtp-source: real SMTP peers), swaks, testssl.sh,
 #   libfaketime (steps the wall clock of a real twistd),
 #   libmail-dkim-perl and opendkim-tools (independent DKIM verifiers),
+#   Debian packages: postfix (smtp-sink, smtp-source: real SMTP peers), swaks, testssl.sh, knot and
+#   unbound (signed and validated DNS for the DANE tests),
 #   python3-venv where the interpreter cannot make a virtual environment.
 #   Python packages: pymta itself (editable, compat mode so twistd sees the plugin) + test extras,
 #   into the active virtual environment, or else into ./.venv (made here): Debian 12 refuses a
@@ -20,6 +22,9 @@ command -v msmtp >/dev/null 2>&1 || need+=(msmtp)
 [ -x /usr/sbin/smtp-sink ] && [ -x /usr/sbin/smtp-source ] || need+=(postfix)
 compgen -G "/usr/lib/*/faketime/libfaketimeMT.so.1" >/dev/null || need+=(libfaketime)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
+# DANE tests: knot signs zones on loopback, unbound validates them (both started by the tests).
+[ -x /usr/sbin/knotd ] || need+=(knot)
+[ -x /usr/sbin/unbound ] || need+=(unbound)
 in_venv=$("$PY" -c 'import sys; print(int(sys.prefix != sys.base_prefix))')
 if [ "$in_venv" = 0 ] && ! "$PY" -c 'import ensurepip, venv' >/dev/null 2>&1; then
     need+=(python3-venv)

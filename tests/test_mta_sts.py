@@ -25,6 +25,7 @@ from pymta.outbound.tlspolicy import MTASTS, PolicyError, STSPolicy, parse_polic
 from pymta.smtp.client import ClientTimeouts
 from pymta.tls import client_tls
 from tests.dnsserver import DNSServer, Zone
+from tests.fakes import Sessions
 from tests.mta_process import free_port
 from tests.pki import make_ca, server_options
 from tests.test_delivery import Peer
@@ -207,13 +208,32 @@ class MTASTSTests(unittest.TestCase):
         assert peer.connections == 0
         assert self.logged("mta_sts_mx_mismatch")[0]["skipped"] == ["mx.sts.test"]
 
+    @defer.inlineCallbacks
+    def test_enforce_sends_nothing_through_a_starttls_stripping_proxy(self):
+        from tests.mitm import StrippingProxy
+
+        backend = Peer("127.0.0.13")
+        backend.factory.tls_context_factory = server_options(*self.ca.issue("mx.sts.test"))
+        backend.listen(self.smtp_port)
+        self.addCleanup(backend.stop)
+        proxy = StrippingProxy("127.0.0.2", self.smtp_port, ("127.0.0.13", self.smtp_port))
+        self.addCleanup(proxy.stop)
+        result = yield self.send(self.agent(self.sts()))
+        assert (result.status, result.enhanced) == (DEFERRED, "4.7.5") and "MTA-STS" in result.text
+        assert proxy.stripped >= 1 and b"MAIL FROM" not in proxy.client_bytes and backend.messages == []
+
     # testing ---------------------------------------------------------------------------------
 
     @defer.inlineCallbacks
     def test_testing_mode_delivers_as_before_and_records_what_failed(self):
         self.policy.body = b"version: STSv1\nmode: testing\nmx: other.sts.test\nmax_age: 600\n"
         peer = self.peer(cert_name=None)
-        result = yield self.send(self.agent(self.sts()))
+        agent = self.agent(self.sts())
+        agent.tls_reports = Sessions()
+        result = yield self.send(agent)
+        [(domain, policy_type, strings, mx, _, outcome)] = agent.tls_reports.seen  # counted for TLS reports
+        assert (domain, policy_type, mx, outcome) == ("sts.test", "sts", "mx.sts.test", "starttls-not-supported")
+        assert strings == ["version: STSv1", "mode: testing", "mx: other.sts.test", "max_age: 600"]
         assert result.status == DELIVERED and result.tls is None and result.extra["tls_policy"] == "mta-sts"
         assert len(peer.messages) == 1 and result.extra["tls_failure"] == "starttls-not-supported"
         [mismatch] = self.logged("mta_sts_mx_mismatch")

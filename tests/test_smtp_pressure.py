@@ -213,5 +213,6 @@ class BackPressureTests(unittest.TestCase):
         self.addCleanup(self.port.stopListening)
         first = self.slow_first_queue_write()
         replies = yield self.flood_behind(first, Reply(250, "2.0.0", "Ok: queued as Q1"), size=8 * 1024 * 1024, tls=True)
-        assert replies == ["220 mx.example.test", "250 DSN", "250 2.1.0", "250 2.1.5", "354 End",
+        # Over TLS the EHLO reply ends with REQUIRETLS (RFC 8689), offered on TLS sessions only.
+        assert replies == ["220 mx.example.test", "250 REQUIRETLS", "250 2.1.0", "250 2.1.5", "354 End",
                            "250 2.0.0", "250 2.1.0", "250 2.1.5", "354 End", "552 5.3.4", "221 2.0.0"]  # fmt: skip

@@ -99,6 +99,8 @@ def print_list(messages: list[dict[str, Any]], out: Any) -> None:
         for r in m["recipients"]:
             reply = r.get("reply") or {}
             why = f" ({reply.get('code')} {reply.get('enhanced', '')} {reply.get('text', '')})".rstrip() if reply else ""
+            if reply.get("tls_policy"):
+                why += f" [tls_policy {reply['tls_policy']}{', ' + reply['tls_failure'] if reply.get('tls_failure') else ''}]"
             out.write(f"{'':<58}  {r['address']} [{r['state']}]{why}\n")
     quarantined = sum(1 for m in messages if m["state"] == "corrupt")
     out.write(f"-- {len(messages)} message(s)" + (f", {quarantined} quarantined in corrupt/" if quarantined else "") + "\n")

@@ -38,6 +38,7 @@ class FeedbackProcessor:
         sources: Any = None,
         parser: Callable[[bytes], defer.Deferred[Report]] | None = None,
         authserv_id: str | None = None,
+        tls_reports: Any = None,
     ) -> None:
         self.suppression = suppression
         self.tagger = tagger
@@ -47,20 +48,31 @@ class FeedbackProcessor:
         self.reply_mailbox = reply_mailbox
         self.accounting = accounting
         self.sources = sources  # the warm-up's source selector: bounces and complaints count against a source
+        self.tls_reports = tls_reports  # pymta.feedback.tlsrpt.TLSReportInbox for [tlsrpt] report_addresses
         # parse off the reactor (pymta.feedback.pool.ParsePool.parse); in-line when not given (tests)
         self.parser = parser or (lambda raw: defer.succeed(parse_message(raw)))
         self.authserv_id = authserv_id  # whose Authentication-Results to trust (inbound verdicts on)
 
     @defer.inlineCallbacks
     def deliver(self, envelope: Envelope, recipients: list[Recipient], body: bytes):
-        report = yield self.parser(body)
-        if report.kind == ARF and self.authserv_id and recorded_dkim(body, self.authserv_id) == "fail":
-            text = "feedback processed: ignored: complaint whose DKIM signature fails"
-            log.info("complaint for {to} ignored: its DKIM signature fails", to=[r.address for r in recipients],
-                     qid=envelope.qid, kind=report.kind, event="feedback")  # fmt: skip
-            return [DeliveryResult(r.address, DELIVERED, 250, "2.0.0", text) for r in recipients]
         results = []
+        report = None
+        forged = False
         for rcpt in recipients:
+            if self.tls_reports is not None and rcpt.address.lower() in self.tls_reports.addresses:
+                outcome = self.tls_reports.take(envelope.qid, body)  # a TLS report (RFC 8460): its own inbox
+                results.append(DeliveryResult(rcpt.address, DELIVERED, 250, "2.0.0", f"feedback processed: {outcome}"))
+                continue
+            if report is None:
+                report = yield self.parser(body)
+                forged = report.kind == ARF and bool(self.authserv_id) and recorded_dkim(body, self.authserv_id) == "fail"
+                if forged:
+                    log.info("complaint for {to} ignored: its DKIM signature fails", to=[r.address for r in recipients],
+                             qid=envelope.qid, kind=report.kind, event="feedback")  # fmt: skip
+            if forged:
+                text = "feedback processed: ignored: complaint whose DKIM signature fails"
+                results.append(DeliveryResult(rcpt.address, DELIVERED, 250, "2.0.0", text))
+                continue
             outcome = self.handle(rcpt.address, envelope, report)
             if outcome == "keep" and self.reply_agent is not None and self.reply_mailbox:
                 [kept] = yield self.reply_agent.deliver(envelope, [Recipient(self.reply_mailbox, route="local")], body)

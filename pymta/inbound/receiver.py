@@ -293,7 +293,7 @@ class InboundReceiver:
             auth_user=session.auth_user,
             tls=session.tls,
             not_before=not_before,
-            extra={"pool": pool} if pool else {},
+            extra={**({"pool": pool} if pool else {}), **({"requiretls": True} if "REQUIRETLS" in txn.params else {})},
         )
         d = defer.maybeDeferred(self.store.enqueue, envelope, data)
         d.addCallbacks(self._queued, self._not_queued, callbackArgs=(session, envelope), errbackArgs=(session, envelope))

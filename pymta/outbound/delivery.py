@@ -1,5 +1,12 @@
 """Outbound delivery over SMTP: next hops tried in order, connection caps, connection reuse,
-opportunistic or verified STARTTLS, and a result per recipient with its enhanced status code."""
+opportunistic or verified STARTTLS, DANE, MTA-STS and REQUIRETLS, and a result per recipient with
+its enhanced status code.
+
+The TLS policy is decided per MX host (a :class:`HopPlan`): DANE where the host has DNSSEC-validated
+TLSA records, else the domain's MTA-STS policy, else the configured policy (``[outbound] tls``);
+REQUIRETLS (RFC 8689) on top demands a verified session with a hop that offers REQUIRETLS; a
+``TLS-Required: No`` header takes the message back to opportunistic TLS.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +21,7 @@ from zope.interface import implementer
 
 from pymta.envelope import DEFERRED, DELIVERED, FAILED, RELAYED, DeliveryResult, Envelope, Recipient
 from pymta.interfaces import IDeliveryAgent
+from pymta.outbound.requiretls import requiretls_of, tls_optional
 from pymta.outbound.routes import Hop, RouteError, Router
 from pymta.smtp.client import (
     ClientTimeouts,
@@ -30,17 +38,18 @@ log = Logger(namespace="pymta.outbound")
 
 MAX_INLINE_WAIT = 2.0  # a shaping wait longer than this goes back to the queue instead
 NO_TLS_MEMORY = 3600.0  # a host whose STARTTLS failed is tried in plaintext for this long
-TLS_POLICIES = ("none", "opportunistic", "verify")
+TLS_POLICIES = ("none", "opportunistic", "verify", "dane")
 INTERRUPTED = Reply(451, "4.3.2", "Delivery interrupted: the MTA is shutting down; will retry")
 
 
 class ConnectFailed(Exception):
     """No SMTP session with this address (connect, greeting, EHLO or TLS): try the next one."""
 
-    def __init__(self, reply: Reply, tls_failed: bool = False) -> None:
+    def __init__(self, reply: Reply, tls_failed: bool = False, result_type: str | None = None) -> None:
         super().__init__(str(reply))
         self.reply = reply
         self.tls_failed = tls_failed
+        self.result_type = result_type  # RFC 8460, when TLS is why
 
 
 @dataclass(frozen=True)
@@ -57,11 +66,14 @@ class PoolKey:
 
 def reusable_keys(address: str, port: int, source: str, policy: str, host: str) -> list[PoolKey]:
     """Idle sessions that satisfy ``policy`` for the MX ``host``, best first: a ``verify`` message
-    takes only a session verified for ``host``; an opportunistic one never takes a session opened
-    in plaintext by a ``none`` policy (it may have had TLS); ``none`` takes any."""
+    takes only a session verified for ``host``, a ``dane`` one only a session whose certificate
+    matched the host's TLSA records; an opportunistic one never takes a session opened in
+    plaintext by a ``none`` policy (it may have had TLS); ``none`` takes any."""
     verified = PoolKey(address, port, source, "verify", host)
     if policy == "verify":
         return [verified]
+    if policy == "dane":
+        return [PoolKey(address, port, source, "dane", host)]
     opportunistic = PoolKey(address, port, source, "opportunistic")
     if policy == "opportunistic":
         return [opportunistic, verified]
@@ -95,6 +107,20 @@ class Session:
         return f"{self.host} [{self.key.address}]"
 
 
+@dataclass(frozen=True)
+class HopPlan:
+    """How one MX host is to be used: the session policy (none / opportunistic / verify / dane), the
+    label for the accounting record, the DANE facts of the host, and why it is not to be used."""
+
+    hop: Hop
+    policy: str
+    label: str
+    dane: Any = None  # pymta.outbound.dane.DANEHost
+    testing: Any = None  # an MTA-STS policy in testing mode (failures recorded, not enforced)
+    skip: Reply | None = None
+    sts: Any = None  # the domain's MTA-STS policy (CachedPolicy) this plan follows, for TLS reports
+
+
 def _status(code: int) -> str:
     return DELIVERED if 200 <= code < 300 else DEFERRED if 400 <= code < 500 else FAILED
 
@@ -126,6 +152,8 @@ class SMTPDeliveryAgent:
         shaper: Any = None,
         selector: Any = None,
         mta_sts: Any = None,
+        dane: Any = None,
+        tls_reports: Any = None,
     ) -> None:
         self.reactor = reactor
         self.clock = clock or reactor
@@ -141,6 +169,8 @@ class SMTPDeliveryAgent:
         self.shaper = shaper
         self.selector = selector
         self.mta_sts = mta_sts  # pymta.outbound.tlspolicy.MTASTS, or None
+        self.dane = dane  # pymta.outbound.dane.DANE (needs [dns] dnssec), or None
+        self.tls_reports = tls_reports  # pymta.outbound.tlsrpt.TLSReporter, or None
         self.global_slots = defer.DeferredSemaphore(max_connections)
         self.per_domain = max_connections_per_domain
         self.domain_slots: dict[str, defer.DeferredSemaphore] = {}
@@ -266,60 +296,115 @@ class SMTPDeliveryAgent:
     @defer.inlineCallbacks
     def _try_hops(self, envelope: Envelope, recipients: list[Recipient], body: bytes, domain: str,
                   hops: list[Hop], shaping: tuple[str, Any] | None, source: Any = None):  # fmt: skip
-        policy = self.tls_policy_for(domain)
-        label = policy  # what the accounting record calls the policy applied
-        sts = None
-        if self.mta_sts is not None and self.router.uses_mx(domain):
-            sts = yield self.mta_sts.policy_for(domain)
-        if sts is not None:
-            label = "mta-sts"
-            matching = [h for h in hops if sts.policy.matches(h.name)]
-            if len(matching) < len(hops):
-                log.info("MTA-STS ({mode}) of {domain}: MX {skipped} not in the policy's mx {mx}", mode=sts.policy.mode,
-                         domain=domain, skipped=[h.name for h in hops if h not in matching], mx=list(sts.policy.mx),
-                         event="mta_sts_mx_mismatch")  # fmt: skip
-            if sts.policy.mode == "enforce":
-                if not matching:
-                    reply = Reply(451, "4.7.5", f"No MX host of {domain} matches its MTA-STS policy "
-                                                f"(mx: {', '.join(sts.policy.mx)}); not delivered")  # fmt: skip
-                    return [_result(r, reply, None, None, tls_policy=label) for r in recipients]
-                hops, policy = matching, "verify"  # TLS required, certificate verified for the MX name
-        enforced = sts is not None and sts.policy.mode == "enforce"
-        results = yield self._hops_in_turn(envelope, recipients, body, domain, hops, shaping, source, policy,
-                                           enforced_by=label if enforced else None,
-                                           testing=sts if sts is not None and not enforced else None)  # fmt: skip
+        plans, label = yield self._plan(envelope, body, domain, hops)
+        results = yield self._hops_in_turn(envelope, recipients, body, domain, plans, shaping, source, label)
         for r in results:
             r.extra.setdefault("tls_policy", label)
         return results
 
     @defer.inlineCallbacks
-    def _hops_in_turn(self, envelope: Envelope, recipients: list[Recipient], body: bytes, domain: str,
-                      hops: list[Hop], shaping: tuple[str, Any] | None, source: Any, policy: str,
-                      enforced_by: str | None, testing: Any = None):  # fmt: skip
-        last = Reply(451, "4.4.1", "No mail exchanger could be reached")
+    def _plan(self, envelope: Envelope, body: bytes, domain: str, hops: list[Hop]):
+        """(the :class:`HopPlan` of each hop, the label of the policy that governs the message)."""
+        base = self.tls_policy_for(domain)
+        requiretls = requiretls_of(envelope)
+        if not requiretls and tls_optional(body):
+            # RFC 8689 §5: the sender asked that the recipient's TLS policies be ignored.
+            policy = "none" if base == "none" else "opportunistic"
+            log.info("{qid} carries TLS-Required: No: {policy} TLS, MTA-STS and DANE not applied", qid=envelope.qid,
+                     policy=policy, event="tls_required_no")  # fmt: skip
+            return [HopPlan(h, policy, policy) for h in hops], policy
+        uses_mx = self.router.uses_mx(domain)
+        dane_hosts: dict[str, Any] = {}
+        if self.dane is not None and uses_mx and (yield self.dane.domain_secure(domain)):
+            for hop in hops:
+                found = yield self.dane.host(hop.name)  # _25._tcp: the SMTP port of MX hosts (§2.2.3)
+                if found is not None:
+                    dane_hosts[hop.name] = found
+        sts = None
+        if self.mta_sts is not None and uses_mx:
+            sts = yield self.mta_sts.policy_for(domain)
+        label = "requiretls" if requiretls else "dane" if dane_hosts else "mta-sts" if sts is not None else base
+        if sts is not None:
+            skipped = [h.name for h in hops if h.name not in dane_hosts and not sts.policy.matches(h.name)]
+            if skipped:
+                log.info("MTA-STS ({mode}) of {domain}: MX {skipped} not in the policy's mx {mx}", mode=sts.policy.mode,
+                         domain=domain, skipped=skipped, mx=list(sts.policy.mx), event="mta_sts_mx_mismatch")  # fmt: skip
+        plans = []
         for hop in hops:
+            found = dane_hosts.get(hop.name)
+            if found is not None:  # DANE precedes MTA-STS (RFC 8461 §2)
+                skip = Reply(451, "4.7.5", f"dnssec-invalid: {found.failure}") if found.failure else None
+                plan = HopPlan(hop, "dane", "dane", found, skip=skip)
+            elif sts is not None and sts.policy.mode == "enforce":
+                skip = None if sts.policy.matches(hop.name) else Reply(
+                    451, "4.7.5", f"MX {hop.name} of {domain} is not in its MTA-STS policy (mx: {', '.join(sts.policy.mx)})")
+                plan = HopPlan(hop, "verify", "mta-sts", skip=skip, sts=sts)  # TLS required, verified for the MX name
+            elif sts is not None:
+                plan = HopPlan(hop, base, "mta-sts", testing=sts, sts=sts)
+            else:
+                plan = HopPlan(hop, base, base)
+            if requiretls:  # verified by the TLSA records, else PKIX for the MX name
+                dane_ok = plan.policy == "dane" and bool(plan.dane.records)
+                plan = HopPlan(hop, "dane" if dane_ok else "verify", "requiretls", plan.dane if dane_ok else None,
+                               skip=plan.skip)  # fmt: skip
+            plans.append(plan)
+        if sts is not None and sts.policy.mode == "enforce" and all(p.skip is not None for p in plans) and not dane_hosts:
+            reply = Reply(451, "4.7.5", f"No MX host of {domain} matches its MTA-STS policy "
+                                        f"(mx: {', '.join(sts.policy.mx)}); not delivered")  # fmt: skip
+            plans = [HopPlan(p.hop, p.policy, p.label, skip=reply) for p in plans]
+        return plans, label
+
+    @defer.inlineCallbacks
+    def _hops_in_turn(self, envelope: Envelope, recipients: list[Recipient], body: bytes, domain: str,
+                      plans: list[HopPlan], shaping: tuple[str, Any] | None, source: Any, label: str):  # fmt: skip
+        last = Reply(451, "4.4.1", "No mail exchanger could be reached")
+        requiretls = requiretls_of(envelope)
+        for plan in plans:
+            hop = plan.hop
+            if plan.skip is not None:
+                last = plan.skip
+                if plan.sts is not None or plan.dane is not None:
+                    self._report(plan, domain, "", plan.skip.text)
+                log.info("{mx} not used for {domain}: {why}", mx=hop.name, domain=domain, why=str(plan.skip),
+                         tls_policy=plan.label, event="tls_policy_skip")  # fmt: skip
+                continue
             for address in hop.addresses:
                 try:
-                    session = yield self._session(hop, address, policy, source, shaping)
+                    session = yield self._session(hop, address, plan.policy, source, shaping, plan.dane)
                 except ConnectFailed as e:
                     if self._stopping:
                         return [_result(r, INTERRUPTED, None, None) for r in recipients]
-                    if enforced_by == "mta-sts" and e.reply.enhanced.startswith("4.7."):
-                        e.reply = Reply(451, "4.7.5", f"MTA-STS policy of {domain} requires verified TLS: {e.reply.text}")
+                    if plan.label in ("mta-sts", "dane", "requiretls") and plan.policy in ("verify", "dane") \
+                            and e.reply.enhanced.startswith("4.7."):  # fmt: skip
+                        why = {"mta-sts": f"MTA-STS policy of {domain}", "dane": f"DANE TLSA records of {hop.name}",
+                               "requiretls": "REQUIRETLS"}[plan.label]  # fmt: skip
+                        e.reply = Reply(451, "4.7.5", f"{why} requires verified TLS: {e.reply.text}")
                     last = e.reply
+                    if e.result_type is not None:
+                        self._report(plan, domain, address, e.result_type)
                     if shaping is not None:
                         self.shaper.observe(shaping[0], e.reply.code, e.reply.enhanced, e.reply.text)
                         self.shaper.connection_failed(shaping[0], str(e.reply))
                     log.info("{mx} [{ip}] unusable for {domain}: {why}", mx=hop.name, ip=address, domain=domain,
-                             why=str(e.reply), code=e.reply.code, enhanced=e.reply.enhanced)  # fmt: skip
+                             why=str(e.reply), code=e.reply.code, enhanced=e.reply.enhanced,
+                             tls_policy=plan.label)  # fmt: skip
                     continue
-                problem = self._testing_problem(testing, session, domain) if testing is not None else None
+                if requiretls and not (session.proto.tls_verified and session.proto.extensions.has("REQUIRETLS")):
+                    last = Reply(451, "4.7.30", f"{session.remote} does not offer REQUIRETLS, which this message "
+                                                "requires; not sent")  # fmt: skip
+                    log.info("{mx} lacks REQUIRETLS for {qid}", mx=session.remote, qid=envelope.qid,
+                             event="requiretls_unsupported")  # fmt: skip
+                    self._release(session)
+                    continue
+                problem = self._testing_problem(plan.testing, session, domain) if plan.testing is not None else None
+                self._report(plan, domain, address, problem, success=problem is None)
                 per_connection = shaping[1].messages_per_connection if shaping is not None else None
                 per_message = shaping[1].recipients_per_message if shaping is not None else None
                 results = yield self._send(session, envelope, recipients, body, per_connection, per_message)
                 if results is not None:
-                    if problem is not None:
-                        for r in results:
+                    for r in results:
+                        r.extra.setdefault("tls_policy", plan.label)
+                        if problem is not None:
                             r.extra["tls_failure"] = problem
                     if shaping is not None:
                         self._shaping_feedback(shaping[0], results)
@@ -328,7 +413,24 @@ class SMTPDeliveryAgent:
                                 r.extra.setdefault("retry", list(shaping[1].retry))
                     return results
                 last = Reply(451, "4.4.2", f"Connection to {session.remote} lost before the transaction")
-        return [_result(r, last, None, None) for r in recipients]
+        return [_result(r, last, None, None, tls_policy=label) for r in recipients]
+
+    def _report(self, plan: HopPlan, domain: str, address: str, result: str | None, success: bool = False) -> None:
+        """Count a session for TLS reports (RFC 8460) when an MTA-STS or DANE policy governed it."""
+        if self.tls_reports is None:
+            return
+        if plan.dane is not None:
+            policy_type, strings = "tlsa", [f"{u} {s} {m} {d.hex()}" for u, s, m, d in plan.dane.records]
+        elif plan.sts is not None:
+            p = plan.sts.policy
+            policy_type = "sts"
+            strings = ["version: STSv1", f"mode: {p.mode}", *[f"mx: {m}" for m in p.mx], f"max_age: {p.max_age}"]
+        else:
+            return
+        from pymta.outbound.tlsrpt import result_type_of
+
+        outcome = None if success else result_type_of(result)
+        self.tls_reports.session(domain, policy_type, strings, plan.hop.name, address, outcome)
 
     def _testing_problem(self, sts: Any, session: Session, domain: str) -> str | None:
         """MTA-STS testing mode: what enforce would have refused here, logged (for TLS reports)."""
@@ -342,7 +444,8 @@ class SMTPDeliveryAgent:
     # -- sessions -------------------------------------------------------------------------------
 
     @defer.inlineCallbacks
-    def _session(self, hop: Hop, address: str, policy: str, source: Any = None, shaping: Any = None):
+    def _session(self, hop: Hop, address: str, policy: str, source: Any = None, shaping: Any = None,
+                 dane: Any = None):  # fmt: skip
         if self._stopping:
             raise ConnectFailed(INTERRUPTED)
         source_name = source.name if source is not None else ""
@@ -366,7 +469,7 @@ class SMTPDeliveryAgent:
         proto = yield self._connect(address, hop.port, source)
         session = Session(proto, key, hop.name, helo=source.ehlo if source is not None else self.helo_name)
         try:
-            yield self._open(session, policy)
+            yield self._open(session, policy, dane)
         except ConnectFailed as e:
             proto.abort()
             if not (e.tls_failed and policy == "opportunistic"):
@@ -408,7 +511,7 @@ class SMTPDeliveryAgent:
         return proto
 
     @defer.inlineCallbacks
-    def _open(self, session: Session, policy: str):
+    def _open(self, session: Session, policy: str, dane: Any = None):
         proto = session.proto
         t = self.timeouts
         try:
@@ -424,15 +527,30 @@ class SMTPDeliveryAgent:
         wants_tls = policy != "none" and self.tls_context_for is not None
         plaintext_ok = self.no_tls_until.get(session.key.address, 0) > self.clock.seconds()
         if wants_tls and proto.extensions.has("STARTTLS") and not (plaintext_ok and policy == "opportunistic"):
-            verify = policy == "verify"
+            verify = policy == "verify"  # DANE authenticates by the TLSA records instead of PKIX
+            authenticated = verify or (policy == "dane" and dane is not None and bool(dane.records))
+            context = self.tls_context_for(session.host, verify)
+            if policy == "dane" and hasattr(context, "getContext"):
+                from pymta.outbound.dane import WithSNI
+
+                context = WithSNI(context, session.host)
             try:
-                yield proto.starttls(self.tls_context_for(session.host, verify), session.helo, t,
-                                     verified_for=session.host if verify else None)  # fmt: skip
+                yield proto.starttls(context, session.helo, t, verified_for=session.host if authenticated else None)
             except Exception as e:
-                raise ConnectFailed(Reply(451, "4.7.5", f"STARTTLS with {session.remote} failed: {e}"),
-                                    tls_failed=True) from None  # fmt: skip
-        elif policy == "verify":
-            raise ConnectFailed(Reply(451, "4.7.4", f"{session.remote} does not offer STARTTLS (TLS required)"))
+                raise ConnectFailed(Reply(451, "4.7.5", f"STARTTLS with {session.remote} failed: {e}"), tls_failed=True,
+                                    result_type="validation-failure") from None  # fmt: skip
+            if policy == "dane" and dane is not None:
+                from pymta.outbound.dane import check_chain
+
+                problem = check_chain(proto.transport, dane, (session.host,))
+                if problem is not None:  # checked before any mail command: nothing was sent
+                    log.warn("DANE: {mx} failed TLSA authentication: {why}", mx=session.remote, why=problem,
+                             result_type=problem.split(":")[0], event="dane_mismatch")  # fmt: skip
+                    raise ConnectFailed(Reply(451, "4.7.5", f"{session.remote}: {problem}"),
+                                        result_type=problem.split(":")[0])  # fmt: skip
+        elif policy in ("verify", "dane"):
+            raise ConnectFailed(Reply(451, "4.7.4", f"{session.remote} does not offer STARTTLS (TLS required)"),
+                                result_type="starttls-not-supported")  # fmt: skip
 
     def _shaping_feedback(self, key: str, results: list[DeliveryResult]) -> None:
         for r in results:
@@ -544,6 +662,8 @@ class SMTPDeliveryAgent:
             params.append("BODY=8BITMIME")
         if ext.has("SMTPUTF8") and (envelope.smtputf8 or not envelope.sender.isascii()):
             params.append("SMTPUTF8")
+        if ext.has("REQUIRETLS") and requiretls_of(envelope):
+            params.append("REQUIRETLS")
         if ext.has("DSN"):
             if envelope.ret:
                 params.append(f"RET={envelope.ret}")

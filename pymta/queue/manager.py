@@ -252,6 +252,8 @@ class QueueManager(service.Service):
                 rcpt.attempts += 1
             rcpt.updated = now
             rcpt.reply = result.reply_dict()
+            # The TLS decision of the attempt (policy source, what failed), for `pymta-queue show`.
+            rcpt.reply.update({k: result.extra[k] for k in ("tls_policy", "tls_failure") if result.extra.get(k)})
             rcpt.remote_mta = result.remote_mta
             rcpt.state = result.status if result.status in (DELIVERED, FAILED, RELAYED) else R_DEFERRED
             records.append(self._account(_EVENT_FOR_STATE[rcpt.state], envelope, rcpt, now, result))
@@ -308,6 +310,8 @@ class QueueManager(service.Service):
                 last = r.reply or {}
                 r.reply = {"code": 451, "enhanced": "4.4.7",
                            "text": f"Message expired after {int(self.max_age)}s in the queue; last: {last.get('text', 'no answer')}"}  # fmt: skip
+                if last.get("enhanced") == "4.7.30":  # RFC 8689 §5: no hop could take it with REQUIRETLS
+                    r.reply.update(code=550, enhanced="5.7.30")
                 records.append(self._account("expired", envelope, r, now))
             yield self._durable(records)
             pending = []
@@ -396,7 +400,8 @@ class QueueManager(service.Service):
             size=len(message),
             body_type="8BITMIME" if any(b > 127 for b in message) else "7BIT",
             protocol="LOCAL",
-            extra={"dsn_for": envelope.qid, "action": action},
+            # RFC 8689 §5: a notice about a REQUIRETLS message travels under REQUIRETLS too.
+            extra={"dsn_for": envelope.qid, "action": action, **({"requiretls": True} if envelope.extra.get("requiretls") else {})},
         )
         try:
             yield self.store.enqueue(dsn, message)

@@ -820,6 +820,8 @@ class SMTPServerProtocol(Protocol):
             lines = [self.factory.hostname, f"SIZE {self.limits.max_message_size}", *offered]
             if self.factory.tls_context_factory is not None and not self.session.tls:
                 lines.append("STARTTLS")
+            if self.session.tls and "REQUIRETLS" not in self.factory.disabled_extensions:
+                lines.append("REQUIRETLS")  # RFC 8689: offered over TLS only
             if self._auth_offered():
                 lines.append("AUTH PLAIN LOGIN")
             last = len(lines) - 1
@@ -912,6 +914,11 @@ class SMTPServerProtocol(Protocol):
                     return Reply(501, "5.5.4", "Bad ENVID length")
             elif key == "AUTH":
                 continue  # RFC 4954 AUTH= on MAIL: accepted, not trusted
+            elif key == "REQUIRETLS" and "REQUIRETLS" not in self.factory.disabled_extensions:  # RFC 8689 §4.1
+                if value:
+                    return Reply(555, "5.5.4", "REQUIRETLS takes no value")
+                if not self.session.tls:
+                    return Reply(530, "5.7.10", "REQUIRETLS needs TLS")
             else:
                 return Reply(555, "5.5.4", f"Unsupported parameter {key}")
         return None
