@@ -15,9 +15,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from pymta.envelope import ROUTE_RELAY, Envelope, Recipient, new_qid
+from pymta.envelope import FAILED, ROUTE_LOCAL, ROUTE_RELAY, Envelope, Recipient, new_qid
 from pymta.inbound.limits import ClientLimits, Greylist
-from pymta.inbound.policy import RelayPolicy
+from pymta.inbound.policy import RelayPolicy, Target
 from pymta.inbound.submit import record_queued
 from pymta.interfaces import IPolicy, IQueueStore, ISMTPServerDelegate, QueueFull
 from pymta.smtp.replies import LOCAL_ERROR, STORAGE_FULL, Reply
@@ -126,6 +126,7 @@ class InboundReceiver:
         sender_login: Any = None,
         free_space: Callable[[], int] | None = None,
         space_needed: int = 0,
+        max_expanded: int = 10000,
     ) -> None:
         self.hostname = hostname
         self.policy = policy
@@ -145,6 +146,7 @@ class InboundReceiver:
         # a full disk is refused before the client sends the body.
         self.free_space = free_space
         self.space_needed = space_needed
+        self.max_expanded = max_expanded  # recipients one transaction may hold after alias expansion
 
     # -- stages ---------------------------------------------------------------------------
 
@@ -226,7 +228,20 @@ class InboundReceiver:
             entry = self.suppression.is_suppressed(decision.address, sender.rpartition("@")[2] or None)
             if entry is not None:
                 return Reply(550, "5.7.1", f"Recipient suppressed ({entry['source']}: {entry['reason']})")
-        session.transaction.notes.setdefault("routes", {})[address] = (decision.route, decision.address)
+        targets = decision.deliveries()
+        deliverable = [t for t in targets if t.route is not None]
+        size = session.transaction.declared_size or 0
+        if deliverable and all(t.route == ROUTE_LOCAL and self.policy.over_quota(t.address, size) for t in deliverable):
+            reply = Reply(452, "4.2.2", "Mailbox full: quota exceeded")
+            log.info("RCPT {rcpt}: mailbox over quota", event="reject", stage="rcpt", client=session.peer_address,
+                     rcpt=address, code=reply.code, enhanced=reply.enhanced, text=reply.text)  # fmt: skip
+            return reply
+        notes = session.transaction.notes
+        expanded = notes.get("expanded", 0) + len(targets)
+        if decision.targets and expanded > self.max_expanded:
+            return Reply(452, "4.5.3", "Too many recipients after alias expansion")
+        notes["expanded"] = expanded
+        notes.setdefault("routes", {})[address] = targets if decision.targets else (decision.route, decision.address)
         return None
 
     def _untrusted_rcpt(self, session: Any, address: str) -> Reply | None:
@@ -256,7 +271,11 @@ class InboundReceiver:
         recipients: list[Recipient] = []
         seen: set[str] = set()
         for accepted in txn.recipients:
-            route, address = routes.get(accepted.address, (None, accepted.address))
+            entry = routes.get(accepted.address, (None, accepted.address))
+            if isinstance(entry[0], Target):  # expanded through aliases and virtual maps
+                recipients.extend(self._expanded(txn, accepted, entry, seen, now))
+                continue
+            route, address = entry
             if route is None or address.lower() in seen:
                 continue
             seen.add(address.lower())
@@ -290,6 +309,25 @@ class InboundReceiver:
         d = defer.maybeDeferred(self.store.enqueue, envelope, data)
         d.addCallbacks(self._queued, self._not_queued, callbackArgs=(session, envelope), errbackArgs=(session, envelope))
         return d
+
+    def _expanded(self, txn: Any, accepted: Any, targets: tuple[Target, ...], seen: set[str], now: float) -> list[Recipient]:
+        """The queue's recipients for one expanded RCPT: the original kept as ORCPT (as Postfix does
+        when the client gave none), forwarded ones with an SRS sender, failed branches bounced."""
+        orcpt = accepted.orcpt or f"rfc822;{accepted.address}"
+        out = []
+        for target in targets:
+            if target.address.lower() in seen:
+                continue
+            seen.add(target.address.lower())
+            rcpt = Recipient(address=target.address, route=target.route or ROUTE_LOCAL, orcpt=orcpt, notify=accepted.notify)
+            if target.route is None and target.reply is not None:
+                rcpt.state, rcpt.updated = FAILED, now
+                rcpt.reply = {"code": target.reply.code, "enhanced": target.reply.enhanced,
+                              "text": f"{target.reply.text} (expanding <{accepted.address}>)"}  # fmt: skip
+            elif target.forwarded:
+                rcpt.sender = self.policy.forward_sender(txn.sender, now)
+            out.append(rcpt)
+        return out
 
     def disconnected(self, session: Any) -> None:
         if self.limits is not None and session.notes.pop("counted", False):
