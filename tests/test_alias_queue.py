@@ -111,3 +111,16 @@ def test_a_transaction_cannot_grow_past_its_expanded_recipient_bound(tmp_path):
     clock, store, receiver = setup(tmp_path, f"big: {members}\n", max_expanded=50)
     replies, _ = transact(receiver, ["big@example.test", "big+2@example.test"])
     assert replies[0] is None and (replies[1].code, replies[1].enhanced) == (452, "4.5.3")
+
+
+def test_a_message_that_went_round_too_many_hosts_is_refused_546(tmp_path):
+    clock, store, receiver = setup(tmp_path, "sales: dave@remote.test\n")
+    session = Sess(peer_address="192.0.2.7", transaction=Txn(sender="bob@origin.test"))
+    assert receiver.rcpt_to(session, "sales@example.test", {}) is None
+    session.transaction.recipients.append(Accepted("sales@example.test"))
+    looped = b"".join(b"Received: from a (b [192.0.2.1])\r\n\tby c; Tue, 1 Dec 2026 00:00:00 +0000\r\n" for _ in range(51))
+    reply = receiver.message(session, looped + b"Subject: x\r\n\r\nhi\r\n")
+    assert (reply.code, reply.enhanced) == (554, "5.4.6") and store.list(INCOMING) == []
+    results = []
+    defer.maybeDeferred(receiver.message, session, looped[: len(looped) // 51 * 50] + b"\r\nhi\r\n").addBoth(results.append)
+    assert results[0].code == 250

@@ -160,3 +160,16 @@ def test_quota_configuration_sizes_and_overrides():
             assert str(e).startswith("p.toml: mailbox.") and "\n" not in str(e)
         else:
             raise AssertionError(f"{bad} was accepted")
+
+
+class ForwardingLoopTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_a_message_already_delivered_to_the_recipient_here_bounces_546(self):
+        root = os.path.abspath(self.mktemp())
+        agent = MaildirDeliveryAgent(root, "mx.example.test", reactor, started_pool(self), delimiter="+")
+        body = b"Delivered-To: Alice@example.test\r\nSubject: again\r\n\r\nDelivered-To: carol@example.test\r\n"
+        env = envelope(Recipient("alice@example.test", route="local"), Recipient("carol@example.test", route="local"))
+        results = yield agent.deliver(env, env.recipients, body)
+        self.assertEqual([(r.status, r.code, r.enhanced) for r in results],
+                         [(FAILED, 554, "5.4.6"), (DELIVERED, 250, "2.0.0")])  # only the header counts
+        self.assertFalse(os.path.exists(os.path.join(root, "example.test", "alice")))

@@ -110,6 +110,16 @@ def folder_name(extension: str) -> str | None:
     return f".{extension}" if _FOLDER_NAME.match(extension) else None
 
 
+_DELIVERED_TO = re.compile(rb"^delivered-to:[ \t]*(.*)$", re.I | re.M)
+
+
+def delivered_to_values(body: bytes) -> frozenset[str]:
+    """The ``Delivered-To:`` addresses (lower-cased) in the header of an LF-terminated message."""
+    end = body.find(b"\n\n")
+    head = body[: end + 1] if end >= 0 else body
+    return frozenset(m.group(1).strip().decode("utf-8", "replace").lower() for m in _DELIVERED_TO.finditer(head))
+
+
 def _maildir_host(hostname: str) -> str:
     """The host part of a Maildir file name: ``/`` and ``:`` escaped as the Maildir convention says."""
     return hostname.replace("/", "\\057").replace(":", "\\072")
@@ -161,7 +171,15 @@ class MaildirDeliveryAgent:
         body = body.replace(b"\r\n", b"\n")
         sender = envelope.sender.replace("\r", "").replace("\n", "")  # never a header injection
         return_path = f"Return-Path: <{sender}>\n".encode()
-        return [self._deliver_one(envelope.qid, r.address, return_path, body, r.orcpt) for r in recipients]
+        delivered_to = delivered_to_values(body)
+        results = []
+        for r in recipients:
+            if r.address.lower() in delivered_to:  # it was here before: a forwarding loop (as Postfix's local says)
+                log.warn("mail forwarding loop for {rcpt}", qid=envelope.qid, rcpt=r.address, code=554, enhanced="5.4.6")
+                results.append(DeliveryResult(r.address, FAILED, 554, "5.4.6", f"Mail forwarding loop for {r.address}"))
+            else:
+                results.append(self._deliver_one(envelope.qid, r.address, return_path, body, r.orcpt))
+        return results
 
     def _deliver_one(self, qid: str, address: str, return_path: bytes, body: bytes, orcpt: str | None = None) -> DeliveryResult:
         base, extension = split_delimiter(address, self.delimiter)

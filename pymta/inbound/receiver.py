@@ -3,6 +3,7 @@ durable queue entry, and answers 250 only once the store says the message is on 
 
 from __future__ import annotations
 
+import itertools
 import re
 import time
 from collections.abc import Callable
@@ -76,6 +77,14 @@ def take_header(body: bytes, name: bytes) -> tuple[bytes, str | None]:
 def header_values(body: bytes, name: bytes) -> list[str]:
     """The (unfolded) values of every header field ``name`` in the message header."""
     return [_unfolded(m) for m in _header_fields(body, name)]
+
+
+MAX_HOPS = 50
+
+
+def hop_count(body: bytes) -> int:
+    """How many ``Received:`` fields the message header has (counting stops past MAX_HOPS)."""
+    return sum(1 for _ in itertools.islice(_header_fields(body, b"Received"), MAX_HOPS + 1))
 
 
 def _header_fields(body: bytes, name: bytes) -> Any:
@@ -255,6 +264,8 @@ class InboundReceiver:
 
     def message(self, session: Any, body: bytes) -> defer.Deferred[Reply] | Reply:
         txn = session.transaction
+        if hop_count(body) > MAX_HOPS:  # forwarding between hosts that loops (Postfix's hopcount_limit)
+            return Reply(554, "5.4.6", "Too many hops: mail loop")
         refused = self._acl(
             "data", session, sender=txn.sender, recipients=[r.address for r in txn.recipients], size=len(body)
         )
