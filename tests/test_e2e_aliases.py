@@ -12,8 +12,10 @@ import sys
 
 import pytest
 
-from tests.mta_process import ROOT, MTAProcess, free_port
+from pymta.admin.http.tokens import digest
+from tests.mta_process import ROOT, MTAProcess, free_port, wait_for_port
 from tests.test_e2e_relay import Sink
+from tests.test_http_api import INJECT, Client
 
 pytestmark = [
     pytest.mark.timeout(180),
@@ -29,8 +31,9 @@ def message(subject: str, size: int = 0) -> bytes:
 
 @pytest.fixture
 def mta(tmp_path):
-    sink_port = free_port()
+    sink_port, api_port = free_port(), free_port()
     sink = Sink("127.0.0.1", sink_port)
+    (tmp_path / "api-tokens").write_text(f"crm:inject:{digest(INJECT)}\n")
     (tmp_path / "aliases").write_text("sales: alice, dave@remote.test\nloop1: loop2\nloop2: loop1\n")
     mta = MTAProcess(str(tmp_path), relay_from="192.0.2.0/24", extra_config=f"""
         [aliases]
@@ -42,6 +45,9 @@ def mta(tmp_path):
         [mailbox]
         delimiter_folders = true
         quotas = {{ "bob@example.test" = "1KB" }}
+        [http]
+        listen = ["tcp:{api_port}:interface=127.0.0.1"]
+        tokens_file = "{tmp_path}/api-tokens"
         [routes]
         "remote.test" = "127.0.0.1:{sink_port}"
         "origin.test" = "127.0.0.1:{sink_port}"
@@ -51,6 +57,8 @@ def mta(tmp_path):
     with open(mta.config_path, "w") as f:  # the key belongs in the [domains] table MTAProcess writes
         f.write(text.replace('relay_from = ["192.0.2.0/24"]', 'relay_from = ["192.0.2.0/24"]\nrecipient_delimiter = "+"'))
     mta.start()
+    wait_for_port("127.0.0.1", api_port, 30)
+    mta.api = Client(api_port)
     yield mta, sink
     mta.stop()
     sink.stop()
@@ -142,3 +150,16 @@ def test_a_malformed_aliases_file_stops_startup_with_one_line_naming_file_and_li
         errors = [line for line in f.read().splitlines() if line.strip()]
     assert errors == [f'pymta: configuration error: {tmp_path}/aliases:3: expected "name: target, target", '
                       "got 'team |/usr/bin/procmail'"]  # fmt: skip
+
+
+def test_injection_to_an_alias_reaches_every_member_as_over_smtp(mta):
+    mta, sink = mta
+    status, body, _ = mta.api.call("POST", "/api/v1/inject", {
+        "envelope_sender": "news@origin.test", "recipients": ["sales@example.test", "loop1@example.test"],
+        "content": "Subject: injected\n\nbody\n"}, token=INJECT)  # fmt: skip
+    assert status == 200 and body["success_count"] == 1, body
+    assert body["failed_recipients"] == [{"email": "loop1@example.test", "reason": "5.4.6 Alias expansion loop"}]
+    local = mta.wait_for(lambda: mta.maildir_messages("alice@example.test"), what="local delivery")
+    assert b"Subject: injected" in local[0] and b"X-Original-To: sales@example.test" in local[0]
+    [forwarded] = mta.wait_for(lambda: sink.messages(), what="the forwarded copy")
+    assert re.search(rb"X-Mail-Args: <SRS0=[^>]*=origin\.test=news@mx\.example\.test>", forwarded)

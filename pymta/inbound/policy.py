@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from pymta.envelope import ROUTE_FEEDBACK, ROUTE_FORWARD, ROUTE_LOCAL, ROUTE_RELAY
+from pymta.envelope import FAILED, ROUTE_FEEDBACK, ROUTE_FORWARD, ROUTE_LOCAL, ROUTE_RELAY, Recipient
 from pymta.inbound.aliases import AliasTables, expand
 from pymta.inbound.mailbox import mailbox_path, split_delimiter
 from pymta.inbound.quota import known_usage
@@ -50,6 +50,7 @@ class Decision:
     address: str  # the normalised address (domain lower-cased, no trailing dot)
     # what the recipient became through aliases and virtual maps (empty: the address itself)
     targets: tuple[Target, ...] = ()
+    original: str = ""  # the expanded address (normalised), when ``targets`` is set
 
     def deliveries(self) -> tuple[Target, ...]:
         """Every target, the address itself when it was not expanded."""
@@ -260,7 +261,7 @@ class RelayPolicy:
             return Decision(None, targets[0].reply, address)
         if len(targets) == 1 and targets[0].address == address:
             return Decision(deliverable[0].route, None, address)
-        return Decision(deliverable[0].route, None, deliverable[0].address, tuple(targets))
+        return Decision(deliverable[0].route, None, deliverable[0].address, tuple(targets), address)
 
     def _final(self, address: str, via_alias: bool) -> Target:
         """Where a final address goes: a local mailbox, a forward domain, or (through an alias) away."""
@@ -295,7 +296,7 @@ class RelayPolicy:
             decision = Decision(ROUTE_RELAY, None, original)
         if decision.reply is not None:
             return decision
-        return Decision(decision.route, None, decision.address, decision.deliveries())
+        return Decision(decision.route, None, decision.address, decision.deliveries(), address)
 
     def over_quota(self, address: str, size: int = 0) -> bool:
         """The local mailbox of ``address`` is known (from its ``maildirsize``) to be full, or too
@@ -307,6 +308,28 @@ class RelayPolicy:
         path = mailbox_path(self.mail_root, base) if limit else None
         used = known_usage(path, limit) if path is not None else None
         return used is not None and (used >= limit or used + size > limit)
+
+    def queue_recipients(self, targets: tuple[Target, ...], address: str, orcpt: str | None, notify: Any,
+                         sender: str, now: float, seen: set[str] | None = None) -> list[Recipient]:  # fmt: skip
+        """The queue's recipients for ``address`` expanded into ``targets``: the original kept as ORCPT
+        (as Postfix does when the client gave none), forwarded ones with an SRS sender, failed branches
+        already failed (a DSN tells the sender); addresses in ``seen`` are left out (and added)."""
+        seen = set() if seen is None else seen
+        out = []
+        for target in targets:
+            if target.address.lower() in seen:
+                continue
+            seen.add(target.address.lower())
+            rcpt = Recipient(address=target.address, route=target.route or ROUTE_LOCAL,
+                             orcpt=orcpt or f"rfc822;{address}", notify=notify)  # fmt: skip
+            if target.route is None and target.reply is not None:
+                rcpt.state, rcpt.updated = FAILED, now
+                rcpt.reply = {"code": target.reply.code, "enhanced": target.reply.enhanced,
+                              "text": f"{target.reply.text} (expanding <{address}>)"}  # fmt: skip
+            elif target.forwarded:
+                rcpt.sender = self.forward_sender(sender, now)
+            out.append(rcpt)
+        return out
 
     def forward_sender(self, sender: str, now: float) -> str:
         """The envelope sender for forwarded targets: SRS-rewritten when ``[srs]`` is configured."""

@@ -16,7 +16,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from pymta.envelope import FAILED, ROUTE_LOCAL, ROUTE_RELAY, Envelope, Recipient, new_qid
+from pymta.envelope import ROUTE_LOCAL, ROUTE_RELAY, Envelope, Recipient, new_qid
 from pymta.inbound.limits import ClientLimits, Greylist
 from pymta.inbound.policy import RelayPolicy, Target
 from pymta.inbound.submit import record_queued
@@ -284,7 +284,8 @@ class InboundReceiver:
         for accepted in txn.recipients:
             entry = routes.get(accepted.address, (None, accepted.address))
             if isinstance(entry[0], Target):  # expanded through aliases and virtual maps
-                recipients.extend(self._expanded(txn, accepted, entry, seen, now))
+                recipients.extend(self.policy.queue_recipients(entry, accepted.address, accepted.orcpt, accepted.notify,
+                                                               txn.sender, now, seen))  # fmt: skip
                 continue
             route, address = entry
             if route is None or address.lower() in seen:
@@ -320,25 +321,6 @@ class InboundReceiver:
         d = defer.maybeDeferred(self.store.enqueue, envelope, data)
         d.addCallbacks(self._queued, self._not_queued, callbackArgs=(session, envelope), errbackArgs=(session, envelope))
         return d
-
-    def _expanded(self, txn: Any, accepted: Any, targets: tuple[Target, ...], seen: set[str], now: float) -> list[Recipient]:
-        """The queue's recipients for one expanded RCPT: the original kept as ORCPT (as Postfix does
-        when the client gave none), forwarded ones with an SRS sender, failed branches bounced."""
-        orcpt = accepted.orcpt or f"rfc822;{accepted.address}"
-        out = []
-        for target in targets:
-            if target.address.lower() in seen:
-                continue
-            seen.add(target.address.lower())
-            rcpt = Recipient(address=target.address, route=target.route or ROUTE_LOCAL, orcpt=orcpt, notify=accepted.notify)
-            if target.route is None and target.reply is not None:
-                rcpt.state, rcpt.updated = FAILED, now
-                rcpt.reply = {"code": target.reply.code, "enhanced": target.reply.enhanced,
-                              "text": f"{target.reply.text} (expanding <{accepted.address}>)"}  # fmt: skip
-            elif target.forwarded:
-                rcpt.sender = self.policy.forward_sender(txn.sender, now)
-            out.append(rcpt)
-        return out
 
     def disconnected(self, session: Any) -> None:
         if self.limits is not None and session.notes.pop("counted", False):
