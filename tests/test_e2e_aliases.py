@@ -163,3 +163,28 @@ def test_injection_to_an_alias_reaches_every_member_as_over_smtp(mta):
     assert b"Subject: injected" in local[0] and b"X-Original-To: sales@example.test" in local[0]
     [forwarded] = mta.wait_for(lambda: sink.messages(), what="the forwarded copy")
     assert re.search(rb"X-Mail-Args: <SRS0=[^>]*=origin\.test=news@mx\.example\.test>", forwarded)
+
+
+def catches_sighup(pid: int) -> bool:
+    """The process has its SIGHUP handler installed (SigCgt in /proc), i.e. it has started its services."""
+    with open(f"/proc/{pid}/status") as f:
+        mask = next(line.split()[1] for line in f if line.startswith("SigCgt:"))
+    return bool(int(mask, 16) & (1 << (signal.SIGHUP - 1)))
+
+
+def test_sighup_reloads_the_tables_in_the_listener_workers_too(tmp_path):
+    (tmp_path / "aliases").write_text("old: alice\n")
+    mta = MTAProcess(str(tmp_path), smtp_extra="processes = 2",
+                     extra_config=f'[aliases]\nfile = "{tmp_path}/aliases"\n').start()  # fmt: skip
+    try:
+        [worker] = mta.wait_for(lambda: mta.children(), what="the listener worker")
+        mta.wait_for(lambda: catches_sighup(worker), what="the worker's SIGHUP handler")
+        (tmp_path / "aliases").write_text("new: alice\n")
+        mta.proc.send_signal(signal.SIGHUP)
+        mta.wait_for(lambda: sum(e.get("event") == "tables_reloaded" for e in mta.log_events()) == 2,
+                     what="both processes reloaded")  # one JSON log for both: one event each
+        for _ in range(8):  # the kernel spreads connections over both processes
+            [(code, _), (data_code, _)] = send(mta, "bob@origin.test", ["new@example.test"], message("new"))
+            assert (code, data_code) == (250, 250)
+    finally:
+        mta.stop()
