@@ -188,6 +188,9 @@ def test_a_virtual_alias_domain_without_a_catch_all_refuses_unknown_users(tmp_pa
 
 
 def test_role_names_reach_the_configured_postmaster_unless_they_exist(tmp_path):
+    policy = make_policy(tmp_path, "abuse: alice\ncarol: carol, bob@remote.test\n")
+    assert targets(policy.recipient("postmaster", STRANGER)) == [  # the postmaster address is an alias too
+        ("carol@example.test", ROUTE_LOCAL), ("bob@remote.test", ROUTE_RELAY)]  # fmt: skip
     policy = make_policy(tmp_path, "abuse: alice\n")
     assert targets(policy.recipient("MAILER-DAEMON@example.test", STRANGER)) == [("carol@example.test", ROUTE_LOCAL)]
     assert targets(policy.recipient("abuse@example.test", STRANGER)) == [("alice@example.test", ROUTE_LOCAL)]

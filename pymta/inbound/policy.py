@@ -345,7 +345,7 @@ class RelayPolicy:
         if domain in self.local_domains:
             if mailbox_path(self.mail_root, normalised) is None:
                 return Decision(None, BAD_MAILBOX_NAME, normalised)
-            return Decision(ROUTE_LOCAL, None, normalised)
+            return self._expanded(normalised)  # the postmaster address may be an alias itself
         if domain in self.forward_domains:
             return Decision(ROUTE_FORWARD, None, normalised)
         return Decision(ROUTE_RELAY, None, normalised)
