@@ -228,6 +228,11 @@ class InboundReceiver:
         decision = self.policy.recipient(address, session.peer_address, session.auth_user)
         if decision.reply is not None:
             return decision.reply  # the SMTP server logs the one reject event, with the recipient
+        targets = decision.deliveries()
+        deliverable = [t for t in targets if t.route is not None]
+        size = session.transaction.declared_size or 0
+        if deliverable and all(t.route == ROUTE_LOCAL and self.policy.over_quota(t.address, size) for t in deliverable):
+            return Reply(452, "4.2.2", "Mailbox full: quota exceeded")
         if not self._trusted(session):
             refused = self._untrusted_rcpt(session, decision.address)
             if refused is not None:
@@ -237,14 +242,6 @@ class InboundReceiver:
             entry = self.suppression.is_suppressed(decision.address, sender.rpartition("@")[2] or None)
             if entry is not None:
                 return Reply(550, "5.7.1", f"Recipient suppressed ({entry['source']}: {entry['reason']})")
-        targets = decision.deliveries()
-        deliverable = [t for t in targets if t.route is not None]
-        size = session.transaction.declared_size or 0
-        if deliverable and all(t.route == ROUTE_LOCAL and self.policy.over_quota(t.address, size) for t in deliverable):
-            reply = Reply(452, "4.2.2", "Mailbox full: quota exceeded")
-            log.info("RCPT {rcpt}: mailbox over quota", event="reject", stage="rcpt", client=session.peer_address,
-                     rcpt=address, code=reply.code, enhanced=reply.enhanced, text=reply.text)  # fmt: skip
-            return reply
         notes = session.transaction.notes
         expanded = notes.get("expanded", 0) + len(targets)
         if decision.targets and expanded > self.max_expanded:
