@@ -105,9 +105,14 @@ def test_a_loop_is_refused_546_an_extension_lands_in_its_folder_and_sighup_reloa
     [(code, _)] = send(mta, "bob@origin.test", ["newname@example.test"], message("x"))
     assert code == 550
     (tmp_path / "aliases").write_text("newname: alice\n")
+    with open(mta.config_path) as f:
+        config = f.read()
+    with open(mta.config_path, "w") as f:  # [virtual] is read again from the configuration file too
+        f.write(config.replace('"@old.example.test" = ["alice@example.test"]', '"info@example.test" = "alice@example.test"'))
     mta.proc.send_signal(signal.SIGHUP)
     mta.wait_for(lambda: any(e.get("event") == "tables_reloaded" for e in mta.log_events()), what="the reload")
-    assert [c for c, _ in send(mta, "bob@origin.test", ["newname@example.test"], message("x"))] == [250, 250]
+    replies = send(mta, "bob@origin.test", ["newname@example.test", "info@example.test", "x@old.example.test"], message("x"))
+    assert [c for c, _ in replies] == [250, 250, 550, 250]
     (tmp_path / "aliases").write_text("broken line\n")  # a broken file keeps the tables in use
     mta.proc.send_signal(signal.SIGHUP)
     mta.wait_for(lambda: any(e.get("event") == "tables_reload_failed" for e in mta.log_events()), what="the refusal")
