@@ -193,13 +193,11 @@ class RelayPolicy:
         local, domain = split_address(address)
         return split_delimiter(f"{local}@{domain}", self.delimiter)
 
-    def mailbox_exists(self, address: str) -> bool:
-        """A local mailbox by that name (or its name without the extension) exists and is safe."""
-        base, _ = self.split_extension(address)
-        if mailbox_path(self.mail_root, base) is None:
-            return False
+    def mailbox_listed(self, address: str) -> bool:
+        """A local mailbox by that name (or its name without the extension) is configured."""
         if self.mailboxes is None:
             return True
+        base, _ = self.split_extension(address)
         return address.lower() in self.mailboxes or base.lower() in self.mailboxes or (
             bool(self.postmaster) and address.lower() == (self.postmaster or "").lower())
 
@@ -224,8 +222,8 @@ class RelayPolicy:
                     return self._qualified(virtual[f"{name}@"], domain, propagate)
                 if name in self.tables.aliases:
                     return self._qualified(self.tables.aliases[name], domain, propagate)
-            if self.mailbox_exists(address):
-                return None
+            if self.mailbox_listed(address):
+                return None  # _final checks its path
             if self.postmaster and base_local in ROLE_NAMES and base.lower() != self.postmaster.lower():
                 return (self.postmaster,)
         if f"@{domain}" in virtual:
@@ -267,11 +265,10 @@ class RelayPolicy:
         """Where a final address goes: a local mailbox, a forward domain, or (through an alias) away."""
         local, domain = split_address(address)
         if domain in self.local_domains:
-            if not self.mailbox_exists(address):
-                base, _ = self.split_extension(address)
-                if mailbox_path(self.mail_root, base) is None:
-                    return Target(address, None, BAD_MAILBOX_NAME)
+            if not self.mailbox_listed(address):
                 return Target(address, None, NO_SUCH_USER)
+            if mailbox_path(self.mail_root, self.split_extension(address)[0]) is None:  # the form delivery gets
+                return Target(address, None, BAD_MAILBOX_NAME)
             return Target(address, ROUTE_LOCAL)
         if f"{unquote_local(local)}@{domain}".lower() in self.feedback_addresses:
             return Target(address, ROUTE_FEEDBACK)
