@@ -305,6 +305,49 @@ class DomainsConfig:
     forward: tuple[str, ...] = _key(conv_list(conv_hostname), ())
     # where RCPT TO:<postmaster> (RFC 5321 §4.5.1) goes; default postmaster@<first local domain>
     postmaster: str | None = _key(conv_address, None)
+    # "+": alice+tag@ is alice's mail (tried after the full address), Postfix's recipient_delimiter
+    recipient_delimiter: str = _key(lambda v: conv_delimiter(v), "")
+
+
+def conv_delimiter(value: Any) -> str:
+    text = conv_str(value)
+    if len(text) > 1 or (text and (text.isalnum() or text in '@."\\ ')):
+        raise ConfigValueError(f'expected one character such as "+" or "-", got {text!r}')
+    return text
+
+
+@dataclass(frozen=True)
+class AliasesConfig:
+    """The classic aliases file (``name: target, target``) for the local domains."""
+
+    file: str | None = _key(conv_path, None)
+    max_depth: int = _key(conv_int(1, 100), 20)  # nesting of aliases and [virtual] entries
+    max_expansion: int = _key(conv_int(1, 100000), 1000)  # addresses one recipient may become
+
+
+@dataclass(frozen=True)
+class SRSConfig:
+    """Sender Rewriting Scheme for mail an alias forwards to another domain."""
+
+    secret: str | None = _key(conv_str, None)
+    domain: str | None = _key(conv_hostname, None)  # default: hostname
+    max_age: float = _key(conv_duration(86400), 21 * 86400.0)  # how long a rewritten sender is honoured
+
+
+@dataclass(frozen=True)
+class MailboxConfig:
+    """Local Maildir delivery: delimiter folders and quotas (Maildir++ ``maildirsize``)."""
+
+    delimiter_folders: bool = _key(conv_bool, False)  # alice+tag@ into alice's Maildir++ folder .tag
+    quota: int = _key(conv_size, 0)  # per mailbox, octets; 0 = none
+    # "alice@example.test" or "@example.test" (every mailbox of a domain) = "5GB"; "0" = none
+    quotas: dict[str, int] = _key(conv_table(lambda k: conv_quota_key(k), conv_size), None)
+    quota_action: str = _key(conv_choice("defer", "bounce"), "defer")  # at delivery: 452 4.2.2 or 552 5.2.2
+
+
+def conv_quota_key(value: Any) -> str:
+    text = conv_str(value).strip()
+    return f"@{conv_hostname(text[1:])}" if text.startswith("@") else conv_address(text).lower()
 
 
 @dataclass(frozen=True)
@@ -644,6 +687,41 @@ def _conv_routes(value: Any) -> dict[str, tuple[str, int]]:
     return out
 
 
+def _conv_virtual(value: Any, where: str) -> dict[str, tuple[str, ...]]:
+    """``[virtual]``: ``"user@domain"``, ``"@domain"`` (catch-all) or ``"user@"`` = address or list of
+    addresses; an error names the file, the line of the entry and the key."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: virtual: expected a table of \"address\" = [\"address\", ...]")
+    out: dict[str, tuple[str, ...]] = {}
+    for key, targets in value.items():
+        try:
+            local, at, domain = key.strip().rpartition("@")
+            if not at or (not local and not domain) or any(c in key for c in " \t,<>"):
+                raise ConfigValueError('a key is "user@domain", "@domain" or "user@"')
+            name = f"{local.lower()}@{conv_hostname(domain) if domain else ''}"
+            items = conv_list(conv_address)(targets)
+            if not items:
+                raise ConfigValueError("no target address")
+            if len(items) > 10000:
+                raise ConfigValueError("more than 10000 targets")
+        except ConfigValueError as e:
+            raise ConfigError(f"{where}:{_line_of(where, key)}: virtual.{key}: {e}") from None
+        out[name] = items
+    return out
+
+
+def _line_of(path: str, key: str) -> int:
+    """The line of ``path`` where the TOML key ``key`` is written (0 when it cannot be found)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for number, line in enumerate(f, 1):
+                if line.lstrip().startswith((f'"{key}"', f"'{key}'", f"{key} ", f"{key}=")):
+                    return number
+    except OSError:
+        pass
+    return 0
+
+
 # -- access-control lists ([[acl.<stage>]] rules) --------------------------------------------
 
 ACL_STAGES = ("connect", "helo", "mail", "rcpt", "data")
@@ -786,6 +864,9 @@ _SECTIONS: dict[str, type] = {
     "warmup": WarmupConfig,
     "http": HTTPConfig,
     "auth": AuthConfig,
+    "aliases": AliasesConfig,
+    "srs": SRSConfig,
+    "mailbox": MailboxConfig,
 }
 
 
@@ -820,6 +901,10 @@ class Config:
     http: HTTPConfig = field(default_factory=HTTPConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     dkim: dict[str, DkimConfig] = field(default_factory=dict)
+    aliases: AliasesConfig = field(default_factory=AliasesConfig)
+    srs: SRSConfig = field(default_factory=SRSConfig)
+    mailbox: MailboxConfig = field(default_factory=MailboxConfig)
+    virtual: dict[str, tuple[str, ...]] = field(default_factory=dict)  # [virtual] "key" = ["address", ...]
     routes: dict[str, tuple[str, int]] = field(default_factory=dict)
     acl: dict[str, tuple[AclRule, ...]] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -924,11 +1009,13 @@ def build_config(data: dict[str, Any], path: str = "<config>") -> Config:
             values[key] = _build_section(PoolSelectConfig, value, "pool_select", path)
         elif key == "dkim":
             values[key] = _conv_dkim(value, path)
+        elif key == "virtual":
+            values[key] = _conv_virtual(value, path)
         elif key in PASSTHROUGH_SECTIONS:
             continue
         else:
             known = sorted([*_SECTIONS, *_TOP_CONVERTERS, *PASSTHROUGH_SECTIONS, "acl", "shaping", "sources", "pools",
-                            "pool_select", "dkim"])  # fmt: skip
+                            "pool_select", "dkim", "virtual"])  # fmt: skip
             raise ConfigError(f"{path}: {key}: unknown key (known: {', '.join(known)})")
     if "state_dir" not in values:
         values["state_dir"] = conv_path("var")
@@ -1022,5 +1109,7 @@ def _check_consistency(config: Config) -> None:
     if config.http.public_listen and not (fb.bounce_domain and fb.unsubscribe):
         raise ConfigError(f"{where}: http.public_listen: one-click unsubscribe needs feedback.bounce_domain and "
                           "feedback.unsubscribe = true")  # fmt: skip
+    if config.srs.secret is not None and len(config.srs.secret.encode()) < 16:
+        raise ConfigError(f"{where}: srs.secret: at least 16 characters")
     if config.http.public_listen and not config.http.public_url:
         raise ConfigError(f"{where}: http.public_url: needed with http.public_listen")

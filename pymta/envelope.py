@@ -66,6 +66,7 @@ class Recipient:
     remote_mta: str | None = None  # the host that gave the last reply
     updated: float = 0.0  # time of the last state change
     dsn_sent: bool = False  # the final DSN for this recipient was generated (or not needed)
+    sender: str | None = None  # envelope sender for this recipient only (SRS for forwarded mail); None = the message's
 
     @property
     def domain(self) -> str:

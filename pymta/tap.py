@@ -66,6 +66,7 @@ def makeService(options: dict[str, Any]) -> service.MultiService:
 
     from pymta.admin.http.tokens import TokensFileError
     from pymta.auth.dkim import DkimKeyError
+    from pymta.inbound.aliases import TableError
     from pymta.inbound.auth import UsersFileError
     from pymta.state.local import InboundStateError
     from pymta.tls import TLSConfigError
@@ -86,7 +87,7 @@ def makeService(options: dict[str, Any]) -> service.MultiService:
         _startup_failed(f"configuration error: {config.path}: {e.key}: {e}" if e.key else f"configuration error: {e}")
     except UsersFileError as e:
         _startup_failed(f"configuration error: {config.path}: submission.users_file: {e}")
-    except (TokensFileError, InboundStateError, DkimKeyError) as e:
+    except (TokensFileError, InboundStateError, DkimKeyError, TableError) as e:
         _startup_failed(f"configuration error: {e}")
     except StartupError as e:
         _startup_failed(str(e))
@@ -172,6 +173,7 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
     from pymta.inbound.limits import ClientLimits, Greylist
     from pymta.inbound.mailbox import MaildirDeliveryAgent
     from pymta.inbound.policy import RelayPolicy
+    from pymta.inbound.quota import Quotas
     from pymta.inbound.receiver import InboundReceiver
     from pymta.queue.manager import QueueManager, local_route_for
     from pymta.queue.store import MaildirQueueStore
@@ -209,8 +211,12 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
     reopen = _log_reopener(accounting)
     ReloadOnHangup(reopen, reactor, signal.SIGUSR1).setServiceParent(top)
 
+    quotas = Quotas(config.mailbox.quota, config.mailbox.quotas)
     agents: dict[str, Any] = {
-        "local": MaildirDeliveryAgent(config.mail_dir, config.hostname, reactor=reactor, threadpool=pool),
+        "local": MaildirDeliveryAgent(config.mail_dir, config.hostname, reactor=reactor, threadpool=pool,
+                                      delimiter=config.domains.recipient_delimiter,
+                                      delimiter_folders=config.mailbox.delimiter_folders, quotas=quotas,
+                                      quota_action=config.mailbox.quota_action),  # fmt: skip
     }
     resolver = Resolver(reactor, dns_pool, config.dns.servers, timeout=config.dns.timeout, dnssec=config.dns.dnssec)
     from pymta.auth.accept import sender_auth_from_config
@@ -284,6 +290,8 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
         feedback_addresses=[*fb.complaint_addresses, *fb.reply_addresses, *config.tlsrpt.report_addresses],
         postmaster=config.postmaster,
         hostname=config.hostname,
+        **address_rewriting(config, reactor),
+        quotas=quotas,
     )
     receiver = InboundReceiver(
         config.hostname,
@@ -308,6 +316,7 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
         dnsbl=DNSBL(resolver, config.dnsbl.zones, Reply(*config.dnsbl.reply)) if config.dnsbl.zones else None,
         resolver=resolver,
         reverse_lookup=config.smtp.reverse_lookup or any(r.rdns is not None for rules in config.acl.values() for r in rules),
+        max_expanded=config.smtp.max_recipients + config.aliases.max_expansion,
         sender_login=SenderLogins.from_files(config.submission.users_file, config.submission.sender_login_maps)
         if config.submission.listen and config.submission.sender_login == "strict"
         else None,
@@ -337,6 +346,8 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
     hangup.setServiceParent(top)
     if sender_auth is not None and sender_auth.signer is not None:
         on_hangup(top, reactor, sender_auth.signer.reload)  # DKIM keys
+    if config.aliases.file or config.virtual:
+        on_hangup(top, reactor, policy.tables.reload)  # the aliases file and [virtual] are read again
     factory = SMTPServerFactory(receiver, config.hostname, limits, reactor, tls_context_factory=server_tls,
                                 connections=mx_slots)  # fmt: skip
     drain.factories.append(factory)
@@ -383,6 +394,18 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
             factory = submission if plain is None else TLSMemoryBIOFactory(server_tls, False, submission)
             strports.service(plain or endpoint, factory, reactor=reactor).setServiceParent(top)
     return top
+
+
+def address_rewriting(config: Config, clock: Any) -> dict[str, Any]:
+    """RelayPolicy's aliases, virtual maps, recipient delimiter and SRS from the configuration
+    (also what ``pymta-map`` uses). A malformed aliases file raises TableError (``FILE:LINE: ...``)."""
+    from pymta.inbound.aliases import AliasTables
+    from pymta.inbound.srs import SRS
+
+    srs = SRS(config.srs.secret, config.srs.domain or config.hostname, config.srs.max_age) if config.srs.secret else None
+    tables = AliasTables(config.aliases.file, config.virtual, lambda: load_config(config.path).virtual)
+    return {"tables": tables, "srs": srs, "delimiter": config.domains.recipient_delimiter, "clock": clock,
+            "max_depth": config.aliases.max_depth, "max_expansion": config.aliases.max_expansion}
 
 
 def implicit_tls_endpoint(endpoint: str) -> str | None:

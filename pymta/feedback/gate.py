@@ -55,8 +55,8 @@ class FeedbackGate:
         self.signer = signer
 
     def tags(self, envelope: Envelope) -> bool:
-        if self.tagger is None or not envelope.sender:
-            return False
+        if self.tagger is None or not envelope.sender or envelope.sender[:5].upper() in ("SRS0=", "SRS1="):
+            return False  # forwarded mail keeps its SRS sender: bounces go back to the original sender
         return not self.tag_domains or sender_domain(envelope.sender) in self.tag_domains
 
     @defer.inlineCallbacks

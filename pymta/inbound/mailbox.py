@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import time
 import unicodedata
 from typing import Any
@@ -13,6 +14,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from pymta.envelope import DEFERRED, DELIVERED, FAILED, DeliveryResult, Envelope, Recipient
+from pymta.inbound import quota as maildir_quota
 from pymta.interfaces import IDeliveryAgent
 from pymta.queue.fsio import DirSyncer, FileOps, discard, is_space_error, write_new_file
 
@@ -89,6 +91,35 @@ def mailbox_path(mail_root: str, address: str) -> str | None:
     return path
 
 
+def split_delimiter(address: str, delimiter: str) -> tuple[str, str]:
+    """``alice+tag@d`` -> (``alice@d``, ``tag``) at the first ``delimiter``; (address, "") without one."""
+    local, at, domain = address.rpartition("@")
+    if delimiter and at and not local.startswith('"'):
+        base, sep, ext = local.partition(delimiter)
+        if sep and base:
+            return f"{base}@{domain}", ext
+    return address, ""
+
+
+_FOLDER_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+
+
+def folder_name(extension: str) -> str | None:
+    """The Maildir++ sub-folder (``.tag``) for an address extension, when it is a plain name."""
+    extension = unicodedata.normalize("NFC", extension).lower()
+    return f".{extension}" if _FOLDER_NAME.match(extension) else None
+
+
+_DELIVERED_TO = re.compile(rb"^delivered-to:[ \t]*(.*)$", re.I | re.M)
+
+
+def delivered_to_values(body: bytes) -> frozenset[str]:
+    """The ``Delivered-To:`` addresses (lower-cased) in the header of an LF-terminated message."""
+    end = body.find(b"\n\n")
+    head = body[: end + 1] if end >= 0 else body
+    return frozenset(m.group(1).strip().decode("utf-8", "replace").lower() for m in _DELIVERED_TO.finditer(head))
+
+
 def _maildir_host(hostname: str) -> str:
     """The host part of a Maildir file name: ``/`` and ``:`` escaped as the Maildir convention says."""
     return hostname.replace("/", "\\057").replace(":", "\\072")
@@ -101,6 +132,10 @@ class MaildirDeliveryAgent:
     Each recipient gets its own file (its ``Delivered-To`` differs): written in ``tmp/`` with
     ``Return-Path`` and ``Delivered-To`` prepended (CRLF turned into LF), fsynced, renamed into
     ``new/``, and ``new/`` fsynced (shared between concurrent deliveries) before DELIVERED.
+
+    With a recipient ``delimiter``, ``alice+tag@`` goes to alice's Maildir (its Maildir++ folder
+    ``.tag`` with ``delimiter_folders``). With ``quotas``, a message that would take a mailbox past
+    its quota is deferred (``452 4.2.2``) or bounced (``552 5.2.2``) as ``quota_action`` says.
     """
 
     def __init__(
@@ -110,6 +145,10 @@ class MaildirDeliveryAgent:
         reactor: Any,
         threadpool: Any,
         ops: FileOps | None = None,
+        delimiter: str = "",
+        delimiter_folders: bool = False,
+        quotas: maildir_quota.Quotas | None = None,
+        quota_action: str = "defer",
     ) -> None:
         self.mail_root = mail_root
         self.hostname = hostname
@@ -120,6 +159,10 @@ class MaildirDeliveryAgent:
         self._syncer = DirSyncer(self._ops)
         self._seq = itertools.count(1)
         self._ready: set[str] = set()  # Maildirs known to exist with tmp/ new/ cur/
+        self.delimiter = delimiter
+        self.delimiter_folders = delimiter_folders
+        self.quotas = quotas if quotas else None
+        self.quota_action = quota_action
 
     def deliver(self, envelope: Envelope, recipients: list[Recipient], body: bytes):
         return deferToThreadPool(self._reactor, self._threadpool, self._deliver_all, envelope, recipients, body)
@@ -128,16 +171,34 @@ class MaildirDeliveryAgent:
         body = body.replace(b"\r\n", b"\n")
         sender = envelope.sender.replace("\r", "").replace("\n", "")  # never a header injection
         return_path = f"Return-Path: <{sender}>\n".encode()
-        return [self._deliver_one(envelope.qid, r.address, return_path, body) for r in recipients]
+        delivered_to = delivered_to_values(body)
+        results = []
+        for r in recipients:
+            if r.address.lower() in delivered_to:  # it was here before: a forwarding loop (as Postfix's local says)
+                log.warn("mail forwarding loop for {rcpt}", qid=envelope.qid, rcpt=r.address, code=554, enhanced="5.4.6")
+                results.append(DeliveryResult(r.address, FAILED, 554, "5.4.6", f"Mail forwarding loop for {r.address}"))
+            else:
+                results.append(self._deliver_one(envelope.qid, r.address, return_path, body, r.orcpt))
+        return results
 
-    def _deliver_one(self, qid: str, address: str, return_path: bytes, body: bytes) -> DeliveryResult:
-        path = mailbox_path(self.mail_root, address)
+    def _deliver_one(self, qid: str, address: str, return_path: bytes, body: bytes, orcpt: str | None = None) -> DeliveryResult:
+        base, extension = split_delimiter(address, self.delimiter)
+        path = mailbox_path(self.mail_root, base)
         if path is None:
             log.warn("unsafe local mailbox name {rcpt}", qid=qid, rcpt=address, code=550, enhanced="5.1.1")
             return DeliveryResult(address, FAILED, 550, "5.1.1", "Bad destination mailbox address")
-        data = b"".join((return_path, f"Delivered-To: {address}\n".encode(), body))
+        original = orcpt.partition(";")[2] if orcpt and orcpt.lower().startswith("rfc822;") else ""
+        original_to = f"X-Original-To: {original}\n".encode() if original and original.lower() != address.lower() else b""
+        data = b"".join((return_path, original_to, f"Delivered-To: {address}\n".encode(), body))
+        if self.quotas is not None:
+            over = self._over_quota(qid, address, base, path, len(data))
+            if over is not None:
+                return over
+        folder = folder_name(extension) if extension and self.delimiter_folders else None
         try:
-            name = self._write(path, data)
+            name = self._write(os.path.join(path, folder) if folder else path, data, folder is not None)
+            if self.quotas is not None and self.quotas.limit_for(base):
+                maildir_quota.add(path, self.quotas.limit_for(base), len(data))
         except OSError as e:
             self._ready.discard(path)
             if is_space_error(e):
@@ -151,18 +212,33 @@ class MaildirDeliveryAgent:
             return DeliveryResult(address, DEFERRED, code, enhanced, text)
         return DeliveryResult(address, DELIVERED, 250, "2.0.0", "delivered to maildir", extra={"file": name})
 
-    def _write(self, maildir: str, data: bytes) -> str:
+    def _over_quota(self, qid: str, address: str, base: str, maildir: str, size: int) -> DeliveryResult | None:
+        """The result for a message that does not fit the mailbox's quota, else None."""
+        assert self.quotas is not None
+        limit = self.quotas.limit_for(base)
+        if not limit:
+            return None
+        used = maildir_quota.usage(maildir, limit, self._reactor.seconds(), size)
+        if used + size <= limit:
+            return None
+        status, code, enhanced = (FAILED, 552, "5.2.2") if self.quota_action == "bounce" else (DEFERRED, 452, "4.2.2")
+        log.info("mailbox {rcpt} over quota ({used} + {size} > {limit} octets)", qid=qid, rcpt=address, used=used,
+                 size=size, limit=limit, code=code, enhanced=enhanced, event="over_quota")  # fmt: skip
+        return DeliveryResult(address, status, code, enhanced, "Mailbox full: quota exceeded")
+
+    def _write(self, maildir: str, data: bytes, folder: bool = False) -> str:
         """Write one message into ``maildir`` durably; returns its path under ``new/``."""
         try:
-            return self._write_once(maildir, data)
+            return self._write_once(maildir, data, folder)
         except FileNotFoundError:  # the Maildir was removed since we made it: make it again
             self._ready.discard(maildir)
-            return self._write_once(maildir, data)
+            return self._write_once(maildir, data, folder)
 
-    def _write_once(self, maildir: str, data: bytes) -> str:
-        self._make_maildir(maildir)
+    def _write_once(self, maildir: str, data: bytes, folder: bool = False) -> str:
+        self._make_maildir(maildir, folder)
         now = time.time()
-        name = f"{int(now)}.M{int(now * 1e6) % 1_000_000}P{os.getpid()}Q{next(self._seq)}.{self._host}"
+        # ",S=" carries the size (Maildir++), so quota recounts need no stat
+        name = f"{int(now)}.M{int(now * 1e6) % 1_000_000}P{os.getpid()}Q{next(self._seq)}.{self._host},S={len(data)}"
         tmp = os.path.join(maildir, "tmp", name)
         new_dir = os.path.join(maildir, "new")
         final = os.path.join(new_dir, name)
@@ -175,8 +251,9 @@ class MaildirDeliveryAgent:
         self._syncer.sync((new_dir,))
         return final
 
-    def _make_maildir(self, maildir: str) -> None:
-        """Create ``maildir`` with tmp/ new/ cur/ (mode 0700) and fsync the parents of what was created."""
+    def _make_maildir(self, maildir: str, folder: bool = False) -> None:
+        """Create ``maildir`` with tmp/ new/ cur/ (mode 0700) and fsync the parents of what was created;
+        a Maildir++ sub-folder also gets its ``maildirfolder`` marker."""
         if maildir in self._ready:
             return
         created: set[str] = set()
@@ -192,6 +269,12 @@ class MaildirDeliveryAgent:
                 except FileExistsError:
                     pass
                 created.add(os.path.dirname(path))
+        if folder and not os.path.exists(os.path.join(maildir, "maildirfolder")):
+            try:
+                write_new_file(self._ops, os.path.join(maildir, "maildirfolder"), b"")
+            except FileExistsError:
+                pass
+            created.add(maildir)
         if created:
             self._syncer.sync(created)
         self._ready.add(maildir)

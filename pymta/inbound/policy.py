@@ -12,9 +12,13 @@ import ipaddress
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
-from pymta.envelope import ROUTE_FEEDBACK, ROUTE_FORWARD, ROUTE_LOCAL, ROUTE_RELAY
-from pymta.inbound.mailbox import mailbox_path
+from pymta.envelope import FAILED, ROUTE_FEEDBACK, ROUTE_FORWARD, ROUTE_LOCAL, ROUTE_RELAY, Recipient
+from pymta.inbound.aliases import AliasTables, expand
+from pymta.inbound.mailbox import mailbox_path, split_delimiter
+from pymta.inbound.quota import known_usage
+from pymta.inbound.srs import SRS, SRSError, is_srs
 from pymta.smtp.replies import Reply
 
 FEEDBACK_TOKEN = re.compile(r"^[bu]-[0-9A-Za-z]{16,32}-[A-Za-z2-7]{16}(=[A-Za-z0-9.-]{1,253})?$")
@@ -22,6 +26,19 @@ RELAY_DENIED = Reply(550, "5.7.1", "Relay access denied")
 ROUTING_DENIED = Reply(550, "5.7.1", "Sender-specified routing is not allowed")
 NO_SUCH_USER = Reply(550, "5.1.1", "No such user here")
 BAD_MAILBOX_NAME = Reply(550, "5.1.1", "Mailbox name not acceptable here")
+# Role names every local domain has (RFC 2142 abuse, RFC 5321 postmaster, Postfix's MAILER-DAEMON):
+# without their own mailbox or alias they reach the configured postmaster.
+ROLE_NAMES = frozenset({"postmaster", "abuse", "mailer-daemon"})
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One address an accepted recipient is delivered to (after alias expansion)."""
+
+    address: str
+    route: str | None  # None: this branch failed (``reply`` says why) and is bounced
+    reply: Reply | None = None
+    forwarded: bool = False  # an alias sends it to another domain: the sender is rewritten (SRS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +48,13 @@ class Decision:
     route: str | None
     reply: Reply | None
     address: str  # the normalised address (domain lower-cased, no trailing dot)
+    # what the recipient became through aliases and virtual maps (empty: the address itself)
+    targets: tuple[Target, ...] = ()
+    original: str = ""  # the expanded address (normalised), when ``targets`` is set
+
+    def deliveries(self) -> tuple[Target, ...]:
+        """Every target, the address itself when it was not expanded."""
+        return self.targets or (Target(self.address, self.route),)
 
 
 def split_address(address: str) -> tuple[str, str]:
@@ -101,6 +125,13 @@ class RelayPolicy:
         feedback_addresses: Iterable[str] = (),
         postmaster: str | None = None,
         hostname: str = "",
+        tables: AliasTables | None = None,
+        srs: SRS | None = None,
+        delimiter: str = "",
+        max_depth: int = 20,
+        max_expansion: int = 1000,
+        clock: Any = None,
+        quotas: Any = None,
     ) -> None:
         self.local_domains = frozenset(d.lower() for d in local_domains)
         self.forward_domains = frozenset(d.lower() for d in forward_domains)
@@ -112,6 +143,13 @@ class RelayPolicy:
         self.postmaster = postmaster
         # RFC 5321 §4.5.1 names: bare, and at our own host name (Postfix has it in mydestination)
         self.postmaster_names = frozenset({"postmaster", f"postmaster@{hostname.lower()}"} if hostname else {"postmaster"})
+        self.tables = tables or AliasTables(None)
+        self.srs = srs
+        self.delimiter = delimiter
+        self.max_depth = max_depth
+        self.max_expansion = max_expansion
+        self.clock = clock
+        self.quotas = quotas if quotas else None  # pymta.inbound.quota.Quotas
 
     def may_relay(self, peer_address: str, auth_user: str | None = None) -> bool:
         """True for authenticated clients and clients in a ``relay_from`` network."""
@@ -133,18 +171,13 @@ class RelayPolicy:
             if not FEEDBACK_TOKEN.match(bare_local):
                 return Decision(None, NO_SUCH_USER, normalised)
             return Decision(ROUTE_FEEDBACK, None, normalised)
-        if not is_literal and domain in self.local_domains:
+        if not is_literal and self.srs is not None and domain == self.srs.domain and is_srs(bare_local):
+            return self._reverse_srs(normalised, peer_address, auth_user)
+        if not is_literal and (domain in self.local_domains or domain in self.tables.virtual_domains
+                               or f"{bare_local.lower()}@{domain}" in self.tables.virtual):  # fmt: skip
             if any(c in bare_local for c in "%!@"):
                 return Decision(None, ROUTING_DENIED, normalised)
-            if self.mailboxes is not None and f"{bare_local}@{domain}".lower() not in self.mailboxes:
-                if self.postmaster and bare_local.lower() == "postmaster":
-                    return self._postmaster()  # postmaster@ every local domain reaches someone
-                if self.postmaster and normalised.lower() == self.postmaster.lower():
-                    return Decision(ROUTE_LOCAL, None, normalised)
-                return Decision(None, NO_SUCH_USER, normalised)
-            if mailbox_path(self.mail_root, normalised) is None:  # the form the delivery agent gets
-                return Decision(None, BAD_MAILBOX_NAME, normalised)
-            return Decision(ROUTE_LOCAL, None, normalised)
+            return self._expanded(normalised)
         if not is_literal and domain in self.forward_domains:
             if any(c in bare_local for c in "%!@"):
                 return Decision(None, ROUTING_DENIED, normalised)
@@ -152,6 +185,154 @@ class RelayPolicy:
         if self.may_relay(peer_address, auth_user):
             return Decision(ROUTE_RELAY, None, normalised)
         return Decision(None, RELAY_DENIED, normalised)
+
+    # -- aliases, virtual maps, recipient delimiter ------------------------------------------
+
+    def split_extension(self, address: str) -> tuple[str, str]:
+        """``alice+tag@d`` -> (``alice@d``, ``tag``) with the recipient delimiter; else (address, "")."""
+        local, domain = split_address(address)
+        return split_delimiter(f"{local}@{domain}", self.delimiter)
+
+    def mailbox_listed(self, address: str) -> bool:
+        """A local mailbox by that name (or its name without the extension) is configured."""
+        if self.mailboxes is None:
+            return True
+        base, _ = self.split_extension(address)
+        return address.lower() in self.mailboxes or base.lower() in self.mailboxes or (
+            bool(self.postmaster) and address.lower() == (self.postmaster or "").lower())
+
+    def alias_targets(self, address: str) -> tuple[str, ...] | None:
+        """One step of expansion: what ``address`` is an alias for (qualified addresses), or None.
+
+        Order: ``[virtual]`` ``user@domain`` (with, then without the extension); for local domains
+        ``user@`` and the aliases file; then, when no mailbox has that name, the role names
+        (postmaster, abuse, MAILER-DAEMON: the configured postmaster) and the ``@domain`` catch-all.
+        """
+        local, domain = split_address(address)
+        local = unquote_local(local).lower()
+        base, ext = self.split_extension(f"{local}@{domain}")
+        base_local = base.rpartition("@")[0]
+        virtual, is_local = self.tables.virtual, domain in self.local_domains
+        for key, propagate in ((f"{local}@{domain}", ""), (base, ext)):
+            if key in virtual:
+                return self._qualified(virtual[key], domain, propagate)
+        if is_local:
+            for name, propagate in ((local, ""), (base_local, ext)):
+                if f"{name}@" in virtual:
+                    return self._qualified(virtual[f"{name}@"], domain, propagate)
+                if name in self.tables.aliases:
+                    return self._qualified(self.tables.aliases[name], domain, propagate)
+            if self.mailbox_listed(address):
+                return None  # _final checks its path
+            if self.postmaster and base_local in ROLE_NAMES and base.lower() != self.postmaster.lower():
+                return (self.postmaster,)
+        if f"@{domain}" in virtual:
+            return self._qualified(virtual[f"@{domain}"], domain, ext)
+        return None
+
+    def _qualified(self, targets: tuple[str, ...], domain: str, extension: str) -> tuple[str, ...]:
+        """Bare names get the alias's domain; an unmatched extension goes on to local targets."""
+        out = []
+        for target in targets:
+            literal = "\\" if target.startswith("\\") else ""
+            target = target.lstrip("\\")
+            local, at, target_domain = target.rpartition("@")
+            if not at:
+                local, target_domain = target, domain
+            target_domain = target_domain.lower()
+            if extension and target_domain in self.local_domains and self.delimiter not in local:
+                local = f"{local}{self.delimiter}{extension}"
+            out.append(f"{literal}{local}@{target_domain}")
+        return tuple(out)
+
+    def _expanded(self, address: str) -> Decision:
+        """A recipient in one of our domains, through aliases and virtual maps to its final addresses."""
+        expansion = expand(address, self.alias_targets, self.max_depth, self.max_expansion)
+        if expansion.refused is not None:
+            return Decision(None, expansion.refused, address)
+        targets: list[Target] = []
+        for final, via_alias in expansion.finals:
+            targets.append(self._final(final, via_alias))
+        targets.extend(Target(failed, None, reply) for failed, reply in expansion.failures)
+        deliverable = [t for t in targets if t.route is not None]
+        if not deliverable:
+            return Decision(None, targets[0].reply, address)
+        if len(targets) == 1 and targets[0].address == address:
+            return Decision(deliverable[0].route, None, address)
+        return Decision(deliverable[0].route, None, deliverable[0].address, tuple(targets), address)
+
+    def _final(self, address: str, via_alias: bool) -> Target:
+        """Where a final address goes: a local mailbox, a forward domain, or (through an alias) away."""
+        local, domain = split_address(address)
+        if domain in self.local_domains:
+            if not self.mailbox_listed(address):
+                return Target(address, None, NO_SUCH_USER)
+            if mailbox_path(self.mail_root, self.split_extension(address)[0]) is None:  # the form delivery gets
+                return Target(address, None, BAD_MAILBOX_NAME)
+            return Target(address, ROUTE_LOCAL)
+        if f"{unquote_local(local)}@{domain}".lower() in self.feedback_addresses:
+            return Target(address, ROUTE_FEEDBACK)
+        if domain in self.forward_domains:
+            return Target(address, ROUTE_FORWARD)
+        if domain in self.tables.virtual_domains:
+            return Target(address, None, NO_SUCH_USER)  # a virtual alias domain has no mailboxes
+        return Target(address, ROUTE_RELAY, forwarded=via_alias)
+
+    def _reverse_srs(self, address: str, peer_address: str, auth_user: str | None) -> Decision:
+        """A bounce to one of our SRS addresses goes to the original sender; a forged one is refused."""
+        assert self.srs is not None
+        now = self.clock.seconds() if self.clock is not None else 0.0
+        try:
+            original = self.srs.reverse(address, now)
+        except SRSError as e:
+            return Decision(None, Reply(550, "5.7.1", f"Invalid SRS address: {e}"), address)
+        _, domain = split_address(original)
+        if domain in self.local_domains or domain in self.forward_domains or domain in self.tables.virtual_domains:
+            decision = self.recipient(original, peer_address, auth_user)
+        else:
+            decision = Decision(ROUTE_RELAY, None, original)
+        if decision.reply is not None:
+            return decision
+        return Decision(decision.route, None, decision.address, decision.deliveries(), address)
+
+    def over_quota(self, address: str, size: int = 0) -> bool:
+        """The local mailbox of ``address`` is known (from its ``maildirsize``) to be full, or too
+        full for ``size`` more octets. Unknown usage is not over quota: delivery checks again."""
+        if self.quotas is None:
+            return False
+        base, _ = self.split_extension(address)
+        limit = self.quotas.limit_for(base)
+        path = mailbox_path(self.mail_root, base) if limit else None
+        used = known_usage(path, limit) if path is not None else None
+        return used is not None and (used >= limit or used + size > limit)
+
+    def queue_recipients(self, targets: tuple[Target, ...], address: str, orcpt: str | None, notify: Any,
+                         sender: str, now: float, seen: set[str] | None = None) -> list[Recipient]:  # fmt: skip
+        """The queue's recipients for ``address`` expanded into ``targets``: the original kept as ORCPT
+        (as Postfix does when the client gave none), forwarded ones with an SRS sender, failed branches
+        already failed (a DSN tells the sender); addresses in ``seen`` are left out (and added)."""
+        seen = set() if seen is None else seen
+        out = []
+        for target in targets:
+            if target.address.lower() in seen:
+                continue
+            seen.add(target.address.lower())
+            rcpt = Recipient(address=target.address, route=target.route or ROUTE_LOCAL,
+                             orcpt=orcpt or f"rfc822;{address}", notify=notify)  # fmt: skip
+            if target.route is None and target.reply is not None:
+                rcpt.state, rcpt.updated = FAILED, now
+                rcpt.reply = {"code": target.reply.code, "enhanced": target.reply.enhanced,
+                              "text": f"{target.reply.text} (expanding <{address}>)"}  # fmt: skip
+            elif target.forwarded:
+                rcpt.sender = self.forward_sender(sender, now)
+            out.append(rcpt)
+        return out
+
+    def forward_sender(self, sender: str, now: float) -> str:
+        """The envelope sender for forwarded targets: SRS-rewritten when ``[srs]`` is configured."""
+        if self.srs is None or not sender or split_address(sender)[1] in self.local_domains:
+            return sender  # the null sender stays null; our own domains pass SPF as they are
+        return self.srs.forward(sender, now)
 
     def _postmaster(self) -> Decision:
         """The configured postmaster mailbox, routed as its domain says (never refused as relaying)."""
@@ -161,7 +342,7 @@ class RelayPolicy:
         if domain in self.local_domains:
             if mailbox_path(self.mail_root, normalised) is None:
                 return Decision(None, BAD_MAILBOX_NAME, normalised)
-            return Decision(ROUTE_LOCAL, None, normalised)
+            return self._expanded(normalised)  # the postmaster address may be an alias itself
         if domain in self.forward_domains:
             return Decision(ROUTE_FORWARD, None, normalised)
         return Decision(ROUTE_RELAY, None, normalised)

@@ -3,6 +3,7 @@ durable queue entry, and answers 250 only once the store says the message is on 
 
 from __future__ import annotations
 
+import itertools
 import re
 import time
 from collections.abc import Callable
@@ -15,9 +16,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from pymta.envelope import ROUTE_RELAY, Envelope, Recipient, new_qid
+from pymta.envelope import ROUTE_LOCAL, ROUTE_RELAY, Envelope, Recipient, new_qid
 from pymta.inbound.limits import ClientLimits, Greylist
-from pymta.inbound.policy import RelayPolicy
+from pymta.inbound.policy import RelayPolicy, Target
 from pymta.inbound.submit import record_queued
 from pymta.interfaces import IPolicy, IQueueStore, ISMTPServerDelegate, QueueFull
 from pymta.smtp.replies import LOCAL_ERROR, STORAGE_FULL, Reply
@@ -78,6 +79,14 @@ def header_values(body: bytes, name: bytes) -> list[str]:
     return [_unfolded(m) for m in _header_fields(body, name)]
 
 
+MAX_HOPS = 50
+
+
+def hop_count(body: bytes) -> int:
+    """How many ``Received:`` fields the message header has (counting stops past MAX_HOPS)."""
+    return sum(1 for _ in itertools.islice(_header_fields(body, b"Received"), MAX_HOPS + 1))
+
+
 def _header_fields(body: bytes, name: bytes) -> Any:
     end = body.find(b"\r\n\r\n")
     head = body[: end + 2] if end >= 0 else body
@@ -127,6 +136,7 @@ class InboundReceiver:
         free_space: Callable[[], int] | None = None,
         space_needed: int = 0,
         sender_auth: Any = None,
+        max_expanded: int = 10000,
     ) -> None:
         self.hostname = hostname
         self.policy = policy
@@ -147,6 +157,7 @@ class InboundReceiver:
         self.free_space = free_space
         self.space_needed = space_needed
         self.sender_auth = sender_auth  # pymta.auth.accept.SenderAuth: DKIM signing, inbound verdicts
+        self.max_expanded = max_expanded  # recipients one transaction may hold after alias expansion
 
     # -- stages ---------------------------------------------------------------------------
 
@@ -219,6 +230,11 @@ class InboundReceiver:
         decision = self.policy.recipient(address, session.peer_address, session.auth_user)
         if decision.reply is not None:
             return decision.reply  # the SMTP server logs the one reject event, with the recipient
+        targets = decision.deliveries()
+        deliverable = [t for t in targets if t.route is not None]
+        size = session.transaction.declared_size or 0
+        if deliverable and all(t.route == ROUTE_LOCAL and self.policy.over_quota(t.address, size) for t in deliverable):
+            return Reply(452, "4.2.2", "Mailbox full: quota exceeded")
         if not self._trusted(session):
             refused = self._untrusted_rcpt(session, decision.address)
             if refused is not None:
@@ -228,7 +244,12 @@ class InboundReceiver:
             entry = self.suppression.is_suppressed(decision.address, sender.rpartition("@")[2] or None)
             if entry is not None:
                 return Reply(550, "5.7.1", f"Recipient suppressed ({entry['source']}: {entry['reason']})")
-        session.transaction.notes.setdefault("routes", {})[address] = (decision.route, decision.address)
+        notes = session.transaction.notes
+        expanded = notes.get("expanded", 0) + len(targets)
+        if decision.targets and expanded > self.max_expanded:
+            return Reply(452, "4.5.3", "Too many recipients after alias expansion")
+        notes["expanded"] = expanded
+        notes.setdefault("routes", {})[address] = targets if decision.targets else (decision.route, decision.address)
         return None
 
     def _untrusted_rcpt(self, session: Any, address: str) -> Reply | None:
@@ -248,6 +269,8 @@ class InboundReceiver:
 
     def _message(self, session: Any, body: bytes) -> defer.Deferred[Reply] | Reply:
         txn = session.transaction
+        if hop_count(body) > MAX_HOPS:  # forwarding between hosts that loops (Postfix's hopcount_limit)
+            return Reply(554, "5.4.6", "Too many hops: mail loop")
         refused = self._acl(
             "data", session, sender=txn.sender, recipients=[r.address for r in txn.recipients], size=len(body)
         )
@@ -264,7 +287,12 @@ class InboundReceiver:
         recipients: list[Recipient] = []
         seen: set[str] = set()
         for accepted in txn.recipients:
-            route, address = routes.get(accepted.address, (None, accepted.address))
+            entry = routes.get(accepted.address, (None, accepted.address))
+            if isinstance(entry[0], Target):  # expanded through aliases and virtual maps
+                recipients.extend(self.policy.queue_recipients(entry, accepted.address, accepted.orcpt, accepted.notify,
+                                                               txn.sender, now, seen))  # fmt: skip
+                continue
+            route, address = entry
             if route is None or address.lower() in seen:
                 continue
             seen.add(address.lower())

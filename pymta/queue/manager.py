@@ -14,6 +14,7 @@ wall-clock arrival once, when this process first sees it, and counted on the mon
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 from collections import deque
@@ -203,10 +204,14 @@ class QueueManager(service.Service):
             yield self._reschedule(envelope, envelope.not_before - now)
             return
         pending = envelope.pending_recipients()
-        groups: dict[tuple[str, str], list[Recipient]] = {}
+        groups: dict[tuple[str, str, str | None], list[Recipient]] = {}
         for r in pending:
-            groups.setdefault((r.route, r.domain), []).append(r)
-        calls = [self._deliver_group(envelope, route, rcpts, body) for (route, _), rcpts in groups.items()]
+            groups.setdefault((r.route, r.domain, r.sender), []).append(r)
+        # A recipient with its own sender (SRS for forwarded mail) travels in a copy of the envelope with that sender.
+        calls = [
+            self._deliver_group(envelope if sender is None else dataclasses.replace(envelope, sender=sender), route, rcpts, body)
+            for (route, _, sender), rcpts in groups.items()
+        ]
         outcomes = yield defer.DeferredList(calls, consumeErrors=True)
         now = self.wall.seconds()
         holds: list[float] = []

@@ -403,8 +403,8 @@ class InjectAPI:
             d.addBoth(self.metrics.injected_result)
         return d
 
-    def _recipient(self, req: InjectRequest, i: int, item: Any, token: str) -> tuple[str, str, Any] | str:
-        """(address, route, item) for an acceptable recipient, else the reason it fails."""
+    def _recipient(self, req: InjectRequest, i: int, item: Any, token: str) -> tuple[str, Any, Any] | str:
+        """(address, the policy's decision, item) for an acceptable recipient, else the reason it fails."""
         email = item.get("email") if isinstance(item, dict) else item
         if not isinstance(email, str) or len(email) > 320:
             return "not an address"
@@ -423,7 +423,7 @@ class InjectAPI:
             entry = self.suppression.is_suppressed(decision.address, req.sender.rpartition("@")[2] or None)
             if entry is not None:
                 return f"5.7.1 Recipient suppressed ({entry['source']}: {entry['reason']})"
-        return decision.address, decision.route, item
+        return decision.address, decision, item
 
     @defer.inlineCallbacks
     def _run(self, req: InjectRequest, builder: MessageBuilder | None, raw: bytes | None, token: str):
@@ -439,7 +439,7 @@ class InjectAPI:
             if isinstance(decided, str):
                 failed.append({"email": _email_of(item), "reason": decided})
                 continue
-            address, route, item = decided
+            address, decision, item = decided
             if address.lower() in seen:
                 failed.append({"email": address, "reason": "duplicate recipient in this request"})
                 continue
@@ -462,7 +462,7 @@ class InjectAPI:
                 failed.append({"email": address, "reason": "5.3.4 message too big"})
                 continue
             metadata = item.get("metadata") if isinstance(item, dict) else None
-            envelope = self._envelope(req, address, route, token, metadata)
+            envelope = self._envelope(req, address, decision, token, metadata)
             if self.sign is not None:
                 data = yield self.sign(data, f"api:{token}", "api")
             data = self._received(envelope, token) + data
@@ -485,7 +485,7 @@ class InjectAPI:
         return (f"Received: from api (token {token})\r\n\tby {self.hostname} (pymta) with HTTP id {envelope.qid}"
                 f"\r\n\tfor <{envelope.recipients[0].address}>; {stamp}\r\n").encode()  # fmt: skip
 
-    def _envelope(self, req: InjectRequest, address: str, route: str, token: str,
+    def _envelope(self, req: InjectRequest, address: str, decision: Any, token: str,
                   metadata: dict[str, Any] | None) -> Envelope:  # fmt: skip
         extra: dict[str, Any] = {}
         if req.pool:
@@ -497,7 +497,9 @@ class InjectAPI:
         return Envelope(
             qid=new_qid(now),
             sender=req.sender,
-            recipients=[Recipient(address=address, route=route)],
+            recipients=self.policy.queue_recipients(decision.targets, decision.original, None, None, req.sender, now)
+            if decision.targets  # an alias or virtual address: its expansion, as over SMTP
+            else [Recipient(address=address, route=decision.route)],
             arrival=now,
             body_type="8BITMIME",
             smtputf8=not (req.sender.isascii() and address.isascii()),
