@@ -84,14 +84,14 @@ def test_delivery_outcomes_become_events_with_bounce_classification(tmp_path):
     accounting = SimpleNamespace(record=lambda event, **f: seen.append(event))
     events = AccountingEvents(journal, accounting)
     events.record("received", qid="Q1")  # accounting only
-    d = events.record("bounced", qid="Q1", sender="s@a.example", recipient="r@b.example", campaign="dec",
+    d = events.record("bounced", qid="Q1", sender="s@a.example", recipient="r@b.example", campaign="dec", provider="gmail",
                   metadata={"id": 7}, reply={"code": 550, "enhanced": "5.1.1", "text": "5.1.1 User unknown"})  # fmt: skip
     assert not d.called  # the queue manager waits for this before it writes the new state
     clock.advance(0)
     assert d.called and seen == ["received", "bounced"]
     [record] = journal.read(0, 10)
     assert record["type"] == "bounced" and record["enhanced"] == "5.1.1" and record["metadata"] == {"id": 7}
-    assert record["bounce"] == {"reason": "userunknown", "class": "hard"}
+    assert record["bounce"] == {"reason": "userunknown", "class": "hard"} and record["provider"] == "gmail"
 
 
 def test_signature_is_hmac_of_timestamp_dot_body():
