@@ -21,6 +21,9 @@ from typing import Any
 from twisted.application import service
 from twisted.internet import defer, threads
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IBodyProducer
+from zope.interface import implementer
 
 from pymta.events.journal import EventJournal, fsync_dir
 
@@ -129,6 +132,8 @@ class WebhookSender:
         self._busy = False
         self._timer: Any = None
         self._inflight: defer.Deferred | None = None
+        self._saving: defer.Deferred | None = None
+        self._save_again = False
         self.running = False
 
     # -- the loop ---------------------------------------------------------------------------
@@ -181,7 +186,7 @@ class WebhookSender:
                 continue
             status, why = yield self._send(batch)
             if status is not None and 200 <= status < 300:
-                yield self._done(upto, delivered=len(batch))
+                self._done(upto, delivered=len(batch))
                 continue
             if status is not None and 400 <= status < 500 and status not in RETRY_CODES:
                 yield self._drop(batch, upto, f"HTTP {status}")
@@ -227,15 +232,40 @@ class WebhookSender:
 
         return d.addCallbacks(answered, failed).addBoth(cleared)
 
-    @defer.inlineCallbacks
-    def _done(self, upto: int, delivered: int = 0, dropped: int = 0):
+    def _done(self, upto: int, delivered: int = 0, dropped: int = 0) -> None:
         self.cursor.seq = upto
         self.cursor.delivered += delivered
         self.cursor.dropped += dropped
         self.failures = 0
         if delivered:
             self.last_error = None
-        yield self.run(self.cursor.save, self.cursor.snapshot())
+        self._save_cursor()
+
+    def _save_cursor(self) -> None:
+        """Saves run one at a time, off the reactor, while the next batch is already being
+        posted (a crash before a save only repeats batches: at least once, never lost)."""
+        if self._saving is not None:
+            self._save_again = True
+            return
+        self._save_again = False
+        self._saving = self.run(self.cursor.save, self.cursor.snapshot())
+
+        def saved(result: Any) -> None:
+            self._saving = None
+            if isinstance(result, Failure):
+                log.error("webhook {name}: cannot save the cursor: {why}", name=self.name, why=result.getErrorMessage())
+            if self._save_again:
+                self._save_cursor()
+
+        self._saving.addBoth(saved)
+
+    def flush(self) -> defer.Deferred:
+        """Fires once the cursor as it is now is on disk."""
+        if self._saving is None:
+            return defer.succeed(None)
+        done: defer.Deferred = defer.Deferred()
+        self._saving.addBoth(lambda _: done.callback(None))  # runs after ``saved``, which may start the next save
+        return done.addCallback(lambda _: self.flush())
 
     @defer.inlineCallbacks
     def _drop(self, batch: list[dict[str, Any]], upto: int, why: str):
@@ -246,7 +276,7 @@ class WebhookSender:
         lines = [json.dumps({"dropped_at": now, "webhook": self.name, "why": why, "event": r},
                             ensure_ascii=False, separators=(",", ":")) for r in batch]  # fmt: skip
         yield self.run(_append_fsync, self.dropped_path, lines)
-        yield self._done(upto, dropped=len(batch))
+        self._done(upto, dropped=len(batch))
 
     # -- state ------------------------------------------------------------------------------
 
@@ -264,6 +294,28 @@ class WebhookSender:
         }
 
 
+@implementer(IBodyProducer)
+class BytesProducer:
+    """The whole body in one write (treq's default producer writes it on a later cooperator tick)."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: Any) -> defer.Deferred:
+        consumer.write(self.body)
+        return defer.succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
 def treq_post(reactor: Any, connect_timeout: float = 10.0) -> Any:
     """A ``post(url, body, headers)`` on treq with a persistent pool; TLS is verified by Agent's
     default policy (the system trust store, service_identity host name checks)."""
@@ -277,7 +329,7 @@ def treq_post(reactor: Any, connect_timeout: float = 10.0) -> Any:
 
     @defer.inlineCallbacks
     def post(url: str, body: bytes, headers: dict[str, str]):
-        response = yield client.post(url, data=body, headers={k: [v] for k, v in headers.items()})
+        response = yield client.post(url, data=BytesProducer(body), headers={k: [v] for k, v in headers.items()})
         seen = [0]
 
         def collect(data: bytes) -> None:
@@ -321,8 +373,11 @@ class WebhookService(service.Service):
             self.journal.listeners.remove(self._journal_synced)
         for sender in self.senders:
             sender.stop()
+        waits = [s.flush() for s in self.senders]
         pool = getattr(self.post, "pool", None)
-        return pool.closeCachedConnections() if pool is not None else None
+        if pool is not None:
+            waits.append(pool.closeCachedConnections())
+        return defer.DeferredList(waits, consumeErrors=True)
 
     def _journal_synced(self, _: int) -> None:
         for sender in self.senders:
