@@ -5,6 +5,7 @@ record; tracked links and the open pixel answer, forged tokens get 404."""
 
 from __future__ import annotations
 
+import base64
 import email
 import email.policy
 import json
@@ -17,13 +18,18 @@ import sys
 import urllib.error
 import urllib.request
 
+import dkim
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from pymta.admin.http.tokens import digest
 from pymta.events.webhooks import verify
 from tests.mta_process import ROOT, MTAProcess, free_port, wait_for_port, wait_until
 
 pytestmark = pytest.mark.timeout(240)
+
+DKIM_KEY = rsa.generate_private_key(65537, 2048)
 
 ADMIN = "admin-token-0123456789abcdefghijklmnop"
 HOOK_SECRET = "hook-secret-0123456789abcdef"
@@ -110,6 +116,9 @@ def world(tmp_path_factory):
     tokens.write_text(f"ops:admin,inject:{digest(ADMIN)}\n")
     api_port, public_port, hook_port = free_port(), free_port(), free_port()
     receiver = Receiver(str(tmp), hook_port)
+    key_path = tmp / "shop.pem"
+    key_path.write_bytes(DKIM_KEY.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                serialization.NoEncryption()))  # fmt: skip
     mta = MTAProcess(str(tmp), extra_config=f"""
         [feedback]
         bounce_domain = "bounces.example.test"
@@ -120,6 +129,9 @@ def world(tmp_path_factory):
         public_listen = ["tcp:{public_port}:interface=127.0.0.1"]
         public_url = "https://mail.example.test"
         tokens_file = "{tokens}"
+        [dkim."shop.example"]
+        selector = "s1"
+        key = "{key_path}"
         [tracking]
         enabled = true
         opens = false
@@ -225,6 +237,11 @@ def test_tracked_links_redirect_the_pixel_answers_and_forgeries_get_404(world):
     text = parsed.get_body(("plain",)).get_content()
     html_out = parsed.get_body(("html",)).get_content()
     assert "https://shop.example/sale" in text  # the text part is left alone
+    # Signed (at injection) after the rewrite: the signature covers the tracked links and verifies.
+    public = DKIM_KEY.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    record = b"v=DKIM1; k=rsa; p=" + base64.b64encode(public)
+    assert message.count(b"DKIM-Signature:") == 1
+    assert dkim.verify(message, dnsfunc=lambda name, timeout=5: record if name == b"s1._domainkey.shop.example." else None)
     assert "mailto:help@shop.example" in html_out and 'href="#top"' in html_out and "https://hidden.example/" in html_out
     [link] = re.findall(r'HREF="https://mail\.example\.test(/t/c/[^"]+)"', html_out)
     [pixel] = re.findall(r'src="https://mail\.example\.test(/t/o/[^"]+\.gif)"', html_out)
@@ -235,8 +252,6 @@ def test_tracked_links_redirect_the_pixel_answers_and_forgeries_get_404(world):
     assert fetch(base + forged)[0] == 404
     token = link.rsplit("/", 1)[1]
     payload, mac = token.split(".")
-    import base64
-
     evil = base64.urlsafe_b64encode(f"{qid}\x00bob@example.test\x00https://evil.example/".encode()).rstrip(b"=").decode()
     assert fetch(f"{base}/t/c/{evil}.{mac}")[0] == 404  # no open redirect with another URL
     code, headers, body = fetch(base + pixel)
