@@ -1,6 +1,8 @@
 """Webhook throughput: events per second from the event journal to a receiver on loopback.
 
     python bench/webhooks.py [--events 20000] [--batch 1 --batch 100]
+    python bench/webhooks.py --serve PORT          (the receiver alone, for bench/relay.sh)
+    python bench/webhooks.py --compare RESULTS.jsonl   (relay end to end, webhooks on against off)
 
 For each batch size: a fresh journal is filled with ``--events`` durable events, then the
 webhook sender (treq, persistent connections, signed POSTs, the cursor fsynced after every
@@ -112,11 +114,38 @@ def run(batches: list[int], n: int, port: int) -> list[tuple[int, float, float]]
     return results
 
 
+def compare(path: str) -> None:
+    """bench/relay.sh rows pymta/... against pymta-webhooks/...: end-to-end msgs/s and the cost."""
+    import json
+
+    rows: dict[tuple[str, str], float] = {}
+    with open(path) as f:
+        for line in f:
+            record = json.loads(line)
+            name, _, config = record["label"].partition("/")
+            rate = record["summary"].get("e2e_mps", {}).get("median")
+            if rate is not None:
+                rows[(name, config)] = rate
+    print("| config | pymta msgs/s | with webhooks | cost |")
+    print("|---|---|---|---|")
+    for (name, config), off in sorted(rows.items()):
+        on = rows.get(("pymta-webhooks", config))
+        if name == "pymta" and on is not None:
+            print(f"| {config} | {off:.0f} | {on:.0f} | {100 * (off - on) / off:+.1f} % |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=20000)
     parser.add_argument("--batch", type=int, action="append", help="batch sizes (default 1 and 100)")
+    parser.add_argument("--serve", type=int, help="only run the receiver on this port")
+    parser.add_argument("--compare", help="print webhooks on against off from bench/relay.sh's results.jsonl")
     args = parser.parse_args()
+    if args.serve:
+        os.execv(sys.executable, [sys.executable, "-c", RECEIVER, str(args.serve)])
+    if args.compare:
+        compare(args.compare)
+        return
     port = free_port()
     receiver = subprocess.Popen([sys.executable, "-c", RECEIVER, str(port)])
     try:
