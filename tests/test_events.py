@@ -242,3 +242,17 @@ def test_webhook_config_errors_name_the_key():
             assert str(e).startswith(f"x.toml: {key}:"), str(e)
         else:
             raise AssertionError(f"accepted {text!r}")
+
+
+def test_stopping_while_a_post_hangs_leaves_no_timer_and_keeps_the_batch(tmp_path):
+    clock = task.Clock()
+    journal = journal_at(tmp_path, clock)
+    receiver = ScriptedReceiver(["hang"])
+    sender = sender_for(tmp_path, clock, journal, receiver)
+    journal.listeners.append(sender.wake)
+    sender.start()
+    journal.emit("delivered", qid="Q1")
+    clock.advance(0)
+    assert len(receiver.requests) == 1
+    sender.stop()
+    assert clock.getDelayedCalls() == [] and sender.cursor.seq == 0

@@ -185,6 +185,8 @@ class WebhookSender:
                 self.cursor.seq = upto
                 continue
             status, why = yield self._send(batch)
+            if not self.running:  # stopped while posting: the batch goes again after the restart
+                return
             if status is not None and 200 <= status < 300:
                 self._done(upto, delivered=len(batch))
                 continue
