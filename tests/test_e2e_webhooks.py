@@ -215,6 +215,11 @@ def test_a_400_drops_the_event_with_a_record_and_a_count(world):
     out = subprocess.run([sys.executable, "-m", "pymta.admin.cli", "--config", mta.config_path, "webhooks"],
                          capture_output=True, text=True, cwd=ROOT, timeout=60)  # fmt: skip
     assert out.returncode == 0 and json.loads(out.stdout)["webhooks"][0]["dropped"] >= 1, out.stderr
+    with urllib.request.urlopen(f"http://127.0.0.1:{api_port}/metrics", timeout=30) as resp:
+        metrics = resp.read().decode()
+    assert re.search(r'^pymta_webhook_backlog\{webhook="crm"\} \d', metrics, re.M), metrics
+    dropped = re.search(r'^pymta_webhook_dropped_total\{webhook="crm"\} (\d+)', metrics, re.M)
+    assert dropped and float(dropped.group(1)) >= 1
     receiver.mode(200)
 
 
