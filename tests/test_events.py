@@ -256,3 +256,24 @@ def test_stopping_while_a_post_hangs_leaves_no_timer_and_keeps_the_batch(tmp_pat
     assert len(receiver.requests) == 1
     sender.stop()
     assert clock.getDelayedCalls() == [] and sender.cursor.seq == 0
+
+
+def test_status_of_a_stopped_mta_comes_from_the_journal_and_the_cursor(tmp_path):
+    from pymta.events.webhooks import status_from_disk
+
+    clock = task.Clock()
+    journal = EventJournal(str(tmp_path / "events" / "journal"), clock)
+    directory = tmp_path / "events" / "webhooks"
+    directory.mkdir(parents=True)
+    receiver = ScriptedReceiver([200, 500])
+    sender = WebhookSender(hook(batch_size=2), SECRET, journal, str(directory), clock, receiver.post,
+                           lambda f, *a: defer.maybeDeferred(f, *a))  # fmt: skip
+    journal.listeners.append(sender.wake)
+    sender.start()
+    for i in range(5):
+        journal.emit("delivered", qid=f"Q{i}")
+    clock.advance(0)
+    sender.stop()
+    journal.close()
+    [status] = status_from_disk(str(tmp_path), (hook(),))
+    assert (status["backlog"], status["delivered"], status["dropped"]) == (3, 2, 0)
