@@ -8,6 +8,8 @@
 # PYMTA_PROCESSES (default 2): listener processes ([smtp] processes), one per core here.
 # PYMTA_BENCH_DKIM=1: pymta runs twice more, signing every message with [dkim.default] (RSA-2048,
 # then Ed25519); prints pymta's CPU per message with and without signing, and the difference.
+# PYMTA_BENCH_WEBHOOKS=1: pymta runs once more with a [[webhooks]] endpoint (batch_size 100) on a
+# twisted.web receiver on loopback; prints the end-to-end rate with webhooks on against off.
 set -u
 HERE="$(cd "$(dirname "$0")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
@@ -67,6 +69,20 @@ for ALG in $DKIM_VARIANTS; do
         twistd -n --pidfile= pymta --config "$OUT/pymta.toml"
 done
 [ -n "$DKIM_VARIANTS" ] && python3 "$HERE/dkim_cost.py" "$JSON"
+
+if [ "${PYMTA_BENCH_WEBHOOKS:-0}" != 0 ]; then
+    HOOK_PORT="${HOOK_PORT:-2573}"
+    python3 "$HERE/webhooks.py" --serve "$HOOK_PORT" & HOOK_PID=$!
+    rm -rf "$PY_STATE"; mkdir -p "$PY_STATE"
+    printf '%s\n[[webhooks]]\nname = "bench"\nurl = "http://127.0.0.1:%s/hook"\nsecret = "bench-secret-0123456789"\nbatch_size = 100\n' \
+        "$PY_CFG" "$HOOK_PORT" >"$OUT/pymta.toml"
+    echo "== pymta relay, webhooks on" >&2
+    "$SHARED_BENCH/peer-bench.sh" -name "pymta-webhooks" -port "$PY_PORT" -relay "$SINK_PORT" -sizes "$SIZES" \
+        -conc "$CONC" -n2k "$N2K" -n50k "$N50K" -runs "$RUNS" -warmup 1 -between "$WAIT_PY" -json "$JSON" -- \
+        twistd -n --pidfile= pymta --config "$OUT/pymta.toml"
+    kill "$HOOK_PID" 2>/dev/null; wait "$HOOK_PID" 2>/dev/null
+    python3 "$HERE/webhooks.py" --compare "$JSON"
+fi
 
 echo "== postfix relay" >&2
 "$SHARED_BENCH/postfix-instance.sh" destroy "$PF_DIR" >/dev/null 2>&1

@@ -846,6 +846,69 @@ class HTTPConfig:
     metric_tenants: tuple[str, ...] | None = _key(conv_list(conv_str), None)
 
 
+def conv_webhook_url(value: Any) -> str:
+    url = conv_str(value)
+    if not re.match(r"^https?://[A-Za-z0-9.\[\]:-]+(/[!-~]*)?$", url):
+        raise ConfigValueError(f"expected an http:// or https:// URL, got {value!r}")
+    return url
+
+
+@dataclass(frozen=True)
+class WebhookConfig:
+    """One ``[[webhooks]]`` endpoint: events POSTed as signed JSON, at least once, in order."""
+
+    name: str = _key(conv_str, "")
+    url: str = _key(conv_webhook_url, "")
+    secret: str | None = _key(conv_str, None)
+    secret_file: str | None = _key(conv_path, None)
+    events: tuple[str, ...] | None = _key(conv_list(conv_str), None)  # None = every type
+    batch_size: int = _key(conv_int(1, 1000), 100)
+    timeout: float = _key(conv_duration(0.1), 10.0)
+    max_age: float = _key(conv_duration(1), 3 * 86400.0)
+    retry_initial: float = _key(conv_duration(0.01), 5.0)
+    retry_max: float = _key(conv_duration(0.01), 600.0)
+
+
+def _conv_webhooks(value: Any, where: str) -> tuple[WebhookConfig, ...]:
+    from pymta.events import EVENT_TYPES
+
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}: webhooks: expected an array of tables [[webhooks]]")
+    out: list[WebhookConfig] = []
+    for i, table in enumerate(value):
+        prefix = f"webhooks[{i + 1}]"
+        hook = _build_section(WebhookConfig, table, prefix, where)
+        if not re.match(r"^[A-Za-z0-9_.-]{1,64}$", hook.name):
+            raise ConfigError(f"{where}: {prefix}.name: needed, letters, digits, '.', '_' or '-' (at most 64)")
+        if hook.name in {h.name for h in out}:
+            raise ConfigError(f"{where}: {prefix}.name: {hook.name!r} is used twice")
+        if not hook.url:
+            raise ConfigError(f"{where}: {prefix}.url: needed")
+        if bool(hook.secret) == bool(hook.secret_file):
+            raise ConfigError(f"{where}: {prefix}.secret: give secret or secret_file (one of them)")
+        if hook.secret is not None and len(hook.secret.encode()) < 16:
+            raise ConfigError(f"{where}: {prefix}.secret: at least 16 characters")
+        unknown = sorted(set(hook.events or ()) - set(EVENT_TYPES))
+        if unknown:
+            raise ConfigError(f"{where}: {prefix}.events: unknown event type {unknown[0]!r} "
+                              f"(known: {', '.join(EVENT_TYPES)})")  # fmt: skip
+        if hook.retry_max < hook.retry_initial:
+            raise ConfigError(f"{where}: {prefix}.retry_max: must not be shorter than retry_initial")
+        out.append(hook)
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Open and click tracking of injected HTML mail (off unless ``enabled``)."""
+
+    enabled: bool = _key(conv_bool, False)
+    opens: bool = _key(conv_bool, True)
+    clicks: bool = _key(conv_bool, True)
+    campaigns: tuple[str, ...] | None = _key(conv_list(conv_str), None)  # None = every campaign
+    secret: str | None = _key(conv_str, None)  # default: feedback.secret
+
+
 _SECTIONS: dict[str, type] = {
     "smtp": SMTPConfig,
     "domains": DomainsConfig,
@@ -867,6 +930,7 @@ _SECTIONS: dict[str, type] = {
     "aliases": AliasesConfig,
     "srs": SRSConfig,
     "mailbox": MailboxConfig,
+    "tracking": TrackingConfig,
 }
 
 
@@ -905,6 +969,8 @@ class Config:
     srs: SRSConfig = field(default_factory=SRSConfig)
     mailbox: MailboxConfig = field(default_factory=MailboxConfig)
     virtual: dict[str, tuple[str, ...]] = field(default_factory=dict)  # [virtual] "key" = ["address", ...]
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    webhooks: tuple[WebhookConfig, ...] = ()
     routes: dict[str, tuple[str, int]] = field(default_factory=dict)
     acl: dict[str, tuple[AclRule, ...]] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -1011,11 +1077,13 @@ def build_config(data: dict[str, Any], path: str = "<config>") -> Config:
             values[key] = _conv_dkim(value, path)
         elif key == "virtual":
             values[key] = _conv_virtual(value, path)
+        elif key == "webhooks":
+            values[key] = _conv_webhooks(value, path)
         elif key in PASSTHROUGH_SECTIONS:
             continue
         else:
             known = sorted([*_SECTIONS, *_TOP_CONVERTERS, *PASSTHROUGH_SECTIONS, "acl", "shaping", "sources", "pools",
-                            "pool_select", "dkim", "virtual"])  # fmt: skip
+                            "pool_select", "dkim", "virtual", "webhooks"])  # fmt: skip
             raise ConfigError(f"{path}: {key}: unknown key (known: {', '.join(known)})")
     if "state_dir" not in values:
         values["state_dir"] = conv_path("var")
@@ -1113,3 +1181,8 @@ def _check_consistency(config: Config) -> None:
         raise ConfigError(f"{where}: srs.secret: at least 16 characters")
     if config.http.public_listen and not config.http.public_url:
         raise ConfigError(f"{where}: http.public_url: needed with http.public_listen")
+    tr = config.tracking
+    if tr.enabled and not (config.http.public_listen and config.http.public_url):
+        raise ConfigError(f"{where}: tracking.enabled: needs http.public_listen and http.public_url")
+    if tr.enabled and len((tr.secret or fb.secret or "").encode()) < 16:
+        raise ConfigError(f"{where}: tracking.secret: needed (or feedback.secret), at least 16 characters")

@@ -210,6 +210,9 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
         CloseOnStop(accounting.close).setServiceParent(top)
     reopen = _log_reopener(accounting)
     ReloadOnHangup(reopen, reactor, signal.SIGUSR1).setServiceParent(top)
+    journal = webhooks = None
+    if worker_fds is None and (config.webhooks or config.tracking.enabled):
+        journal, webhooks, accounting = _events(config, reactor, pool, top, accounting)
 
     quotas = Quotas(config.mailbox.quota, config.mailbox.quotas)
     agents: dict[str, Any] = {
@@ -241,6 +244,7 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
         suppression, tagger, fb.complaint_addresses, fb.reply_addresses, agents["local"], fb.reply_mailbox, accounting,
         sources=smtp_agent.selector, parser=parse_pool.parse, tls_reports=_tls_report_inbox(config, top),
         authserv_id=sender_auth.authserv_id if sender_auth is not None and sender_auth.verify else None,
+        events=journal,
     )
 
     from pymta.queue.scheduler import MonotonicClock
@@ -363,7 +367,7 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
     from pymta.admin.queue_ops import QueueOperations
 
     operations = QueueOperations(
-        store, manager if config.queue.deliver else None, smtp_agent.shaper, smtp_agent.selector
+        store, manager if config.queue.deliver else None, smtp_agent.shaper, smtp_agent.selector, webhooks
     )
     control_service(config.control_socket, operations, reactor=reactor).setServiceParent(top)
     if config.http.listen or config.http.public_listen:
@@ -375,6 +379,7 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
             on_queued=notify if config.queue.deliver else None, shaper=smtp_agent.shaper,
             sign=sender_auth.sign if sender_auth is not None and sender_auth.signer is not None else None,
             selector=smtp_agent.selector,
+            events=journal,
         )  # fmt: skip
     for endpoint in config.smtp.listen_tls:
         implicit = SMTPServerFactory(receiver, config.hostname, limits, reactor, connections=mx_slots)
@@ -498,6 +503,25 @@ def _log_reopener(accounting: Any) -> Any:
             accounting.reopen()
 
     return reopen
+
+
+def _events(config: Config, reactor: Any, pool: Any, top: service.MultiService, accounting: Any) -> tuple[Any, ...]:
+    """The event journal, the webhook senders that follow it, and the accounting log that also
+    turns delivery outcomes into events (what the queue manager is given)."""
+    from pymta.events.emit import AccountingEvents
+    from pymta.events.journal import EventJournal
+    from pymta.events.webhooks import WebhookService, treq_post
+
+    base = os.path.join(config.state_dir, "events")
+    journal = EventJournal(os.path.join(base, "journal"), reactor, threadpool=pool, reactor=reactor)
+    CloseOnStop(journal.close).setServiceParent(top)
+    webhooks = None
+    if config.webhooks:
+        post = treq_post(reactor, connect_timeout=min(h.timeout for h in config.webhooks))
+        webhooks = WebhookService(config.webhooks, journal, os.path.join(base, "webhooks"), reactor, post,
+                                  reactor=reactor, threadpool=pool)  # fmt: skip
+        webhooks.setServiceParent(top)
+    return journal, webhooks, AccountingEvents(journal, accounting)
 
 
 def _inbound_state(config: Config, reactor: Any, main: bool) -> Any:

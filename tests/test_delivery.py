@@ -318,6 +318,15 @@ class DeliveryTests(unittest.TestCase):
         assert "4.7.28" in held.text and peer.connections == connections  # nothing was sent
 
     @defer.inlineCallbacks
+    def test_results_name_the_provider_their_destination_rolls_up_to(self):
+        from pymta.outbound.shaping import Limits, Shaper
+
+        self.peer("127.0.0.2")
+        shaper = Shaper(reactor, Limits(connections=5), providers={"remotemail": (("remote.test",), Limits())})
+        [result] = yield self.agent(shaper=shaper).deliver(*self.envelope("a@remote.test"), b"x\r\n")
+        assert result.status == DELIVERED and result.extra["provider"] == "remotemail"
+
+    @defer.inlineCallbacks
     def test_source_address_binds_outgoing_connections(self):
         peer = self.peer("127.0.0.2")
         seen = []

@@ -18,7 +18,7 @@ from typing import Any
 
 from pymta.config import ConfigError, default_config_path, load_config
 
-COMMANDS = ("list", "show", "flush", "delete", "hold", "release", "shaping")
+COMMANDS = ("list", "show", "flush", "delete", "hold", "release", "shaping", "webhooks")
 
 
 class CLIError(Exception):
@@ -83,6 +83,15 @@ def run_directly(queue_dir: str, command: str, target: str | None) -> dict[str, 
     return outcome
 
 
+def webhooks_from_disk(config: Any) -> dict[str, Any]:
+    """Webhook backlog and counts of a stopped MTA, from the event journal and the cursors."""
+    from pymta.events.webhooks import status_from_disk
+
+    if not config.webhooks:
+        return {"ok": False, "error": "no [[webhooks]] are configured"}
+    return {"ok": True, "result": {"webhooks": status_from_disk(config.state_dir, config.webhooks)}}
+
+
 def _format_time(seconds: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(seconds)) if seconds else "-"
 
@@ -123,9 +132,12 @@ def queue_main(argv: list[str] | None = None) -> int:
             raise CLIError("--domain goes with flush only")
         answer = ask_control_socket(config.control_socket, args.command, args.qid, domain=args.domain)
         if answer is None:
-            if args.command in ("flush", "shaping"):
+            if args.command == "webhooks":
+                answer = webhooks_from_disk(config)
+            elif args.command in ("flush", "shaping"):
                 raise CLIError(f"{args.command} needs the running MTA: nothing answers on " + config.control_socket)
-            answer = run_directly(config.queue_dir, args.command, args.qid)
+            else:
+                answer = run_directly(config.queue_dir, args.command, args.qid)
     except ConfigError as e:
         sys.stderr.write(f"pymta-queue: configuration error: {e}\n")
         return 2

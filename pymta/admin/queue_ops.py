@@ -73,8 +73,10 @@ def _state_or_error(store: IQueueStore, qid: str) -> str:
 class QueueOperations:
     """Applies operator requests; with a queue manager, through it (it owns the schedule)."""
 
-    def __init__(self, store: IQueueStore, manager: Any = None, shaper: Any = None, selector: Any = None) -> None:
+    def __init__(self, store: IQueueStore, manager: Any = None, shaper: Any = None, selector: Any = None,
+                 webhooks: Any = None) -> None:  # fmt: skip
         self.store = store
+        self.webhooks = webhooks  # anything with status(): the webhook senders (pymta.events.webhooks)
         self.manager = manager
         self.shaper = shaper
         self.selector = selector
@@ -93,6 +95,10 @@ class QueueOperations:
             return show_message(self.store, self._need(target))
         if command == "shaping":
             return self.shaping(target or domain)
+        if command == "webhooks":
+            if self.webhooks is None:
+                raise QueueOpError("no [[webhooks]] are configured")
+            return {"webhooks": self.webhooks.status()}
         if command == "flush":
             return self.flush(None if target == "all" else target, domain)
         if command in ("delete", "hold", "release"):

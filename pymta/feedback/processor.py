@@ -39,6 +39,7 @@ class FeedbackProcessor:
         parser: Callable[[bytes], defer.Deferred[Report]] | None = None,
         authserv_id: str | None = None,
         tls_reports: Any = None,
+        events: Any = None,
     ) -> None:
         self.suppression = suppression
         self.tagger = tagger
@@ -52,6 +53,7 @@ class FeedbackProcessor:
         # parse off the reactor (pymta.feedback.pool.ParsePool.parse); in-line when not given (tests)
         self.parser = parser or (lambda raw: defer.succeed(parse_message(raw)))
         self.authserv_id = authserv_id  # whose Authentication-Results to trust (inbound verdicts on)
+        self.events = events  # pymta.events.journal.EventJournal: complaint, unsubscribe, reply events
 
     @defer.inlineCallbacks
     def deliver(self, envelope: Envelope, recipients: list[Recipient], body: bytes):
@@ -86,6 +88,8 @@ class FeedbackProcessor:
         """Apply one report that arrived for ``address``; returns what was done (for the log)."""
         address = address.lower()
         outcome = self._handle(address, envelope, report)
+        if outcome in ("keep", "kept as reply"):
+            self._emit("reply", None, report.from_address, report)
         log.info("feedback for {to}: {kind} {action} -> {outcome}", to=address, kind=report.kind, action=report.action,
                  outcome=outcome, reason=report.reason, recipients=report.recipients, event="feedback")  # fmt: skip
         if self.accounting is not None:
@@ -104,6 +108,7 @@ class FeedbackProcessor:
             _, who, scope = match
             for rcpt in who:
                 self.suppression.add(rcpt, "one-click unsubscribe", "unsubscribe", scope or None)
+                self._emit("unsubscribe", match[0], rcpt, report, scope=scope or None)
             return f"unsubscribed {', '.join(who)} from {scope or 'all'}"
         if parsed is not None:
             if report.kind == ARF:
@@ -150,6 +155,11 @@ class FeedbackProcessor:
             return "ignored: complaint without a genuine trace header"
         qid, rcpt = traced
         self.suppression.record_complaint(rcpt, f"complaint ({report.feedback_type or 'abuse'})")
+        self._emit("complaint", qid, rcpt, report, feedback_type=report.feedback_type or "abuse")
         if self.sources is not None:
             self.sources.feedback(qid, "complaint")
         return f"complaint about {qid} for {rcpt}: suppressed"
+
+    def _emit(self, type_: str, qid: str | None, recipient: str | None, report: Report, **fields: Any) -> None:
+        if self.events is not None:
+            self.events.emit(type_, qid=qid, recipient=recipient, feedback=report.kind, **fields)

@@ -281,6 +281,9 @@ class SMTPDeliveryAgent:
             shaping = (key, limits)
         try:
             results = yield self._try_hops(envelope, recipients, body, domain, hops, shaping, source)
+            if provider is not None:  # for the accounting record and the event
+                for r in results:
+                    r.extra.setdefault("provider", provider)
             if source is not None:
                 for r in results:
                     if r.remote_mta:  # an answer from the remote side, not a local verdict

@@ -299,7 +299,7 @@ class QueueManager(service.Service):
             queue_time=queue_time,
             metadata=envelope.extra.get("metadata"),
             **tags,
-            **{k: v for k, v in extra.items() if k in ("ip", "host", "tls_version", "cipher", "tls_policy", "tls_failure")},
+            **{k: v for k, v in extra.items() if k in ("ip", "host", "tls_version", "cipher", "tls_policy", "tls_failure", "provider")},
         )
 
     @defer.inlineCallbacks

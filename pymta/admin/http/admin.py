@@ -109,6 +109,7 @@ class AdminAPI:
         api.route("DELETE", "/api/v1/messages/{qid}", self.delete, "admin")
         api.route("POST", "/api/v1/messages/{qid}/{action}", self.action, "admin")
         api.route("GET", "/api/v1/shaping", self.shaping, "read")
+        api.route("GET", "/api/v1/webhooks", self.webhooks, "read")
         api.route("GET", "/api/v1/suppressions", self.suppressions, "read")
         api.route("POST", "/api/v1/suppressions", self.suppress, "admin")
         api.route("DELETE", "/api/v1/suppressions/{address}", self.unsuppress, "admin")
@@ -166,6 +167,9 @@ class AdminAPI:
 
     def shaping(self, request: Any) -> defer.Deferred:
         return self._run("shaping", query(request, "domain"))  # ?domain=D: the destinations D goes through
+
+    def webhooks(self, request: Any) -> defer.Deferred:
+        return self._run("webhooks", None)
 
     # -- suppressions ---------------------------------------------------------------------
 

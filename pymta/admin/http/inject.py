@@ -62,6 +62,7 @@ class InjectRequest:
     tenant: str | None = None
     pool: str | None = None
     not_before: float = 0.0
+    track: dict[str, bool] | None = None  # {"opens": bool, "clicks": bool} given with the request
 
 
 def _string(value: Any, name: str, limit: int = 998, required: bool = False) -> str | None:
@@ -99,7 +100,7 @@ def parse_request(body: Any) -> InjectRequest:
     if not isinstance(body, dict):
         raise APIError(400, "expected a JSON object")
     known = {"envelope_sender", "recipients", "content", "substitutions", "campaign", "tenant", "pool",
-             "deliver_after"}  # fmt: skip
+             "deliver_after", "track"}  # fmt: skip
     for key in body:
         if key not in known:
             raise APIError(400, f"unknown field {key!r}", key)
@@ -133,7 +134,12 @@ def parse_request(body: Any) -> InjectRequest:
             not_before = datetime.fromisoformat(when.replace("Z", "+00:00")).timestamp()
         except ValueError:
             raise APIError(400, "deliver_after must be an ISO 8601 time", "deliver_after") from None
+    track = body.get("track")
+    if track is not None and (not isinstance(track, dict) or set(track) - {"opens", "clicks"}
+                              or not all(isinstance(v, bool) for v in track.values())):  # fmt: skip
+        raise APIError(400, 'track must be an object like {"opens": true, "clicks": true}', "track")
     return InjectRequest(
+        track=track,
         sender=sender,
         recipients=recipients,
         content=content,
@@ -368,6 +374,7 @@ class InjectAPI:
         template_timeout: float = 2.0,
         metrics: Any = None,
         sign: Callable[..., defer.Deferred] | None = None,
+        tracker: Callable[[bytes, Envelope, dict[str, bool] | None], bytes] | None = None,
     ) -> None:
         self.store = store
         self.policy = policy
@@ -381,6 +388,7 @@ class InjectAPI:
         self.renderer = BoundedRenderer(reactor, template_timeout)
         self.metrics = metrics
         self.sign = sign  # DKIM (pymta.auth.accept.SenderAuth.sign): once, here, as for a trusted client
+        self.tracker = tracker  # open/click tracking rewrite (pymta.events.tracking), before any signing
         self.closing = False
 
     def register(self, api: Any) -> None:
@@ -463,6 +471,11 @@ class InjectAPI:
                 continue
             metadata = item.get("metadata") if isinstance(item, dict) else None
             envelope = self._envelope(req, address, decision, token, metadata)
+            if self.tracker is not None:
+                try:
+                    data = yield self.renderer.run(self.tracker, data, envelope, req.track)
+                except RenderTimeout:
+                    log.warn("tracking rewrite for {qid} ran too long: sent untracked", qid=envelope.qid)
             if self.sign is not None:
                 data = yield self.sign(data, f"api:{token}", "api")
             data = self._received(envelope, token) + data

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from pymta.interfaces import QUEUE_STATES
 
@@ -142,6 +142,20 @@ class _ScrapeCollector:
         if "paused_destinations" in values:
             yield GaugeMetricFamily("pymta_shaping_paused_destinations", "Destinations paused by shaping now",
                                     value=values["paused_destinations"])  # fmt: skip
+        if "webhooks" in values:
+            backlog = GaugeMetricFamily("pymta_webhook_backlog", "Events not yet accepted by a webhook endpoint",
+                                        labels=["webhook"])  # fmt: skip
+            dropped = CounterMetricFamily("pymta_webhook_dropped", "Events a webhook endpoint never accepted",
+                                          labels=["webhook"])  # fmt: skip
+            delivered = CounterMetricFamily("pymta_webhook_delivered", "Events accepted by a webhook endpoint",
+                                            labels=["webhook"])  # fmt: skip
+            for hook in values["webhooks"]:
+                backlog.add_metric([_label(hook["name"])], float(hook["backlog"]))
+                dropped.add_metric([_label(hook["name"])], float(hook["dropped"]))
+                delivered.add_metric([_label(hook["name"])], float(hook["delivered"]))
+            yield backlog
+            yield dropped
+            yield delivered
         connections = GaugeMetricFamily("pymta_outbound_connections", "Open outbound connections",
                                         labels=["destination"])  # fmt: skip
         for destination, n in sorted((values.get("connections") or {}).items()):

@@ -29,10 +29,11 @@ def page(title: str, body: str) -> bytes:
 class Unsubscribe(resource.Resource):
     isLeaf = True
 
-    def __init__(self, tagger: Any, suppression: Any) -> None:
+    def __init__(self, tagger: Any, suppression: Any, events: Any = None) -> None:
         super().__init__()
         self.tagger = tagger
         self.suppression = suppression
+        self.events = events  # the event journal: an ``unsubscribe`` event
 
     def _target(self, request: Any) -> tuple[str, str, str] | None:
         parts = request.postpath
@@ -68,12 +69,19 @@ class Unsubscribe(resource.Resource):
         self.suppression.add(recipient, "one-click unsubscribe", "unsubscribe", scope or None)
         log.info("feedback for {rcpt}: unsubscribe over HTTPS -> suppressed for {scope}", rcpt=recipient,
                  scope=scope or "all", qid=qid, kind="unsubscribe")  # fmt: skip
+        if self.events is not None:
+            self.events.emit("unsubscribe", qid=qid, recipient=recipient, scope=scope or None, feedback="one-click")
         sender = f" from {html.escape(scope)}" if scope else ""
         return self._answer(request, 200, "Unsubscribed", f"<p>{html.escape(recipient)} is unsubscribed{sender}.</p>")
 
 
-def public_root(tagger: Any, suppression: Any) -> resource.Resource:
+def public_root(tagger: Any, suppression: Any, events: Any = None, tracking: Any = None) -> resource.Resource:
+    """``/u/`` (with a tagger) and ``/t/`` (with ``tracking``, a TrackingTokens, and the event journal)."""
     root = resource.Resource()
     if tagger is not None and suppression is not None:
-        root.putChild(b"u", Unsubscribe(tagger, suppression))
+        root.putChild(b"u", Unsubscribe(tagger, suppression, events))
+    if tracking is not None and events is not None:
+        from pymta.admin.http.tracking import Tracking
+
+        root.putChild(b"t", Tracking(tracking, events))
     return root

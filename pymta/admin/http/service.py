@@ -111,8 +111,10 @@ def build_http(
     shaper: Any = None,
     sign: Any = None,
     selector: Any = None,
+    events: Any = None,
 ) -> None:
     h = config.http
+    tracking = _tracker(config) if events is not None and config.tracking.enabled else None
     if h.listen:
         tokens = TokenChecker(load_tokens(h.tokens_file) if h.tokens_file else [])
         api = JSONAPI(tokens)
@@ -127,12 +129,12 @@ def build_http(
         inject = InjectAPI(
             store, policy, reactor, reactor, config.hostname, config.smtp.max_message_size,
             suppression=suppression, accounting=accounting, on_queued=on_queued,
-            template_timeout=h.template_timeout, metrics=metrics, sign=sign,
+            template_timeout=h.template_timeout, metrics=metrics, sign=sign, tracker=tracking,
         )  # fmt: skip
         inject.register(api)
         CloseRenderer(inject).setServiceParent(top)
         assert metrics is not None
-        metrics.add_gauges(lambda: _gauges(store, suppression, shaper))
+        metrics.add_gauges(lambda: _gauges(store, suppression, shaper, operations.webhooks))
         MetricsObserver(metrics).setServiceParent(top)
         root = AdminRoot(api, MetricsPage(metrics, api, h.metrics_auth))
         add_dashboard(config, reactor, top, root, api, threadpool, store, suppression, accounting, shaper, selector)
@@ -140,7 +142,8 @@ def build_http(
         for endpoint in h.listen:
             strports.service(endpoint, site, reactor=reactor).setServiceParent(top)
     if h.public_listen:
-        public = APISite(public_root(tagger, suppression), 64 * 1024, reactor=reactor)
+        public = APISite(public_root(tagger, suppression, events, tracking.tokens if tracking else None), 64 * 1024,
+                         reactor=reactor)  # fmt: skip
         for endpoint in h.public_listen:
             strports.service(endpoint, public, reactor=reactor).setServiceParent(top)
 
@@ -177,8 +180,16 @@ def _stat_gauges(store: Any, suppression: Any) -> dict[str, float]:
     return values
 
 
-def _gauges(store: Any, suppression: Any, shaper: Any) -> dict[str, Any]:
+def _tracker(config: Any) -> Any:
+    from pymta.events.tracking import Tracker
+
+    return Tracker(config.tracking, config.http.public_url, config.tracking.secret or config.feedback.secret)
+
+
+def _gauges(store: Any, suppression: Any, shaper: Any, webhooks: Any = None) -> dict[str, Any]:
     values: dict[str, Any] = {"queue": {state: len(store.list(state)) for state in QUEUE_STATES}}
+    if webhooks is not None:
+        values["webhooks"] = webhooks.status()
     if suppression is not None and hasattr(suppression, "count"):
         values["suppressions"] = suppression.count()
     if shaper is not None:
