@@ -394,6 +394,7 @@ class ClusterConfig:
     node: str | None = _key(conv_str, None)  # unique per node; None: the host name
     timeout: float = _key(conv_duration(0.01), 0.5)  # per Redis call; past it the node goes local
     heartbeat: float = _key(conv_duration(0.1), 2.0)  # a node is alive while seen within 3 heartbeats
+    lease_ttl: float = _key(conv_duration(1), 30.0)  # a dead node's connection leases lapse after this
 
 
 @dataclass(frozen=True)

@@ -211,7 +211,8 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
         "local": MaildirDeliveryAgent(config.mail_dir, config.hostname, reactor=reactor, threadpool=pool),
     }
     resolver = Resolver(reactor, dns_pool, config.dns.servers, timeout=config.dns.timeout)
-    smtp_agent = _outbound_agent(config, reactor, resolver)
+    shared = _cluster_state(config, reactor, top)
+    smtp_agent = _outbound_agent(config, reactor, resolver, shared)
     CloseOnStop(smtp_agent.close_idle).setServiceParent(top)
     suppression, tagger = _feedback_parts(config, reactor)
     CloseOnStop(suppression.close).setServiceParent(top)
@@ -287,7 +288,7 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
             state=inbound_state,
         ),
         greylist=Greylist(reactor, config.greylist.delay, config.greylist.expire, config.greylist.lifetime,
-                          state=inbound_state)  # fmt: skip
+                          state=inbound_state, cluster=shared)  # fmt: skip
         if config.greylist.enabled
         else None,
         suppression=suppression,
@@ -494,7 +495,40 @@ def _selector(config: Config, reactor: Any) -> Any:
                           complaint_rate=w.complaint_rate)  # fmt: skip
 
 
-def _shaper(config: Config, reactor: Any) -> Any:
+class ClusterStateService(service.Service):
+    """Joins the cluster's shared state when the tree starts, leaves it when the tree closes."""
+
+    stop_stage = CLOSE
+
+    def __init__(self, state: Any) -> None:
+        self.state = state
+
+    def startService(self) -> None:
+        super().startService()
+        self.state.start()
+
+    def stopService(self) -> Any:
+        super().stopService()
+        return self.state.stop()
+
+
+def _cluster_state(config: Config, reactor: Any, top: service.MultiService) -> Any:
+    """The state shared by the cluster's nodes (``[cluster] backend = "redis"``), else None:
+    a ``local`` node keeps its state in process as it always has."""
+    if config.cluster.backend == "local":
+        return None
+    from pymta.state.cluster import make_cluster_state
+
+    try:
+        state = make_cluster_state(config, reactor)
+    except OSError as e:
+        raise StartupError(f"cannot read cluster.redis_password_file {config.cluster.redis_password_file}: "
+                           f"{e.strerror}") from None  # fmt: skip
+    ClusterStateService(state).setServiceParent(top)
+    return state
+
+
+def _shaper(config: Config, reactor: Any, shared: Any = None) -> Any:
     """Traffic shaping from ``[shaping]`` (limits default -> provider -> domain, backoff rules)."""
     import re
 
@@ -514,6 +548,8 @@ def _shaper(config: Config, reactor: Any) -> Any:
         {name: limits(c) for name, c in sh.domain.items()},
         {name: (c.mx_suffix, limits(c)) for name, c in sh.provider.items()},
         tuple(BackoffRule(re.compile(b.match, re.I), b.pause, b.rate, b.recover) for b in sh.backoff),
+        cluster=shared,
+        lease_ttl=config.cluster.lease_ttl,
     )
 
 
@@ -551,7 +587,7 @@ def client_timeouts(out: Any) -> Any:
     return ClientTimeouts(**stages)
 
 
-def _outbound_agent(config: Config, reactor: Any, resolver: Any) -> Any:
+def _outbound_agent(config: Config, reactor: Any, resolver: Any, shared: Any = None) -> Any:
     """The SMTP delivery agent for relayed and forwarded recipients."""
     from pymta.outbound.delivery import SMTPDeliveryAgent
     from pymta.outbound.routes import Router
@@ -576,7 +612,7 @@ def _outbound_agent(config: Config, reactor: Any, resolver: Any) -> Any:
         reactor,
         router,
         config.hostname,
-        shaper=_shaper(config, reactor),
+        shaper=_shaper(config, reactor, shared),
         selector=_selector(config, reactor),
         max_connections=out.max_connections,
         max_connections_per_domain=out.max_connections_per_domain,

@@ -281,3 +281,69 @@ def test_cluster_config_defaults_to_local_and_checks_the_url():
         build_config({**base, "cluster": {"redis": "http://x"}})
     with pytest.raises(ConfigError, match=r"^<config>: cluster.backend: "):
         build_config({**base, "cluster": {"backend": "etcd"}})
+
+
+def _granted(d):
+    """A list that gets True once ``d`` has fired (its whole chain, leases included)."""
+    out = []
+    d.addCallback(lambda _: out.append(True))
+    return out
+
+
+def _shapers(clock, n=2, connections=3, rate="60/min"):
+    from pymta.outbound.shaping import Limits, Shaper
+
+    shared = LocalClusterState(clock, "cluster")  # one state object seen by every "node"
+    limits = Limits(connections=connections, message_rate=parse_rate(rate))
+    return [Shaper(clock, limits, cluster=shared, lease_ttl=9.0) for _ in range(n)], limits
+
+
+def test_shapers_of_two_nodes_share_one_message_rate():
+    clock = _clock()
+    (a, b), limits = _shapers(clock)
+    assert a.admit("mx:x", limits).result == 0.0
+    assert b.admit("mx:x", limits).result == pytest.approx(clock.seconds() + 1.0)
+    clock.advance(1.0)
+    assert b.admit("mx:x", limits).result == 0.0
+
+
+def test_shapers_of_two_nodes_never_exceed_the_shared_connection_cap():
+    clock = _clock()
+    (a, b), limits = _shapers(clock)
+    for s in (a, b):
+        s.state("mx:x").window = 3.0  # each node's own window would allow 3
+    got = [_granted(s.acquire_connection("mx:x", limits)) for s in (a, a, b, b)]
+    clock.advance(1.0)
+    assert got == [[True], [True], [True], []]
+    a.release_connection("mx:x")
+    clock.advance(0.5)
+    assert got[3] == [True]
+    for s in (a, b):
+        s.stop()
+
+
+def test_leases_live_while_refreshed_and_lapse_when_their_node_dies():
+    clock = _clock()
+    (a, b), limits = _shapers(clock, connections=1)
+    assert _granted(a.acquire_connection("mx:x", limits)) == [True]
+    waiting = _granted(b.acquire_connection("mx:x", limits))
+    for _ in range(40):  # 20 s: a keeps refreshing its lease (ttl 9 s)
+        clock.advance(0.5)
+    assert waiting == []
+    a.stop()  # node a dies without releasing: nothing refreshes its lease any more
+    for _ in range(20):
+        clock.advance(0.5)
+    assert waiting == [True]
+    b.stop()
+
+
+def test_greylisting_through_the_cluster_answers_450_then_passes():
+    from pymta.inbound.limits import Greylist
+
+    clock = _clock()
+    shared = LocalClusterState(clock, "cluster")
+    one, other = (Greylist(clock, 60, 3600, 86400, cluster=shared) for _ in range(2))
+    reply = one.check("192.0.2.7", "a@x.test", "b@y.test").result
+    assert (reply.code, reply.enhanced) == (450, "4.7.1")
+    clock.advance(61)
+    assert other.check("192.0.2.9", "A@x.test", "b@y.test").result is None  # same /24, same triple

@@ -219,6 +219,8 @@ class InboundReceiver:
             return decision.reply  # the SMTP server logs the one reject event, with the recipient
         if not self._trusted(session):
             refused = self._untrusted_rcpt(session, decision.address)
+            if isinstance(refused, defer.Deferred):  # the cluster's greylisting answers later
+                return refused.addCallback(lambda r: r if r is not None else self._rcpt_accepted(session, address, decision))
             if refused is not None:
                 return refused
         elif decision.route == ROUTE_RELAY and self.suppression is not None:
@@ -226,6 +228,9 @@ class InboundReceiver:
             entry = self.suppression.is_suppressed(decision.address, sender.rpartition("@")[2] or None)
             if entry is not None:
                 return Reply(550, "5.7.1", f"Recipient suppressed ({entry['source']}: {entry['reason']})")
+        return self._rcpt_accepted(session, address, decision)
+
+    def _rcpt_accepted(self, session: Any, address: str, decision: Any) -> None:
         session.transaction.notes.setdefault("routes", {})[address] = (decision.route, decision.address)
         return None
 
