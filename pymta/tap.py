@@ -214,7 +214,7 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
     shared = _cluster_state(config, reactor, top)
     smtp_agent = _outbound_agent(config, reactor, resolver, shared)
     CloseOnStop(smtp_agent.close_idle).setServiceParent(top)
-    suppression, tagger = _feedback_parts(config, reactor)
+    suppression, tagger = _feedback_parts(config, reactor, shared)
     CloseOnStop(suppression.close).setServiceParent(top)
     fb = config.feedback
     relay = FeedbackGate(smtp_agent, suppression, tagger, fb.sender_domains, classify, fb.unsubscribe,
@@ -461,14 +461,20 @@ def _inbound_state(config: Config, reactor: Any, main: bool) -> Any:
     return state
 
 
-def _feedback_parts(config: Config, reactor: Any) -> tuple[Any, Any]:
+def _feedback_parts(config: Config, reactor: Any, shared: Any = None) -> tuple[Any, Any]:
     """The suppression store (always) and the return-path tagger (with a bounce domain)."""
     from pymta.feedback.suppression import SuppressionPolicy, SuppressionStore
     from pymta.feedback.verp import Tagger
 
     fb = config.feedback
     policy = SuppressionPolicy(fb.soft_bounce_threshold, fb.soft_bounce_window, fb.soft_bounce_suppress)
-    store = SuppressionStore(config.suppression_db, reactor, policy)
+    if shared is not None:  # the cluster's suppressions, in a local replica kept current from Redis
+        from pymta.state.replica import ReplicatedSuppressionStore
+
+        store = ReplicatedSuppressionStore(config.suppression_db, reactor, policy, cluster=shared)
+        store.start()
+    else:
+        store = SuppressionStore(config.suppression_db, reactor, policy)
     tagger = Tagger(fb.secret, fb.bounce_domain) if fb.bounce_domain and fb.secret else None
     return store, tagger
 

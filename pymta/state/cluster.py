@@ -301,6 +301,18 @@ class RedisClusterState:
 
         return shared().addErrback(fallback)
 
+    def command(self, *args: Any) -> defer.Deferred:
+        """One raw Redis command within the timeout (fails while the node is local)."""
+        if not self.shared:
+            return defer.fail(ConnectionError("Redis unreachable: the node is local"))
+        d = self._call(lambda c: c.execute_command(*args))
+        def failed(failure: Any) -> Any:
+            if type(failure.value).__name__ != "ResponseError":  # Redis answered: it is there
+                self._failed(failure, str(args[0]))
+            return failure
+
+        return d.addErrback(failed)
+
     # -- the operations -------------------------------------------------------------------
 
     def take(self, name: str, key: str, rate: Rate) -> defer.Deferred:
