@@ -2,7 +2,8 @@
 # bench/cluster.sh -- the relay's end-to-end rate for one node with [cluster] backend = "local" and
 # one node with backend = "redis" in the same run (smtp-source -> pymta -> smtp-sink, Debian's
 # postfix tools; Debian's redis-server), and the Redis commands per delivered message (from Redis's
-# own INFO stats). The destination has a message rate and a connection cap, so every message takes
+# own INFO stats, which count the commands a Lua script runs; the network calls are the evalsha
+# and zrem lines printed for the redis runs). The destination has a message rate and a connection cap, so every message takes
 # a rate token and every delivery a connection lease: the path the cluster shares.
 # CLUSTER_N messages (default 3000) of CLUSTER_SIZE octets (2048) over CLUSTER_SESSIONS (10),
 # CLUSTER_RUNS runs each (3), alternating. Loopback only; every process is stopped by its PID.
@@ -55,6 +56,7 @@ CFG
     for i in $(seq 300); do (echo > "/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
     sleep 1  # the node joins Redis (its first heartbeat) before mail comes
     local before after t0 t1
+    redis-cli -p "$REDIS_PORT" config resetstat >/dev/null
     before=$(redis-cli -p "$REDIS_PORT" info stats | awk -F: '/^total_commands_processed/ {print $2+0}')
     t0=$(date +%s.%N)
     /usr/sbin/smtp-source -s "$SESSIONS" -m "$N" -l "$SIZE" -f s@bench.example -t r@remote.example \
@@ -65,6 +67,8 @@ CFG
     done
     t1=$(date +%s.%N)
     after=$(redis-cli -p "$REDIS_PORT" info stats | awk -F: '/^total_commands_processed/ {print $2+0}')
+    [ "$backend" = redis ] && redis-cli -p "$REDIS_PORT" info commandstats | grep '^cmdstat' | grep -v 'config|' \
+        | sed 's/^cmdstat_\([a-z]*\):calls=\([0-9]*\).*/\1=\2/' | tr '\n' ' ' | sed 's/^/  commands: /' >&2 && echo >&2
     kill "$pid"; wait "$pid" 2>/dev/null
     echo "$(echo "$N / ($t1 - $t0)" | bc -l) $((after - before - 1))"
 }
