@@ -422,6 +422,27 @@ class GreylistConfig:
     lifetime: float = _key(conv_duration(60), 36 * 86400.0)
 
 
+def conv_redis_url(value: Any) -> str:
+    """``redis://host:port/db``, ``rediss://`` (TLS) or ``unix:/path/redis.sock``."""
+    text = conv_str(value)
+    if not re.match(r"^(rediss?://[^\s/]+(/\d{1,2})?/?|unix:/\S+)$", text):
+        raise ConfigValueError(f"expected redis://HOST:PORT/DB, rediss://... or unix:/PATH, got {text!r}")
+    return text
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Where state shared between the nodes of a cluster lives: ``local`` (this node only) or ``redis``."""
+
+    backend: str = _key(conv_choice("local", "redis"), "local")
+    redis: str = _key(conv_redis_url, "redis://127.0.0.1:6379/0")
+    redis_password_file: str | None = _key(conv_path, None)
+    node: str | None = _key(conv_str, None)  # unique per node; None: the host name
+    timeout: float = _key(conv_duration(0.01), 0.5)  # per Redis call; past it the node goes local
+    heartbeat: float = _key(conv_duration(0.1), 2.0)  # a node is alive while seen within 3 heartbeats
+    lease_ttl: float = _key(conv_duration(1), 30.0)  # a dead node's connection leases lapse after this
+
+
 @dataclass(frozen=True)
 class FeedbackConfig:
     """Return-path tagging, feedback addresses and the suppression policy."""
@@ -931,6 +952,7 @@ _SECTIONS: dict[str, type] = {
     "srs": SRSConfig,
     "mailbox": MailboxConfig,
     "tracking": TrackingConfig,
+    "cluster": ClusterConfig,
 }
 
 
@@ -971,6 +993,7 @@ class Config:
     virtual: dict[str, tuple[str, ...]] = field(default_factory=dict)  # [virtual] "key" = ["address", ...]
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     webhooks: tuple[WebhookConfig, ...] = ()
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     routes: dict[str, tuple[str, int]] = field(default_factory=dict)
     acl: dict[str, tuple[AclRule, ...]] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)

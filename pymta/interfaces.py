@@ -220,3 +220,42 @@ class IInboundState(Interface):
 
     def close():
         """Release the store."""
+
+
+class IClusterState(Interface):
+    """State the nodes of a cluster share (``local``: this node alone; ``redis``): GCRA rates,
+    connection leases, greylisting triples. Every operation returns a Deferred that fires within
+    the backend's timeout; a backend that cannot reach its store answers from this node's own
+    state with each limit divided by the nodes last seen alive, and never fails the caller.
+
+    A name or key starting ``local:`` is kept per node even on a shared backend.
+    """
+
+    node = Attribute("this node's name, unique in the cluster")
+    shared = Attribute("True while answers come from the shared store")
+
+    def take(name, key, rate):
+        """GCRA: Deferred of 0.0 if one event for ``key`` at ``rate`` may happen now (recorded),
+        else of the seconds until it would be allowed."""
+
+    def acquire_lease(key, limit, lease, ttl):
+        """Deferred of True if ``lease`` (unique on this node) now holds one of ``limit`` slots of
+        ``key``; the slot lapses after ``ttl`` seconds unless refreshed."""
+
+    def refresh_leases(leases, ttl):
+        """Push the expiry of the (key, lease) pairs ``ttl`` seconds ahead (their connections live)."""
+
+    def release_lease(key, lease):
+        """Give the slot back."""
+
+    def greylist(triple, delay, expire, lifetime):
+        """As :meth:`IInboundState.greylist`, cluster-wide; a Deferred of the wait."""
+
+    def nodes_alive():
+        """Nodes seen alive at the last heartbeat (1 for a node alone)."""
+
+    def start():
+        """Connect and begin the heartbeat; never fails."""
+
+    def stop():
+        """Leave the cluster (the node's heartbeat is removed) and close."""

@@ -229,9 +229,10 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
         ThreadPoolService(sender_auth.threadpool).setServiceParent(top)
         CloseOnStop(sender_auth.stop).setServiceParent(top)  # stops first: lookups in flight give up
     tls_reports = _tls_reporter(config, reactor, resolver, store, top)
-    smtp_agent = _outbound_agent(config, reactor, resolver, tls_reports)
+    shared = _cluster_state(config, reactor, top)
+    smtp_agent = _outbound_agent(config, reactor, resolver, tls_reports, shared)
     CloseOnStop(smtp_agent.close_idle).setServiceParent(top)
-    suppression, tagger = _feedback_parts(config, reactor)
+    suppression, tagger = _feedback_parts(config, reactor, shared)
     CloseOnStop(suppression.close).setServiceParent(top)
     fb = config.feedback
     relay = FeedbackGate(smtp_agent, suppression, tagger, fb.sender_domains, classify, fb.unsubscribe,
@@ -313,7 +314,7 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
             state=inbound_state,
         ),
         greylist=Greylist(reactor, config.greylist.delay, config.greylist.expire, config.greylist.lifetime,
-                          state=inbound_state)  # fmt: skip
+                          state=inbound_state, cluster=shared)  # fmt: skip
         if config.greylist.enabled
         else None,
         suppression=suppression,
@@ -535,14 +536,20 @@ def _inbound_state(config: Config, reactor: Any, main: bool) -> Any:
     return state
 
 
-def _feedback_parts(config: Config, reactor: Any) -> tuple[Any, Any]:
+def _feedback_parts(config: Config, reactor: Any, shared: Any = None) -> tuple[Any, Any]:
     """The suppression store (always) and the return-path tagger (with a bounce domain)."""
     from pymta.feedback.suppression import SuppressionPolicy, SuppressionStore
     from pymta.feedback.verp import Tagger
 
     fb = config.feedback
     policy = SuppressionPolicy(fb.soft_bounce_threshold, fb.soft_bounce_window, fb.soft_bounce_suppress)
-    store = SuppressionStore(config.suppression_db, reactor, policy)
+    if shared is not None:  # the cluster's suppressions, in a local replica kept current from Redis
+        from pymta.state.replica import ReplicatedSuppressionStore
+
+        store = ReplicatedSuppressionStore(config.suppression_db, reactor, policy, cluster=shared)
+        store.start()
+    else:
+        store = SuppressionStore(config.suppression_db, reactor, policy)
     tagger = Tagger(fb.secret, fb.bounce_domain) if fb.bounce_domain and fb.secret else None
     return store, tagger
 
@@ -569,7 +576,40 @@ def _selector(config: Config, reactor: Any) -> Any:
                           complaint_rate=w.complaint_rate)  # fmt: skip
 
 
-def _shaper(config: Config, reactor: Any) -> Any:
+class ClusterStateService(service.Service):
+    """Joins the cluster's shared state when the tree starts, leaves it when the tree closes."""
+
+    stop_stage = CLOSE
+
+    def __init__(self, state: Any) -> None:
+        self.state = state
+
+    def startService(self) -> None:
+        super().startService()
+        self.state.start()
+
+    def stopService(self) -> Any:
+        super().stopService()
+        return self.state.stop()
+
+
+def _cluster_state(config: Config, reactor: Any, top: service.MultiService) -> Any:
+    """The state shared by the cluster's nodes (``[cluster] backend = "redis"``), else None:
+    a ``local`` node keeps its state in process as it always has."""
+    if config.cluster.backend == "local":
+        return None
+    from pymta.state.cluster import make_cluster_state
+
+    try:
+        state = make_cluster_state(config, reactor)
+    except OSError as e:
+        raise StartupError(f"cannot read cluster.redis_password_file {config.cluster.redis_password_file}: "
+                           f"{e.strerror}") from None  # fmt: skip
+    ClusterStateService(state).setServiceParent(top)
+    return state
+
+
+def _shaper(config: Config, reactor: Any, shared: Any = None) -> Any:
     """Traffic shaping from ``[shaping]`` (limits default -> provider -> domain, backoff rules)."""
     import re
 
@@ -589,6 +629,8 @@ def _shaper(config: Config, reactor: Any) -> Any:
         {name: limits(c) for name, c in sh.domain.items()},
         {name: (c.mx_suffix, limits(c)) for name, c in sh.provider.items()},
         tuple(BackoffRule(re.compile(b.match, re.I), b.pause, b.rate, b.recover) for b in sh.backoff),
+        cluster=shared,
+        lease_ttl=config.cluster.lease_ttl,
     )
 
 
@@ -670,7 +712,7 @@ def _tls_report_inbox(config: Config, top: service.MultiService) -> Any:
     return inbox
 
 
-def _outbound_agent(config: Config, reactor: Any, resolver: Any, tls_reports: Any = None) -> Any:
+def _outbound_agent(config: Config, reactor: Any, resolver: Any, tls_reports: Any = None, shared: Any = None) -> Any:
     """The SMTP delivery agent for relayed and forwarded recipients."""
     from pymta.outbound.dane import DANE
     from pymta.outbound.delivery import SMTPDeliveryAgent
@@ -696,7 +738,7 @@ def _outbound_agent(config: Config, reactor: Any, resolver: Any, tls_reports: An
         reactor,
         router,
         config.hostname,
-        shaper=_shaper(config, reactor),
+        shaper=_shaper(config, reactor, shared),
         selector=_selector(config, reactor),
         max_connections=out.max_connections,
         max_connections_per_domain=out.max_connections_per_domain,

@@ -25,6 +25,7 @@ command -v chromium >/dev/null 2>&1 || need+=(chromium)
 # DANE tests: knot signs zones on loopback, unbound validates them (both started by the tests).
 [ -x /usr/sbin/knotd ] || need+=(knot)
 [ -x /usr/sbin/unbound ] || need+=(unbound)
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 in_venv=$("$PY" -c 'import sys; print(int(sys.prefix != sys.base_prefix))')
 if [ "$in_venv" = 0 ] && ! "$PY" -c 'import ensurepip, venv' >/dev/null 2>&1; then
     need+=(python3-venv)

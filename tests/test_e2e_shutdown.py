@@ -15,13 +15,14 @@ import time
 import pytest
 
 from tests.mta_process import MTAProcess, free_port, port_is_free, wait_until
+from tests.smtp_receiver import ThreadedReceiver
 
 pytestmark = pytest.mark.timeout(240)
 
 GRACE = 3.0
 
 
-class SlowReceiver:
+class SlowReceiver(ThreadedReceiver):
     """A loopback SMTP server that answers the end of data late: a message whose Subject contains
     "slow" after ``slow`` seconds, the others once ``release`` is set. It counts a message as
     delivered only once its 250 was sent. Every wait and loop is bounded."""
@@ -29,52 +30,14 @@ class SlowReceiver:
     def __init__(self, slow: float = 60.0) -> None:
         self.slow = slow
         self.release = threading.Event()
-        self.lock = threading.Lock()
         self.delivered: list[str] = []  # subjects, in the order of their 250
         self.in_data = 0  # messages whose final dot arrived and that wait for their answer
-        self.stopping = threading.Event()
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.server.settimeout(0.2)
-        self.port = self.server.getsockname()[1]
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
+        super().__init__()
 
-    def _accept(self) -> None:
-        deadline = time.monotonic() + 200
-        while not self.stopping.is_set() and time.monotonic() < deadline:
-            try:
-                conn, _ = self.server.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            threading.Thread(target=self._session, args=(conn,), daemon=True).start()
-
-    def _session(self, conn: socket.socket) -> None:
-        conn.settimeout(0.2)
-        buf = b""
-        deadline = time.monotonic() + 150
-
-        def lines():
-            nonlocal buf
-            while time.monotonic() < deadline and not self.stopping.is_set():
-                if b"\r\n" in buf:
-                    line, buf = buf.split(b"\r\n", 1)
-                    yield line
-                    continue
-                try:
-                    data = conn.recv(65536)
-                except TimeoutError:
-                    continue
-                except OSError:
-                    return
-                if not data:
-                    return
-                buf += data
-
+    def _session(self, conn: socket.socket, peer: str) -> None:
         try:
             conn.sendall(b"220 slow.test ESMTP\r\n")
-            source = lines()
+            source = self.lines(conn)
             for line in source:
                 verb = line[:4].upper()
                 if verb == b"EHLO":
@@ -122,11 +85,6 @@ class SlowReceiver:
         finally:
             with self.lock:
                 self.in_data -= 1
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self.server.close()
-        self.thread.join(5)
 
 
 def pid_is_gone(pid: int) -> bool:

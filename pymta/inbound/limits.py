@@ -82,16 +82,23 @@ class Greylist:
     """
 
     def __init__(
-        self, clock: Any, delay: float, expire: float, lifetime: float, state: IInboundState | None = None
-    ) -> None:
+        self, clock: Any, delay: float, expire: float, lifetime: float, state: IInboundState | None = None,
+        cluster: Any = None,
+    ) -> None:  # fmt: skip
         self.delay = delay
         self.expire = expire
         self.lifetime = lifetime
         self.state = state if state is not None else MemoryInboundState(clock)
+        self.cluster = cluster  # IClusterState: the triples are the cluster's (a Deferred answer)
 
-    def check(self, client: str, sender: str, recipient: str) -> Reply | None:
+    def check(self, client: str, sender: str, recipient: str) -> Reply | None | Any:
         triple = (client_key(client, v4_prefix=24), sender.lower(), recipient.lower())
-        wait = self.state.greylist(triple, self.delay, self.expire, self.lifetime)
+        if self.cluster is not None:
+            return self.cluster.greylist(triple, self.delay, self.expire, self.lifetime).addCallback(self._reply)
+        return self._reply(self.state.greylist(triple, self.delay, self.expire, self.lifetime))
+
+    @staticmethod
+    def _reply(wait: float) -> Reply | None:
         if wait:
             return Reply(450, "4.7.1", f"Greylisted, please try again in {int(wait) + 1} seconds")
         return None

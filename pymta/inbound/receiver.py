@@ -237,6 +237,9 @@ class InboundReceiver:
             return Reply(452, "4.2.2", "Mailbox full: quota exceeded")
         if not self._trusted(session):
             refused = self._untrusted_rcpt(session, decision.address)
+            if isinstance(refused, defer.Deferred):  # the cluster's greylisting answers later
+                return refused.addCallback(
+                    lambda r: r if r is not None else self._rcpt_accepted(session, address, decision, targets))
             if refused is not None:
                 return refused
         elif decision.route == ROUTE_RELAY and self.suppression is not None:
@@ -244,6 +247,9 @@ class InboundReceiver:
             entry = self.suppression.is_suppressed(decision.address, sender.rpartition("@")[2] or None)
             if entry is not None:
                 return Reply(550, "5.7.1", f"Recipient suppressed ({entry['source']}: {entry['reason']})")
+        return self._rcpt_accepted(session, address, decision, targets)
+
+    def _rcpt_accepted(self, session: Any, address: str, decision: Any, targets: list[Any]) -> Reply | None:
         notes = session.transaction.notes
         expanded = notes.get("expanded", 0) + len(targets)
         if decision.targets and expanded > self.max_expanded:

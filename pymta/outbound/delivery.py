@@ -268,7 +268,7 @@ class SMTPDeliveryAgent:
             if limits.per_source and source is not None:
                 key = f"{key}@{source.name}"  # the limits hold for each source separately
             while True:
-                hold = self.shaper.hold_until(key, limits)
+                hold = yield self.shaper.admit(key, limits)
                 wait = hold - self.clock.seconds() if hold else 0.0
                 if wait <= 0:
                     break
@@ -466,7 +466,7 @@ class SMTPDeliveryAgent:
                     return session
         key = PoolKey(address, hop.port, source_name, policy)
         if shaping is not None:  # a new connection: the destination's connection rate applies
-            wait = self.shaper.connection_wait(*shaping)
+            wait = yield defer.maybeDeferred(self.shaper.connection_wait, *shaping)
             if wait > 0:
                 yield task.deferLater(self.clock, wait, lambda: None)
         proto = yield self._connect(address, hop.port, source)

@@ -14,7 +14,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from pymta.rate import KeyedLimiter, Rate, parse_rate, parse_share, parse_window
@@ -64,6 +64,8 @@ INITIAL_WINDOW = 2  # connections a destination starts with
 DEAD_SITE_FAILURES = 5  # connection-level failures in a row that suspend a destination ...
 DEAD_SITE_PAUSE = 600.0  # ... for this long, unless the limits say otherwise
 MAX_REMEMBERED_DOMAINS = 65536  # recipient domain -> destination key, for operator commands
+LEASE_TTL = 30.0  # a shared connection lease lapses this long after its node stops refreshing it
+LEASE_RETRY = 0.25  # seconds between tries for a shared connection slot
 
 
 @dataclass
@@ -90,8 +92,15 @@ class Shaper:
         domains: dict[str, Limits] | None = None,
         providers: dict[str, tuple[tuple[str, ...], Limits]] | None = None,
         backoff: tuple[BackoffRule, ...] = (),
+        cluster: Any = None,
+        lease_ttl: float = LEASE_TTL,
     ) -> None:
         self.clock = clock
+        self.cluster = cluster  # IClusterState: rates and connection caps shared by the nodes
+        self.lease_ttl = lease_ttl
+        self._leases: dict[str, list[str]] = {}  # destination key -> its shared leases held here
+        self._lease_serial = 0
+        self._refresher: Any = None
         self.default = default
         self.domains = {k.lower(): v for k, v in (domains or {}).items()}
         self.providers = providers or {}
@@ -152,18 +161,34 @@ class Shaper:
 
     # -- admission ------------------------------------------------------------------------
 
-    def hold_until(self, key: str, limits: Limits) -> float:
-        """0 if a message may go now (and takes its rate token); else when to try again."""
+    def _held(self, key: str, limits: Limits) -> float:
+        """When a pause or the delivery window lets the destination go again (0: now)."""
         s = self.state(key)
         now = self.clock.seconds()
         if s.paused_until > now:
             return s.paused_until
-        opens = next_window_start(now, limits)
-        if opens:
-            return opens
+        return next_window_start(now, limits)
+
+    def admit(self, key: str, limits: Limits) -> defer.Deferred:
+        """:meth:`hold_until`, with the rate taken from the cluster's shared state when there is one."""
+        if self.cluster is None:
+            return defer.succeed(self.hold_until(key, limits))
+        held = self._held(key, limits)
+        rate = None if held else self.current_rate(key, limits)
+        if held or rate is None:
+            return defer.succeed(held)
+        d = self.cluster.take("rate:" + key, key, rate)
+        return d.addCallback(lambda wait: self.clock.seconds() + wait if wait else 0.0)
+
+    def hold_until(self, key: str, limits: Limits) -> float:
+        """0 if a message may go now (and takes its rate token); else when to try again."""
+        held = self._held(key, limits)
+        if held:
+            return held
         rate = self.current_rate(key, limits)
         if rate is None:
             return 0.0
+        now = self.clock.seconds()
         limiter = self.limiters.get(key)
         if limiter is None:
             limiter = self.limiters[key] = KeyedLimiter(rate, self.clock)
@@ -171,10 +196,13 @@ class Shaper:
         wait = limiter.take(key)
         return now + wait if wait else 0.0
 
-    def connection_wait(self, key: str, limits: Limits) -> float:
-        """Seconds to wait before opening a new connection to the destination (its connection rate)."""
+    def connection_wait(self, key: str, limits: Limits) -> Any:
+        """Seconds to wait before opening a new connection to the destination (its connection rate);
+        in a cluster, a Deferred of them."""
         if limits.connection_rate is None:
             return 0.0
+        if self.cluster is not None:
+            return self.cluster.take("conn_rate:" + key, key, limits.connection_rate)
         limiter = self.limiters.get("conn:" + key)
         if limiter is None:
             limiter = self.limiters["conn:" + key] = KeyedLimiter(limits.connection_rate, self.clock)
@@ -188,20 +216,52 @@ class Shaper:
         return max(1, min(cap, int(s.window)))
 
     def acquire_connection(self, key: str, limits: Limits) -> defer.Deferred:
-        """Fires when the destination has a free connection slot (FIFO)."""
+        """Fires when the destination has a free connection slot (FIFO), and, in a cluster, one
+        of the cluster's ``connections`` for the destination (the adaptive window stays per node)."""
         s = self.state(key)
         s.limits = limits
         if s.connections < self._cap(s, limits):
             s.connections += 1
-            return defer.succeed(None)
-        d: defer.Deferred = defer.Deferred()
-        s.waiting.append(d)
+            d = defer.succeed(None)
+        else:
+            d = defer.Deferred()
+            s.waiting.append(d)
+        if self.cluster is not None and limits.connections is not None:
+            d.addCallback(lambda _: self._lease(key, limits.connections))
         return d
+
+    @defer.inlineCallbacks
+    def _lease(self, key: str, cap: int) -> Any:
+        self._lease_serial += 1
+        lease = f"{id(self):x}.{self._lease_serial}"  # unique in this process; the backend adds the node
+        while not (yield self.cluster.acquire_lease("conn:" + key, cap, lease, self.lease_ttl)):
+            yield task.deferLater(self.clock, LEASE_RETRY, lambda: None)
+        self._leases.setdefault(key, []).append(lease)
+        if self._refresher is None:
+            self._refresher = task.LoopingCall(self._refresh)
+            self._refresher.clock = self.clock
+            self._refresher.start(self.lease_ttl / 3, now=False).addErrback(lambda f: log.failure("lease refresh", f))
+
+    def _refresh(self) -> Any:
+        held = [("conn:" + key, lease) for key, leases in self._leases.items() for lease in leases]
+        if held:
+            return self.cluster.refresh_leases(held, self.lease_ttl)
+        return None
 
     def release_connection(self, key: str) -> None:
         s = self.state(key)
         s.connections = max(0, s.connections - 1)
+        leases = self._leases.get(key)
+        if leases:
+            self.cluster.release_lease("conn:" + key, leases.pop())
+            if not leases:
+                del self._leases[key]
         self._wake(s)
+
+    def stop(self) -> None:
+        if self._refresher is not None and self._refresher.running:
+            self._refresher.stop()
+        self._refresher = None
 
     def _wake(self, s: State) -> None:
         cap = self._cap(s, s.limits or self.default)

@@ -1,0 +1,401 @@
+"""State shared by the nodes of a cluster (:class:`pymta.interfaces.IClusterState`): ``local``
+(this node alone, in process) and ``redis`` (GCRA rates, connection leases and greylisting as
+atomic Lua scripts, loaded once and called by SHA).
+
+The redis backend never blocks the reactor (txredisapi, a Twisted-native client) and bounds every
+call by ``timeout``. When a call fails or times out the node goes local: each rate and cap is
+divided by the number of nodes last seen alive (a heartbeat per node), and a probe every heartbeat
+brings it back to the shared state when Redis answers again. Each switch is logged
+(``event="cluster_fallback"`` / ``"cluster_shared"``) and counted in ``switches``.
+
+Times are the caller's clock (``clock.seconds()``), as the local limiter's: the nodes of a
+cluster keep their clocks in step (NTP), as an MTA cluster must for its logs anyway.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from pymta.interfaces import IClusterState
+from pymta.rate import Rate
+from pymta.state.memory import MemoryInboundState
+
+log = Logger(namespace="pymta.state.cluster")
+
+PREFIX = "pymta:"
+LOCAL_PREFIX = "local:"  # a rate or cap named local:... is kept per node, never shared
+
+GCRA_LUA = """
+local now = tonumber(ARGV[1])
+local interval = tonumber(ARGV[2])
+local burst = tonumber(ARGV[3])
+local cost = tonumber(ARGV[4])
+local tat = tonumber(redis.call('GET', KEYS[1]))
+local start = now
+if tat and tat > now then start = tat end
+local new_tat = start + interval * cost
+local allow_at = new_tat - interval * burst
+if allow_at > now + 1e-9 then return string.format('%.17g', allow_at - now) end
+redis.call('SET', KEYS[1], string.format('%.17g', new_tat), 'PX', math.ceil((new_tat - now) * 1000) + 1000)
+return '0'
+"""
+
+LEASE_LUA = """
+local now = tonumber(ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local expires = tonumber(ARGV[4])
+if redis.call('ZSCORE', KEYS[1], ARGV[3]) then
+  redis.call('ZADD', KEYS[1], expires, ARGV[3])
+  return 1
+end
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], expires, ARGV[3])
+redis.call('PEXPIRE', KEYS[1], math.ceil((expires - now) * 1000) + 1000)
+return 1
+"""
+
+REFRESH_LUA = """
+local n = 0
+for i = 2, #ARGV do
+  n = n + redis.call('ZADD', KEYS[i - 1], 'XX', 'CH', ARGV[1], ARGV[i])
+end
+return n
+"""
+
+GREYLIST_LUA = """
+local now = tonumber(ARGV[1])
+local delay = tonumber(ARGV[2])
+local expire = tonumber(ARGV[3])
+local lifetime = tonumber(ARGV[4])
+local first = tonumber(redis.call('HGET', KEYS[1], 'first'))
+local pass_until = tonumber(redis.call('HGET', KEYS[1], 'pass') or '0')
+local wait = 0
+if first and pass_until >= now then
+  pass_until = now + lifetime
+else
+  if (not first) or now - first > expire then first = now; pass_until = 0 end
+  if now - first >= delay then pass_until = now + lifetime else wait = delay - (now - first) end
+end
+redis.call('HSET', KEYS[1], 'first', string.format('%.17g', first), 'pass', string.format('%.17g', pass_until))
+local keep = math.max(pass_until, first + expire) - now
+redis.call('PEXPIRE', KEYS[1], math.ceil(keep * 1000) + 1000)
+return string.format('%.17g', wait)
+"""
+
+SCRIPTS = {"gcra": GCRA_LUA, "lease": LEASE_LUA, "refresh": REFRESH_LUA, "greylist": GREYLIST_LUA}
+
+
+def divided(limit: int, nodes: int) -> int:
+    """A node's share of a cluster-wide cap while it cannot reach the shared state (at least 1)."""
+    return max(1, limit // max(1, nodes))
+
+
+@implementer(IClusterState)
+class LocalClusterState:
+    """This node alone: rates, leases and greylisting in process; every answer already fired."""
+
+    def __init__(self, clock: Any, node: str | None = None, max_keys: int = 1_000_000) -> None:
+        self.clock = clock
+        self.node = node or socket.gethostname()
+        self.shared = False
+        self.switches = 0
+        self.memory = MemoryInboundState(clock, max_keys=max_keys)
+        self.leases: dict[str, dict[str, float]] = {}
+
+    def nodes_alive(self) -> int:
+        return 1
+
+    def take(self, name: str, key: str, rate: Rate) -> defer.Deferred:
+        return defer.succeed(self.memory.take(name, key, rate))
+
+    def acquire_lease(self, key: str, limit: int, lease: str, ttl: float) -> defer.Deferred:
+        now = self.clock.seconds()
+        held = {m: t for m, t in self.leases.get(key, {}).items() if t > now}
+        if lease not in held and len(held) >= limit:
+            self.leases[key] = held
+            return defer.succeed(False)
+        held[lease] = now + ttl
+        self.leases[key] = held
+        return defer.succeed(True)
+
+    def refresh_leases(self, leases: list[tuple[str, str]], ttl: float) -> defer.Deferred:
+        until = self.clock.seconds() + ttl
+        for key, lease in leases:
+            if lease in self.leases.get(key, {}):
+                self.leases[key][lease] = until
+        return defer.succeed(None)
+
+    def release_lease(self, key: str, lease: str) -> defer.Deferred:
+        held = self.leases.get(key)
+        if held is not None:
+            held.pop(lease, None)
+            if not held:
+                del self.leases[key]
+        return defer.succeed(None)
+
+    def greylist(self, triple: tuple[str, str, str], delay: float, expire: float, lifetime: float) -> defer.Deferred:
+        return defer.succeed(self.memory.greylist(triple, delay, expire, lifetime))
+
+    def start(self) -> defer.Deferred:
+        return defer.succeed(None)
+
+    def stop(self) -> defer.Deferred:
+        return defer.succeed(None)
+
+
+def _digest(name: str, key: str) -> str:
+    """Keys of any length and content become bounded Redis keys."""
+    return hashlib.sha1(f"{name}\0{key}".encode("utf-8", "surrogateescape")).hexdigest()
+
+
+@implementer(IClusterState)
+class RedisClusterState:
+    """The cluster's state in Redis; this node's :class:`LocalClusterState` while Redis is away.
+
+    ``connect`` is a zero-argument callable returning a Deferred of a txredisapi connection (so
+    tests and ``tap`` choose TCP, unix socket or TLS); it is called again after a failure.
+    """
+
+    def __init__(
+        self,
+        clock: Any,
+        connect: Callable[[], defer.Deferred],
+        node: str | None = None,
+        timeout: float = 0.5,
+        heartbeat: float = 2.0,
+    ) -> None:
+        self.clock = clock
+        self.connect = connect
+        self.node = node or socket.gethostname()
+        self.timeout = timeout
+        self.heartbeat = heartbeat
+        self.local = LocalClusterState(clock, self.node)
+        self.shared = False
+        self.switches = 0
+        self.calls = 0  # Redis commands sent (scripts count one)
+        self._alive = 1  # nodes seen alive at the last heartbeat that reached Redis
+        self._conn: Any = None
+        self._shas: dict[str, str] = {}
+        self._beat: Any = None
+        self._probing = False
+        self._was_shared = False
+
+    # -- life -----------------------------------------------------------------------------
+
+    def start(self) -> defer.Deferred:
+        """Connect and beat; never fails (the node runs local until Redis answers)."""
+        d = self._probe()
+        self._schedule()
+        return d
+
+    def stop(self) -> defer.Deferred:
+        if self._beat is not None and self._beat.active():
+            self._beat.cancel()
+        self._beat = None
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return defer.succeed(None)
+        d = self._call(lambda c: c.zrem(PREFIX + "nodes", self.node), conn=conn)
+        d.addBoth(lambda _: conn.disconnect())
+        d.addErrback(lambda _: None)
+        return d
+
+    def _schedule(self) -> None:
+        self._beat = self.clock.callLater(self.heartbeat, self._tick)
+
+    def _tick(self) -> None:
+        self._schedule()
+        self.beat()
+
+    def beat(self) -> defer.Deferred:
+        """One heartbeat (shared) or one attempt to get back to Redis (local); never fails."""
+        if self.shared:
+            return self._heartbeat().addErrback(self._failed, "heartbeat")
+        return self._probe()
+
+    def nodes_alive(self) -> int:
+        return self._alive
+
+    @defer.inlineCallbacks
+    def _heartbeat(self) -> Any:
+        now = self.clock.seconds()
+        key = PREFIX + "nodes"
+        yield self._call(lambda c: c.zadd(key, now, self.node))
+        alive = yield self._call(lambda c: c.zcount(key, now - 3 * self.heartbeat, "+inf"))
+        self._alive = max(1, int(alive))
+
+    @defer.inlineCallbacks
+    def _probe(self) -> Any:
+        """Try Redis again: connect if needed, load the scripts, beat; go shared on success."""
+        if self._probing:
+            return None
+        self._probing = True
+        try:
+            if self._conn is None:
+                d = self.connect()
+                d.addTimeout(self.timeout * 4, self.clock)
+                self._conn = yield d
+            for name, source in SCRIPTS.items():
+                self._shas[name] = yield self._call(lambda c, s=source: c.script_load(s))
+            yield self._heartbeat()
+        except Exception as e:
+            self._go_local(f"{type(e).__name__}: {e}"[:200])
+        else:
+            if not self.shared:
+                self.shared = True
+                self.switches += self._was_shared  # the first connection is no switch
+                self._was_shared = True
+                log.info("cluster state shared through Redis (node {node}, {alive} nodes alive)",
+                         node=self.node, alive=self._alive, event="cluster_shared")  # fmt: skip
+        finally:
+            self._probing = False
+
+    def _go_local(self, why: str) -> None:
+        # A call that timed out may still be answered: drop the connection so that no later
+        # call reads an earlier call's reply; the next probe connects afresh.
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.disconnect().addErrback(lambda _: None)
+            except Exception:
+                pass
+        if self.shared or not self._was_shared:
+            self.switches += self.shared
+            log.warn("cluster state unreachable, going local with limits divided by {alive} nodes: {why}",
+                     alive=self._alive, why=why, node=self.node, event="cluster_fallback")  # fmt: skip
+        self.shared = False
+
+    def _failed(self, failure: Any, what: str) -> None:
+        self._go_local(f"{what}: {failure.getErrorMessage()}"[:200])
+
+    # -- calls ----------------------------------------------------------------------------
+
+    def _call(self, command: Callable[[Any], defer.Deferred], conn: Any = None) -> defer.Deferred:
+        conn = conn if conn is not None else self._conn
+        if conn is None:
+            return defer.fail(ConnectionError("not connected to Redis"))
+        self.calls += 1
+        d = defer.maybeDeferred(command, conn)
+        d.addTimeout(self.timeout, self.clock)
+        return d
+
+    def _script(self, name: str, keys: list[str], args: list[Any]) -> defer.Deferred:
+        return self._call(lambda c: c.evalsha(self._shas[name], keys=keys, args=[str(a) for a in args]))
+
+    def _shared_or_local(self, shared: Callable[[], defer.Deferred], local: Callable[[], defer.Deferred],
+                         what: str) -> defer.Deferred:  # fmt: skip
+        if not self.shared:
+            return local()
+
+        def fallback(failure: Any) -> defer.Deferred:
+            self._failed(failure, what)
+            return local()
+
+        return shared().addErrback(fallback)
+
+    def command(self, *args: Any) -> defer.Deferred:
+        """One raw Redis command within the timeout (fails while the node is local)."""
+        if not self.shared:
+            return defer.fail(ConnectionError("Redis unreachable: the node is local"))
+        d = self._call(lambda c: c.execute_command(*args))
+        def failed(failure: Any) -> Any:
+            if type(failure.value).__name__ != "ResponseError":  # Redis answered: it is there
+                self._failed(failure, str(args[0]))
+            return failure
+
+        return d.addErrback(failed)
+
+    # -- the operations -------------------------------------------------------------------
+
+    def take(self, name: str, key: str, rate: Rate) -> defer.Deferred:
+        """0.0 if one event may happen now (recorded cluster-wide), else seconds to wait."""
+        if name.startswith(LOCAL_PREFIX):
+            return self.local.take(name, key, rate)
+        return self._shared_or_local(
+            lambda: self._script("gcra", [PREFIX + "gcra:" + _digest(name, key)],
+                                 [repr(self.clock.seconds()), repr(rate.interval), rate.burst, 1]).addCallback(float),
+            lambda: self.local.take(name, key, rate.scaled(1 / self._alive)),
+            "rate")  # fmt: skip
+
+    def acquire_lease(self, key: str, limit: int, lease: str, ttl: float) -> defer.Deferred:
+        """True if ``lease`` holds one of ``limit`` slots of ``key`` (for ``ttl`` unless refreshed)."""
+        if key.startswith(LOCAL_PREFIX):
+            return self.local.acquire_lease(key, limit, lease, ttl)
+        now = self.clock.seconds()
+        return self._shared_or_local(
+            lambda: self._script("lease", [PREFIX + "lease:" + _digest("lease", key)],
+                                 [repr(now), limit, f"{self.node}/{lease}", repr(now + ttl)]).addCallback(bool),
+            lambda: self.local.acquire_lease(key, divided(limit, self._alive), lease, ttl),
+            "lease")  # fmt: skip
+
+    def refresh_leases(self, leases: list[tuple[str, str]], ttl: float) -> defer.Deferred:
+        """Push the expiry of these (key, lease) pairs ``ttl`` ahead (the connections still live)."""
+        self.local.refresh_leases(leases, ttl)
+        shared = [(k, lease) for k, lease in leases if not k.startswith(LOCAL_PREFIX)]
+        if not shared or not self.shared:
+            return defer.succeed(None)
+        keys = [PREFIX + "lease:" + _digest("lease", k) for k, _ in shared]
+        members = [f"{self.node}/{lease}" for _, lease in shared]
+        d = self._script("refresh", keys, [repr(self.clock.seconds() + ttl), *members])
+        return d.addCallback(lambda _: None).addErrback(self._failed, "lease refresh")
+
+    def release_lease(self, key: str, lease: str) -> defer.Deferred:
+        self.local.release_lease(key, lease)
+        if key.startswith(LOCAL_PREFIX) or not self.shared:
+            return defer.succeed(None)
+        d = self._call(lambda c: c.zrem(PREFIX + "lease:" + _digest("lease", key), f"{self.node}/{lease}"))
+        return d.addCallback(lambda _: None).addErrback(self._failed, "lease release")
+
+    def greylist(self, triple: tuple[str, str, str], delay: float, expire: float, lifetime: float) -> defer.Deferred:
+        return self._shared_or_local(
+            lambda: self._script("greylist", [PREFIX + "grey:" + _digest("grey", "\0".join(triple))],
+                                 [repr(self.clock.seconds()), repr(delay), repr(expire), repr(lifetime)]
+                                 ).addCallback(float),
+            lambda: self.local.greylist(triple, delay, expire, lifetime),
+            "greylist")  # fmt: skip
+
+
+def redis_connector(url: str, password: str | None = None, timeout: float = 0.5) -> Callable[[], defer.Deferred]:
+    """A ``connect`` for :class:`RedisClusterState` from ``redis://``, ``rediss://`` or ``unix:/path``."""
+    import txredisapi
+
+    if url.startswith("unix:"):
+        path = url[len("unix:"):]
+        return lambda: txredisapi.UnixConnection(path, reconnect=False, password=password, replyTimeout=timeout)
+    parts = urlsplit(url)
+    db = int(parts.path.strip("/") or 0)
+    tls = parts.scheme == "rediss"
+    password = password if password is not None else parts.password
+    host, port = parts.hostname or "127.0.0.1", parts.port or 6379
+    return lambda: txredisapi.Connection(host, port, dbid=db, reconnect=False, password=password,
+                                         ssl_context_factory=tls, connectTimeout=timeout * 4,
+                                         replyTimeout=timeout)  # fmt: skip
+
+
+def read_password(path: str | None) -> str | None:
+    """The first line of ``redis_password_file`` (None without one)."""
+    if path is None:
+        return None
+    with open(path, encoding="utf-8") as f:
+        return f.readline().rstrip("\r\n") or None
+
+
+def make_cluster_state(config: Any, clock: Any) -> LocalClusterState | RedisClusterState:
+    """The backend ``[cluster]`` names."""
+    c = config.cluster
+    node = c.node or socket.gethostname()
+    if c.backend == "local":
+        return LocalClusterState(clock, node)
+    connect = redis_connector(c.redis, read_password(c.redis_password_file), c.timeout)
+    return RedisClusterState(clock, connect, node=node, timeout=c.timeout, heartbeat=c.heartbeat)
+
+
+__all__ = ["LocalClusterState", "RedisClusterState", "divided", "make_cluster_state"]
