@@ -13,6 +13,7 @@ from twisted.internet import defer
 
 from pymta.envelope import Envelope
 from pymta.interfaces import DEFERRED, HOLD, INCOMING, QUEUE_STATES, IQueueStore
+from pymta.state.suspensions import SUSPENDED_TEXT
 
 
 class QueueOpError(Exception):
@@ -73,8 +74,10 @@ def _state_or_error(store: IQueueStore, qid: str) -> str:
 class QueueOperations:
     """Applies operator requests; with a queue manager, through it (it owns the schedule)."""
 
-    def __init__(self, store: IQueueStore, manager: Any = None, shaper: Any = None, selector: Any = None) -> None:
+    def __init__(self, store: IQueueStore, manager: Any = None, shaper: Any = None, selector: Any = None,
+                 suspensions: Any = None) -> None:  # fmt: skip
         self.store = store
+        self.suspensions = suspensions
         self.manager = manager
         self.shaper = shaper
         self.selector = selector
@@ -86,13 +89,20 @@ class QueueOperations:
         return [target]
 
     @defer.inlineCallbacks
-    def run(self, command: str, target: str | None = None, domain: str | None = None):
+    def run(self, command: str, target: str | None = None, domain: str | None = None,
+            args: dict[str, Any] | None = None):  # fmt: skip
         if command == "list":
             return list_queue(self.store)
         if command == "show":
             return show_message(self.store, self._need(target))
         if command == "shaping":
             return self.shaping(target or domain)
+        if command == "suspend":
+            return self.suspend(args or {})
+        if command == "suspensions":
+            return {"suspensions": self._need_suspensions().in_force()}
+        if command == "unsuspend":
+            return self.unsuspend(target)
         if command == "flush":
             return self.flush(None if target == "all" else target, domain)
         if command in ("delete", "hold", "release"):
@@ -132,16 +142,58 @@ class QueueOperations:
             resumed = self.shaper.resume()
         return {"flushed": len(self.manager.flush()), "resumed": resumed}
 
+    def _need_suspensions(self) -> Any:
+        if self.suspensions is None:
+            raise QueueOpError("suspensions need the running MTA (no control socket answered)")
+        return self.suspensions
+
+    def suspend(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Hold the mail of one domain, provider, source, campaign or tenant for ``duration``
+        (KumoMTA's admin suspend): it waits in the queue without using attempts, then goes."""
+        from pymta.state.suspensions import KINDS, parse_duration
+
+        store = self._need_suspensions()
+        named = [k for k in KINDS if args.get(k) is not None]
+        if len(named) != 1:
+            raise QueueOpError(f"suspend takes exactly one of {', '.join(KINDS)}")
+        kind = named[0]
+        value, reason = args[kind], args.get("reason", "suspended by the operator")
+        if not isinstance(value, str):
+            raise QueueOpError(f"{kind} must be a string")
+        if not isinstance(reason, str) or not reason.strip() or len(reason) > 1000:
+            raise QueueOpError("reason must be a non-empty string of at most 1000 characters")
+        try:
+            return store.add(kind, value, parse_duration(args.get("duration", "1h")), reason.strip())
+        except ValueError as e:
+            raise QueueOpError(str(e)) from None
+
+    def unsuspend(self, suspension_id: str | None) -> dict[str, Any]:
+        row = self._need_suspensions().remove(suspension_id or "")
+        if row is None:
+            raise QueueOpError(f"no suspension {suspension_id} in force")
+        flushed = []
+        if self.manager is not None:  # what it held is due now
+            flushed = self.manager.flush(self._held_by_suspension())
+        return {"lifted": row, "flushed": len(flushed)}
+
+    def _held_by_suspension(self) -> list[str]:
+        return self._deferred_where(lambda r: str((r.reply or {}).get("text", "")).startswith(SUSPENDED_TEXT))
+
     def _deferred_for(self, domain: str) -> list[str]:
         """Deferred messages with a recipient still pending at ``domain``."""
+        return self._deferred_where(lambda r: r.domain.lower() == domain)
+
+    def _deferred_where(self, pending_matches: Any, states: tuple[str, ...] = (DEFERRED,)) -> list[str]:
+        """Messages in ``states`` with a pending recipient for which ``pending_matches`` is true."""
         out = []
-        for qid in self.store.list(DEFERRED):
-            try:
-                envelope = self.store.load(qid)
-            except (KeyError, ValueError):
-                continue
-            if any(r.domain.lower() == domain for r in envelope.pending_recipients()):
-                out.append(qid)
+        for state in states:
+            for qid in self.store.list(state):
+                try:
+                    envelope = self.store.load(qid)
+                except (KeyError, ValueError):
+                    continue
+                if any(pending_matches(r) for r in envelope.pending_recipients()):
+                    out.append(qid)
         return out
 
     def shaping(self, domain: str | None = None) -> dict[str, Any]:
@@ -167,7 +219,8 @@ class QueueOperations:
                         "why_unusable": source.why_unusable, "cap_today": source.cap(today, offset),
                         "sent_today": counter.count(source.name, today) if counter else None, "ladder_offset": offset,
                     })  # fmt: skip
-        return {"destinations": destinations, "sources": sources}
+        suspensions = self.suspensions.in_force() if self.suspensions is not None else []
+        return {"destinations": destinations, "sources": sources, "suspensions": suspensions}
 
     @staticmethod
     def _need(target: str | None) -> str:

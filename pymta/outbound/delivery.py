@@ -25,6 +25,7 @@ from pymta.smtp.client import (
     xtext_encode,
 )
 from pymta.smtp.replies import Reply
+from pymta.state.suspensions import SUSPENDED_TEXT
 
 log = Logger(namespace="pymta.outbound")
 
@@ -232,6 +233,10 @@ class SMTPDeliveryAgent:
             if source is None and until:
                 reply = Reply(451, "4.7.0", "Every source of this mail's pool reached its daily warm-up cap")
                 return [_result(r, reply, None, None, hold_until=until) for r in recipients]
+        suspended = self.shaper.suspended(domain, provider, source, envelope) if self.shaper else None
+        if suspended is not None:  # an operator's suspension: back to the queue without using an attempt
+            reply = Reply(451, "4.7.0", f"{SUSPENDED_TEXT} until it lapses ({suspended['reason']})")
+            return [_result(r, reply, None, None, hold_until=suspended["until"]) for r in recipients]
         shaping = None
         if destination is not None:
             key, limits = destination

@@ -109,6 +109,9 @@ class AdminAPI:
         api.route("DELETE", "/api/v1/messages/{qid}", self.delete, "admin")
         api.route("POST", "/api/v1/messages/{qid}/{action}", self.action, "admin")
         api.route("GET", "/api/v1/shaping", self.shaping, "read")
+        api.route("GET", "/api/v1/suspend", self.suspensions, "read")
+        api.route("POST", "/api/v1/suspend", self.suspend, "admin")
+        api.route("DELETE", "/api/v1/suspend/{suspension_id}", self.unsuspend, "admin")
         api.route("GET", "/api/v1/suppressions", self.suppressions, "read")
         api.route("POST", "/api/v1/suppressions", self.suppress, "admin")
         api.route("DELETE", "/api/v1/suppressions/{address}", self.unsuppress, "admin")
@@ -166,6 +169,29 @@ class AdminAPI:
 
     def shaping(self, request: Any) -> defer.Deferred:
         return self._run("shaping", query(request, "domain"))  # ?domain=D: the destinations D goes through
+
+    # -- suspensions (one code path with pymta-queue suspend) ------------------------------
+
+    @defer.inlineCallbacks
+    def _run_args(self, command: str, target: str | None, args: dict[str, Any] | None, field: str | None = None):
+        try:
+            result = yield self.ops.run(command, target, None, args)
+        except QueueOpError as e:
+            raise APIError(400 if args is not None else 404, str(e), field) from None
+        return result
+
+    def suspensions(self, request: Any) -> defer.Deferred:
+        return self._run_args("suspensions", None, None)
+
+    def suspend(self, request: Any) -> defer.Deferred:
+        body = json_body(request)
+        if not isinstance(body, dict):
+            raise APIError(400, "expected a JSON object")
+        d = self._run_args("suspend", None, body)
+        return d.addCallback(lambda row: (201, row))
+
+    def unsuspend(self, request: Any, suspension_id: str) -> defer.Deferred:
+        return self._run_args("unsuspend", suspension_id, None)
 
     # -- suppressions ---------------------------------------------------------------------
 

@@ -1,0 +1,104 @@
+"""Operator suspensions through the real ``twistd pymta``: over HTTP and ``pymta-queue``, holding
+mail without using attempts, kept across a restart, lifted on demand; and the store on a fake clock."""
+
+from __future__ import annotations
+
+import json
+import os
+import smtplib
+
+import pytest
+from twisted.internet import task
+
+from pymta.admin.http.tokens import digest
+from pymta.state.suspensions import SQLiteSuspensions, parse_duration
+from tests.dnsserver import DNSServer, Zone
+from tests.mta_process import MTAProcess, free_port, wait_for_port
+from tests.test_e2e_relay import Sink, run_cli
+from tests.test_http_api import Client
+
+pytestmark = pytest.mark.timeout(180)
+
+ADMIN = "admin-token-0123456789abcdefghijklmnop"
+READ = "read-token-0123456789abcdefghijklmnopq"
+
+
+def test_a_suspension_lapses_by_itself_and_survives_reopening(tmp_path):
+    clock = task.Clock()
+    clock.advance(1000)
+    path = str(tmp_path / "suspensions.sqlite")
+    store = SQLiteSuspensions(path, clock)
+    row = store.add("domain", "Remote.Test.", 3600, "abuse desk asked")
+    assert row["value"] == "remote.test" and row["until"] == 4600
+    assert store.match(domain="remote.test")["reason"] == "abuse desk asked"
+    assert store.match(domain="other.test", tenant="acme") is None
+    store.close()
+    store = SQLiteSuspensions(path, clock)
+    assert [r["id"] for r in store.in_force()] == [row["id"]]
+    clock.advance(3600)
+    assert store.match(domain="remote.test") is None and store.in_force() == []
+    with pytest.raises(ValueError):
+        store.add("planet", "x", 60, "r")
+    for bad in ("soon", "0s", "-1h", "400d", True):
+        with pytest.raises(ValueError):
+            parse_duration(bad)
+    assert parse_duration("90m") == 5400 and parse_duration(30) == 30
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/sbin/smtp-sink"), reason="smtp-sink (Debian postfix) not installed")
+def test_suspension_holds_mail_without_attempts_survives_a_restart_and_lifts(tmp_path):
+    port = free_port("127.0.0.8")
+    dns = DNSServer(Zone({"remote.test": {"MX": ["10 mx.remote.test."]}, "mx.remote.test": {"A": ["127.0.0.8"]}})).start()
+    sink = Sink("127.0.0.8", port)
+    tokens = tmp_path / "api-tokens"
+    tokens.write_text(f"ops:admin:{digest(ADMIN)}\nviewer:read:{digest(READ)}\n")
+    api_port = free_port()
+    mta = MTAProcess(str(tmp_path), dns=dns.address, smtp_port=port, extra_config=f"""
+        [http]
+        listen = ["tcp:{api_port}:interface=127.0.0.1"]
+        tokens_file = "{tokens}"
+        """).start()  # fmt: skip
+    api = Client(api_port)
+    try:
+        wait_for_port("127.0.0.1", api_port, 30)
+        status, row, _ = api.call("POST", "/api/v1/suspend", {"domain": "remote.test", "duration": "2h",
+                                                                "reason": "abuse desk asked"})  # fmt: skip
+        assert status == 201 and row["kind"] == "domain" and row["value"] == "remote.test", row
+        assert api.call("POST", "/api/v1/suspend", {"domain": "a.test", "tenant": "b"})[0] == 400
+        assert api.call("POST", "/api/v1/suspend", {"domain": "a.test", "duration": "soon"})[0] == 400
+        assert api.call("POST", "/api/v1/suspend", {"domain": "a.test"}, token=READ)[0] == 403
+
+        with smtplib.SMTP("127.0.0.1", mta.port, timeout=30) as client:
+            client.sendmail("s@example.org", ["r@remote.test"], "Subject: held\r\n\r\nbody\r\n")
+        [name] = mta.wait_for(lambda: mta.queue_files("deferred"), what="the suspended message deferred")
+        qid = name.split(".")[0]
+        status, shown, _ = api.call("GET", f"/api/v1/messages/{qid}")
+        assert shown["attempts"] == 0 and shown["recipients"][0]["attempts"] == 0, shown
+        assert shown["recipients"][0]["reply"]["text"].startswith("Suspended by the operator"), shown
+        assert "abuse desk asked" in shown["recipients"][0]["reply"]["text"]
+        assert sink.messages() == []
+
+        status, shaping, _ = api.call("GET", "/api/v1/shaping", token=READ)
+        assert [(s["value"], s["reason"]) for s in shaping["suspensions"]] == [("remote.test", "abuse desk asked")]
+        cli = run_cli(mta, "queue_main", "suspend", "--tenant", "acme", "--duration", "30m", "--reason", "paused tenant")
+        assert cli.returncode == 0, cli.stderr
+        cli = run_cli(mta, "queue_main", "shaping")
+        assert cli.returncode == 0 and "abuse desk asked" in cli.stdout and "paused tenant" in cli.stdout, cli
+
+        mta.stop()
+        mta.start()
+        wait_for_port("127.0.0.1", api_port, 30)
+        status, listing, _ = api.call("GET", "/api/v1/suspend", token=READ)
+        assert status == 200 and sorted(s["reason"] for s in listing["suspensions"]) == ["abuse desk asked", "paused tenant"]
+        assert [n.split(".")[0] for n in mta.queue_files("deferred")] == [qid]
+
+        status, lifted, _ = api.call("DELETE", f"/api/v1/suspend/{row['id']}")
+        assert status == 200 and lifted["lifted"]["id"] == row["id"] and lifted["flushed"] == 1, lifted
+        mta.wait_for(lambda: sink.messages(), what="the message delivered once the suspension is lifted")
+        assert api.call("DELETE", f"/api/v1/suspend/{row['id']}")[0] == 404
+        cli = run_cli(mta, "queue_main", "--json", "suspensions")
+        assert [s["value"] for s in json.loads(cli.stdout)["suspensions"]] == ["acme"], cli
+    finally:
+        mta.stop()
+        sink.stop()
+        dns.stop()
