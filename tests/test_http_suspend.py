@@ -102,3 +102,55 @@ def test_suspension_holds_mail_without_attempts_survives_a_restart_and_lifts(tmp
         mta.stop()
         sink.stop()
         dns.stop()
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/sbin/smtp-sink"), reason="smtp-sink (Debian postfix) not installed")
+def test_admin_bounce_fails_matching_queued_mail_with_dsns_and_bounced_records(tmp_path):
+    from pymta.admin.accounting import read_records
+
+    dns = DNSServer(Zone({"remote.test": {"MX": ["10 mx.remote.test."]}, "mx.remote.test": {"A": ["127.0.0.8"]}})).start()
+    tokens = tmp_path / "api-tokens"
+    tokens.write_text(f"ops:admin:{digest(ADMIN)}\nviewer:read:{digest(READ)}\n")
+    api_port = free_port()
+    mta = MTAProcess(str(tmp_path), dns=dns.address, smtp_port=free_port("127.0.0.8"), extra_config=f"""
+        [http]
+        listen = ["tcp:{api_port}:interface=127.0.0.1"]
+        tokens_file = "{tokens}"
+        """).start()  # fmt: skip
+    api = Client(api_port)
+    try:
+        wait_for_port("127.0.0.1", api_port, 30)
+        assert api.call("POST", "/api/v1/suspend", {"domain": "remote.test", "duration": "1h", "reason": "wait"})[0] == 201
+        with smtplib.SMTP("127.0.0.1", mta.port, timeout=30) as client:
+            client.sendmail("bob@example.test", ["r1@remote.test", "r2@remote.test"], "Subject: one\r\n\r\nbody\r\n")
+            client.sendmail("bob@example.test", ["r3@remote.test", "alice@example.test"], "Subject: two\r\n\r\nbody\r\n")
+        mta.wait_for(lambda: len(mta.queue_files("deferred")) == 2, what="both messages held by the suspension")
+        assert api.call("POST", "/api/v1/bounce", {"reason": "x"})[0] == 400
+        assert api.call("POST", "/api/v1/bounce", {"domain": "remote.test"})[0] == 400
+        assert api.call("POST", "/api/v1/bounce", {"domain": "remote.test", "reason": "x"}, token=READ)[0] == 403
+        status, answer, _ = api.call("POST", "/api/v1/bounce", {"domain": "Remote.Test", "reason": "list\ncleaned"})
+        assert status == 200 and (answer["messages"], answer["recipients"]) == (2, 3), answer
+        assert answer["reason"] == "list cleaned"
+        mta.wait_for(lambda: not mta.queue_files("deferred") and not mta.queue_files("incoming"), what="the queue empty")
+
+        def reports() -> list[bytes]:
+            return [m for m in mta.maildir_messages("bob@example.test") if b"multipart/report" in m]
+
+        mta.wait_for(lambda: len(reports()) == 2, what="two DSNs to the sender")
+        dsns = reports()
+        for dsn in dsns:
+            assert b"5.0.0" in dsn and b"administratively bounced: list cleaned" in dsn
+
+        def recipients(event: str) -> list[str]:
+            path = os.path.join(mta.state_dir, "log", "accounting.jsonl")
+            return sorted(r["recipient"] for r in read_records(path) if r["event"] == event)
+
+        assert recipients("bounced") == ["r1@remote.test", "r2@remote.test", "r3@remote.test"]
+        # alice's copy, then the two notices to bob
+        mta.wait_for(lambda: recipients("delivered") == ["alice@example.test", "bob@example.test", "bob@example.test"],
+                     what="the delivered records")  # fmt: skip
+        cli = run_cli(mta, "queue_main", "bounce", "--tenant", "nobody", "--reason", "gone")
+        assert cli.returncode == 0 and json.loads(cli.stdout)["messages"] == 0, cli
+    finally:
+        mta.stop()
+        dns.stop()

@@ -18,7 +18,7 @@ from typing import Any
 
 from pymta.config import ConfigError, default_config_path, load_config
 
-COMMANDS = ("list", "show", "flush", "delete", "hold", "release", "shaping", "suspend", "suspensions", "unsuspend")
+COMMANDS = ("list", "show", "flush", "delete", "hold", "release", "shaping", "suspend", "suspensions", "unsuspend", "bounce")
 
 
 class CLIError(Exception):
@@ -112,26 +112,27 @@ def queue_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--domain", default=None, help="flush: only the deferred mail for this recipient domain; "
                         "suspend: this recipient domain")
     for kind in ("provider", "source", "campaign", "tenant"):
-        parser.add_argument(f"--{kind}", default=None, help=f"suspend: this {kind}")
+        parser.add_argument(f"--{kind}", default=None, help=f"suspend (bounce: campaign, tenant): this {kind}")
     parser.add_argument("--duration", default="1h", help="suspend: for how long (30m, 2h, 1d; default 1h)")
-    parser.add_argument("--reason", default=None, help="suspend: why (shown with the suspension)")
+    parser.add_argument("--reason", default=None, help="suspend, bounce: why (shown with the suspension, in the DSN)")
     args = parser.parse_args(argv)
     suspend_args = None
-    if args.command == "suspend":
+    if args.command in ("suspend", "bounce"):
         suspend_args = {k: getattr(args, k) for k in ("domain", "provider", "source", "campaign", "tenant")
                         if getattr(args, k) is not None}  # fmt: skip
-        suspend_args |= {"duration": args.duration} | ({"reason": args.reason} if args.reason else {})
+        suspend_args |= {"duration": args.duration} if args.command == "suspend" else {}
+        suspend_args |= {"reason": args.reason} if args.reason else {}
     path = args.config or default_config_path()
     try:
         config = load_config(path)
         if args.command in ("show", "delete", "hold", "release", "unsuspend") and not args.qid:
             raise CLIError(f"{args.command} needs a queue id")
-        if args.domain and args.command not in ("flush", "suspend"):
-            raise CLIError("--domain goes with flush or suspend only")
+        if args.domain and args.command not in ("flush", "suspend", "bounce"):
+            raise CLIError("--domain goes with flush, suspend or bounce only")
         domain = args.domain if args.command == "flush" else None
         answer = ask_control_socket(config.control_socket, args.command, args.qid, domain=domain, args=suspend_args)
         if answer is None:
-            if args.command in ("flush", "shaping", "suspend", "suspensions", "unsuspend"):
+            if args.command in ("flush", "shaping", "suspend", "suspensions", "unsuspend", "bounce"):
                 raise CLIError(f"{args.command} needs the running MTA: nothing answers on " + config.control_socket)
             answer = run_directly(config.queue_dir, args.command, args.qid)
     except ConfigError as e:

@@ -112,6 +112,7 @@ class AdminAPI:
         api.route("GET", "/api/v1/suspend", self.suspensions, "read")
         api.route("POST", "/api/v1/suspend", self.suspend, "admin")
         api.route("DELETE", "/api/v1/suspend/{suspension_id}", self.unsuspend, "admin")
+        api.route("POST", "/api/v1/bounce", self.bounce, "admin")
         api.route("GET", "/api/v1/suppressions", self.suppressions, "read")
         api.route("POST", "/api/v1/suppressions", self.suppress, "admin")
         api.route("DELETE", "/api/v1/suppressions/{address}", self.unsuppress, "admin")
@@ -170,7 +171,7 @@ class AdminAPI:
     def shaping(self, request: Any) -> defer.Deferred:
         return self._run("shaping", query(request, "domain"))  # ?domain=D: the destinations D goes through
 
-    # -- suspensions (one code path with pymta-queue suspend) ------------------------------
+    # -- suspensions and admin bounces (one code path with pymta-queue) -------------------
 
     @defer.inlineCallbacks
     def _run_args(self, command: str, target: str | None, args: dict[str, Any] | None, field: str | None = None):
@@ -192,6 +193,12 @@ class AdminAPI:
 
     def unsuspend(self, request: Any, suspension_id: str) -> defer.Deferred:
         return self._run_args("unsuspend", suspension_id, None)
+
+    def bounce(self, request: Any) -> defer.Deferred:
+        body = json_body(request)
+        if not isinstance(body, dict):
+            raise APIError(400, "expected a JSON object")
+        return self._run_args("bounce", None, body)
 
     # -- suppressions ---------------------------------------------------------------------
 
