@@ -23,6 +23,22 @@ ADMIN = "admin-token-0123456789abcdefghijklmnop"
 READ = "read-token-0123456789abcdefghijklmnopq"
 
 
+def start_with_api(tmp_path, dns: DNSServer, smtp_port: int) -> tuple[MTAProcess, Client]:
+    """The MTA relaying to 127.0.0.8:``smtp_port``, with the admin API and an admin and a read token."""
+    tokens = tmp_path / "api-tokens"
+    tokens.write_text(f"ops:admin:{digest(ADMIN)}\nviewer:read:{digest(READ)}\n")
+    api_port = free_port()
+    mta = MTAProcess(str(tmp_path), dns=dns.address, smtp_port=smtp_port, extra_config=f"""
+        [http]
+        listen = ["tcp:{api_port}:interface=127.0.0.1"]
+        tokens_file = "{tokens}"
+        """).start()  # fmt: skip
+    wait_for_port("127.0.0.1", api_port, 30)
+    client = Client(api_port)
+    client.port = api_port
+    return mta, client
+
+
 def test_a_suspension_lapses_by_itself_and_survives_reopening(tmp_path):
     clock = task.Clock()
     clock.advance(1000)
@@ -50,17 +66,8 @@ def test_suspension_holds_mail_without_attempts_survives_a_restart_and_lifts(tmp
     port = free_port("127.0.0.8")
     dns = DNSServer(Zone({"remote.test": {"MX": ["10 mx.remote.test."]}, "mx.remote.test": {"A": ["127.0.0.8"]}})).start()
     sink = Sink("127.0.0.8", port)
-    tokens = tmp_path / "api-tokens"
-    tokens.write_text(f"ops:admin:{digest(ADMIN)}\nviewer:read:{digest(READ)}\n")
-    api_port = free_port()
-    mta = MTAProcess(str(tmp_path), dns=dns.address, smtp_port=port, extra_config=f"""
-        [http]
-        listen = ["tcp:{api_port}:interface=127.0.0.1"]
-        tokens_file = "{tokens}"
-        """).start()  # fmt: skip
-    api = Client(api_port)
+    mta, api = start_with_api(tmp_path, dns, port)
     try:
-        wait_for_port("127.0.0.1", api_port, 30)
         status, row, _ = api.call("POST", "/api/v1/suspend", {"domain": "remote.test", "duration": "2h",
                                                                 "reason": "abuse desk asked"})  # fmt: skip
         assert status == 201 and row["kind"] == "domain" and row["value"] == "remote.test", row
@@ -87,7 +94,7 @@ def test_suspension_holds_mail_without_attempts_survives_a_restart_and_lifts(tmp
 
         mta.stop()
         mta.start()
-        wait_for_port("127.0.0.1", api_port, 30)
+        wait_for_port("127.0.0.1", api.port, 30)
         status, listing, _ = api.call("GET", "/api/v1/suspend", token=READ)
         assert status == 200 and sorted(s["reason"] for s in listing["suspensions"]) == ["abuse desk asked", "paused tenant"]
         assert [n.split(".")[0] for n in mta.queue_files("deferred")] == [qid]
@@ -109,17 +116,8 @@ def test_admin_bounce_fails_matching_queued_mail_with_dsns_and_bounced_records(t
     from pymta.admin.accounting import read_records
 
     dns = DNSServer(Zone({"remote.test": {"MX": ["10 mx.remote.test."]}, "mx.remote.test": {"A": ["127.0.0.8"]}})).start()
-    tokens = tmp_path / "api-tokens"
-    tokens.write_text(f"ops:admin:{digest(ADMIN)}\nviewer:read:{digest(READ)}\n")
-    api_port = free_port()
-    mta = MTAProcess(str(tmp_path), dns=dns.address, smtp_port=free_port("127.0.0.8"), extra_config=f"""
-        [http]
-        listen = ["tcp:{api_port}:interface=127.0.0.1"]
-        tokens_file = "{tokens}"
-        """).start()  # fmt: skip
-    api = Client(api_port)
+    mta, api = start_with_api(tmp_path, dns, free_port("127.0.0.8"))
     try:
-        wait_for_port("127.0.0.1", api_port, 30)
         assert api.call("POST", "/api/v1/suspend", {"domain": "remote.test", "duration": "1h", "reason": "wait"})[0] == 201
         with smtplib.SMTP("127.0.0.1", mta.port, timeout=30) as client:
             client.sendmail("bob@example.test", ["r1@remote.test", "r2@remote.test"], "Subject: one\r\n\r\nbody\r\n")
