@@ -23,12 +23,13 @@ ADMIN = "admin-token-0123456789abcdefghijklmnop"
 READ = "read-token-0123456789abcdefghijklmnopq"
 
 
-def start_with_api(tmp_path, dns: DNSServer, smtp_port: int) -> tuple[MTAProcess, Client]:
+def start_with_api(tmp_path, dns: DNSServer | None, smtp_port: int, extra: str = "") -> tuple[MTAProcess, Client]:
     """The MTA relaying to 127.0.0.8:``smtp_port``, with the admin API and an admin and a read token."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     tokens = tmp_path / "api-tokens"
     tokens.write_text(f"ops:admin:{digest(ADMIN)}\nviewer:read:{digest(READ)}\n")
     api_port = free_port()
-    mta = MTAProcess(str(tmp_path), dns=dns.address, smtp_port=smtp_port, extra_config=f"""
+    mta = MTAProcess(str(tmp_path), dns=dns.address if dns else None, smtp_port=smtp_port, extra_config=extra + f"""
         [http]
         listen = ["tcp:{api_port}:interface=127.0.0.1"]
         tokens_file = "{tokens}"
@@ -152,3 +153,24 @@ def test_admin_bounce_fails_matching_queued_mail_with_dsns_and_bounced_records(t
     finally:
         mta.stop()
         dns.stop()
+
+
+def test_healthz_reports_listeners_and_turns_503_below_min_free(tmp_path):
+    mta, api = start_with_api(tmp_path / "ok", None, 2)
+    try:
+        status, report, _ = api.call("GET", "/healthz", token=None)
+        assert status == 200 and report["ok"] is True and report["queue"]["deferred"] == 0, report
+        listening = {entry["address"] for entry in report["listeners"] if entry["listening"]}
+        assert {f"127.0.0.1:{mta.port}", f"127.0.0.1:{api.port}"} <= listening, report
+    finally:
+        mta.stop()
+    mta, api = start_with_api(tmp_path / "full", None, 2, extra="""
+        [queue]
+        min_free = "1000000000GB"
+        """)  # fmt: skip
+    try:
+        status, report, _ = api.call("GET", "/healthz", token=None)
+        assert status == 503 and report["ok"] is False, report
+        assert any("below min_free" in p for p in report["problems"]) and report["listeners"], report
+    finally:
+        mta.stop()

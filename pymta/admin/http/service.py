@@ -118,7 +118,7 @@ def build_http(
         min_free = int(getattr(config.queue, "min_free", 0) or 0)
 
         def health() -> dict[str, Any]:
-            report = disk_health(config.queue_dir, min_free)
+            report = disk_health(config.queue_dir, min_free, lambda: listener_status(top))
             report["queue"] = {state: len(store.list(state)) for state in QUEUE_STATES}
             return report
 
@@ -140,6 +140,28 @@ def build_http(
         public = APISite(public_root(tagger, suppression), 64 * 1024, reactor=reactor)
         for endpoint in h.public_listen:
             strports.service(endpoint, public, reactor=reactor).setServiceParent(top)
+
+
+def listener_status(top: service.MultiService) -> list[dict[str, Any]]:
+    """Every listening endpoint of the MTA (SMTP, submission, HTTP): its address once bound, and
+    whether it listens now (a port that could not be bound says why)."""
+    from twisted.application.internet import StreamServerEndpointService
+
+    out = []
+    for svc in top:
+        if not isinstance(svc, StreamServerEndpointService):
+            continue
+        waiting = getattr(svc, "_waitingForPort", None)
+        entry: dict[str, Any] = {"listening": False}
+        if waiting is not None and waiting.called:
+            port = waiting.result
+            if hasattr(port, "getHost"):
+                host = port.getHost()
+                entry = {"listening": bool(svc.running), "address": f"{getattr(host, 'host', '')}:{getattr(host, 'port', '')}"}
+            elif hasattr(port, "getErrorMessage"):
+                entry["error"] = port.getErrorMessage()[:200]
+        out.append(entry)
+    return out
 
 
 def _gauges(store: Any, suppression: Any, shaper: Any) -> dict[str, Any]:
