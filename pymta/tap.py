@@ -362,7 +362,7 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
         build_http(
             config, reactor, top, store=store, operations=operations, policy=policy, threadpool=pool,
             metrics=metrics, suppression=suppression, tagger=tagger, accounting=accounting,
-            on_queued=notify if config.queue.deliver else None, shaper=smtp_agent.shaper,
+            on_queued=notify if config.queue.deliver else None, shaper=smtp_agent.shaper, agent=smtp_agent,
             sign=sender_auth.sign if sender_auth is not None and sender_auth.signer is not None else None,
         )  # fmt: skip
     for endpoint in config.smtp.listen_tls:

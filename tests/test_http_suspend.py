@@ -8,6 +8,7 @@ import os
 import smtplib
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import task
 
 from pymta.admin.http.tokens import digest
@@ -106,6 +107,19 @@ def test_suspension_holds_mail_without_attempts_survives_a_restart_and_lifts(tmp
         assert api.call("DELETE", f"/api/v1/suspend/{row['id']}")[0] == 404
         cli = run_cli(mta, "queue_main", "--json", "suspensions")
         assert [s["value"] for s in json.loads(cli.stdout)["suspensions"]] == ["acme"], cli
+
+        def samples() -> dict[tuple[str, tuple], float]:
+            text = api.call("GET", "/metrics", token=None)[1]
+            return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                    for family in text_string_to_metric_families(text) for s in family.samples}  # fmt: skip
+
+        mta.wait_for(lambda: any(k[0] == "pymta_outbound_tls_total" for k in samples()), what="the TLS outcome counted")
+        now = samples()
+        assert now[("pymta_suspensions", (("kind", "tenant"),))] == 1 and ("pymta_suspensions", (("kind", "domain"),)) not in now
+        assert now[("pymta_dns_lookups_total", (("rdtype", "MX"), ("result", "ok")))] >= 1, now
+        # smtp-sink offers no STARTTLS: the opportunistic policy delivered in plaintext
+        assert now[("pymta_outbound_tls_total", (("result", "plaintext"), ("tls_policy", "opportunistic")))] == 1, now
+        assert not [k for k in now if k[0] == "pymta_outbound_connections"]  # none delivering now
     finally:
         mta.stop()
         sink.stop()

@@ -152,6 +152,7 @@ class SMTPDeliveryAgent:
         self._live: weakref.WeakSet[SMTPClientProtocol] = weakref.WeakSet()  # every connection made
         self._connecting: set[defer.Deferred] = set()  # connection attempts in progress
         self._calls: dict[defer.Deferred, list[Recipient]] = {}  # deliveries in flight -> their recipients
+        self.active: dict[tuple[str, str], int] = {}  # (provider, source) -> sessions delivering now
 
     # -- the IDeliveryAgent call ----------------------------------------------------------------
 
@@ -254,6 +255,8 @@ class SMTPDeliveryAgent:
                 yield task.deferLater(self.clock, wait, lambda: None)
             yield self.shaper.acquire_connection(key, limits)
             shaping = (key, limits)
+        active = (provider or "", getattr(source, "name", "") or "")
+        self.active[active] = self.active.get(active, 0) + 1
         try:
             results = yield self._try_hops(envelope, recipients, body, domain, hops, shaping, source)
             if source is not None:
@@ -264,6 +267,9 @@ class SMTPDeliveryAgent:
                     self.selector.sent(source, qid=envelope.qid, provider=provider)
                     envelope.extra["source"] = source.name
         finally:
+            self.active[active] -= 1
+            if not self.active[active]:
+                del self.active[active]
             if shaping is not None:
                 self.shaper.release_connection(shaping[0])
         return results

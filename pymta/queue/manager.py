@@ -272,16 +272,17 @@ class QueueManager(service.Service):
         # event (metrics read it) and in the accounting record.
         tags = {k: envelope.extra[k] for k in ("campaign", "tenant", "pool", "source") if envelope.extra.get(k)}
         queue_time = round(self._age(envelope), 3)
+        extra = dict(result.extra) if result is not None else {}
         log.info(
             "{event} {qid} to {rcpt}: {code} {enhanced} {text}",
             event=event, qid=envelope.qid, rcpt=rcpt.address, sender=envelope.sender,
             code=(rcpt.reply or {}).get("code"), enhanced=(rcpt.reply or {}).get("enhanced"),
             text=(rcpt.reply or {}).get("text"), mx=rcpt.remote_mta, attempt=rcpt.attempts,
-            queue_time=queue_time, **tags,
+            queue_time=queue_time, tls=getattr(result, "tls", None), tls_policy=extra.get("tls_policy"),
+            tls_failure=extra.get("tls_failure"), **tags,
         )  # fmt: skip
         if self.accounting is None:
             return defer.succeed(None)
-        extra = dict(result.extra) if result is not None else {}
         return self.accounting.record(
             event,
             qid=envelope.qid,

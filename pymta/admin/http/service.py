@@ -110,6 +110,7 @@ def build_http(
     on_queued: Any = None,
     shaper: Any = None,
     sign: Any = None,
+    agent: Any = None,
 ) -> None:
     h = config.http
     if h.listen:
@@ -131,7 +132,7 @@ def build_http(
         inject.register(api)
         CloseRenderer(inject).setServiceParent(top)
         assert metrics is not None
-        metrics.add_gauges(lambda: _gauges(store, suppression, shaper))
+        metrics.add_gauges(lambda: _gauges(store, suppression, shaper, agent, getattr(operations, "suspensions", None)))
         MetricsObserver(metrics).setServiceParent(top)
         site = APISite(AdminRoot(api, MetricsPage(metrics, api, h.metrics_auth)), h.max_body, reactor=reactor)
         for endpoint in h.listen:
@@ -164,7 +165,7 @@ def listener_status(top: service.MultiService) -> list[dict[str, Any]]:
     return out
 
 
-def _gauges(store: Any, suppression: Any, shaper: Any) -> dict[str, Any]:
+def _gauges(store: Any, suppression: Any, shaper: Any, agent: Any = None, suspensions: Any = None) -> dict[str, Any]:
     values: dict[str, Any] = {"queue": {state: len(store.list(state)) for state in QUEUE_STATES}}
     if suppression is not None and hasattr(suppression, "count"):
         values["suppressions"] = suppression.count()
@@ -172,6 +173,12 @@ def _gauges(store: Any, suppression: Any, shaper: Any) -> dict[str, Any]:
         states = [shaper.explain(key) for key in sorted(shaper.states)]
         now = shaper.clock.seconds() if hasattr(shaper, "clock") else 0
         values["paused_destinations"] = sum(1 for s in states if (s.get("paused_until") or 0) > now)
-        values["connections"] = {s["key"]: s.get("connections", 0) for s in states if s.get("connections")}
+    if agent is not None:
+        values["connections"] = dict(getattr(agent, "active", {}))
+    if suspensions is not None:
+        by_kind: dict[str, int] = {}
+        for row in suspensions.in_force():
+            by_kind[row["kind"]] = by_kind.get(row["kind"], 0) + 1
+        values["suspensions"] = by_kind
     return values
 
