@@ -613,6 +613,11 @@ class LogConfig:
     accounting: bool = _key(conv_bool, True)
 
 
+@dataclass(frozen=True)
+class StatsConfig:
+    retention: float = _key(conv_duration(3600), 30 * 86400.0)  # per-minute time series for the dashboard
+
+
 def _conv_routes(value: Any) -> dict[str, tuple[str, int]]:
     if not isinstance(value, dict):
         raise ConfigValueError(f'expected a table of "domain" = "host:port", got {_type_name(value)}')
@@ -757,6 +762,7 @@ _SECTIONS: dict[str, type] = {
     "outbound": OutboundConfig,
     "dns": DNSConfig,
     "log": LogConfig,
+    "stats": StatsConfig,
     "limits": LimitsConfig,
     "greylist": GreylistConfig,
     "feedback": FeedbackConfig,
@@ -780,6 +786,7 @@ class Config:
     outbound: OutboundConfig = field(default_factory=OutboundConfig)
     dns: DNSConfig = field(default_factory=DNSConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    stats: StatsConfig = field(default_factory=StatsConfig)
     limits: LimitsConfig = field(
         default_factory=lambda: LimitsConfig(
             message_rate=_DEFAULT_MESSAGE_RATE, recipient_rate=_DEFAULT_RECIPIENT_RATE

@@ -97,6 +97,7 @@ def makeService(options: dict[str, Any]) -> service.MultiService:
         databases = [config.suppression_db, os.path.join(config.state_dir, "inbound.sqlite")]
         databases += [os.path.join(config.state_dir, "warmup.sqlite")] if config.pools else []
         databases += [os.path.join(config.state_dir, "suspensions.sqlite")]
+        databases += [os.path.join(config.state_dir, "stats.sqlite")] if config.http.listen else []
         _startup_failed(f"cannot start: cannot open database {' or '.join(databases)}: {e}")
     SignalGuard(global_reactor).setServiceParent(top)
     return top
@@ -364,6 +365,7 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
             metrics=metrics, suppression=suppression, tagger=tagger, accounting=accounting,
             on_queued=notify if config.queue.deliver else None, shaper=smtp_agent.shaper, agent=smtp_agent,
             sign=sender_auth.sign if sender_auth is not None and sender_auth.signer is not None else None,
+            selector=smtp_agent.selector,
         )  # fmt: skip
     for endpoint in config.smtp.listen_tls:
         implicit = SMTPServerFactory(receiver, config.hostname, limits, reactor, connections=mx_slots)

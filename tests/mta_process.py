@@ -145,8 +145,28 @@ class MTAProcess:
         return events
 
     def queue_files(self, state: str) -> list[str]:
+        """Queue ids in ``state`` (deferred/ is hashed into subdirectories)."""
         path = os.path.join(self.state_dir, "queue", state)
-        return sorted(os.listdir(path)) if os.path.isdir(path) else []
+        return sorted(name for _dir, _subdirs, names in os.walk(path) for name in names)
+
+    def queued_message(self, qid: str) -> tuple[dict, bytes] | None:
+        """The envelope (as JSON data) and body of a queued message, read from its queue file;
+        None if it is not queued (or moved while being looked for: ask again)."""
+        from pymta.queue import qfile
+
+        root = os.path.join(self.state_dir, "queue")
+        for dirpath, _subdirs, names in os.walk(root):
+            if qid in names and os.path.relpath(dirpath, root).split(os.sep)[0] != "tmp":
+                try:
+                    fd = os.open(os.path.join(dirpath, qid), os.O_RDONLY)
+                except FileNotFoundError:
+                    return None
+                try:
+                    meta, body = qfile.read_meta(fd), qfile.read_body(fd)
+                finally:
+                    os.close(fd)
+                return json.loads(meta.records.last), body
+        return None
 
     def maildir_messages(self, address: str) -> list[bytes]:
         local, _, domain = address.lower().rpartition("@")

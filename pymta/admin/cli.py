@@ -68,6 +68,7 @@ def run_directly(queue_dir: str, command: str, target: str | None) -> dict[str, 
         pool.start()
         try:
             store = MaildirQueueStore(queue_dir, reactor=reactor, threadpool=pool)
+            store.migrate()  # a queue left by the previous release, not yet started since the upgrade
             result = yield QueueOperations(store).run(command, target)
             outcome.update(ok=True, result=result)
         except QueueOpError as e:
@@ -100,7 +101,8 @@ def print_list(messages: list[dict[str, Any]], out: Any) -> None:
             reply = r.get("reply") or {}
             why = f" ({reply.get('code')} {reply.get('enhanced', '')} {reply.get('text', '')})".rstrip() if reply else ""
             out.write(f"{'':<58}  {r['address']} [{r['state']}]{why}\n")
-    out.write(f"-- {len(messages)} message(s)\n")
+    quarantined = sum(1 for m in messages if m["state"] == "corrupt")
+    out.write(f"-- {len(messages)} message(s)" + (f", {quarantined} quarantined in corrupt/" if quarantined else "") + "\n")
 
 
 def queue_main(argv: list[str] | None = None) -> int:

@@ -111,6 +111,7 @@ def build_http(
     shaper: Any = None,
     sign: Any = None,
     agent: Any = None,
+    selector: Any = None,
 ) -> None:
     h = config.http
     if h.listen:
@@ -134,7 +135,9 @@ def build_http(
         assert metrics is not None
         metrics.add_gauges(lambda: _gauges(store, suppression, shaper, agent, getattr(operations, "suspensions", None)))
         MetricsObserver(metrics).setServiceParent(top)
-        site = APISite(AdminRoot(api, MetricsPage(metrics, api, h.metrics_auth)), h.max_body, reactor=reactor)
+        root = AdminRoot(api, MetricsPage(metrics, api, h.metrics_auth))
+        add_dashboard(config, reactor, top, root, api, threadpool, store, suppression, accounting, shaper, selector)
+        site = APISite(root, h.max_body, reactor=reactor)
         for endpoint in h.listen:
             strports.service(endpoint, site, reactor=reactor).setServiceParent(top)
     if h.public_listen:
@@ -163,6 +166,38 @@ def listener_status(top: service.MultiService) -> list[dict[str, Any]]:
                 entry["error"] = port.getErrorMessage()[:200]
         out.append(entry)
     return out
+
+
+def add_dashboard(config: Any, reactor: Any, top: service.MultiService, root: resource.Resource, api: JSONAPI,
+                  threadpool: Any, store: Any, suppression: Any, accounting: Any, shaper: Any, selector: Any) -> None:
+    """The time series (fed from the log events), ``GET /`` and ``GET /api/v1/reports``."""
+    from twisted.internet import threads
+
+    from pymta.admin.http.dashboard import Dashboard, DashboardData, ReportsAPI
+    from pymta.stats.report import provider_namer, stats_path
+    from pymta.stats.service import StatsService
+    from pymta.stats.timeseries import TimeSeries
+
+    def run(f: Any, *args: Any) -> Any:
+        return threads.deferToThreadPool(reactor, threadpool, f, *args)
+
+    namer = provider_namer(config)
+    series = TimeSeries(stats_path(config), reactor, run, config.stats.retention, namer)
+    series.gauge_readers.append(lambda: _stat_gauges(store, suppression))
+    StatsService(series).setServiceParent(top)
+    w = config.warmup
+    thresholds = {"bounce_rate": w.bounce_rate, "deferral_rate": w.deferral_rate, "complaint_rate": w.complaint_rate}
+    dashboard = Dashboard(api, DashboardData(series, run, reactor, thresholds, selector, shaper))
+    for path in (b"", b"login", b"logout"):
+        root.putChild(path, dashboard)
+    ReportsAPI(config, reactor, run, series, accounting, namer).register(api)
+
+
+def _stat_gauges(store: Any, suppression: Any) -> dict[str, float]:
+    values: dict[str, float] = {f"queue.{state}": len(store.list(state)) for state in QUEUE_STATES}
+    if suppression is not None and hasattr(suppression, "count"):
+        values["suppressions"] = suppression.count()
+    return values
 
 
 def _gauges(store: Any, suppression: Any, shaper: Any, agent: Any = None, suspensions: Any = None) -> dict[str, Any]:
