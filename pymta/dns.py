@@ -200,6 +200,8 @@ class Resolver:
 
         def store(result: tuple[list[Any], float, str | None, bool]) -> tuple[list[Any], bool]:
             records, ttl, error, secure = result
+            log.debug("{rdtype} lookup of {name}: {result}", event="dns_lookup", name=name, rdtype=rdtype,
+                      result=lookup_result(error))  # fmt: skip
             self._cache[key] = (self.clock.seconds() + ttl, (records, error, secure))
             if len(self._cache) > 100_000:
                 self._cache.clear()
@@ -324,6 +326,18 @@ def _negative_ttl(error: dns.resolver.NXDOMAIN) -> float:
     except (AttributeError, IndexError, KeyError):
         pass
     return NEGATIVE_TTL
+
+
+def lookup_result(error: str | None) -> str:
+    """A lookup's outcome in one word: ok, nxdomain, timeout, servfail (no server gave an answer)
+    or error (a malformed answer)."""
+    if not error:
+        return "ok"
+    if error == "nxdomain":
+        return "nxdomain"
+    if "Timeout" in error:
+        return "timeout"
+    return "error" if "malformed" in error else "servfail"
 
 
 def _error(name: str, rdtype: str, error: str) -> DNSError:

@@ -167,6 +167,22 @@ class ISuppressionList(Interface):
         """Lift a suppression."""
 
 
+class ISuspensions(Interface):
+    """Operator suspensions (domain, provider, source, campaign, tenant) kept until they lapse."""
+
+    def add(kind, value, duration, reason):
+        """Suspend ``kind`` ``value`` for ``duration`` seconds; the new record (dict with ``id``)."""
+
+    def remove(suspension_id):
+        """Lift one suspension; its record, or None when there is none by that id."""
+
+    def in_force():
+        """The suspensions in force, soonest to lapse first."""
+
+    def match(**names):
+        """The suspension in force that holds mail with these names (domain=..., ...), or None."""
+
+
 class IFeedbackSink(Interface):
     """What to do with a parsed bounce, complaint or reply."""
 

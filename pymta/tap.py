@@ -97,6 +97,7 @@ def makeService(options: dict[str, Any]) -> service.MultiService:
     except sqlite3.Error as e:
         databases = [config.suppression_db, os.path.join(config.state_dir, "inbound.sqlite")]
         databases += [os.path.join(config.state_dir, "warmup.sqlite")] if config.pools else []
+        databases += [os.path.join(config.state_dir, "suspensions.sqlite")]
         databases += [os.path.join(config.state_dir, "stats.sqlite")] if config.http.listen else []
         _startup_failed(f"cannot start: cannot open database {' or '.join(databases)}: {e}")
     SignalGuard(global_reactor).setServiceParent(top)
@@ -366,9 +367,13 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
 
     from pymta.admin.control import control_service
     from pymta.admin.queue_ops import QueueOperations
+    from pymta.state.suspensions import SQLiteSuspensions
 
+    suspensions = SQLiteSuspensions(os.path.join(config.state_dir, "suspensions.sqlite"), reactor)
+    if smtp_agent.shaper is not None:
+        smtp_agent.shaper.suspensions = suspensions
     operations = QueueOperations(
-        store, manager if config.queue.deliver else None, smtp_agent.shaper, smtp_agent.selector, webhooks
+        store, manager if config.queue.deliver else None, smtp_agent.shaper, smtp_agent.selector, suspensions, webhooks
     )
     control_service(config.control_socket, operations, reactor=reactor).setServiceParent(top)
     if config.http.listen or config.http.public_listen:
@@ -377,7 +382,7 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
         build_http(
             config, reactor, top, store=store, operations=operations, policy=policy, threadpool=pool,
             metrics=metrics, suppression=suppression, tagger=tagger, accounting=accounting,
-            on_queued=notify if config.queue.deliver else None, shaper=smtp_agent.shaper,
+            on_queued=notify if config.queue.deliver else None, shaper=smtp_agent.shaper, agent=smtp_agent,
             sign=sender_auth.sign if sender_auth is not None and sender_auth.signer is not None else None,
             selector=smtp_agent.selector,
             events=journal,

@@ -8,7 +8,7 @@ import random
 import pytest
 from twisted.internet import task
 
-from pymta.envelope import DELIVERED, ROUTE_LOCAL, ROUTE_RELAY, Envelope, Recipient, new_qid
+from pymta.envelope import DELIVERED, ROUTE_LOCAL, ROUTE_RELAY, DeliveryResult, Envelope, Recipient, new_qid
 from pymta.interfaces import DEFERRED, HOLD, INCOMING
 from pymta.queue.manager import QueueManager
 from pymta.queue.scheduler import TimerHeapScheduler, retry_delay
@@ -294,3 +294,43 @@ def test_a_late_second_announcement_of_a_message_that_left_incoming_starts_no_at
     assert h.store.state(qid) == DEFERRED and len(h.relay.calls) == 1
     h.manager.notify_incoming(qid)  # e.g. the incoming/ watcher, after the attempt already ended
     assert len(h.relay.calls) == 1 and h.store.state(qid) == DEFERRED
+
+
+def _domain_is(domain):
+    return lambda envelope, rcpt: rcpt.domain == domain
+
+
+def test_admin_bounce_fails_matching_deferred_recipients_with_a_dsn_and_keeps_the_others():
+    h = Harness(script={"a@remote.example": [deferred()], "b@other.example": [deferred()]})
+    qid = h.queue(["a@remote.example", "b@other.example"])
+    assert h.store.state(qid) == DEFERRED
+    n = []
+    h.manager.bounce(qid, _domain_is("remote.example"), "list cleaned").addCallback(n.append)
+    assert n == [1] and not h.manager.in_flight(qid)
+    envelope = h.store.load(qid)
+    a, b = envelope.recipients
+    assert (a.state, a.reply["enhanced"], a.reply["text"]) == ("failed", "5.0.0", "administratively bounced: list cleaned")
+    assert b.state == "deferred" and h.store.state(qid) == DEFERRED and qid in h.manager.scheduler
+    [dsn] = h.dsns()
+    assert "administratively bounced: list cleaned" in dsn.as_string()
+    h.manager.bounce(qid, _domain_is("other.example"), "gone")
+    assert h.store.state(qid) is None and qid not in h.manager.scheduler
+
+
+def test_admin_bounce_of_a_message_being_delivered_applies_when_its_attempt_ends():
+    h = Harness(hold=True)
+    qid = h.queue(["a@remote.example"])
+    assert h.manager.in_flight(qid)
+    n = []
+    h.manager.bounce(qid, _domain_is("remote.example"), "stop it").addCallback(n.append)
+    assert n == [None]  # after the attempt
+    d, results = h.relay.pending.pop()
+    d.callback(results)  # the attempt delivered it: nothing is left to bounce, and the message is gone
+    assert h.store.state(qid) is None and h.dsns() == []
+    qid = h.queue(["c@remote.example"])
+    h.manager.bounce(qid, _domain_is("remote.example"), "stop it")
+    d, results = h.relay.pending.pop()
+    d.callback([DeliveryResult(r.address, "deferred", 451, "4.0.0", "later") for r in results])
+    assert h.store.state(qid) is None
+    [dsn] = h.dsns()
+    assert "administratively bounced: stop it" in dsn.as_string()

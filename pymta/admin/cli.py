@@ -18,7 +18,8 @@ from typing import Any
 
 from pymta.config import ConfigError, default_config_path, load_config
 
-COMMANDS = ("list", "show", "flush", "delete", "hold", "release", "shaping", "webhooks")
+COMMANDS = ("list", "show", "flush", "delete", "hold", "release", "shaping", "webhooks", "suspend", "suspensions",
+            "unsuspend", "bounce")
 
 
 class CLIError(Exception):
@@ -26,7 +27,7 @@ class CLIError(Exception):
 
 
 def ask_control_socket(path: str, command: str, target: str | None, timeout: float = 30.0,
-                       domain: str | None = None) -> dict[str, Any] | None:  # fmt: skip
+                       domain: str | None = None, args: dict[str, Any] | None = None) -> dict[str, Any] | None:  # fmt: skip
     """Send one request; None when no MTA answers on ``path``."""
     if not os.path.exists(path):
         return None
@@ -37,6 +38,7 @@ def ask_control_socket(path: str, command: str, target: str | None, timeout: flo
         except (ConnectionRefusedError, FileNotFoundError):
             return None
         request = {"cmd": command, "qid": target} | ({"domain": domain} if domain else {})
+        request |= {"args": args} if args is not None else {}
         s.sendall(json.dumps(request).encode() + b"\n")
         data = b""
         while not data.endswith(b"\n"):
@@ -121,20 +123,32 @@ def queue_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the raw JSON answer")
     parser.add_argument("command", choices=COMMANDS)
     parser.add_argument("qid", nargs="?", help="queue id (or 'all' for delete, hold, release); a domain for shaping")
-    parser.add_argument("--domain", default=None, help="flush: only the deferred mail for this recipient domain")
+    parser.add_argument("--domain", default=None, help="flush: only the deferred mail for this recipient domain; "
+                        "suspend: this recipient domain")
+    for kind in ("provider", "source", "campaign", "tenant"):
+        parser.add_argument(f"--{kind}", default=None, help=f"suspend (bounce: campaign, tenant): this {kind}")
+    parser.add_argument("--duration", default="1h", help="suspend: for how long (30m, 2h, 1d; default 1h)")
+    parser.add_argument("--reason", default=None, help="suspend, bounce: why (shown with the suspension, in the DSN)")
     args = parser.parse_args(argv)
+    suspend_args = None
+    if args.command in ("suspend", "bounce"):
+        suspend_args = {k: getattr(args, k) for k in ("domain", "provider", "source", "campaign", "tenant")
+                        if getattr(args, k) is not None}  # fmt: skip
+        suspend_args |= {"duration": args.duration} if args.command == "suspend" else {}
+        suspend_args |= {"reason": args.reason} if args.reason else {}
     path = args.config or default_config_path()
     try:
         config = load_config(path)
-        if args.command in ("show", "delete", "hold", "release") and not args.qid:
+        if args.command in ("show", "delete", "hold", "release", "unsuspend") and not args.qid:
             raise CLIError(f"{args.command} needs a queue id")
-        if args.domain and args.command != "flush":
-            raise CLIError("--domain goes with flush only")
-        answer = ask_control_socket(config.control_socket, args.command, args.qid, domain=args.domain)
+        if args.domain and args.command not in ("flush", "suspend", "bounce"):
+            raise CLIError("--domain goes with flush, suspend or bounce only")
+        domain = args.domain if args.command == "flush" else None
+        answer = ask_control_socket(config.control_socket, args.command, args.qid, domain=domain, args=suspend_args)
         if answer is None:
             if args.command == "webhooks":
                 answer = webhooks_from_disk(config)
-            elif args.command in ("flush", "shaping"):
+            elif args.command in ("flush", "shaping", "suspend", "suspensions", "unsuspend", "bounce"):
                 raise CLIError(f"{args.command} needs the running MTA: nothing answers on " + config.control_socket)
             else:
                 answer = run_directly(config.queue_dir, args.command, args.qid)

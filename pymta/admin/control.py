@@ -32,13 +32,16 @@ class ControlProtocol(LineOnlyReceiver):
             command = str(request["cmd"])
             target = request.get("qid")
             domain = request.get("domain")
+            args = request.get("args")
             if not isinstance(target, str | None) or not isinstance(domain, str | None):
                 raise TypeError("qid and domain are strings")
+            if not isinstance(args, dict | None):
+                raise TypeError("args is an object")
         except (ValueError, KeyError, TypeError):
             self._answer({"ok": False, "error": "malformed request"})
             return
         log.info("control request {cmd} {qid} {domain}", cmd=command, qid=target, domain=domain or "")
-        d = defer.maybeDeferred(self.factory.operations.run, command, target, domain)
+        d = defer.maybeDeferred(self.factory.operations.run, command, target, domain, args)
         d.addCallbacks(lambda result: {"ok": True, "result": result}, self._failed)
         d.addCallback(self._answer)
 

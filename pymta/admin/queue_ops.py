@@ -10,9 +10,14 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import defer
+from twisted.logger import Logger
 
 from pymta.envelope import Envelope
-from pymta.interfaces import DEFERRED, HOLD, INCOMING, QUEUE_STATES, IQueueStore
+from pymta.interfaces import ACTIVE, DEFERRED, HOLD, INCOMING, QUEUE_STATES, IQueueStore
+from pymta.state.suspensions import SUSPENDED_TEXT
+
+BOUNCE_KINDS = ("domain", "campaign", "tenant")
+log = Logger(namespace="pymta.admin.queue_ops")
 
 
 class QueueOpError(Exception):
@@ -74,8 +79,9 @@ class QueueOperations:
     """Applies operator requests; with a queue manager, through it (it owns the schedule)."""
 
     def __init__(self, store: IQueueStore, manager: Any = None, shaper: Any = None, selector: Any = None,
-                 webhooks: Any = None) -> None:  # fmt: skip
+                 suspensions: Any = None, webhooks: Any = None) -> None:  # fmt: skip
         self.store = store
+        self.suspensions = suspensions
         self.webhooks = webhooks  # anything with status(): the webhook senders (pymta.events.webhooks)
         self.manager = manager
         self.shaper = shaper
@@ -88,7 +94,8 @@ class QueueOperations:
         return [target]
 
     @defer.inlineCallbacks
-    def run(self, command: str, target: str | None = None, domain: str | None = None):
+    def run(self, command: str, target: str | None = None, domain: str | None = None,
+            args: dict[str, Any] | None = None):  # fmt: skip
         if command == "list":
             return list_queue(self.store)
         if command == "show":
@@ -99,6 +106,15 @@ class QueueOperations:
             if self.webhooks is None:
                 raise QueueOpError("no [[webhooks]] are configured")
             return {"webhooks": self.webhooks.status()}
+        if command == "suspend":
+            return self.suspend(args or {})
+        if command == "suspensions":
+            return {"suspensions": self._need_suspensions().in_force()}
+        if command == "unsuspend":
+            return self.unsuspend(target)
+        if command == "bounce":
+            result = yield self.bounce(args or {})
+            return result
         if command == "flush":
             return self.flush(None if target == "all" else target, domain)
         if command in ("delete", "hold", "release"):
@@ -138,16 +154,95 @@ class QueueOperations:
             resumed = self.shaper.resume()
         return {"flushed": len(self.manager.flush()), "resumed": resumed}
 
+    def _need_suspensions(self) -> Any:
+        if self.suspensions is None:
+            raise QueueOpError("suspensions need the running MTA (no control socket answered)")
+        return self.suspensions
+
+    def suspend(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Hold the mail of one domain, provider, source, campaign or tenant for ``duration``
+        (KumoMTA's admin suspend): it waits in the queue without using attempts, then goes."""
+        from pymta.state.suspensions import KINDS, parse_duration
+
+        store = self._need_suspensions()
+        named = [k for k in KINDS if args.get(k) is not None]
+        if len(named) != 1:
+            raise QueueOpError(f"suspend takes exactly one of {', '.join(KINDS)}")
+        kind = named[0]
+        value, reason = args[kind], args.get("reason", "suspended by the operator")
+        if not isinstance(value, str):
+            raise QueueOpError(f"{kind} must be a string")
+        if not isinstance(reason, str) or not reason.strip() or len(reason) > 1000:
+            raise QueueOpError("reason must be a non-empty string of at most 1000 characters")
+        try:
+            return store.add(kind, value, parse_duration(args.get("duration", "1h")), reason.strip())
+        except ValueError as e:
+            raise QueueOpError(str(e)) from None
+
+    def unsuspend(self, suspension_id: str | None) -> dict[str, Any]:
+        row = self._need_suspensions().remove(suspension_id or "")
+        if row is None:
+            raise QueueOpError(f"no suspension {suspension_id} in force")
+        flushed = []
+        if self.manager is not None:  # what it held is due now
+            flushed = self.manager.flush(self._held_by_suspension())
+        return {"lifted": row, "flushed": len(flushed)}
+
+    @defer.inlineCallbacks
+    def bounce(self, args: dict[str, Any]):
+        """KumoMTA's admin bounce: every queued message (incoming, deferred, held) for one recipient
+        ``domain``, ``campaign`` or ``tenant`` fails with a DSN (5.0.0 "administratively bounced:
+        REASON"); one being delivered fails when its attempt ends."""
+        if self.manager is None:
+            raise QueueOpError("bounce needs the running MTA (no control socket answered)")
+        named = [k for k in BOUNCE_KINDS if args.get(k) is not None]
+        if len(named) != 1:
+            raise QueueOpError(f"bounce takes exactly one of {', '.join(BOUNCE_KINDS)}")
+        kind = named[0]
+        value, reason = args[kind], args.get("reason")
+        if not isinstance(value, str) or not value.strip() or len(value) > 253:
+            raise QueueOpError(f"{kind} must be a non-empty string of at most 253 characters")
+        if not isinstance(reason, str) or not reason.strip() or len(reason) > 1000:
+            raise QueueOpError("reason must be a non-empty string of at most 1000 characters")
+        reason = " ".join(reason.split())  # one line: it goes into a reply text and a DSN
+        if kind == "domain":
+            value = value.strip().lower().rstrip(".")
+            matches = (lambda envelope, r: r.domain.lower() == value)  # noqa: E731
+        else:
+            matches = (lambda envelope, r: envelope.extra.get(kind) == value)  # noqa: E731
+        qids = self._deferred_where(matches, (INCOMING, DEFERRED, HOLD, ACTIVE))
+        messages = recipients = 0
+        after_attempt = []
+        for qid in qids:
+            n = yield self.manager.bounce(qid, matches, reason)
+            if n is None:
+                after_attempt.append(qid)
+            elif n:
+                messages, recipients = messages + 1, recipients + n
+        log.info("administrative bounce of {kind} {value}: {messages} message(s), {recipients} recipient(s) ({reason})",
+                 kind=kind, value=value, messages=messages, recipients=recipients, reason=reason,
+                 after_attempt=len(after_attempt), event="admin_bounce")  # fmt: skip
+        return {"kind": kind, "value": value, "reason": reason, "messages": messages, "recipients": recipients,
+                "after_attempt": after_attempt}  # fmt: skip
+
+    def _held_by_suspension(self) -> list[str]:
+        return self._deferred_where(lambda envelope, r: str((r.reply or {}).get("text", "")).startswith(SUSPENDED_TEXT))
+
     def _deferred_for(self, domain: str) -> list[str]:
         """Deferred messages with a recipient still pending at ``domain``."""
+        return self._deferred_where(lambda envelope, r: r.domain.lower() == domain)
+
+    def _deferred_where(self, pending_matches: Any, states: tuple[str, ...] = (DEFERRED,)) -> list[str]:
+        """Messages in ``states`` with a pending recipient for which ``pending_matches(envelope, rcpt)``."""
         out = []
-        for qid in self.store.list(DEFERRED):
-            try:
-                envelope = self.store.load(qid)
-            except (KeyError, ValueError):
-                continue
-            if any(r.domain.lower() == domain for r in envelope.pending_recipients()):
-                out.append(qid)
+        for state in states:
+            for qid in self.store.list(state):
+                try:
+                    envelope = self.store.load(qid)
+                except (KeyError, ValueError):
+                    continue
+                if any(pending_matches(envelope, r) for r in envelope.pending_recipients()):
+                    out.append(qid)
         return out
 
     def shaping(self, domain: str | None = None) -> dict[str, Any]:
@@ -173,7 +268,8 @@ class QueueOperations:
                         "why_unusable": source.why_unusable, "cap_today": source.cap(today, offset),
                         "sent_today": counter.count(source.name, today) if counter else None, "ladder_offset": offset,
                     })  # fmt: skip
-        return {"destinations": destinations, "sources": sources}
+        suspensions = self.suspensions.in_force() if self.suspensions is not None else []
+        return {"destinations": destinations, "sources": sources, "suspensions": suspensions}
 
     @staticmethod
     def _need(target: str | None) -> str:

@@ -33,6 +33,7 @@ from pymta.smtp.client import (
     xtext_encode,
 )
 from pymta.smtp.replies import Reply
+from pymta.state.suspensions import SUSPENDED_TEXT
 
 log = Logger(namespace="pymta.outbound")
 
@@ -181,6 +182,7 @@ class SMTPDeliveryAgent:
         self._live: weakref.WeakSet[SMTPClientProtocol] = weakref.WeakSet()  # every connection made
         self._connecting: set[defer.Deferred] = set()  # connection attempts in progress
         self._calls: dict[defer.Deferred, list[Recipient]] = {}  # deliveries in flight -> their recipients
+        self.active: dict[tuple[str, str], int] = {}  # (provider, source) -> sessions delivering now
 
     # -- the IDeliveryAgent call ----------------------------------------------------------------
 
@@ -262,6 +264,10 @@ class SMTPDeliveryAgent:
             if source is None and until:
                 reply = Reply(451, "4.7.0", "Every source of this mail's pool reached its daily warm-up cap")
                 return [_result(r, reply, None, None, hold_until=until) for r in recipients]
+        suspended = self.shaper.suspended(domain, provider, source, envelope) if self.shaper else None
+        if suspended is not None:  # an operator's suspension: back to the queue without using an attempt
+            reply = Reply(451, "4.7.0", f"{SUSPENDED_TEXT} until it lapses ({suspended['reason']})")
+            return [_result(r, reply, None, None, hold_until=suspended["until"]) for r in recipients]
         shaping = None
         if destination is not None:
             key, limits = destination
@@ -279,6 +285,8 @@ class SMTPDeliveryAgent:
                 yield task.deferLater(self.clock, wait, lambda: None)
             yield self.shaper.acquire_connection(key, limits)
             shaping = (key, limits)
+        active = (provider or "", getattr(source, "name", "") or "")
+        self.active[active] = self.active.get(active, 0) + 1
         try:
             results = yield self._try_hops(envelope, recipients, body, domain, hops, shaping, source)
             if provider is not None:  # for the accounting record and the event
@@ -292,6 +300,9 @@ class SMTPDeliveryAgent:
                     self.selector.sent(source, qid=envelope.qid, provider=provider)
                     envelope.extra["source"] = source.name
         finally:
+            self.active[active] -= 1
+            if not self.active[active]:
+                del self.active[active]
             if shaping is not None:
                 self.shaper.release_connection(shaping[0])
         return results

@@ -108,6 +108,7 @@ class Shaper:
         self.states: dict[str, State] = {}
         self.limiters: dict[str, KeyedLimiter] = {}
         self._key_of_domain: OrderedDict[str, str] = OrderedDict()  # most recently used last
+        self.suspensions: Any = None  # ISuspensions: the operator's suspensions, when configured
 
     def _remember(self, domain: str, key: str) -> None:
         self._key_of_domain[domain] = key
@@ -158,6 +159,15 @@ class Shaper:
         if share >= 1.0:
             s.share = 1.0
         return rate.scaled(share)
+
+    def suspended(self, domain: str, provider: str | None, source: Any, envelope: Any) -> dict[str, Any] | None:
+        """The operator's suspension that holds this mail (by domain, provider, source, campaign or
+        tenant), or None."""
+        if self.suspensions is None:
+            return None
+        extra = getattr(envelope, "extra", None) or {}
+        return self.suspensions.match(domain=domain, provider=provider, source=getattr(source, "name", None),
+                                      campaign=extra.get("campaign"), tenant=extra.get("tenant"))  # fmt: skip
 
     # -- admission ------------------------------------------------------------------------
 

@@ -96,6 +96,7 @@ class QueueManager(service.Service):
         self._queued: set[str] = set()  # in _ready
         self._inflight: dict[str, defer.Deferred] = {}
         self._after: dict[str, str] = {}  # qid -> "hold" | "delete" once its attempt ends
+        self._bounce_after: dict[str, list[tuple[Callable[[Envelope, Recipient], bool], str]]] = {}  # admin bounces
         self._missing_agent_logged: set[str] = set()
         self._born: dict[str, float] = {}  # qid -> arrival on the monotonic clock
 
@@ -179,6 +180,8 @@ class QueueManager(service.Service):
 
     def _finished(self, _: Any, qid: str) -> None:
         self._inflight.pop(qid, None)
+        for matches, reason in self._bounce_after.pop(qid, []):  # asked for while it was being delivered
+            self.bounce(qid, matches, reason)
         action = self._after.pop(qid, None)
         if action is not None:  # asked for during an attempt that ended without concluding
             d = self.delete(qid) if action == "delete" else self.hold(qid)
@@ -276,16 +279,17 @@ class QueueManager(service.Service):
         # event (metrics read it) and in the accounting record.
         tags = {k: envelope.extra[k] for k in ("campaign", "tenant", "pool", "source") if envelope.extra.get(k)}
         queue_time = round(self._age(envelope), 3)
+        extra = dict(result.extra) if result is not None else {}
         log.info(
             "{event} {qid} to {rcpt}: {code} {enhanced} {text}",
             event=event, qid=envelope.qid, rcpt=rcpt.address, sender=envelope.sender,
             code=(rcpt.reply or {}).get("code"), enhanced=(rcpt.reply or {}).get("enhanced"),
             text=(rcpt.reply or {}).get("text"), mx=rcpt.remote_mta, attempt=rcpt.attempts,
-            queue_time=queue_time, **tags,
+            queue_time=queue_time, tls=getattr(result, "tls", None), tls_policy=extra.get("tls_policy"),
+            tls_failure=extra.get("tls_failure"), **tags,
         )  # fmt: skip
         if self.accounting is None:
             return defer.succeed(None)
-        extra = dict(result.extra) if result is not None else {}
         return self.accounting.record(
             event,
             qid=envelope.qid,
@@ -432,6 +436,50 @@ class QueueManager(service.Service):
         for qid in due:
             self.scheduler.schedule(qid, now)
         return due
+
+    def bounce(self, qid: str, matches: Callable[[Envelope, Recipient], bool], reason: str) -> defer.Deferred:
+        """KumoMTA's admin bounce: the pending recipients of ``qid`` that ``matches`` fail now as an
+        administrative failure (5.0.0), with their ``bounced`` records and a DSN to the sender. Fires
+        with the number of recipients failed, or None when the message is being delivered (its
+        matching recipients fail when the attempt ends)."""
+        if qid in self._inflight:
+            self._bounce_after.setdefault(qid, []).append((matches, reason))
+            return defer.succeed(None)
+        busy: defer.Deferred = defer.Deferred()
+        self._inflight[qid] = busy  # no delivery attempt starts while the envelope is rewritten
+
+        def done(result: Any) -> Any:
+            self._finished(None, qid)
+            busy.callback(None)
+            return result
+
+        return self._bounce_now(qid, matches, reason).addBoth(done)
+
+    @defer.inlineCallbacks
+    def _bounce_now(self, qid: str, matches: Callable[[Envelope, Recipient], bool], reason: str):
+        state = self.store.state(qid)
+        if state not in (INCOMING, DEFERRED, HOLD):
+            return 0
+        envelope = self.store.load(qid)
+        failing = [r for r in envelope.pending_recipients() if matches(envelope, r)]
+        if not failing:
+            return 0
+        body = self.store.read_body(qid)
+        now = self.wall.seconds()
+        for r in failing:
+            r.state, r.updated = FAILED, now
+            r.reply = {"code": 550, "enhanced": "5.0.0", "text": f"administratively bounced: {reason}"}
+        yield self._durable([self._account("bounced", envelope, r, now) for r in failing])
+        yield self._notices(envelope, body, now, bool(envelope.pending_recipients()))
+        if not envelope.pending_recipients():
+            self.scheduler.cancel(qid)
+            self._born.pop(qid, None)
+            yield self.store.remove(qid)
+        else:
+            yield self.store.update(envelope)
+            if state == INCOMING:  # its place in the ready queue was given up while it was rewritten
+                self._enqueue_ready(qid)
+        return len(failing)
 
     def in_flight(self, qid: str) -> bool:
         """A delivery attempt of ``qid`` is running now."""

@@ -110,6 +110,10 @@ class AdminAPI:
         api.route("POST", "/api/v1/messages/{qid}/{action}", self.action, "admin")
         api.route("GET", "/api/v1/shaping", self.shaping, "read")
         api.route("GET", "/api/v1/webhooks", self.webhooks, "read")
+        api.route("GET", "/api/v1/suspend", self.suspensions, "read")
+        api.route("POST", "/api/v1/suspend", self.suspend, "admin")
+        api.route("DELETE", "/api/v1/suspend/{suspension_id}", self.unsuspend, "admin")
+        api.route("POST", "/api/v1/bounce", self.bounce, "admin")
         api.route("GET", "/api/v1/suppressions", self.suppressions, "read")
         api.route("POST", "/api/v1/suppressions", self.suppress, "admin")
         api.route("DELETE", "/api/v1/suppressions/{address}", self.unsuppress, "admin")
@@ -170,6 +174,35 @@ class AdminAPI:
 
     def webhooks(self, request: Any) -> defer.Deferred:
         return self._run("webhooks", None)
+
+    # -- suspensions and admin bounces (one code path with pymta-queue) -------------------
+
+    @defer.inlineCallbacks
+    def _run_args(self, command: str, target: str | None, args: dict[str, Any] | None, field: str | None = None):
+        try:
+            result = yield self.ops.run(command, target, None, args)
+        except QueueOpError as e:
+            raise APIError(400 if args is not None else 404, str(e), field) from None
+        return result
+
+    def suspensions(self, request: Any) -> defer.Deferred:
+        return self._run_args("suspensions", None, None)
+
+    def suspend(self, request: Any) -> defer.Deferred:
+        body = json_body(request)
+        if not isinstance(body, dict):
+            raise APIError(400, "expected a JSON object")
+        d = self._run_args("suspend", None, body)
+        return d.addCallback(lambda row: (201, row))
+
+    def unsuspend(self, request: Any, suspension_id: str) -> defer.Deferred:
+        return self._run_args("unsuspend", suspension_id, None)
+
+    def bounce(self, request: Any) -> defer.Deferred:
+        body = json_body(request)
+        if not isinstance(body, dict):
+            raise APIError(400, "expected a JSON object")
+        return self._run_args("bounce", None, body)
 
     # -- suppressions ---------------------------------------------------------------------
 

@@ -62,6 +62,10 @@ class Metrics:
         self.injections = Counter("pymta_injection_requests", "Injection API requests", ["outcome"], registry=r)
         self.injected = Counter("pymta_injected_recipients", "Recipients of injection requests", ["outcome"], registry=r)
         self.shaping = Counter("pymta_shaping_decisions", "Shaping pauses and rate changes", ["kind"], registry=r)
+        self.dns = Counter("pymta_dns_lookups", "DNS lookups that reached a server, by result", ["rdtype", "result"],
+                           registry=r)  # fmt: skip
+        self.tls = Counter("pymta_outbound_tls", "Outbound delivery outcomes by TLS policy and TLS result "
+                           "(tls, plaintext, failed), one per recipient", ["tls_policy", "result"], registry=r)  # fmt: skip
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._seen_limit = seen_limit
 
@@ -98,6 +102,11 @@ class Metrics:
                 ).inc()  # fmt: skip
                 if kind == "delivered" and isinstance(event.get("queue_time"), int | float):
                     self.latency.observe(max(0.0, float(event["queue_time"])))
+                if event.get("tls_policy"):
+                    tls = "tls" if event.get("tls") else ("failed" if event.get("tls_failure") else "plaintext")
+                    self.tls.labels(_label(event["tls_policy"]), tls).inc()
+            elif namespace == "pymta.dns" and kind == "dns_lookup":
+                self.dns.labels(_label(event.get("rdtype")), _label(event.get("result"))).inc()
             elif namespace == "pymta.feedback" and event.get("kind"):
                 self.feedback.labels(_label(event.get("kind"))).inc()
             elif namespace == "pymta.outbound.shaping" and kind:
@@ -117,7 +126,7 @@ class Metrics:
 
     def add_gauges(self, read: Callable[[], dict[str, Any]]) -> None:
         """Gauges computed at scrape time by ``read()``: {"queue": {state: n}, "suppressions": n,
-        "paused_destinations": n, "connections": {(provider, source): n}}."""
+        "paused_destinations": n, "connections": {(provider, source): n}, "suspensions": {kind: n}}."""
         self.registry.register(_ScrapeCollector(read))
 
 
@@ -156,8 +165,13 @@ class _ScrapeCollector:
             yield backlog
             yield dropped
             yield delivered
-        connections = GaugeMetricFamily("pymta_outbound_connections", "Open outbound connections",
-                                        labels=["destination"])  # fmt: skip
-        for destination, n in sorted((values.get("connections") or {}).items()):
-            connections.add_metric([_label(destination)], float(n))
+        connections = GaugeMetricFamily("pymta_outbound_connections", "Outbound connections delivering now",
+                                        labels=["provider", "source"])  # fmt: skip
+        for (provider, source), n in sorted((values.get("connections") or {}).items()):
+            connections.add_metric([_label(provider), _label(source)], float(n))
         yield connections
+        if "suspensions" in values:
+            suspended = GaugeMetricFamily("pymta_suspensions", "Operator suspensions in force", labels=["kind"])
+            for kind, n in sorted(values["suspensions"].items()):
+                suspended.add_metric([kind], float(n))
+            yield suspended

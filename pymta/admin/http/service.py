@@ -110,6 +110,7 @@ def build_http(
     on_queued: Any = None,
     shaper: Any = None,
     sign: Any = None,
+    agent: Any = None,
     selector: Any = None,
     events: Any = None,
 ) -> None:
@@ -121,7 +122,7 @@ def build_http(
         min_free = int(getattr(config.queue, "min_free", 0) or 0)
 
         def health() -> dict[str, Any]:
-            report = disk_health(config.queue_dir, min_free)
+            report = disk_health(config.queue_dir, min_free, lambda: listener_status(top))
             report["queue"] = {state: len(store.list(state)) for state in QUEUE_STATES}
             return report
 
@@ -134,7 +135,7 @@ def build_http(
         inject.register(api)
         CloseRenderer(inject).setServiceParent(top)
         assert metrics is not None
-        metrics.add_gauges(lambda: _gauges(store, suppression, shaper, operations.webhooks))
+        metrics.add_gauges(lambda: _gauges(store, suppression, shaper, agent, operations.suspensions, operations.webhooks))
         MetricsObserver(metrics).setServiceParent(top)
         root = AdminRoot(api, MetricsPage(metrics, api, h.metrics_auth))
         add_dashboard(config, reactor, top, root, api, threadpool, store, suppression, accounting, shaper, selector)
@@ -146,6 +147,28 @@ def build_http(
                          reactor=reactor)  # fmt: skip
         for endpoint in h.public_listen:
             strports.service(endpoint, public, reactor=reactor).setServiceParent(top)
+
+
+def listener_status(top: service.MultiService) -> list[dict[str, Any]]:
+    """Every listening endpoint of the MTA (SMTP, submission, HTTP): its address once bound, and
+    whether it listens now (a port that could not be bound says why)."""
+    from twisted.application.internet import StreamServerEndpointService
+
+    out = []
+    for svc in top:
+        if not isinstance(svc, StreamServerEndpointService):
+            continue
+        waiting = getattr(svc, "_waitingForPort", None)
+        entry: dict[str, Any] = {"listening": False}
+        if waiting is not None and waiting.called:
+            port = waiting.result
+            if hasattr(port, "getHost"):
+                host = port.getHost()
+                entry = {"listening": bool(svc.running), "address": f"{getattr(host, 'host', '')}:{getattr(host, 'port', '')}"}
+            elif hasattr(port, "getErrorMessage"):
+                entry["error"] = port.getErrorMessage()[:200]
+        out.append(entry)
+    return out
 
 
 def add_dashboard(config: Any, reactor: Any, top: service.MultiService, root: resource.Resource, api: JSONAPI,
@@ -186,7 +209,8 @@ def _tracker(config: Any) -> Any:
     return Tracker(config.tracking, config.http.public_url, config.tracking.secret or config.feedback.secret)
 
 
-def _gauges(store: Any, suppression: Any, shaper: Any, webhooks: Any = None) -> dict[str, Any]:
+def _gauges(store: Any, suppression: Any, shaper: Any, agent: Any = None, suspensions: Any = None,
+            webhooks: Any = None) -> dict[str, Any]:  # fmt: skip
     values: dict[str, Any] = {"queue": {state: len(store.list(state)) for state in QUEUE_STATES}}
     if webhooks is not None:
         values["webhooks"] = webhooks.status()
@@ -196,6 +220,12 @@ def _gauges(store: Any, suppression: Any, shaper: Any, webhooks: Any = None) -> 
         states = [shaper.explain(key) for key in sorted(shaper.states)]
         now = shaper.clock.seconds() if hasattr(shaper, "clock") else 0
         values["paused_destinations"] = sum(1 for s in states if (s.get("paused_until") or 0) > now)
-        values["connections"] = {s["key"]: s.get("connections", 0) for s in states if s.get("connections")}
+    if agent is not None:
+        values["connections"] = dict(getattr(agent, "active", {}))
+    if suspensions is not None:
+        by_kind: dict[str, int] = {}
+        for row in suspensions.in_force():
+            by_kind[row["kind"]] = by_kind.get(row["kind"], 0) + 1
+        values["suspensions"] = by_kind
     return values
 
