@@ -287,6 +287,40 @@ class QueueConfig:
     deliver: bool = _key(conv_bool, True)
 
 
+def parse_lmtp_transport(text: str) -> tuple[str, str, int] | None:
+    """``lmtp:unix:/path`` -> ("unix", "/path", 0); ``lmtp:tcp:HOST:PORT`` (``[v6]:PORT`` too) ->
+    ("tcp", HOST, PORT); None when ``text`` is not an LMTP transport."""
+    kind, _, rest = text.partition(":")
+    if kind != "lmtp":
+        return None
+    family, _, where = rest.partition(":")
+    if family == "unix" and where.startswith("/"):
+        return ("unix", where, 0)
+    if family == "tcp":
+        host, _, port = where.rpartition(":")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        if host and port.isdigit() and 0 < int(port) < 65536:
+            return ("tcp", host, int(port))
+    return None
+
+
+def conv_mailbox_transport(value: Any) -> str:
+    text = conv_str(value)
+    if text != "maildir" and parse_lmtp_transport(text) is None:
+        raise ConfigValueError(f'expected "maildir", "lmtp:unix:/PATH" or "lmtp:tcp:HOST:PORT", got {text!r}')
+    return text
+
+
+@dataclass(frozen=True)
+class MailboxConfig:
+    """Where local recipients go: Maildirs under state_dir/mail, or an LMTP server (Dovecot)."""
+
+    transport: str = _key(conv_mailbox_transport, "maildir")
+    lmtp_timeout: float = _key(conv_duration(1), 300.0)  # each LMTP reply, the ones after the final dot too
+    lmtp_connections: int = _key(conv_int(1, 1000), 10)  # concurrent LMTP connections
+    lmtp_idle: float = _key(conv_duration(0), 30.0)  # an idle connection is kept this long for reuse
+
+
 # The SMTP client's stages (RFC 5321 §4.5.3.2), the keys of [outbound] timeouts.
 CLIENT_TIMEOUT_STAGES = ("connect", "greeting", "ehlo", "starttls", "mail", "rcpt", "data", "data_block", "data_end",
                          "rset", "quit")  # fmt: skip
@@ -666,6 +700,7 @@ _SECTIONS: dict[str, type] = {
     "smtp": SMTPConfig,
     "domains": DomainsConfig,
     "queue": QueueConfig,
+    "mailbox": MailboxConfig,
     "outbound": OutboundConfig,
     "dns": DNSConfig,
     "log": LogConfig,
@@ -688,6 +723,7 @@ class Config:
     smtp: SMTPConfig = field(default_factory=SMTPConfig)
     domains: DomainsConfig = field(default_factory=DomainsConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
+    mailbox: MailboxConfig = field(default_factory=MailboxConfig)
     outbound: OutboundConfig = field(default_factory=OutboundConfig)
     dns: DNSConfig = field(default_factory=DNSConfig)
     log: LogConfig = field(default_factory=LogConfig)

@@ -166,7 +166,6 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
     from pymta.inbound.auth import Authenticator, SenderLogins, load_users
     from pymta.inbound.dnsbl import DNSBL
     from pymta.inbound.limits import ClientLimits, Greylist
-    from pymta.inbound.mailbox import MaildirDeliveryAgent
     from pymta.inbound.policy import RelayPolicy
     from pymta.inbound.receiver import InboundReceiver
     from pymta.queue.manager import QueueManager, local_route_for
@@ -197,9 +196,7 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
         accounting = AccountingLog(os.path.join(config.log_dir, "accounting.jsonl"), reactor)
         CloseOnStop(accounting.close).setServiceParent(top)
 
-    agents: dict[str, Any] = {
-        "local": MaildirDeliveryAgent(config.mail_dir, config.hostname, reactor=reactor, threadpool=pool),
-    }
+    agents: dict[str, Any] = {"local": _mailbox_agent(config, reactor, pool, top)}
     resolver = Resolver(reactor, dns_pool, config.dns.servers, timeout=config.dns.timeout)
     smtp_agent = _outbound_agent(config, reactor, resolver)
     CloseOnStop(smtp_agent.close_idle).setServiceParent(top)
@@ -228,7 +225,7 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
         route_for=local_route_for(config.domains.local),
         greylist_retry=config.queue.greylist_retry,
         shutdown_grace=grace,
-        abort=smtp_agent.abort_all,
+        abort=lambda: (smtp_agent.abort_all(), getattr(agents["local"], "abort_all", lambda: None)()),
     )
     from pymta.admin.http.service import make_metrics
 
@@ -405,6 +402,21 @@ class ReloadOnHangup(service.Service):
         super().stopService()
         if self.previous is not None:
             signal.signal(signal.SIGHUP, self.previous)
+
+
+def _mailbox_agent(config: Config, reactor: Any, pool: Any, top: service.MultiService) -> Any:
+    """Local delivery: Maildirs under state_dir/mail, or ``[mailbox] transport`` over LMTP."""
+    mb = config.mailbox
+    if mb.transport == "maildir":
+        from pymta.inbound.mailbox import MaildirDeliveryAgent
+
+        return MaildirDeliveryAgent(config.mail_dir, config.hostname, reactor=reactor, threadpool=pool)
+    from pymta.inbound.lmtp import LMTPDeliveryAgent
+
+    agent = LMTPDeliveryAgent(mb.transport, config.hostname, reactor, timeout=mb.lmtp_timeout,
+                              max_connections=mb.lmtp_connections, idle_timeout=mb.lmtp_idle)  # fmt: skip
+    CloseOnStop(agent.close_idle).setServiceParent(top)
+    return agent
 
 
 def _inbound_state(config: Config, reactor: Any, main: bool) -> Any:
