@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything the test suite needs, then runs it (ruff, then pytest).
-#   Debian packages: postfix (smtp-sink, smtp-source: real SMTP peers), swaks, testssl.sh,
+#   Debian packages: postfix (smtp-sink, smtp-source: real SMTP peers), swaks, testssl.sh, dovecot-lmtpd,
 #   python3-venv where the interpreter cannot make a virtual environment.
 #   Python packages: pymta itself (editable, compat mode so twistd sees the plugin) + test extras,
 #   into the active virtual environment, or else into ./.venv (made here): Debian 12 refuses a
@@ -16,6 +16,7 @@ command -v swaks >/dev/null 2>&1 || need+=(swaks)
 command -v testssl >/dev/null 2>&1 || need+=(testssl.sh)
 command -v msmtp >/dev/null 2>&1 || need+=(msmtp)
 [ -x /usr/sbin/smtp-sink ] && [ -x /usr/sbin/smtp-source ] || need+=(postfix)
+[ -x /usr/lib/dovecot/lmtp ] || need+=(dovecot-lmtpd)  # a real LMTP server (tests/test_lmtp.py)
 in_venv=$("$PY" -c 'import sys; print(int(sys.prefix != sys.base_prefix))')
 if [ "$in_venv" = 0 ] && ! "$PY" -c 'import ensurepip, venv' >/dev/null 2>&1; then
     need+=(python3-venv)

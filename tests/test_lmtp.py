@@ -4,6 +4,7 @@ per-recipient replies after the final dot, connection reuse, timeouts, a server 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 
 from twisted.internet import defer, reactor
@@ -100,6 +101,7 @@ class LMTPDeliveryTests(unittest.TestCase):
     def setUp(self) -> None:
         self.server = LMTPServer()
         self.tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.tmp, True)
         self.socket = os.path.join(self.tmp, "lmtp")
         port = reactor.listenUNIX(self.socket, self.server.factory)
         self.addCleanup(port.stopListening)
@@ -186,3 +188,75 @@ class LMTPConfigTests(unittest.TestCase):
         with self.assertRaises(ConfigError) as e:
             build_config({"mailbox": {"transport": "lmtp:tcp:host"}}, "p.toml")
         self.assertTrue(str(e.exception).startswith("p.toml: mailbox.transport: expected"))
+
+
+DOVECOT = "/usr/sbin/dovecot"
+DOVECOT_CONF = """protocols = lmtp
+base_dir = {d}/run
+state_dir = {d}/state
+log_path = {d}/dovecot.log
+ssl = no
+listen = 127.0.0.1
+default_internal_user = nobody
+default_login_user = nobody
+default_internal_group = nogroup
+mail_location = maildir:{d}/mail/%d/%n
+first_valid_uid = 0
+passdb {{
+  driver = passwd-file
+  args = {d}/users
+}}
+userdb {{
+  driver = passwd-file
+  args = {d}/users
+}}
+service lmtp {{
+  unix_listener lmtp {{
+    mode = 0666
+  }}
+}}
+"""
+
+
+class DovecotTests(unittest.TestCase):
+    """A real Dovecot LMTP server (Debian's dovecot-lmtpd) on a UNIX socket in a temporary directory."""
+
+    def setUp(self) -> None:
+        if not os.path.exists(DOVECOT) or os.geteuid() != 0:
+            raise unittest.SkipTest("needs Debian's dovecot-lmtpd and root (Dovecot drops to the mail user)")
+        import pwd
+        import subprocess
+
+        self.dir = tempfile.mkdtemp(prefix="pymta-dovecot-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        os.chmod(self.dir, 0o755)
+        nobody = pwd.getpwnam("nobody")
+        for sub in ("run", "state", "mail"):
+            os.mkdir(os.path.join(self.dir, sub))
+        os.chown(os.path.join(self.dir, "mail"), nobody.pw_uid, nobody.pw_gid)
+        with open(os.path.join(self.dir, "users"), "w") as f:
+            for user in ("alice@example.test", "bob@example.test"):
+                f.write(f"{user}::{nobody.pw_uid}:{nobody.pw_gid}::{self.dir}/mail/{user}::\n")
+        conf = os.path.join(self.dir, "dovecot.conf")
+        with open(conf, "w") as f:
+            f.write(DOVECOT_CONF.format(d=self.dir))
+        subprocess.run([DOVECOT, "-c", conf], check=True, timeout=30)
+        self.addCleanup(subprocess.run, [DOVECOT, "-c", conf, "stop"], timeout=30)
+        self.socket = os.path.join(self.dir, "run", "lmtp")
+
+    @defer.inlineCallbacks
+    def test_dovecot_delivers_known_users_and_refuses_an_unknown_one(self):
+        agent = LMTPDeliveryAgent(f"lmtp:unix:{self.socket}", "mx.test", reactor, timeout=30)
+        self.addCleanup(agent.close_idle)
+        env = envelope("alice@example.test", "carol@example.test", "bob@example.test")
+        results = yield agent.deliver(env, env.recipients, BODY)
+        by = {r.address: r for r in results}
+        self.assertEqual(by["alice@example.test"].status, DELIVERED)
+        self.assertEqual(by["bob@example.test"].status, DELIVERED)
+        self.assertEqual((by["carol@example.test"].status, by["carol@example.test"].enhanced), (FAILED, "5.1.1"))
+        for user in ("alice", "bob"):
+            new = os.path.join(self.dir, "mail", "example.test", user, "new")
+            names = os.listdir(new)
+            self.assertEqual(len(names), 1)
+            with open(os.path.join(new, names[0]), "rb") as f:
+                self.assertIn(b"\n.leading dot\n", f.read())
