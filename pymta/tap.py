@@ -279,6 +279,7 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
         sender_login=SenderLogins.from_files(config.submission.users_file, config.submission.sender_login_maps)
         if config.submission.listen and config.submission.sender_login == "strict"
         else None,
+        scan=_scan_chain(config, reactor, top),
     )
     limits = ServerLimits(
         max_message_size=config.smtp.max_message_size,
@@ -417,6 +418,25 @@ def _mailbox_agent(config: Config, reactor: Any, pool: Any, top: service.MultiSe
                               max_connections=mb.lmtp_connections, idle_timeout=mb.lmtp_idle)  # fmt: skip
     CloseOnStop(agent.close_idle).setServiceParent(top)
     return agent
+
+
+def _scan_chain(config: Config, reactor: Any, top: service.MultiService) -> Any:
+    """``[scan]``: rspamd, then the milters in order (None when nothing is configured)."""
+    sc = config.scan
+    if not sc.rspamd and not sc.milter:
+        return None
+    from pymta.inbound.milter import MilterScanner
+    from pymta.inbound.rspamd import RspamdScanner
+    from pymta.inbound.scan import ScanChain
+
+    scanners: list[Any] = []
+    if sc.rspamd:
+        rspamd = RspamdScanner(sc.rspamd, reactor, sc.timeout, sc.on_error)
+        CloseOnStop(rspamd.close).setServiceParent(top)
+        scanners.append(rspamd)
+    for m in sc.milter:
+        scanners.append(MilterScanner(m.socket, reactor, m.timeout or sc.timeout, m.on_error or sc.on_error))
+    return ScanChain(scanners, reactor)
 
 
 def _inbound_state(config: Config, reactor: Any, main: bool) -> Any:

@@ -28,7 +28,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from pymta.envelope import Envelope
-from pymta.interfaces import ACTIVE, CORRUPT, INCOMING, QUEUE_STATES, IQueueStore, QueueError, QueueFull
+from pymta.interfaces import ACTIVE, CORRUPT, HOLD, INCOMING, QUEUE_STATES, IQueueStore, QueueError, QueueFull
 from pymta.queue.fsio import DirSyncer, FileOps, NoSyncFileOps, discard, is_space_error, write_new_file
 
 log = Logger()
@@ -56,6 +56,13 @@ def new_counts() -> dict[str, int]:
     return dict.fromkeys(RECOVER_COUNTS, 0)
 
 
+def check_enqueue_state(state: str) -> str:
+    """New mail goes into INCOMING, or straight into HOLD (quarantine)."""
+    if state not in (INCOMING, HOLD):
+        raise ValueError(f"a new message cannot be queued in state {state!r}")
+    return state
+
+
 @implementer(IQueueStore)
 class MemoryQueueStore:
     """In-memory IQueueStore for tests: same behaviour as the maildir store, Deferreds already fired.
@@ -80,8 +87,9 @@ class MemoryQueueStore:
         except Exception:
             return defer.fail()
 
-    def enqueue(self, envelope: Envelope, body: bytes) -> defer.Deferred:
+    def enqueue(self, envelope: Envelope, body: bytes, state: str = INCOMING) -> defer.Deferred:
         qid = envelope.qid
+        check_enqueue_state(state)
 
         def action() -> str:
             check_qid(qid)
@@ -89,7 +97,7 @@ class MemoryQueueStore:
                 raise QueueError(f"queue id {qid} already queued")
             self._envelopes[qid] = envelope.to_json()
             self._bodies[qid] = bytes(body)
-            self._states[qid] = INCOMING
+            self._states[qid] = state
             return qid
 
         return self._write(qid, action)
@@ -228,18 +236,19 @@ class MaildirQueueStore:
 
     # -- IQueueStore
 
-    def enqueue(self, envelope: Envelope, body: bytes) -> defer.Deferred:
+    def enqueue(self, envelope: Envelope, body: bytes, state: str = INCOMING) -> defer.Deferred:
         try:
             qid = check_qid(envelope.qid)
+            check_enqueue_state(state)
         except ValueError:
             return defer.fail()
-        return self._run(self._enqueue, qid, envelope.to_json(), body)
+        return self._run(self._enqueue, qid, envelope.to_json(), body, state)
 
     @_translated
-    def _enqueue(self, qid: str, env_bytes: bytes, body: bytes) -> str:
+    def _enqueue(self, qid: str, env_bytes: bytes, body: bytes, state: str = INCOMING) -> str:
         ops = self._ops
         body_path = os.path.join(self._data, qid)
-        env_path = os.path.join(self._dirs[INCOMING], qid)
+        env_path = os.path.join(self._dirs[state], qid)
         if qid in self._index or os.path.exists(body_path):
             raise QueueError(f"queue id {qid} already queued")
         tmp_body = os.path.join(self._tmp, qid + ".body")
@@ -258,9 +267,9 @@ class MaildirQueueStore:
             discard(ops, tmp_env)
             discard(ops, body_path)
             raise
-        self._index[qid] = INCOMING
+        self._index[qid] = state
         try:
-            self.syncer.sync((self._data, self._dirs[INCOMING]))
+            self.syncer.sync((self._data, self._dirs[state]))
         except OSError:
             # Renamed but maybe not on disk: take it back, so the refusal leaves nothing. If the
             # envelope is already gone (another process took it), the body is theirs now.
