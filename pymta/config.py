@@ -380,6 +380,13 @@ def _conv_scan(value: Any, where: str) -> ScanConfig:
     return dataclasses.replace(_build_section(ScanConfig, table, "scan", where), milter=milters)
 
 
+@dataclass(frozen=True)
+class SendmailConfig:
+    """The local submission socket ``pymta-sendmail`` talks to (SMTP; the kernel names the user)."""
+
+    socket: str | None = _key(conv_path, None)  # e.g. "/run/pymta/sendmail.sock" (mode 0666)
+
+
 # The SMTP client's stages (RFC 5321 §4.5.3.2), the keys of [outbound] timeouts.
 CLIENT_TIMEOUT_STAGES = ("connect", "greeting", "ehlo", "starttls", "mail", "rcpt", "data", "data_block", "data_end",
                          "rset", "quit")  # fmt: skip
@@ -766,6 +773,7 @@ _SECTIONS: dict[str, type] = {
     "domains": DomainsConfig,
     "queue": QueueConfig,
     "mailbox": MailboxConfig,
+    "sendmail": SendmailConfig,
     "outbound": OutboundConfig,
     "dns": DNSConfig,
     "log": LogConfig,
@@ -790,6 +798,7 @@ class Config:
     queue: QueueConfig = field(default_factory=QueueConfig)
     mailbox: MailboxConfig = field(default_factory=MailboxConfig)
     scan: ScanConfig = field(default_factory=ScanConfig)
+    sendmail: SendmailConfig = field(default_factory=SendmailConfig)
     outbound: OutboundConfig = field(default_factory=OutboundConfig)
     dns: DNSConfig = field(default_factory=DNSConfig)
     log: LogConfig = field(default_factory=LogConfig)

@@ -303,6 +303,8 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
         return top
     _listen(config, reactor, factory, top, on_worker_ended=inbound_state.release_owner, stop_limit=session_grace + 2.5)
 
+    if config.sendmail.socket:
+        _local_submission(config.sendmail.socket, receiver, config.hostname, limits, reactor, drain, top)
     from pymta.admin.control import control_service
     from pymta.admin.queue_ops import QueueOperations
 
@@ -418,6 +420,18 @@ def _mailbox_agent(config: Config, reactor: Any, pool: Any, top: service.MultiSe
                               max_connections=mb.lmtp_connections, idle_timeout=mb.lmtp_idle)  # fmt: skip
     CloseOnStop(agent.close_idle).setServiceParent(top)
     return agent
+
+
+def _local_submission(path: str, receiver: Any, hostname: str, limits: Any, reactor: Any, drain: Any,
+                      top: service.MultiService) -> None:
+    """``[sendmail] socket``: SMTP on a UNIX socket any local user may write to (``pymta-sendmail``)."""
+    from pymta.inbound.local import LocalSubmissionFactory
+
+    os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+    factory = LocalSubmissionFactory(receiver, hostname, limits, reactor)
+    drain.factories.append(factory)
+    escaped = path.replace("\\", "\\\\").replace(":", "\\:")
+    strports.service(f"unix:{escaped}:mode=666:lockfile=1", factory, reactor=reactor).setServiceParent(top)
 
 
 def _scan_chain(config: Config, reactor: Any, top: service.MultiService) -> Any:

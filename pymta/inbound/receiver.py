@@ -37,6 +37,9 @@ def received_header(session: Any, qid: str, hostname: str, recipients: list[str]
         extra.append(f"({session.tls})")
     if session.auth_user:
         extra.append(f"(authenticated as {session.auth_user})")
+    submitter = session.notes.get("submitter")
+    if submitter:
+        extra.append(f"(local submission by uid {submitter['uid']} {submitter['user']})")
     lines = [f"Received: from {_header_safe(helo)} ({source})"]
     lines.append(f"\tby {hostname} (pymta) with {session.protocol_name} id {qid}")
     if extra:
@@ -278,6 +281,8 @@ class InboundReceiver:
             not_before=not_before,
             extra={"pool": pool} if pool else {},
         )
+        if session.notes.get("submitter"):
+            envelope.extra["submitter"] = session.notes["submitter"]["user"]
         if self.scan is not None:
             request = ScanRequest(
                 qid, txn.sender, [r.address for r in recipients], data, self.hostname, envelope.client_address,
