@@ -260,3 +260,86 @@ class DovecotTests(unittest.TestCase):
             self.assertEqual(len(names), 1)
             with open(os.path.join(new, names[0]), "rb") as f:
                 self.assertIn(b"\n.leading dot\n", f.read())
+
+
+class ThreadedLMTP:
+    """A blocking LMTP server in a thread (for the twistd end-to-end test): b@ gets 452 after the dot."""
+
+    def __init__(self) -> None:
+        import socketserver
+        import threading
+
+        self.messages: list[bytes] = []
+        server = self
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                self.request.settimeout(30)
+                self.wfile.write(b"220 lmtp ready\r\n")
+                rcpts: list[bytes] = []
+                for line in self.rfile:
+                    verb = line[:4].upper()
+                    if verb == b"LHLO":
+                        self.wfile.write(b"250-lmtp\r\n250 PIPELINING\r\n")
+                    elif verb == b"MAIL":
+                        rcpts = []
+                        self.wfile.write(b"250 2.1.0 OK\r\n")
+                    elif verb == b"RCPT":
+                        rcpts.append(line.split(b"<", 1)[1].split(b">", 1)[0])
+                        self.wfile.write(b"250 2.1.5 OK\r\n")
+                    elif verb == b"DATA":
+                        self.wfile.write(b"354 go\r\n")
+                        data = b""
+                        for chunk in self.rfile:
+                            if chunk == b".\r\n":
+                                break
+                            data += chunk
+                        server.messages.append(data)
+                        for r in rcpts:
+                            self.wfile.write(b"452 4.2.2 Mailbox full\r\n" if r.startswith(b"bob@")
+                                             else b"250 2.0.0 Saved\r\n")  # fmt: skip
+                    elif verb == b"QUIT":
+                        self.wfile.write(b"221 bye\r\n")
+                        return
+                    else:
+                        self.wfile.write(b"250 OK\r\n")
+
+        class Server(socketserver.ThreadingTCPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_twistd_delivers_local_mail_over_lmtp_and_defers_only_the_refused_recipient(tmp_path):
+    import smtplib
+
+    from tests.mta_process import MTAProcess
+
+    lmtp = ThreadedLMTP()
+    mta = MTAProcess(str(tmp_path), extra_config=f"""
+        [mailbox]
+        transport = "lmtp:tcp:127.0.0.1:{lmtp.port}"
+        """)  # fmt: skip
+    mta.start()
+    try:
+        with smtplib.SMTP("127.0.0.1", mta.port, timeout=30) as client:
+            refused = client.sendmail("s@remote.test", ["alice@example.test", "bob@example.test"],
+                                      b"Subject: over lmtp\r\n\r\nhello\r\n")  # fmt: skip
+            assert refused == {}
+        mta.wait_for(lambda: lmtp.messages, what="the LMTP delivery")
+        assert b"Subject: over lmtp" in lmtp.messages[0]
+        events = mta.wait_for(lambda: [e for e in mta.log_events() if e.get("event") == "lmtp_result"] or None,
+                              what="LMTP results")  # fmt: skip
+        by = {e["rcpt"]: e["code"] for e in events}
+        assert by == {"alice@example.test": 250, "bob@example.test": 452}
+        assert mta.maildir_messages("alice@example.test") == []  # not into the built-in Maildirs
+    finally:
+        mta.stop()
+        lmtp.close()
