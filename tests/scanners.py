@@ -19,6 +19,23 @@ def _z(*parts: str) -> bytes:
     return b"".join(p.encode() + b"\0" for p in parts)
 
 
+class _ThreadedServer(socketserver.ThreadingTCPServer):
+    allow_reuse_address = True
+    daemon_threads = True
+
+
+def serve_tcp(handler: type) -> tuple[socketserver.ThreadingTCPServer, int]:
+    """A threaded TCP server on a free loopback port, serving in a daemon thread; (server, port)."""
+    server = _ThreadedServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, server.server_address[1]
+
+
+def close_server(server: socketserver.BaseServer) -> None:
+    server.shutdown()
+    server.server_close()
+
+
 class ScriptedMilter:
     """``mode`` decides the end-of-message answer: accept (with ``add`` headers, ``change``
     headers), reject (``y`` with ``reply``), tempfail, quarantine, discard, hang (never answers),
@@ -67,17 +84,10 @@ class ScriptedMilter:
                     if command == b"Q":
                         return
 
-        class Server(socketserver.ThreadingTCPServer):
-            allow_reuse_address = True
-            daemon_threads = True
-
-        self.server = Server(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server, self.port = serve_tcp(Handler)
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        close_server(self.server)
 
     def answer(self, state: dict, command: bytes, data: bytes) -> bytes | None:
         if self.mode == "garbage":
@@ -165,5 +175,4 @@ class ScriptedRspamd:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        close_server(self.server)

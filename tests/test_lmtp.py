@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socketserver
 import tempfile
 
 from twisted.internet import defer, reactor
@@ -16,6 +17,7 @@ from pymta.config import ConfigError, build_config, parse_lmtp_transport
 from pymta.envelope import DEFERRED, DELIVERED, FAILED, Envelope, Recipient, new_qid
 from pymta.inbound.lmtp import LMTPDeliveryAgent
 from tests.mta_process import free_port
+from tests.scanners import close_server, serve_tcp
 
 
 class LMTPServer:
@@ -266,9 +268,6 @@ class ThreadedLMTP:
     """A blocking LMTP server in a thread (for the twistd end-to-end test): b@ gets 452 after the dot."""
 
     def __init__(self) -> None:
-        import socketserver
-        import threading
-
         self.messages: list[bytes] = []
         server = self
 
@@ -304,17 +303,10 @@ class ThreadedLMTP:
                     else:
                         self.wfile.write(b"250 OK\r\n")
 
-        class Server(socketserver.ThreadingTCPServer):
-            daemon_threads = True
-            allow_reuse_address = True
-
-        self.server = Server(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server, self.port = serve_tcp(Handler)
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        close_server(self.server)
 
 
 def test_twistd_delivers_local_mail_over_lmtp_and_defers_only_the_refused_recipient(tmp_path):
