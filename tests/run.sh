@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything the test suite needs, then runs it (ruff, then pytest).
-#   Debian packages: postfix (smtp-sink, smtp-source: real SMTP peers), swaks, testssl.sh, dovecot-lmtpd, mutt, git-email,
+#   Debian packages: postfix (smtp-sink, smtp-source: real SMTP peers), swaks, testssl.sh, dovecot-lmtpd, mutt, git-email, clamav-milter,
 #   python3-venv where the interpreter cannot make a virtual environment.
 #   Python packages: pymta itself (editable, compat mode so twistd sees the plugin) + test extras,
 #   into the active virtual environment, or else into ./.venv (made here): Debian 12 refuses a
@@ -19,6 +19,7 @@ command -v msmtp >/dev/null 2>&1 || need+=(msmtp)
 [ -x /usr/lib/dovecot/lmtp ] || need+=(dovecot-lmtpd)  # a real LMTP server (tests/test_lmtp.py)
 command -v mutt >/dev/null 2>&1 || need+=(mutt)  # pymta-sendmail's callers (tests/test_sendmail.py)
 [ -x /usr/lib/git-core/git-send-email ] || need+=(git-email)
+[ -x /usr/sbin/clamav-milter ] && [ -x /usr/sbin/clamd ] || need+=(clamav-milter clamav-daemon)  # a real milter
 in_venv=$("$PY" -c 'import sys; print(int(sys.prefix != sys.base_prefix))')
 if [ "$in_venv" = 0 ] && ! "$PY" -c 'import ensurepip, venv' >/dev/null 2>&1; then
     need+=(python3-venv)
