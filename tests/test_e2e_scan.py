@@ -172,3 +172,10 @@ def test_scanners_down_with_on_error_accept_let_mail_through_unscanned(tmp_path)
         assert all(e["action"] == "accept" for e in errors)
     finally:
         mta.stop()
+
+
+def test_milter_flooding_header_changes_gets_the_default_action(scan):
+    mta, milter, _ = scan
+    milter.add = [("X-Flood", "x")] * 1001
+    code, text = send(mta)
+    assert code == 451 and text.startswith("4.7.1")

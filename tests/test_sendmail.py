@@ -58,7 +58,7 @@ def test_recipients_on_the_command_line_and_missing_headers_are_added(mta):
     assert b"\n.\nafter the dot\n" in message  # -oi: a lone dot is data
     head = message.split(b"\n\n", 1)[0]
     assert b"From: root@" in head and b"\nDate: " in head and b"\nMessage-ID: <" in head
-    assert b"local submission by uid 0 root" in head
+    assert b"local submission by uid 0 root" in head and b"Received: from " in head and b"(local)" in head
 
 
 def test_without_i_a_lone_dot_ends_the_message(mta):

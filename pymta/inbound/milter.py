@@ -41,6 +41,7 @@ log = Logger(namespace="pymta.inbound.milter")
 VERSION = 6
 MAX_PACKET = 1 << 20  # a milter reply larger than this is a protocol error
 BODY_CHUNK = 65535  # MILTER_CHUNK_SIZE
+MAX_EDITS = 1000  # header changes one milter may make to one message
 
 # actions we let a milter take (SMFIF_*): add headers, change/delete headers, quarantine
 SMFIF_ADDHDRS = 0x01
@@ -297,6 +298,8 @@ def _dialogue(proto: MilterProtocol, req: ScanRequest):
         needed = _EOM_EDITS.get(command)
         if needed is None or not actions & needed:
             raise ScanError(f"milter action {command!r} not negotiated")
+        if len(edits) >= MAX_EDITS:
+            raise ScanError(f"milter made more than {MAX_EDITS} header changes")
         if command == b"h":
             name, value = _strings(data, 2)
             edits.append(HeaderEdit("add", name, value))

@@ -32,6 +32,8 @@ def received_header(session: Any, qid: str, hostname: str, recipients: list[str]
     peer = session.peer_address or "unknown"
     client_name = session.notes.get("client_name") or ""
     source = f"{client_name} [{peer}]" if client_name and client_name != "unknown" else f"[{peer}]"
+    if session.notes.get("submitter"):
+        source = "local"  # pymta-sendmail over the UNIX socket: no network peer
     extra = []
     if session.tls:
         extra.append(f"({session.tls})")
