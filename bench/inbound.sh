@@ -44,7 +44,7 @@ fsync = true
 [log]
 accounting = false
 CFG
-PURGE_PY="find '$PY_STATE/queue/incoming' '$PY_STATE/queue/data' -type f -delete 2>/dev/null; true"
+PURGE_PY="find '$PY_STATE/queue/incoming' -type f -delete 2>/dev/null; true"
 echo "== pymta (accept into queue)" >&2
 "$SHARED_BENCH/peer-bench.sh" -name pymta -port "$PY_PORT" -sizes "$SIZES" -conc "$CONC" -n2k "$N" -n50k "$N" \
     -runs "$RUNS" -warmup 1 -between "$PURGE_PY" -json "$JSON" -sinkport "$SINK_PORT" -- \

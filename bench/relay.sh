@@ -6,6 +6,8 @@
 # Prints end-to-end msgs/s (until the sink has them all), CPU s per 1000 messages, and the ratios
 # pymta/Postfix. Loopback only; every process is stopped by its PID; every run is bounded.
 # PYMTA_PROCESSES (default 2): listener processes ([smtp] processes), one per core here.
+# PYMTA_BENCH_DKIM=1: pymta runs twice more, signing every message with [dkim.default] (RSA-2048,
+# then Ed25519); prints pymta's CPU per message with and without signing, and the difference.
 set -u
 HERE="$(cd "$(dirname "$0")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
@@ -21,7 +23,7 @@ PY_PORT="${PY_PORT:-2570}" PF_PORT="${PF_PORT:-2571}" SINK_PORT="${SINK_PORT:-25
 OUT="$BENCH_TMP/relay"
 rm -rf "$OUT"; mkdir -p "$OUT"
 JSON="$OUT/results.jsonl"
-PF_DIR=/tmp/pmbench/relay-postfix
+PF_DIR="${PF_DIR:-/tmp/pmbench/relay-postfix}"
 
 PY_STATE="$OUT/pymta"
 mkdir -p "$PY_STATE"
@@ -42,11 +44,29 @@ smarthost = "127.0.0.1:$SINK_PORT"
 max_connections = 100
 max_connections_per_domain = 50
 CFG
+PY_CFG="$(cat "$OUT/pymta.toml")"
+DKIM_VARIANTS=""
+if [ "${PYMTA_BENCH_DKIM:-0}" != 0 ]; then
+    openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$OUT/dkim-rsa.pem" 2>/dev/null || exit 2
+    openssl genpkey -algorithm ED25519 -out "$OUT/dkim-ed25519.pem" 2>/dev/null || exit 2
+    DKIM_VARIANTS="rsa ed25519"
+fi
 WAIT_PY="for i in \$(seq 300); do [ -z \"\$(find '$PY_STATE/queue/incoming' '$PY_STATE/queue/active' '$PY_STATE/queue/deferred' -type f -print -quit 2>/dev/null)\" ] && break; sleep 0.1; done"
 echo "== pymta relay" >&2
 "$SHARED_BENCH/peer-bench.sh" -name pymta -port "$PY_PORT" -relay "$SINK_PORT" -sizes "$SIZES" -conc "$CONC" \
     -n2k "$N2K" -n50k "$N50K" -runs "$RUNS" -warmup 1 -between "$WAIT_PY" -json "$JSON" -- \
     twistd -n --pidfile= pymta --config "$OUT/pymta.toml"
+
+for ALG in $DKIM_VARIANTS; do
+    rm -rf "$PY_STATE"; mkdir -p "$PY_STATE"
+    printf '%s\n[dkim.default]\ndomain = "bench.example"\nselector = "b%s"\nkey = "%s"\n' \
+        "$PY_CFG" "$ALG" "$OUT/dkim-$ALG.pem" >"$OUT/pymta.toml"
+    echo "== pymta relay, DKIM $ALG" >&2
+    "$SHARED_BENCH/peer-bench.sh" -name "pymta-dkim-$ALG" -port "$PY_PORT" -relay "$SINK_PORT" -sizes "$SIZES" \
+        -conc "$CONC" -n2k "$N2K" -n50k "$N50K" -runs "$RUNS" -warmup 1 -between "$WAIT_PY" -json "$JSON" -- \
+        twistd -n --pidfile= pymta --config "$OUT/pymta.toml"
+done
+[ -n "$DKIM_VARIANTS" ] && python3 "$HERE/dkim_cost.py" "$JSON"
 
 echo "== postfix relay" >&2
 "$SHARED_BENCH/postfix-instance.sh" destroy "$PF_DIR" >/dev/null 2>&1

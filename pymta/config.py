@@ -7,6 +7,7 @@ and impossible values stop startup with one line: ``FILE: KEY: REASON``.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import re
@@ -50,6 +51,38 @@ def parse_duration(value: Any) -> float:
     if seconds < 0:
         raise ConfigValueError("a duration cannot be negative")
     return seconds
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*$", re.I)
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 1024, "kib": 1024, "mb": 1024**2, "mib": 1024**2, "gb": 1024**3, "gib": 1024**3}
+
+
+def conv_size(value: Any) -> int:
+    """``"100MB"``, ``"64KiB"``, ``"2GB"`` (binary units: KB = 1024 octets; a bare number is octets)."""
+    if isinstance(value, bool):
+        raise ConfigValueError('expected a size like "100MB" or "64KB"')
+    if isinstance(value, int):
+        octets = float(value)
+    elif isinstance(value, str) and (m := _SIZE.match(value)):
+        octets = float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()]
+    else:
+        raise ConfigValueError(f'expected a size like "100MB" or "64KB", got {value!r}')
+    if octets < 0:
+        raise ConfigValueError("a size cannot be negative")
+    return int(octets)
+
+
+def conv_byte_rate(value: Any) -> float:
+    """``"1KB/s"``, ``"60KB/min"`` -> octets per second (a bare number is octets per second; 0 = off)."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    if value == "0":
+        return 0.0
+    size, sep, period = value.partition("/") if isinstance(value, str) else ("", "", "")
+    seconds = {"s": 1, "sec": 1, "second": 1, "min": 60, "minute": 60}.get(period.strip().lower())
+    if not sep or seconds is None:
+        raise ConfigValueError(f'expected a data rate like "1KB/s", got {value!r}')
+    return conv_size(size) / seconds
 
 
 def _type_name(value: Any) -> str:
@@ -252,8 +285,10 @@ class SMTPConfig:
     max_recipients: int = _key(conv_int(1, 100000), 1000)
     max_errors: int = _key(conv_int(1, 1000), 10)
     command_timeout: float = _key(conv_duration(1), 300.0)
-    data_timeout: float = _key(conv_duration(1), 600.0)
-    max_connections: int = _key(conv_int(1, 100000), 1000)
+    data_timeout: float = _key(conv_duration(1), 600.0)  # inactivity in DATA/BDAT
+    min_data_rate: float = _key(conv_byte_rate, 1024.0)  # DATA/BDAT average after its first 30 s; 0 = off
+    max_session_time: float = _key(conv_duration(0), 1800.0)  # a connection's whole life; 0 = no cap
+    max_connections: int = _key(conv_int(1, 100000), 1000)  # each of `processes` takes an equal share
     listen_tls: tuple[str, ...] = _key(conv_list(conv_endpoint), ())  # implicit TLS (port 465 style)
     greet_pause: float = _key(conv_duration(0), 0.0)  # early-talker check; 0 = off
     processes: int = _key(conv_int(1, 64), 1)  # listener processes sharing the `listen` sockets
@@ -282,6 +317,7 @@ class QueueConfig:
     greylist_retry: float = _key(conv_duration(1), 300.0)  # retry after a greylisting reply
     shutdown_grace: float = _key(conv_duration(0), 30.0)  # a stop waits this long for deliveries in flight
     fsync: bool = _key(conv_bool, True)
+    min_free: int = _key(conv_size, 0)  # MAIL gets 452 4.3.1 unless this + 1.5 x max_message_size is free
     # false: this process only accepts into the queue (a listener-only process beside another
     # pymta process that delivers from the same queue directory).
     deliver: bool = _key(conv_bool, True)
@@ -497,6 +533,7 @@ class ShapingLimitsConfig:
     retry_initial: float | None = _key(conv_duration(1), None)
     retry_max: float | None = _key(conv_duration(1), None)
     per_source: bool | None = _key(conv_bool, None)
+    dead_site_pause: float | None = _key(conv_duration(0), None)  # default 600 s; 0: never suspend
     mx_suffix: tuple[str, ...] = _key(conv_list(conv_hostname), ())  # providers only
 
 
@@ -635,8 +672,56 @@ class WarmupConfig:
 
 
 @dataclass(frozen=True)
+class AuthConfig:
+    """Sender authentication of inbound mail: SPF, DKIM, DMARC, ARC -> Authentication-Results."""
+
+    verify: bool = _key(conv_bool, False)  # on by itself when an ACL or dmarc_reject needs verdicts
+    authserv_id: str | None = _key(conv_hostname, None)  # default: hostname
+    dmarc_reject: bool = _key(conv_bool, False)  # honour p=reject with 550 5.7.1
+    dmarc_quarantine: str | None = _key(conv_address, None)  # p=quarantine: deliver here (default: a header)
+    arc_seal: bool = _key(conv_bool, True)  # seal mail to [domains] forward with the [dkim] key
+
+
+_HEADER_NAME = re.compile(r"^[!-9;-~]{1,76}$")
+
+
+def conv_header_name(value: Any) -> str:
+    text = conv_str(value).strip()
+    if not _HEADER_NAME.match(text):
+        raise ConfigValueError(f"not a header field name {value!r}")
+    return text
+
+
+DKIM_HEADERS = ("From", "To", "Cc", "Subject", "Date", "Message-ID", "Reply-To", "In-Reply-To", "References",
+                "List-Unsubscribe", "List-Unsubscribe-Post", "MIME-Version", "Content-Type",
+                "Content-Transfer-Encoding", "Feedback-ID")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class DkimConfig:
+    """``[dkim."example.com"]`` signs for that From domain and its subdomains (and for ``users``);
+    ``[dkim.default]`` (with ``domain``, the d= it signs as) for senders without a key of their own."""
+
+    selector: tuple[str, ...] = _key(conv_list(conv_str), ())  # several: one signature each
+    key: tuple[str, ...] = _key(conv_list(conv_path), ())  # PEM, one per selector
+    algorithm: tuple[str, ...] = _key(conv_list(conv_choice("rsa-sha256", "ed25519-sha256")), ())  # default: the key's
+    headers: tuple[str, ...] = _key(conv_list(conv_header_name), DKIM_HEADERS)  # signed when present
+    oversign: tuple[str, ...] = _key(conv_list(conv_header_name), ("From",))  # listed once more in h=
+    canonicalization: str = _key(
+        conv_choice("relaxed/relaxed", "relaxed/simple", "simple/relaxed", "simple/simple"), "relaxed/relaxed"
+    )
+    domain: str | None = _key(conv_hostname, None)  # d=; default the table's name
+    users: tuple[str, ...] = _key(conv_list(conv_str), ())  # authenticated users it signs for (no key of their own)
+
+
+@dataclass(frozen=True)
 class LogConfig:
     accounting: bool = _key(conv_bool, True)
+
+
+@dataclass(frozen=True)
+class StatsConfig:
+    retention: float = _key(conv_duration(3600), 30 * 86400.0)  # per-minute time series for the dashboard
 
 
 def _conv_routes(value: Any) -> dict[str, tuple[str, int]]:
@@ -656,6 +741,7 @@ def _conv_routes(value: Any) -> dict[str, tuple[str, int]]:
 
 ACL_STAGES = ("connect", "helo", "mail", "rcpt", "data")
 ACL_ACTIONS = ("accept", "reject", "tempfail", "continue")
+VERDICTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
 _REPLY = re.compile(r"^([245]\d\d)(?:\s+([245]\.\d{1,3}\.\d{1,3}))?(?:\s+(.*))?$")
 
 
@@ -701,6 +787,10 @@ class AclRule:
     sender: tuple[str, ...] | None = _key(conv_list(conv_pattern), None)
     recipient: tuple[str, ...] | None = _key(conv_list(conv_pattern), None)
     size: int | None = _key(conv_int(0), None)
+    spf: tuple[str, ...] | None = _key(conv_list(lambda v: conv_choice(*VERDICTS)(v)), None)  # data stage only
+    dkim: tuple[str, ...] | None = _key(conv_list(lambda v: conv_choice(*VERDICTS)(v)), None)
+    dmarc: tuple[str, ...] | None = _key(conv_list(lambda v: conv_choice(*VERDICTS)(v)), None)
+    arc: tuple[str, ...] | None = _key(conv_list(lambda v: conv_choice(*VERDICTS)(v)), None)
     comment: str = _key(conv_str, "")
 
 
@@ -737,6 +827,9 @@ def _conv_acl(value: Any, where: str) -> dict[str, tuple[AclRule, ...]]:
                 raise ConfigError(
                     f"{where}: {prefix}.size: the size is known at the mail (SIZE=) and data stages only"
                 )
+            for method in ("spf", "dkim", "dmarc", "arc"):
+                if getattr(r, method) is not None and stage != "data":
+                    raise ConfigError(f"{where}: {prefix}.{method}: sender verdicts are known at the data stage only")
             built.append(r)
         out[stage] = tuple(built)
     return out
@@ -777,6 +870,7 @@ _SECTIONS: dict[str, type] = {
     "outbound": OutboundConfig,
     "dns": DNSConfig,
     "log": LogConfig,
+    "stats": StatsConfig,
     "limits": LimitsConfig,
     "greylist": GreylistConfig,
     "feedback": FeedbackConfig,
@@ -785,6 +879,7 @@ _SECTIONS: dict[str, type] = {
     "dnsbl": DNSBLConfig,
     "warmup": WarmupConfig,
     "http": HTTPConfig,
+    "auth": AuthConfig,
 }
 
 
@@ -802,6 +897,7 @@ class Config:
     outbound: OutboundConfig = field(default_factory=OutboundConfig)
     dns: DNSConfig = field(default_factory=DNSConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    stats: StatsConfig = field(default_factory=StatsConfig)
     limits: LimitsConfig = field(
         default_factory=lambda: LimitsConfig(
             message_rate=_DEFAULT_MESSAGE_RATE, recipient_rate=_DEFAULT_RECIPIENT_RATE
@@ -818,6 +914,8 @@ class Config:
     pool_select: PoolSelectConfig = field(default_factory=PoolSelectConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     http: HTTPConfig = field(default_factory=HTTPConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    dkim: dict[str, DkimConfig] = field(default_factory=dict)
     routes: dict[str, tuple[str, int]] = field(default_factory=dict)
     acl: dict[str, tuple[AclRule, ...]] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -922,17 +1020,45 @@ def build_config(data: dict[str, Any], path: str = "<config>") -> Config:
             values[key] = _conv_named(PoolConfig, value, "pools", path)
         elif key == "pool_select":
             values[key] = _build_section(PoolSelectConfig, value, "pool_select", path)
+        elif key == "dkim":
+            values[key] = _conv_dkim(value, path)
         elif key in PASSTHROUGH_SECTIONS:
             continue
         else:
             known = sorted([*_SECTIONS, *_TOP_CONVERTERS, *PASSTHROUGH_SECTIONS, "acl", "shaping", "sources", "pools",
-                            "pool_select", "scan"])  # fmt: skip
+                            "pool_select", "dkim", "scan"])  # fmt: skip
             raise ConfigError(f"{path}: {key}: unknown key (known: {', '.join(known)})")
     if "state_dir" not in values:
         values["state_dir"] = conv_path("var")
     config = Config(path=path, raw=data, **values)
     _check_consistency(config)
     return config
+
+
+def _conv_dkim(value: Any, where: str) -> dict[str, DkimConfig]:
+    out = {}
+    for name, entry in _conv_named(DkimConfig, value, "dkim", where).items():
+        prefix = f"{where}: dkim.{name}"
+        if not entry.selector or not entry.key:
+            raise ConfigError(f"{prefix}.{'key' if entry.selector else 'selector'}: needed")
+        if len(entry.key) != len(entry.selector):
+            raise ConfigError(f"{prefix}.key: one key per selector ({len(entry.selector)})")
+        if entry.algorithm and len(entry.algorithm) != len(entry.selector):
+            raise ConfigError(f"{prefix}.algorithm: one algorithm per selector ({len(entry.selector)})")
+        if "from" not in {h.lower() for h in entry.headers}:
+            raise ConfigError(f"{prefix}.headers: From must be signed")
+        for what in ("headers", "oversign"):
+            ours = [h for h in getattr(entry, what) if h.lower().startswith("x-pymta-")]
+            if ours:  # pymta removes or adds these after signing: a signature over them would break
+                raise ConfigError(f"{prefix}.{what}: {ours[0]} is pymta's own header, never signed")
+        if name == "default" and entry.domain is None:
+            raise ConfigError(f"{prefix}.domain: needed (the d= domain that signs for other senders)")
+        try:
+            key = name if name == "default" else conv_hostname(name)
+        except ConfigValueError as e:
+            raise ConfigError(f"{prefix}: {e}") from None
+        out[key] = entry if entry.domain or key == "default" else dataclasses.replace(entry, domain=key)
+    return out
 
 
 def _check_consistency(config: Config) -> None:

@@ -122,21 +122,24 @@ class Envelope:
             data = json.loads(raw)
             if not isinstance(data, dict):
                 raise ValueError("envelope is not a JSON object")
-            known_r = {f.name for f in fields(Recipient)}
             rcpts = []
             for r in data.pop("recipients"):
-                r = {k: v for k, v in r.items() if k in known_r}
+                if not r.keys() <= _RECIPIENT_KEYS:  # written by a newer release: drop what we do not know
+                    r = {k: v for k, v in r.items() if k in _RECIPIENT_KEYS}
                 if r.get("notify") is not None:
                     r["notify"] = tuple(r["notify"])
                 rcpts.append(Recipient(**r))
-            known = {f.name for f in fields(cls)}
-            return cls(recipients=rcpts, **{k: v for k, v in data.items() if k in known})
-        except (KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            if not data.keys() <= _ENVELOPE_KEYS:
+                data = {k: v for k, v in data.items() if k in _ENVELOPE_KEYS}
+            return cls(recipients=rcpts, **data)
+        except (KeyError, TypeError, AttributeError, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"malformed envelope: {e}") from e
 
 
 _ENVELOPE_FIELDS = tuple(f.name for f in fields(Envelope) if f.name != "recipients")
 _RECIPIENT_FIELDS = tuple(f.name for f in fields(Recipient))
+_ENVELOPE_KEYS = frozenset(_ENVELOPE_FIELDS)  # "recipients" is popped before the check
+_RECIPIENT_KEYS = frozenset(_RECIPIENT_FIELDS)
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 

@@ -4,7 +4,8 @@ twistd calls the named object with no arguments, so :func:`observer` is a factor
 becomes one JSON object on one line: ``time`` (ISO 8601 UTC), ``level``, ``namespace``,
 ``message`` (the formatted text) and every named field of the event that JSON can carry
 (``qid``, ``client``, ``sender``, ``recipients``, ``size``, ``code``, ``enhanced`` ...).
-Output goes to ``$PYMTA_LOG_FILE`` when set, else standard output.
+Output goes to ``$PYMTA_LOG_FILE`` when set, else standard output; :func:`reopen_log_files`
+(SIGUSR1 or SIGHUP) reopens that file after logrotate has renamed it.
 
 Twisted's own per-connection "Starting factory" / "Stopping factory" lines (outbound HTTPS for
 MTA-STS, client endpoints) are left out: one pair per outbound connection is noise, not news.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 from datetime import UTC, datetime
 from typing import IO, Any
 
@@ -64,9 +66,56 @@ def event_as_json(event: dict[str, Any]) -> str:
     return json.dumps(record, ensure_ascii=False) + "\n"
 
 
+class ReopenableFile:
+    """A line-buffered text file that :meth:`reopen` replaces by a new file at the same path."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._lock = threading.Lock()  # events may be logged from threads while the file is reopened
+        self._file = self._open()
+
+    def _open(self) -> IO[str]:
+        return open(self.path, "a", encoding="utf-8", buffering=1)
+
+    def write(self, text: str) -> None:
+        with self._lock:
+            self._file.write(text)
+
+    def flush(self) -> None:
+        with self._lock:
+            self._file.flush()
+
+    def reopen(self) -> None:
+        new = self._open()  # an error leaves the old file in use
+        with self._lock:
+            old, self._file = self._file, new
+        old.close()
+
+
+_reopenable: list[ReopenableFile] = []
+
+
+def reopen_log_files() -> list[str]:
+    """Reopen ``$PYMTA_LOG_FILE`` (if this process logs to it); the paths reopened."""
+    done = []
+    for f in _reopenable:
+        try:
+            f.reopen()
+        except OSError as e:
+            sys.stderr.write(f"pymta: cannot reopen the log file {f.path}: {e.strerror}\n")
+            continue
+        done.append(f.path)
+    return done
+
+
 def observer(out: IO[str] | None = None) -> FilteringLogObserver:
     """The factory twistd's ``--logger`` calls."""
     if out is None:
         path = os.environ.get("PYMTA_LOG_FILE")
-        out = open(path, "a", encoding="utf-8", buffering=1) if path else sys.stdout
+        if path:
+            reopenable = ReopenableFile(path)
+            _reopenable.append(reopenable)
+            out = reopenable  # type: ignore[assignment]
+        else:
+            out = sys.stdout
     return FilteringLogObserver(FileLogObserver(out, event_as_json), [not_factory_noise])

@@ -134,7 +134,7 @@ class SessionDrain(service.Service):
         self.grace = grace
 
     def _open(self) -> list[Any]:
-        return [p for f in self.factories for p in list(f.connections)]
+        return [p for f in self.factories for p in list(f.sessions)]
 
     def stopService(self) -> defer.Deferred | None:
         super().stopService()

@@ -13,6 +13,7 @@ from typing import Any
 
 from twisted.application import service, strports
 from twisted.internet import reactor as global_reactor
+from twisted.internet.threads import deferToThreadPool
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
@@ -64,6 +65,7 @@ def makeService(options: dict[str, Any]) -> service.MultiService:
     import sqlite3
 
     from pymta.admin.http.tokens import TokensFileError
+    from pymta.auth.dkim import DkimKeyError
     from pymta.inbound.auth import UsersFileError
     from pymta.state.local import InboundStateError
     from pymta.tls import TLSConfigError
@@ -84,7 +86,7 @@ def makeService(options: dict[str, Any]) -> service.MultiService:
         _startup_failed(f"configuration error: {config.path}: {e.key}: {e}" if e.key else f"configuration error: {e}")
     except UsersFileError as e:
         _startup_failed(f"configuration error: {config.path}: submission.users_file: {e}")
-    except (TokensFileError, InboundStateError) as e:
+    except (TokensFileError, InboundStateError, DkimKeyError) as e:
         _startup_failed(f"configuration error: {e}")
     except StartupError as e:
         _startup_failed(str(e))
@@ -94,6 +96,7 @@ def makeService(options: dict[str, Any]) -> service.MultiService:
     except sqlite3.Error as e:
         databases = [config.suppression_db, os.path.join(config.state_dir, "inbound.sqlite")]
         databases += [os.path.join(config.state_dir, "warmup.sqlite")] if config.pools else []
+        databases += [os.path.join(config.state_dir, "stats.sqlite")] if config.http.listen else []
         _startup_failed(f"cannot start: cannot open database {' or '.join(databases)}: {e}")
     SignalGuard(global_reactor).setServiceParent(top)
     return top
@@ -161,6 +164,7 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
     from pymta.dns import Resolver
     from pymta.feedback.classify import classify
     from pymta.feedback.gate import FeedbackGate
+    from pymta.feedback.pool import ParsePool
     from pymta.feedback.processor import FeedbackProcessor
     from pymta.inbound.acl import AclPolicy
     from pymta.inbound.auth import Authenticator, SenderLogins, load_users
@@ -171,7 +175,7 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
     from pymta.queue.manager import QueueManager, local_route_for
     from pymta.queue.store import MaildirQueueStore
     from pymta.smtp.replies import Reply
-    from pymta.smtp.server import ServerLimits, SMTPServerFactory
+    from pymta.smtp.server import ConnectionSlots, ServerLimits, SMTPServerFactory
     from pymta.tls import ServerTLS
 
     for path in (config.state_dir, config.queue_dir, config.mail_dir, config.log_dir):
@@ -193,28 +197,49 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
     store = MaildirQueueStore(config.queue_dir, reactor=reactor, threadpool=pool, fsync=config.queue.fsync)
     accounting = None
     if config.log.accounting:
-        accounting = AccountingLog(os.path.join(config.log_dir, "accounting.jsonl"), reactor)
+        # Its own thread: record fsyncs never wait behind (or delay) queue or DNS work.
+        accounting_pool = ThreadPool(minthreads=1, maxthreads=1, name="pymta-accounting")
+        ThreadPoolService(accounting_pool).setServiceParent(top)
+        accounting = AccountingLog(
+            os.path.join(config.log_dir, "accounting.jsonl"), reactor,
+            run=lambda f: deferToThreadPool(reactor, accounting_pool, f), fsync=config.queue.fsync,
+        )  # fmt: skip
         CloseOnStop(accounting.close).setServiceParent(top)
+    reopen = _log_reopener(accounting)
+    ReloadOnHangup(reopen, reactor, signal.SIGUSR1).setServiceParent(top)
 
     agents: dict[str, Any] = {"local": _mailbox_agent(config, reactor, pool, top)}
     resolver = Resolver(reactor, dns_pool, config.dns.servers, timeout=config.dns.timeout)
+    from pymta.auth.accept import sender_auth_from_config
+
+    sender_auth = sender_auth_from_config(config, reactor, resolver)
+    if sender_auth is not None:
+        ThreadPoolService(sender_auth.threadpool).setServiceParent(top)
+        CloseOnStop(sender_auth.stop).setServiceParent(top)  # stops first: lookups in flight give up
     smtp_agent = _outbound_agent(config, reactor, resolver)
     CloseOnStop(smtp_agent.close_idle).setServiceParent(top)
     suppression, tagger = _feedback_parts(config, reactor)
     CloseOnStop(suppression.close).setServiceParent(top)
     fb = config.feedback
     relay = FeedbackGate(smtp_agent, suppression, tagger, fb.sender_domains, classify, fb.unsubscribe,
-                         config.http.public_url if config.http.public_listen else None)  # fmt: skip
+                         config.http.public_url if config.http.public_listen else None,
+                         signer=sender_auth.signer if sender_auth is not None else None)  # fmt: skip
     agents["relay"] = agents["forward"] = relay
+    parse_pool = ParsePool(reactor)  # bounces are parsed in a worker process, never on the reactor
+    CloseOnStop(parse_pool.close).setServiceParent(top)
     agents["feedback"] = FeedbackProcessor(
         suppression, tagger, fb.complaint_addresses, fb.reply_addresses, agents["local"], fb.reply_mailbox, accounting,
-        sources=smtp_agent.selector,
+        sources=smtp_agent.selector, parser=parse_pool.parse,
+        authserv_id=sender_auth.authserv_id if sender_auth is not None and sender_auth.verify else None,
     )
+
+    from pymta.queue.scheduler import MonotonicClock
 
     manager = QueueManager(
         store=store,
         agents=agents,
-        clock=reactor,
+        clock=MonotonicClock(reactor),  # retries and expiry immune to wall-clock steps
+        wall=reactor,
         hostname=config.hostname,
         retry_initial=config.queue.retry_initial,
         retry_max=config.queue.retry_max,
@@ -226,6 +251,7 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
         greylist_retry=config.queue.greylist_retry,
         shutdown_grace=grace,
         abort=lambda: (smtp_agent.abort_all(), getattr(agents["local"], "abort_all", lambda: None)()),
+        sign=sender_auth.sign if sender_auth is not None and sender_auth.signer is not None else None,
     )
     from pymta.admin.http.service import make_metrics
 
@@ -279,6 +305,10 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
         sender_login=SenderLogins.from_files(config.submission.users_file, config.submission.sender_login_maps)
         if config.submission.listen and config.submission.sender_login == "strict"
         else None,
+        free_space=lambda: free_octets(config.queue_dir),
+        # Postfix's rule: room for min_free plus one and a half messages of the largest size.
+        space_needed=config.queue.min_free + config.smtp.max_message_size * 3 // 2,
+        sender_auth=sender_auth,
         scan=_scan_chain(config, reactor, top),
     )
     limits = ServerLimits(
@@ -289,11 +319,21 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
         data_timeout=config.smtp.data_timeout,
         greet_pause=config.smtp.greet_pause,
         max_auth_failures=config.submission.max_auth_failures,
+        min_data_rate=config.smtp.min_data_rate,
+        max_session_time=config.smtp.max_session_time,
     )
+    # [smtp] max_connections holds for the MX listeners together; with listener workers each
+    # process takes an equal share. Submission listeners count apart, with the same cap.
+    mx_slots = ConnectionSlots(-(-config.smtp.max_connections // config.smtp.processes))
     server_tls = ServerTLS(config.tls.cert, config.tls.key) if config.tls.cert else None
+    hangup = ReloadOnHangup(server_tls.reload if server_tls is not None else reopen, reactor)
     if server_tls is not None:
-        ReloadOnHangup(server_tls.reload, reactor).setServiceParent(top)
-    factory = SMTPServerFactory(receiver, config.hostname, limits, reactor, tls_context_factory=server_tls)
+        hangup.also.append(reopen)
+    hangup.setServiceParent(top)
+    if sender_auth is not None and sender_auth.signer is not None:
+        on_hangup(top, reactor, sender_auth.signer.reload)  # DKIM keys
+    factory = SMTPServerFactory(receiver, config.hostname, limits, reactor, tls_context_factory=server_tls,
+                                connections=mx_slots)  # fmt: skip
     drain.factories.append(factory)
     if worker_fds is not None:
         from pymta.workers import AdoptedPort
@@ -319,9 +359,11 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
             config, reactor, top, store=store, operations=operations, policy=policy, threadpool=pool,
             metrics=metrics, suppression=suppression, tagger=tagger, accounting=accounting,
             on_queued=notify if config.queue.deliver else None, shaper=smtp_agent.shaper,
+            sign=sender_auth.sign if sender_auth is not None and sender_auth.signer is not None else None,
+            selector=smtp_agent.selector,
         )  # fmt: skip
     for endpoint in config.smtp.listen_tls:
-        implicit = SMTPServerFactory(receiver, config.hostname, limits, reactor)
+        implicit = SMTPServerFactory(receiver, config.hostname, limits, reactor, connections=mx_slots)
         drain.factories.append(implicit)
         strports.service(endpoint, TLSMemoryBIOFactory(server_tls, False, implicit), reactor=reactor).setServiceParent(top)
     if config.submission.listen:
@@ -330,7 +372,8 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
         ThreadPoolService(auth_pool).setServiceParent(top)
         auth = Authenticator(users, reactor, auth_pool, max_failures=config.submission.max_auth_failures)
         submission = SMTPServerFactory(receiver, config.hostname, limits, reactor, tls_context_factory=server_tls,
-                                       authenticator=auth, auth_required=True)  # fmt: skip
+                                       authenticator=auth, auth_required=True,
+                                       connections=ConnectionSlots(config.smtp.max_connections))  # fmt: skip
         drain.factories.append(submission)
         for endpoint in config.submission.listen:
             plain = implicit_tls_endpoint(endpoint)  # "ssl:465": implicit TLS with the [tls] certificate
@@ -377,20 +420,31 @@ def _listen(config: Config, reactor: Any, factory: Any, top: service.MultiServic
         pool = WorkerPool(reactor, config.smtp.processes - 1, config.path, sockets, on_ended=on_worker_ended,
                           stop_limit=stop_limit)
         pool.setServiceParent(top)
-        # The workers serve STARTTLS too: a SIGHUP to the main process reloads their certificate.
+        # The workers serve STARTTLS and log too: SIGHUP (certificate, logs) and SIGUSR1 (logs) reach them.
         for child in top:
             if isinstance(child, ReloadOnHangup):
-                child.also.append(lambda: pool.signal_all("HUP"))
+                child.also.append(lambda signum=child.signum: pool.signal_all(int(signum)))
+
+
+def on_hangup(top: service.MultiService, reactor: Any, action: Any) -> None:
+    """Adds ``action`` to the tree's one SIGHUP handler (created when there is none yet)."""
+    for child in top:
+        if isinstance(child, ReloadOnHangup) and child.signum == signal.SIGHUP:
+            child.also.append(action)
+            return
+    ReloadOnHangup(action, reactor).setServiceParent(top)
 
 
 class ReloadOnHangup(service.Service):
-    """SIGHUP reloads the certificate (the signal handler only schedules the work on the reactor)."""
+    """SIGHUP reloads the certificate and reopens the logs; with ``signum=SIGUSR1``, logs only (the
+    signal handler only schedules the work on the reactor)."""
 
-    def __init__(self, reload: Any, reactor: Any) -> None:
+    def __init__(self, reload: Any, reactor: Any, signum: signal.Signals = signal.SIGHUP) -> None:
         self.reload = reload
         self.reactor = reactor
+        self.signum = signum
         self.previous: Any = None
-        self.also: list[Any] = []  # further actions on SIGHUP (e.g. tell the listener workers)
+        self.also: list[Any] = []  # further actions on the signal (e.g. tell the listener workers)
 
     def hangup(self) -> None:
         self.reload()
@@ -399,12 +453,25 @@ class ReloadOnHangup(service.Service):
 
     def startService(self) -> None:
         super().startService()
-        self.previous = signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.hangup))
+        self.previous = signal.signal(self.signum, lambda *_: self.reactor.callFromThread(self.hangup))
 
     def stopService(self) -> None:
         super().stopService()
         if self.previous is not None:
-            signal.signal(signal.SIGHUP, self.previous)
+            # Not back to the default action, which would end a process that is still stopping.
+            signal.signal(self.signum, signal.SIG_IGN if self.previous == signal.SIG_DFL else self.previous)
+
+
+def _log_reopener(accounting: Any) -> Any:
+    """What SIGUSR1 and SIGHUP do for logrotate: reopen $PYMTA_LOG_FILE and the accounting log."""
+    from pymta.log import reopen_log_files
+
+    def reopen() -> None:
+        reopen_log_files()
+        if accounting is not None:
+            accounting.reopen()
+
+    return reopen
 
 
 def _mailbox_agent(config: Config, reactor: Any, pool: Any, top: service.MultiService) -> Any:
@@ -509,7 +576,7 @@ def _shaper(config: Config, reactor: Any) -> Any:
     def limits(c: Any) -> Limits:
         retry = (c.retry_initial, c.retry_max or max(c.retry_initial, config.queue.retry_max)) if c.retry_initial else None
         return Limits(c.connections, c.message_rate, c.messages_per_connection, c.recipients_per_message,
-                      c.window, c.timezone, c.connection_rate, retry, c.per_source)  # fmt: skip
+                      c.window, c.timezone, c.connection_rate, retry, c.per_source, c.dead_site_pause)  # fmt: skip
 
     default = limits(sh.default).over(Limits(connections=config.outbound.max_connections_per_domain))
     return Shaper(
@@ -519,6 +586,12 @@ def _shaper(config: Config, reactor: Any) -> Any:
         {name: (c.mx_suffix, limits(c)) for name, c in sh.provider.items()},
         tuple(BackoffRule(re.compile(b.match, re.I), b.pause, b.rate, b.recover) for b in sh.backoff),
     )
+
+
+def free_octets(path: str) -> int:
+    """Octets an unprivileged process may still write on the file system holding ``path``."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
 
 
 def listener_addresses(endpoints: tuple[str, ...]) -> list[tuple[str, int]]:

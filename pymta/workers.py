@@ -106,8 +106,11 @@ class WorkerPool(service.Service):
     def command(self) -> list[str]:
         logger = [a for a in sys.argv if a.startswith("--logger=")]
         fds = ",".join(f"{FIRST_FD + i}:{s.family.value}" for i, s in enumerate(self.sockets))
+        # SIGHUP and SIGUSR1 (passed on by the main process) are ignored until the worker's own
+        # handlers are installed: their default action would kill a worker that is still starting.
+        start = "import signal; [signal.signal(s, signal.SIG_IGN) for s in (signal.SIGHUP, signal.SIGUSR1)]; "
         return [
-            sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", *logger,
+            sys.executable, "-c", start + "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", *logger,
             "pymta", "--config", self.config_path, "--worker-fds", fds,
         ]  # fmt: skip
 
@@ -142,7 +145,8 @@ class WorkerPool(service.Service):
                      why=reason.getErrorMessage())  # fmt: skip
             self.reactor.callLater(1.0, lambda: self.running and self.spawn(worker.index))
 
-    def signal_all(self, name: str) -> None:
+    def signal_all(self, name: str | int) -> None:
+        """``name``: "HUP", "TERM", "INT", "KILL" or a signal number (Twisted maps only those names)."""
         for process in list(self.processes.values()):
             try:
                 process.signalProcess(name)

@@ -201,6 +201,16 @@ class QueueStoreContract:
         self.assertEqual(store.load(envs[2].qid), envs[2])
 
     @defer.inlineCallbacks
+    def test_recover_does_not_count_quarantined_messages_as_queued(self):
+        store = self.make_store()
+        envs = [make_envelope(now=1_700_000_000 + i) for i in range(3)]
+        for env in envs:
+            yield store.enqueue(env, BODY)
+        yield store.move(envs[1].qid, CORRUPT)
+        counts = store.recover()
+        self.assertEqual((counts["queued"], counts["quarantined"], counts["in_corrupt"]), (2, 0, 1))
+
+    @defer.inlineCallbacks
     def test_empty_body_and_binary_body_are_stored_exactly(self):
         store = self.make_store()
         bodies = [b"", bytes(range(256)) * 64]

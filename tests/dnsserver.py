@@ -1,4 +1,5 @@
-"""A small authoritative DNS server for tests, on dnspython: UDP and TCP on 127.0.0.1, port 0.
+"""A small authoritative DNS server for tests, on dnspython: UDP and TCP on 127.0.0.1, port 0
+(or a given loopback address and port, e.g. port 53 for tools that only use resolv.conf).
 
 The zone is data: ``{"name.": {"MX": ["10 mx1.name."], "A": ["127.0.0.2"], ...}}``. Names in
 ``servfail`` answer SERVFAIL; names in ``silent`` never answer (a timeout); unknown names are
@@ -73,7 +74,7 @@ class Zone:
 class DNSServer:
     """Start with :meth:`start`; ``address`` is "127.0.0.1:PORT"; stop with :meth:`stop`."""
 
-    def __init__(self, zone: Zone) -> None:
+    def __init__(self, zone: Zone, host: str = "127.0.0.1", port: int = 0) -> None:
         self.zone = zone
         zone_ref = zone
 
@@ -102,15 +103,16 @@ class DNSServer:
                 if reply is not None:
                     self.request.sendall(struct.pack("!H", len(reply)) + reply)
 
-        self.udp = socketserver.ThreadingUDPServer(("127.0.0.1", 0), UDPHandler)
+        self.udp = socketserver.ThreadingUDPServer((host, port), UDPHandler)
         port = self.udp.server_address[1]
         socketserver.ThreadingTCPServer.allow_reuse_address = True
         try:
-            self.tcp: Any = socketserver.ThreadingTCPServer(("127.0.0.1", port), TCPHandler)
+            self.tcp: Any = socketserver.ThreadingTCPServer((host, port), TCPHandler)
         except OSError:
             self.tcp = None
         self.port = port
-        self.address = f"127.0.0.1:{port}"
+        self.host = host
+        self.address = f"{host}:{port}"
         self.threads: list[threading.Thread] = []
 
     def start(self) -> DNSServer:

@@ -49,6 +49,29 @@ class RecordingOps(FileOps):
             raise error
         return super().write(fd, data)
 
+    def writev(self, fd, buffers):
+        error = self._step("write", self._paths[fd])
+        if isinstance(error, Crash):  # torn write: half the bytes reach the file
+            data = b"".join(bytes(b) for b in buffers)
+            super().write(fd, data[: len(data) // 2])
+        if error:
+            raise error
+        return super().writev(fd, buffers)
+
+    def pwrite(self, fd, data, offset):
+        error = self._step("pwrite", self._paths[fd])
+        if isinstance(error, Crash):  # torn write: half the bytes reach the file
+            super().pwrite(fd, bytes(data[: len(data) // 2]), offset)
+        if error:
+            raise error
+        return super().pwrite(fd, data, offset)
+
+    def ftruncate(self, fd, length):
+        error = self._step("ftruncate", self._paths[fd])
+        if error:
+            raise error
+        super().ftruncate(fd, length)
+
     def fsync(self, fd):
         error = self._step("fsync", self._paths[fd])
         if error:

@@ -68,8 +68,10 @@ class MTAProcess:
         smtp_port: int = 2,
         smtp_extra: str = "",
         relay_from: str = "127.0.0.0/8",
+        env: dict[str, str] | None = None,
     ) -> None:
         self.workdir = workdir
+        self.env = env or {}  # extra environment for twistd (e.g. libfaketime)
         self.port = port or free_port()
         self.state_dir = os.path.join(workdir, "var")
         self.config_path = os.path.join(workdir, "pymta.toml")
@@ -105,7 +107,7 @@ class MTAProcess:
         ]  # fmt: skip
 
     def start(self) -> MTAProcess:
-        env = dict(os.environ, PYMTA_LOG_FILE=self.log_path, PYTHONPATH=ROOT)
+        env = dict(os.environ, PYMTA_LOG_FILE=self.log_path, PYTHONPATH=ROOT, **self.env)
         self.stderr = open(os.path.join(self.workdir, "twistd.stderr"), "ab")
         self.proc = subprocess.Popen(
             self.twistd_command(), cwd=self.workdir, env=env, stdin=subprocess.DEVNULL,
@@ -143,8 +145,28 @@ class MTAProcess:
         return events
 
     def queue_files(self, state: str) -> list[str]:
+        """Queue ids in ``state`` (deferred/ is hashed into subdirectories)."""
         path = os.path.join(self.state_dir, "queue", state)
-        return sorted(os.listdir(path)) if os.path.isdir(path) else []
+        return sorted(name for _dir, _subdirs, names in os.walk(path) for name in names)
+
+    def queued_message(self, qid: str) -> tuple[dict, bytes] | None:
+        """The envelope (as JSON data) and body of a queued message, read from its queue file;
+        None if it is not queued (or moved while being looked for: ask again)."""
+        from pymta.queue import qfile
+
+        root = os.path.join(self.state_dir, "queue")
+        for dirpath, _subdirs, names in os.walk(root):
+            if qid in names and os.path.relpath(dirpath, root).split(os.sep)[0] != "tmp":
+                try:
+                    fd = os.open(os.path.join(dirpath, qid), os.O_RDONLY)
+                except FileNotFoundError:
+                    return None
+                try:
+                    meta, body = qfile.read_meta(fd), qfile.read_body(fd)
+                finally:
+                    os.close(fd)
+                return json.loads(meta.records.last), body
+        return None
 
     def maildir_messages(self, address: str) -> list[bytes]:
         local, _, domain = address.lower().rpartition("@")

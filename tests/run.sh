@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Installs everything the test suite needs, then runs it (ruff, then pytest).
-#   Debian packages: postfix (smtp-sink, smtp-source: real SMTP peers), swaks, testssl.sh, dovecot-lmtpd, mutt, git-email, clamav-milter,
+#   Debian packages: postfix (smtp-sink, smtp-source: real SMTP peers), swaks, testssl.sh, dovecot-lmtpd, mutt,
+#   git-email, clamav-milter,
+#   libfaketime (steps the wall clock of a real twistd),
+#   libmail-dkim-perl and opendkim-tools (independent DKIM verifiers),
 #   python3-venv where the interpreter cannot make a virtual environment.
 #   Python packages: pymta itself (editable, compat mode so twistd sees the plugin) + test extras,
 #   into the active virtual environment, or else into ./.venv (made here): Debian 12 refuses a
@@ -16,6 +19,8 @@ command -v swaks >/dev/null 2>&1 || need+=(swaks)
 command -v testssl >/dev/null 2>&1 || need+=(testssl.sh)
 command -v msmtp >/dev/null 2>&1 || need+=(msmtp)
 [ -x /usr/sbin/smtp-sink ] && [ -x /usr/sbin/smtp-source ] || need+=(postfix)
+compgen -G "/usr/lib/*/faketime/libfaketimeMT.so.1" >/dev/null || need+=(libfaketime)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
 [ -x /usr/lib/dovecot/lmtp ] || need+=(dovecot-lmtpd)  # a real LMTP server (tests/test_lmtp.py)
 command -v mutt >/dev/null 2>&1 || need+=(mutt)  # pymta-sendmail's callers (tests/test_sendmail.py)
 [ -x /usr/lib/git-core/git-send-email ] || need+=(git-email)
@@ -24,6 +29,8 @@ in_venv=$("$PY" -c 'import sys; print(int(sys.prefix != sys.base_prefix))')
 if [ "$in_venv" = 0 ] && ! "$PY" -c 'import ensurepip, venv' >/dev/null 2>&1; then
     need+=(python3-venv)
 fi
+perl -MMail::DKIM::Verifier -e 1 >/dev/null 2>&1 || need+=(libmail-dkim-perl)
+command -v opendkim-testmsg >/dev/null 2>&1 || [ -x /usr/sbin/opendkim-testmsg ] || need+=(opendkim-tools)
 if [ ${#need[@]} -gt 0 ]; then
     SUDO=""
     [ "$(id -u)" = 0 ] || SUDO="sudo"

@@ -1,35 +1,155 @@
-"""The accounting log: one JSON line per event, flushed in groups on the clock."""
+"""The accounting log: one JSON line per event, on disk (fsynced) before the record's Deferred fires,
+records group-committed, torn lines tolerated, reopened for logrotate."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 
-from twisted.internet import task
+from twisted.internet import defer, task
 
-from pymta.admin.accounting import AccountingLog
+from pymta.admin import accounting as accounting_module
+from pymta.admin.accounting import AccountingLog, read_records
 
 
-def test_records_are_json_lines_flushed_on_the_clock(tmp_path):
+class HeldRunner:
+    """Runs each write only when the test says so (a writer thread that is still busy)."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[object, defer.Deferred]] = []
+
+    def __call__(self, f):
+        d: defer.Deferred = defer.Deferred()
+        self.jobs.append((f, d))
+        return d
+
+    def run_next(self) -> None:
+        f, d = self.jobs.pop(0)
+        d.callback(f())
+
+
+def lines(path) -> list[str]:
+    return path.read_text().splitlines()
+
+
+def fired(d: defer.Deferred) -> list:
+    out: list = []
+    d.addCallback(out.append)
+    return out
+
+
+def test_a_record_is_fsynced_before_its_deferred_fires(tmp_path, monkeypatch):
     clock = task.Clock()
     clock.advance(1_700_000_000)
     path = tmp_path / "log" / "accounting.jsonl"
-    log = AccountingLog(str(path), clock, flush_interval=0.5)
-    log.record("delivered", qid="Q1", recipient="a@b.example", mx="mx.b.example [192.0.2.1]", reply={"code": 250},
-               tls=None, attempt=1, queue_time=1.5)  # fmt: skip
-    assert path.read_text() == ""  # buffered
-    clock.advance(0.5)
-    [line] = path.read_text().splitlines()
-    record = json.loads(line)
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(accounting_module.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    log = AccountingLog(str(path), clock)
+    done = fired(log.record("delivered", qid="Q1", recipient="a@b.example", reply={"code": 250}, tls=None, attempt=1))
+    assert done == [] and path.read_text() == ""  # goes out at the end of this reactor turn
+    clock.advance(0)
+    assert done == [True] and len(synced) == 1
+    [record] = [json.loads(x) for x in lines(path)]
     assert record["event"] == "delivered" and record["qid"] == "Q1" and record["time"].startswith("2023-11-14T22:13:20")
     assert "tls" not in record  # None fields are left out
-    log.record("bounced", qid="Q2")
     log.close()
-    assert [json.loads(x)["event"] for x in path.read_text().splitlines()] == ["delivered", "bounced"]
 
 
-def test_a_full_buffer_is_written_at_once(tmp_path):
-    log = AccountingLog(str(tmp_path / "a.jsonl"), task.Clock(), max_buffer=3)
-    for i in range(3):
-        log.record("deferred", qid=f"Q{i}")
-    assert len((tmp_path / "a.jsonl").read_text().splitlines()) == 3
+def test_records_made_while_a_write_is_in_flight_share_the_next_write(tmp_path, monkeypatch):
+    clock = task.Clock()
+    runner = HeldRunner()
+    synced: list[int] = []
+    monkeypatch.setattr(accounting_module.os, "fsync", synced.append)
+    path = tmp_path / "a.jsonl"
+    log = AccountingLog(str(path), clock, run=runner)
+    first = fired(log.record("received", qid="Q0"))
+    clock.advance(0)
+    later = [fired(log.record("received", qid=f"Q{i}")) for i in range(1, 51)]
+    clock.advance(0)
+    assert len(runner.jobs) == 1  # the first write is still running: the others wait for it, together
+    runner.run_next()
+    assert first == [True] and all(x == [] for x in later) and len(runner.jobs) == 1
+    runner.run_next()
+    assert all(x == [True] for x in later)
+    assert len(synced) == 2 and [r["qid"] for r in read_records(str(path))] == [f"Q{i}" for i in range(51)]
     log.close()
+
+
+def test_a_torn_last_line_does_not_corrupt_the_next_record(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text('{"event": "received", "qid": "Q1"}\n{"event": "deliv')  # a crash mid-write
+    clock = task.Clock()
+    log = AccountingLog(str(path), clock)
+    done = fired(log.record("delivered", qid="Q1"))
+    clock.advance(0)
+    log.close()
+    assert done == [True]
+    assert lines(path)[-1] == json.dumps({"time": "1970-01-01T00:00:00.000+00:00", "event": "delivered", "qid": "Q1"})
+    assert [(r["event"], r["qid"]) for r in read_records(str(path))] == [("received", "Q1"), ("delivered", "Q1")]
+
+
+def test_a_write_that_fails_half_way_is_reported_and_the_next_one_starts_a_new_line(tmp_path, monkeypatch):
+    path = tmp_path / "a.jsonl"
+    clock = task.Clock()
+    log = AccountingLog(str(path), clock)
+    real_write = os.write
+    calls: list[int] = []
+
+    def disk_full(fd, data):
+        calls.append(len(data))
+        if len(calls) == 1:
+            return real_write(fd, bytes(data[: len(data) // 2]))  # short write, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(accounting_module.os, "write", disk_full)
+    lost = fired(log.record("delivered", qid="Q1", recipient="x@y.example"))
+    clock.advance(0)
+    assert lost == [False]
+    monkeypatch.setattr(accounting_module.os, "write", real_write)  # space again
+    kept = fired(log.record("delivered", qid="Q2"))
+    clock.advance(0)
+    log.close()
+    assert kept == [True]
+    assert [r["qid"] for r in read_records(str(path))] == ["Q2"]
+    assert json.loads(lines(path)[-1])["qid"] == "Q2"
+
+
+def test_reopen_starts_a_new_file_after_a_rename(tmp_path):
+    path = tmp_path / "accounting.jsonl"
+    clock = task.Clock()
+    log = AccountingLog(str(path), clock)
+    log.record("received", qid="Q1")
+    clock.advance(0)
+    os.rename(path, tmp_path / "accounting.jsonl.1")  # logrotate
+    log.record("delivered", qid="Q1")  # still into the renamed file until reopened
+    clock.advance(0)
+    log.reopen()
+    log.record("received", qid="Q2")
+    clock.advance(0)
+    log.close()
+    assert [r["qid"] for r in read_records(str(tmp_path / "accounting.jsonl.1"))] == ["Q1", "Q1"]
+    assert [r["qid"] for r in read_records(str(path))] == ["Q2"]
+
+
+def test_without_fsync_nothing_is_fsynced(tmp_path, monkeypatch):
+    synced: list[int] = []
+    monkeypatch.setattr(accounting_module.os, "fsync", synced.append)
+    clock = task.Clock()
+    log = AccountingLog(str(tmp_path / "a.jsonl"), clock, fsync=False)
+    done = fired(log.record("received", qid="Q1"))
+    clock.advance(0)
+    log.close()
+    assert done == [True] and synced == [] and len(lines(tmp_path / "a.jsonl")) == 1
+
+
+def test_records_pending_at_close_and_after_it_are_written(tmp_path):
+    clock = task.Clock()
+    path = tmp_path / "a.jsonl"
+    log = AccountingLog(str(path), clock)
+    pending = fired(log.record("deferred", qid="Q1"))
+    log.close()
+    late = fired(log.record("deferred", qid="Q2"))  # an attempt that ended during the shutdown
+    assert pending == [True] and late == [True]
+    assert [r["qid"] for r in read_records(str(path))] == ["Q1", "Q2"]

@@ -103,4 +103,22 @@ def test_queue_commands_work_on_a_stopped_mta(config, tmp_path):
     assert missing.returncode == 1 and "no message" in missing.stderr
     assert run("queue_main", config, "delete", "all").returncode == 0
     assert run("queue_main", config, "list").stdout.startswith("Mail queue is empty")
-    assert os.listdir(os.path.join(queue_dir, "data")) == []
+    assert [name for _dir, _subdirs, names in os.walk(queue_dir) for name in names] == []
+
+
+def test_queue_list_and_show_read_a_queue_left_by_the_previous_release(config, tmp_path):
+    queue_dir = tmp_path / "var" / "queue"
+    for sub in ("data", "deferred"):
+        (queue_dir / sub).mkdir(parents=True)
+    qid = "0" * 19 + "1"
+    envelope = {"qid": qid, "sender": "old@example.org", "recipients": [{"address": "dave@remote.example"}]}
+    (queue_dir / "deferred" / qid).write_text(json.dumps(envelope))
+    (queue_dir / "data" / qid).write_bytes(b"Subject: from before\r\n\r\nbody\r\n")
+    listing = run("queue_main", config, "list")
+    assert listing.returncode == 0, listing.stderr
+    assert qid in listing.stdout and "dave@remote.example [pending]" in listing.stdout
+    shown = json.loads(run("queue_main", config, "show", qid).stdout)
+    assert shown["state"] == "deferred" and "Subject: from before" in shown["headers"]
+    assert not (queue_dir / "data").exists()
+    (queue_dir / "corrupt" / ("0" * 19 + "2")).write_bytes(b"PYMTAQ1\ntorn")
+    assert run("queue_main", config, "list").stdout.endswith("-- 2 message(s), 1 quarantined in corrupt/\n")

@@ -168,3 +168,35 @@ def test_sender_login_is_any_or_strict():
     assert build_config({"submission": {"sender_login": "strict"}}).submission.sender_login == "strict"
     with pytest.raises(ConfigError, match=r"submission\.sender_login: must be one of any, strict"):
         build_config({"submission": {"sender_login": "loose"}})
+
+
+def test_session_limits_and_min_free_take_sizes_rates_and_durations(tmp_path):
+    config = load_config(write(tmp_path, """\
+        [smtp]
+        min_data_rate = "2KB/s"
+        max_session_time = "10m"
+        [queue]
+        min_free = "100MB"
+        """))  # fmt: skip
+    assert config.smtp.min_data_rate == 2048 and config.smtp.max_session_time == 600
+    assert config.queue.min_free == 100 * 1024 * 1024
+    defaults = load_config(write(tmp_path, ""))
+    assert defaults.smtp.min_data_rate == 1024 and defaults.smtp.max_session_time == 1800
+    assert load_config(write(tmp_path, "[smtp]\nmin_data_rate = \"60KB/min\"\n")).smtp.min_data_rate == 1024
+    assert load_config(write(tmp_path, "[smtp]\nmin_data_rate = 0\n")).smtp.min_data_rate == 0
+    assert load_config(write(tmp_path, "[smtp]\nmin_data_rate = 512\n")).smtp.min_data_rate == 512
+
+
+@pytest.mark.parametrize(
+    "text,key,reason",
+    [
+        ("[smtp]\nmin_data_rate = \"fast\"\n", "smtp.min_data_rate", "data rate like"),
+        ("[smtp]\nmin_data_rate = \"1KB/fortnight\"\n", "smtp.min_data_rate", "data rate like"),
+        ("[smtp]\nmin_data_rate = -1\n", "smtp.min_data_rate", "data rate like"),
+        ("[smtp]\nmax_session_time = \"forever\"\n", "smtp.max_session_time", "duration"),
+        ("[queue]\nmin_free = \"lots\"\n", "queue.min_free", "size like"),
+        ("[queue]\nmin_free = -5\n", "queue.min_free", "negative"),
+    ],
+)
+def test_bad_session_limits_name_file_key_and_reason(tmp_path, text, key, reason):
+    test_bad_values_name_file_key_and_reason(tmp_path, text, key, reason)

@@ -4,7 +4,6 @@ tempfail, quarantine into hold/; a milter that hangs or speaks garbage gets the 
 
 from __future__ import annotations
 
-import os
 import smtplib
 
 import pytest
@@ -53,7 +52,7 @@ def send(mta, message: bytes = MESSAGE, rcpts=("alice@example.test",)):
 
 
 def held(mta) -> list[str]:
-    return os.listdir(os.path.join(mta.state_dir, "queue", "hold"))
+    return mta.queue_files("hold")
 
 
 def test_clean_message_is_queued_with_the_scanners_headers_and_they_see_the_envelope(scan):
@@ -125,8 +124,8 @@ def test_milter_quarantine_puts_the_message_in_hold_not_in_the_mailbox(scan):
     delivered = len(mta.maildir_messages("alice@example.test"))
     assert send(mta, MESSAGE.replace(b"hello", b"quarantine me"))[0] == 250
     [qid] = [q for q in held(mta) if q not in before]
-    with open(os.path.join(mta.state_dir, "queue", "hold", qid)) as f:
-        assert "virus suspected" in f.read()
+    envelope, body = mta.queued_message(qid)
+    assert envelope["extra"]["quarantine"]["reason"] == "virus suspected" and b"quarantine me" in body
     assert len(mta.maildir_messages("alice@example.test")) == delivered
     assert any(e.get("event") == "scan_quarantined" and e.get("qid") == qid for e in mta.log_events())
 

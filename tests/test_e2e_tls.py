@@ -172,8 +172,8 @@ def test_submission_requires_tls_then_auth_and_lets_users_relay(mta):
         refused = client.sendmail("a@example.org", ["carol@remote.example"], "Subject: sub\r\n\r\nhi\r\n")
         assert refused == {}
     queued = mta.wait_for(lambda: mta.queue_files("deferred") or mta.queue_files("incoming"), what="queued relay")
-    with open(os.path.join(mta.state_dir, "queue", "data", queued[0]), "rb") as f:
-        assert b"(authenticated as app)" in f.read()
+    _envelope, body = mta.wait_for(lambda: mta.queued_message(queued[0]), what="queued message")
+    assert b"(authenticated as app)" in body
 
 
 def test_repeated_auth_failures_disconnect(mta):

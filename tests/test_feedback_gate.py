@@ -79,3 +79,50 @@ class FeedbackGateTests(TempDirMixin, unittest.TestCase):
         inner = RecordingAgent({"carol@remote.example": (FAILED, 550, "5.1.1", "no such user")})
         self.deliver(FeedbackGate(inner, self.store, classify=classify), ["carol@remote.example"])
         assert self.store.is_suppressed("carol@remote.example")["reason"] == "userunknown"
+
+    def test_the_relays_own_failures_suppress_for_good_only_when_hard_and_permanent(self) -> None:
+        from pymta.feedback.classify import classify as real_classify
+
+        inner = RecordingAgent({
+            "dave@remote.example": (FAILED, 550, "5.0.0", "mystery refusal nobody has a rule for"),
+            "erin@remote.example": (FAILED, 552, "5.2.2", "mailbox full"),
+        })  # fmt: skip
+        gate = FeedbackGate(inner, self.store, classify=real_classify)
+        for _ in range(self.store.policy.soft_threshold + 1):
+            self.deliver(gate, ["dave@remote.example"])
+        assert self.store.is_suppressed("dave@remote.example") is None  # onhold: undecided, never counted
+        self.deliver(gate, ["erin@remote.example"])
+        assert self.store.is_suppressed("erin@remote.example") is None  # soft: one is not enough
+
+
+class OneClickSigningTests(TempDirMixin, unittest.TestCase):
+    """RFC 8058 §4: the per-recipient one-click headers are DKIM-covered, the same bytes every attempt."""
+
+    def test_one_click_headers_are_signed_and_a_retry_sends_the_same_bytes(self) -> None:
+        import dkim
+        from cryptography.hazmat.primitives.asymmetric import ed25519
+
+        from pymta.auth.dkim import DkimSigner, SigningKey
+
+        clock = task.Clock()
+        signer = DkimSigner({}, "t", clock)
+        key = SigningKey("example.test", "s1", "ed25519-sha256", ed25519.Ed25519PrivateKey.generate(), "-",
+                         headers=("from", "subject", "list-unsubscribe", "list-unsubscribe-post"), oversign=("from",))
+        signer.keys = {"example.test": [key]}
+        store = SuppressionStore(os.path.join(self.tmpdir(), "s.sqlite"), clock)
+        self.addCleanup(store.close)
+        tagger = Tagger("0123456789abcdef-secret", "bounces.example.test")
+        envelope = Envelope(qid=new_qid(), sender="news@example.test", recipients=[], arrival=1796000000.0)
+        inner = RecordingAgent({})
+        gate = FeedbackGate(inner, store, tagger, ["example.test"], unsubscribe=True, signer=signer)
+        body = b"From: news@example.test\r\nSubject: x\r\n\r\nhi\r\n"
+        gate.deliver(envelope, [Recipient("carol@remote.example")], body)
+        clock.advance(3600)  # a retry an hour later
+        gate.deliver(envelope, [Recipient("carol@remote.example")], body)
+        [(_, _, first), (_, _, second)] = inner.calls
+        assert first == second and first.startswith(b"DKIM-Signature:") and b"t=1796000000;" in first
+        h = first.split(b"h=", 1)[1].split(b";", 1)[0].replace(b"\r\n ", b"")
+        assert b"list-unsubscribe:list-unsubscribe-post" in h
+        record = key.public_record().encode()
+        assert dkim.verify(first, dnsfunc=lambda name, timeout=5: record)
+        assert not dkim.verify(first.replace(b"mailto:u-", b"mailto:x-"), dnsfunc=lambda name, timeout=5: record)

@@ -197,14 +197,15 @@ def test_junk_never_raises(raw):
     "status,text,code,reason,hard",
     [
         ("5.1.1", "", 550, "userunknown", True),
-        (None, "550 Requested action not taken: mailbox unavailable - user unknown", 550, "userunknown", True),
+        (None, "550 Requested action not taken: mailbox unavailable - user unknown", 550, "filtered", False),
         (None, "554 5.7.1 Service unavailable; Client host [192.0.2.1] blocked using zen.spamhaus.org", 554, "blocked", False),
-        ("4.7.0", "421 4.7.0 Try again later, closing connection (rate limit)", 421, "speeding", False),
-        ("5.1.10", "", 556, "notaccept", True),
+        ("4.7.0", "421 4.7.0 Try again later, closing connection (rate limit)", 421, "toomanyconn", False),
+        ("5.1.10", "", 556, "userunknown", True),  # null MX: nobody can receive there
         ("4.4.7", "", 451, "expired", False),
         (None, "552 message size exceeds fixed maximum message size", 552, "mesgtoobig", False),
         (None, "550 5.7.26 Unauthenticated email is not accepted (DMARC)", 550, "authfailure", False),
-        (None, "something nobody has ever seen", 450, "undefined", False),
+        (None, "something nobody has ever seen", 450, "onhold", False),
+        (None, "", 450, "undefined", False),
         (None, "SMTP error from remote mail server after MAIL FROM:<a@b.test> SIZE=1024: 550 Unroutable sender address",
          550, "rejected", False),
     ],
@@ -213,14 +214,29 @@ def test_classification_rules(status, text, code, reason, hard):
     assert classify(status, text, code) == (reason, hard)
 
 
+@pytest.mark.parametrize(
+    "status,command,reason,hard",
+    [
+        ("5.0.0", "RCPT", "userunknown", True),
+        ("5.0.0", "DATA", "filtered", False),  # a content filter answering with "user unknown"
+        ("5.0.0", None, "userunknown", True),
+        (None, None, "filtered", False),  # neither code nor command: Sisimai's filtered
+        ("5.2.1", None, "filtered", False),
+        ("5.1.1", "DATA", "userunknown", True),  # the code says so
+    ],
+)
+def test_user_unknown_is_filtered_after_data(status, command, reason, hard):
+    assert classify(status, "550 Unknown user kijitora@example.jp", 550, command=command) == (reason, hard)
+
+
 def test_rules_file_errors_name_the_rule(tmp_path):
     path = tmp_path / "rules.toml"
-    path.write_text('[[text]]\nreason = "x"\npattern = "("\n')
-    with pytest.raises(ValueError, match="text rule 1"):
+    path.write_text('[patterns]\nx = "("\n')
+    with pytest.raises(ValueError, match=r"pattern 1 \(x\)"):
         load_rules(str(path))
 
 
-def test_cli_prints_one_line_per_file_and_exits_0(tmp_path):
+def test_cli_prints_one_line_per_file_and_a_missing_file_is_one_error_line_and_exit_1(tmp_path):
     files = []
     for name, raw in (("dsn.eml", POSTFIX_DSN), ("arf.eml", ARF), ("junk.eml", b"\x00\x01")):
         (tmp_path / name).write_bytes(raw)
@@ -228,11 +244,14 @@ def test_cli_prints_one_line_per_file_and_exits_0(tmp_path):
     files.append(str(tmp_path / "missing.eml"))
     proc = subprocess.run([sys.executable, "-m", "pymta.feedback.cli", "parse", *files],
                           capture_output=True, text=True, timeout=60)  # fmt: skip
-    assert proc.returncode == 0 and "Traceback" not in proc.stderr
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines() == [f"pymta-feedback: cannot read {files[3]}: No such file or directory"]
     lines = [json.loads(x) for x in proc.stdout.splitlines()]
-    assert [x["file"] for x in lines] == files
+    assert [x["file"] for x in lines] == files[:3]
     assert lines[0]["kind"] == "dsn" and lines[0]["status"] == "5.1.1"
     assert lines[0]["hard"] is None  # one hard and one soft recipient: no single verdict
     assert lines[1]["action"] == "complaint"
-    assert lines[3]["kind"] == "unknown"
+    ok = subprocess.run([sys.executable, "-m", "pymta.feedback.cli", "parse", *files[:3]],
+                        capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert ok.returncode == 0 and ok.stderr == ""
     assert set(lines[0]) == {"file", "kind", "recipients", "action", "hard", "reason", "status"}

@@ -15,14 +15,14 @@ from pymta.feedback.verp import TRACE_HEADER, Tagger
 SECRET = "feedback-secret-0123456789"
 
 
-def dsn(to: str, rcpt: str, status: str = "5.1.1", action: str = "failed") -> bytes:
+def dsn(to: str, rcpt: str, status: str = "5.1.1", action: str = "failed", diagnostic: str = "user unknown") -> bytes:
     return (
         f"From: MAILER-DAEMON@mx.remote.test\r\nTo: {to}\r\nSubject: Undelivered Mail Returned to Sender\r\n"
         "MIME-Version: 1.0\r\nContent-Type: multipart/report; report-type=delivery-status; boundary=\"B\"\r\n\r\n"
         "--B\r\nContent-Type: text/plain\r\n\r\nsorry\r\n"
         "--B\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; mx.remote.test\r\n\r\n"
         f"Final-Recipient: rfc822; {rcpt}\r\nAction: {action}\r\nStatus: {status}\r\n"
-        f"Diagnostic-Code: smtp; 550 {status} user unknown\r\n--B--\r\n"
+        f"Diagnostic-Code: smtp; 550 {status} {diagnostic}\r\n--B--\r\n"
     ).encode()
 
 
@@ -78,6 +78,30 @@ def test_soft_bounce_counts_but_does_not_suppress_at_once(world):
     assert "soft mailboxfull" in outcome and store.is_suppressed("frank@remote.test") is None
 
 
+def test_a_hard_reason_without_a_permanent_status_only_counts_as_soft(world):
+    store, tagger, processor = world
+    rp = tagger.return_path(new_qid(), "ivan@remote.test")
+    outcome = handle(processor, rp, dsn(rp, "ivan@remote.test", "4.1.1"))
+    assert "ivan@remote.test soft userunknown" in outcome and store.is_suppressed("ivan@remote.test") is None
+
+
+def test_an_undecided_reason_suppresses_nobody_however_often(world):
+    store, tagger, processor = world
+    for _ in range(store.policy.soft_threshold + 1):
+        rp = tagger.return_path(new_qid(), "judy@remote.test")
+        outcome = handle(processor, rp, dsn(rp, "judy@remote.test", "5.0.0", diagnostic="something nobody has seen"))
+        assert "judy@remote.test undecided onhold: not counted" in outcome
+    assert store.is_suppressed("judy@remote.test") is None
+
+
+def test_soft_reasons_reach_the_threshold(world):
+    store, tagger, processor = world
+    for _ in range(store.policy.soft_threshold):
+        rp = tagger.return_path(new_qid(), "kim@remote.test")
+        handle(processor, rp, dsn(rp, "kim@remote.test", "4.2.2", diagnostic="mailbox full"))
+    assert store.is_suppressed("kim@remote.test")["source"] == "bounce"
+
+
 def test_complaint_with_a_genuine_trace_header_suppresses(world):
     store, tagger, processor = world
     qid = new_qid()
@@ -123,3 +147,21 @@ def test_human_replies_are_kept_in_the_reply_mailbox_and_auto_replies_are_not(wo
     processor.deliver(envelope, [Recipient("replies@sender.test", route="feedback")], auto).addCallback(results.extend)
     assert [address for address, _ in kept] == ["inbox@sender.test"] and kept[0][1] == human
     assert results[0].text.startswith("reply kept in inbox@sender.test") and "auto-reply" in results[1].text
+
+
+def test_a_complaint_whose_dkim_signature_fails_suppresses_nobody(tmp_path):
+    store = SuppressionStore(str(tmp_path / "s.sqlite"), task.Clock())
+    tagger = Tagger(SECRET, "bounces.sender.test")
+    processor = FeedbackProcessor(store, tagger, complaint_addresses=("fbl@sender.test",), authserv_id="mx.sender.test")
+    qid = new_qid()
+    report = arf(tagger.trace_value(qid, "grace@isp.test"))
+    envelope = Envelope(qid=qid, sender="fbl@isp.test", recipients=[])
+    failed = b"Authentication-Results: mx.sender.test; spf=pass smtp.mailfrom=isp.test;\r\n\tdkim=fail header.d=isp.test\r\n"
+    results = processor.deliver(envelope, [Recipient("fbl@sender.test", route="feedback")], failed + report).result
+    assert "DKIM signature fails" in results[0].text
+    assert store.is_suppressed("grace@isp.test") is None
+    # the same report with our dkim=pass suppresses
+    passed = failed.replace(b"dkim=fail", b"dkim=pass")
+    processor.deliver(envelope, [Recipient("fbl@sender.test", route="feedback")], passed + report)
+    assert store.is_suppressed("grace@isp.test")["source"] == "complaint"
+    store.close()

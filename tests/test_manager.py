@@ -263,3 +263,34 @@ def test_greylisting_replies_are_retried_soon_not_on_the_long_backoff():
     other = Harness({"a@remote.example": [deferred(450, "4.2.0", "mailbox busy")]}, greylist_retry=60)
     qid = other.queue(["a@remote.example"])
     assert other.store.load(qid).next_attempt - other.clock.seconds() > 200
+
+
+def test_our_own_notices_are_dkim_signed_before_they_are_queued():
+    import dkim
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from pymta.auth.accept import SenderAuth
+    from pymta.auth.dkim import DkimSigner, SigningKey
+
+    clock = task.Clock()
+    clock.advance(1_700_000_000)
+    signer = DkimSigner({}, "t", clock)
+    key = SigningKey("example.test", "s1", "rsa-sha256", rsa.generate_private_key(65537, 2048), "-",
+                     headers=("from", "to", "subject", "date", "message-id"))  # fmt: skip
+    signer.keys = {"example.test": [key]}  # From: MAILER-DAEMON@mx.example.test: the parent domain's key
+    auth = SenderAuth(clock, None, "mx.example.test", signer=signer)
+    h = Harness({"a@remote.example": [failed()]}, clock=clock, sign=auth.sign)
+    h.queue(["a@remote.example"])
+    [(_, _, notice)] = h.local.calls
+    assert notice.startswith(b"DKIM-Signature:") and b" d=example.test;" in notice
+    record = key.public_record().encode()
+    assert dkim.verify(notice.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"),
+                       dnsfunc=lambda name, timeout=5: record)  # fmt: skip
+
+
+def test_a_late_second_announcement_of_a_message_that_left_incoming_starts_no_attempt():
+    h = Harness({"a@remote.example": [deferred(), OK]})
+    qid = h.queue(["a@remote.example"])
+    assert h.store.state(qid) == DEFERRED and len(h.relay.calls) == 1
+    h.manager.notify_incoming(qid)  # e.g. the incoming/ watcher, after the attempt already ended
+    assert len(h.relay.calls) == 1 and h.store.state(qid) == DEFERRED

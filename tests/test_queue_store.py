@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import os
+import shutil
 import stat
 import threading
 import time
+import zlib
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from pymta.envelope import Envelope, new_qid
 from pymta.interfaces import ACTIVE, CORRUPT, DEFERRED, HOLD, INCOMING, QUEUE_STATES, QueueError, QueueFull
-from pymta.queue.store import MaildirQueueStore, MemoryQueueStore
+from pymta.queue import qfile
+from pymta.queue.store import MaildirQueueStore, MemoryQueueStore, hash_dirs
 from tests.contract_queue_store import BODY, QueueStoreContract, make_envelope
 from tests.fs_faults import Crash, RecordingOps, fail_at, files_under, started_pool
 
@@ -39,70 +44,101 @@ class MemoryQueueStoreFaultTests(unittest.TestCase):
         self.assertEqual(store.read_body(env.qid), BODY)
 
 
+def scratch_dir(test: unittest.TestCase) -> str:
+    """A fresh directory for ``test``, removed after it (a store makes 256 hashed subdirectories)."""
+    path = test.mktemp()
+    test.addCleanup(shutil.rmtree, path, True)
+    return path
+
+
 class MaildirQueueStoreContractTests(QueueStoreContract, unittest.TestCase):
     def make_store(self):
-        store = MaildirQueueStore(self.mktemp(), reactor, started_pool(self))
+        store = MaildirQueueStore(scratch_dir(self), reactor, started_pool(self))
         store.recover()
         return store
 
 
-def _enqueue_steps(root: str, qid: str) -> list[tuple[str, str]]:
-    body, env = f"tmp/{qid}.body", f"tmp/{qid}.env"
+def queue_path(state: str, qid: str) -> str:
+    """Where the layout puts ``qid`` in ``state`` (relative to the queue root)."""
+    if state == DEFERRED:
+        return os.path.join(state, *hash_dirs(qid, 2), qid)
+    return os.path.join(state, qid)
+
+
+def _enqueue_steps(qid: str) -> list[tuple[str, str]]:
     return [
-        *[(op, body) for op in ("open", "write", "fsync", "close")],
-        *[(op, env) for op in ("open", "write", "fsync", "close")],
-        ("rename", body),
-        ("rename", env),
-        ("fsync_dir", "data"),
+        *[(op, f"tmp/{qid}") for op in ("open", "write", "fsync", "close", "rename")],
         ("fsync_dir", "incoming"),
     ]
 
 
-COMMIT_STEP = 9  # the envelope rename in _enqueue_steps
+COMMIT_STEP = 4  # the rename into incoming/ in _enqueue_steps
 
 
-class MaildirQueueStoreDurabilityTests(unittest.TestCase):
+def read_file(root: str, rel: str) -> bytes:
+    with open(os.path.join(root, rel), "rb") as f:
+        return f.read()
+
+
+def write_file(root: str, rel: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(os.path.join(root, rel)), exist_ok=True)
+    with open(os.path.join(root, rel), "wb") as f:
+        f.write(data)
+
+
+class _OnDiskStoreTest(unittest.TestCase):
+    """A queue directory of its own and stores over it (each with its own FileOps)."""
+
     def setUp(self):
-        self.root = self.mktemp()
+        self.root = scratch_dir(self)
         self.pool = started_pool(self)
 
     def store(self, ops=None):
         return MaildirQueueStore(self.root, reactor, self.pool, ops=ops)
 
+
+class MaildirQueueStoreDurabilityTests(_OnDiskStoreTest):
     def assert_empty_queue(self):
         self.assertEqual(files_under(self.root), [])
 
-    def assert_whole_message(self, store, env):
+    def assert_whole_message(self, store, env, state=INCOMING):
         self.assertEqual(store.load(env.qid), env)
         self.assertEqual(store.read_body(env.qid), BODY)
-        self.assertEqual(files_under(self.root), [f"data/{env.qid}", f"incoming/{env.qid}"])
+        self.assertEqual(files_under(self.root), [queue_path(state, env.qid)])
 
-    def test_new_store_creates_private_directories(self):
+    def test_new_store_creates_private_directories_with_hashed_deferred(self):
         self.store()
-        for name in ("tmp", "data", *QUEUE_STATES):
+        hashed = [os.path.join(DEFERRED, a, b) for a in "0123456789abcdef" for b in "0123456789abcdef"]
+        for name in ("tmp", *QUEUE_STATES, *hashed):
             mode = os.stat(os.path.join(self.root, name)).st_mode
             self.assertEqual(stat.S_IMODE(mode), 0o700, name)
+        self.assertFalse(os.path.exists(os.path.join(self.root, "data")))
 
     @defer.inlineCallbacks
-    def test_enqueue_writes_body_and_envelope_files_where_the_layout_says(self):
+    def test_enqueue_writes_one_self_validating_file_with_body_and_envelope(self):
         env = make_envelope()
         yield self.store().enqueue(env, BODY)
-        with open(os.path.join(self.root, "data", env.qid), "rb") as f:
-            self.assertEqual(f.read(), BODY)
-        with open(os.path.join(self.root, "incoming", env.qid), "rb") as f:
-            self.assertEqual(Envelope.from_json(f.read()), env)
-        self.assertEqual(files_under(self.root), [f"data/{env.qid}", f"incoming/{env.qid}"])
+        self.assertEqual(files_under(self.root), [f"incoming/{env.qid}"])
+        raw = read_file(self.root, f"incoming/{env.qid}")
+        self.assertEqual(qfile.parse_header(raw), (len(BODY), zlib.crc32(BODY)))
+        self.assertEqual(raw[qfile.HEADER.size : qfile.HEADER.size + len(BODY)], BODY)
+        records = qfile.scan_records(raw[qfile.HEADER.size + len(BODY) :])
+        self.assertEqual((records.count, records.torn), (1, False))
+        self.assertEqual(Envelope.from_json(records.last), env)
 
     @defer.inlineCallbacks
-    def test_enqueue_fires_only_after_file_fsyncs_renames_and_directory_fsyncs(self):
+    def test_enqueue_fires_only_after_file_fsync_rename_and_directory_fsync(self):
         ops = RecordingOps(self.root)
+        store = self.store(ops)
+        del ops.calls[:]
         env = make_envelope()
-        yield self.store(ops).enqueue(env, BODY).addCallback(lambda _: ops.calls.append(("fired",)))
-        self.assertEqual(ops.calls, [*_enqueue_steps(self.root, env.qid), ("fired",)])
+        yield store.enqueue(env, BODY).addCallback(lambda _: ops.calls.append(("fired",)))
+        self.assertEqual(ops.calls, [*_enqueue_steps(env.qid), ("fired",)])
 
     @defer.inlineCallbacks
     def test_enqueue_failure_at_any_step_leaves_nothing_and_names_the_cause(self):
-        for step in range(len(_enqueue_steps(self.root, "X"))):
+        self.store()
+        for step in range(len(_enqueue_steps("X"))):
             for error, expected in ((errno.ENOSPC, QueueFull), (errno.EDQUOT, QueueFull), (errno.EIO, QueueError)):
                 store = self.store(RecordingOps(self.root, fail_at(step, OSError(error, os.strerror(error)))))
                 env = make_envelope()
@@ -114,14 +150,15 @@ class MaildirQueueStoreDurabilityTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_crash_at_any_enqueue_step_recovers_whole_message_or_nothing(self):
-        steps = _enqueue_steps(self.root, "X")
+        self.store()
+        steps = _enqueue_steps("X")
         for step in range(len(steps)):
             env = make_envelope()
             crashing = self.store(RecordingOps(self.root, fail_at(step, Crash(step))))
             yield self.assertFailure(crashing.enqueue(env, BODY), Crash)
             store = self.store()
             counts = store.recover()
-            self.assertEqual((counts["corrupt"], counts["missing_body"]), (0, 0))
+            self.assertEqual(counts["quarantined"], 0)
             if step > COMMIT_STEP:  # renamed into incoming/: the message must survive
                 self.assert_whole_message(store, env)
             elif store.state(env.qid) is None:
@@ -147,14 +184,14 @@ class MaildirQueueStoreDurabilityTests(unittest.TestCase):
                 crashed = yield change(self.store(ops), changed).addCallbacks(lambda _: False, lambda f: f.trap(Crash))
                 store = self.store()
                 counts = store.recover()
-                self.assertEqual((counts["corrupt"], counts["missing_body"]), (0, 0), (name, step))
+                self.assertEqual(counts["quarantined"], 0, (name, step))
                 if store.state(env.qid) is None:
                     self.assertEqual(name, "remove")
                     self.assert_empty_queue()
                 else:
                     self.assertIn(store.load(env.qid), (env, changed))
                     self.assertEqual(store.read_body(env.qid), BODY)
-                    self.assertEqual(len(files_under(self.root)), 2)
+                    self.assertEqual(len(files_under(self.root)), 1)
                     yield store.remove(env.qid)
                 if not crashed:  # every step of this change was tried
                     self.assertEqual(len(ops.calls), step)
@@ -163,65 +200,171 @@ class MaildirQueueStoreDurabilityTests(unittest.TestCase):
                 self.fail(f"{name} was never completed in 12 steps")
 
     @defer.inlineCallbacks
-    def test_update_writes_a_new_envelope_file_and_renames_it_over_the_old_one(self):
+    def test_update_appends_a_record_in_place_and_fsyncs_it_creating_no_file(self):
+        store = self.store()
+        env = make_envelope()
+        yield store.enqueue(env, BODY)
+        yield store.move(env.qid, DEFERRED)
+        path = queue_path(DEFERRED, env.qid)
+        inode = os.stat(os.path.join(self.root, path)).st_ino
+        ops = RecordingOps(self.root)
+        env.attempts = 1
+        yield self.store(ops).update(env).addCallback(lambda _: ops.calls.append(("fired",)))
+        self.assertEqual(ops.calls, [(op, path) for op in ("open", "pwrite", "fsync", "close")] + [("fired",)])
+        self.assertEqual(os.stat(os.path.join(self.root, path)).st_ino, inode)
+        self.assertEqual(files_under(self.root), [path])
+        self.assertEqual(store.load(env.qid).attempts, 1)
+        raw = read_file(self.root, path)
+        self.assertEqual(qfile.scan_records(raw[qfile.HEADER.size + len(BODY) :]).count, 2)
+
+    @defer.inlineCallbacks
+    def test_crash_at_every_step_of_an_update_keeps_the_old_or_the_new_envelope(self):
+        store = self.store()
+        env = make_envelope()
+        yield store.enqueue(env, BODY)
+        for step in range(4):  # open, pwrite (torn: half the record reaches the file), fsync, close
+            before = store.load(env.qid)
+            changed = store.load(env.qid)
+            changed.attempts += 1
+            crashing = self.store(RecordingOps(self.root, fail_at(step, Crash(step))))
+            yield self.assertFailure(crashing.update(changed), Crash)
+            fresh = self.store()
+            counts = fresh.recover()
+            self.assertEqual(counts["quarantined"], 0)
+            self.assertEqual(counts["torn_records"], 1 if step == 1 else 0, step)
+            self.assertEqual(fresh.load(env.qid), before if step <= 1 else changed, step)
+            self.assertEqual(fresh.read_body(env.qid), BODY)
+            # the next update after a torn record is read back (the torn tail was cut off first)
+            after = fresh.load(env.qid)
+            after.envid = f"step{step}"
+            yield fresh.update(after)
+            self.assertEqual(self.store().load(env.qid), after)
+
+    @defer.inlineCallbacks
+    def test_torn_recipient_record_is_detected_and_that_recipient_is_retried(self):
+        store = self.store()
+        env = make_envelope()
+        yield store.enqueue(env, BODY)
+        yield store.move(env.qid, ACTIVE)
+        done = store.load(env.qid)
+        done.recipients[0].state = "delivered"
+        done.recipients[0].reply = {"code": 250, "enhanced": "2.0.0", "text": "ok"}
+        yield store.update(done)
+        both = store.load(env.qid)
+        both.recipients[1].state = "delivered"
+        both.recipients[1].reply = {"code": 250, "enhanced": "2.0.0", "text": "ok"}
+        pwrite_at = lambda i, op, path: Crash() if op == "pwrite" else None  # noqa: E731
+        yield self.assertFailure(self.store(RecordingOps(self.root, pwrite_at)).update(both), Crash)
+
+        fresh = self.store()
+        with self.assertLogs("torn_record") as events:
+            counts = fresh.recover()
+        self.assertEqual(counts["torn_records"], 1)
+        self.assertEqual(events[0]["qid"], env.qid)
+        self.assertEqual(fresh.list(INCOMING), [env.qid])
+        recovered = fresh.load(env.qid)
+        self.assertEqual([r.state for r in recovered.recipients], ["delivered", "pending"])
+        self.assertEqual([r.address for r in recovered.pending_recipients()], ["c@example.com"])
+
+    def assertLogs(self, event):
+        return _CapturedEvents(self, event)
+
+    @defer.inlineCallbacks
+    def test_many_updates_keep_the_file_bounded_by_rewriting_it(self):
+        store = self.store()
+        env = make_envelope()
+        yield store.enqueue(env, BODY)
+        yield store.move(env.qid, DEFERRED)
+        path = os.path.join(self.root, queue_path(DEFERRED, env.qid))
+        for i in range(400):
+            env.attempts = i
+            env.recipients[0].reply = {"code": 451, "enhanced": "4.4.1", "text": f"try {i} " + "x" * 200}
+            yield store.update(env)
+            self.assertLess(os.path.getsize(path), qfile.COMPACT_AFTER + 4096)
+        self.assertEqual(self.store().load(env.qid), env)
+        self.assertEqual(store.read_body(env.qid), BODY)
+        self.assertEqual(files_under(self.root), [queue_path(DEFERRED, env.qid)])
+
+    @defer.inlineCallbacks
+    def test_remove_unlinks_the_one_file_and_syncs_its_directory(self):
         store = self.store()
         env = make_envelope()
         yield store.enqueue(env, BODY)
         yield store.move(env.qid, DEFERRED)
         ops = RecordingOps(self.root)
-        env.attempts = 1
-        yield self.store(ops).update(env)
-        tmp = [path for op, path in ops.calls if op == "open"]
-        self.assertEqual(len(tmp), 1)
-        self.assertTrue(tmp[0].startswith(f"tmp/{env.qid}.env."))
-        self.assertEqual(
-            ops.calls,
-            [*[(op, tmp[0]) for op in ("open", "write", "fsync", "close", "rename")], ("fsync_dir", "deferred")],
-        )
-        self.assertEqual(store.load(env.qid).attempts, 1)
-
-    @defer.inlineCallbacks
-    def test_remove_unlinks_the_envelope_before_the_body(self):
-        store = self.store()
-        env = make_envelope()
-        yield store.enqueue(env, BODY)
-        ops = RecordingOps(self.root)
         yield self.store(ops).remove(env.qid)
-        self.assertEqual([c for c in ops.calls if c[0] == "unlink"], [("unlink", f"incoming/{env.qid}"), ("unlink", f"data/{env.qid}")])
+        path = queue_path(DEFERRED, env.qid)
+        self.assertEqual(ops.calls, [("unlink", path), ("fsync_dir", os.path.dirname(path))])
         self.assert_empty_queue()
 
     @defer.inlineCallbacks
-    def test_recover_cleans_leftovers_and_quarantines_what_it_cannot_read(self):
+    def test_deferred_messages_are_spread_over_hashed_directories(self):
         store = self.store()
-        good, active, no_body, garbled, wrong_qid = envs = [make_envelope(now=1_700_000_000 + i) for i in range(5)]
+        envs = [make_envelope(now=1_700_000_000 + i / 1000) for i in range(512)]
+        yield defer.gatherResults([store.enqueue(env, BODY) for env in envs])
+        yield defer.gatherResults([store.move(env.qid, DEFERRED) for env in envs])
+        self.assertEqual(os.listdir(os.path.join(self.root, DEFERRED)).__len__(), 16)
+        per_dir = {}
+        for rel in files_under(self.root):
+            self.assertTrue(rel.startswith("deferred/"), rel)
+            per_dir[os.path.dirname(rel)] = per_dir.get(os.path.dirname(rel), 0) + 1
+        self.assertGreater(len(per_dir), 200)  # 512 spread over up to 256 directories
+        self.assertLess(max(per_dir.values()), 16)
+        self.assertEqual(store.list(DEFERRED), sorted(e.qid for e in envs))
+        self.assertEqual(self.store().list(DEFERRED), sorted(e.qid for e in envs))
+        yield store.move(envs[7].qid, HOLD)
+        self.assertEqual(self.store().state(envs[7].qid), HOLD)
+
+    @defer.inlineCallbacks
+    def test_recover_quarantines_what_it_cannot_trust_and_counts_it(self):
+        store = self.store()
+        big = bytes(range(256)) * 512  # 128 KiB: size checked at recovery, checksum before delivery
+        good, active, torn_body, garbled, wrong_qid, no_header = envs = [
+            make_envelope(now=1_700_000_000 + i) for i in range(6)
+        ]
         for env in envs:
             yield store.enqueue(env, BODY)
         yield store.move(active.qid, ACTIVE)
         yield store.move(wrong_qid.qid, DEFERRED)
-        os.unlink(os.path.join(self.root, "data", no_body.qid))
-        with open(os.path.join(self.root, "incoming", garbled.qid), "wb") as f:
-            f.write(b'{"qid": "trunc')
-        with open(os.path.join(self.root, "deferred", wrong_qid.qid), "wb") as f:
-            f.write(make_envelope().to_json())
+        rotten = make_envelope(now=1_700_000_010)
+        yield store.enqueue(rotten, big)
+        path = os.path.join(self.root, f"incoming/{torn_body.qid}")
+        os.truncate(path, qfile.HEADER.size + 10)  # the body cut short while the MTA was stopped
+        raw = read_file(self.root, f"incoming/{garbled.qid}")
+        write_file(self.root, f"incoming/{garbled.qid}", raw[:-5])  # its only envelope record torn
+        other = make_envelope()
+        write_file(self.root, queue_path(DEFERRED, wrong_qid.qid), qfile.header(BODY) + BODY + qfile.record(other.to_json()))
+        write_file(self.root, f"incoming/{no_header.qid}", b"garbage")
+        raw = bytearray(read_file(self.root, f"incoming/{rotten.qid}"))
+        raw[qfile.HEADER.size + 100_000] ^= 0xFF  # one flipped bit deep in a large body
+        write_file(self.root, f"incoming/{rotten.qid}", bytes(raw))
         orphan = new_qid()
-        for path in (f"data/{orphan}", f"tmp/{orphan}.body", f"tmp/{orphan}.env"):
-            with open(os.path.join(self.root, path), "wb") as f:
-                f.write(b"x")
+        write_file(self.root, f"tmp/{orphan}", b"x")
 
         fresh = self.store()
-        counts = fresh.recover()
+        with self.assertLogs("queue_recovered") as events:
+            counts = fresh.recover()
 
         self.assertEqual(
             counts,
-            {"tmp_removed": 2, "requeued": 1, "corrupt": 2, "missing_body": 1, "orphan_bodies": 1, "queued": 5},
-        )
-        self.assertEqual(fresh.list(INCOMING), [good.qid, active.qid])
-        self.assertEqual(fresh.list(CORRUPT), [no_body.qid, garbled.qid, wrong_qid.qid])
+            {"tmp_removed": 1, "requeued": 1, "corrupt": 3, "torn_body": 1, "missing_body": 0, "orphan_bodies": 0,
+             "torn_records": 0, "migrated": 0, "queued": 3, "quarantined": 4, "in_corrupt": 4},
+        )  # fmt: skip
+        self.assertIn("queued 3, quarantined 4", events.text(0))
+        self.assertEqual(fresh.list(INCOMING), [good.qid, active.qid, rotten.qid])
+        self.assertEqual(fresh.list(CORRUPT), [torn_body.qid, garbled.qid, wrong_qid.qid, no_header.qid])
         self.assertEqual(fresh.list(DEFERRED), [])
         self.assertRaises(ValueError, fresh.load, garbled.qid)
         self.assertEqual(fresh.read_body(garbled.qid), BODY)  # kept for the operator
         self.assertEqual(os.listdir(os.path.join(self.root, "tmp")), [])
-        self.assertRaises(KeyError, fresh.read_body, orphan)
+        # the flipped bit is found before delivery: the message goes to corrupt/, counted, never sent
+        self.assertEqual(fresh.load(rotten.qid), rotten)
+        with self.assertLogs("quarantine") as events:
+            self.assertRaises(ValueError, fresh.read_body, rotten.qid)
+        self.assertIn("checksum", events[0]["reason"])
+        self.assertEqual(fresh.state(rotten.qid), CORRUPT)
+        self.assertEqual(self.store().state(rotten.qid), CORRUPT)
+        self.assertEqual(fresh.quarantined, 5)
 
     @defer.inlineCallbacks
     def test_lookups_find_a_message_moved_by_another_store_on_the_same_directory(self):
@@ -234,6 +377,7 @@ class MaildirQueueStoreDurabilityTests(unittest.TestCase):
         self.assertEqual(mine.load(env.qid), env)
         yield mine.move(env.qid, DEFERRED)
         self.assertEqual(mine.list(DEFERRED), [env.qid])
+        self.assertEqual(theirs.load(env.qid), env)
 
     def test_unsafe_qids_never_reach_the_file_system(self):
         store = self.store()
@@ -245,15 +389,19 @@ class MaildirQueueStoreDurabilityTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_concurrent_enqueues_share_directory_fsyncs(self):
         release = threading.Event()
+        armed = threading.Event()
 
         class SlowFirstDirSync(RecordingOps):
             def fsync_dir(self, path):
-                release.wait(30)
+                if armed.is_set():
+                    release.wait(30)
                 super().fsync_dir(path)
 
         ops = SlowFirstDirSync(self.root)
         pool = started_pool(self, maxthreads=8)
         store = MaildirQueueStore(self.root, reactor, pool, ops=ops)
+        del ops.calls[:]
+        armed.set()
         envs = [make_envelope() for _ in range(6)]
         done = defer.gatherResults([store.enqueue(env, BODY) for env in envs])
         for _ in range(3000):  # until the first commit is syncing and the five others wait for it
@@ -264,11 +412,12 @@ class MaildirQueueStoreDurabilityTests(unittest.TestCase):
         release.set()
         yield done
         # one batch for the first message, one for the five that gathered meanwhile
-        self.assertEqual([op for op, _ in ops.calls].count("fsync_dir"), 4)
+        self.assertEqual([op for op, _ in ops.calls].count("fsync_dir"), 2)
         self.assertEqual(store.list(INCOMING), sorted(e.qid for e in envs))
 
     @defer.inlineCallbacks
     def test_failed_shared_directory_fsync_fails_every_message_of_the_batch(self):
+        self.store()
         ops = RecordingOps(self.root, lambda i, op, path: OSError(errno.EIO, "I/O error") if op == "fsync_dir" else None)
         store = self.store(ops)
         results = yield defer.DeferredList([store.enqueue(make_envelope(), BODY) for _ in range(4)], consumeErrors=True)
@@ -278,8 +427,166 @@ class MaildirQueueStoreDurabilityTests(unittest.TestCase):
         self.assert_empty_queue()
 
     @defer.inlineCallbacks
-    def test_without_fsync_the_store_still_keeps_messages(self):
+    def test_without_fsync_the_store_still_keeps_messages_and_never_fsyncs(self):
+        self.store()
+        synced = []
+        real_fsync = os.fsync
+        self.patch(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
         store = MaildirQueueStore(self.root, reactor, self.pool, fsync=False)
         env = make_envelope()
         yield store.enqueue(env, BODY)
+        env.attempts = 2
+        yield store.update(env)
+        yield store.move(env.qid, DEFERRED)
+        self.assertEqual(synced, [])
+        yield self.store().move(env.qid, INCOMING)
+        self.assertEqual(len(synced), 2)  # the fsyncing store does sync: the counter would see it
         self.assert_whole_message(self.store(), env)
+
+
+def _legacy_queue(root: str, messages: list[tuple[str, Envelope, bytes | None]]) -> None:
+    """Write a queue as the previous release did: JSON envelope files per state, bodies in data/."""
+    for state in ("tmp", "data", *QUEUE_STATES):
+        os.makedirs(os.path.join(root, state), exist_ok=True)
+    for state, env, body in messages:
+        write_file(root, f"{state}/{env.qid}", env.to_json())
+        if body is not None:
+            write_file(root, f"data/{env.qid}", body)
+
+
+class LegacyQueueMigrationTests(_OnDiskStoreTest):
+    """A queue of the previous release (envelope JSON + data/ bodies) is migrated at start."""
+
+    def legacy(self):
+        envs = [make_envelope(now=1_700_000_000 + i) for i in range(6)]
+        envs[1].attempts, envs[1].next_attempt = 3, 1_700_009_999.5
+        envs[1].recipients[0].state = "delivered"
+        messages = [
+            (INCOMING, envs[0], BODY), (DEFERRED, envs[1], BODY + b"deferred\r\n"), (HOLD, envs[2], b""),
+            (ACTIVE, envs[3], BODY), (DEFERRED, envs[4], None),
+        ]  # fmt: skip
+        _legacy_queue(self.root, messages)
+        write_file(self.root, f"corrupt/{envs[5].qid}", b'{"qid": "tr')
+        write_file(self.root, f"data/{envs[5].qid}", BODY)
+        write_file(self.root, f"data/{new_qid()}", b"orphan")
+        return messages, envs
+
+    def assert_migrated(self, store, messages, envs):
+        expected = {INCOMING: [envs[0].qid, envs[3].qid], DEFERRED: [envs[1].qid], HOLD: [envs[2].qid]}
+        for state, qids in expected.items():
+            self.assertEqual(store.list(state), qids)
+        for _state, env, body in messages[:4]:
+            self.assertEqual(store.load(env.qid), env)
+            self.assertEqual(store.read_body(env.qid), body)
+        self.assertEqual(store.load(envs[1].qid).next_attempt, 1_700_009_999.5)
+        self.assertFalse(os.path.exists(os.path.join(self.root, "data")))
+        self.assertEqual(
+            files_under(self.root),
+            sorted([
+                f"corrupt/{envs[4].qid}", f"corrupt/{envs[5].qid}", f"corrupt/{envs[5].qid}.body",
+                f"hold/{envs[2].qid}", f"incoming/{envs[0].qid}", f"incoming/{envs[3].qid}",
+                queue_path(DEFERRED, envs[1].qid),
+            ]),
+        )  # fmt: skip
+        for rel in files_under(self.root):
+            if not rel.startswith("corrupt/"):
+                self.assertTrue(qfile.is_queue_file(read_file(self.root, rel)), rel)
+        self.assertEqual(read_file(self.root, f"corrupt/{envs[5].qid}.body"), BODY)  # kept for the operator
+
+    def test_recover_migrates_every_message_with_its_state_and_body(self):
+        messages, envs = self.legacy()
+        store = self.store()
+        counts = store.recover()
+        self.assertEqual(
+            (counts["migrated"], counts["missing_body"], counts["orphan_bodies"], counts["requeued"], counts["queued"]),
+            (4, 1, 1, 1, 4),
+        )
+        self.assert_migrated(store, messages, envs)
+        self.assertEqual(self.store().recover()["migrated"], 0)  # nothing left to do at the next start
+
+    def test_migration_is_resumed_after_a_crash_at_any_step(self):
+        for step in itertools.count():
+            self.root = scratch_dir(self)
+            messages, envs = self.legacy()
+            self.store()  # the new layout's directories (a crash while making them loses nothing)
+            try:
+                self.store(RecordingOps(self.root, fail_at(step, Crash(step)))).recover()
+            except Crash:
+                pass
+            else:
+                self.assertGreater(step, 20)  # every step of the migration was crashed at once
+                break
+            fresh = self.store()
+            fresh.recover()
+            self.assert_migrated(fresh, messages, envs)
+
+    def test_pymta_queue_on_a_stopped_mta_reads_a_migrated_queue(self):
+        messages, envs = self.legacy()
+        store = self.store()
+        store.migrate()
+        self.assertEqual(store.load(envs[1].qid), envs[1])
+        self.assertEqual(store.read_body(envs[0].qid), BODY)
+
+
+class _CapturedEvents:
+    """Collect twisted.logger events whose ``event`` field is ``name`` while the block runs."""
+
+    def __init__(self, test, name):
+        self.test, self.name, self.events = test, name, []
+
+    def __enter__(self):
+        globalLogPublisher.addObserver(self._observe)
+        return self
+
+    def __exit__(self, *exc):
+        globalLogPublisher.removeObserver(self._observe)
+        if exc[0] is None:
+            self.test.assertTrue(self.events, f"no {self.name} event logged")
+
+    def _observe(self, event):
+        if event.get("event") == self.name:
+            self.events.append(event)
+
+    def __getitem__(self, i):
+        return self.events[i]
+
+    def text(self, i):
+        return formatEvent(self.events[i])
+
+
+class DeliveryChecksTheBodyTests(_OnDiskStoreTest):
+    @defer.inlineCallbacks
+    def test_a_body_rotten_on_disk_is_quarantined_and_never_delivered(self):
+        from pymta.envelope import ROUTE_RELAY
+        from pymta.queue.manager import QueueManager
+        from tests.fakes import ScriptedDeliveryAgent
+
+        store = self.store()
+        big = b"X" * 76 + b"\r\n"
+        rotten, sound = make_envelope(now=1_700_000_000), make_envelope(now=1_700_000_001)
+        yield store.enqueue(rotten, big * 2000)  # 156 KB: only its size is checked at recovery
+        yield store.enqueue(sound, big * 2000)
+        path = os.path.join(self.root, f"incoming/{rotten.qid}")
+        raw = bytearray(read_file(self.root, f"incoming/{rotten.qid}"))
+        raw[qfile.HEADER.size + 150_000] = ord("Y")
+        write_file(self.root, f"incoming/{rotten.qid}", bytes(raw))
+        self.assertEqual(os.path.getsize(path), len(raw))
+
+        agent = ScriptedDeliveryAgent()
+        fresh = self.store()
+        manager = QueueManager(
+            fresh, {ROUTE_RELAY: agent}, reactor, "mx.example.test", retry_initial=300, retry_max=3600,
+            max_age=86400, delay_warning=7200, max_active=10, route_for=lambda a: ROUTE_RELAY,
+        )  # fmt: skip
+        with _CapturedEvents(self, "quarantine") as events:
+            manager.startService()
+            self.addCleanup(manager.stopService)
+            for _ in range(500):  # bounded: until both messages are settled
+                if fresh.state(sound.qid) is None and fresh.state(rotten.qid) == CORRUPT:
+                    break
+                yield task.deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(fresh.state(rotten.qid), CORRUPT)
+        self.assertIsNone(fresh.state(sound.qid))
+        self.assertEqual({call[0] for call in agent.calls}, {sound.qid})  # one call per recipient domain
+        self.assertEqual([e["qid"] for e in events], [rotten.qid])
+        self.assertEqual(fresh.quarantined, 1)

@@ -250,3 +250,17 @@ class ReverseLookupTests(unittest.TestCase):
         assert results["192.0.2.1"][0] is None and results["192.0.2.1"][1].notes["client_name"] == "mail.good.example"
         assert results["192.0.2.2"][0].code == 550  # the PTR name does not point back: unknown
         assert results["192.0.2.3"][0].code == 550
+
+
+def test_mail_is_refused_452_431_when_the_queue_file_system_is_short_of_space(tmp_path):
+    free = [10_000_000]
+    policy = RelayPolicy(["example.test"], None, [ipaddress.ip_network("127.0.0.0/8")], [], str(tmp_path))
+    receiver = InboundReceiver("mx.example.test", policy, MemoryQueueStore(), task.Clock(),
+                               free_space=lambda: free[0], space_needed=5_000_000)  # fmt: skip
+    session = Sess(peer_address="192.0.2.1")
+    assert receiver.mail_from(session, "a@b.example", {}) is None
+    free[0] = 5_000_000
+    reply = receiver.mail_from(session, "a@b.example", {})
+    assert (reply.code, reply.enhanced) == (452, "4.3.1")
+    trusted = Sess(peer_address="127.0.0.1")  # a full disk is full for relay clients too
+    assert receiver.mail_from(trusted, "a@b.example", {}).code == 452

@@ -533,7 +533,7 @@ def test_command_timeout_is_421_442():
 
 
 def test_data_timeout_uses_its_own_limit():
-    c = Client(ServerLimits(command_timeout=10, data_timeout=100))
+    c = Client(ServerLimits(command_timeout=10, data_timeout=100, min_data_rate=0))
     transaction(c)
     c.send("DATA\r\n")
     c.clock.advance(50)

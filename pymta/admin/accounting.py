@@ -1,55 +1,183 @@
 """The accounting log: append-only JSON lines at state_dir/log/accounting.jsonl, one record per
-event (received, delivered, deferred, bounced, expired, relayed), flushed in groups."""
+event (received, delivered, deferred, bounced, expired, relayed), durable before the state it reports.
+
+``record()`` returns a Deferred that fires once the line is written and fsynced. Records made in the
+same reactor turn, or while the previous write is still in progress, share one write and one fsync
+(group commit), done off the reactor thread. A line torn by a crash or a full disk is ended with a
+newline before the next write, so it never corrupts the records after it; :func:`read_records` skips
+it. ``reopen()`` (SIGUSR1/SIGHUP) starts a new file after logrotate has renamed the old one.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import threading
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
+from twisted.internet import defer
 from twisted.logger import Logger
 
 log = Logger(namespace="pymta.admin.accounting")
 
+# Runs a blocking function somewhere and returns a Deferred of its result (a thread pool in the
+# MTA; synchronous in tests).
+Runner = Callable[[Callable[[], Any]], defer.Deferred]
+
+
+def run_here(f: Callable[[], Any]) -> defer.Deferred:
+    return defer.maybeDeferred(f)
+
 
 class AccountingLog:
-    """``record(event, **fields)`` appends ``{"time", "event", ...fields}``; writes are buffered and
-    flushed within ``flush_interval`` seconds (on the injected clock) or when the buffer is large."""
+    """``record(event, **fields)`` appends ``{"time", "event", ...fields}`` and returns a Deferred
+    that fires with True once the record is on disk, False when it could not be written (the
+    failure and the records are logged here, so callers that do not wait lose nothing silently)."""
 
-    def __init__(self, path: str, clock: Any, flush_interval: float = 0.5, max_buffer: int = 256) -> None:
+    def __init__(self, path: str, clock: Any, run: Runner = run_here, fsync: bool = True) -> None:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         self.path = path
         self.clock = clock
-        self.flush_interval = flush_interval
-        self.max_buffer = max_buffer
-        self._file = open(path, "a", encoding="utf-8")
-        self._buffer: list[str] = []
-        self._call: Any = None
+        self.run = run
+        self.fsync = fsync
+        self._lock = threading.Lock()  # the file descriptor, between the writer thread and reopen/close
+        self._fd: int | None = None
+        self._torn = False  # the file may end inside a line: start the next write with a newline
+        self._pending: list[tuple[str, defer.Deferred]] = []
+        self._scheduled: Any = None
+        self._busy = False
+        self._closed = False
+        with self._lock:
+            self._open()
 
-    def record(self, event: str, **fields: Any) -> None:
+    # -- writing ----------------------------------------------------------------------------
+
+    def record(self, event: str, **fields: Any) -> defer.Deferred:
         now = self.clock.seconds()
         record = {"time": datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds"), "event": event}
         record.update((k, v) for k, v in fields.items() if v is not None)
-        self._buffer.append(json.dumps(record, ensure_ascii=False, default=str))
-        if len(self._buffer) >= self.max_buffer:
-            self.flush()
-        elif self._call is None:
-            self._call = self.clock.callLater(self.flush_interval, self.flush)
+        line = json.dumps(record, ensure_ascii=False, default=str) + "\n"  # JSON escapes any newline
+        d: defer.Deferred = defer.Deferred()
+        if self._closed:  # late in a shutdown: written at once, here
+            self._write_now([(line, d)])
+            return d
+        self._pending.append((line, d))
+        if not self._busy and self._scheduled is None:
+            # Everything recorded in this reactor turn goes out in the same write.
+            self._scheduled = self.clock.callLater(0, self._commit)
+        return d
 
-    def flush(self) -> None:
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-        self._call = None
-        if not self._buffer or self._file.closed:
+    def _commit(self) -> None:
+        self._scheduled = None
+        if self._busy or not self._pending:
             return
-        data, self._buffer = "\n".join(self._buffer) + "\n", []
+        batch, self._pending = self._pending, []
+        self._busy = True
+        data = "".join(line for line, _ in batch).encode("utf-8")
+        d = self.run(lambda: self._write(data))
+        d.addBoth(self._committed, batch)
+
+    def _committed(self, result: Any, batch: list[tuple[str, defer.Deferred]]) -> None:
+        self._busy = False
+        self._settle(result, batch)
+        if self._pending and self._scheduled is None and not self._closed:
+            self._commit()  # what arrived during the write: one more group
+
+    def _settle(self, result: Any, batch: list[tuple[str, defer.Deferred]]) -> None:
+        failed = isinstance(result, defer.Failure)
+        if failed:
+            log.error("cannot write {n} accounting record(s) to {path}: {why}", n=len(batch), path=self.path,
+                      why=result.getErrorMessage(), records=[line.rstrip("\n") for line, _ in batch])  # fmt: skip
+        for _, waiter in batch:
+            waiter.callback(not failed)
+
+    def _write(self, data: bytes) -> None:
+        """(writer thread) Append and fsync one group of lines."""
+        with self._lock:
+            if self._fd is None:
+                self._open()
+            assert self._fd is not None
+            if self._torn:
+                data = b"\n" + data
+            self._torn = True
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view) :]
+            if self.fsync:
+                os.fsync(self._fd)
+            self._torn = False
+            if self._closed:  # a group that was in flight when the log closed
+                os.close(self._fd)
+                self._fd = None
+
+    def _open(self) -> None:
+        """(under the lock) Open the file for appending; a torn last line gets its newline first."""
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
         try:
-            self._file.write(data)
-            self._file.flush()
-        except OSError as e:
-            log.error("cannot write the accounting log {path}: {why}", path=self.path, why=str(e))
+            size = os.fstat(fd).st_size
+            if size:
+                with open(self.path, "rb") as f:
+                    f.seek(size - 1)
+                    self._torn = f.read(1) != b"\n"
+        except OSError:
+            os.close(fd)
+            raise
+        self._fd = fd
+
+    # -- operations -------------------------------------------------------------------------
+
+    def reopen(self) -> defer.Deferred:
+        """Close the file and open ``path`` again (after logrotate renamed it)."""
+
+        def reopen() -> None:
+            with self._lock:
+                if self._closed:
+                    return
+                if self._fd is not None:
+                    os.close(self._fd)
+                    self._fd = None
+                self._open()
+
+        d = self.run(reopen)
+        d.addCallback(lambda _: log.info("accounting log reopened: {path}", path=self.path, event="log_reopen"))
+        d.addErrback(lambda f: log.error("cannot reopen the accounting log {path}: {why}", path=self.path,
+                                         why=f.getErrorMessage()))  # fmt: skip
+        return d
 
     def close(self) -> None:
-        self.flush()
-        self._file.close()
+        """Write what is still pending (here, synchronously) and close the file."""
+        if self._scheduled is not None and self._scheduled.active():
+            self._scheduled.cancel()
+        self._scheduled = None
+        batch, self._pending = self._pending, []
+        with self._lock:
+            self._closed = True
+        if batch:
+            self._write_now(batch)
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+    def _write_now(self, batch: list[tuple[str, defer.Deferred]]) -> None:
+        """Write a group synchronously (at close, and after it: records made late in a shutdown)."""
+        try:
+            self._write("".join(line for line, _ in batch).encode("utf-8"))
+            result: Any = None
+        except OSError as e:
+            result = defer.Failure(e)
+        self._settle(result, batch)
+
+
+def read_records(path: str) -> Iterator[dict[str, Any]]:
+    """Every record of an accounting log; a torn or garbled line (crash, full disk) is skipped."""
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                record = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                yield record

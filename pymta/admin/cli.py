@@ -2,6 +2,8 @@
 
 Through the running MTA's control socket when it answers; with the MTA stopped, list, show,
 delete, hold and release work on the queue directory directly (flush needs the running MTA).
+``flush`` retries all deferred mail now and lifts every destination's pause (``postqueue -f``);
+``flush ID`` that message, ``flush --domain D`` the mail for D; ``shaping [DOMAIN]`` explains.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ class CLIError(Exception):
     """A one-line error for the operator."""
 
 
-def ask_control_socket(path: str, command: str, target: str | None, timeout: float = 30.0) -> dict[str, Any] | None:
+def ask_control_socket(path: str, command: str, target: str | None, timeout: float = 30.0,
+                       domain: str | None = None) -> dict[str, Any] | None:  # fmt: skip
     """Send one request; None when no MTA answers on ``path``."""
     if not os.path.exists(path):
         return None
@@ -33,7 +36,8 @@ def ask_control_socket(path: str, command: str, target: str | None, timeout: flo
             s.connect(path)
         except (ConnectionRefusedError, FileNotFoundError):
             return None
-        s.sendall(json.dumps({"cmd": command, "qid": target}).encode() + b"\n")
+        request = {"cmd": command, "qid": target} | ({"domain": domain} if domain else {})
+        s.sendall(json.dumps(request).encode() + b"\n")
         data = b""
         while not data.endswith(b"\n"):
             chunk = s.recv(65536)
@@ -63,6 +67,7 @@ def run_directly(queue_dir: str, command: str, target: str | None) -> dict[str, 
         pool.start()
         try:
             store = MaildirQueueStore(queue_dir, reactor=reactor, threadpool=pool)
+            store.migrate()  # a queue left by the previous release, not yet started since the upgrade
             result = yield QueueOperations(store).run(command, target)
             outcome.update(ok=True, result=result)
         except QueueOpError as e:
@@ -95,7 +100,8 @@ def print_list(messages: list[dict[str, Any]], out: Any) -> None:
             reply = r.get("reply") or {}
             why = f" ({reply.get('code')} {reply.get('enhanced', '')} {reply.get('text', '')})".rstrip() if reply else ""
             out.write(f"{'':<58}  {r['address']} [{r['state']}]{why}\n")
-    out.write(f"-- {len(messages)} message(s)\n")
+    quarantined = sum(1 for m in messages if m["state"] == "corrupt")
+    out.write(f"-- {len(messages)} message(s)" + (f", {quarantined} quarantined in corrupt/" if quarantined else "") + "\n")
 
 
 def queue_main(argv: list[str] | None = None) -> int:
@@ -103,14 +109,17 @@ def queue_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=None, help="configuration file (default: $PYMTA_CONFIG, else /etc/pymta/pymta.toml)")
     parser.add_argument("--json", action="store_true", help="print the raw JSON answer")
     parser.add_argument("command", choices=COMMANDS)
-    parser.add_argument("qid", nargs="?", help="queue id (or 'all' for delete, hold, release)")
+    parser.add_argument("qid", nargs="?", help="queue id (or 'all' for delete, hold, release); a domain for shaping")
+    parser.add_argument("--domain", default=None, help="flush: only the deferred mail for this recipient domain")
     args = parser.parse_args(argv)
     path = args.config or default_config_path()
     try:
         config = load_config(path)
         if args.command in ("show", "delete", "hold", "release") and not args.qid:
             raise CLIError(f"{args.command} needs a queue id")
-        answer = ask_control_socket(config.control_socket, args.command, args.qid)
+        if args.domain and args.command != "flush":
+            raise CLIError("--domain goes with flush only")
+        answer = ask_control_socket(config.control_socket, args.command, args.qid, domain=args.domain)
         if answer is None:
             if args.command in ("flush", "shaping"):
                 raise CLIError(f"{args.command} needs the running MTA: nothing answers on " + config.control_socket)

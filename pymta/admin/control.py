@@ -1,6 +1,7 @@
 """The control socket (``state_dir/control.sock``, UNIX, mode 0600): JSON requests from pymta-queue.
 
-One request per line, ``{"cmd": "flush"}`` or ``{"cmd": "hold", "qid": "..."}``; one answer per
+One request per line, ``{"cmd": "flush"}``, ``{"cmd": "hold", "qid": "..."}`` or
+``{"cmd": "flush", "domain": "example.com"}``; one answer per
 line, ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": "..."}``. Postfix's queue
 manager takes its triggers the same way.
 """
@@ -30,11 +31,14 @@ class ControlProtocol(LineOnlyReceiver):
             request = json.loads(line)
             command = str(request["cmd"])
             target = request.get("qid")
+            domain = request.get("domain")
+            if not isinstance(target, str | None) or not isinstance(domain, str | None):
+                raise TypeError("qid and domain are strings")
         except (ValueError, KeyError, TypeError):
             self._answer({"ok": False, "error": "malformed request"})
             return
-        log.info("control request {cmd} {qid}", cmd=command, qid=target)
-        d = defer.maybeDeferred(self.factory.operations.run, command, target)
+        log.info("control request {cmd} {qid} {domain}", cmd=command, qid=target, domain=domain or "")
+        d = defer.maybeDeferred(self.factory.operations.run, command, target, domain)
         d.addCallbacks(lambda result: {"ok": True, "result": result}, self._failed)
         d.addCallback(self._answer)
 

@@ -86,31 +86,71 @@ class QueueOperations:
         return [target]
 
     @defer.inlineCallbacks
-    def run(self, command: str, target: str | None = None):
+    def run(self, command: str, target: str | None = None, domain: str | None = None):
         if command == "list":
             return list_queue(self.store)
         if command == "show":
             return show_message(self.store, self._need(target))
         if command == "shaping":
-            return self.shaping()
+            return self.shaping(target or domain)
         if command == "flush":
-            if self.manager is None:
-                raise QueueOpError("flush needs the running MTA (no control socket answered)")
-            yield defer.maybeDeferred(self.manager.flush)
-            return {"flushed": len(self.store.list(DEFERRED))}
+            return self.flush(None if target == "all" else target, domain)
         if command in ("delete", "hold", "release"):
-            done = []
+            done, after_attempt = [], []
             for qid in self.qids(self._need(target)):
+                if command == "hold" and self.manager is not None and self.manager.in_flight(qid):
+                    after_attempt.append(qid)
                 yield self._apply(command, qid)
                 done.append(qid)
-            return {command: done}
+            result: dict[str, Any] = {command: done}
+            if after_attempt:
+                result["after_attempt"] = after_attempt  # being delivered now: held when the attempt ends
+            return result
         raise QueueOpError(f"unknown command {command!r}")
 
-    def shaping(self) -> dict[str, Any]:
-        """Why each destination is paused or slowed, and the state of every source (the running MTA)."""
+    def flush(self, qid: str | None = None, domain: str | None = None) -> dict[str, Any]:
+        """``postqueue -f``: deferred mail is due now and every destination's pause or dead-site
+        suspension is lifted; with ``qid``, that message only; with ``domain``, the deferred mail
+        for that domain and the destinations it goes through."""
+        if self.manager is None:
+            raise QueueOpError("flush needs the running MTA (no control socket answered)")
+        if qid is not None and domain is not None:
+            raise QueueOpError("flush takes a queue id or a domain, not both")
+        if qid is not None:
+            state = _state_or_error(self.store, qid)
+            if state == HOLD:
+                raise QueueOpError(f"{qid} is on hold: release it to deliver it")
+            due = self.manager.flush([qid])
+            return {"flushed": len(due), "qid": qid, "state": "active" if self.manager.in_flight(qid) else state}
+        resumed: list[str] = []
+        if domain is not None:
+            domain = domain.lower().rstrip(".")
+            if self.shaper is not None:
+                resumed = self.shaper.resume(self.shaper.keys_for(domain))
+            return {"flushed": len(self.manager.flush(self._deferred_for(domain))), "domain": domain, "resumed": resumed}
+        if self.shaper is not None:
+            resumed = self.shaper.resume()
+        return {"flushed": len(self.manager.flush()), "resumed": resumed}
+
+    def _deferred_for(self, domain: str) -> list[str]:
+        """Deferred messages with a recipient still pending at ``domain``."""
+        out = []
+        for qid in self.store.list(DEFERRED):
+            try:
+                envelope = self.store.load(qid)
+            except (KeyError, ValueError):
+                continue
+            if any(r.domain.lower() == domain for r in envelope.pending_recipients()):
+                out.append(qid)
+        return out
+
+    def shaping(self, domain: str | None = None) -> dict[str, Any]:
+        """Why each destination (or those mail for ``domain`` goes through) is paused or slowed, and
+        the state of every source (the running MTA)."""
         if self.shaper is None and self.selector is None:
             raise QueueOpError("shaping state needs the running MTA (no control socket answered)")
-        destinations = [self.shaper.explain(key) for key in sorted(self.shaper.states)] if self.shaper else []
+        keys = (sorted(self.shaper.states) if domain is None else self.shaper.keys_for(domain)) if self.shaper else []
+        destinations = [self.shaper.explain(key) for key in keys]
         sources = []
         if self.selector is not None:
             today = self.selector.today()

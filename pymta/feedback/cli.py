@@ -1,4 +1,7 @@
-"""``pymta-feedback parse FILE...``: one JSON object per file on standard output; exit 0 always.
+"""``pymta-feedback parse FILE...``: one JSON object per file on standard output.
+
+A file that cannot be read gets one line on standard error and makes the exit status 1 (the
+other files are still parsed); a message that is no bounce or complaint is reported as such.
 
 Needs no configuration (``--config`` is accepted and ignored by ``parse``).
 """
@@ -20,16 +23,22 @@ def main(argv: list[str] | None = None) -> int:
     parse.add_argument("files", nargs="+")
     args = parser.parse_args(argv)
     out = sys.stdout
+    status = 0
     for path in args.files:
         try:
             with open(path, "rb") as f:
                 raw = f.read()
+        except OSError as e:
+            sys.stderr.write(f"pymta-feedback: cannot read {path}: {e.strerror or e}\n")
+            status = 1
+            continue
+        try:
             report = parse_message(raw)
-        except (OSError, ValueError):
+        except ValueError:
             report = Report()
         out.write(json.dumps(report.as_json(path), ensure_ascii=False) + "\n")
     out.flush()
-    return 0
+    return status
 
 
 if __name__ == "__main__":

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from pymta.envelope import FAILED, DeliveryResult, Envelope, Recipient
+from pymta.feedback.classify import bounce_verdict
 from pymta.feedback.verp import TRACE_HEADER, Tagger
 from pymta.interfaces import IDeliveryAgent, ISuppressionList
 
@@ -38,6 +40,7 @@ class FeedbackGate:
         classify: Classifier | None = None,
         unsubscribe: bool = False,
         unsubscribe_url: str | None = None,
+        signer: Any = None,
     ) -> None:
         self.inner = inner
         self.suppression = suppression
@@ -46,6 +49,10 @@ class FeedbackGate:
         self.classify = classify
         self.unsubscribe = unsubscribe
         self.unsubscribe_url = unsubscribe_url.rstrip("/") if unsubscribe_url else None
+        # RFC 8058 §4: the one-click headers must be DKIM-covered. They are per recipient, so they
+        # get a signature of their own here (pymta.auth.dkim.DkimSigner), timed at the arrival:
+        # every attempt sends the same bytes.
+        self.signer = signer
 
     def tags(self, envelope: Envelope) -> bool:
         if self.tagger is None or not envelope.sender:
@@ -86,7 +93,10 @@ class FeedbackGate:
         headers = f"{TRACE_HEADER}: {self.tagger.trace_value(envelope.qid, rcpt.address)}\r\n"
         if self.unsubscribe:
             headers += self.unsubscribe_headers(envelope, rcpt.address)
-        return defer.maybeDeferred(self.inner.deliver, tagged, rcpts, headers.encode() + body)
+        data = headers.encode() + body
+        if self.unsubscribe and self.signer is not None:
+            data = self.signer.signatures(data, timestamp=envelope.arrival) + data
+        return defer.maybeDeferred(self.inner.deliver, tagged, rcpts, data)
 
     def unsubscribe_headers(self, envelope: Envelope, recipient: str) -> str:
         """RFC 8058 one-click: the HTTPS URI on the public listener (``[http] public_url``), which
@@ -107,6 +117,8 @@ class FeedbackGate:
         if result.extra.get("suppressed") or not result.remote_mta or result.code < 500:
             return
         reason, hard = self.classify(result.enhanced or None, result.text, result.code)
-        self.suppression.record_bounce(result.address, reason, hard=hard)
+        verdict = bounce_verdict(reason, hard, result.enhanced or None, result.code)
         log.info("{rcpt} failed at {mx}: {reason} ({kind})", rcpt=result.address, mx=result.remote_mta,
-                 reason=reason, kind="hard" if hard else "soft", qid=envelope.qid)  # fmt: skip
+                 reason=reason, kind=verdict or "undecided, not counted", qid=envelope.qid)  # fmt: skip
+        if verdict is not None:
+            self.suppression.record_bounce(result.address, reason, hard=verdict == "hard")

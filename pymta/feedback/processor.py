@@ -5,13 +5,16 @@ suppression store. Nothing unsigned or forged ever suppresses anyone (no backsca
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from pymta.auth.verdicts import recorded_dkim
 from pymta.envelope import DELIVERED, DeliveryResult, Envelope, Recipient
+from pymta.feedback.classify import bounce_verdict
 from pymta.feedback.parse import ARF, AUTOREPLY, DSN, Report, parse_message
 from pymta.feedback.verp import TRACE_HEADER, UNSUBSCRIBE, Tagger
 from pymta.interfaces import IDeliveryAgent
@@ -33,6 +36,8 @@ class FeedbackProcessor:
         reply_mailbox: str | None = None,
         accounting: Any = None,
         sources: Any = None,
+        parser: Callable[[bytes], defer.Deferred[Report]] | None = None,
+        authserv_id: str | None = None,
     ) -> None:
         self.suppression = suppression
         self.tagger = tagger
@@ -42,10 +47,18 @@ class FeedbackProcessor:
         self.reply_mailbox = reply_mailbox
         self.accounting = accounting
         self.sources = sources  # the warm-up's source selector: bounces and complaints count against a source
+        # parse off the reactor (pymta.feedback.pool.ParsePool.parse); in-line when not given (tests)
+        self.parser = parser or (lambda raw: defer.succeed(parse_message(raw)))
+        self.authserv_id = authserv_id  # whose Authentication-Results to trust (inbound verdicts on)
 
     @defer.inlineCallbacks
     def deliver(self, envelope: Envelope, recipients: list[Recipient], body: bytes):
-        report = parse_message(body)
+        report = yield self.parser(body)
+        if report.kind == ARF and self.authserv_id and recorded_dkim(body, self.authserv_id) == "fail":
+            text = "feedback processed: ignored: complaint whose DKIM signature fails"
+            log.info("complaint for {to} ignored: its DKIM signature fails", to=[r.address for r in recipients],
+                     qid=envelope.qid, kind=report.kind, event="feedback")  # fmt: skip
+            return [DeliveryResult(r.address, DELIVERED, 250, "2.0.0", text) for r in recipients]
         results = []
         for rcpt in recipients:
             outcome = self.handle(rcpt.address, envelope, report)
@@ -96,10 +109,14 @@ class FeedbackProcessor:
                 if detail.address not in who:
                     continue
                 if detail.action == "failed":
-                    self.suppression.record_bounce(detail.address, detail.reason or "undefined", bool(detail.hard))
+                    verdict = bounce_verdict(detail.reason, detail.hard, detail.status)
+                    if verdict is None:
+                        done.append(f"{detail.address} undecided {detail.reason or 'undefined'}: not counted")
+                        continue
+                    self.suppression.record_bounce(detail.address, detail.reason or "undefined", verdict == "hard")
                     if self.sources is not None:
                         self.sources.feedback(qid, "bounced")
-                    done.append(f"{detail.address} {'hard' if detail.hard else 'soft'} {detail.reason}")
+                    done.append(f"{detail.address} {verdict} {detail.reason}")
                 else:
                     done.append(f"{detail.address} {detail.action}")
             return f"bounce of {qid}: " + "; ".join(done)

@@ -4,8 +4,10 @@ Stages: connect, helo, mail, rcpt, data (end of data). Matchers (all given must 
 ``client`` (CIDRs), ``rdns`` and ``helo`` (exact, ``.suffix`` or ``/regex/``), ``auth`` (true,
 false or user names), ``tls`` (true/false), ``sender`` and ``recipient`` (address, ``@domain``
 or ``/regex/``; at the data stage ``recipient`` matches any recipient), ``size`` (octets: the
-message, or MAIL's SIZE=, is larger). Actions: ``accept`` (stop this stage's ACL: later rules
-are skipped; relay control still applies), ``reject`` (5xx), ``tempfail`` (4xx), ``continue``.
+message, or MAIL's SIZE=, is larger), ``spf``, ``dkim``, ``dmarc``, ``arc`` (data stage: the
+sender verdicts, e.g. ``["fail", "permerror"]``; mail without verdicts never matches). Actions:
+``accept`` (stop this stage's ACL: later rules are skipped; relay control still applies),
+``reject`` (5xx), ``tempfail`` (4xx), ``continue``.
 """
 
 from __future__ import annotations
@@ -111,6 +113,12 @@ class CompiledRule:
             size = details.get("size")
             if size is None or size <= r.size:
                 return False
+        if r.spf is not None or r.dkim is not None or r.dmarc is not None or r.arc is not None:
+            verdicts = session.transaction.notes.get("auth") if session.transaction is not None else None
+            for method in ("spf", "dkim", "dmarc", "arc"):
+                wanted = getattr(r, method)
+                if wanted is not None and (verdicts is None or verdicts.value(method) not in wanted):
+                    return False
         return True
 
 

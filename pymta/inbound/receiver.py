@@ -130,6 +130,9 @@ class InboundReceiver:
         resolver: Any = None,
         reverse_lookup: bool = False,
         sender_login: Any = None,
+        free_space: Callable[[], int] | None = None,
+        space_needed: int = 0,
+        sender_auth: Any = None,
         scan: Any = None,
     ) -> None:
         self.hostname = hostname
@@ -146,6 +149,11 @@ class InboundReceiver:
         self.resolver = resolver
         self.reverse_lookup = reverse_lookup and resolver is not None
         self.sender_login = sender_login  # SenderLogins: authenticated users send only as themselves
+        # Octets free where the queue lives (a callable, asked at MAIL) and how many must be, so
+        # a full disk is refused before the client sends the body.
+        self.free_space = free_space
+        self.space_needed = space_needed
+        self.sender_auth = sender_auth  # pymta.auth.accept.SenderAuth: DKIM signing, inbound verdicts
         self.scan = scan  # ScanChain: rspamd / milters before the 250
 
     # -- stages ---------------------------------------------------------------------------
@@ -199,6 +207,12 @@ class InboundReceiver:
         user = session.auth_user
         if user and self.sender_login is not None and sender and not self.sender_login.owns(user, sender):
             return Reply(553, "5.7.1", f"<{sender}>: Sender address rejected: not owned by user {user}")
+        if self.free_space is not None:
+            free = self.free_space()
+            if free <= self.space_needed:
+                log.warn("refusing mail: {free} octets free for the queue, {needed} needed", event="storage_low",
+                         free=free, needed=self.space_needed)  # fmt: skip
+                return STORAGE_FULL
         if self.limits is not None and not self._trusted(session):
             refused = self.limits.message(session.peer_address)
             if refused is not None:
@@ -235,6 +249,12 @@ class InboundReceiver:
         return None
 
     def message(self, session: Any, body: bytes) -> defer.Deferred[Reply] | Reply:
+        if self.sender_auth is not None:
+            d = self.sender_auth.accept(session, body, self._trusted(session))
+            return d.addCallback(lambda got: got if isinstance(got, Reply) else self._message(session, got))
+        return self._message(session, body)
+
+    def _message(self, session: Any, body: bytes) -> defer.Deferred[Reply] | Reply:
         txn = session.transaction
         refused = self._acl(
             "data", session, sender=txn.sender, recipients=[r.address for r in txn.recipients], size=len(body)
@@ -332,12 +352,13 @@ class InboundReceiver:
 
     # -- outcome --------------------------------------------------------------------------
 
-    def _queued(self, _: Any, session: Any, envelope: Envelope) -> Reply:
+    def _queued(self, _: Any, session: Any, envelope: Envelope) -> defer.Deferred:
         reply = Reply(250, "2.0.0", f"Ok: queued as {envelope.qid}")
         held = "quarantine" in envelope.extra  # in hold/: nothing for the queue manager until released
-        record_queued(envelope, self.accounting, None if held else self.on_queued, code=reply.code,
-                      enhanced=reply.enhanced)  # fmt: skip
-        return reply
+        # The 250 waits until the received records are on disk too (one group-committed fsync).
+        d = record_queued(envelope, self.accounting, None if held else self.on_queued, code=reply.code,
+                          enhanced=reply.enhanced)  # fmt: skip
+        return d.addCallback(lambda _: reply)
 
     def _not_queued(self, failure: Any, session: Any, envelope: Envelope) -> Reply:
         reply = STORAGE_FULL if failure.check(QueueFull) else LOCAL_ERROR

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from pymta.envelope import Envelope
@@ -18,8 +19,9 @@ def record_queued(
     accounting: Any = None,
     on_queued: Callable[[str], Any] | None = None,
     **fields: Any,
-) -> None:
-    """``fields`` (reply code, listener, campaign...) go into the log event and accounting records."""
+) -> defer.Deferred:
+    """``fields`` (reply code, listener, campaign...) go into the log event and accounting records.
+    The Deferred fires once the received records are on disk: only then may the client be told."""
     log.info(
         "queued {qid} from <{sender}> for {nrcpt} recipient(s), {size} octets",
         event="queued",
@@ -31,15 +33,17 @@ def record_queued(
         size=envelope.size,
         **fields,
     )
+    records = []
     if accounting is not None:
         tags = {k: envelope.extra[k] for k in ("campaign", "tenant", "metadata") if envelope.extra.get(k)}
         for r in envelope.recipients:
-            accounting.record(
+            records.append(accounting.record(
                 "received", qid=envelope.qid, sender=envelope.sender, recipient=r.address,
                 size=envelope.size, client=envelope.client_address, route=r.route, **tags,
-            )  # fmt: skip
+            ))  # fmt: skip
     if on_queued is not None:
         try:
             on_queued(envelope.qid)
         except Exception:
             log.failure("queue manager notification failed for {qid}", qid=envelope.qid)
+    return defer.DeferredList(records) if records else defer.succeed(None)

@@ -10,6 +10,7 @@ the full rate over ``recover``. Every decision is logged with its reason.
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,11 +33,12 @@ class Limits:
     connection_rate: Rate | None = None
     retry: tuple[float, float] | None = None  # (initial, maximum) retry delays for this destination
     per_source: bool | None = None  # the limits apply to each source IP separately
+    dead_site_pause: float | None = None  # suspension after DEAD_SITE_FAILURES failures in a row (0: none)
 
     def over(self, other: Limits) -> Limits:
         """These limits, falling back to ``other`` where unset."""
         names = ("connections", "message_rate", "messages_per_connection", "recipients_per_message", "window", "timezone",
-                 "connection_rate", "retry", "per_source")  # fmt: skip
+                 "connection_rate", "retry", "per_source", "dead_site_pause")  # fmt: skip
         return Limits(*(getattr(self, n) if getattr(self, n) is not None else getattr(other, n) for n in names))
 
 
@@ -60,7 +62,8 @@ DEFAULT_BACKOFF = (
 
 INITIAL_WINDOW = 2  # connections a destination starts with
 DEAD_SITE_FAILURES = 5  # connection-level failures in a row that suspend a destination ...
-DEAD_SITE_PAUSE = 600.0  # ... for this long
+DEAD_SITE_PAUSE = 600.0  # ... for this long, unless the limits say otherwise
+MAX_REMEMBERED_DOMAINS = 65536  # recipient domain -> destination key, for operator commands
 
 
 @dataclass
@@ -95,6 +98,19 @@ class Shaper:
         self.backoff = tuple(backoff) + DEFAULT_BACKOFF
         self.states: dict[str, State] = {}
         self.limiters: dict[str, KeyedLimiter] = {}
+        self._key_of_domain: OrderedDict[str, str] = OrderedDict()  # most recently used last
+
+    def _remember(self, domain: str, key: str) -> None:
+        self._key_of_domain[domain] = key
+        self._key_of_domain.move_to_end(domain)
+        if len(self._key_of_domain) > MAX_REMEMBERED_DOMAINS:
+            self._key_of_domain.popitem(last=False)
+
+    def keys_for(self, domain: str) -> list[str]:
+        """The destination keys (with their per-source variants) that mail for ``domain`` went through."""
+        domain = domain.lower().rstrip(".")
+        bases = {f"domain:{domain}", self._key_of_domain.get(domain, f"domain:{domain}")}
+        return sorted(k for k in self.states if k in bases or k.partition("@")[0] in bases)
 
     # -- destinations ---------------------------------------------------------------------
 
@@ -104,12 +120,15 @@ class Shaper:
         for name, (suffixes, limits) in self.providers.items():
             if any(h == s or h.endswith("." + s) for h in mx_hosts for s in suffixes):
                 own = self.domains.get(domain)
+                self._remember(domain, f"provider:{name}")
                 return f"provider:{name}", (own.over(limits) if own else limits).over(self.default)
         own = self.domains.get(domain)
         if own is not None or not mx_hosts:
             return f"domain:{domain}", (own.over(self.default) if own else self.default)
         # Domains hosted on the same MX hosts share one destination (automatic rollup).
-        return "mx:" + ",".join(sorted(set(mx_hosts))), self.default
+        key = "mx:" + ",".join(sorted(set(mx_hosts)))
+        self._remember(domain, key)
+        return key, self.default
 
     def state(self, key: str) -> State:
         s = self.states.get(key)
@@ -212,14 +231,33 @@ class Shaper:
         s = self.state(key)
         s.failures += 1
         self.congestion(key, why)
-        if s.failures >= DEAD_SITE_FAILURES:
+        pause = (s.limits or self.default).dead_site_pause
+        pause = DEAD_SITE_PAUSE if pause is None else pause
+        if s.failures >= DEAD_SITE_FAILURES and pause > 0:
             now = self.clock.seconds()
-            s.paused_until = max(s.paused_until, now + DEAD_SITE_PAUSE)
+            s.paused_until = max(s.paused_until, now + pause)
             s.resumed_at, s.share, s.recover = s.paused_until, 1.0, 0.0
             s.reason = f"dead site: {s.failures} connection failures in a row, last: {why}"[:200]
             s.failures = 0
-            log.warn("suspending {key} for {pause:g}s: {why}", key=key, pause=DEAD_SITE_PAUSE, why=s.reason,
+            log.warn("suspending {key} for {pause:g}s: {why}", key=key, pause=pause, why=s.reason,
                      event="shaping_pause")  # fmt: skip
+
+    def resume(self, keys: list[str] | None = None) -> list[str]:
+        """Lift pauses, dead-site suspensions and reduced rates (of ``keys``, or of every destination),
+        as an operator's flush asks; the keys that were held back."""
+        resumed = []
+        for key in self.states if keys is None else keys:
+            s = self.states.get(key)
+            if s is None:
+                continue
+            held = s.paused_until > self.clock.seconds() or s.share < 1.0
+            s.paused_until, s.resumed_at, s.share, s.recover, s.failures = 0.0, 0.0, 1.0, 0.0, 0
+            if held:
+                resumed.append(key)
+                log.info("resuming {key} (operator flush; was: {why})", key=key, why=s.reason or "slowed",
+                         event="shaping_resume")  # fmt: skip
+                s.reason = ""
+        return resumed
 
     # -- pushback -------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 _NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
@@ -28,6 +28,15 @@ class FileOps:
 
     def write(self, fd: int, data: bytes | memoryview) -> int:
         return os.write(fd, data)
+
+    def writev(self, fd: int, buffers: Sequence[bytes | memoryview]) -> int:
+        return os.writev(fd, buffers)
+
+    def pwrite(self, fd: int, data: bytes | memoryview, offset: int) -> int:
+        return os.pwrite(fd, data, offset)
+
+    def ftruncate(self, fd: int, length: int) -> None:
+        os.ftruncate(fd, length)
 
     def fsync(self, fd: int) -> None:
         os.fsync(fd)
@@ -67,17 +76,32 @@ def discard(ops: FileOps, path: str) -> None:
         pass
 
 
-def write_new_file(ops: FileOps, path: str, data: bytes) -> None:
-    """Create ``path`` (must not exist), write ``data`` (one write when the kernel allows) and fsync it.
+def write_all(ops: FileOps, fd: int, parts: Sequence[bytes]) -> None:
+    """Write every byte of ``parts`` in order: one write (or writev) call when the kernel takes it all."""
+    if len(parts) == 1:
+        view = memoryview(parts[0])
+        while view:
+            view = view[ops.write(fd, view) :]
+        return
+    views = [memoryview(p) for p in parts if len(p)]
+    while views:
+        done = ops.writev(fd, views)
+        while views and done >= len(views[0]):
+            done -= len(views.pop(0))
+        if done:
+            views[0] = views[0][done:]
+
+
+def write_new_file(ops: FileOps, path: str, data: bytes | Sequence[bytes]) -> None:
+    """Create ``path`` (must not exist), write ``data`` (bytes, or a sequence of parts written with
+    writev, no joined copy) and fsync it.
 
     On an OSError the file is unlinked before the error is re-raised: no partial file remains.
     """
     fd = ops.open(path, _NEW_FILE_FLAGS, 0o600)
     try:
         try:
-            view = memoryview(data)
-            while view:
-                view = view[ops.write(fd, view) :]
+            write_all(ops, fd, [data] if isinstance(data, (bytes, bytearray, memoryview)) else data)
             ops.fsync(fd)
         finally:
             ops.close(fd)

@@ -4,6 +4,12 @@ incoming -> active -> (done | deferred -> active ...); per-recipient state in th
 jittered exponential retries on a timer heap; bounces (DSNs) for failures and expiry, delay
 warnings, success notices as NOTIFY asks; a concurrency cap on messages in flight.
 Restart-safe: at start the store recovers and the schedule is rebuilt from the envelope files.
+
+Time: retries and expiry run on ``clock``, a monotonic clock, so a step of the wall clock neither
+freezes the queue nor makes every message look a day older (a burst of delay notices or
+expiries). ``wall`` gives the times written down: arrival, ``next_attempt`` (so that a restart can
+compute the remaining delay), headers and ``Will-Retry-Until``. A message's age is taken from its
+wall-clock arrival once, when this process first sees it, and counted on the monotonic clock after.
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ from pymta.queue.scheduler import TimerHeapScheduler, retry_delay
 
 log = Logger(namespace="pymta.queue")
 
+MAX_HOLD = 86400.0  # the longest a destination's delivery window holds mail back (one day)
+
 _EVENT_FOR_STATE = {DELIVERED: "delivered", FAILED: "bounced", R_DEFERRED: "deferred", RELAYED: "relayed"}
 
 
@@ -62,10 +70,13 @@ class QueueManager(service.Service):
         greylist_retry: float = 300.0,
         shutdown_grace: float = 30.0,
         abort: Callable[[], Any] | None = None,
+        wall: Any = None,
+        sign: Callable[[bytes], Any] | None = None,
     ) -> None:
         self.store = store
         self.agents = agents
-        self.clock = clock
+        self.clock = clock  # monotonic: when attempts are due, how old a message is
+        self.wall = wall if wall is not None else clock  # wall time: what is written down and shown
         self.hostname = hostname
         self.retry_initial = retry_initial
         self.retry_max = retry_max
@@ -78,12 +89,14 @@ class QueueManager(service.Service):
         self.greylist_retry = greylist_retry
         self.shutdown_grace = shutdown_grace  # how long a stop waits for deliveries in flight
         self.abort = abort  # then aborts them with this (their results come back as deferred)
+        self.sign = sign  # DKIM for our own notices (bytes -> Deferred of the signed bytes)
         self.scheduler = TimerHeapScheduler(clock, self._due)
         self._ready: deque[str] = deque()
         self._queued: set[str] = set()  # in _ready
         self._inflight: dict[str, defer.Deferred] = {}
         self._after: dict[str, str] = {}  # qid -> "hold" | "delete" once its attempt ends
         self._missing_agent_logged: set[str] = set()
+        self._born: dict[str, float] = {}  # qid -> arrival on the monotonic clock
 
     # -- service ----------------------------------------------------------------------------
 
@@ -93,12 +106,18 @@ class QueueManager(service.Service):
         log.info("queue recovered: {counts}", counts=counts, event="recover")
         for qid in self.store.list(INCOMING):
             self._enqueue_ready(qid)
+        wall_now, now = self.wall.seconds(), self.clock.seconds()
+        longest = max(self.retry_max, MAX_HOLD)
         for qid in self.store.list(DEFERRED):
             try:
                 envelope = self.store.load(qid)
             except (KeyError, ValueError):
                 continue
-            self.scheduler.schedule(qid, max(envelope.next_attempt, envelope.not_before))
+            self._age(envelope)
+            # The delay that remained when the MTA stopped, clamped: a time in the past is due now, one
+            # absurdly far ahead (a clock that was wrong) is retried after the longest regular wait.
+            remaining = max(envelope.next_attempt, envelope.not_before) - wall_now
+            self.scheduler.schedule(qid, now + min(max(remaining, 0.0), longest))
         self._pump()
 
     def stopService(self) -> defer.Deferred:
@@ -127,7 +146,13 @@ class QueueManager(service.Service):
     # -- intake -----------------------------------------------------------------------------
 
     def notify_incoming(self, qid: str) -> None:
-        """New mail in INCOMING: deliver it now, without waiting for any scan."""
+        """New mail in INCOMING: deliver it now, without waiting for any scan.
+
+        The same message may be announced twice (by the process that queued or released it and
+        by the watcher of incoming/); an announcement that comes after the message has already
+        left INCOMING (delivered, deferred, held, deleted) starts no second attempt."""
+        if qid not in self._inflight and self.store.state(qid) != INCOMING:
+            return
         self._enqueue_ready(qid)
         self._pump()
 
@@ -153,6 +178,10 @@ class QueueManager(service.Service):
 
     def _finished(self, _: Any, qid: str) -> None:
         self._inflight.pop(qid, None)
+        action = self._after.pop(qid, None)
+        if action is not None:  # asked for during an attempt that ended without concluding
+            d = self.delete(qid) if action == "delete" else self.hold(qid)
+            d.addErrback(lambda f: log.failure("{action} of {qid} after its attempt failed", f, action=action, qid=qid))
         self._pump()
 
     # -- one attempt ------------------------------------------------------------------------
@@ -168,9 +197,10 @@ class QueueManager(service.Service):
         except (KeyError, ValueError) as e:
             log.error("cannot read {qid}: {why}", qid=qid, why=str(e))
             return
-        now = self.clock.seconds()
+        self._age(envelope)  # first seen: its age starts counting on the monotonic clock
+        now = self.wall.seconds()
         if envelope.not_before > now:
-            yield self._reschedule(envelope, envelope.not_before)
+            yield self._reschedule(envelope, envelope.not_before - now)
             return
         pending = envelope.pending_recipients()
         groups: dict[tuple[str, str], list[Recipient]] = {}
@@ -178,8 +208,9 @@ class QueueManager(service.Service):
             groups.setdefault((r.route, r.domain), []).append(r)
         calls = [self._deliver_group(envelope, route, rcpts, body) for (route, _), rcpts in groups.items()]
         outcomes = yield defer.DeferredList(calls, consumeErrors=True)
-        now = self.clock.seconds()
+        now = self.wall.seconds()
         holds: list[float] = []
+        records: list[defer.Deferred] = []
         retry = None  # a destination's own (initial, maximum) retry delays
         for (_, rcpts), (ok, results) in zip(groups.items(), outcomes, strict=True):
             if not ok:
@@ -187,7 +218,8 @@ class QueueManager(service.Service):
                 results = [DeliveryResult(r.address, R_DEFERRED, 451, "4.3.0", "Local error in delivery") for r in rcpts]
             holds.extend(r.extra.get("hold_until") or 0.0 for r in results)
             retry = next((r.extra["retry"] for r in results if r.extra.get("retry")), retry)
-            self._apply(envelope, rcpts, results, now)
+            records.extend(self._apply(envelope, rcpts, results, now))
+        yield self._durable(records)  # the records are on disk before the queue state they report
         # Held back only by traffic shaping: no attempt is used up; try again when the limit allows.
         held_until = min(holds) if holds and all(holds) else None
         if held_until is None:
@@ -211,7 +243,10 @@ class QueueManager(service.Service):
 
         return d.addCallback(check)
 
-    def _apply(self, envelope: Envelope, rcpts: list[Recipient], results: list[DeliveryResult], now: float) -> None:
+    def _apply(self, envelope: Envelope, rcpts: list[Recipient], results: list[DeliveryResult],
+               now: float) -> list[defer.Deferred]:  # fmt: skip
+        """Per-recipient outcomes into the envelope; the accounting records' Deferreds."""
+        records = []
         for rcpt, result in zip(rcpts, results, strict=True):
             if not result.extra.get("hold_until"):
                 rcpt.attempts += 1
@@ -219,13 +254,21 @@ class QueueManager(service.Service):
             rcpt.reply = result.reply_dict()
             rcpt.remote_mta = result.remote_mta
             rcpt.state = result.status if result.status in (DELIVERED, FAILED, RELAYED) else R_DEFERRED
-            self._account(_EVENT_FOR_STATE[rcpt.state], envelope, rcpt, now, result)
+            records.append(self._account(_EVENT_FOR_STATE[rcpt.state], envelope, rcpt, now, result))
+        return records
 
-    def _account(self, event: str, envelope: Envelope, rcpt: Recipient, now: float, result: Any = None) -> None:
+    @staticmethod
+    def _durable(records: list[defer.Deferred]) -> defer.Deferred:
+        """Fires when every record is on disk; a record that could not be written was logged in full
+        by the accounting log and does not stop the queue (the delivery has happened)."""
+        return defer.DeferredList(records, consumeErrors=True) if records else defer.succeed(None)
+
+    def _account(self, event: str, envelope: Envelope, rcpt: Recipient, now: float,
+                 result: Any = None) -> defer.Deferred:  # fmt: skip
         # What the message travelled with (injection campaign/tenant, pool and source): in the log
         # event (metrics read it) and in the accounting record.
         tags = {k: envelope.extra[k] for k in ("campaign", "tenant", "pool", "source") if envelope.extra.get(k)}
-        queue_time = round(now - envelope.arrival, 3)
+        queue_time = round(self._age(envelope), 3)
         log.info(
             "{event} {qid} to {rcpt}: {code} {enhanced} {text}",
             event=event, qid=envelope.qid, rcpt=rcpt.address, sender=envelope.sender,
@@ -234,9 +277,9 @@ class QueueManager(service.Service):
             queue_time=queue_time, **tags,
         )  # fmt: skip
         if self.accounting is None:
-            return
+            return defer.succeed(None)
         extra = dict(result.extra) if result is not None else {}
-        self.accounting.record(
+        return self.accounting.record(
             event,
             qid=envelope.qid,
             sender=envelope.sender,
@@ -257,26 +300,29 @@ class QueueManager(service.Service):
                   retry: list[float] | None = None):  # fmt: skip
         qid = envelope.qid
         pending = envelope.pending_recipients()
-        if pending and now - envelope.arrival >= self.max_age:
+        if pending and self._age(envelope) >= self.max_age:
+            records = []
             for r in pending:
                 r.state = EXPIRED
                 r.updated = now
                 last = r.reply or {}
                 r.reply = {"code": 451, "enhanced": "4.4.7",
                            "text": f"Message expired after {int(self.max_age)}s in the queue; last: {last.get('text', 'no answer')}"}  # fmt: skip
-                self._account("expired", envelope, r, now)
+                records.append(self._account("expired", envelope, r, now))
+            yield self._durable(records)
             pending = []
         yield self._notices(envelope, body, now, bool(pending))
         action = self._after.pop(qid, None)
         if action == "delete" or not pending:
+            self._born.pop(qid, None)
             yield self.store.remove(qid)
             return
         if action == "hold":
             yield self.store.update(envelope)
             yield self.store.move(qid, HOLD)
             return
-        if held_until is not None:
-            yield self._reschedule(envelope, max(held_until, now))
+        if held_until is not None:  # a wall-clock time (a shaping pause, a delivery window)
+            yield self._reschedule(envelope, held_until - now)
             return
         initial, maximum = retry if retry else (self.retry_initial, self.retry_max)
         delay = retry_delay(envelope.attempts, initial, maximum, self.rng)
@@ -285,14 +331,28 @@ class QueueManager(service.Service):
             delay = min(self.greylist_retry, self.retry_initial)
         if any(r.route not in self.agents for r in pending):
             delay = self.retry_max
-        yield self._reschedule(envelope, now + delay)
+        yield self._reschedule(envelope, delay)
+
+    def _age(self, envelope: Envelope) -> float:
+        """Seconds ``envelope`` has been queued, on the monotonic clock; when this process first sees
+        it, its wall-clock age, clamped to [0, max_age] (a wall clock set back, or far ahead)."""
+        now = self.clock.seconds()
+        born = self._born.get(envelope.qid)
+        if born is None:
+            age = min(max(self.wall.seconds() - envelope.arrival, 0.0), self.max_age)
+            born = self._born[envelope.qid] = now - age
+        return now - born
 
     @defer.inlineCallbacks
-    def _reschedule(self, envelope: Envelope, when: float):
-        envelope.next_attempt = when
+    def _reschedule(self, envelope: Envelope, delay: float):
+        """Next attempt in ``delay`` seconds: written down as wall time, scheduled on the monotonic clock."""
+        delay = max(delay, 0.0)
+        when = self.clock.seconds() + delay
+        envelope.next_attempt = self.wall.seconds() + delay
         yield self.store.update(envelope)
         yield self.store.move(envelope.qid, DEFERRED)
-        if self._after.pop(envelope.qid, None) == "hold":
+        if self._after.get(envelope.qid) == "hold":
+            del self._after[envelope.qid]
             yield self.store.move(envelope.qid, HOLD)
             return
         self.scheduler.schedule(envelope.qid, when)
@@ -312,10 +372,11 @@ class QueueManager(service.Service):
         yield self._send_dsn(envelope, failed, "failed", body, now)
         for state, action in ((DELIVERED, "delivered"), (RELAYED, "relayed")):
             yield self._send_dsn(envelope, [r for r in success if r.state == state], action, body, now)
-        if still_pending and not envelope.delay_warned and now - envelope.arrival >= self.delay_warning > 0:
+        age = self._age(envelope)
+        if still_pending and not envelope.delay_warned and age >= self.delay_warning > 0:
             envelope.delay_warned = True
             delayed = [r for r in envelope.pending_recipients() if notify_allows(r, "delayed")]
-            yield self._send_dsn(envelope, delayed, "delayed", body, now, envelope.arrival + self.max_age)
+            yield self._send_dsn(envelope, delayed, "delayed", body, now, now + self.max_age - age)
 
     @defer.inlineCallbacks
     def _send_dsn(self, envelope: Envelope, rcpts: list[Recipient], action: str, body: bytes, now: float,
@@ -325,6 +386,8 @@ class QueueManager(service.Service):
         message = build_dsn(envelope, rcpts, action, body, self.hostname, now, retry_until)
         if message is None:
             return
+        if self.sign is not None:
+            message = yield self.sign(message)
         dsn = Envelope(
             qid=new_qid(),
             sender="",
@@ -348,9 +411,21 @@ class QueueManager(service.Service):
 
     # -- operator actions -------------------------------------------------------------------
 
-    def flush(self) -> None:
-        """Everything deferred is due now."""
-        self.scheduler.due_now()
+    def flush(self, qids: list[str] | None = None) -> list[str]:
+        """Everything deferred (or the deferred messages among ``qids``) is due now; the ids made due."""
+        if qids is None:
+            due = [qid for qid in self.store.list(DEFERRED) if qid in self.scheduler]
+            self.scheduler.due_now()
+            return due
+        due = [qid for qid in qids if qid in self.scheduler]
+        now = self.clock.seconds()
+        for qid in due:
+            self.scheduler.schedule(qid, now)
+        return due
+
+    def in_flight(self, qid: str) -> bool:
+        """A delivery attempt of ``qid`` is running now."""
+        return qid in self._inflight
 
     @defer.inlineCallbacks
     def delete(self, qid: str):
@@ -358,12 +433,13 @@ class QueueManager(service.Service):
             self._after[qid] = "delete"
             return
         self.scheduler.cancel(qid)
+        self._born.pop(qid, None)
         yield self.store.remove(qid)
 
     @defer.inlineCallbacks
     def hold(self, qid: str):
-        if qid in self._inflight:
-            self._after[qid] = "hold"
+        if qid in self._inflight:  # held when its attempt ends (a delete asked for first still wins)
+            self._after.setdefault(qid, "hold")
             return
         self.scheduler.cancel(qid)
         if self.store.state(qid) not in (HOLD, None):
@@ -371,6 +447,9 @@ class QueueManager(service.Service):
 
     @defer.inlineCallbacks
     def release(self, qid: str):
+        if self._after.get(qid) == "hold":  # held while active: not held after all
+            del self._after[qid]
+            return
         if self.store.state(qid) != HOLD:
             return
         yield self.store.move(qid, INCOMING)

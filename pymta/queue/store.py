@@ -3,8 +3,13 @@
 Layout of the maildir store under ``root`` (state_dir/queue)::
 
     tmp/                 files being written (deleted by recover)
-    data/<qid>           bodies: written once, never moved after commit
-    incoming/<qid> ...   one directory per queue state holding the JSON envelope files
+    incoming/<qid>       one queue file per message (pymta.queue.qfile: body + envelope records)
+    active/ hold/ corrupt/   the same, one directory per queue state
+    deferred/<h>/<h>/<qid>   hashed by a CRC of the qid (16 ** hash_depth subdirectories)
+
+A message is created once (tmp/ -> fsync -> rename into incoming/ -> directory fsync); its
+envelope changes are appended to its own file and fsynced; state changes are renames. A queue
+of the previous layout (JSON envelopes + data/<qid> bodies) is migrated by recover().
 
 Callers serialise the operations on one qid (wait for one Deferred before the next change of
 the same message); different qids may be worked on concurrently. Another process may share
@@ -19,6 +24,7 @@ import functools
 import itertools
 import os
 import re
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -28,7 +34,18 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from pymta.envelope import Envelope
-from pymta.interfaces import ACTIVE, CORRUPT, HOLD, INCOMING, QUEUE_STATES, IQueueStore, QueueError, QueueFull
+from pymta.interfaces import (
+    ACTIVE,
+    CORRUPT,
+    DEFERRED,
+    HOLD,
+    INCOMING,
+    QUEUE_STATES,
+    IQueueStore,
+    QueueError,
+    QueueFull,
+)
+from pymta.queue import qfile
 from pymta.queue.fsio import DirSyncer, FileOps, NoSyncFileOps, discard, is_space_error, write_new_file
 
 log = Logger()
@@ -36,7 +53,10 @@ log = Logger()
 # A qid becomes a file name: only these names are accepted (new_qid() produces a subset).
 _SAFE_QID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
 
-RECOVER_COUNTS = ("tmp_removed", "requeued", "corrupt", "missing_body", "orphan_bodies", "queued")
+RECOVER_COUNTS = (
+    "tmp_removed", "requeued", "corrupt", "torn_body", "missing_body", "orphan_bodies", "torn_records",
+    "migrated", "queued", "quarantined", "in_corrupt",
+)  # fmt: skip
 
 
 def check_qid(qid: str) -> str:
@@ -144,7 +164,8 @@ class MemoryQueueStore:
         for qid in self.list(ACTIVE):
             self._states[qid] = INCOMING
             counts["requeued"] += 1
-        counts["queued"] = len(self._states)
+        counts["queued"] = sum(1 for s in self._states.values() if s != CORRUPT)
+        counts["in_corrupt"] = len(self._states) - counts["queued"]
         return counts
 
 
@@ -168,15 +189,31 @@ def _read(path: str) -> bytes:
         return f.read()
 
 
+def hash_dirs(qid: str, depth: int) -> tuple[str, ...]:
+    """The hashed subdirectories of ``qid`` (one hex digit per level, from a CRC of the qid: queue
+    ids begin with their arrival time, so their first characters do not spread)."""
+    return tuple(f"{zlib.crc32(qid.encode()):08x}"[:depth])
+
+
+_RDWR = os.O_RDWR | os.O_CLOEXEC
+_RDONLY = os.O_RDONLY | os.O_CLOEXEC
+_HEX = "0123456789abcdef"
+
+
 @implementer(IQueueStore)
 class MaildirQueueStore:
-    """The durable spool: envelope and body files, renamed into state directories, fsynced off the reactor.
+    """The durable spool: one self-validating file per message (:mod:`pymta.queue.qfile`), renamed
+    between state directories, envelope changes appended in place, fsynced off the reactor.
 
     Commits share directory fsyncs (:class:`pymta.queue.fsio.DirSyncer`): with N concurrent
-    enqueues, each does its own file fsyncs in a pool thread and the directory fsyncs are done
+    enqueues, each does its own file fsync in a pool thread and the directory fsyncs are done
     about twice per batch instead of N times. ``fsync=False`` drops every fsync (not durable).
-    ``ops`` replaces the file-system primitives (tests record and break them).
+    ``ops`` replaces the file-system primitives (tests record and break them). States in
+    ``HASHED_STATES`` spread their files over ``16 ** hash_depth`` subdirectories (Postfix's
+    ``hash_queue_depth``), so a million deferred messages make no million-entry directory.
     """
+
+    HASHED_STATES = (DEFERRED,)
 
     def __init__(
         self,
@@ -185,14 +222,17 @@ class MaildirQueueStore:
         threadpool: Any,
         fsync: bool = True,
         ops: FileOps | None = None,
+        hash_depth: int = 2,
     ) -> None:
         self.root = root
         self._reactor = reactor
         self._threadpool = threadpool
         self._ops = ops or (FileOps() if fsync else NoSyncFileOps())
         self.syncer = DirSyncer(self._ops)  # public for measurements (fsyncs, waiting)
+        self.hash_depth = hash_depth
+        self.quarantined = 0  # messages this store moved to corrupt/ (recovery and reads)
         self._tmp = os.path.join(root, "tmp")
-        self._data = os.path.join(root, "data")
+        self._legacy_data = os.path.join(root, "data")  # bodies of a queue written before the one-file format
         self._dirs = {state: os.path.join(root, state) for state in QUEUE_STATES}
         self._index: dict[str, str] = {}  # qid -> state; the disk wins when they disagree
         self._seq = itertools.count(1)
@@ -202,8 +242,19 @@ class MaildirQueueStore:
     # -- helpers
 
     def _make_dirs(self) -> None:
-        for path in (self.root, self._tmp, self._data, *self._dirs.values()):
-            os.makedirs(path, mode=0o700, exist_ok=True)
+        made = set()
+        for path in (self.root, self._tmp, *self._dirs.values()):
+            if not os.path.isdir(path):
+                os.makedirs(path, mode=0o700, exist_ok=True)
+                made.add(os.path.dirname(path))
+        for state in self.HASHED_STATES:
+            for sub in itertools.product(_HEX, repeat=self.hash_depth):
+                path = os.path.join(self._dirs[state], *sub)
+                if not os.path.isdir(path):
+                    os.makedirs(path, mode=0o700, exist_ok=True)
+                    made.update(os.path.join(self._dirs[state], *sub[:i]) for i in range(len(sub)))
+        for path in sorted(made):  # a new directory is durable once its parent is synced
+            self._ops.fsync_dir(path)
 
     def _rebuild_index(self) -> None:
         self._index = {}
@@ -214,15 +265,23 @@ class MaildirQueueStore:
     def _run(self, func: Callable[..., Any], *args: Any) -> defer.Deferred:
         return deferToThreadPool(self._reactor, self._threadpool, func, *args)
 
+    def _dir_of(self, state: str, qid: str) -> str:
+        if state in self.HASHED_STATES:
+            return os.path.join(self._dirs[state], *hash_dirs(qid, self.hash_depth))
+        return self._dirs[state]
+
+    def _path_of(self, state: str, qid: str) -> str:
+        return os.path.join(self._dir_of(state, qid), qid)
+
     def _find(self, qid: str) -> str | None:
         """The state whose directory holds ``qid`` now (index first, then the disk)."""
         if not isinstance(qid, str) or not _SAFE_QID.match(qid):
             return None
         state = self._index.get(qid)
-        if state is not None and os.path.exists(os.path.join(self._dirs[state], qid)):
+        if state is not None and os.path.exists(self._path_of(state, qid)):
             return state
         for state in QUEUE_STATES:
-            if os.path.exists(os.path.join(self._dirs[state], qid)):
+            if os.path.exists(self._path_of(state, qid)):
                 self._index[qid] = state
                 return state
         self._index.pop(qid, None)
@@ -232,7 +291,7 @@ class MaildirQueueStore:
         state = self._find(qid)
         if state is None:
             raise KeyError(qid)
-        return os.path.join(self._dirs[state], qid)
+        return self._path_of(state, qid)
 
     # -- IQueueStore
 
@@ -240,83 +299,134 @@ class MaildirQueueStore:
         try:
             qid = check_qid(envelope.qid)
             check_enqueue_state(state)
+            first = qfile.record(envelope.to_json())
         except ValueError:
             return defer.fail()
-        return self._run(self._enqueue, qid, envelope.to_json(), body, state)
+        return self._run(self._enqueue, qid, first, body, state)
 
     @_translated
-    def _enqueue(self, qid: str, env_bytes: bytes, body: bytes, state: str = INCOMING) -> str:
+    def _enqueue(self, qid: str, first: bytes, body: bytes, state: str = INCOMING) -> str:
         ops = self._ops
-        body_path = os.path.join(self._data, qid)
-        env_path = os.path.join(self._dirs[state], qid)
-        if qid in self._index or os.path.exists(body_path):
+        path = self._path_of(state, qid)
+        # qids are unique across processes by construction: the index and incoming/ are enough
+        if qid in self._index or os.path.exists(path):
             raise QueueError(f"queue id {qid} already queued")
-        tmp_body = os.path.join(self._tmp, qid + ".body")
-        tmp_env = os.path.join(self._tmp, qid + ".env")
-        write_new_file(ops, tmp_body, body)
+        tmp = os.path.join(self._tmp, qid)
+        write_new_file(ops, tmp, [qfile.header(body), body, first])
         try:
-            write_new_file(ops, tmp_env, env_bytes)
-            ops.rename(tmp_body, body_path)
+            ops.rename(tmp, path)  # the commit point
         except OSError:
-            discard(ops, tmp_body)
-            discard(ops, tmp_env)
-            raise
-        try:
-            ops.rename(tmp_env, env_path)  # the commit point
-        except OSError:
-            discard(ops, tmp_env)
-            discard(ops, body_path)
+            discard(ops, tmp)
             raise
         self._index[qid] = state
         try:
-            self.syncer.sync((self._data, self._dirs[state]))
+            self.syncer.sync((self._dirs[state],))
         except OSError:
-            # Renamed but maybe not on disk: take it back, so the refusal leaves nothing. If the
-            # envelope is already gone (another process took it), the body is theirs now.
+            # Renamed but maybe not on disk: take it back, so the refusal leaves nothing.
             self._index.pop(qid, None)
-            try:
-                ops.unlink(env_path)
-            except OSError:
-                pass
-            else:
-                discard(ops, body_path)
+            discard(ops, path)
             raise
         return qid
 
-    def load(self, qid: str) -> Envelope:
+    def _open(self, qid: str, flags: int = _RDONLY, ops: FileOps | None = None) -> int:
+        """Open the file of ``qid`` where the index says, else where the disk says (no stat first)."""
+        opener = ops.open if ops else os.open
+        state = self._index.get(qid)
+        if state is not None:
+            try:
+                return opener(self._path_of(state, qid), flags)
+            except FileNotFoundError:  # moved by another process: look again
+                pass
         try:
-            raw = _read(self._path(qid))
+            return opener(self._path(qid), flags)
         except FileNotFoundError:  # moved or removed meanwhile
             raise KeyError(qid) from None
-        envelope = Envelope.from_json(raw)
+
+    def load(self, qid: str) -> Envelope:
+        fd = self._open(qid)
+        try:
+            meta = qfile.read_meta(fd)
+        finally:
+            os.close(fd)
+        return self._envelope_of(qid, meta)
+
+    @staticmethod
+    def _envelope_of(qid: str, meta: qfile.QueueFile) -> Envelope:
+        if meta.records.last is None:
+            raise qfile.QueueFileError("no sound envelope record")
+        envelope = Envelope.from_json(meta.records.last)
         if envelope.qid != qid:
-            raise ValueError(f"envelope file {qid} holds queue id {envelope.qid!r}")
+            raise ValueError(f"queue file {qid} holds queue id {envelope.qid!r}")
         return envelope
 
     def read_body(self, qid: str) -> bytes:
+        """The body, checked against its recorded size and checksum; a torn one is quarantined
+        (moved to corrupt/, logged) and raises ValueError."""
         if not isinstance(qid, str) or not _SAFE_QID.match(qid):
             raise KeyError(qid)
+        fd = self._open(qid)
         try:
-            return _read(os.path.join(self._data, qid))
-        except FileNotFoundError:
-            raise KeyError(qid) from None
+            return qfile.read_body(fd)
+        except qfile.QueueFileError as e:
+            state = self._find(qid)
+            if state not in (None, CORRUPT):
+                self._quarantine(self._path_of(state, qid), qid, str(e))
+                self._index[qid] = CORRUPT
+                self._ops.fsync_dir(self._dir_of(state, qid))
+                self._ops.fsync_dir(self._dirs[CORRUPT])
+            raise
+        finally:
+            os.close(fd)
 
     def state(self, qid: str) -> str | None:
         return self._find(qid)
 
     def update(self, envelope: Envelope) -> defer.Deferred:
-        return self._run(self._update, envelope.qid, envelope.to_json())
+        try:
+            rec = qfile.record(envelope.to_json())
+        except ValueError:
+            return defer.fail()
+        return self._run(self._update, envelope.qid, rec)
 
     @_translated
-    def _update(self, qid: str, env_bytes: bytes) -> None:
+    def _update(self, qid: str, rec: bytes) -> None:
+        """Append ``rec`` after the last sound record and fsync; a torn tail is cut off first."""
         ops = self._ops
-        path = self._path(qid)
-        tmp = os.path.join(self._tmp, f"{qid}.env.{next(self._seq)}")
-        write_new_file(ops, tmp, env_bytes)
+        fd = self._open(qid, _RDWR, ops)
         try:
-            ops.rename(tmp, path)
+            meta = qfile.read_meta(fd)
+            offset = meta.records_start + meta.records.end
+            if meta.records.end + len(rec) > max(qfile.COMPACT_AFTER, 4 * len(rec)):
+                self._compact(qid, fd, rec)
+                return
+            if meta.records.torn:
+                ops.ftruncate(fd, offset)
+            try:
+                view = memoryview(rec)
+                while view:
+                    view = view[ops.pwrite(fd, view, offset + len(rec) - len(view)) :]
+                ops.fsync(fd)
+            except OSError:
+                try:  # the half-written record would be ignored anyway; leave no garbage behind
+                    ops.ftruncate(fd, offset)
+                except OSError:
+                    pass
+                raise
+        except qfile.QueueFileError as e:
+            raise QueueError(f"queue file {qid}: {e}") from e
+        finally:
+            ops.close(fd)
+
+    def _compact(self, qid: str, fd: int, rec: bytes) -> None:
+        """Rewrite the file with ``rec`` as its only record (its appended records grew too long)."""
+        body = qfile.read_body(fd)
+        path = self._path(qid)
+        tmp = os.path.join(self._tmp, f"{qid}.{next(self._seq)}")
+        write_new_file(self._ops, tmp, [qfile.header(body), body, rec])
+        try:
+            self._ops.rename(tmp, path)
         except OSError:
-            discard(ops, tmp)
+            discard(self._ops, tmp)
             raise
         self.syncer.sync((os.path.dirname(path),))
 
@@ -327,100 +437,215 @@ class MaildirQueueStore:
             return defer.fail()
         return self._run(self._move, qid, state)
 
+    def _on_file(self, qid: str, action: Callable[[str], None]) -> str:
+        """Run ``action(path)`` on the file of ``qid`` where the index says (no stat first), else
+        where the disk says; return the state it was in. KeyError if it is nowhere."""
+        state = self._index.get(qid)
+        if state is not None:
+            try:
+                action(self._path_of(state, qid))
+                return state
+            except FileNotFoundError:  # moved by another process: look again
+                pass
+        state = self._find(qid)
+        if state is None:
+            raise KeyError(qid)
+        action(self._path_of(state, qid))
+        return state
+
     @_translated
     def _move(self, qid: str, state: str) -> None:
-        source = self._path(qid)
-        current = self._index[qid]
-        if current == state:
+        target = self._path_of(state, qid)
+        if self._index.get(qid) == state and os.path.exists(target):
             return
-        self._ops.rename(source, os.path.join(self._dirs[state], qid))
+        current = self._on_file(qid, lambda source: self._ops.rename(source, target))
         self._index[qid] = state
-        self.syncer.sync((self._dirs[current], self._dirs[state]))
+        self.syncer.sync((self._dir_of(current, qid), os.path.dirname(target)))
 
     def remove(self, qid: str) -> defer.Deferred:
         return self._run(self._remove, qid)
 
     @_translated
     def _remove(self, qid: str) -> None:
-        state = self._find(qid)
-        if state is None:
-            return
-        dirs = [self._dirs[state], self._data]
-        try:  # envelope first: a crash in between leaves an orphan body, which recover() drops
-            self._ops.unlink(os.path.join(dirs[0], qid))
-        except FileNotFoundError:
-            pass
-        self._index.pop(qid, None)
         try:
-            self._ops.unlink(os.path.join(self._data, qid))
-        except FileNotFoundError:
-            pass
-        self.syncer.sync(dirs)
+            state = self._on_file(qid, self._ops.unlink)
+        except KeyError:
+            return
+        finally:
+            self._index.pop(qid, None)
+        self.syncer.sync((self._dir_of(state, qid),))
 
     def list(self, state: str) -> list[str]:
-        names = os.listdir(self._dirs[check_state(state)])
-        return sorted(n for n in names if _SAFE_QID.match(n))
+        directory = self._dirs[check_state(state)]
+        if state not in self.HASHED_STATES:
+            return sorted(n for n in os.listdir(directory) if _SAFE_QID.match(n))
+        out: list[str] = []
+        for sub in itertools.product(_HEX, repeat=self.hash_depth):
+            try:
+                out.extend(n for n in os.listdir(os.path.join(directory, *sub)) if _SAFE_QID.match(n))
+            except FileNotFoundError:
+                continue
+        out.sort()
+        return out
 
     def recover(self) -> dict[str, int]:
-        """Make the directory consistent after a stop or crash; see IQueueStore.recover."""
+        """Make the directory consistent after a stop or crash; see IQueueStore.recover.
+
+        Also migrates a queue written before the one-file format (:meth:`migrate`), checks every
+        file's header, recorded body size (and, in files up to 128 KiB, the body's checksum) and envelope
+        records, quarantines what fails, and counts torn envelope records (the state before
+        them counts: their recipients are retried).
+        """
         ops = self._ops
         counts = new_counts()
         self._make_dirs()
+        self.migrate(counts)
+        touched: set[str] = set()  # directories whose entries changed: synced before the end
         for name in os.listdir(self._tmp):
             discard(ops, os.path.join(self._tmp, name))
             counts["tmp_removed"] += 1
+            touched.add(self._tmp)
         for qid in self.list(ACTIVE):
-            ops.rename(os.path.join(self._dirs[ACTIVE], qid), os.path.join(self._dirs[INCOMING], qid))
+            ops.rename(self._path_of(ACTIVE, qid), self._path_of(INCOMING, qid))
             counts["requeued"] += 1
-        referenced = set()
+            touched.update((self._dirs[ACTIVE], self._dirs[INCOMING]))
         for state in QUEUE_STATES:
-            directory = self._dirs[state]
-            for name in sorted(os.listdir(directory)):
-                if state == CORRUPT:
-                    referenced.add(name.partition(".")[0])
-                    continue
-                reason = self._check_envelope(directory, name)
-                if reason is None:
-                    referenced.add(name)
-                    continue
-                counts["missing_body" if reason == "missing body" else "corrupt"] += 1
-                self._quarantine(directory, name, reason)
-                referenced.add(name)
-        for name in os.listdir(self._data):
-            if name not in referenced:
-                log.warn("dropping body {qid} that has no envelope", qid=name)
-                discard(ops, os.path.join(self._data, name))
-                counts["orphan_bodies"] += 1
-        ops.fsync_dir(self._tmp)
-        self.syncer.sync([self._data, *self._dirs.values()])
+            if state == CORRUPT:
+                continue
+            for name in self._entries(state):
+                path = self._path_of(state, name) if _SAFE_QID.match(name) else os.path.join(self._dirs[state], name)
+                reason, torn = self._check_file(path, name)
+                if torn and reason is None:
+                    counts["torn_records"] += 1
+                    log.warn("torn envelope record in {qid}: the state before it counts", qid=name, event="torn_record")
+                if reason is not None:
+                    counts["torn_body" if reason.startswith("torn body") else "corrupt"] += 1
+                    self._quarantine(path, name, reason)
+                    touched.update((os.path.dirname(path), self._dirs[CORRUPT]))
+        if touched:
+            self.syncer.sync(touched)
         self._rebuild_index()
-        counts["queued"] = len(self._index)
+        counts["queued"] = sum(1 for s in self._index.values() if s != CORRUPT)
+        counts["quarantined"] = counts["corrupt"] + counts["torn_body"] + counts["missing_body"]
+        counts["in_corrupt"] = len(self.list(CORRUPT))
         log.info(
-            "queue recovered: {queued} queued, {requeued} requeued, {corrupt} corrupt, "
-            "{missing_body} without body, {orphan_bodies} orphan bodies, {tmp_removed} temporary files removed",
+            "queue recovered: queued {queued}, quarantined {quarantined} ({corrupt} unreadable, "
+            "{torn_body} torn bodies, {missing_body} without body; {in_corrupt} in corrupt/), "
+            "{requeued} requeued, {torn_records} torn envelope records, {migrated} migrated from the "
+            "old layout, {orphan_bodies} orphan bodies, {tmp_removed} temporary files removed",
+            event="queue_recovered",
             **counts,
         )
         return counts
 
-    def _check_envelope(self, directory: str, name: str) -> str | None:
-        """Why the envelope file ``name`` cannot be queued, or None when it is sound."""
-        if not _SAFE_QID.match(name):
-            return "not a queue id"
-        try:
-            envelope = Envelope.from_json(_read(os.path.join(directory, name)))
-        except (OSError, ValueError) as e:
-            return f"unreadable envelope: {e}"
-        if envelope.qid != name:
-            return f"envelope holds queue id {envelope.qid!r}"
-        if not os.path.exists(os.path.join(self._data, name)):
-            return "missing body"
-        return None
+    def _entries(self, state: str) -> list[str]:
+        """Names in a state directory (any name, for the checks of recover) plus the hashed ones."""
+        if state not in self.HASHED_STATES:
+            return sorted(os.listdir(self._dirs[state]))
+        return self.list(state)
 
-    def _quarantine(self, directory: str, name: str, reason: str) -> None:
+    def _check_file(self, path: str, name: str) -> tuple[str | None, bool]:
+        """(why the file ``name`` cannot be queued or None, whether its last record is torn)."""
+        if not _SAFE_QID.match(name):
+            return "not a queue id", False
+        try:
+            fd = os.open(path, _RDONLY)
+        except OSError as e:
+            return f"unreadable: {e}", False
+        try:
+            meta = qfile.read_meta(fd, verify_body=True)
+            self._envelope_of(name, meta)
+        except (OSError, ValueError) as e:
+            return str(e), False
+        finally:
+            os.close(fd)
+        return None, meta.records.torn
+
+    def _quarantine(self, path: str, name: str, reason: str) -> None:
         target = os.path.join(self._dirs[CORRUPT], name)
         for n in itertools.count(1):
             if not os.path.exists(target):
                 break
             target = os.path.join(self._dirs[CORRUPT], f"{name}.{n}")
-        log.error("quarantining {qid} in corrupt/: {reason}", qid=name, reason=reason)
-        self._ops.rename(os.path.join(directory, name), target)
+        log.error("quarantining {qid} in corrupt/: {reason}", qid=name, reason=reason, event="quarantine")
+        self._ops.rename(path, target)
+        self.quarantined += 1
+
+    # -- the layout before one file per message
+
+    def migrate(self, counts: dict[str, int] | None = None) -> dict[str, int]:
+        """Convert a queue of the previous layout (JSON envelope files in the state directories,
+        bodies in ``data/``) to one queue file per message, crash-safely and idempotently.
+
+        Each message is written whole in tmp/ and renamed into its state (over its old envelope
+        file); only after the directories are synced are the old files unlinked, so a crash at
+        any point leaves either form complete. ``data/`` goes last: while it exists, a start
+        migrates. Unreadable old envelopes go to corrupt/ with their body beside them (``.body``).
+        """
+        counts = new_counts() if counts is None else counts
+        data = self._legacy_data
+        if not os.path.isdir(data):
+            return counts
+        ops = self._ops
+        leftovers: list[str] = []  # old envelope files whose new file is elsewhere (hashed states), then bodies
+        synced: set[str] = set()
+        for state in QUEUE_STATES:
+            directory = self._dirs[state]
+            for name in sorted(os.listdir(directory)):
+                path = os.path.join(directory, name)
+                if not os.path.isfile(path) or qfile.is_queue_file(_head(path)):
+                    continue
+                if state == CORRUPT:
+                    self._keep_legacy_body(name.partition(".")[0])
+                    continue
+                try:
+                    raw = _read(path)
+                    envelope = Envelope.from_json(raw)
+                    if envelope.qid != name:
+                        raise ValueError(f"envelope holds queue id {envelope.qid!r}")
+                    body = _read(os.path.join(data, name))
+                except FileNotFoundError:
+                    counts["missing_body"] += 1
+                    self._quarantine(path, name, "missing body")
+                    continue
+                except (OSError, ValueError) as e:
+                    counts["corrupt"] += 1
+                    self._quarantine(path, name, f"unreadable envelope: {e}")
+                    self._keep_legacy_body(name)
+                    continue
+                tmp = os.path.join(self._tmp, f"{name}.migrate")
+                discard(ops, tmp)
+                write_new_file(ops, tmp, [qfile.header(body), body, qfile.record(raw)])
+                target = self._path_of(state, name)
+                ops.rename(tmp, target)
+                synced.add(os.path.dirname(target))
+                if target != path:
+                    leftovers.append(path)
+                leftovers.append(os.path.join(data, name))
+                counts["migrated"] += 1
+        for path in sorted(synced):
+            ops.fsync_dir(path)
+        for path in leftovers:
+            discard(ops, path)
+        for name in os.listdir(data):
+            discard(ops, os.path.join(data, name))
+            counts["orphan_bodies"] += 1
+        for path in self._dirs.values():
+            ops.fsync_dir(path)
+        ops.fsync_dir(data)
+        os.rmdir(data)
+        ops.fsync_dir(self.root)
+        log.info("migrated {migrated} messages to one queue file each", event="queue_migrated", **counts)
+        return counts
+
+    def _keep_legacy_body(self, qid: str) -> None:
+        """Move the old-layout body of a quarantined message beside it in corrupt/ (for the operator)."""
+        source = os.path.join(self._legacy_data, qid)
+        target = os.path.join(self._dirs[CORRUPT], f"{qid}.body")
+        if _SAFE_QID.match(qid) and os.path.exists(source) and not os.path.exists(target):
+            self._ops.rename(source, target)
+
+
+def _head(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(len(qfile.MAGIC))

@@ -20,12 +20,25 @@ Replies (every one with an enhanced status code except the 220 greeting and the 
                                       line over 1000 octets (the server stays in DATA until the
                                       real end of data, so nothing in the body is read as a command)
 554 5.5.1                             spoke before the greeting (greet_pause)
-421 4.4.2 / 4.7.0                     timeout / too many errors, then the connection is closed
+421 4.4.2 / 4.7.0                     timeout (command line, data inactivity or rate, session time)
+                                      / too many errors or connections, then the connection is closed
 451 4.3.0                             a local error answering a command (logged, never shown)
 ====================================  ===========================================================
 
 BDAT content follows the same content rules as DATA (no bare CR or LF, no NUL, lines at most
 1000 octets): BINARYMIME is not offered, so BDAT carries the same text a DATA would.
+
+Time limits a client cannot reset by trickling: ``command_timeout`` is a deadline for a whole
+command line, counted from the moment the server is ready for it (bytes of a partial line do not
+extend it); ``data_timeout`` bounds inactivity in DATA/BDAT content and, after the first
+``DATA_RATE_GRACE`` seconds of a message, the client must keep up ``min_data_rate`` on average;
+``max_session_time`` caps the whole connection. Waiting on our own work (a delegate's answer)
+never counts against the client.
+
+Back-pressure: while an answer is pending (the delegate is working, or the client does not read
+what we send), at most ``max_pending_input`` octets beyond what has been handled are held; above
+that the transport is paused (``pauseProducing``) until the answer is sent. Input is consumed by
+offset into one buffer, so splitting pipelined lines is linear in the input.
 """
 
 from __future__ import annotations
@@ -39,7 +52,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet import defer, tcp
-from twisted.internet.interfaces import IReactorTime, ISSLTransport
+from twisted.internet.interfaces import IPushProducer, IReactorTime, ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -64,6 +77,9 @@ class ServerLimits:
     max_command_line: int = 512  # octets incl. CRLF
     greet_pause: float = 0.0  # seconds of silence expected before the greeting (0 = off)
     max_auth_failures: int = 3  # failed AUTH in a row before 421 4.7.0
+    min_data_rate: float = 1024.0  # octets/s a DATA/BDAT transfer must average after DATA_RATE_GRACE (0 = off)
+    max_session_time: float = 1800.0  # seconds a connection may last at most (0 = no cap)
+    max_pending_input: int = 65536  # octets held unhandled while an answer is pending before pausing
 
 
 @dataclass
@@ -299,13 +315,36 @@ class BodyCollector:
 
 _COMMAND, _DATA, _BDAT, _GREET, _AUTH, _CLOSED = range(6)
 CLOSE_GRACE = 5.0  # seconds a closing connection may take before it is aborted
+DATA_RATE_GRACE = 30.0  # seconds of DATA/BDAT before min_data_rate is enforced
+TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
+SESSION_TOO_LONG = Reply(421, "4.4.2", "Session time limit exceeded, closing connection")
+DATA_TOO_SLOW = Reply(421, "4.4.2", "Data rate too low, closing connection")
 _END = b"\r\n.\r\n"
 _EXTENSIONS = ("PIPELINING", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES", "CHUNKING", "DSN")
 _HTTP_VERBS = frozenset({"GET", "POST", "HEAD", "PUT", "CONNECT", "OPTIONS", "USER-AGENT:", "HOST:"})
 
 
+class ConnectionSlots:
+    """A cap on the connections open at once, shared by the factories (listeners) given it."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+
+    def acquire(self) -> bool:
+        if self.active >= self.limit:
+            return False
+        self.active += 1
+        return True
+
+    def release(self) -> None:
+        self.active = max(0, self.active - 1)
+
+
+@implementer(IPushProducer)
 class SMTPServerProtocol(Protocol):
-    """One SMTP connection."""
+    """One SMTP connection; the transport's producer, so a client that does not read what we
+    send stops being read from."""
 
     def __init__(self, factory: SMTPServerFactory) -> None:
         self.factory = factory
@@ -315,11 +354,22 @@ class SMTPServerProtocol(Protocol):
         self.session = Session(session_id=f"{factory.id_prefix}{next(factory.counter):x}")
         self._mode = _GREET
         self._buf = b""
+        self._pos = 0  # input before this offset in _buf is handled
+        self._reading_paused = False  # the transport is paused: too much unhandled input
+        self._output_full = False  # the transport asked us to stop producing output
+        self._slot = False  # holds one of the factory's connection slots
+        self._producing = False  # registered as the transport's producer
+        self._refused = False  # turned away by the connection cap
+        self._session_call: Any = None
+        self._session_over = False  # max_session_time passed while an answer was pending
+        self._data_since: float | None = None  # when this message's DATA/BDAT began
+        self._data_octets = 0  # octets received since then
         self._out: list[bytes] = []
         self._waiting = False
         self._errors = 0
         self._auth_failures = 0
         self._timer: Any = None
+        self._wait_since = 0.0  # when the client's current deadline began (see _arm_timer)
         self._discard_line = False
         self._tls_pending = False
         self._body: BodyCollector | None = None
@@ -334,12 +384,27 @@ class SMTPServerProtocol(Protocol):
 
     def connectionMade(self) -> None:
         set_nodelay(self.transport)
-        self.factory.connections.add(self)
+        self.factory.sessions.add(self)
         peer, host = self.transport.getPeer(), self.transport.getHost()
         self.session.peer_address = getattr(peer, "host", "") or ""
         self.session.peer_port = getattr(peer, "port", 0) or 0
         self.session.local_address = getattr(host, "host", "") or ""
         self.session.local_port = getattr(host, "port", 0) or 0
+        slots = self.factory.connections
+        if slots is not None and not slots.acquire():
+            self._mode = _CLOSED  # no delegate call, no session: refused before it began
+            self._refused = True
+            self._out.append(TOO_MANY_CONNECTIONS.to_bytes())
+            log.info("refused connection from {client}: {code} {enhanced} {text}", event="reject", stage="connect",
+                     client=self.session.peer_address, code=421, enhanced="4.7.0", text=TOO_MANY_CONNECTIONS.text,
+                     active=slots.active, limit=slots.limit)  # fmt: skip
+            self._close()
+            return
+        self._slot = slots is not None
+        self.transport.registerProducer(self, True)
+        self._producing = True
+        if self.limits.max_session_time > 0:
+            self._session_call = self.clock.callLater(self.limits.max_session_time, self._session_expired)
         if ISSLTransport.providedBy(self.transport):  # implicit TLS (RFC 8314): no STARTTLS, AUTH offered
             self.session.tls, self._tls_pending = "TLS", True  # the cipher is named at the first command
         self._arm_timer()
@@ -366,24 +431,30 @@ class SMTPServerProtocol(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:
         self._mode = _CLOSED
         self._cancel_timer()
-        abort = getattr(self, "_abort_call", None)
-        if abort is not None and abort.active():
-            abort.cancel()
-        call = getattr(self, "_greet_call", None)
-        if call is not None and call.active():
-            call.cancel()
+        for name in ("_abort_call", "_greet_call", "_session_call"):
+            call = getattr(self, name, None)
+            if call is not None and call.active():
+                call.cancel()
+        if self._slot:
+            self._slot = False
+            self.factory.connections.release()
+        if self._refused:
+            return  # refused for the connection cap: the delegate never saw it
         try:
             self.delegate.disconnected(self.session)
         except Exception:
             log.failure("delegate.disconnected failed")
-        self.factory.connections.discard(self)
-        if not self.factory.connections and self.factory.on_empty is not None:
+        self.factory.sessions.discard(self)
+        if not self.factory.sessions and self.factory.on_empty is not None:
             self.factory.on_empty()
 
     def _close(self) -> None:
         self._flush()
         self._mode = _CLOSED
         self._cancel_timer()
+        if self._producing:  # a registered producer would hold a TLS close until unregistered
+            self._producing = False
+            self.transport.unregisterProducer()
         self.transport.loseConnection()
         # A peer that never reads (or a TLS handshake that never completes) cannot hold the
         # connection open: after a grace period it is aborted.
@@ -411,11 +482,18 @@ class SMTPServerProtocol(Protocol):
     # -- timers -------------------------------------------------------------------------------
 
     def _arm_timer(self) -> None:
-        timeout = self.limits.data_timeout if self._mode in (_DATA, _BDAT) else self.limits.command_timeout
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(timeout)
-        else:
-            self._timer = self.clock.callLater(timeout, self._timed_out)
+        """The client's time for what it must send next (a command line, more content) starts now.
+
+        One timer, moved lazily: a new deadline only notes when it started, and the timer is
+        moved sooner only when the deadline shrinks; when it fires early it sleeps on."""
+        now = self.clock.seconds()
+        self._wait_since = now
+        due = now + (self.limits.data_timeout if self._mode in (_DATA, _BDAT) else self.limits.command_timeout)
+        timer = self._timer
+        if timer is None:
+            self._timer = self.clock.callLater(due - now, self._timed_out)
+        elif due < timer.getTime():
+            timer.reset(due - now)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -427,29 +505,118 @@ class SMTPServerProtocol(Protocol):
         if self._waiting:  # our own work is slow, not the client: wait on
             self._arm_timer()
             return
-        log.info("timeout from {client} in {mode}", client=self.session.peer_address, mode=self._mode, event="timeout")
-        self._reply(TIMEOUT)
+        data = self._mode in (_DATA, _BDAT)
+        left = self._wait_since + (self.limits.data_timeout if data else self.limits.command_timeout) - self.clock.seconds()
+        if left > 0:  # the deadline moved on since the timer was set
+            self._timer = self.clock.callLater(left, self._timed_out)
+            return
+        self._time_limit("data" if data else "command", TIMEOUT)
+
+    def _time_limit(self, why: str, reply: Reply) -> None:
+        """A time limit ran out: say so and close."""
+        if self._mode == _CLOSED:
+            return
+        log.info("timeout ({why}) from {client} in {mode}", why=why, client=self.session.peer_address, mode=self._mode,
+                 event="timeout", code=reply.code, enhanced=reply.enhanced)  # fmt: skip
+        self._out.append(reply.to_bytes())
         self._close()
 
+    def _session_expired(self) -> None:
+        self._session_call = None
+        if not self._waiting:
+            self._time_limit("session", SESSION_TOO_LONG)
+            return
+        # Our answer is pending (a queue write, say): it is given first, then the session ends
+        # (see _ask); should it never come, the session ends a command timeout later anyway.
+        self._session_over = True
+        self._session_call = self.clock.callLater(self.limits.command_timeout, self._time_limit, "session",
+                                                  SESSION_TOO_LONG)  # fmt: skip
+
+    def _data_rate_ok(self, received: int) -> bool:
+        """Count ``received`` octets of DATA/BDAT; False once the transfer is below min_data_rate."""
+        self._data_octets += received
+        elapsed = self.clock.seconds() - self._data_since
+        rate = self.limits.min_data_rate
+        return rate <= 0 or elapsed <= DATA_RATE_GRACE or self._data_octets >= rate * elapsed
+
+    def _start_data(self) -> None:
+        if self._data_since is None:
+            self._data_since = self.clock.seconds()
+            self._data_octets = 0
+
+    # -- back-pressure ------------------------------------------------------------------------
+
+    @property
+    def buffered_input(self) -> int:
+        """Octets received and not yet handled."""
+        return len(self._buf) - self._pos
+
+    @property
+    def input_paused(self) -> bool:
+        """Whether reading from the transport is paused (unhandled input over the bound)."""
+        return self._reading_paused
+
+    def _bound_input(self) -> None:
+        over = len(self._buf) - self._pos > self.limits.max_pending_input
+        if over != self._reading_paused and self._mode != _CLOSED:
+            self._reading_paused = over
+            if over:
+                self.transport.pauseProducing()
+            else:
+                self.transport.resumeProducing()
+
+    def pauseProducing(self) -> None:
+        """The transport cannot take more now (the client does not read, or TLS is busy): answer
+        nothing more, so input waits and is bounded like input behind any pending answer. (Not
+        reading at once would stall a TLS handshake that must read before it can write.)"""
+        self._output_full = True
+
+    def resumeProducing(self) -> None:
+        self._output_full = False
+        if not self._waiting and self._mode not in (_CLOSED, _GREET):
+            self._process()
+
+    def stopProducing(self) -> None:
+        """The connection is going away; connectionLost does the rest."""
+
     # -- input --------------------------------------------------------------------------------
+
+    def _append(self, data: bytes) -> None:
+        """Add ``data`` after the unhandled input (copying only that, which is bounded)."""
+        if self._pos:
+            self._buf = self._buf[self._pos :] + data
+            self._pos = 0
+        elif self._buf:
+            self._buf += data
+        else:
+            self._buf = data
 
     def dataReceived(self, data: bytes) -> None:
         if self._mode == _CLOSED:
             return
         if self._mode == _GREET:
             if self.session.notes.get("trusted") or not self.limits.greet_pause:
-                self._buf += data  # before the delegate answered connect: keep for later
+                self._append(data)  # before the delegate answered connect: keep for later
+                self._bound_input()
                 return
             self._reply(Reply(554, "5.5.1", "Protocol error: talked before the greeting"), stage="connect")
             self._close()
             return
-        self._buf += data
-        self._arm_timer()
+        if self._buf:
+            self._append(data)
+        else:
+            self._buf = data
+        if self._mode == _DATA or self._mode == _BDAT:
+            self._arm_timer()  # content: an inactivity bound, plus the minimum rate
+        if self._data_since is not None and not self._data_rate_ok(len(data)):
+            self._time_limit("data_rate", DATA_TOO_SLOW)
+            return
         self._process()
 
     def _process(self) -> None:
         try:
-            while self._buf and not self._waiting and self._mode not in (_CLOSED, _GREET):
+            # _buf is b"" once all of it is handled (so _pos < len(_buf) whenever _buf is not empty)
+            while self._buf and not self._waiting and not self._output_full and self._mode not in (_CLOSED, _GREET):
                 if self._mode == _DATA:
                     self._data_input()
                 elif self._mode == _BDAT:
@@ -458,12 +625,14 @@ class SMTPServerProtocol(Protocol):
                     break
         except Exception:
             log.failure("unexpected error in the SMTP session with {client}", client=self.session.peer_address)
-            self._buf = b""
+            self._buf, self._pos = b"", 0
             self._reset_transaction()
             self._mode = _COMMAND if self._mode != _CLOSED else _CLOSED
             self._reply(LOCAL_ERROR)
         if not self._waiting:
             self._flush()
+        if self._reading_paused or (self._buf and len(self._buf) - self._pos > self.limits.max_pending_input):
+            self._bound_input()
 
     def _flush(self) -> None:
         if self._out and self.transport is not None:
@@ -489,17 +658,22 @@ class SMTPServerProtocol(Protocol):
 
     def _command_input(self) -> bool:
         """Handle one command line; False when no complete line is buffered."""
-        buf = self._buf
-        lf = buf.find(b"\n")
+        buf, pos = self._buf, self._pos
+        lf = buf.find(b"\n", pos)
         limit = self.limits.max_command_line
         if lf < 0:
-            if len(buf) > limit:
-                self._buf = b""
+            if len(buf) - pos > limit:
+                self._buf, self._pos = b"", 0
                 if not self._discard_line:
                     self._discard_line = True
                     self._error(Reply(500, "5.5.2", "Line too long"))
             return False
-        line, self._buf = buf[:lf], buf[lf + 1 :]
+        line = buf[pos:lf]
+        if lf + 1 == len(buf):
+            self._buf, self._pos = b"", 0
+        else:
+            self._pos = lf + 1
+        self._arm_timer()  # the next line's deadline counts from now, however its bytes trickle in
         if self._discard_line:
             self._discard_line = False
             return True
@@ -578,8 +752,13 @@ class SMTPServerProtocol(Protocol):
 
         def resume(_: Any) -> None:
             self._waiting = False
-            if self._mode != _CLOSED:
-                self._process()
+            if self._mode == _CLOSED:
+                return
+            if self._session_over:
+                self._time_limit("session", SESSION_TOO_LONG)
+                return
+            self._arm_timer()  # the client's time for the next command starts with our answer
+            self._process()
             if self._shut_down_after_answer and not self._waiting:
                 self.shut_down()
 
@@ -823,12 +1002,14 @@ class SMTPServerProtocol(Protocol):
         self._mode = _DATA
         self._body = BodyCollector(self.limits.max_message_size)
         self._carry = b"\r\n"
+        self._start_data()
         self._arm_timer()
         self._out.append(b"354 End data with <CR><LF>.<CR><LF>\r\n")
         self._flush()
 
     def _data_input(self) -> None:
-        buf, self._buf = self._buf, b""
+        buf = self._buf[self._pos :] if self._pos else self._buf
+        self._buf, self._pos = b"", 0
         carry = self._carry
         window = carry + buf
         end = window.find(_END)
@@ -861,15 +1042,20 @@ class SMTPServerProtocol(Protocol):
             if not txn.used_bdat:
                 txn.used_bdat = True
                 self._body = BodyCollector(self.limits.max_message_size)
+                self._start_data()
         self._mode = _BDAT
         self._arm_timer()
         if size == 0:
             self._bdat_done()
 
     def _bdat_input(self) -> None:
-        take = self._buf[: self._bdat_left]
-        self._buf = self._buf[len(take) :]
+        pos = self._pos
+        take = self._buf[pos : pos + self._bdat_left]
         self._bdat_left -= len(take)
+        if pos + len(take) == len(self._buf):
+            self._buf, self._pos = b"", 0
+        else:
+            self._pos = pos + len(take)
         if self._bdat_failed is None:
             self._body.feed(take)
         if self._bdat_left == 0:
@@ -893,6 +1079,7 @@ class SMTPServerProtocol(Protocol):
 
     def _finish_message(self, body: BodyCollector, trim: int, dot_stuffed: bool) -> None:
         self._body = None
+        self._data_since = None
         problem = body.problem(final_cr_ok=dot_stuffed)
         if problem is not None:
             self._reply(problem, stage="data", size=body.size)
@@ -911,6 +1098,7 @@ class SMTPServerProtocol(Protocol):
     def _reset_transaction(self) -> None:
         self.session.transaction = None
         self._body = None
+        self._data_since = None
 
     def smtp_rset(self, argument: str) -> None:
         self._reset_transaction()
@@ -952,10 +1140,10 @@ class SMTPServerProtocol(Protocol):
             return
         self._reply(Reply(220, "2.0.0", "Ready to start TLS"))
         self._flush()
-        if self._buf:
-            log.info("discarded {n} octets pipelined after STARTTLS from {client}", n=len(self._buf),
+        if self.buffered_input:
+            log.info("discarded {n} octets pipelined after STARTTLS from {client}", n=self.buffered_input,
                      client=self.session.peer_address, event="starttls_injection")  # fmt: skip
-            self._buf = b""  # CVE-2011-0411: nothing sent in plaintext survives the handshake
+            self._buf, self._pos = b"", 0  # CVE-2011-0411: nothing sent in plaintext survives the handshake
         self.transport.startTLS(self.factory.tls_context_factory)
         self.session.helo_name = None
         self.session.esmtp = False
@@ -1091,6 +1279,7 @@ class SMTPServerFactory(Factory):
         authenticator: Any = None,
         auth_required: bool = False,
         disabled_extensions: frozenset[str] = frozenset(),
+        connections: ConnectionSlots | None = None,
     ) -> None:
         self.delegate = delegate
         self.hostname = hostname
@@ -1100,9 +1289,10 @@ class SMTPServerFactory(Factory):
         self.authenticator = authenticator
         self.auth_required = auth_required
         self.disabled_extensions = disabled_extensions  # e.g. {"PIPELINING"} to act as an older peer
+        self.connections = connections  # the cap on open connections (None: no cap), maybe shared
         self.id_prefix = os.urandom(4).hex() + "-"
         self.counter = itertools.count(1)
-        self.connections: set[SMTPServerProtocol] = set()  # open sessions (drained at shutdown)
+        self.sessions: set[SMTPServerProtocol] = set()  # open sessions (drained at shutdown)
         self.on_empty: Any = None  # called when the last open session ends
 
     def buildProtocol(self, addr: Any) -> SMTPServerProtocol:

@@ -165,7 +165,7 @@ class AdminAPI:
         return self._run(action, self._qid(qid))
 
     def shaping(self, request: Any) -> defer.Deferred:
-        return self._run("shaping", None)
+        return self._run("shaping", query(request, "domain"))  # ?domain=D: the destinations D goes through
 
     # -- suppressions ---------------------------------------------------------------------
 

@@ -367,6 +367,7 @@ class InjectAPI:
         on_queued: Callable[[str], Any] | None = None,
         template_timeout: float = 2.0,
         metrics: Any = None,
+        sign: Callable[..., defer.Deferred] | None = None,
     ) -> None:
         self.store = store
         self.policy = policy
@@ -379,6 +380,7 @@ class InjectAPI:
         self.on_queued = on_queued
         self.renderer = BoundedRenderer(reactor, template_timeout)
         self.metrics = metrics
+        self.sign = sign  # DKIM (pymta.auth.accept.SenderAuth.sign): once, here, as for a trusted client
         self.closing = False
 
     def register(self, api: Any) -> None:
@@ -461,6 +463,8 @@ class InjectAPI:
                 continue
             metadata = item.get("metadata") if isinstance(item, dict) else None
             envelope = self._envelope(req, address, route, token, metadata)
+            if self.sign is not None:
+                data = yield self.sign(data, f"api:{token}", "api")
             data = self._received(envelope, token) + data
             envelope.size = len(data)
             d = defer.maybeDeferred(self.store.enqueue, envelope, data)
@@ -505,9 +509,9 @@ class InjectAPI:
             extra=extra,
         )
 
-    def _queued(self, _: Any, envelope: Envelope, queue_ids: list[str]) -> None:
+    def _queued(self, _: Any, envelope: Envelope, queue_ids: list[str]) -> defer.Deferred:
         queue_ids.append(envelope.qid)
-        record_queued(envelope, self.accounting, self.on_queued, listener="http")
+        return record_queued(envelope, self.accounting, self.on_queued, listener="http")  # answered once on disk
 
     def _not_queued(self, failure: Any, envelope: Envelope, failed: list[dict[str, str]]) -> None:
         log.error("could not queue an injected message for {rcpt}: {why}", rcpt=envelope.recipients[0].address,

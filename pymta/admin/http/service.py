@@ -109,6 +109,8 @@ def build_http(
     accounting: Any = None,
     on_queued: Any = None,
     shaper: Any = None,
+    sign: Any = None,
+    selector: Any = None,
 ) -> None:
     h = config.http
     if h.listen:
@@ -125,20 +127,54 @@ def build_http(
         inject = InjectAPI(
             store, policy, reactor, reactor, config.hostname, config.smtp.max_message_size,
             suppression=suppression, accounting=accounting, on_queued=on_queued,
-            template_timeout=h.template_timeout, metrics=metrics,
+            template_timeout=h.template_timeout, metrics=metrics, sign=sign,
         )  # fmt: skip
         inject.register(api)
         CloseRenderer(inject).setServiceParent(top)
         assert metrics is not None
         metrics.add_gauges(lambda: _gauges(store, suppression, shaper))
         MetricsObserver(metrics).setServiceParent(top)
-        site = APISite(AdminRoot(api, MetricsPage(metrics, api, h.metrics_auth)), h.max_body, reactor=reactor)
+        root = AdminRoot(api, MetricsPage(metrics, api, h.metrics_auth))
+        add_dashboard(config, reactor, top, root, api, threadpool, store, suppression, accounting, shaper, selector)
+        site = APISite(root, h.max_body, reactor=reactor)
         for endpoint in h.listen:
             strports.service(endpoint, site, reactor=reactor).setServiceParent(top)
     if h.public_listen:
         public = APISite(public_root(tagger, suppression), 64 * 1024, reactor=reactor)
         for endpoint in h.public_listen:
             strports.service(endpoint, public, reactor=reactor).setServiceParent(top)
+
+
+def add_dashboard(config: Any, reactor: Any, top: service.MultiService, root: resource.Resource, api: JSONAPI,
+                  threadpool: Any, store: Any, suppression: Any, accounting: Any, shaper: Any, selector: Any) -> None:
+    """The time series (fed from the log events), ``GET /`` and ``GET /api/v1/reports``."""
+    from twisted.internet import threads
+
+    from pymta.admin.http.dashboard import Dashboard, DashboardData, ReportsAPI
+    from pymta.stats.report import provider_namer, stats_path
+    from pymta.stats.service import StatsService
+    from pymta.stats.timeseries import TimeSeries
+
+    def run(f: Any, *args: Any) -> Any:
+        return threads.deferToThreadPool(reactor, threadpool, f, *args)
+
+    namer = provider_namer(config)
+    series = TimeSeries(stats_path(config), reactor, run, config.stats.retention, namer)
+    series.gauge_readers.append(lambda: _stat_gauges(store, suppression))
+    StatsService(series).setServiceParent(top)
+    w = config.warmup
+    thresholds = {"bounce_rate": w.bounce_rate, "deferral_rate": w.deferral_rate, "complaint_rate": w.complaint_rate}
+    dashboard = Dashboard(api, DashboardData(series, run, reactor, thresholds, selector, shaper))
+    for path in (b"", b"login", b"logout"):
+        root.putChild(path, dashboard)
+    ReportsAPI(config, reactor, run, series, accounting, namer).register(api)
+
+
+def _stat_gauges(store: Any, suppression: Any) -> dict[str, float]:
+    values: dict[str, float] = {f"queue.{state}": len(store.list(state)) for state in QUEUE_STATES}
+    if suppression is not None and hasattr(suppression, "count"):
+        values["suppressions"] = suppression.count()
+    return values
 
 
 def _gauges(store: Any, suppression: Any, shaper: Any) -> dict[str, Any]:

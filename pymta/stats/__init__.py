@@ -1,0 +1,1 @@
+"""Per-minute time series of mail flow (for the dashboard) and delivery reports."""
