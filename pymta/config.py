@@ -334,17 +334,6 @@ class SRSConfig:
     max_age: float = _key(conv_duration(86400), 21 * 86400.0)  # how long a rewritten sender is honoured
 
 
-@dataclass(frozen=True)
-class MailboxConfig:
-    """Local Maildir delivery: delimiter folders and quotas (Maildir++ ``maildirsize``)."""
-
-    delimiter_folders: bool = _key(conv_bool, False)  # alice+tag@ into alice's Maildir++ folder .tag
-    quota: int = _key(conv_size, 0)  # per mailbox, octets; 0 = none
-    # "alice@example.test" or "@example.test" (every mailbox of a domain) = "5GB"; "0" = none
-    quotas: dict[str, int] = _key(conv_table(lambda k: conv_quota_key(k), conv_size), None)
-    quota_action: str = _key(conv_choice("defer", "bounce"), "defer")  # at delivery: 452 4.2.2 or 552 5.2.2
-
-
 def conv_quota_key(value: Any) -> str:
     text = conv_str(value).strip()
     return f"@{conv_hostname(text[1:])}" if text.startswith("@") else conv_address(text).lower()
@@ -364,6 +353,112 @@ class QueueConfig:
     # false: this process only accepts into the queue (a listener-only process beside another
     # pymta process that delivers from the same queue directory).
     deliver: bool = _key(conv_bool, True)
+
+
+def parse_lmtp_transport(text: str) -> tuple[str, str, int] | None:
+    """``lmtp:unix:/path`` -> ("unix", "/path", 0); ``lmtp:tcp:HOST:PORT`` (``[v6]:PORT`` too) ->
+    ("tcp", HOST, PORT); None when ``text`` is not an LMTP transport."""
+    kind, _, rest = text.partition(":")
+    if kind != "lmtp":
+        return None
+    family, _, where = rest.partition(":")
+    if family == "unix" and where.startswith("/"):
+        return ("unix", where, 0)
+    return _tcp_host_port(where) if family == "tcp" else None
+
+
+def _tcp_host_port(where: str) -> tuple[str, str, int] | None:
+    """``HOST:PORT`` or ``[v6]:PORT`` -> ("tcp", HOST, PORT), None if malformed."""
+    host, _, port = where.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if host and port.isdigit() and 0 < int(port) < 65536:
+        return ("tcp", host, int(port))
+    return None
+
+
+def conv_mailbox_transport(value: Any) -> str:
+    text = conv_str(value)
+    if text != "maildir" and parse_lmtp_transport(text) is None:
+        raise ConfigValueError(f'expected "maildir", "lmtp:unix:/PATH" or "lmtp:tcp:HOST:PORT", got {text!r}')
+    return text
+
+
+@dataclass(frozen=True)
+class MailboxConfig:
+    """Local delivery: Maildirs under state_dir/mail (delimiter folders, quotas kept as Maildir++
+    ``maildirsize``) or an LMTP server such as Dovecot (``transport``)."""
+
+    delimiter_folders: bool = _key(conv_bool, False)  # alice+tag@ into alice's Maildir++ folder .tag
+    quota: int = _key(conv_size, 0)  # per mailbox, octets; 0 = none
+    # "alice@example.test" or "@example.test" (every mailbox of a domain) = "5GB"; "0" = none
+    quotas: dict[str, int] = _key(conv_table(lambda k: conv_quota_key(k), conv_size), None)
+    quota_action: str = _key(conv_choice("defer", "bounce"), "defer")  # at delivery: 452 4.2.2 or 552 5.2.2
+    transport: str = _key(conv_mailbox_transport, "maildir")
+    lmtp_timeout: float = _key(conv_duration(1), 300.0)  # each LMTP reply, the ones after the final dot too
+    lmtp_connections: int = _key(conv_int(1, 1000), 10)  # concurrent LMTP connections
+    lmtp_idle: float = _key(conv_duration(0), 30.0)  # an idle connection is kept this long for reuse
+
+
+def parse_milter_socket(text: str) -> tuple[str, str, int] | None:
+    """Postfix/Sendmail milter addresses: ``inet:HOST:PORT``, ``inet6:HOST:PORT`` (or ``inet:[v6]:PORT``),
+    ``unix:/path`` (``local:/path``) -> ("tcp", HOST, PORT) or ("unix", PATH, 0); None if malformed."""
+    kind, _, rest = text.partition(":")
+    if kind in ("unix", "local") and rest.startswith("/"):
+        return ("unix", rest, 0)
+    return _tcp_host_port(rest) if kind in ("inet", "inet6") else None
+
+
+def conv_milter_socket(value: Any) -> str:
+    text = conv_str(value)
+    if parse_milter_socket(text) is None:
+        raise ConfigValueError(f'expected "inet:HOST:PORT" or "unix:/PATH", got {text!r}')
+    return text
+
+
+def conv_http_url(value: Any) -> str:
+    url = conv_str(value).rstrip("/")
+    if not re.match(r"^https?://[A-Za-z0-9.\[\]:-]+(:\d{1,5})?(/[!-~]*)?$", url):
+        raise ConfigValueError(f"expected an http:// or https:// URL, got {value!r}")
+    return url
+
+
+SCAN_ACTIONS = ("accept", "tempfail")
+
+
+@dataclass(frozen=True)
+class MilterConfig:
+    socket: str = _key(conv_milter_socket, "")
+    timeout: float | None = _key(conv_duration(0.1), None)  # default: [scan] timeout
+    on_error: str | None = _key(conv_choice(*SCAN_ACTIONS), None)  # default: [scan] on_error
+
+
+@dataclass(frozen=True)
+class ScanConfig:
+    """Content scanning before the 250: rspamd's HTTP protocol and/or milters, in that order."""
+
+    rspamd: str | None = _key(conv_http_url, None)  # e.g. "http://127.0.0.1:11333"
+    timeout: float = _key(conv_duration(0.1), 60.0)  # one scanner's whole conversation for one message
+    # what a scanner that is down, too slow or breaks its protocol means: accept (unscanned) or tempfail (451 4.7.1)
+    on_error: str = _key(conv_choice(*SCAN_ACTIONS), "tempfail")
+    milter: tuple[MilterConfig, ...] = ()
+
+
+def _conv_scan(value: Any, where: str) -> ScanConfig:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: scan: expected a table, got {_type_name(value)}")
+    table = dict(value)
+    milters = _table_array(MilterConfig, table.pop("milter", []), "scan.milter", where, "socket",
+                           'needed ("inet:HOST:PORT" or "unix:/PATH")')  # fmt: skip
+    import dataclasses
+
+    return dataclasses.replace(_build_section(ScanConfig, table, "scan", where), milter=milters)
+
+
+@dataclass(frozen=True)
+class SendmailConfig:
+    """The local submission socket ``pymta-sendmail`` talks to (SMTP; the kernel names the user)."""
+
+    socket: str | None = _key(conv_path, None)  # e.g. "/run/pymta/sendmail.sock" (mode 0666)
 
 
 # The SMTP client's stages (RFC 5321 §4.5.3.2), the keys of [outbound] timeouts.
@@ -559,6 +654,19 @@ class ShapingConfig:
     backoff: tuple[BackoffConfig, ...] = ()
 
 
+def _table_array(cls: type, value: Any, prefix: str, where: str, required: str, missing: str) -> tuple:
+    """An array of tables ``[[prefix]]``, each built as ``cls``; ``required`` must be set in each."""
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}: {prefix}: expected an array of tables [[{prefix}]]")
+    out = []
+    for i, table in enumerate(value):
+        entry = _build_section(cls, table, f"{prefix}[{i + 1}]", where)
+        if not getattr(entry, required):
+            raise ConfigError(f"{where}: {prefix}[{i + 1}].{required}: {missing}")
+        out.append(entry)
+    return tuple(out)
+
+
 def _conv_shaping(value: Any, where: str) -> ShapingConfig:
     if not isinstance(value, dict):
         raise ConfigError(f"{where}: shaping: expected a table, got {_type_name(value)}")
@@ -577,15 +685,8 @@ def _conv_shaping(value: Any, where: str) -> ShapingConfig:
                 built[name.lower() if key == "domain" else name] = entry
             out[key] = built
         elif key == "backoff":
-            if not isinstance(table, list):
-                raise ConfigError(f"{where}: shaping.backoff: expected an array of tables [[shaping.backoff]]")
-            rules = []
-            for i, rule in enumerate(table):
-                built_rule = _build_section(BackoffConfig, rule, f"shaping.backoff[{i + 1}]", where)
-                if not built_rule.match:
-                    raise ConfigError(f"{where}: shaping.backoff[{i + 1}].match: a regular expression is needed")
-                rules.append(built_rule)
-            out["backoff"] = tuple(rules)
+            out["backoff"] = _table_array(BackoffConfig, table, "shaping.backoff", where, "match",
+                                          "a regular expression is needed")  # fmt: skip
         else:
             raise ConfigError(f"{where}: shaping.{key}: unknown key (known: backoff, default, domain, provider)")
     return ShapingConfig(**out)
@@ -934,6 +1035,8 @@ _SECTIONS: dict[str, type] = {
     "smtp": SMTPConfig,
     "domains": DomainsConfig,
     "queue": QueueConfig,
+    "mailbox": MailboxConfig,
+    "sendmail": SendmailConfig,
     "outbound": OutboundConfig,
     "dns": DNSConfig,
     "log": LogConfig,
@@ -950,7 +1053,6 @@ _SECTIONS: dict[str, type] = {
     "auth": AuthConfig,
     "aliases": AliasesConfig,
     "srs": SRSConfig,
-    "mailbox": MailboxConfig,
     "tracking": TrackingConfig,
     "cluster": ClusterConfig,
 }
@@ -964,6 +1066,9 @@ class Config:
     smtp: SMTPConfig = field(default_factory=SMTPConfig)
     domains: DomainsConfig = field(default_factory=DomainsConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
+    mailbox: MailboxConfig = field(default_factory=MailboxConfig)
+    scan: ScanConfig = field(default_factory=ScanConfig)
+    sendmail: SendmailConfig = field(default_factory=SendmailConfig)
     outbound: OutboundConfig = field(default_factory=OutboundConfig)
     dns: DNSConfig = field(default_factory=DNSConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -989,7 +1094,6 @@ class Config:
     dkim: dict[str, DkimConfig] = field(default_factory=dict)
     aliases: AliasesConfig = field(default_factory=AliasesConfig)
     srs: SRSConfig = field(default_factory=SRSConfig)
-    mailbox: MailboxConfig = field(default_factory=MailboxConfig)
     virtual: dict[str, tuple[str, ...]] = field(default_factory=dict)  # [virtual] "key" = ["address", ...]
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     webhooks: tuple[WebhookConfig, ...] = ()
@@ -1090,6 +1194,8 @@ def build_config(data: dict[str, Any], path: str = "<config>") -> Config:
             values[key] = _conv_acl(value, path)
         elif key == "shaping":
             values[key] = _conv_shaping(value, path)
+        elif key == "scan":
+            values[key] = _conv_scan(value, path)
         elif key == "sources":
             values[key] = _conv_named(SourceConfig, value, "sources", path)
         elif key == "pools":
@@ -1106,7 +1212,7 @@ def build_config(data: dict[str, Any], path: str = "<config>") -> Config:
             continue
         else:
             known = sorted([*_SECTIONS, *_TOP_CONVERTERS, *PASSTHROUGH_SECTIONS, "acl", "shaping", "sources", "pools",
-                            "pool_select", "dkim", "virtual", "webhooks"])  # fmt: skip
+                            "pool_select", "dkim", "virtual", "webhooks", "scan"])  # fmt: skip
             raise ConfigError(f"{path}: {key}: unknown key (known: {', '.join(known)})")
     if "state_dir" not in values:
         values["state_dir"] = conv_path("var")

@@ -31,9 +31,10 @@ class IQueueStore(Interface):
     Knows *what* is queued, never *when* (that is :class:`IScheduler`) nor anything of SMTP.
     """
 
-    def enqueue(envelope, body):
+    def enqueue(envelope, body, state=INCOMING):
         """Store a new message (``envelope``: :class:`pymta.envelope.Envelope` whose ``qid`` is set;
-        ``body``: bytes) in state INCOMING.
+        ``body``: bytes) in state INCOMING (or HOLD: quarantined by a content scanner, durable there
+        from the start so that it is never picked up for delivery).
 
         Returns a Deferred that fires with the qid only once body and envelope are fsynced,
         renamed into the queue and the directories fsynced; it fails with :class:`QueueFull`

@@ -172,7 +172,6 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
     from pymta.inbound.auth import Authenticator, SenderLogins, load_users
     from pymta.inbound.dnsbl import DNSBL
     from pymta.inbound.limits import ClientLimits, Greylist
-    from pymta.inbound.mailbox import MaildirDeliveryAgent
     from pymta.inbound.policy import RelayPolicy
     from pymta.inbound.quota import Quotas
     from pymta.inbound.receiver import InboundReceiver
@@ -216,12 +215,7 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
         journal, webhooks, accounting = _events(config, reactor, pool, top, accounting)
 
     quotas = Quotas(config.mailbox.quota, config.mailbox.quotas)
-    agents: dict[str, Any] = {
-        "local": MaildirDeliveryAgent(config.mail_dir, config.hostname, reactor=reactor, threadpool=pool,
-                                      delimiter=config.domains.recipient_delimiter,
-                                      delimiter_folders=config.mailbox.delimiter_folders, quotas=quotas,
-                                      quota_action=config.mailbox.quota_action),  # fmt: skip
-    }
+    agents: dict[str, Any] = {"local": _mailbox_agent(config, reactor, pool, top, quotas)}
     resolver = Resolver(reactor, dns_pool, config.dns.servers, timeout=config.dns.timeout, dnssec=config.dns.dnssec)
     from pymta.auth.accept import sender_auth_from_config
 
@@ -266,7 +260,7 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
         route_for=local_route_for(config.domains.local),
         greylist_retry=config.queue.greylist_retry,
         shutdown_grace=grace,
-        abort=smtp_agent.abort_all,
+        abort=lambda: (smtp_agent.abort_all(), getattr(agents["local"], "abort_all", lambda: None)()),
         sign=sender_auth.sign if sender_auth is not None and sender_auth.signer is not None else None,
     )
     if tls_reports is not None:
@@ -330,6 +324,7 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
         # Postfix's rule: room for min_free plus one and a half messages of the largest size.
         space_needed=config.queue.min_free + config.smtp.max_message_size * 3 // 2,
         sender_auth=sender_auth,
+        scan=_scan_chain(config, reactor, top),
     )
     limits = ServerLimits(
         max_message_size=config.smtp.max_message_size,
@@ -365,6 +360,8 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
         return top
     _listen(config, reactor, factory, top, on_worker_ended=inbound_state.release_owner, stop_limit=session_grace + 2.5)
 
+    if config.sendmail.socket:
+        _local_submission(config.sendmail.socket, receiver, config.hostname, limits, reactor, drain, top)
     from pymta.admin.control import control_service
     from pymta.admin.queue_ops import QueueOperations
     from pymta.state.suspensions import SQLiteSuspensions
@@ -528,6 +525,55 @@ def _events(config: Config, reactor: Any, pool: Any, top: service.MultiService, 
                                   reactor=reactor, threadpool=pool)  # fmt: skip
         webhooks.setServiceParent(top)
     return journal, webhooks, AccountingEvents(journal, accounting)
+
+
+def _mailbox_agent(config: Config, reactor: Any, pool: Any, top: service.MultiService, quotas: Any) -> Any:
+    """Local delivery: Maildirs under state_dir/mail, or ``[mailbox] transport`` over LMTP."""
+    mb = config.mailbox
+    if mb.transport == "maildir":
+        from pymta.inbound.mailbox import MaildirDeliveryAgent
+
+        return MaildirDeliveryAgent(config.mail_dir, config.hostname, reactor=reactor, threadpool=pool,
+                                    delimiter=config.domains.recipient_delimiter,
+                                    delimiter_folders=mb.delimiter_folders, quotas=quotas,
+                                    quota_action=mb.quota_action)  # fmt: skip
+    from pymta.inbound.lmtp import LMTPDeliveryAgent
+
+    agent = LMTPDeliveryAgent(mb.transport, config.hostname, reactor, timeout=mb.lmtp_timeout,
+                              max_connections=mb.lmtp_connections, idle_timeout=mb.lmtp_idle)  # fmt: skip
+    CloseOnStop(agent.close_idle).setServiceParent(top)
+    return agent
+
+
+def _local_submission(path: str, receiver: Any, hostname: str, limits: Any, reactor: Any, drain: Any,
+                      top: service.MultiService) -> None:
+    """``[sendmail] socket``: SMTP on a UNIX socket any local user may write to (``pymta-sendmail``)."""
+    from pymta.inbound.local import LocalSubmissionFactory
+
+    os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+    factory = LocalSubmissionFactory(receiver, hostname, limits, reactor)
+    drain.factories.append(factory)
+    escaped = path.replace("\\", "\\\\").replace(":", "\\:")
+    strports.service(f"unix:{escaped}:mode=666:lockfile=1", factory, reactor=reactor).setServiceParent(top)
+
+
+def _scan_chain(config: Config, reactor: Any, top: service.MultiService) -> Any:
+    """``[scan]``: rspamd, then the milters in order (None when nothing is configured)."""
+    sc = config.scan
+    if not sc.rspamd and not sc.milter:
+        return None
+    from pymta.inbound.milter import MilterScanner
+    from pymta.inbound.rspamd import RspamdScanner
+    from pymta.inbound.scan import ScanChain
+
+    scanners: list[Any] = []
+    if sc.rspamd:
+        rspamd = RspamdScanner(sc.rspamd, reactor, sc.timeout, sc.on_error)
+        CloseOnStop(rspamd.close).setServiceParent(top)
+        scanners.append(rspamd)
+    for m in sc.milter:
+        scanners.append(MilterScanner(m.socket, reactor, m.timeout or sc.timeout, m.on_error or sc.on_error))
+    return ScanChain(scanners, reactor)
 
 
 def _inbound_state(config: Config, reactor: Any, main: bool) -> Any:

@@ -50,6 +50,17 @@ class QueueStoreContract:
         self.assertEqual(store.read_body(qid), BODY)
 
     @defer.inlineCallbacks
+    def test_a_quarantined_message_is_queued_straight_into_hold(self):
+        store = self.make_store()
+        env = make_envelope()
+        qid = yield store.enqueue(env, BODY, HOLD)
+        self.assertEqual(store.state(qid), HOLD)
+        self.assertEqual(store.list(INCOMING), [])
+        self.assertEqual(store.read_body(qid), BODY)
+        with self.assertRaises(ValueError):
+            yield store.enqueue(make_envelope(), BODY, ACTIVE)
+
+    @defer.inlineCallbacks
     def test_stored_envelope_does_not_follow_later_changes_of_the_caller_object(self):
         store = self.make_store()
         env = make_envelope()

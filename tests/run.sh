@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything the test suite needs, then runs it (ruff, then pytest).
-#   Debian packages: postfix (smtp-sink, smtp-source: real SMTP peers), swaks, testssl.sh,
+#   Debian packages: postfix (smtp-sink, smtp-source: real SMTP peers), swaks, testssl.sh, dovecot-lmtpd, mutt,
+#   git-email, clamav-milter,
 #   libfaketime (steps the wall clock of a real twistd),
 #   libmail-dkim-perl and opendkim-tools (independent DKIM verifiers),
 #   Debian packages: postfix (smtp-sink, smtp-source: real SMTP peers), swaks, testssl.sh, knot and
@@ -26,6 +27,10 @@ command -v chromium >/dev/null 2>&1 || need+=(chromium)
 [ -x /usr/sbin/knotd ] || need+=(knot)
 [ -x /usr/sbin/unbound ] || need+=(unbound)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+[ -x /usr/lib/dovecot/lmtp ] || need+=(dovecot-lmtpd)  # a real LMTP server (tests/test_lmtp.py)
+command -v mutt >/dev/null 2>&1 || need+=(mutt)  # pymta-sendmail's callers (tests/test_sendmail.py)
+[ -x /usr/lib/git-core/git-send-email ] || need+=(git-email)
+[ -x /usr/sbin/clamav-milter ] && [ -x /usr/sbin/clamd ] || need+=(clamav-milter clamav-daemon)  # a real milter
 in_venv=$("$PY" -c 'import sys; print(int(sys.prefix != sys.base_prefix))')
 if [ "$in_venv" = 0 ] && ! "$PY" -c 'import ensurepip, venv' >/dev/null 2>&1; then
     need+=(python3-venv)

@@ -19,8 +19,9 @@ from zope.interface import implementer
 from pymta.envelope import ROUTE_LOCAL, ROUTE_RELAY, Envelope, Recipient, new_qid
 from pymta.inbound.limits import ClientLimits, Greylist
 from pymta.inbound.policy import RelayPolicy, Target
+from pymta.inbound.scan import DISCARD, QUARANTINE, REJECT, TEMPFAIL, ScanRequest, Verdict, apply_edits
 from pymta.inbound.submit import record_queued
-from pymta.interfaces import IPolicy, IQueueStore, ISMTPServerDelegate, QueueFull
+from pymta.interfaces import HOLD, INCOMING, IPolicy, IQueueStore, ISMTPServerDelegate, QueueFull
 from pymta.smtp.replies import LOCAL_ERROR, STORAGE_FULL, Reply
 
 log = Logger(namespace="pymta.inbound")
@@ -32,11 +33,16 @@ def received_header(session: Any, qid: str, hostname: str, recipients: list[str]
     peer = session.peer_address or "unknown"
     client_name = session.notes.get("client_name") or ""
     source = f"{client_name} [{peer}]" if client_name and client_name != "unknown" else f"[{peer}]"
+    if session.notes.get("submitter"):
+        source = "local"  # pymta-sendmail over the UNIX socket: no network peer
     extra = []
     if session.tls:
         extra.append(f"({session.tls})")
     if session.auth_user:
         extra.append(f"(authenticated as {session.auth_user})")
+    submitter = session.notes.get("submitter")
+    if submitter:
+        extra.append(f"(local submission by uid {submitter['uid']} {submitter['user']})")
     lines = [f"Received: from {_header_safe(helo)} ({source})"]
     lines.append(f"\tby {hostname} (pymta) with {session.protocol_name} id {qid}")
     if extra:
@@ -137,6 +143,7 @@ class InboundReceiver:
         space_needed: int = 0,
         sender_auth: Any = None,
         max_expanded: int = 10000,
+        scan: Any = None,
     ) -> None:
         self.hostname = hostname
         self.policy = policy
@@ -158,6 +165,7 @@ class InboundReceiver:
         self.space_needed = space_needed
         self.sender_auth = sender_auth  # pymta.auth.accept.SenderAuth: DKIM signing, inbound verdicts
         self.max_expanded = max_expanded  # recipients one transaction may hold after alias expansion
+        self.scan = scan  # ScanChain: rspamd / milters before the 250
 
     # -- stages ---------------------------------------------------------------------------
 
@@ -329,9 +337,48 @@ class InboundReceiver:
             not_before=not_before,
             extra={**({"pool": pool} if pool else {}), **({"requiretls": True} if "REQUIRETLS" in txn.params else {})},
         )
-        d = defer.maybeDeferred(self.store.enqueue, envelope, data)
+        if session.notes.get("submitter"):
+            envelope.extra["submitter"] = session.notes["submitter"]["user"]
+        if self.scan is not None:
+            request = ScanRequest(
+                qid, txn.sender, [r.address for r in recipients], data, self.hostname, envelope.client_address,
+                envelope.client_name, envelope.helo, envelope.auth_user, envelope.tls,
+            )  # fmt: skip
+            d = self.scan.scan(request)
+            d.addCallbacks(self._scanned, self._scan_failed, callbackArgs=(session, envelope, data),
+                           errbackArgs=(envelope,))  # fmt: skip
+            return d
+        return self._enqueue(session, envelope, data)
+
+    def _enqueue(self, session: Any, envelope: Envelope, data: bytes, state: str = INCOMING) -> defer.Deferred:
+        args = (envelope, data) if state == INCOMING else (envelope, data, state)
+        d = defer.maybeDeferred(self.store.enqueue, *args)
         d.addCallbacks(self._queued, self._not_queued, callbackArgs=(session, envelope), errbackArgs=(session, envelope))
         return d
+
+    def _scanned(self, verdict: Verdict, session: Any, envelope: Envelope, data: bytes) -> Reply | defer.Deferred:
+        """Apply a scan verdict: refuse, drop, or queue (with the header changes; quarantine into hold/)."""
+        if verdict.action in (REJECT, TEMPFAIL) and verdict.reply is not None:
+            log.info("message from <{sender}> refused by {scanner}: {reply}", event="scan_refused",
+                     scanner=verdict.scanner, sender=envelope.sender, client=envelope.client_address,
+                     reply=str(verdict.reply), code=verdict.reply.code, enhanced=verdict.reply.enhanced)  # fmt: skip
+            return verdict.reply
+        if verdict.action == DISCARD:
+            log.info("message {qid} from <{sender}> discarded by {scanner}", event="scan_discarded", qid=envelope.qid,
+                     scanner=verdict.scanner, sender=envelope.sender, client=envelope.client_address)  # fmt: skip
+            return Reply(250, "2.0.0", f"Ok: discarded as {envelope.qid}")
+        data = apply_edits(data, verdict.edits)
+        envelope.size = len(data)
+        if verdict.action == QUARANTINE:
+            envelope.extra["quarantine"] = {"reason": verdict.quarantine, "scanner": verdict.scanner}
+            log.info("message {qid} quarantined by {scanner}: {reason}", event="scan_quarantined", qid=envelope.qid,
+                     scanner=verdict.scanner, reason=verdict.quarantine)  # fmt: skip
+            return self._enqueue(session, envelope, data, HOLD)
+        return self._enqueue(session, envelope, data)
+
+    def _scan_failed(self, failure: Any, envelope: Envelope) -> Reply:
+        log.failure("content scan of {qid} failed", failure, qid=envelope.qid, event="scan_error")
+        return Reply(451, "4.7.1", "Content scanner unavailable, try again later")
 
     def disconnected(self, session: Any) -> None:
         if self.limits is not None and session.notes.pop("counted", False):
@@ -341,8 +388,10 @@ class InboundReceiver:
 
     def _queued(self, _: Any, session: Any, envelope: Envelope) -> defer.Deferred:
         reply = Reply(250, "2.0.0", f"Ok: queued as {envelope.qid}")
+        held = "quarantine" in envelope.extra  # in hold/: nothing for the queue manager until released
         # The 250 waits until the received records are on disk too (one group-committed fsync).
-        d = record_queued(envelope, self.accounting, self.on_queued, code=reply.code, enhanced=reply.enhanced)
+        d = record_queued(envelope, self.accounting, None if held else self.on_queued, code=reply.code,
+                          enhanced=reply.enhanced)  # fmt: skip
         return d.addCallback(lambda _: reply)
 
     def _not_queued(self, failure: Any, session: Any, envelope: Envelope) -> Reply:

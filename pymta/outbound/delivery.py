@@ -28,6 +28,7 @@ from pymta.smtp.client import (
     SessionRefused,
     SMTPClientProtocol,
     encode_data,
+    mail_command,
     quit_session,
     transact,
     xtext_encode,
@@ -669,21 +670,8 @@ class SMTPDeliveryAgent:
 
     @staticmethod
     def _mail_line(envelope: Envelope, body: bytes, ext: Any) -> str:
-        params = []
-        if ext.has("SIZE"):
-            params.append(f"SIZE={len(body)}")
-        if not body.isascii() and ext.has("8BITMIME"):
-            params.append("BODY=8BITMIME")
-        if ext.has("SMTPUTF8") and (envelope.smtputf8 or not envelope.sender.isascii()):
-            params.append("SMTPUTF8")
-        if ext.has("REQUIRETLS") and requiretls_of(envelope):
-            params.append("REQUIRETLS")
-        if ext.has("DSN"):
-            if envelope.ret:
-                params.append(f"RET={envelope.ret}")
-            if envelope.envid:
-                params.append(f"ENVID={xtext_encode(envelope.envid)}")
-        return " ".join([f"MAIL FROM:<{envelope.sender}>", *params])
+        return mail_command(envelope.sender, body, ext, envelope.smtputf8, envelope.ret, envelope.envid,
+                            requiretls=requiretls_of(envelope))  # fmt: skip
 
     @staticmethod
     def _rcpt_line(rcpt: Recipient, ext: Any) -> str:

@@ -18,15 +18,15 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from twisted.internet import defer, endpoints, ssl
-from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, PotentialDataLoss, ResponseDone
+from twisted.web.client import Agent
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from pymta.dns import DNSError, DNSPermanentError, to_ascii
+from pymta.httpbody import LimitedBody
 from pymta.tls import certificate_problem, trust_root
 
 log = Logger(namespace="pymta.outbound.tlspolicy")
@@ -127,34 +127,6 @@ def parse_policy(body: bytes) -> STSPolicy:
     if modes[0] != "none" and not mx:
         raise PolicyError(f"mode {modes[0]} needs at least one mx line")
     return STSPolicy(modes[0], mx, min(int(ages[0]), MAX_AGE_LIMIT))
-
-
-class _LimitedBody(Protocol):
-    """Collects a response body, giving up past ``limit`` bytes."""
-
-    def __init__(self, done: defer.Deferred, limit: int) -> None:
-        self.done = done
-        self.limit = limit
-        self.parts: list[bytes] = []
-        self.size = 0
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.done.called:
-            return
-        self.size += len(data)
-        if self.size > self.limit:
-            self.done.errback(PolicyError(f"policy larger than {self.limit} bytes"))
-            self.transport.stopProducing()
-            return
-        self.parts.append(data)
-
-    def connectionLost(self, reason: Any = None) -> None:
-        if self.done.called:
-            return
-        if reason is None or reason.check(ResponseDone, PotentialDataLoss):
-            self.done.callback(b"".join(self.parts))
-        else:
-            self.done.errback(PolicyError(f"policy body incomplete: {reason.getErrorMessage()}"))
 
 
 @implementer(IAgentEndpointFactory)
@@ -277,7 +249,7 @@ class MTASTS:
             response = yield d
             # The body is always read (bounded), so that the connection is finished either way.
             body_d: defer.Deferred = defer.Deferred()
-            response.deliverBody(_LimitedBody(body_d, self.max_size))
+            response.deliverBody(LimitedBody(body_d, self.max_size, PolicyError, "policy"))
             body_d.addTimeout(self.fetch_timeout, self.clock, onTimeoutCancel=self._timed_out)
             body = yield body_d
             if response.code != 200:  # redirects are not followed (RFC 8461 §3.3)

@@ -38,6 +38,7 @@ from pymta.interfaces import (
     ACTIVE,
     CORRUPT,
     DEFERRED,
+    HOLD,
     INCOMING,
     QUEUE_STATES,
     IQueueStore,
@@ -75,6 +76,13 @@ def new_counts() -> dict[str, int]:
     return dict.fromkeys(RECOVER_COUNTS, 0)
 
 
+def check_enqueue_state(state: str) -> str:
+    """New mail goes into INCOMING, or straight into HOLD (quarantine)."""
+    if state not in (INCOMING, HOLD):
+        raise ValueError(f"a new message cannot be queued in state {state!r}")
+    return state
+
+
 @implementer(IQueueStore)
 class MemoryQueueStore:
     """In-memory IQueueStore for tests: same behaviour as the maildir store, Deferreds already fired.
@@ -99,8 +107,9 @@ class MemoryQueueStore:
         except Exception:
             return defer.fail()
 
-    def enqueue(self, envelope: Envelope, body: bytes) -> defer.Deferred:
+    def enqueue(self, envelope: Envelope, body: bytes, state: str = INCOMING) -> defer.Deferred:
         qid = envelope.qid
+        check_enqueue_state(state)
 
         def action() -> str:
             check_qid(qid)
@@ -108,7 +117,7 @@ class MemoryQueueStore:
                 raise QueueError(f"queue id {qid} already queued")
             self._envelopes[qid] = envelope.to_json()
             self._bodies[qid] = bytes(body)
-            self._states[qid] = INCOMING
+            self._states[qid] = state
             return qid
 
         return self._write(qid, action)
@@ -286,18 +295,19 @@ class MaildirQueueStore:
 
     # -- IQueueStore
 
-    def enqueue(self, envelope: Envelope, body: bytes) -> defer.Deferred:
+    def enqueue(self, envelope: Envelope, body: bytes, state: str = INCOMING) -> defer.Deferred:
         try:
             qid = check_qid(envelope.qid)
+            check_enqueue_state(state)
             first = qfile.record(envelope.to_json())
         except ValueError:
             return defer.fail()
-        return self._run(self._enqueue, qid, first, body)
+        return self._run(self._enqueue, qid, first, body, state)
 
     @_translated
-    def _enqueue(self, qid: str, first: bytes, body: bytes) -> str:
+    def _enqueue(self, qid: str, first: bytes, body: bytes, state: str = INCOMING) -> str:
         ops = self._ops
-        path = self._path_of(INCOMING, qid)
+        path = self._path_of(state, qid)
         # qids are unique across processes by construction: the index and incoming/ are enough
         if qid in self._index or os.path.exists(path):
             raise QueueError(f"queue id {qid} already queued")
@@ -308,9 +318,9 @@ class MaildirQueueStore:
         except OSError:
             discard(ops, tmp)
             raise
-        self._index[qid] = INCOMING
+        self._index[qid] = state
         try:
-            self.syncer.sync((self._dirs[INCOMING],))
+            self.syncer.sync((self._dirs[state],))
         except OSError:
             # Renamed but maybe not on disk: take it back, so the refusal leaves nothing.
             self._index.pop(qid, None)

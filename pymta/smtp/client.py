@@ -175,6 +175,26 @@ def xtext_encode(text: str) -> str:
     )
 
 
+def mail_command(sender: str, body: bytes, ext: Extensions, smtputf8: bool = False, ret: str | None = None,
+                 envid: str | None = None, requiretls: bool = False) -> str:
+    """``MAIL FROM:<sender>`` with the parameters the server offers and the message needs."""
+    params = []
+    if ext.has("SIZE"):
+        params.append(f"SIZE={len(body)}")
+    if not body.isascii() and ext.has("8BITMIME"):
+        params.append("BODY=8BITMIME")
+    if ext.has("SMTPUTF8") and (smtputf8 or not sender.isascii()):
+        params.append("SMTPUTF8")
+    if requiretls and ext.has("REQUIRETLS"):  # RFC 8689: passed on only to a hop that offers it
+        params.append("REQUIRETLS")
+    if ext.has("DSN"):
+        if ret:
+            params.append(f"RET={ret}")
+        if envid:
+            params.append(f"ENVID={xtext_encode(envid)}")
+    return " ".join([f"MAIL FROM:<{sender}>", *params])
+
+
 class SMTPClientProtocol(Protocol):
     """One client connection; replies are handed out in order to :meth:`expect` callers."""
 
@@ -304,13 +324,14 @@ class SMTPClientProtocol(Protocol):
         return self.expect(timeout)
 
     @defer.inlineCallbacks
-    def hello(self, name: str, timeouts: ClientTimeouts):
-        """EHLO, falling back to HELO on a 5xx; returns the positive reply or raises with the negative."""
-        reply = yield self.command(f"EHLO {name}", timeouts.ehlo)
+    def hello(self, name: str, timeouts: ClientTimeouts, verb: str = "EHLO"):
+        """EHLO (or LMTP's LHLO, which has no fallback), falling back to HELO on a 5xx; returns the
+        positive reply or raises with the negative."""
+        reply = yield self.command(f"{verb} {name}", timeouts.ehlo)
         if reply.code == 250:
             self.extensions = Extensions.from_reply(reply)
             return reply
-        if 500 <= reply.code < 600:
+        if 500 <= reply.code < 600 and verb == "EHLO":
             reply = yield self.command(f"HELO {name}", timeouts.ehlo)
             if reply.code == 250:
                 self.extensions = Extensions()
@@ -353,12 +374,14 @@ class TLSUnavailable(Exception):
 
 @dataclass
 class TransactionResult:
-    """Replies of one transaction: per recipient (in order) and the final DATA reply."""
+    """Replies of one transaction: per recipient (in order) and the final DATA reply (LMTP: the
+    first of ``data_each``, one per accepted recipient in RCPT order, RFC 2033 §4.2)."""
 
     mail: Reply
     rcpt: list[Reply]
     data: Reply | None
     lost_after_data: bool = False
+    data_each: list[Reply] = field(default_factory=list)
 
 
 @defer.inlineCallbacks
@@ -368,9 +391,12 @@ def transact(
     rcpts: list[str],
     payload: bytes,
     timeouts: ClientTimeouts,
+    lmtp: bool = False,
 ):
     """One transaction: ``mail_from`` and ``rcpts`` are whole command lines; ``payload`` is the
-    encoded data (see :func:`encode_data`). Pipelined when the server offers PIPELINING."""
+    encoded data (see :func:`encode_data`). Pipelined when the server offers PIPELINING.
+    ``lmtp``: after the final dot, one reply per accepted recipient (``data_each``); a connection
+    lost part way leaves the rest out of ``data_each`` with ``lost_after_data`` set."""
     pipelining = proto.extensions.has("PIPELINING")
     if pipelining:
         proto.send(("\r\n".join([mail_from, *rcpts, "DATA"]) + "\r\n").encode("utf-8"))
@@ -403,11 +429,14 @@ def transact(
     except DataStalled as e:  # the final dot never left: no risk of a duplicate
         log.info("sending message data stopped: {why}", why=str(e))
         return TransactionResult(mail, rcpt_replies, Reply(451, "4.4.2", f"Message data not sent: {e}"))
+    expected = sum(r.code in (250, 251) for r in rcpt_replies) if lmtp else 1
+    each: list[Reply] = []
     try:
-        final = yield proto.expect(timeouts.data_end)
+        while len(each) < expected:
+            each.append((yield proto.expect(timeouts.data_end)))
     except (error.ConnectionLost, error.ConnectionDone, ReplyTimeout, SMTPProtocolError):
-        return TransactionResult(mail, rcpt_replies, None, lost_after_data=True)
-    return TransactionResult(mail, rcpt_replies, final)
+        return TransactionResult(mail, rcpt_replies, each[0] if each else None, lost_after_data=True, data_each=each)
+    return TransactionResult(mail, rcpt_replies, each[0], data_each=each)
 
 
 @defer.inlineCallbacks

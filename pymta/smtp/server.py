@@ -1303,6 +1303,6 @@ class SMTPServerFactory(Factory):
         self.on_empty: Any = None  # called when the last open session ends
 
     def buildProtocol(self, addr: Any) -> SMTPServerProtocol:
-        p = SMTPServerProtocol(self)
+        p = self.protocol(self)
         p.factory = self
         return p

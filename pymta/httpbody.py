@@ -1,0 +1,42 @@
+"""Reading an HTTP response body (twisted.web's client) into bytes, bounded in size."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.protocol import Protocol
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
+
+
+class LimitedBody(Protocol):
+    """Collects a response body into ``done``; gives up (``error``) past ``limit`` bytes or when the
+    body is cut short. ``what`` names the body in the error text."""
+
+    def __init__(self, done: defer.Deferred, limit: int, error: Callable[[str], Exception], what: str) -> None:
+        self.done = done
+        self.limit = limit
+        self.error = error
+        self.what = what
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.done.called:
+            return
+        self.size += len(data)
+        if self.size > self.limit:
+            self.done.errback(self.error(f"{self.what} larger than {self.limit} bytes"))
+            self.transport.stopProducing()
+            return
+        self.parts.append(data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self.done.called:
+            return
+        if reason is None or reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(b"".join(self.parts))
+        else:
+            self.done.errback(self.error(f"{self.what} incomplete: {reason.getErrorMessage()}"))
