@@ -276,8 +276,11 @@ class InboundReceiver:
         return None
 
     def message(self, session: Any, body: bytes) -> defer.Deferred[Reply] | Reply:
-        if self.sender_auth is not None:
-            d = self.sender_auth.accept(session, body, self._trusted(session))
+        # Inbound verdicts (untrusted clients) come first, so scanners see Authentication-Results;
+        # DKIM signing (trusted clients) comes last, in _enqueue, after our own header changes and
+        # the scanners' edits, so neither can break the signature.
+        if self.sender_auth is not None and not self._trusted(session):
+            d = self.sender_auth.accept(session, body, False)
             return d.addCallback(lambda got: got if isinstance(got, Reply) else self._message(session, got))
         return self._message(session, body)
 
@@ -351,6 +354,13 @@ class InboundReceiver:
         return self._enqueue(session, envelope, data)
 
     def _enqueue(self, session: Any, envelope: Envelope, data: bytes, state: str = INCOMING) -> defer.Deferred:
+        if self.sender_auth is not None and self._trusted(session):
+            d = self.sender_auth.sign(data, session.auth_user, session.peer_address or "")
+            return d.addCallback(lambda signed: self._store(session, envelope, signed, state))
+        return self._store(session, envelope, data, state)
+
+    def _store(self, session: Any, envelope: Envelope, data: bytes, state: str) -> defer.Deferred:
+        envelope.size = len(data)
         args = (envelope, data) if state == INCOMING else (envelope, data, state)
         d = defer.maybeDeferred(self.store.enqueue, *args)
         d.addCallbacks(self._queued, self._not_queued, callbackArgs=(session, envelope), errbackArgs=(session, envelope))
