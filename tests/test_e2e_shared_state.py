@@ -24,7 +24,7 @@ STRANGER_NET = "192.0.2.0/24"  # relay_from: the loopback test clients are stran
 
 def read_line(sock: socket.socket) -> bytes:
     data = b""
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 30
     while not data.endswith(b"\r\n") and time.monotonic() < deadline:
         chunk = sock.recv(4096)
         if not chunk:
@@ -34,7 +34,7 @@ def read_line(sock: socket.socket) -> bytes:
 
 
 def connect(mta: MTAProcess, source: str) -> tuple[socket.socket, bytes]:
-    sock = socket.create_connection(("127.0.0.1", mta.port), timeout=15, source_address=(source, 0))
+    sock = socket.create_connection(("127.0.0.1", mta.port), timeout=30, source_address=(source, 0))
     return sock, read_line(sock)
 
 

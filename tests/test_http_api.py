@@ -351,3 +351,17 @@ def test_tagged_mail_offers_the_https_one_click_uri_first():
     assert tagger.parse_unsubscribe_token(m.group(1)) == ("0123456789ABCDEF", "r@remote.example", "example.org")
     assert tagger.parse_unsubscribe_token(m.group(1).replace("0123", "0124")) is None
     assert Tagger("another-secret-0123456789", "bounces.example.test").parse_unsubscribe_token(m.group(1)) is None
+
+
+def test_a_template_that_tries_to_leave_the_sandbox_fails_its_recipient_cleanly(world):
+    _, api, _ = world
+    escape = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
+    status, body, _ = api.call("POST", "/api/v1/inject", {
+        "envelope_sender": "news@example.org",
+        "recipients": [{"email": "bob@example.test", "substitutions": {"x": 1}}],
+        "content": {"from": "news@example.org", "subject": "s", "text_body": escape}}, token=INJECT)  # fmt: skip
+    assert status == 200 and body["success_count"] == 0, body
+    [failure] = body["failed_recipients"]
+    assert failure["email"] == "bob@example.test" and failure["reason"].startswith("template error: text_body: ")
+    assert "SecurityError" in failure["reason"] or "unsafe" in failure["reason"], failure
+    assert api.call("GET", "/healthz", token=None)[0] == 200
