@@ -153,6 +153,10 @@ class Resolver:
 
     # -- the raw query ---------------------------------------------------------------------
 
+
+    def clear_cache(self) -> None:
+        """Forget every cached answer (positive and negative): the next lookups ask the servers."""
+        self._cache.clear()
     def _query_blocking(self, name: str, rdtype: str) -> tuple[list[Any], float, str | None, bool]:
         """(records, ttl, error kind or None, DNSSEC-validated) — runs in a worker thread."""
         records, ttl, error, secure = self._query_resolvers(name, rdtype)

@@ -41,7 +41,7 @@ class ResolverTests(unittest.TestCase):
         seen = set()
         for seed in range(12):
             self.resolver.rng = random.Random(seed)
-            self.resolver._cache.clear()
+            self.resolver.clear_cache()
             result = yield self.resolver.lookup_mx("Remote.Test.")
             assert result.hosts[-1] == "mx2.remote.test"
             assert set(result.hosts[:2]) == {"mx1.remote.test", "mx3.remote.test"}
@@ -78,7 +78,7 @@ class ResolverTests(unittest.TestCase):
         addresses = yield self.resolver.lookup_addresses("mx1.remote.test")
         assert addresses == ["::1", "127.0.0.2"]
         self.resolver.prefer_ipv6 = False
-        self.resolver._cache.clear()
+        self.resolver.clear_cache()
         addresses = yield self.resolver.lookup_addresses("mx1.remote.test")
         assert addresses == ["127.0.0.2", "::1"]
 

@@ -167,10 +167,11 @@ class MaildirDeliveryTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_delivery_is_fsynced_renamed_into_new_and_new_fsynced_before_the_result(self):
-        agent = self.agent()
-        yield self.deliver(agent, envelope("bob@example.test"))  # creates the Maildir
+        yield self.deliver(self.agent(), envelope("bob@example.test"))  # creates the Maildir
         ops = RecordingOps(self.root)
-        agent._ops = agent._syncer._ops = ops
+        agent = self.agent(ops=ops)
+        yield self.deliver(agent, envelope("alice@example.test"))  # the new agent learns its Maildirs exist
+        ops.calls.clear()
         results = yield self.deliver(agent, envelope("bob@example.test")).addCallback(
             lambda r: ops.calls.append(("fired",)) or r
         )
