@@ -22,10 +22,9 @@ from twisted.application import service
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.iweb import IBodyProducer
-from zope.interface import implementer
 
 from pymta.events.journal import EventJournal, fsync_dir
+from pymta.httpbody import BytesProducer
 
 log = Logger(namespace="pymta.events.webhooks")
 
@@ -294,28 +293,6 @@ class WebhookSender:
             "last_error": self.last_error,
             "next_attempt": self.next_attempt,
         }
-
-
-@implementer(IBodyProducer)
-class BytesProducer:
-    """The whole body in one write (treq's default producer writes it on a later cooperator tick)."""
-
-    def __init__(self, body: bytes) -> None:
-        self.body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: Any) -> defer.Deferred:
-        consumer.write(self.body)
-        return defer.succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
 
 
 def treq_post(reactor: Any, connect_timeout: float = 10.0) -> Any:

@@ -17,10 +17,8 @@ from typing import Any
 from twisted.internet import defer
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer
-from zope.interface import implementer
 
-from pymta.httpbody import LimitedBody
+from pymta.httpbody import BytesProducer, LimitedBody
 from pymta.inbound.scan import (
     ACCEPT,
     REJECT,
@@ -33,26 +31,6 @@ from pymta.inbound.scan import (
 )
 
 MAX_ANSWER = 1 << 20
-
-
-@implementer(IBodyProducer)
-class _Bytes:
-    def __init__(self, data: bytes) -> None:
-        self.body = data
-        self.length = len(data)
-
-    def startProducing(self, consumer: Any) -> defer.Deferred:
-        consumer.write(self.body)
-        return defer.succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
 
 
 class RspamdScanner:
@@ -72,7 +50,7 @@ class RspamdScanner:
         headers = Headers()
         for name, value in _envelope_headers(request):
             headers.addRawHeader(name, value.encode("utf-8", "replace").replace(b"\r", b"").replace(b"\n", b""))
-        d = self.agent.request(b"POST", self.url.encode(), headers, _Bytes(request.message))
+        d = self.agent.request(b"POST", self.url.encode(), headers, BytesProducer(request.message))
         d.addCallback(self._answer)
         return d
 
