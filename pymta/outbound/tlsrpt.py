@@ -271,12 +271,10 @@ class TLSReporter:
 def https_poster(reactor: Any, clock: Any, ca_file: str | None = None) -> Callable[[str, bytes], defer.Deferred]:
     """POST a gzipped report to an https: rua (RFC 8460 §5.4) with Twisted's HTTP client; fires
     with the status code, fails on a timeout or a status outside 2xx."""
-    import io
-
-    from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, FileBodyProducer
+    from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
     from twisted.web.http_headers import Headers
 
-    from pymta.outbound.tlspolicy import _LimitedBody
+    from pymta.httpbody import BytesProducer, LimitedBody
     from pymta.tls import trust_root
 
     agent = Agent(reactor, contextFactory=BrowserLikePolicyForHTTPS(trustRoot=trust_root(ca_file)))
@@ -284,11 +282,11 @@ def https_poster(reactor: Any, clock: Any, ca_file: str | None = None) -> Callab
 
     @defer.inlineCallbacks
     def post(url: str, data: bytes):
-        d = agent.request(b"POST", url.encode("ascii"), headers, FileBodyProducer(io.BytesIO(data)))
+        d = agent.request(b"POST", url.encode("ascii"), headers, BytesProducer(data))
         d.addTimeout(HTTPS_TIMEOUT, clock)
         response = yield d
         body: defer.Deferred = defer.Deferred()
-        response.deliverBody(_LimitedBody(body, 65536))  # the answer is read (bounded) and dropped
+        response.deliverBody(LimitedBody(body, 65536, ValueError, "answer"))  # read (bounded) and dropped
         body.addTimeout(HTTPS_TIMEOUT, clock)
         yield body
         if not 200 <= response.code < 300:
