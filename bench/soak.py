@@ -235,7 +235,9 @@ def main() -> int:
                 sid = m.group(1).decode()
                 seen[sid] = seen.get(sid, 0) + 1
         acked = load.acked
-        lost = sorted(sid for sid in acked if sid not in seen)
+        queued_qids = {name.split(".")[0] for state in ("incoming", "active", "deferred", "hold")
+                       for _, _, files in os.walk(os.path.join(mta.state, "queue", state)) for name in files}  # fmt: skip
+        lost = sorted(sid for sid in acked if sid not in seen and acked[sid] not in queued_qids)
         duplicates = sum(n - 1 for n in seen.values() if n > 1)
         records: dict[str, set[str]] = {"received": set(), "delivered": set()}
         with open(os.path.join(mta.state, "log", "accounting.jsonl"), "rb") as f:
@@ -264,7 +266,7 @@ def main() -> int:
         ("distinct acknowledged messages at the sink", sum(1 for sid in acked if sid in seen)),
         ("lost (acknowledged, never delivered)", len(lost)),
         ("duplicates at the sink", duplicates),
-        ("left in the queue after the drain", left_in_queue),
+        ("left in the queue after the drain (not lost: still queued)", left_in_queue),
         ("acknowledged without a `received` record", len(no_received)),
         ("delivered without a `delivered` record", len(no_delivered)),
         ("final SIGTERM to exit (s)", f"{stops[-1]:.1f}"),
