@@ -33,15 +33,23 @@ def wait_for_port(host: str, port: int, seconds: float = 30.0, proc: subprocess.
     raise RuntimeError(f"nothing listens on {host}:{port} after {seconds}s")
 
 
-def wait_gone(pids: list[int], seconds: float = 10.0) -> list[int]:
-    """Waits (bounded) for processes to end; the PIDs still alive then."""
+def _running(pid: int) -> bool:
+    """True while the process exists and has not ended (a zombie awaiting its reaper has ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rpartition(")")[2].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def wait_gone(pids: list[int], seconds: float = 30.0) -> list[int]:
+    """Waits (bounded) for processes to end; the PIDs still running then."""
     deadline = time.monotonic() + seconds
     alive = list(pids)
     while alive and time.monotonic() < deadline:
         for pid in list(alive):
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
+            if not _running(pid):
                 alive.remove(pid)
         if alive:
             time.sleep(0.05)
