@@ -71,15 +71,21 @@ def rss_kb(pid: int) -> int:
         return 0
 
 
-def slope_per_minute(points: list[tuple[float, float]]) -> float | None:
-    """Least-squares slope of (seconds, value) points, per minute; None with fewer than 3 points."""
-    if len(points) < 3:
-        return None
+def slope(points: list[tuple[float, float]]) -> float | None:
+    """Least-squares slope of (x, y) points; None with fewer than 2 distinct x."""
     n = len(points)
-    mt = sum(t for t, _ in points) / n
-    mv = sum(v for _, v in points) / n
-    var = sum((t - mt) ** 2 for t, _ in points)
-    return 60 * sum((t - mt) * (v - mv) for t, v in points) / var if var else None
+    if n < 2:
+        return None
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    var = sum((x - mx) ** 2 for x, _ in points)
+    return sum((x - mx) * (y - my) for x, y in points) / var if var else None
+
+
+def slope_per_minute(points: list[tuple[float, float]]) -> float | None:
+    """Slope of (seconds, value) points per minute; None with fewer than 3 points."""
+    per_second = slope(points) if len(points) >= 3 else None
+    return None if per_second is None else 60 * per_second
 
 
 class TokenBucket:
@@ -108,7 +114,7 @@ class TokenBucket:
 
 
 class MTA:
-    def __init__(self, workdir: str, port: int, sink_port: int, processes: int) -> None:
+    def __init__(self, workdir: str, port: int, sink_port: int, processes: int, retry: tuple[str, str] = ("2s", "5s")) -> None:
         self.workdir = workdir
         self.port = port
         self.state = os.path.join(workdir, "var")
@@ -125,8 +131,8 @@ relay_from = ["127.0.0.0/8"]
 [routes]
 "sink.test" = "{SINK}:{sink_port}"
 [queue]
-retry_initial = "2s"
-retry_max = "5s"
+retry_initial = "{retry[0]}"
+retry_max = "{retry[1]}"
 """)
         self.proc: subprocess.Popen | None = None
         self.started = 0.0
