@@ -80,13 +80,12 @@ def main() -> int:
         mta.stop(signal.SIGTERM)
         mta.start()
         _, recovered = settle(mta, 300)
-        workers = sum(rss_kb(p) for p in mta.workers()) / 1024
         mta.stop(signal.SIGTERM)
-        rows.append((n, deferred, took, first, recovered, workers))
-    print("| queued N | deferred | s to try all | main RSS MB | main RSS MB after restart | worker RSS MB |")
-    print("|---|---|---|---|---|---|")
-    for n, deferred, took, first, recovered, workers in rows:
-        print(f"| {n} | {deferred} | {took:.0f} | {first:.0f} | {recovered:.0f} | {workers:.0f} |")
+        rows.append((n, deferred, took, first, recovered))
+        if len(rows) == 1:
+            print("| queued N | deferred | s to try all | main RSS MB | main RSS MB after restart |")
+            print("|---|---|---|---|---|")
+        print(f"| {n} | {deferred} | {took:.0f} | {first:.0f} | {recovered:.0f} |", flush=True)
     for label, col in (("running", 3), ("after restart", 4)):
         per = slope([(r[0], r[col]) for r in rows])
         if per is not None:
