@@ -358,6 +358,27 @@ class DeliveryTests(unittest.TestCase):
         assert first.status == DEFERRED and "Cannot bind the source address 192.0.2.77" in first.text
 
     @defer.inlineCallbacks
+    def test_per_source_limits_keep_a_state_per_source(self):
+        from pymta.outbound.pools import Pool, Source, SourceSelector
+        from pymta.outbound.shaping import Limits, Shaper
+        from pymta.rate import parse_rate
+
+        peer = self.peer("127.0.0.2")
+        shaper = Shaper(reactor, Limits(per_source=True, message_rate=parse_rate("1/min")))
+        s1, s2 = Source("s1", "127.0.0.1", "a.test"), Source("s2", "127.0.0.9", "b.test")
+        selector = SourceSelector(reactor, {"p": Pool("p", [(s1, 1)]), "q": Pool("q", [(s2, 1)])})
+        agent = self.agent(shaper=shaper, selector=selector)
+        outcomes = []
+        for pool in ("p", "p", "q"):
+            env, rcpts = self.envelope("r@remote.test", extra={"pool": pool})
+            [result] = yield agent.deliver(env, rcpts, b"x\r\n")
+            outcomes.append((result.status, result.extra.get("shaping")))
+        # s1's second message is held by s1's own rate; s2 still sends at once.
+        held = (DEFERRED, "mx:mx1.remote.test,mx2.remote.test@s1")
+        assert outcomes == [(DELIVERED, None), held, (DELIVERED, None)]
+        assert len(peer.messages) == 2
+
+    @defer.inlineCallbacks
     def test_connection_caps_queue_the_excess(self):
         peer = self.peer("127.0.0.2")
         agent = self.agent(max_connections=1, max_connections_per_domain=1)
@@ -567,29 +588,3 @@ class OutboundTLSTests(unittest.TestCase):
         assert len(peer.messages) == 1 and "127.0.0.2" in agent.no_tls_until
         self.flushLoggedErrors()
 
-
-class PerSourceShapingTests(unittest.TestCase):
-    def test_per_source_limits_keep_a_state_per_source(self):
-        from pymta.envelope import DeliveryResult
-        from pymta.outbound.pools import Pool, Source, SourceSelector
-        from pymta.outbound.shaping import Limits, Shaper
-        from pymta.rate import parse_rate
-
-        class Router:
-            def next_hops(self, domain):
-                from pymta.outbound.routes import Hop
-
-                return defer.succeed([Hop("mx.x.test", 2, ("127.0.0.1",))])
-
-        clock = task.Clock()
-        shaper = Shaper(clock, Limits(per_source=True, message_rate=parse_rate("1/min")))
-        s1, s2 = Source("s1", "127.0.0.1", "a.test"), Source("s2", "127.0.0.1", "b.test")
-        selector = SourceSelector(clock, {"p": Pool("p", [(s1, 1)]), "q": Pool("q", [(s2, 1)])})
-        agent = SMTPDeliveryAgent(reactor, Router(), "c.test", clock=clock, shaper=shaper, selector=selector)
-        agent._try_hops = lambda *a: defer.succeed([DeliveryResult("r@x.test", DELIVERED, 250, "2.0.0", "ok")])
-        keys = []
-        for pool in ("p", "p", "q"):
-            env = Envelope(qid=new_qid(), sender="s@x.test", recipients=[Recipient("r@x.test")], extra={"pool": pool})
-            agent.deliver(env, env.recipients, b"x").addCallback(lambda r: keys.append(r[0].extra.get("shaping")))
-        # s1's second message is held by s1's own rate; s2 still sends at once.
-        assert keys == [None, "mx:mx.x.test@s1", None]

@@ -379,6 +379,36 @@ class MaildirQueueStoreDurabilityTests(_OnDiskStoreTest):
         self.assertEqual(mine.list(DEFERRED), [env.qid])
         self.assertEqual(theirs.load(env.qid), env)
 
+    @defer.inlineCallbacks
+    def test_a_store_that_only_enqueues_keeps_no_memory_per_message_another_store_removed(self):
+        # A listener worker enqueues; the main process delivers and removes. Allocated bytes (not
+        # RSS, not time) over 500 messages must not grow with them.
+        import gc
+        import tracemalloc
+
+        listener = MaildirQueueStore(self.root, reactor, self.pool, fsync=False)
+        main = MaildirQueueStore(self.root, reactor, self.pool, fsync=False)
+
+        @defer.inlineCallbacks
+        def accept_and_deliver(n):
+            for _ in range(n // 50):  # 50 at a time, as concurrent sessions would
+                envelopes = [make_envelope() for _ in range(50)]
+                yield defer.gatherResults([listener.enqueue(env, BODY) for env in envelopes])
+                yield defer.gatherResults([main.remove(env.qid) for env in envelopes])
+
+        yield accept_and_deliver(100)  # warm-up: caches, thread pool, interned names
+        tracemalloc.start()
+        self.addCleanup(tracemalloc.stop)
+        yield accept_and_deliver(100)  # so that both snapshots hold the same last batch's leftovers
+        gc.collect()
+        before = tracemalloc.take_snapshot()
+        yield accept_and_deliver(500)
+        gc.collect()
+        after = tracemalloc.take_snapshot()
+        grown = sum(d.size_diff for d in after.compare_to(before, "filename") if d.size_diff > 0)
+        self.assertLess(grown, 500 * 16, f"{grown} bytes kept for 500 messages no longer queued")
+        self.assertEqual(files_under(self.root), [])
+
     def test_unsafe_qids_never_reach_the_file_system(self):
         store = self.store()
         for bad in ("../data", "..", "tmp/x", ""):

@@ -234,7 +234,7 @@ class MaildirQueueStore:
         self._tmp = os.path.join(root, "tmp")
         self._legacy_data = os.path.join(root, "data")  # bodies of a queue written before the one-file format
         self._dirs = {state: os.path.join(root, state) for state in QUEUE_STATES}
-        self._index: dict[str, str] = {}  # qid -> state; the disk wins when they disagree
+        self._index: dict[str, str] = {}  # qid -> state of what this store moved or found; the disk wins
         self._seq = itertools.count(1)
         self._make_dirs()
         self._rebuild_index()
@@ -318,12 +318,12 @@ class MaildirQueueStore:
         except OSError:
             discard(ops, tmp)
             raise
-        self._index[qid] = state
+        # No index entry: a listener worker only enqueues and would keep one per message for ever
+        # (the main process removes the file); the first move or read finds it in its state directory.
         try:
             self.syncer.sync((self._dirs[state],))
         except OSError:
             # Renamed but maybe not on disk: take it back, so the refusal leaves nothing.
-            self._index.pop(qid, None)
             discard(ops, path)
             raise
         return qid
