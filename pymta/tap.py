@@ -158,6 +158,7 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
     """
     import dataclasses
 
+    accepting = accepting_processes(config)  # from the main process's configuration, not a worker's
     if worker_fds is not None:
         config = dataclasses.replace(config, queue=dataclasses.replace(config.queue, deliver=False))
     from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -339,7 +340,7 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
     )
     # [smtp] max_connections holds for the MX listeners together; each accepting process takes an
     # equal share. Submission listeners count apart, with the same cap.
-    mx_slots = ConnectionSlots(-(-config.smtp.max_connections // accepting_processes(config)))
+    mx_slots = ConnectionSlots(-(-config.smtp.max_connections // accepting))
     server_tls = ServerTLS(config.tls.cert, config.tls.key) if config.tls.cert else None
     hangup = ReloadOnHangup(server_tls.reload if server_tls is not None else reopen, reactor)
     if server_tls is not None:

@@ -87,7 +87,7 @@ def test_the_listener_workers_take_max_connections_and_the_main_process_does_not
         )  # fmt: skip
         # Listening (the socket queued connections before: the start-up probe's is handled by now).
         mta.wait_for(lambda: [e for e in mta.log_events() if e["message"].startswith(
-            f"SMTPServerFactory starting on {mta.port}")], what="the worker listening")  # fmt: skip
+            f"SMTPServerFactory starting on {mta.port}")], seconds=90, what="the worker listening")  # fmt: skip
         # The main process delivers: stopped, it leaves every session to the one worker, which has
         # all ceil(4 / 1) = 4 slots.
         os.kill(pid, signal.SIGSTOP)
@@ -97,6 +97,23 @@ def test_the_listener_workers_take_max_connections_and_the_main_process_does_not
             os.kill(pid, signal.SIGCONT)
         assert lines == [b"220 mx.ex"] * 4 + [b"421 4.7.0"] * 2
         assert len(workers) == 1
+    finally:
+        mta.stop()
+
+
+def test_a_main_process_that_does_not_deliver_accepts_beside_its_worker(tmp_path, held):
+    mta = MTAProcess(str(tmp_path), smtp_extra="processes = 2", extra_config="[queue]\ndeliver = false\n").start()
+    try:
+        [worker] = mta.wait_for(mta.children, what="a listener worker")
+        mta.wait_for(lambda: len([e for e in mta.log_events() if e["message"].startswith(
+            f"SMTPServerFactory starting on {mta.port}")]) == 2, seconds=90, what="both processes listening")  # fmt: skip
+        os.kill(worker, signal.SIGSTOP)  # only the main process can accept now
+        try:
+            sock, line = connect(mta.port)
+            held.append(sock)
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        assert line[:9] == b"220 mx.ex"
     finally:
         mta.stop()
 
