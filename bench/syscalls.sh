@@ -36,7 +36,7 @@ traced() {
     eval "$4"  # the queue drained
     local attach=()
     for p in $(tree_pids "$pid"); do attach+=(-p "$p"); done
-    strace -f -qq -o "$OUT/$name.trace" "${attach[@]}" & local tracer=$!
+    strace -f -qq -y -o "$OUT/$name.trace" "${attach[@]}" & local tracer=$!
     sleep 2  # attached (strace -p returns at once; attaching a few processes takes well under this)
     "$SHARED_BENCH/sink-relay.sh" -n "$N" "${args[@]}" -L "$name/traced" >&2 || die "$name traced run failed"
     eval "$4"  # deliveries finished: their bookkeeping is counted too
