@@ -14,6 +14,7 @@ ROOT="$(cd "$HERE/.." && pwd)"
 SHARED_BENCH="${SHARED_BENCH:-$ROOT/../shared/bench}"
 [ -x "$SHARED_BENCH/peer-bench.sh" ] || { echo "error: shared bench harness not found at $SHARED_BENCH" >&2; exit 2; }
 . "$SHARED_BENCH/common.sh"
+. "$HERE/pymta_config.sh"
 
 SIZES="${INBOUND_SIZES:-2048}"
 CONC="${INBOUND_CONC:-1 10 50}"
@@ -23,27 +24,12 @@ PY_PORT="${PY_PORT:-2560}" PF_PORT="${PF_PORT:-2561}" SINK_PORT="${SINK_PORT:-25
 OUT="$BENCH_TMP/inbound"
 rm -rf "$OUT"; mkdir -p "$OUT"
 JSON="$OUT/results.jsonl"
-PF_DIR=/tmp/pmbench/inbound-postfix
+PF_DIR="${PF_DIR:-/tmp/pmbench/inbound-postfix}"
 
 # -- pymta: accept into the queue only (this process does not deliver; fsync on) --
 PY_STATE="$OUT/pymta"
 mkdir -p "$PY_STATE"
-cat >"$OUT/pymta.toml" <<CFG
-hostname = "mx.bench.example"
-state_dir = "$PY_STATE"
-[smtp]
-listen = ["tcp:$PY_PORT:interface=127.0.0.1"]
-processes = ${PYMTA_PROCESSES:-2}
-max_message_size = 67108864
-[domains]
-local = ["bench.example"]
-relay_from = ["127.0.0.0/8"]
-[queue]
-deliver = false
-fsync = true
-[log]
-accounting = false
-CFG
+pymta_bench_config "$PY_STATE" "$PY_PORT" "$SINK_PORT" accept >"$OUT/pymta.toml"
 PURGE_PY="find '$PY_STATE/queue/incoming' -type f -delete 2>/dev/null; true"
 echo "== pymta (accept into queue)" >&2
 "$SHARED_BENCH/peer-bench.sh" -name pymta -port "$PY_PORT" -sizes "$SIZES" -conc "$CONC" -n2k "$N" -n50k "$N" \

@@ -16,6 +16,7 @@ ROOT="$(cd "$HERE/.." && pwd)"
 SHARED_BENCH="${SHARED_BENCH:-$ROOT/../shared/bench}"
 [ -x "$SHARED_BENCH/peer-bench.sh" ] || { echo "error: shared bench harness not found at $SHARED_BENCH" >&2; exit 2; }
 . "$SHARED_BENCH/common.sh"
+. "$HERE/pymta_config.sh"
 
 SIZES="${RELAY_SIZES:-2048 51200}"
 CONC="${RELAY_CONC:-10 50}"
@@ -29,23 +30,7 @@ PF_DIR="${PF_DIR:-/tmp/pmbench/relay-postfix}"
 
 PY_STATE="$OUT/pymta"
 mkdir -p "$PY_STATE"
-cat >"$OUT/pymta.toml" <<CFG
-hostname = "mx.bench.example"
-state_dir = "$PY_STATE"
-[smtp]
-listen = ["tcp:$PY_PORT:interface=127.0.0.1"]
-processes = ${PYMTA_PROCESSES:-2}
-max_message_size = 67108864
-[domains]
-local = ["bench.example"]
-relay_from = ["127.0.0.0/8"]
-[queue]
-fsync = true
-[outbound]
-smarthost = "127.0.0.1:$SINK_PORT"
-max_connections = 100
-max_connections_per_domain = 50
-CFG
+pymta_bench_config "$PY_STATE" "$PY_PORT" "$SINK_PORT" relay >"$OUT/pymta.toml"
 PY_CFG="$(cat "$OUT/pymta.toml")"
 DKIM_VARIANTS=""
 if [ "${PYMTA_BENCH_DKIM:-0}" != 0 ]; then

@@ -11,6 +11,7 @@ Errors are two kinds: :class:`DNSPermanentError` (NXDOMAIN: bounce, 5.1.2) and
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import random
 import re
@@ -89,8 +90,10 @@ def to_ascii(name: str) -> str:
     return name
 
 
+@functools.lru_cache(maxsize=1024)
 def ip_literal(host: str) -> str | None:
-    """The address of ``192.0.2.1``, ``[192.0.2.1]``, ``2001:db8::1``, ``[IPv6:2001:db8::1]``; else None."""
+    """The address of ``192.0.2.1``, ``[192.0.2.1]``, ``2001:db8::1``, ``[IPv6:2001:db8::1]``; else None
+    (cached: a smarthost or route is parsed once, not for every message)."""
     text = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     if text[:5].lower() == "ipv6:":
         text = text[5:]

@@ -1,6 +1,7 @@
 """Listener worker processes: one reactor is one core, so with ``[smtp] processes = N`` the MX
-listening sockets are shared with N-1 child processes that accept and queue mail (they never
-deliver: the main process's queue manager sees their mail through inotify).
+listening sockets are served by N-1 child processes that accept and queue mail (they never
+deliver: the main process's queue manager sees their mail through inotify). The main process
+holds the sockets but does not accept on them: it delivers, so each side has a core.
 
 Children die with the main process, SIGKILL included (PR_SET_PDEATHSIG), and are started again
 if they exit while the main process runs. On a stop the main process closes its copies of the

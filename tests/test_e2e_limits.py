@@ -68,7 +68,7 @@ def test_connections_past_max_connections_get_421_470_until_one_closes(tmp_path,
         mta.stop()
 
 
-def test_each_listener_process_takes_its_share_of_max_connections(tmp_path, held):
+def test_the_listener_workers_take_max_connections_and_the_main_process_does_not_accept(tmp_path, held):
     mta = MTAProcess(str(tmp_path), smtp_extra="processes = 2\nmax_connections = 4").start()
     pid = mta.proc.pid
 
@@ -81,18 +81,39 @@ def test_each_listener_process_takes_its_share_of_max_connections(tmp_path, held
         return lines
 
     try:
-        mta.wait_for(
+        workers = mta.wait_for(
             lambda: subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout.split(),
             what="a listener worker",
         )  # fmt: skip
-        os.kill(pid, signal.SIGSTOP)  # only the worker accepts now: it has ceil(4 / 2) = 2 slots
+        # Listening (the socket queued connections before: the start-up probe's is handled by now).
+        mta.wait_for(lambda: [e for e in mta.log_events() if e["message"].startswith(
+            f"SMTPServerFactory starting on {mta.port}")], seconds=90, what="the worker listening")  # fmt: skip
+        # The main process delivers: stopped, it leaves every session to the one worker, which has
+        # all ceil(4 / 1) = 4 slots.
+        os.kill(pid, signal.SIGSTOP)
         try:
-            lines = first_lines(4)
+            lines = first_lines(6)
         finally:
             os.kill(pid, signal.SIGCONT)
-        assert lines == [b"220 mx.ex", b"220 mx.ex", b"421 4.7.0", b"421 4.7.0"]
-        # Both processes together: never more greeted sessions than max_connections.
-        assert 2 + first_lines(6).count(b"220 mx.ex") <= 4
+        assert lines == [b"220 mx.ex"] * 4 + [b"421 4.7.0"] * 2
+        assert len(workers) == 1
+    finally:
+        mta.stop()
+
+
+def test_a_main_process_that_does_not_deliver_accepts_beside_its_worker(tmp_path, held):
+    mta = MTAProcess(str(tmp_path), smtp_extra="processes = 2", extra_config="[queue]\ndeliver = false\n").start()
+    try:
+        [worker] = mta.wait_for(mta.children, what="a listener worker")
+        mta.wait_for(lambda: len([e for e in mta.log_events() if e["message"].startswith(
+            f"SMTPServerFactory starting on {mta.port}")]) == 2, seconds=90, what="both processes listening")  # fmt: skip
+        os.kill(worker, signal.SIGSTOP)  # only the main process can accept now
+        try:
+            sock, line = connect(mta.port)
+            held.append(sock)
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        assert line[:9] == b"220 mx.ex"
     finally:
         mta.stop()
 

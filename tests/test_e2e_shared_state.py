@@ -1,5 +1,6 @@
 """Per-client limits and greylisting hold across the listener processes of one node
-(``[smtp] processes = 2``) and greylist triples across a restart, through the real twistd.
+(``[smtp] processes = 3``: two listener workers, the main process delivers) and greylist triples
+across a restart, through the real twistd.
 
 Which process accepts a connection is made certain by stopping the other one (SIGSTOP): a
 stopped process cannot accept, so the running one does.
@@ -43,9 +44,13 @@ def command(sock: socket.socket, line: str) -> bytes:
     return read_line(sock)
 
 
-def worker_pid(mta: MTAProcess) -> int:
-    [pid] = mta.wait_for(mta.children, what="a listener worker")
-    return pid
+def worker_pids(mta: MTAProcess, started: int = 2) -> list[int]:
+    """The two listener workers, once ``started`` listeners have started in the log (the socket
+    queues connections before that)."""
+    pids = mta.wait_for(lambda: (pids := mta.children()) and len(pids) == 2 and pids, what="two listener workers")
+    mta.wait_for(lambda: len([e for e in mta.log_events() if e["message"].startswith(
+        f"SMTPServerFactory starting on {mta.port}")]) >= started, seconds=90, what="both workers listening")  # fmt: skip
+    return pids
 
 
 @contextlib.contextmanager
@@ -59,44 +64,44 @@ def only(running: int, stopped: int):
 
 
 def test_connections_and_message_rates_per_client_count_across_listener_workers(tmp_path):
-    mta = MTAProcess(str(tmp_path), relay_from=STRANGER_NET, smtp_extra="processes = 2",
+    mta = MTAProcess(str(tmp_path), relay_from=STRANGER_NET, smtp_extra="processes = 3",
                      extra_config='[limits]\nconnections_per_client = 5\nmessage_rate = "3/h, burst=3"\n').start()  # fmt: skip
-    main, worker = mta.proc.pid, worker_pid(mta)
+    first, second = worker_pids(mta)
     held: list[socket.socket] = []
     try:
         greetings = []
-        with only(worker, stopped=main):
+        with only(second, stopped=first):
             for _ in range(3):
                 sock, greeting = connect(mta, "127.0.0.7")
                 held.append(sock)
                 greetings.append(greeting[:9])
-        with only(main, stopped=worker):
+        with only(first, stopped=second):
             for _ in range(4):
                 sock, greeting = connect(mta, "127.0.0.7")
                 held.append(sock)
                 greetings.append(greeting[:9])
-        # 3 on the worker + 2 on the main process = the 5 allowed; the rest are turned away.
+        # 3 on the second + 2 on the first worker = the 5 allowed; the rest are turned away.
         assert greetings == [b"220 mx.ex"] * 5 + [b"421 4.7.0"] * 2, greetings
         # Messages: 3 per hour for this client, wherever its connections are served.
         for sock in held[:5]:
             assert command(sock, "EHLO client.example").startswith(b"250")
         mails = [command(sock, "MAIL FROM:<a@remote.example>")[:9] for sock in (held[0], held[1], held[3], held[4])]
-        assert mails == [b"250 2.1.0"] * 3 + [b"450 4.7.1"], mails  # the 4th, on the main process, waits
+        assert mails == [b"250 2.1.0"] * 3 + [b"450 4.7.1"], mails  # the 4th, on the first worker, waits
         other, greeting = connect(mta, "127.0.0.8")  # another client is not affected
         held.append(other)
         assert greeting.startswith(b"220 ")
-        # Connections closed on the worker free places for connections on the main process.
+        # Connections closed on the second worker free places for connections on the first worker.
         for sock in held[:3]:
             command(sock, "QUIT")
             sock.close()
 
-        def accepted_on_main() -> bool:
-            with only(main, stopped=worker):
+        def accepted_on_first() -> bool:
+            with only(first, stopped=second):
                 sock, greeting = connect(mta, "127.0.0.7")
             held.append(sock)
             return greeting.startswith(b"220 ")
 
-        mta.wait_for(accepted_on_main, seconds=15, what="a place freed by the worker's closed connections")
+        mta.wait_for(accepted_on_first, seconds=15, what="a place freed by the second worker's closed connections")
     finally:
         for sock in held:
             sock.close()
@@ -115,24 +120,25 @@ def greylist_try(mta: MTAProcess, sender: str) -> bytes:
 
 
 def test_greylist_retries_pass_on_any_worker_and_after_a_restart(tmp_path):
-    mta = MTAProcess(str(tmp_path), relay_from=STRANGER_NET, smtp_extra="processes = 2",
-                     extra_config='[greylist]\nenabled = true\ndelay = "2s"\n').start()  # fmt: skip
+    mta = MTAProcess(str(tmp_path), relay_from=STRANGER_NET, smtp_extra="processes = 3",
+                     extra_config='[greylist]\nenabled = true\ndelay = "5s"\n').start()  # fmt: skip
     senders = [f"sender{i}@remote.example" for i in range(12)]
-    main, worker = mta.proc.pid, worker_pid(mta)
+    first, second = worker_pids(mta)
     try:
-        with only(worker, stopped=main):
-            first = [greylist_try(mta, s) for s in senders]
+        with only(second, stopped=first):
+            tries = [greylist_try(mta, s) for s in senders]
         seen_at = time.monotonic()
-        assert first == [b"450 4.7.1"] * 12
-        with only(main, stopped=worker):
+        assert tries == [b"450 4.7.1"] * 12
+        with only(first, stopped=second):
             assert [greylist_try(mta, s) for s in senders[:6]] == [b"450 4.7.1"] * 6  # too early, on the other process
-        time.sleep(max(0.0, seen_at + 2.5 - time.monotonic()))  # the greylisting delay itself
-        with only(main, stopped=worker):
+        time.sleep(max(0.0, seen_at + 5.5 - time.monotonic()))  # the greylisting delay itself
+        with only(first, stopped=second):
             assert [greylist_try(mta, s) for s in senders[:6]] == [b"250 2.1.5"] * 6
     finally:
         mta.stop()
-    assert wait_gone([worker], 20) == []  # a restart must not meet the old worker
+    assert wait_gone([first, second], 20) == []  # a restart must not meet the old workers
     mta.start()
+    worker_pids(mta, started=4)  # the log file goes on: two listeners before the restart, two after
     try:
         assert [greylist_try(mta, s) for s in senders[6:]] == [b"250 2.1.5"] * 6  # first seen before the restart
         assert greylist_try(mta, "new@remote.example") == b"450 4.7.1"
