@@ -271,6 +271,18 @@ class IClusterState(Interface):
     def nodes_alive():
         """Nodes seen alive at the last heartbeat (1 for a node alone)."""
 
+    def watch(table, on_records):
+        """Call ``on_records({name: record})`` with the records of ``table`` in force whenever this
+        node reads them from the shared store (on joining, then on every heartbeat); one watcher
+        per table, a later call replaces the earlier one."""
+
+    def put_record(table, name, record, until):
+        """Keep the dict ``record`` under ``name`` in ``table`` for every node until ``until``;
+        a Deferred of True once stored, False when the shared store cannot be reached."""
+
+    def delete_record(table, name):
+        """Forget ``name`` in ``table``; a Deferred of True once done."""
+
     def start():
         """Connect and begin the heartbeat; never fails."""
 

@@ -366,7 +366,7 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
     from pymta.admin.queue_ops import QueueOperations
     from pymta.state.suspensions import SQLiteSuspensions
 
-    suspensions = SQLiteSuspensions(os.path.join(config.state_dir, "suspensions.sqlite"), reactor)
+    suspensions = SQLiteSuspensions(os.path.join(config.state_dir, "suspensions.sqlite"), reactor, cluster=shared)
     if smtp_agent.shaper is not None:
         smtp_agent.shaper.suspensions = suspensions
     operations = QueueOperations(

@@ -8,6 +8,10 @@ divided by the number of nodes last seen alive (a heartbeat per node), and a pro
 brings it back to the shared state when Redis answers again. Each switch is logged
 (``event="cluster_fallback"`` / ``"cluster_shared"``) and counted in ``switches``.
 
+Records (pushback pauses, operator suspensions) are kept in one Redis hash per table, each with
+the time it lapses; every node reads the tables it watches on each heartbeat that reaches Redis
+(and when it joins), so a node that starts later picks up what is in force.
+
 Times are the caller's clock (``clock.seconds()``), as the local limiter's: the nodes of a
 cluster keep their clocks in step (NTP), as an MTA cluster must for its logs anyway.
 """
@@ -15,6 +19,7 @@ cluster keep their clocks in step (NTP), as an MTA cluster must for its logs any
 from __future__ import annotations
 
 import hashlib
+import json
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -90,6 +95,9 @@ redis.call('PEXPIRE', KEYS[1], math.ceil(keep * 1000) + 1000)
 return string.format('%.17g', wait)
 """
 
+MAX_RECORDS = 10_000  # records one table may hold (pauses per destination, suspensions)
+MAX_RECORD = 4096  # octets of one record's JSON
+
 SCRIPTS = {"gcra": GCRA_LUA, "lease": LEASE_LUA, "refresh": REFRESH_LUA, "greylist": GREYLIST_LUA}
 
 
@@ -144,11 +152,24 @@ class LocalClusterState:
     def greylist(self, triple: tuple[str, str, str], delay: float, expire: float, lifetime: float) -> defer.Deferred:
         return defer.succeed(self.memory.greylist(triple, delay, expire, lifetime))
 
+    def watch(self, table: str, on_records: Callable[[dict[str, dict[str, Any]]], Any]) -> None:
+        pass  # a node alone: nobody else writes records
+
+    def put_record(self, table: str, name: str, record: dict[str, Any], until: float) -> defer.Deferred:
+        return defer.succeed(False)
+
+    def delete_record(self, table: str, name: str) -> defer.Deferred:
+        return defer.succeed(False)
+
     def start(self) -> defer.Deferred:
         return defer.succeed(None)
 
     def stop(self) -> defer.Deferred:
         return defer.succeed(None)
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 def _digest(name: str, key: str) -> str:
@@ -171,6 +192,7 @@ class RedisClusterState:
         node: str | None = None,
         timeout: float = 0.5,
         heartbeat: float = 2.0,
+        member: bool = True,
     ) -> None:
         self.clock = clock
         self.connect = connect
@@ -187,6 +209,8 @@ class RedisClusterState:
         self._beat: Any = None
         self._probing = False
         self._was_shared = False
+        self.member = member  # False: a command-line tool speaking for the node, never counted alive
+        self._watchers: dict[str, Callable[[dict[str, dict[str, Any]]], Any]] = {}
 
     # -- life -----------------------------------------------------------------------------
 
@@ -203,6 +227,8 @@ class RedisClusterState:
         conn, self._conn = self._conn, None
         if conn is None:
             return defer.succeed(None)
+        if not self.member:
+            return conn.disconnect().addErrback(lambda _: None)
         d = self._call(lambda c: c.zrem(PREFIX + "nodes", self.node), conn=conn)
         d.addBoth(lambda _: conn.disconnect())
         d.addErrback(lambda _: None)
@@ -218,7 +244,9 @@ class RedisClusterState:
     def beat(self) -> defer.Deferred:
         """One heartbeat (shared) or one attempt to get back to Redis (local); never fails."""
         if self.shared:
-            return self._heartbeat().addErrback(self._failed, "heartbeat")
+            d = self._heartbeat()
+            d.addCallback(lambda _: self._read_records())
+            return d.addErrback(self._failed, "heartbeat")
         return self._probe()
 
     def nodes_alive(self) -> int:
@@ -228,7 +256,8 @@ class RedisClusterState:
     def _heartbeat(self) -> Any:
         now = self.clock.seconds()
         key = PREFIX + "nodes"
-        yield self._call(lambda c: c.zadd(key, now, self.node))
+        if self.member:
+            yield self._call(lambda c: c.zadd(key, now, self.node))
         alive = yield self._call(lambda c: c.zcount(key, now - 3 * self.heartbeat, "+inf"))
         self._alive = max(1, int(alive))
 
@@ -257,6 +286,8 @@ class RedisClusterState:
                          node=self.node, alive=self._alive, event="cluster_shared")  # fmt: skip
         finally:
             self._probing = False
+        if self.shared:
+            yield self._read_records().addErrback(self._failed, "records")
 
     def _go_local(self, why: str) -> None:
         # A call that timed out may still be answered: drop the connection so that no later
@@ -312,6 +343,54 @@ class RedisClusterState:
             return failure
 
         return d.addErrback(failed)
+
+    # -- records: pauses, suspensions -------------------------------------------------------
+
+    def watch(self, table: str, on_records: Callable[[dict[str, dict[str, Any]]], Any]) -> None:
+        """Call ``on_records({name: record})`` with ``table``'s records in force each time the
+        node reads them from Redis (on joining and on every heartbeat); one watcher per table, a
+        later call replaces it (a store opened again)."""
+        self._watchers[table] = on_records
+
+    def put_record(self, table: str, name: str, record: dict[str, Any], until: float) -> defer.Deferred:
+        """Keep ``record`` under ``name`` in ``table`` until ``until`` (every node reads it); a
+        Deferred of True once Redis has it, False when the node is local."""
+        value = json.dumps({**record, "until": until}, sort_keys=True, default=str)
+        if len(value) > MAX_RECORD:
+            raise ValueError(f"a {table} record is over {MAX_RECORD} octets")
+        d = self.command("HSET", PREFIX + table, name[:512], value)
+        return d.addCallbacks(lambda _: True, lambda _: False)
+
+    def delete_record(self, table: str, name: str) -> defer.Deferred:
+        """Forget ``name`` in ``table``; a Deferred of True once Redis has done it."""
+        return self.command("HDEL", PREFIX + table, name[:512]).addCallbacks(lambda _: True, lambda _: False)
+
+    @defer.inlineCallbacks
+    def _read_records(self) -> Any:
+        for table, on_records in list(self._watchers.items()):
+            key = PREFIX + table
+            if (yield self._call(lambda c, k=key: c.hlen(k))) > MAX_RECORDS:
+                log.warn("cluster table {table} holds over {most} records: not read", table=table, most=MAX_RECORDS,
+                         event="cluster_records_full")  # fmt: skip
+                continue
+            raw = yield self._call(lambda c, k=key: c.hgetall(k))
+            now = self.clock.seconds()
+            records, lapsed = {}, []
+            for name, value in (raw or {}).items():
+                try:
+                    record = json.loads(value)
+                    if not isinstance(record, dict) or float(record["until"]) <= now:
+                        raise ValueError("lapsed")
+                except (ValueError, KeyError, TypeError):
+                    lapsed.append(name)
+                    continue
+                records[_text(name)] = record
+            if lapsed:
+                yield self._call(lambda c, k=key, names=lapsed: c.hdel(k, names))
+            try:
+                on_records(records)
+            except Exception:
+                log.failure("applying the cluster's {table}", table=table)
 
     # -- the operations -------------------------------------------------------------------
 
@@ -388,14 +467,14 @@ def read_password(path: str | None) -> str | None:
         return f.readline().rstrip("\r\n") or None
 
 
-def make_cluster_state(config: Any, clock: Any) -> LocalClusterState | RedisClusterState:
-    """The backend ``[cluster]`` names."""
+def make_cluster_state(config: Any, clock: Any, member: bool = True) -> LocalClusterState | RedisClusterState:
+    """The backend ``[cluster]`` names (``member=False``: a tool speaking for the node, not a node)."""
     c = config.cluster
     node = c.node or socket.gethostname()
     if c.backend == "local":
         return LocalClusterState(clock, node)
     connect = redis_connector(c.redis, read_password(c.redis_password_file), c.timeout)
-    return RedisClusterState(clock, connect, node=node, timeout=c.timeout, heartbeat=c.heartbeat)
+    return RedisClusterState(clock, connect, node=node, timeout=c.timeout, heartbeat=c.heartbeat, member=member)
 
 
 __all__ = ["LocalClusterState", "RedisClusterState", "divided", "make_cluster_state"]
