@@ -271,6 +271,15 @@ class IClusterState(Interface):
     def nodes_alive():
         """Nodes seen alive at the last heartbeat (1 for a node alone)."""
 
+    def take_quota(counters):
+        """Daily quotas (warm-up caps): a Deferred of True when each (counter, cap) of ``counters``
+        has room for one more (cap < 0: counted, no cap), which is then counted; else False. Away
+        from the shared store a node may use the remaining quota it last saw, divided by the nodes
+        last seen alive."""
+
+    def give_back_quota(counters):
+        """One counted by :meth:`take_quota` on these counters was not used."""
+
     def watch(table, on_records):
         """Call ``on_records({name: record})`` with the records of ``table`` in force whenever this
         node reads them from the shared store (on joining, then on every heartbeat); one watcher

@@ -605,7 +605,7 @@ def _feedback_parts(config: Config, reactor: Any, shared: Any = None) -> tuple[A
     return store, tagger
 
 
-def _selector(config: Config, reactor: Any) -> Any:
+def _selector(config: Config, reactor: Any, shared: Any = None) -> Any:
     """Source IP pools and warm-up from ``[sources]``, ``[pools]``, ``[pool_select]`` (None without pools)."""
     if not config.pools:
         return None
@@ -624,7 +624,7 @@ def _selector(config: Config, reactor: Any) -> Any:
     w = config.warmup
     return SourceSelector(reactor, pools, sel.sender_domain, sel.auth_user, sel.default, counter,
                           bounce_rate=w.bounce_rate, deferral_rate=w.deferral_rate, min_sample=w.min_sample,
-                          complaint_rate=w.complaint_rate)  # fmt: skip
+                          complaint_rate=w.complaint_rate, cluster=shared)  # fmt: skip
 
 
 class ClusterStateService(service.Service):
@@ -790,7 +790,7 @@ def _outbound_agent(config: Config, reactor: Any, resolver: Any, tls_reports: An
         router,
         config.hostname,
         shaper=_shaper(config, reactor, shared),
-        selector=_selector(config, reactor),
+        selector=_selector(config, reactor, shared),
         max_connections=out.max_connections,
         max_connections_per_domain=out.max_connections_per_domain,
         max_messages_per_connection=out.max_messages_per_connection,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from twisted.internet import defer, task
@@ -13,6 +14,7 @@ from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
 from pymta.admin.http.metrics import Metrics
+from pymta.outbound.pools import Pool, Source, SourceSelector, WarmupCounter
 from pymta.outbound.shaping import Limits, Shaper
 from pymta.rate import parse_rate
 from pymta.state.cluster import LocalClusterState, RedisClusterState, redis_connector
@@ -153,6 +155,28 @@ class TestSharedRecords(unittest.TestCase):
         yield b.beat()
         self.assertTrue(b.shared)
         self.assertEqual(two.match(provider="gmail")["id"], row["id"])  # ... and node 2 applies it
+
+    @defer.inlineCallbacks
+    def test_the_ladder_step_judged_on_one_node_holds_on_every_node(self):
+        a = yield self.node("n1")
+        b = yield self.node("n2")
+        today = datetime.fromtimestamp(self.clock.seconds(), UTC).date()
+
+        def selector(name, cluster):
+            counter = WarmupCounter(os.path.join(self.dir, f"{name}.sqlite"))
+            self.closing.append(counter.close)
+            source = Source("ip1", "127.0.0.2", "mta.test", (100, 200, 400), today - timedelta(days=2))
+            return source, SourceSelector(self.clock, {"bulk": Pool("bulk", [(source, 1)])}, default_pool="bulk",
+                                          counter=counter, cluster=cluster)  # fmt: skip
+
+        source, one = selector("w1", a)
+        _, two = selector("w2", b)
+        one.counter.outcome("ip1", today - timedelta(days=1), "bounced", 30)  # node 1 saw yesterday's bounces
+        self.assertEqual(one.offset(source, today), 2)  # two steps back: today's cap is day 1's
+        self.assertEqual(source.cap(today, 2), 100)
+        yield b.beat()
+        self.assertEqual(two.counter.ladder("ip1"), (2, today.isoformat()))
+        self.assertEqual(two.offset(source, today), 2)  # judged once for the day, by the cluster
 
     @defer.inlineCallbacks
     def test_every_switch_is_a_log_event_and_a_metric(self):

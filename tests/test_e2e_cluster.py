@@ -108,7 +108,7 @@ def cluster(tmp_path):
                       f'[routes]\n"remote.test" = "127.0.0.1:{receiver.port}"\n'
                       f'[cluster]\nbackend = "redis"\nredis = "{redis.url}"\nnode = "node{i + 1}"\n'
                       f'timeout = "0.5s"\nheartbeat = "0.5s"\nlease_ttl = "{lease_ttl}"\n'
-                      + shaping)  # fmt: skip
+                      + shaping.replace("{address}", f"127.0.0.{i + 2}"))  # fmt: skip
             nodes.append(MTAProcess(str(work), extra_config=config).start())
         return nodes
 
@@ -247,3 +247,27 @@ def test_a_suppression_added_with_the_command_on_node_1_is_refused_at_rcpt_on_no
         assert rcpt_reply(nodes[1].port, "later@remote.test") == 550
     finally:
         restarted.stop()
+
+
+def test_a_warm_up_cap_of_100_a_day_holds_across_the_three_nodes(cluster):
+    import datetime
+
+    make, _ = cluster
+    receiver = CountingReceiver()
+    today = datetime.datetime.now(datetime.UTC).date().isoformat()
+    # One source named ip1 on every node (each node sends from its own loopback address).
+    nodes = make(f'[sources.ip1]\naddress = "{{address}}"\nwarmup = [100, 200]\nwarmup_start = "{today}"\n'
+                 '[pools.bulk]\nsources = { ip1 = 1 }\n[pool_select]\ndefault = "bulk"\n', receiver)  # fmt: skip
+    for node in nodes:
+        send(node.port, 40, node.workdir)
+    wait_until(lambda: receiver.count() >= 100, 60, "the day's 100 messages")
+
+    def held():
+        return sum(len(n.queue_files("deferred")) for n in nodes)
+
+    wait_until(lambda: held() >= 20, 30, "the other 20 held until tomorrow")
+    assert receiver.count() == 100
+    with receiver.lock:
+        peers = {p for _, p in receiver.accepted}
+    assert peers == {"127.0.0.2", "127.0.0.3", "127.0.0.4"}  # every node used its part of the cap
+    assert held() == 20, held()

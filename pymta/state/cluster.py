@@ -95,10 +95,28 @@ redis.call('PEXPIRE', KEYS[1], math.ceil(keep * 1000) + 1000)
 return string.format('%.17g', wait)
 """
 
+QUOTA_LUA = """
+local out = {1}
+for i = 1, #KEYS do
+  local count = tonumber(redis.call('GET', KEYS[i]) or '0')
+  out[i + 1] = count
+  local cap = tonumber(ARGV[i + 1])
+  if cap >= 0 and count + 1 > cap then out[1] = 0 end
+end
+if out[1] == 0 then return out end
+for i = 1, #KEYS do
+  out[i + 1] = redis.call('INCR', KEYS[i])
+  redis.call('PEXPIRE', KEYS[i], ARGV[1])
+end
+return out
+"""
+
+QUOTA_TTL = 2 * 86400.0  # a daily counter outlives its day
+MAX_QUOTA_KEYS = 100_000  # counters remembered per node (last seen, used while away)
 MAX_RECORDS = 10_000  # records one table may hold (pauses per destination, suspensions)
 MAX_RECORD = 4096  # octets of one record's JSON
 
-SCRIPTS = {"gcra": GCRA_LUA, "lease": LEASE_LUA, "refresh": REFRESH_LUA, "greylist": GREYLIST_LUA}
+SCRIPTS = {"gcra": GCRA_LUA, "lease": LEASE_LUA, "refresh": REFRESH_LUA, "greylist": GREYLIST_LUA, "quota": QUOTA_LUA}
 
 
 def divided(limit: int, nodes: int) -> int:
@@ -117,6 +135,7 @@ class LocalClusterState:
         self.switches = 0
         self.memory = MemoryInboundState(clock, max_keys=max_keys)
         self.leases: dict[str, dict[str, float]] = {}
+        self.quotas: dict[str, int] = {}
 
     def nodes_alive(self) -> int:
         return 1
@@ -152,6 +171,21 @@ class LocalClusterState:
     def greylist(self, triple: tuple[str, str, str], delay: float, expire: float, lifetime: float) -> defer.Deferred:
         return defer.succeed(self.memory.greylist(triple, delay, expire, lifetime))
 
+    def take_quota(self, counters: list[tuple[str, int]]) -> defer.Deferred:
+        if any(cap >= 0 and self.quotas.get(key, 0) + 1 > cap for key, cap in counters):
+            return defer.succeed(False)
+        for key, _ in counters:
+            self.quotas[key] = self.quotas.get(key, 0) + 1
+        if len(self.quotas) > MAX_QUOTA_KEYS:
+            self.quotas.pop(next(iter(self.quotas)))
+        return defer.succeed(True)
+
+    def give_back_quota(self, keys: list[str]) -> defer.Deferred:
+        for key in keys:
+            if self.quotas.get(key, 0) > 0:
+                self.quotas[key] -= 1
+        return defer.succeed(None)
+
     def watch(self, table: str, on_records: Callable[[dict[str, dict[str, Any]]], Any]) -> None:
         pass  # a node alone: nobody else writes records
 
@@ -166,6 +200,10 @@ class LocalClusterState:
 
     def stop(self) -> defer.Deferred:
         return defer.succeed(None)
+
+
+def _quota_key(counter: str) -> str:
+    return PREFIX + "quota:" + _digest("quota", counter)
 
 
 def _text(value: Any) -> str:
@@ -211,6 +249,8 @@ class RedisClusterState:
         self._was_shared = False
         self.member = member  # False: a command-line tool speaking for the node, never counted alive
         self._watchers: dict[str, Callable[[dict[str, dict[str, Any]]], Any]] = {}
+        self._quota_seen: dict[str, int] = {}  # each counter's cluster-wide count when last seen
+        self._quota_away: dict[str, int] = {}  # counted here while Redis was away, pushed on return
 
     # -- life -----------------------------------------------------------------------------
 
@@ -287,6 +327,8 @@ class RedisClusterState:
         finally:
             self._probing = False
         if self.shared:
+            yield self._push_quota_away().addErrback(self._failed, "quota")
+        if self.shared:
             yield self._read_records().addErrback(self._failed, "records")
 
     def _go_local(self, why: str) -> None:
@@ -343,6 +385,60 @@ class RedisClusterState:
             return failure
 
         return d.addErrback(failed)
+
+    # -- daily quotas: warm-up caps ---------------------------------------------------------
+
+    def take_quota(self, counters: list[tuple[str, int]]) -> defer.Deferred:
+        """Deferred of True when every (counter, cap) pair has room for one more (cap < 0: no cap),
+        and then each counter counts it; False otherwise. Counters live two days. While Redis is
+        away each cap allows this node the remaining quota last seen, divided by the nodes alive."""
+
+        def shared() -> defer.Deferred:
+            keys = [_quota_key(k) for k, _ in counters]
+            d = self._script("quota", keys, [int(QUOTA_TTL * 1000), *(cap for _, cap in counters)])
+            return d.addCallback(seen)
+
+        def seen(reply: list[Any]) -> bool:
+            if len(self._quota_seen) > MAX_QUOTA_KEYS:
+                self._quota_seen.clear()
+            for (key, _), count in zip(counters, reply[1:], strict=False):
+                self._quota_seen[key] = int(count)
+            return bool(int(reply[0]))
+
+        return self._shared_or_local(shared, lambda: defer.succeed(self._local_quota(counters)), "quota")
+
+    def _local_quota(self, counters: list[tuple[str, int]]) -> bool:
+        for key, cap in counters:
+            if cap >= 0:
+                share = max(0, cap - self._quota_seen.get(key, 0)) // max(1, self._alive)
+                if self._quota_away.get(key, 0) + 1 > share:
+                    return False
+        if len(self._quota_away) < MAX_QUOTA_KEYS:
+            for key, _ in counters:
+                self._quota_away[key] = self._quota_away.get(key, 0) + 1
+        return True
+
+    def give_back_quota(self, keys: list[str]) -> defer.Deferred:
+        """One taken by :meth:`take_quota` was not used (nothing was delivered)."""
+        if not self.shared:
+            for key in keys:
+                if self._quota_away.get(key, 0) > 0:
+                    self._quota_away[key] -= 1
+            return defer.succeed(None)
+        redis_keys = [_quota_key(key) for key in keys]
+        d = defer.gatherResults([self._call(lambda c, k=k: c.decr(k)) for k in redis_keys], consumeErrors=True)
+        return d.addCallback(lambda _: None).addErrback(self._failed, "quota")
+
+    @defer.inlineCallbacks
+    def _push_quota_away(self) -> Any:
+        """What this node counted while Redis was away joins the cluster's counters."""
+        while self._quota_away:
+            key, n = next(iter(self._quota_away.items()))
+            redis_key = _quota_key(key)
+            if n > 0:
+                yield self._call(lambda c, k=redis_key, by=n: c.incrby(k, by))
+                yield self._call(lambda c, k=redis_key: c.expire(k, int(QUOTA_TTL)))
+            self._quota_away.pop(key, None)
 
     # -- records: pauses, suspensions -------------------------------------------------------
 
