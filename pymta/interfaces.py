@@ -209,7 +209,8 @@ class IInboundState(Interface):
 
     Keys are opaque strings chosen by the caller. Times come from the backend's injected clock.
     A backend that cannot answer (store down, lock timeout) fails open and logs: a limit
-    store never refuses mail by itself.
+    store never refuses mail by itself. A backend across the network (the cluster's) answers
+    each method with a Deferred of the value documented here.
     """
 
     owner = Attribute("the process (pid) whose connections this handle counts")
@@ -255,9 +256,13 @@ class IClusterState(Interface):
         """GCRA: Deferred of 0.0 if one event for ``key`` at ``rate`` may happen now (recorded),
         else of the seconds until it would be allowed."""
 
-    def acquire_lease(key, limit, lease, ttl):
+    def acquire_lease(key, limit, lease, ttl, group=None):
         """Deferred of True if ``lease`` (unique on this node) now holds one of ``limit`` slots of
-        ``key``; the slot lapses after ``ttl`` seconds unless refreshed."""
+        ``key``; the slot lapses after ``ttl`` seconds unless refreshed. With ``group`` the lease
+        (named ``group + "." + ...``) belongs to that group of this node."""
+
+    def release_group(group):
+        """Give back every lease of ``group`` on this node (``"*"``: of every group)."""
 
     def refresh_leases(leases, ttl):
         """Push the expiry of the (key, lease) pairs ``ttl`` seconds ahead (their connections live)."""

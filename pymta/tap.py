@@ -278,7 +278,7 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
         IncomingWatcher(os.path.join(config.queue_dir, "incoming"), notify, reactor).setServiceParent(top)
         manager.setServiceParent(top)
 
-    inbound_state = _inbound_state(config, reactor, main=worker_fds is None)
+    inbound_state = _inbound_state(config, reactor, main=worker_fds is None, shared=shared)
     CloseOnStop(inbound_state.close).setServiceParent(top)
     policy = RelayPolicy(
         config.domains.local,
@@ -309,7 +309,7 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
             state=inbound_state,
         ),
         greylist=Greylist(reactor, config.greylist.delay, config.greylist.expire, config.greylist.lifetime,
-                          state=inbound_state, cluster=shared)  # fmt: skip
+                          state=inbound_state)  # fmt: skip
         if config.greylist.enabled
         else None,
         suppression=suppression,
@@ -576,9 +576,14 @@ def _scan_chain(config: Config, reactor: Any, top: service.MultiService) -> Any:
     return ScanChain(scanners, reactor)
 
 
-def _inbound_state(config: Config, reactor: Any, main: bool) -> Any:
-    """The node's shared inbound state (per-client counts, rates, greylist) under state_dir;
-    the main process starts with no connection counted."""
+def _inbound_state(config: Config, reactor: Any, main: bool, shared: Any = None) -> Any:
+    """The node's shared inbound state (per-client counts, rates, greylist) under state_dir, or
+    the cluster's; the main process starts with no connection counted."""
+    if shared is not None:
+        from pymta.state.cluster import ClusterInboundState
+
+        # Slots a previous run of this node held lapse within lease_ttl, as a dead node's do.
+        return ClusterInboundState(shared, reactor, lease_ttl=config.cluster.lease_ttl)
     from pymta.state.local import LocalInboundState
 
     state = LocalInboundState(os.path.join(config.state_dir, "inbound.sqlite"), reactor, owner=os.getpid())

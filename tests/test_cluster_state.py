@@ -388,10 +388,11 @@ def test_leases_live_while_refreshed_and_lapse_when_their_node_dies():
 
 def test_greylisting_through_the_cluster_answers_450_then_passes():
     from pymta.inbound.limits import Greylist
+    from pymta.state.cluster import ClusterInboundState
 
     clock = _clock()
     shared = LocalClusterState(clock, "cluster")
-    one, other = (Greylist(clock, 60, 3600, 86400, cluster=shared) for _ in range(2))
+    one, other = (Greylist(clock, 60, 3600, 86400, state=ClusterInboundState(shared, clock)) for _ in range(2))
     reply = one.check("192.0.2.7", "a@x.test", "b@y.test").result
     assert (reply.code, reply.enhanced) == (450, "4.7.1")
     clock.advance(61)

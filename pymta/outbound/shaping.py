@@ -20,6 +20,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from pymta.rate import KeyedLimiter, Rate, parse_rate, parse_share, parse_window
+from pymta.state.cluster import LeaseKeeper
 
 log = Logger(namespace="pymta.outbound.shaping")
 
@@ -102,9 +103,7 @@ class Shaper:
         self.clock = clock
         self.cluster = cluster  # IClusterState: rates and connection caps shared by the nodes
         self.lease_ttl = lease_ttl
-        self._leases: dict[str, list[str]] = {}  # destination key -> its shared leases held here
-        self._lease_serial = 0
-        self._refresher: Any = None
+        self.leases = LeaseKeeper(cluster, clock, lease_ttl) if cluster is not None else None
         self.default = default
         self.domains = {k.lower(): v for k, v in (domains or {}).items()}
         self.providers = providers or {}
@@ -248,36 +247,19 @@ class Shaper:
 
     @defer.inlineCallbacks
     def _lease(self, key: str, cap: int) -> Any:
-        self._lease_serial += 1
-        lease = f"{id(self):x}.{self._lease_serial}"  # unique in this process; the backend adds the node
-        while not (yield self.cluster.acquire_lease("conn:" + key, cap, lease, self.lease_ttl)):
+        while not (yield self.leases.acquire("conn:" + key, cap)):
             yield task.deferLater(self.clock, LEASE_RETRY, lambda: None)
-        self._leases.setdefault(key, []).append(lease)
-        if self._refresher is None:
-            self._refresher = task.LoopingCall(self._refresh)
-            self._refresher.clock = self.clock
-            self._refresher.start(self.lease_ttl / 3, now=False).addErrback(lambda f: log.failure("lease refresh", f))
-
-    def _refresh(self) -> Any:
-        held = [("conn:" + key, lease) for key, leases in self._leases.items() for lease in leases]
-        if held:
-            return self.cluster.refresh_leases(held, self.lease_ttl)
-        return None
 
     def release_connection(self, key: str) -> None:
         s = self.state(key)
         s.connections = max(0, s.connections - 1)
-        leases = self._leases.get(key)
-        if leases:
-            self.cluster.release_lease("conn:" + key, leases.pop())
-            if not leases:
-                del self._leases[key]
+        if self.leases is not None:
+            self.leases.release("conn:" + key)
         self._wake(s)
 
     def stop(self) -> None:
-        if self._refresher is not None and self._refresher.running:
-            self._refresher.stop()
-        self._refresher = None
+        if self.leases is not None:
+            self.leases.stop()
 
     def _wake(self, s: State) -> None:
         cap = self._cap(s, s.limits or self.default)

@@ -20,16 +20,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import socket
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from pymta.interfaces import IClusterState
+from pymta.interfaces import IClusterState, IInboundState
 from pymta.rate import Rate
 from pymta.state.memory import MemoryInboundState
 
@@ -64,7 +65,29 @@ end
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
 redis.call('ZADD', KEYS[1], expires, ARGV[3])
 redis.call('PEXPIRE', KEYS[1], math.ceil((expires - now) * 1000) + 1000)
+if KEYS[2] then  -- a group of leases a process holds (released at once when it ends)
+  redis.call('SADD', KEYS[2], KEYS[1])
+  redis.call('SADD', KEYS[3], ARGV[5])
+end
 return 1
+"""
+
+RELEASE_GROUPS_LUA = """
+local groups = {ARGV[2]}
+if ARGV[2] == '*' then groups = redis.call('SMEMBERS', KEYS[1]) end
+local n = 0
+for _, g in ipairs(groups) do
+  local gk = ARGV[3] .. g
+  local prefix = ARGV[1] .. g .. '.'
+  for _, k in ipairs(redis.call('SMEMBERS', gk)) do
+    for _, m in ipairs(redis.call('ZRANGE', k, 0, -1)) do
+      if string.sub(m, 1, #prefix) == prefix then n = n + redis.call('ZREM', k, m) end
+    end
+  end
+  redis.call('DEL', gk)
+  redis.call('SREM', KEYS[1], g)
+end
+return n
 """
 
 REFRESH_LUA = """
@@ -116,7 +139,8 @@ MAX_QUOTA_KEYS = 100_000  # counters remembered per node (last seen, used while 
 MAX_RECORDS = 10_000  # records one table may hold (pauses per destination, suspensions)
 MAX_RECORD = 4096  # octets of one record's JSON
 
-SCRIPTS = {"gcra": GCRA_LUA, "lease": LEASE_LUA, "refresh": REFRESH_LUA, "greylist": GREYLIST_LUA, "quota": QUOTA_LUA}
+SCRIPTS = {"gcra": GCRA_LUA, "lease": LEASE_LUA, "refresh": REFRESH_LUA, "greylist": GREYLIST_LUA, "quota": QUOTA_LUA,
+           "release_groups": RELEASE_GROUPS_LUA}
 
 
 def divided(limit: int, nodes: int) -> int:
@@ -135,6 +159,7 @@ class LocalClusterState:
         self.switches = 0
         self.memory = MemoryInboundState(clock, max_keys=max_keys)
         self.leases: dict[str, dict[str, float]] = {}
+        self.groups: set[str] = set()
         self.quotas: dict[str, int] = {}
 
     def nodes_alive(self) -> int:
@@ -143,9 +168,11 @@ class LocalClusterState:
     def take(self, name: str, key: str, rate: Rate) -> defer.Deferred:
         return defer.succeed(self.memory.take(name, key, rate))
 
-    def acquire_lease(self, key: str, limit: int, lease: str, ttl: float) -> defer.Deferred:
+    def acquire_lease(self, key: str, limit: int, lease: str, ttl: float, group: str | None = None) -> defer.Deferred:
         now = self.clock.seconds()
         held = {m: t for m, t in self.leases.get(key, {}).items() if t > now}
+        if group is not None:
+            self.groups.add(group)
         if lease not in held and len(held) >= limit:
             self.leases[key] = held
             return defer.succeed(False)
@@ -164,6 +191,17 @@ class LocalClusterState:
         held = self.leases.get(key)
         if held is not None:
             held.pop(lease, None)
+            if not held:
+                del self.leases[key]
+        return defer.succeed(None)
+
+    def release_group(self, group: str) -> defer.Deferred:
+        prefixes = tuple(g + "." for g in (self.groups if group == "*" else {group}))
+        self.groups -= {p[:-1] for p in prefixes}
+        for key in list(self.leases):
+            held = self.leases[key]
+            for lease in [m for m in held if m.startswith(prefixes)]:
+                del held[lease]
             if not held:
                 del self.leases[key]
         return defer.succeed(None)
@@ -500,16 +538,34 @@ class RedisClusterState:
             lambda: self.local.take(name, key, rate.scaled(1 / self._alive)),
             "rate")  # fmt: skip
 
-    def acquire_lease(self, key: str, limit: int, lease: str, ttl: float) -> defer.Deferred:
-        """True if ``lease`` holds one of ``limit`` slots of ``key`` (for ``ttl`` unless refreshed)."""
+    def acquire_lease(self, key: str, limit: int, lease: str, ttl: float, group: str | None = None) -> defer.Deferred:
+        """True if ``lease`` holds one of ``limit`` slots of ``key`` (for ``ttl`` unless refreshed).
+        ``group`` (a lease then starts ``group + "."``): the leases one process holds, which
+        :meth:`release_group` gives back at once."""
         if key.startswith(LOCAL_PREFIX):
             return self.local.acquire_lease(key, limit, lease, ttl)
         now = self.clock.seconds()
+        keys = [PREFIX + "lease:" + _digest("lease", key)]
+        args = [repr(now), limit, f"{self.node}/{lease}", repr(now + ttl)]
+        if group is not None:
+            keys += [self._group_key(group), PREFIX + "groups:" + self.node]
+            args.append(group)
         return self._shared_or_local(
-            lambda: self._script("lease", [PREFIX + "lease:" + _digest("lease", key)],
-                                 [repr(now), limit, f"{self.node}/{lease}", repr(now + ttl)]).addCallback(bool),
+            lambda: self._script("lease", keys, args).addCallback(bool),
             lambda: self.local.acquire_lease(key, divided(limit, self._alive), lease, ttl),
             "lease")  # fmt: skip
+
+    def _group_key(self, group: str) -> str:
+        return f"{PREFIX}group:{self.node}/{group}"
+
+    def release_group(self, group: str) -> defer.Deferred:
+        """Give back every lease of ``group`` on this node ("*": of every group), as when the
+        process holding them has ended or the node starts again."""
+        self.local.release_group(group)
+        if not self.shared:
+            return defer.succeed(None)
+        d = self._script("release_groups", [PREFIX + "groups:" + self.node], [f"{self.node}/", group, self._group_key("")])
+        return d.addCallback(lambda _: None).addErrback(self._failed, "lease release")
 
     def refresh_leases(self, leases: list[tuple[str, str]], ttl: float) -> defer.Deferred:
         """Push the expiry of these (key, lease) pairs ``ttl`` ahead (the connections still live)."""
@@ -536,6 +592,93 @@ class RedisClusterState:
                                  ).addCallback(float),
             lambda: self.local.greylist(triple, delay, expire, lifetime),
             "greylist")  # fmt: skip
+
+
+class LeaseKeeper:
+    """The leases one process holds in the cluster (``group``: released together), refreshed
+    every third of ``ttl`` while held, so that they lapse within ``ttl`` once the process dies."""
+
+    def __init__(self, cluster: Any, clock: Any, ttl: float, group: str | None = None) -> None:
+        self.cluster = cluster
+        self.clock = clock
+        self.ttl = ttl
+        self.group = group
+        self.held: dict[str, list[str]] = {}
+        self._serial = 0
+        self._refresher: Any = None
+
+    def acquire(self, key: str, limit: int) -> defer.Deferred:
+        """A Deferred of True when one more slot of ``key`` (of ``limit``) is held here."""
+        self._serial += 1
+        lease = f"{self.group or f'{id(self):x}'}.{self._serial}"  # unique in this process
+
+        def got(ok: bool) -> bool:
+            if ok:
+                self.held.setdefault(key, []).append(lease)
+                self._start()
+            return ok
+
+        return self.cluster.acquire_lease(key, limit, lease, self.ttl, self.group).addCallback(got)
+
+    def release(self, key: str) -> defer.Deferred:
+        """Give one slot of ``key`` held here back (none held: nothing)."""
+        leases = self.held.get(key)
+        if not leases:
+            return defer.succeed(None)
+        lease = leases.pop()
+        if not leases:
+            del self.held[key]
+        return self.cluster.release_lease(key, lease)
+
+    def _start(self) -> None:
+        if self._refresher is None:
+            self._refresher = task.LoopingCall(self._refresh)
+            self._refresher.clock = self.clock
+            self._refresher.start(self.ttl / 3, now=False).addErrback(lambda f: log.failure("lease refresh", f))
+
+    def _refresh(self) -> Any:
+        held = [(key, lease) for key, leases in self.held.items() for lease in leases]
+        return self.cluster.refresh_leases(held, self.ttl) if held else None
+
+    def stop(self) -> None:
+        if self._refresher is not None and self._refresher.running:
+            self._refresher.stop()
+        self._refresher = None
+
+
+@implementer(IInboundState)
+class ClusterInboundState:
+    """:class:`IInboundState` of a cluster: per-client connection counts are leases (a node that
+    dies frees its clients' slots within ``lease_ttl``), rates and greylisting the cluster's GCRA
+    and greylisting. Every answer is a Deferred; away from Redis the node answers alone, with the
+    limits divided by the nodes alive and greylisting of its own."""
+
+    def __init__(self, cluster: Any, clock: Any, lease_ttl: float = 30.0, owner: int | None = None) -> None:
+        self.cluster = cluster
+        self.owner = os.getpid() if owner is None else owner
+        self.leases = LeaseKeeper(cluster, clock, lease_ttl, group=f"inbound{self.owner}")
+
+    def acquire_connection(self, key: str, limit: int) -> defer.Deferred:
+        return self.leases.acquire("client:" + key, limit)
+
+    def release_connection(self, key: str) -> defer.Deferred:
+        return self.leases.release("client:" + key)
+
+    def take(self, name: str, key: str, rate: Rate) -> defer.Deferred:
+        return self.cluster.take("inbound:" + name, key, rate)
+
+    def greylist(self, triple: tuple[str, str, str], delay: float, expire: float, lifetime: float) -> defer.Deferred:
+        return self.cluster.greylist(triple, delay, expire, lifetime)
+
+    def release_owner(self, owner: int) -> defer.Deferred:
+        return self.cluster.release_group(f"inbound{owner}")
+
+    def clear_connections(self) -> defer.Deferred:
+        self.leases.held.clear()
+        return self.cluster.release_group("*")
+
+    def close(self) -> None:
+        self.leases.stop()
 
 
 def redis_connector(url: str, password: str | None = None, timeout: float = 0.5) -> Callable[[], defer.Deferred]:
@@ -573,4 +716,5 @@ def make_cluster_state(config: Any, clock: Any, member: bool = True) -> LocalClu
     return RedisClusterState(clock, connect, node=node, timeout=c.timeout, heartbeat=c.heartbeat, member=member)
 
 
-__all__ = ["LocalClusterState", "RedisClusterState", "divided", "make_cluster_state"]
+__all__ = ["ClusterInboundState", "LeaseKeeper", "LocalClusterState", "RedisClusterState", "divided",
+           "make_cluster_state"]
