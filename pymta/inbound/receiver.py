@@ -206,6 +206,9 @@ class InboundReceiver:
             def counted(refused: Reply | None) -> Reply | None | defer.Deferred:
                 if refused is not None:
                     return refused
+                if session.notes.get("gone"):  # the client left while the cluster answered
+                    self.limits.disconnected(session.peer_address)
+                    return None
                 session.notes["counted"] = True
                 return self._connected_checks(session, trusted)
 
@@ -403,6 +406,7 @@ class InboundReceiver:
         return Reply(451, "4.7.1", "Content scanner unavailable, try again later")
 
     def disconnected(self, session: Any) -> None:
+        session.notes["gone"] = True
         if self.limits is not None and session.notes.pop("counted", False):
             self.limits.disconnected(session.peer_address)
 
