@@ -209,7 +209,8 @@ class IInboundState(Interface):
 
     Keys are opaque strings chosen by the caller. Times come from the backend's injected clock.
     A backend that cannot answer (store down, lock timeout) fails open and logs: a limit
-    store never refuses mail by itself.
+    store never refuses mail by itself. A backend across the network (the cluster's) answers
+    each method with a Deferred of the value documented here.
     """
 
     owner = Attribute("the process (pid) whose connections this handle counts")
@@ -255,9 +256,13 @@ class IClusterState(Interface):
         """GCRA: Deferred of 0.0 if one event for ``key`` at ``rate`` may happen now (recorded),
         else of the seconds until it would be allowed."""
 
-    def acquire_lease(key, limit, lease, ttl):
+    def acquire_lease(key, limit, lease, ttl, group=None):
         """Deferred of True if ``lease`` (unique on this node) now holds one of ``limit`` slots of
-        ``key``; the slot lapses after ``ttl`` seconds unless refreshed."""
+        ``key``; the slot lapses after ``ttl`` seconds unless refreshed. With ``group`` the lease
+        (named ``group + "." + ...``) belongs to that group of this node."""
+
+    def release_group(group):
+        """Give back every lease of ``group`` on this node (``"*"``: of every group)."""
 
     def refresh_leases(leases, ttl):
         """Push the expiry of the (key, lease) pairs ``ttl`` seconds ahead (their connections live)."""
@@ -270,6 +275,27 @@ class IClusterState(Interface):
 
     def nodes_alive():
         """Nodes seen alive at the last heartbeat (1 for a node alone)."""
+
+    def take_quota(counters):
+        """Daily quotas (warm-up caps): a Deferred of True when each (counter, cap) of ``counters``
+        has room for one more (cap < 0: counted, no cap), which is then counted; else False. Away
+        from the shared store a node may use the remaining quota it last saw, divided by the nodes
+        last seen alive."""
+
+    def give_back_quota(counters):
+        """One counted by :meth:`take_quota` on these counters was not used."""
+
+    def watch(table, on_records):
+        """Call ``on_records({name: record})`` with the records of ``table`` in force whenever this
+        node reads them from the shared store (on joining, then on every heartbeat); one watcher
+        per table, a later call replaces the earlier one."""
+
+    def put_record(table, name, record, until):
+        """Keep the dict ``record`` under ``name`` in ``table`` for every node until ``until``;
+        a Deferred of True once stored, False when the shared store cannot be reached."""
+
+    def delete_record(table, name):
+        """Forget ``name`` in ``table``; a Deferred of True once done."""
 
     def start():
         """Connect and begin the heartbeat; never fails."""

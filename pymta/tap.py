@@ -279,7 +279,7 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
         IncomingWatcher(os.path.join(config.queue_dir, "incoming"), notify, reactor).setServiceParent(top)
         manager.setServiceParent(top)
 
-    inbound_state = _inbound_state(config, reactor, main=worker_fds is None)
+    inbound_state = _inbound_state(config, reactor, main=worker_fds is None, shared=shared)
     CloseOnStop(inbound_state.close).setServiceParent(top)
     policy = RelayPolicy(
         config.domains.local,
@@ -310,7 +310,7 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
             state=inbound_state,
         ),
         greylist=Greylist(reactor, config.greylist.delay, config.greylist.expire, config.greylist.lifetime,
-                          state=inbound_state, cluster=shared)  # fmt: skip
+                          state=inbound_state)  # fmt: skip
         if config.greylist.enabled
         else None,
         suppression=suppression,
@@ -367,7 +367,7 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
     from pymta.admin.queue_ops import QueueOperations
     from pymta.state.suspensions import SQLiteSuspensions
 
-    suspensions = SQLiteSuspensions(os.path.join(config.state_dir, "suspensions.sqlite"), reactor)
+    suspensions = SQLiteSuspensions(os.path.join(config.state_dir, "suspensions.sqlite"), reactor, cluster=shared)
     if smtp_agent.shaper is not None:
         smtp_agent.shaper.suspensions = suspensions
     operations = QueueOperations(
@@ -590,9 +590,14 @@ def _scan_chain(config: Config, reactor: Any, top: service.MultiService) -> Any:
     return ScanChain(scanners, reactor)
 
 
-def _inbound_state(config: Config, reactor: Any, main: bool) -> Any:
-    """The node's shared inbound state (per-client counts, rates, greylist) under state_dir;
-    the main process starts with no connection counted."""
+def _inbound_state(config: Config, reactor: Any, main: bool, shared: Any = None) -> Any:
+    """The node's shared inbound state (per-client counts, rates, greylist) under state_dir, or
+    the cluster's; the main process starts with no connection counted."""
+    if shared is not None:
+        from pymta.state.cluster import ClusterInboundState
+
+        # Slots a previous run of this node held lapse within lease_ttl, as a dead node's do.
+        return ClusterInboundState(shared, reactor, lease_ttl=config.cluster.lease_ttl)
     from pymta.state.local import LocalInboundState
 
     state = LocalInboundState(os.path.join(config.state_dir, "inbound.sqlite"), reactor, owner=os.getpid())
@@ -619,7 +624,7 @@ def _feedback_parts(config: Config, reactor: Any, shared: Any = None) -> tuple[A
     return store, tagger
 
 
-def _selector(config: Config, reactor: Any) -> Any:
+def _selector(config: Config, reactor: Any, shared: Any = None) -> Any:
     """Source IP pools and warm-up from ``[sources]``, ``[pools]``, ``[pool_select]`` (None without pools)."""
     if not config.pools:
         return None
@@ -638,7 +643,7 @@ def _selector(config: Config, reactor: Any) -> Any:
     w = config.warmup
     return SourceSelector(reactor, pools, sel.sender_domain, sel.auth_user, sel.default, counter,
                           bounce_rate=w.bounce_rate, deferral_rate=w.deferral_rate, min_sample=w.min_sample,
-                          complaint_rate=w.complaint_rate)  # fmt: skip
+                          complaint_rate=w.complaint_rate, cluster=shared)  # fmt: skip
 
 
 class ClusterStateService(service.Service):
@@ -804,7 +809,7 @@ def _outbound_agent(config: Config, reactor: Any, resolver: Any, tls_reports: An
         router,
         config.hostname,
         shaper=_shaper(config, reactor, shared),
-        selector=_selector(config, reactor),
+        selector=_selector(config, reactor, shared),
         max_connections=out.max_connections,
         max_connections_per_domain=out.max_connections_per_domain,
         max_messages_per_connection=out.max_messages_per_connection,

@@ -18,6 +18,7 @@ from pymta.rate import gcra_step, parse_rate
 from pymta.state.cluster import (
     LocalClusterState,
     RedisClusterState,
+    _quota_key,
     divided,
     make_cluster_state,
     redis_connector,
@@ -118,6 +119,22 @@ class ClusterStateContract:
         self.assertEqual((yield state.greylist(TRIPLE, 300, 4 * 3600, 86400)), 0.0)
         clock.advance(80000)
         self.assertEqual((yield state.greylist(TRIPLE, 300, 4 * 3600, 86400)), 0.0)  # pass renewed
+
+
+    @defer.inlineCallbacks
+    def test_a_daily_quota_holds_its_cap_and_takes_back_what_was_not_used(self):
+        state = self.make_state(_clock())
+        yield state.start()
+        counters = [("warmup:2026-12-02:ip1/gmail", 3), ("warmup:2026-12-02:ip1", -1)]
+        got = yield _seq(lambda _: state.take_quota(counters), 4)
+        self.assertEqual(got, [True, True, True, False])
+        yield state.give_back_quota([k for k, _ in counters])
+        self.assertTrue((yield state.take_quota(counters)))
+        self.assertFalse((yield state.take_quota(counters)))
+        # The uncapped total counted the three kept (four taken, one given back): a cap of 3 is full.
+        self.assertFalse((yield state.take_quota([("warmup:2026-12-02:ip1", 3)])))
+        self.assertTrue((yield state.take_quota([("warmup:2026-12-02:ip1", 4)])))
+        self.assertTrue((yield state.take_quota([("warmup:2026-12-03:ip1/gmail", 3)])))  # another day
 
 
 class TestLocalClusterState(ClusterStateContract, unittest.TestCase):
@@ -237,6 +254,38 @@ class TestRedisClusterState(ClusterStateContract, unittest.TestCase):
         self.assertAlmostEqual((yield b.take("d2", "d2", parse_rate("60/min"))), 1.0, places=6)
 
     @defer.inlineCallbacks
+    def test_a_warm_up_cap_holds_across_nodes(self):
+        clock = _clock()
+        nodes = yield self._nodes(clock)
+        got = []
+        for _ in range(5):
+            for node in nodes:
+                got.append((yield node.take_quota([("warmup:d:ip1", 10)])))
+        self.assertEqual(sum(got), 10)
+
+    @defer.inlineCallbacks
+    def test_redis_away_divides_the_remaining_daily_quota_and_its_return_counts_what_was_sent(self):
+        clock = _clock()
+        a, b, c = yield self._nodes(clock)
+        cap = [("warmup:d:ip1", 100)]
+        yield _seq(lambda _: b.take_quota(cap), 40)
+        self.assertTrue((yield a.take_quota(cap)))  # node a saw 41 taken
+        port = self.redis.port
+        self.redis.stop()
+        # 59 remain for 3 nodes alive: node a may send 19 more on its own.
+        got = yield _seq(lambda _: a.take_quota(cap), 25)
+        self.assertFalse(a.shared)
+        self.assertEqual(sum(got), 19)
+        self.assertEqual(got[:19], [True] * 19)
+        self.redis = RedisServer(self.redis.directory, port).start()
+        yield a.beat()
+        self.assertTrue(a.shared)
+        yield _seq(lambda _: b.beat(), 2)  # b finds its connection gone, then comes back
+        self.assertTrue(b.shared)
+        # Redis came back empty (no persistence): it counts what node a sent while it was away.
+        self.assertEqual(int((yield a.command("GET", _quota_key("warmup:d:ip1")))), 19)
+
+    @defer.inlineCallbacks
     def test_a_stalled_redis_times_out_to_the_local_answer(self):
         clock = _clock()
         state = self.make_state(clock, timeout=0.5)
@@ -339,10 +388,11 @@ def test_leases_live_while_refreshed_and_lapse_when_their_node_dies():
 
 def test_greylisting_through_the_cluster_answers_450_then_passes():
     from pymta.inbound.limits import Greylist
+    from pymta.state.cluster import ClusterInboundState
 
     clock = _clock()
     shared = LocalClusterState(clock, "cluster")
-    one, other = (Greylist(clock, 60, 3600, 86400, cluster=shared) for _ in range(2))
+    one, other = (Greylist(clock, 60, 3600, 86400, state=ClusterInboundState(shared, clock)) for _ in range(2))
     reply = one.check("192.0.2.7", "a@x.test", "b@y.test").result
     assert (reply.code, reply.enhanced) == (450, "4.7.1")
     clock.advance(61)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import signal
 import smtplib
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -106,7 +108,7 @@ def cluster(tmp_path):
                       f'[routes]\n"remote.test" = "127.0.0.1:{receiver.port}"\n'
                       f'[cluster]\nbackend = "redis"\nredis = "{redis.url}"\nnode = "node{i + 1}"\n'
                       f'timeout = "0.5s"\nheartbeat = "0.5s"\nlease_ttl = "{lease_ttl}"\n'
-                      + shaping)  # fmt: skip
+                      + shaping.replace("{address}", f"127.0.0.{i + 2}"))  # fmt: skip
             nodes.append(MTAProcess(str(work), extra_config=config).start())
         return nodes
 
@@ -196,3 +198,76 @@ def test_redis_killed_mid_run_divides_the_limits_and_restarted_shares_them_again
         wait_until(lambda: receiver.count() >= before + 3, 20, "deliveries through the shared rate again")
     finally:
         restarted.stop()
+
+
+def suppress(node: MTAProcess, *args: str) -> subprocess.CompletedProcess:
+    """``pymta-suppress`` against ``node``'s configuration, as an operator runs it."""
+    return subprocess.run([sys.executable, "-c", "import sys; from pymta.admin.cli import suppress_main; "
+                           "sys.exit(suppress_main())", "--config", node.config_path, *args],
+                          capture_output=True, text=True, timeout=30, cwd=node.workdir)  # fmt: skip
+
+
+def rcpt_reply(port: int, address: str) -> int:
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        client.ehlo("client.test")
+        client.mail("s@example.org")
+        code, _ = client.rcpt(address)
+        return code
+
+
+def refused_within(port: int, address: str, seconds: float) -> float | None:
+    """Seconds until RCPT TO ``address`` gets 550 (asked every 50 ms), or None past ``seconds``."""
+    start = time.monotonic()
+    while time.monotonic() - start < seconds:
+        if rcpt_reply(port, address) == 550:
+            return time.monotonic() - start
+        time.sleep(0.05)
+    return None
+
+
+def test_a_suppression_added_with_the_command_on_node_1_is_refused_at_rcpt_on_node_3_within_a_second(cluster):
+    make, redis = cluster
+    receiver = CountingReceiver()
+    nodes = make("", receiver)
+    assert rcpt_reply(nodes[2].port, "gone@remote.test") == 250
+    done = suppress(nodes[0], "add", "gone@remote.test", "--reason", "asked to leave")
+    assert done.returncode == 0, done.stderr
+    took = refused_within(nodes[2].port, "gone@remote.test", 1.0)
+    assert took is not None, "node 3 still accepts the address 1 s after pymta-suppress on node 1"
+    # Added while Redis is away, it waits in node 1's outbox; node 1 sends it when Redis is back.
+    port = redis.port
+    redis.stop()
+    done = suppress(nodes[0], "add", "later@remote.test")
+    assert done.returncode == 0 and "Redis does not answer: 1 change(s) wait" in done.stderr, done.stderr
+    restarted = RedisServer(redis.directory, port).start()
+    try:
+        wait_until(lambda: all(sum(e.get("event") == "cluster_shared" for e in n.log_events()) >= 2 for n in nodes),
+                   15, "every node back on the shared state")  # fmt: skip
+        assert refused_within(nodes[2].port, "later@remote.test", 5.0) is not None
+        assert rcpt_reply(nodes[1].port, "later@remote.test") == 550
+    finally:
+        restarted.stop()
+
+
+def test_a_warm_up_cap_of_100_a_day_holds_across_the_three_nodes(cluster):
+    import datetime
+
+    make, _ = cluster
+    receiver = CountingReceiver()
+    today = datetime.datetime.now(datetime.UTC).date().isoformat()
+    # One source named ip1 on every node (each node sends from its own loopback address).
+    nodes = make(f'[sources.ip1]\naddress = "{{address}}"\nwarmup = [100, 200]\nwarmup_start = "{today}"\n'
+                 '[pools.bulk]\nsources = { ip1 = 1 }\n[pool_select]\ndefault = "bulk"\n', receiver)  # fmt: skip
+    for node in nodes:
+        send(node.port, 40, node.workdir)
+    wait_until(lambda: receiver.count() >= 100, 60, "the day's 100 messages")
+
+    def held():
+        return sum(len(n.queue_files("deferred")) for n in nodes)
+
+    wait_until(lambda: held() >= 20, 30, "the other 20 held until tomorrow")
+    assert receiver.count() == 100
+    with receiver.lock:
+        peers = {p for _, p in receiver.accepted}
+    assert peers == {"127.0.0.2", "127.0.0.3", "127.0.0.4"}  # every node used its part of the cap
+    assert held() == 20, held()

@@ -141,6 +141,54 @@ class ReceiverTests(TempDirMixin, unittest.TestCase):
         assert receiver.connected(trusted) is None and receiver.connected(Sess(peer_address="127.0.0.1")) is None
         assert receiver.rcpt_to(trusted, "carol@remote.example", {}) is None
 
+    def test_limits_and_greylisting_answered_later_by_the_cluster_refuse_alike(self) -> None:
+        from pymta.inbound.limits import ClientLimits, Greylist
+        from pymta.rate import parse_rate
+        from pymta.state.cluster import ClusterInboundState, LocalClusterState
+
+        state = ClusterInboundState(LocalClusterState(self.clock, "n1"), self.clock)
+        receiver = InboundReceiver(
+            "mx.example.test", self.policy, self.store, self.clock,
+            limits=ClientLimits(self.clock, connections_per_client=1, message_rate=parse_rate("1/min"), state=state),
+            greylist=Greylist(self.clock, delay=60, expire=3600, lifetime=86400, state=state),
+        )  # fmt: skip
+        stranger = Sess(peer_address="192.0.2.1", transaction=Txn(sender="a@x.test"))
+        assert self.successResultOf(receiver.connected(stranger)) is None
+        assert self.successResultOf(receiver.connected(Sess(peer_address="192.0.2.1"))).code == 421
+        assert self.successResultOf(receiver.mail_from(stranger, "a@x.test", {})) is None
+        assert self.successResultOf(receiver.mail_from(stranger, "a@x.test", {})).code == 450  # 1/min
+        assert self.successResultOf(receiver.rcpt_to(stranger, "alice@example.test", {})).enhanced == "4.7.1"
+        self.clock.advance(61)
+        assert self.successResultOf(receiver.rcpt_to(stranger, "alice@example.test", {})) is None
+        receiver.disconnected(stranger)
+        assert self.successResultOf(receiver.connected(Sess(peer_address="192.0.2.1"))) is None
+
+    def test_a_client_that_leaves_before_the_cluster_answers_leaves_no_slot_held(self) -> None:
+        from pymta.inbound.limits import ClientLimits
+        from pymta.state.memory import MemoryInboundState
+
+        memory = MemoryInboundState(self.clock)
+        answers: list[defer.Deferred] = []
+
+        class Slow:  # a state across the network whose answer to a connection comes later
+            owner = memory.owner
+
+            def acquire_connection(self, key: str, limit: int) -> defer.Deferred:
+                answers.append(defer.Deferred().addCallback(lambda _: memory.acquire_connection(key, limit)))
+                return answers[-1]
+
+            def release_connection(self, key: str) -> None:
+                memory.release_connection(key)
+
+        receiver = InboundReceiver("mx.example.test", self.policy, self.store, self.clock,
+                                   limits=ClientLimits(self.clock, connections_per_client=1, state=Slow()))  # fmt: skip
+        session = Sess(peer_address="192.0.2.1")
+        d = receiver.connected(session)
+        receiver.disconnected(session)
+        answers[0].callback(None)
+        assert self.successResultOf(d) is None
+        assert memory.connections == {}
+
     def test_suppressed_recipient_is_refused_at_rcpt_for_relay_clients(self) -> None:
         from pymta.feedback.suppression import SuppressionStore
 

@@ -70,14 +70,14 @@ class TestReplicatedSuppression(unittest.TestCase):
         self.assertIsNotNone(one.is_suppressed("a@example.test"))  # the local replica has it at once
         yield one.cluster.beat()  # the connection is found gone: local
         self.assertFalse(one.cluster.shared)
-        self.assertEqual(len(one.pending), 1)
+        self.assertEqual(one.pending_count(), 1)
         self.redis = RedisServer(self.dir, port).start()
         yield one.cluster.beat()
         yield two.cluster.beat()
         yield two.cluster.beat()
         self.assertTrue(one.cluster.shared and two.cluster.shared)
         yield one.sync()
-        self.assertEqual(len(one.pending), 0)
+        self.assertEqual(one.pending_count(), 0)
         yield two.sync()
         self.assertIsNotNone(two.is_suppressed("a@example.test"))
 

@@ -202,10 +202,20 @@ def suppress_main(argv: list[str] | None = None) -> int:
         def seconds() -> float:
             return time.time()
 
+    cluster = None
     try:
         config = load_config(args.config or default_config_path())
         os.makedirs(os.path.dirname(config.suppression_db), exist_ok=True)
-        store = SuppressionStore(config.suppression_db, _WallClock())
+        if config.cluster.backend == "redis":  # changes go to the cluster's stream too
+            from twisted.internet import reactor
+
+            from pymta.state.cluster import make_cluster_state
+            from pymta.state.replica import ReplicatedSuppressionStore
+
+            cluster = make_cluster_state(config, reactor, member=False)
+            store = ReplicatedSuppressionStore(config.suppression_db, _WallClock(), cluster=cluster)
+        else:
+            store = SuppressionStore(config.suppression_db, _WallClock())
     except ConfigError as e:
         sys.stderr.write(f"pymta-suppress: configuration error: {e}\n")
         return 2
@@ -240,5 +250,14 @@ def suppress_main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"pymta-suppress: {e}\n")
         return 1
     finally:
+        if cluster is not None and args.command in ("add", "remove", "import"):
+            from twisted.internet import reactor
+
+            from pymta.state.replica import push_outbox
+
+            left = push_outbox(store, reactor)
+            if left:
+                sys.stderr.write(f"pymta-suppress: Redis does not answer: {left} change(s) wait in "
+                                 f"{config.suppression_db}; the node sends them when it does\n")  # fmt: skip
         store.close()
     return 0

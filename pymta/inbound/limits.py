@@ -1,19 +1,30 @@
 """Per-client limits (connections, message and recipient rates) and greylisting, on an injected clock.
 
 Trusted clients (``relay_from`` networks, authenticated users) are never limited or greylisted:
-the caller decides that and does not ask.
+the caller decides that and does not ask. With the cluster's state every answer is a Deferred.
 """
 
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from typing import Any
+
+from twisted.internet import defer
 
 from pymta.inbound.policy import parse_ip
 from pymta.interfaces import IInboundState
 from pymta.rate import Rate
 from pymta.smtp.replies import Reply
 from pymta.state.memory import MemoryInboundState
+
+
+def then(answer: Any, step: Callable[[Any], Any]) -> Any:
+    """``step(answer)``, or a Deferred of it when the state answered with a Deferred."""
+    if isinstance(answer, defer.Deferred):
+        return answer.addCallback(step)
+    return step(answer)
+
 
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections from your address, try again later")
 
@@ -47,17 +58,19 @@ class ClientLimits:
         self.recipient_rate = recipient_rate
         self.state = state if state is not None else MemoryInboundState(clock)
 
-    def connected(self, address: str) -> Reply | None:
-        """None if the connection is allowed (and counted: call :meth:`disconnected` later)."""
+    def connected(self, address: str) -> Reply | None | Any:
+        """None if the connection is allowed (and counted: call :meth:`disconnected` later); a
+        Deferred of the answer from a state across the network."""
         if self.connections_per_client is None:
             return None
-        if not self.state.acquire_connection(client_key(address), self.connections_per_client):
-            return TOO_MANY_CONNECTIONS
-        return None
+        counted = self.state.acquire_connection(client_key(address), self.connections_per_client)
+        return then(counted, lambda ok: None if ok else TOO_MANY_CONNECTIONS)
 
-    def disconnected(self, address: str) -> None:
+    def disconnected(self, address: str) -> Any:
+        """The counted connection has ended (a Deferred from a state across the network)."""
         if self.connections_per_client is not None:
-            self.state.release_connection(client_key(address))
+            return self.state.release_connection(client_key(address))
+        return None
 
     def message(self, address: str) -> Reply | None:
         return self._take(self.message_rate, address, "messages")
@@ -65,13 +78,16 @@ class ClientLimits:
     def recipient(self, address: str) -> Reply | None:
         return self._take(self.recipient_rate, address, "recipients")
 
-    def _take(self, rate: Rate | None, address: str, what: str) -> Reply | None:
+    def _take(self, rate: Rate | None, address: str, what: str) -> Reply | None | Any:
         if rate is None:
             return None
-        wait = self.state.take(what, client_key(address), rate)
-        if wait:
-            return Reply(450, "4.7.1", f"Too many {what} from your address ({rate}), try again in {int(wait) + 1}s")
-        return None
+
+        def reply(wait: float) -> Reply | None:
+            if wait:
+                return Reply(450, "4.7.1", f"Too many {what} from your address ({rate}), try again in {int(wait) + 1}s")
+            return None
+
+        return then(self.state.take(what, client_key(address), rate), reply)
 
 
 class Greylist:
@@ -82,20 +98,16 @@ class Greylist:
     """
 
     def __init__(
-        self, clock: Any, delay: float, expire: float, lifetime: float, state: IInboundState | None = None,
-        cluster: Any = None,
+        self, clock: Any, delay: float, expire: float, lifetime: float, state: IInboundState | None = None
     ) -> None:  # fmt: skip
         self.delay = delay
         self.expire = expire
         self.lifetime = lifetime
         self.state = state if state is not None else MemoryInboundState(clock)
-        self.cluster = cluster  # IClusterState: the triples are the cluster's (a Deferred answer)
 
     def check(self, client: str, sender: str, recipient: str) -> Reply | None | Any:
         triple = (client_key(client, v4_prefix=24), sender.lower(), recipient.lower())
-        if self.cluster is not None:
-            return self.cluster.greylist(triple, self.delay, self.expire, self.lifetime).addCallback(self._reply)
-        return self._reply(self.state.greylist(triple, self.delay, self.expire, self.lifetime))
+        return then(self.state.greylist(triple, self.delay, self.expire, self.lifetime), self._reply)
 
     @staticmethod
     def _reply(wait: float) -> Reply | None:

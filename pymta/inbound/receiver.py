@@ -17,7 +17,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from pymta.envelope import ROUTE_LOCAL, ROUTE_RELAY, Envelope, Recipient, new_qid
-from pymta.inbound.limits import ClientLimits, Greylist
+from pymta.inbound.limits import ClientLimits, Greylist, then
 from pymta.inbound.policy import RelayPolicy, Target
 from pymta.inbound.scan import DISCARD, QUARANTINE, REJECT, TEMPFAIL, ScanRequest, Verdict, apply_edits
 from pymta.inbound.submit import record_queued
@@ -202,10 +202,20 @@ class InboundReceiver:
     def _connected(self, session: Any) -> Reply | None | defer.Deferred:
         trusted = self._trusted(session)
         if self.limits is not None and not trusted:
-            refused = self.limits.connected(session.peer_address)
-            if refused is not None:
-                return refused
-            session.notes["counted"] = True
+
+            def counted(refused: Reply | None) -> Reply | None | defer.Deferred:
+                if refused is not None:
+                    return refused
+                if session.notes.get("gone"):  # the client left while the cluster answered
+                    self.limits.disconnected(session.peer_address)
+                    return None
+                session.notes["counted"] = True
+                return self._connected_checks(session, trusted)
+
+            return then(self.limits.connected(session.peer_address), counted)
+        return self._connected_checks(session, trusted)
+
+    def _connected_checks(self, session: Any, trusted: bool) -> Reply | None | defer.Deferred:
         refused = self._acl("connect", session)
         if refused is not None or trusted or self.dnsbl is None or not self.dnsbl.zones:
             return refused
@@ -224,12 +234,16 @@ class InboundReceiver:
                 log.warn("refusing mail: {free} octets free for the queue, {needed} needed", event="storage_low",
                          free=free, needed=self.space_needed)  # fmt: skip
                 return STORAGE_FULL
-        if self.limits is not None and not self._trusted(session):
-            refused = self.limits.message(session.peer_address)
+        size = params.get("SIZE")
+
+        def acl(refused: Reply | None = None) -> Reply | None:
             if refused is not None:
                 return refused
-        size = params.get("SIZE")
-        return self._acl("mail", session, sender=sender, size=int(size) if size and size.isdigit() else None)
+            return self._acl("mail", session, sender=sender, size=int(size) if size and size.isdigit() else None)
+
+        if self.limits is not None and not self._trusted(session):
+            return then(self.limits.message(session.peer_address), acl)
+        return acl()
 
     def rcpt_to(self, session: Any, address: str, params: dict[str, str]) -> Reply | None:
         refused = self._acl("rcpt", session, recipient=address)
@@ -245,7 +259,7 @@ class InboundReceiver:
             return Reply(452, "4.2.2", "Mailbox full: quota exceeded")
         if not self._trusted(session):
             refused = self._untrusted_rcpt(session, decision.address)
-            if isinstance(refused, defer.Deferred):  # the cluster's greylisting answers later
+            if isinstance(refused, defer.Deferred):  # the cluster's limits and greylisting answer later
                 return refused.addCallback(
                     lambda r: r if r is not None else self._rcpt_accepted(session, address, decision, targets))
             if refused is not None:
@@ -266,14 +280,15 @@ class InboundReceiver:
         notes.setdefault("routes", {})[address] = targets if decision.targets else (decision.route, decision.address)
         return None
 
-    def _untrusted_rcpt(self, session: Any, address: str) -> Reply | None:
-        if self.limits is not None:
-            refused = self.limits.recipient(session.peer_address)
-            if refused is not None:
+    def _untrusted_rcpt(self, session: Any, address: str) -> Reply | None | defer.Deferred:
+        def greylist(refused: Reply | None = None) -> Reply | None | defer.Deferred:
+            if refused is not None or self.greylist is None:
                 return refused
-        if self.greylist is not None:
             return self.greylist.check(session.peer_address, session.transaction.sender, address)
-        return None
+
+        if self.limits is not None:
+            return then(self.limits.recipient(session.peer_address), greylist)
+        return greylist()
 
     def message(self, session: Any, body: bytes) -> defer.Deferred[Reply] | Reply:
         # Inbound verdicts (untrusted clients) come first, so scanners see Authentication-Results;
@@ -391,6 +406,7 @@ class InboundReceiver:
         return Reply(451, "4.7.1", "Content scanner unavailable, try again later")
 
     def disconnected(self, session: Any) -> None:
+        session.notes["gone"] = True
         if self.limits is not None and session.notes.pop("counted", False):
             self.limits.disconnected(session.peer_address)
 

@@ -261,51 +261,57 @@ class SMTPDeliveryAgent:
         provider = destination[0][len("provider:") :] if destination and destination[0].startswith("provider:") else None
         source = None
         if self.selector is not None:
-            source, until = self.selector.pick(envelope, provider)
+            source, until = yield self.selector.pick(envelope, provider)  # in a cluster, a Deferred
             if source is None and until:
                 reply = Reply(451, "4.7.0", "Every source of this mail's pool reached its daily warm-up cap")
                 return [_result(r, reply, None, None, hold_until=until) for r in recipients]
-        suspended = self.shaper.suspended(domain, provider, source, envelope) if self.shaper else None
-        if suspended is not None:  # an operator's suspension: back to the queue without using an attempt
-            reply = Reply(451, "4.7.0", f"{SUSPENDED_TEXT} until it lapses ({suspended['reason']})")
-            return [_result(r, reply, None, None, hold_until=suspended["until"]) for r in recipients]
-        shaping = None
-        if destination is not None:
-            key, limits = destination
-            if limits.per_source and source is not None:
-                key = f"{key}@{source.name}"  # the limits hold for each source separately
-            while True:
-                hold = yield self.shaper.admit(key, limits)
-                wait = hold - self.clock.seconds() if hold else 0.0
-                if wait <= 0:
-                    break
-                if wait > MAX_INLINE_WAIT:  # held by a limit: back to the queue without using an attempt
-                    why = self.shaper.state(key).reason or f"rate limit of {key}"
-                    reply = Reply(451, "4.7.0", f"Held back by traffic shaping ({why})")
-                    return [_result(r, reply, None, None, hold_until=hold, shaping=key) for r in recipients]
-                yield task.deferLater(self.clock, wait, lambda: None)
-            yield self.shaper.acquire_connection(key, limits)
-            shaping = (key, limits)
-        active = (provider or "", getattr(source, "name", "") or "")
-        self.active[active] = self.active.get(active, 0) + 1
+        sent = False  # a source's place under the cluster's warm-up caps is given back unless used
         try:
-            results = yield self._try_hops(envelope, recipients, body, domain, hops, shaping, source)
-            if provider is not None:  # for the accounting record and the event
-                for r in results:
-                    r.extra.setdefault("provider", provider)
-            if source is not None:
-                for r in results:
-                    if r.remote_mta:  # an answer from the remote side, not a local verdict
-                        self.selector.outcome(source, r.code)
-                if any(200 <= r.code < 300 for r in results):
-                    self.selector.sent(source, qid=envelope.qid, provider=provider)
-                    envelope.extra["source"] = source.name
+            suspended = self.shaper.suspended(domain, provider, source, envelope) if self.shaper else None
+            if suspended is not None:  # an operator's suspension: back to the queue without using an attempt
+                reply = Reply(451, "4.7.0", f"{SUSPENDED_TEXT} until it lapses ({suspended['reason']})")
+                return [_result(r, reply, None, None, hold_until=suspended["until"]) for r in recipients]
+            shaping = None
+            if destination is not None:
+                key, limits = destination
+                if limits.per_source and source is not None:
+                    key = f"{key}@{source.name}"  # the limits hold for each source separately
+                while True:
+                    hold = yield self.shaper.admit(key, limits)
+                    wait = hold - self.clock.seconds() if hold else 0.0
+                    if wait <= 0:
+                        break
+                    if wait > MAX_INLINE_WAIT:  # held by a limit: back to the queue without using an attempt
+                        why = self.shaper.state(key).reason or f"rate limit of {key}"
+                        reply = Reply(451, "4.7.0", f"Held back by traffic shaping ({why})")
+                        return [_result(r, reply, None, None, hold_until=hold, shaping=key) for r in recipients]
+                    yield task.deferLater(self.clock, wait, lambda: None)
+                yield self.shaper.acquire_connection(key, limits)
+                shaping = (key, limits)
+            active = (provider or "", getattr(source, "name", "") or "")
+            self.active[active] = self.active.get(active, 0) + 1
+            try:
+                results = yield self._try_hops(envelope, recipients, body, domain, hops, shaping, source)
+                if provider is not None:  # for the accounting record and the event
+                    for r in results:
+                        r.extra.setdefault("provider", provider)
+                if source is not None:
+                    for r in results:
+                        if r.remote_mta:  # an answer from the remote side, not a local verdict
+                            self.selector.outcome(source, r.code)
+                    if any(200 <= r.code < 300 for r in results):
+                        self.selector.sent(source, qid=envelope.qid, provider=provider)
+                        sent = True
+                        envelope.extra["source"] = source.name
+            finally:
+                self.active[active] -= 1
+                if not self.active[active]:
+                    del self.active[active]
+                if shaping is not None:
+                    self.shaper.release_connection(shaping[0])
         finally:
-            self.active[active] -= 1
-            if not self.active[active]:
-                del self.active[active]
-            if shaping is not None:
-                self.shaper.release_connection(shaping[0])
+            if source is not None and not sent:
+                self.selector.unused(source, provider)
         return results
 
     @defer.inlineCallbacks

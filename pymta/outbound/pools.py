@@ -1,6 +1,11 @@
 """Source IP pools and warm-up: named sources (local address + EHLO name), weighted pools chosen
 per sender domain, authenticated user or ``X-Pymta-Pool`` header, and per-source daily caps
 that follow a warm-up ladder from a start date (counts kept in SQLite, so restarts keep them).
+
+In a cluster (an :class:`pymta.interfaces.IClusterState`) the daily counts that caps are held
+to are the cluster's: a message takes its place under the cap before it goes (given back when
+nothing was delivered), so the nodes together never pass a cap; the ladder step each source is
+on today is shared as a record. This node's SQLite still keeps its own counts and outcomes.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+from twisted.internet import defer
 from twisted.logger import Logger
 
 log = Logger(namespace="pymta.outbound.pools")
@@ -125,8 +131,12 @@ class SourceSelector:
         deferral_rate: float = 0.20,
         min_sample: int = 20,
         complaint_rate: float = 0.001,
+        cluster: Any = None,
     ) -> None:
         self.clock = clock
+        self.cluster = cluster  # IClusterState: daily counts and ladder steps shared by the nodes
+        if cluster is not None:
+            cluster.watch("warmup_ladder", self.apply_shared_ladders)
         self.pools = pools
         self.by_sender_domain = {k.lower(): v for k, v in (by_sender_domain or {}).items()}
         self.by_user = by_user or {}
@@ -159,7 +169,22 @@ class SourceSelector:
                          "{complaints:.2%} complained", source=source.name, what="steps back" if step == 2 else "holds",
                          bounces=bounces, deferrals=deferrals, complaints=complaints, event="warmup")  # fmt: skip
         self.counter.set_ladder(source.name, offset, today)
+        if self.cluster is not None:
+            until = datetime.combine(today + timedelta(days=2), datetime.min.time(), UTC).timestamp()
+            self.cluster.put_record("warmup_ladder", source.name, {"offset": offset, "checked": today.isoformat()}, until)
         return offset
+
+    def apply_shared_ladders(self, records: dict[str, dict[str, Any]]) -> None:
+        """The ladder steps the cluster's nodes judged: the latest judgement of each source holds here."""
+        if self.counter is None:
+            return
+        for name, r in records.items():
+            try:
+                offset, checked = int(r["offset"]), date.fromisoformat(str(r["checked"]))
+            except (KeyError, TypeError, ValueError):
+                continue
+            if self.counter.ladder(name) != (offset, checked.isoformat()):
+                self.counter.set_ladder(name, offset, checked)
 
     def pool_for(self, envelope: Any) -> Pool | None:
         name = envelope.extra.get("pool") if envelope.extra else None
@@ -174,19 +199,63 @@ class SourceSelector:
     def today(self) -> date:
         return datetime.fromtimestamp(self.clock.seconds(), UTC).date()
 
-    def pick(self, envelope: Any, provider: str | None = None) -> tuple[Source | None, float]:
+    def pick(self, envelope: Any, provider: str | None = None) -> Any:
         """(source, 0) to send now; (None, 0) when no pool applies; (None, until) when every
-        source of the pool is at its daily cap."""
+        source of the pool is at its daily cap. In a cluster, a Deferred of that, and the source
+        has taken its place under the cluster's caps: call :meth:`unused` if nothing is sent."""
+        if self.cluster is None:
+            return self._pick(envelope, provider)
+        return self._pick_shared(envelope, provider)
+
+    @defer.inlineCallbacks
+    def _pick_shared(self, envelope: Any, provider: str | None) -> Any:
+        full: set[str] = set()
+        pool = self.pool_for(envelope)
+        for _ in range(len(pool.members) + 1 if pool else 1):
+            source, until = self._pick(envelope, provider, full)
+            counters = self.counters(source, provider) if source is not None else []
+            if not counters or (yield self.cluster.take_quota(counters)):
+                return source, until
+            full.add(source.name)
+        return None, self._tomorrow(self.today())
+
+    def counters(self, source: Source, provider: str | None) -> list[tuple[str, int]]:
+        """The cluster's daily (counter, cap) pairs a message through ``source`` counts in (cap -1:
+        counted, no cap); none for a source without a ladder."""
+        if not (source.ladder or source.provider_ladders):
+            return []
+        today = self.today()
+        cap = source.cap(today, self.offset(source, today), provider)
+        key = source.counter_key(provider)
+        pairs = [(f"warmup:{today.isoformat()}:{key}", -1 if cap is None else cap)]
+        if key != source.name:  # a provider's own ladder: the source's total counts it too
+            pairs.append((f"warmup:{today.isoformat()}:{source.name}", -1))
+        return pairs
+
+    def unused(self, source: Source, provider: str | None = None) -> None:
+        """Nothing went out through ``source`` after :meth:`pick` gave it: its place under the
+        cluster's caps is given back."""
+        if self.cluster is not None:
+            counters = self.counters(source, provider)
+            if counters:
+                self.cluster.give_back_quota([key for key, _ in counters])
+
+    @staticmethod
+    def _tomorrow(today: date) -> float:
+        return datetime.combine(today + timedelta(days=1), datetime.min.time(), UTC).timestamp()
+
+    def _pick(self, envelope: Any, provider: str | None, full: set[str] | frozenset[str] = frozenset()) -> Any:
         pool = self.pool_for(envelope)
         if pool is None:
             return None, 0.0
         today = self.today()
         candidates = []
         for source, weight in pool.members:
-            if not source.usable or weight <= 0:
+            if not source.usable or weight <= 0 or source.name in full:
                 continue
             cap = source.cap(today, self.offset(source, today), provider)
-            if cap is not None and self.counter is not None and self.counter.count(source.counter_key(provider), today) >= cap:
+            if (cap is not None and self.cluster is None and self.counter is not None
+                    and self.counter.count(source.counter_key(provider), today) >= cap):  # fmt: skip
                 continue
             candidates.append((source, weight))
         preferred = [c for c in candidates if c[0].name == envelope.extra.get("source")] if envelope.extra else []
@@ -195,8 +264,7 @@ class SourceSelector:
         elif envelope.extra and envelope.extra.get("source") and not pool.spill:
             candidates = []  # its source is full and the pool does not spill: wait for tomorrow
         if not candidates:
-            tomorrow = datetime.combine(today + timedelta(days=1), datetime.min.time(), UTC).timestamp()
-            return None, tomorrow
+            return None, self._tomorrow(today)
         total = sum(w for _, w in candidates)
         point = self.rng.uniform(0, total)
         for source, weight in candidates:

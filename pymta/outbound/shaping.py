@@ -4,7 +4,9 @@ A destination is a provider when its MX hosts end in one of the provider's suffi
 hosted by Google share Google's limits), else the recipient domain. Limits: connections,
 message rate (GCRA with burst), messages per connection. Backoff rules match the whole reply line;
 a match pauses the destination, then lets it resume at a share of its rate that climbs back to
-the full rate over ``recover``. Every decision is logged with its reason.
+the full rate over ``recover``. Every decision is logged with its reason. In a cluster a pause
+(pushback or dead site) is stored in the shared state with its expiry and applied by every node;
+an operator's resume lifts it everywhere.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from pymta.rate import KeyedLimiter, Rate, parse_rate, parse_share, parse_window
+from pymta.state.cluster import LeaseKeeper
 
 log = Logger(namespace="pymta.outbound.shaping")
 
@@ -82,6 +85,8 @@ class State:
     window: float = 0.0  # adaptive concurrency (0: not started yet)
     limits: Limits | None = None
     failures: int = 0  # connection-level failures in a row
+    stamp: float = 0.0  # when the pause in force was decided (on this node or another)
+    in_cluster: bool = False  # the pause in force is in the cluster's shared table
 
 
 class Shaper:
@@ -98,9 +103,7 @@ class Shaper:
         self.clock = clock
         self.cluster = cluster  # IClusterState: rates and connection caps shared by the nodes
         self.lease_ttl = lease_ttl
-        self._leases: dict[str, list[str]] = {}  # destination key -> its shared leases held here
-        self._lease_serial = 0
-        self._refresher: Any = None
+        self.leases = LeaseKeeper(cluster, clock, lease_ttl) if cluster is not None else None
         self.default = default
         self.domains = {k.lower(): v for k, v in (domains or {}).items()}
         self.providers = providers or {}
@@ -109,6 +112,8 @@ class Shaper:
         self.limiters: dict[str, KeyedLimiter] = {}
         self._key_of_domain: OrderedDict[str, str] = OrderedDict()  # most recently used last
         self.suspensions: Any = None  # ISuspensions: the operator's suspensions, when configured
+        if cluster is not None:
+            cluster.watch("pauses", self.apply_shared_pauses)
 
     def _remember(self, domain: str, key: str) -> None:
         self._key_of_domain[domain] = key
@@ -242,36 +247,19 @@ class Shaper:
 
     @defer.inlineCallbacks
     def _lease(self, key: str, cap: int) -> Any:
-        self._lease_serial += 1
-        lease = f"{id(self):x}.{self._lease_serial}"  # unique in this process; the backend adds the node
-        while not (yield self.cluster.acquire_lease("conn:" + key, cap, lease, self.lease_ttl)):
+        while not (yield self.leases.acquire("conn:" + key, cap)):
             yield task.deferLater(self.clock, LEASE_RETRY, lambda: None)
-        self._leases.setdefault(key, []).append(lease)
-        if self._refresher is None:
-            self._refresher = task.LoopingCall(self._refresh)
-            self._refresher.clock = self.clock
-            self._refresher.start(self.lease_ttl / 3, now=False).addErrback(lambda f: log.failure("lease refresh", f))
-
-    def _refresh(self) -> Any:
-        held = [("conn:" + key, lease) for key, leases in self._leases.items() for lease in leases]
-        if held:
-            return self.cluster.refresh_leases(held, self.lease_ttl)
-        return None
 
     def release_connection(self, key: str) -> None:
         s = self.state(key)
         s.connections = max(0, s.connections - 1)
-        leases = self._leases.get(key)
-        if leases:
-            self.cluster.release_lease("conn:" + key, leases.pop())
-            if not leases:
-                del self._leases[key]
+        if self.leases is not None:
+            self.leases.release("conn:" + key)
         self._wake(s)
 
     def stop(self) -> None:
-        if self._refresher is not None and self._refresher.running:
-            self._refresher.stop()
-        self._refresher = None
+        if self.leases is not None:
+            self.leases.stop()
 
     def _wake(self, s: State) -> None:
         cap = self._cap(s, s.limits or self.default)
@@ -311,6 +299,7 @@ class Shaper:
             s.failures = 0
             log.warn("suspending {key} for {pause:g}s: {why}", key=key, pause=pause, why=s.reason,
                      event="shaping_pause")  # fmt: skip
+            self._share_pause(key, s)
 
     def resume(self, keys: list[str] | None = None) -> list[str]:
         """Lift pauses, dead-site suspensions and reduced rates (of ``keys``, or of every destination),
@@ -322,6 +311,9 @@ class Shaper:
                 continue
             held = s.paused_until > self.clock.seconds() or s.share < 1.0
             s.paused_until, s.resumed_at, s.share, s.recover, s.failures = 0.0, 0.0, 1.0, 0.0, 0
+            s.stamp, s.in_cluster = self.clock.seconds(), False
+            if self.cluster is not None:
+                self.cluster.delete_record("pauses", key)
             if held:
                 resumed.append(key)
                 log.info("resuming {key} (operator flush; was: {why})", key=key, why=s.reason or "slowed",
@@ -347,8 +339,49 @@ class Shaper:
                 s.reason = line[:200]
                 log.warn("pausing {key} for {pause:g}s, then {share:.0%} of its rate: {why}", key=key, pause=rule.pause,
                          share=rule.share, why=s.reason, event="shaping_pause")  # fmt: skip
+                self._share_pause(key, s)
                 return True
         return False
+
+    # -- pauses shared by the nodes of a cluster ----------------------------------------------
+
+    def _share_pause(self, key: str, s: State) -> None:
+        """Store the pause of ``key`` in the cluster until its rate has fully recovered."""
+        s.stamp, s.in_cluster = self.clock.seconds(), False
+        if self.cluster is None:
+            return
+        stamp = s.stamp
+        record = {"paused_until": s.paused_until, "resumed_at": s.resumed_at, "share": s.share, "recover": s.recover,
+                  "reason": s.reason, "stamp": stamp, "node": self.cluster.node}  # fmt: skip
+
+        def stored(ok: bool) -> None:
+            if ok and s.stamp == stamp:
+                s.in_cluster = True
+
+        self.cluster.put_record("pauses", key, record, max(s.paused_until, s.resumed_at + s.recover)).addCallback(stored)
+
+    def apply_shared_pauses(self, records: dict[str, dict[str, Any]]) -> None:
+        """The cluster's pauses in force (from the shared state): newer ones are applied here; a
+        pause stored there and gone from it was lifted by an operator (or has run its course)."""
+        for key, r in records.items():
+            s = self.states.get(key)
+            try:
+                stamp = float(r["stamp"])
+                if s is not None and stamp <= s.stamp:
+                    continue
+                values = (float(r["paused_until"]), float(r["resumed_at"]), float(r["share"]), float(r["recover"]))
+            except (KeyError, TypeError, ValueError):
+                continue
+            s = s or self.state(key)
+            s.paused_until, s.resumed_at, s.share, s.recover = values
+            s.reason, s.stamp, s.in_cluster = str(r.get("reason", ""))[:200], stamp, True
+            log.warn("pausing {key} until {until:.0f}, then {share:.0%} of its rate, as node {node} decided: {why}",
+                     key=key, until=s.paused_until, share=s.share, node=str(r.get("node", "?"))[:64], why=s.reason,
+                     event="shaping_pause_shared")  # fmt: skip
+        for key, s in self.states.items():
+            if s.in_cluster and key not in records:
+                s.paused_until, s.resumed_at, s.share, s.recover, s.in_cluster = 0.0, 0.0, 1.0, 0.0, False
+                log.info("resuming {key}: its pause was lifted in the cluster", key=key, event="shaping_resume")
 
     def explain(self, key: str) -> dict[str, Any]:
         s = self.state(key)

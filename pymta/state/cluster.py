@@ -8,6 +8,10 @@ divided by the number of nodes last seen alive (a heartbeat per node), and a pro
 brings it back to the shared state when Redis answers again. Each switch is logged
 (``event="cluster_fallback"`` / ``"cluster_shared"``) and counted in ``switches``.
 
+Records (pushback pauses, operator suspensions) are kept in one Redis hash per table, each with
+the time it lapses; every node reads the tables it watches on each heartbeat that reaches Redis
+(and when it joins), so a node that starts later picks up what is in force.
+
 Times are the caller's clock (``clock.seconds()``), as the local limiter's: the nodes of a
 cluster keep their clocks in step (NTP), as an MTA cluster must for its logs anyway.
 """
@@ -15,16 +19,18 @@ cluster keep their clocks in step (NTP), as an MTA cluster must for its logs any
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import socket
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from pymta.interfaces import IClusterState
+from pymta.interfaces import IClusterState, IInboundState
 from pymta.rate import Rate
 from pymta.state.memory import MemoryInboundState
 
@@ -59,7 +65,29 @@ end
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
 redis.call('ZADD', KEYS[1], expires, ARGV[3])
 redis.call('PEXPIRE', KEYS[1], math.ceil((expires - now) * 1000) + 1000)
+if KEYS[2] then  -- a group of leases a process holds (released at once when it ends)
+  redis.call('SADD', KEYS[2], KEYS[1])
+  redis.call('SADD', KEYS[3], ARGV[5])
+end
 return 1
+"""
+
+RELEASE_GROUPS_LUA = """
+local groups = {ARGV[2]}
+if ARGV[2] == '*' then groups = redis.call('SMEMBERS', KEYS[1]) end
+local n = 0
+for _, g in ipairs(groups) do
+  local gk = ARGV[3] .. g
+  local prefix = ARGV[1] .. g .. '.'
+  for _, k in ipairs(redis.call('SMEMBERS', gk)) do
+    for _, m in ipairs(redis.call('ZRANGE', k, 0, -1)) do
+      if string.sub(m, 1, #prefix) == prefix then n = n + redis.call('ZREM', k, m) end
+    end
+  end
+  redis.call('DEL', gk)
+  redis.call('SREM', KEYS[1], g)
+end
+return n
 """
 
 REFRESH_LUA = """
@@ -90,7 +118,29 @@ redis.call('PEXPIRE', KEYS[1], math.ceil(keep * 1000) + 1000)
 return string.format('%.17g', wait)
 """
 
-SCRIPTS = {"gcra": GCRA_LUA, "lease": LEASE_LUA, "refresh": REFRESH_LUA, "greylist": GREYLIST_LUA}
+QUOTA_LUA = """
+local out = {1}
+for i = 1, #KEYS do
+  local count = tonumber(redis.call('GET', KEYS[i]) or '0')
+  out[i + 1] = count
+  local cap = tonumber(ARGV[i + 1])
+  if cap >= 0 and count + 1 > cap then out[1] = 0 end
+end
+if out[1] == 0 then return out end
+for i = 1, #KEYS do
+  out[i + 1] = redis.call('INCR', KEYS[i])
+  redis.call('PEXPIRE', KEYS[i], ARGV[1])
+end
+return out
+"""
+
+QUOTA_TTL = 2 * 86400.0  # a daily counter outlives its day
+MAX_QUOTA_KEYS = 100_000  # counters remembered per node (last seen, used while away)
+MAX_RECORDS = 10_000  # records one table may hold (pauses per destination, suspensions)
+MAX_RECORD = 4096  # octets of one record's JSON
+
+SCRIPTS = {"gcra": GCRA_LUA, "lease": LEASE_LUA, "refresh": REFRESH_LUA, "greylist": GREYLIST_LUA, "quota": QUOTA_LUA,
+           "release_groups": RELEASE_GROUPS_LUA}
 
 
 def divided(limit: int, nodes: int) -> int:
@@ -109,6 +159,8 @@ class LocalClusterState:
         self.switches = 0
         self.memory = MemoryInboundState(clock, max_keys=max_keys)
         self.leases: dict[str, dict[str, float]] = {}
+        self.groups: set[str] = set()
+        self.quotas: dict[str, int] = {}
 
     def nodes_alive(self) -> int:
         return 1
@@ -116,9 +168,11 @@ class LocalClusterState:
     def take(self, name: str, key: str, rate: Rate) -> defer.Deferred:
         return defer.succeed(self.memory.take(name, key, rate))
 
-    def acquire_lease(self, key: str, limit: int, lease: str, ttl: float) -> defer.Deferred:
+    def acquire_lease(self, key: str, limit: int, lease: str, ttl: float, group: str | None = None) -> defer.Deferred:
         now = self.clock.seconds()
         held = {m: t for m, t in self.leases.get(key, {}).items() if t > now}
+        if group is not None:
+            self.groups.add(group)
         if lease not in held and len(held) >= limit:
             self.leases[key] = held
             return defer.succeed(False)
@@ -141,14 +195,57 @@ class LocalClusterState:
                 del self.leases[key]
         return defer.succeed(None)
 
+    def release_group(self, group: str) -> defer.Deferred:
+        prefixes = tuple(g + "." for g in (self.groups if group == "*" else {group}))
+        self.groups -= {p[:-1] for p in prefixes}
+        for key in list(self.leases):
+            held = self.leases[key]
+            for lease in [m for m in held if m.startswith(prefixes)]:
+                del held[lease]
+            if not held:
+                del self.leases[key]
+        return defer.succeed(None)
+
     def greylist(self, triple: tuple[str, str, str], delay: float, expire: float, lifetime: float) -> defer.Deferred:
         return defer.succeed(self.memory.greylist(triple, delay, expire, lifetime))
+
+    def take_quota(self, counters: list[tuple[str, int]]) -> defer.Deferred:
+        if any(cap >= 0 and self.quotas.get(key, 0) + 1 > cap for key, cap in counters):
+            return defer.succeed(False)
+        for key, _ in counters:
+            self.quotas[key] = self.quotas.get(key, 0) + 1
+        if len(self.quotas) > MAX_QUOTA_KEYS:
+            self.quotas.pop(next(iter(self.quotas)))
+        return defer.succeed(True)
+
+    def give_back_quota(self, keys: list[str]) -> defer.Deferred:
+        for key in keys:
+            if self.quotas.get(key, 0) > 0:
+                self.quotas[key] -= 1
+        return defer.succeed(None)
+
+    def watch(self, table: str, on_records: Callable[[dict[str, dict[str, Any]]], Any]) -> None:
+        pass  # a node alone: nobody else writes records
+
+    def put_record(self, table: str, name: str, record: dict[str, Any], until: float) -> defer.Deferred:
+        return defer.succeed(False)
+
+    def delete_record(self, table: str, name: str) -> defer.Deferred:
+        return defer.succeed(False)
 
     def start(self) -> defer.Deferred:
         return defer.succeed(None)
 
     def stop(self) -> defer.Deferred:
         return defer.succeed(None)
+
+
+def _quota_key(counter: str) -> str:
+    return PREFIX + "quota:" + _digest("quota", counter)
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 def _digest(name: str, key: str) -> str:
@@ -171,6 +268,7 @@ class RedisClusterState:
         node: str | None = None,
         timeout: float = 0.5,
         heartbeat: float = 2.0,
+        member: bool = True,
     ) -> None:
         self.clock = clock
         self.connect = connect
@@ -187,6 +285,10 @@ class RedisClusterState:
         self._beat: Any = None
         self._probing = False
         self._was_shared = False
+        self.member = member  # False: a command-line tool speaking for the node, never counted alive
+        self._watchers: dict[str, Callable[[dict[str, dict[str, Any]]], Any]] = {}
+        self._quota_seen: dict[str, int] = {}  # each counter's cluster-wide count when last seen
+        self._quota_away: dict[str, int] = {}  # counted here while Redis was away, pushed on return
 
     # -- life -----------------------------------------------------------------------------
 
@@ -203,6 +305,8 @@ class RedisClusterState:
         conn, self._conn = self._conn, None
         if conn is None:
             return defer.succeed(None)
+        if not self.member:
+            return conn.disconnect().addErrback(lambda _: None)
         d = self._call(lambda c: c.zrem(PREFIX + "nodes", self.node), conn=conn)
         d.addBoth(lambda _: conn.disconnect())
         d.addErrback(lambda _: None)
@@ -218,7 +322,9 @@ class RedisClusterState:
     def beat(self) -> defer.Deferred:
         """One heartbeat (shared) or one attempt to get back to Redis (local); never fails."""
         if self.shared:
-            return self._heartbeat().addErrback(self._failed, "heartbeat")
+            d = self._heartbeat()
+            d.addCallback(lambda _: self._read_records())
+            return d.addErrback(self._failed, "heartbeat")
         return self._probe()
 
     def nodes_alive(self) -> int:
@@ -228,7 +334,8 @@ class RedisClusterState:
     def _heartbeat(self) -> Any:
         now = self.clock.seconds()
         key = PREFIX + "nodes"
-        yield self._call(lambda c: c.zadd(key, now, self.node))
+        if self.member:
+            yield self._call(lambda c: c.zadd(key, now, self.node))
         alive = yield self._call(lambda c: c.zcount(key, now - 3 * self.heartbeat, "+inf"))
         self._alive = max(1, int(alive))
 
@@ -257,6 +364,10 @@ class RedisClusterState:
                          node=self.node, alive=self._alive, event="cluster_shared")  # fmt: skip
         finally:
             self._probing = False
+        if self.shared:
+            yield self._push_quota_away().addErrback(self._failed, "quota")
+        if self.shared:
+            yield self._read_records().addErrback(self._failed, "records")
 
     def _go_local(self, why: str) -> None:
         # A call that timed out may still be answered: drop the connection so that no later
@@ -313,6 +424,108 @@ class RedisClusterState:
 
         return d.addErrback(failed)
 
+    # -- daily quotas: warm-up caps ---------------------------------------------------------
+
+    def take_quota(self, counters: list[tuple[str, int]]) -> defer.Deferred:
+        """Deferred of True when every (counter, cap) pair has room for one more (cap < 0: no cap),
+        and then each counter counts it; False otherwise. Counters live two days. While Redis is
+        away each cap allows this node the remaining quota last seen, divided by the nodes alive."""
+
+        def shared() -> defer.Deferred:
+            keys = [_quota_key(k) for k, _ in counters]
+            d = self._script("quota", keys, [int(QUOTA_TTL * 1000), *(cap for _, cap in counters)])
+            return d.addCallback(seen)
+
+        def seen(reply: list[Any]) -> bool:
+            if len(self._quota_seen) > MAX_QUOTA_KEYS:
+                self._quota_seen.clear()
+            for (key, _), count in zip(counters, reply[1:], strict=False):
+                self._quota_seen[key] = int(count)
+            return bool(int(reply[0]))
+
+        return self._shared_or_local(shared, lambda: defer.succeed(self._local_quota(counters)), "quota")
+
+    def _local_quota(self, counters: list[tuple[str, int]]) -> bool:
+        for key, cap in counters:
+            if cap >= 0:
+                share = max(0, cap - self._quota_seen.get(key, 0)) // max(1, self._alive)
+                if self._quota_away.get(key, 0) + 1 > share:
+                    return False
+        if len(self._quota_away) < MAX_QUOTA_KEYS:
+            for key, _ in counters:
+                self._quota_away[key] = self._quota_away.get(key, 0) + 1
+        return True
+
+    def give_back_quota(self, keys: list[str]) -> defer.Deferred:
+        """One taken by :meth:`take_quota` was not used (nothing was delivered)."""
+        if not self.shared:
+            for key in keys:
+                if self._quota_away.get(key, 0) > 0:
+                    self._quota_away[key] -= 1
+            return defer.succeed(None)
+        redis_keys = [_quota_key(key) for key in keys]
+        d = defer.gatherResults([self._call(lambda c, k=k: c.decr(k)) for k in redis_keys], consumeErrors=True)
+        return d.addCallback(lambda _: None).addErrback(self._failed, "quota")
+
+    @defer.inlineCallbacks
+    def _push_quota_away(self) -> Any:
+        """What this node counted while Redis was away joins the cluster's counters."""
+        while self._quota_away:
+            key, n = next(iter(self._quota_away.items()))
+            redis_key = _quota_key(key)
+            if n > 0:
+                yield self._call(lambda c, k=redis_key, by=n: c.incrby(k, by))
+                yield self._call(lambda c, k=redis_key: c.expire(k, int(QUOTA_TTL)))
+            self._quota_away.pop(key, None)
+
+    # -- records: pauses, suspensions -------------------------------------------------------
+
+    def watch(self, table: str, on_records: Callable[[dict[str, dict[str, Any]]], Any]) -> None:
+        """Call ``on_records({name: record})`` with ``table``'s records in force each time the
+        node reads them from Redis (on joining and on every heartbeat); one watcher per table, a
+        later call replaces it (a store opened again)."""
+        self._watchers[table] = on_records
+
+    def put_record(self, table: str, name: str, record: dict[str, Any], until: float) -> defer.Deferred:
+        """Keep ``record`` under ``name`` in ``table`` until ``until`` (every node reads it); a
+        Deferred of True once Redis has it, False when the node is local."""
+        value = json.dumps({**record, "until": until}, sort_keys=True, default=str)
+        if len(value) > MAX_RECORD:
+            raise ValueError(f"a {table} record is over {MAX_RECORD} octets")
+        d = self.command("HSET", PREFIX + table, name[:512], value)
+        return d.addCallbacks(lambda _: True, lambda _: False)
+
+    def delete_record(self, table: str, name: str) -> defer.Deferred:
+        """Forget ``name`` in ``table``; a Deferred of True once Redis has done it."""
+        return self.command("HDEL", PREFIX + table, name[:512]).addCallbacks(lambda _: True, lambda _: False)
+
+    @defer.inlineCallbacks
+    def _read_records(self) -> Any:
+        for table, on_records in list(self._watchers.items()):
+            key = PREFIX + table
+            if (yield self._call(lambda c, k=key: c.hlen(k))) > MAX_RECORDS:
+                log.warn("cluster table {table} holds over {most} records: not read", table=table, most=MAX_RECORDS,
+                         event="cluster_records_full")  # fmt: skip
+                continue
+            raw = yield self._call(lambda c, k=key: c.hgetall(k))
+            now = self.clock.seconds()
+            records, lapsed = {}, []
+            for name, value in (raw or {}).items():
+                try:
+                    record = json.loads(value)
+                    if not isinstance(record, dict) or float(record["until"]) <= now:
+                        raise ValueError("lapsed")
+                except (ValueError, KeyError, TypeError):
+                    lapsed.append(name)
+                    continue
+                records[_text(name)] = record
+            if lapsed:
+                yield self._call(lambda c, k=key, names=lapsed: c.hdel(k, names))
+            try:
+                on_records(records)
+            except Exception:
+                log.failure("applying the cluster's {table}", table=table)
+
     # -- the operations -------------------------------------------------------------------
 
     def take(self, name: str, key: str, rate: Rate) -> defer.Deferred:
@@ -325,16 +538,34 @@ class RedisClusterState:
             lambda: self.local.take(name, key, rate.scaled(1 / self._alive)),
             "rate")  # fmt: skip
 
-    def acquire_lease(self, key: str, limit: int, lease: str, ttl: float) -> defer.Deferred:
-        """True if ``lease`` holds one of ``limit`` slots of ``key`` (for ``ttl`` unless refreshed)."""
+    def acquire_lease(self, key: str, limit: int, lease: str, ttl: float, group: str | None = None) -> defer.Deferred:
+        """True if ``lease`` holds one of ``limit`` slots of ``key`` (for ``ttl`` unless refreshed).
+        ``group`` (a lease then starts ``group + "."``): the leases one process holds, which
+        :meth:`release_group` gives back at once."""
         if key.startswith(LOCAL_PREFIX):
             return self.local.acquire_lease(key, limit, lease, ttl)
         now = self.clock.seconds()
+        keys = [PREFIX + "lease:" + _digest("lease", key)]
+        args = [repr(now), limit, f"{self.node}/{lease}", repr(now + ttl)]
+        if group is not None:
+            keys += [self._group_key(group), PREFIX + "groups:" + self.node]
+            args.append(group)
         return self._shared_or_local(
-            lambda: self._script("lease", [PREFIX + "lease:" + _digest("lease", key)],
-                                 [repr(now), limit, f"{self.node}/{lease}", repr(now + ttl)]).addCallback(bool),
+            lambda: self._script("lease", keys, args).addCallback(bool),
             lambda: self.local.acquire_lease(key, divided(limit, self._alive), lease, ttl),
             "lease")  # fmt: skip
+
+    def _group_key(self, group: str) -> str:
+        return f"{PREFIX}group:{self.node}/{group}"
+
+    def release_group(self, group: str) -> defer.Deferred:
+        """Give back every lease of ``group`` on this node ("*": of every group), as when the
+        process holding them has ended or the node starts again."""
+        self.local.release_group(group)
+        if not self.shared:
+            return defer.succeed(None)
+        d = self._script("release_groups", [PREFIX + "groups:" + self.node], [f"{self.node}/", group, self._group_key("")])
+        return d.addCallback(lambda _: None).addErrback(self._failed, "lease release")
 
     def refresh_leases(self, leases: list[tuple[str, str]], ttl: float) -> defer.Deferred:
         """Push the expiry of these (key, lease) pairs ``ttl`` ahead (the connections still live)."""
@@ -363,6 +594,93 @@ class RedisClusterState:
             "greylist")  # fmt: skip
 
 
+class LeaseKeeper:
+    """The leases one process holds in the cluster (``group``: released together), refreshed
+    every third of ``ttl`` while held, so that they lapse within ``ttl`` once the process dies."""
+
+    def __init__(self, cluster: Any, clock: Any, ttl: float, group: str | None = None) -> None:
+        self.cluster = cluster
+        self.clock = clock
+        self.ttl = ttl
+        self.group = group
+        self.held: dict[str, list[str]] = {}
+        self._serial = 0
+        self._refresher: Any = None
+
+    def acquire(self, key: str, limit: int) -> defer.Deferred:
+        """A Deferred of True when one more slot of ``key`` (of ``limit``) is held here."""
+        self._serial += 1
+        lease = f"{self.group or f'{id(self):x}'}.{self._serial}"  # unique in this process
+
+        def got(ok: bool) -> bool:
+            if ok:
+                self.held.setdefault(key, []).append(lease)
+                self._start()
+            return ok
+
+        return self.cluster.acquire_lease(key, limit, lease, self.ttl, self.group).addCallback(got)
+
+    def release(self, key: str) -> defer.Deferred:
+        """Give one slot of ``key`` held here back (none held: nothing)."""
+        leases = self.held.get(key)
+        if not leases:
+            return defer.succeed(None)
+        lease = leases.pop()
+        if not leases:
+            del self.held[key]
+        return self.cluster.release_lease(key, lease)
+
+    def _start(self) -> None:
+        if self._refresher is None:
+            self._refresher = task.LoopingCall(self._refresh)
+            self._refresher.clock = self.clock
+            self._refresher.start(self.ttl / 3, now=False).addErrback(lambda f: log.failure("lease refresh", f))
+
+    def _refresh(self) -> Any:
+        held = [(key, lease) for key, leases in self.held.items() for lease in leases]
+        return self.cluster.refresh_leases(held, self.ttl) if held else None
+
+    def stop(self) -> None:
+        if self._refresher is not None and self._refresher.running:
+            self._refresher.stop()
+        self._refresher = None
+
+
+@implementer(IInboundState)
+class ClusterInboundState:
+    """:class:`IInboundState` of a cluster: per-client connection counts are leases (a node that
+    dies frees its clients' slots within ``lease_ttl``), rates and greylisting the cluster's GCRA
+    and greylisting. Every answer is a Deferred; away from Redis the node answers alone, with the
+    limits divided by the nodes alive and greylisting of its own."""
+
+    def __init__(self, cluster: Any, clock: Any, lease_ttl: float = 30.0, owner: int | None = None) -> None:
+        self.cluster = cluster
+        self.owner = os.getpid() if owner is None else owner
+        self.leases = LeaseKeeper(cluster, clock, lease_ttl, group=f"inbound{self.owner}")
+
+    def acquire_connection(self, key: str, limit: int) -> defer.Deferred:
+        return self.leases.acquire("client:" + key, limit)
+
+    def release_connection(self, key: str) -> defer.Deferred:
+        return self.leases.release("client:" + key)
+
+    def take(self, name: str, key: str, rate: Rate) -> defer.Deferred:
+        return self.cluster.take("inbound:" + name, key, rate)
+
+    def greylist(self, triple: tuple[str, str, str], delay: float, expire: float, lifetime: float) -> defer.Deferred:
+        return self.cluster.greylist(triple, delay, expire, lifetime)
+
+    def release_owner(self, owner: int) -> defer.Deferred:
+        return self.cluster.release_group(f"inbound{owner}")
+
+    def clear_connections(self) -> defer.Deferred:
+        self.leases.held.clear()
+        return self.cluster.release_group("*")
+
+    def close(self) -> None:
+        self.leases.stop()
+
+
 def redis_connector(url: str, password: str | None = None, timeout: float = 0.5) -> Callable[[], defer.Deferred]:
     """A ``connect`` for :class:`RedisClusterState` from ``redis://``, ``rediss://`` or ``unix:/path``."""
     import txredisapi
@@ -388,14 +706,15 @@ def read_password(path: str | None) -> str | None:
         return f.readline().rstrip("\r\n") or None
 
 
-def make_cluster_state(config: Any, clock: Any) -> LocalClusterState | RedisClusterState:
-    """The backend ``[cluster]`` names."""
+def make_cluster_state(config: Any, clock: Any, member: bool = True) -> LocalClusterState | RedisClusterState:
+    """The backend ``[cluster]`` names (``member=False``: a tool speaking for the node, not a node)."""
     c = config.cluster
     node = c.node or socket.gethostname()
     if c.backend == "local":
         return LocalClusterState(clock, node)
     connect = redis_connector(c.redis, read_password(c.redis_password_file), c.timeout)
-    return RedisClusterState(clock, connect, node=node, timeout=c.timeout, heartbeat=c.heartbeat)
+    return RedisClusterState(clock, connect, node=node, timeout=c.timeout, heartbeat=c.heartbeat, member=member)
 
 
-__all__ = ["LocalClusterState", "RedisClusterState", "divided", "make_cluster_state"]
+__all__ = ["ClusterInboundState", "LeaseKeeper", "LocalClusterState", "RedisClusterState", "divided",
+           "make_cluster_state"]

@@ -2,14 +2,17 @@
 stream, and each node applies the others' changes to its own SQLite store, its local replica, so a
 lookup never waits for the network and a node that was away catches up from the stream.
 
-Changes made while Redis is unreachable wait in order (bounded) and are pushed when it answers
-again; the position read in the stream is kept beside the SQLite file, so a restart resumes there.
+Every change made here first goes into an outbox table of the same SQLite file, in order
+(bounded), and leaves it once Redis has it: changes made while Redis is unreachable, or by
+``pymta-suppress`` beside a running node, or before a restart, are pushed when it answers again
+(by the command itself, else by the node's next round). The position read in the stream is kept
+beside the SQLite file, so a restart resumes there.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from collections import deque
 from typing import Any
 
 from twisted.internet import defer, task
@@ -22,7 +25,8 @@ log = Logger(namespace="pymta.state.replica")
 STREAM = "pymta:suppression"
 STREAM_MAXLEN = 1_000_000  # entries the stream keeps (approximately): a node away longer reloads by CSV
 READ_BATCH = 500
-MAX_PENDING = 100_000  # changes held while Redis is unreachable
+MAX_PENDING = 100_000  # changes held in the outbox while Redis is unreachable
+PUSH_BATCH = 1000  # changes pushed per round
 
 
 class ReplicatedSuppressionStore(SuppressionStore):
@@ -34,7 +38,7 @@ class ReplicatedSuppressionStore(SuppressionStore):
         self.poll = poll
         self.position_path = path + ".stream"
         self.position = self._read_position()
-        self.pending: deque[dict[str, str]] = deque()
+        self.db.execute("CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, change TEXT NOT NULL)")
         self.applied = 0  # changes of other nodes applied here
         self._loop: Any = None
         self._busy = False
@@ -58,32 +62,41 @@ class ReplicatedSuppressionStore(SuppressionStore):
         if self.cluster is None:
             return
         change["node"] = self.cluster.node
-        if len(self.pending) >= MAX_PENDING:
-            log.warn("suppression changes waiting for Redis: {count}, dropping the oldest", count=len(self.pending),
+        waiting = self.pending_count()
+        if waiting >= MAX_PENDING:
+            log.warn("suppression changes waiting for Redis: {count}, dropping the oldest", count=waiting,
                      event="suppression_pending_full")  # fmt: skip
-            self.pending.popleft()
-        self.pending.append(change)
-        self._push()
+            self.db.execute("DELETE FROM outbox WHERE seq = (SELECT MIN(seq) FROM outbox)")
+        self.db.execute("INSERT INTO outbox (change) VALUES (?)", (json.dumps(change),))
+        self.push()
 
-    def _push(self) -> defer.Deferred:
-        """Send the waiting changes in order, one push at a time (a caller waits for the one in
-        flight); on failure they stay for the next round."""
+    def pending_count(self) -> int:
+        """Changes made here that Redis does not have yet."""
+        return int(self.db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+
+    def push(self) -> defer.Deferred:
+        """Send the outbox to the stream in order, one push at a time (a caller waits for the one
+        in flight); what cannot be sent stays for the next round."""
         return self._push_lock.run(self._push_pending)
 
     @defer.inlineCallbacks
     def _push_pending(self) -> Any:
-        while self.pending and self.cluster.shared:
-            change = self.pending[0]
-            args: list[Any] = ["XADD", STREAM, "MAXLEN", "~", str(STREAM_MAXLEN), "*"]
-            for k, v in change.items():
-                args += [k, v]
-            try:
-                yield self.cluster.command(*args)
-            except Exception as e:
-                log.info("suppression change kept until Redis answers: {why}", why=str(e)[:200])
+        for _ in range(MAX_PENDING // PUSH_BATCH + 1):
+            if not self.cluster.shared:
                 return
-            if self.pending and self.pending[0] is change:
-                self.pending.popleft()
+            rows = self.db.execute("SELECT seq, change FROM outbox ORDER BY seq LIMIT ?", (PUSH_BATCH,)).fetchall()
+            if not rows:
+                return
+            for seq, text in rows:
+                args: list[Any] = ["XADD", STREAM, "MAXLEN", "~", str(STREAM_MAXLEN), "*"]
+                for k, v in json.loads(text).items():
+                    args += [k, str(v)]
+                try:
+                    yield self.cluster.command(*args)
+                except Exception as e:
+                    log.info("suppression change kept until Redis answers: {why}", why=str(e)[:200])
+                    return
+                self.db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
 
     # -- changes made elsewhere -----------------------------------------------------------
 
@@ -106,7 +119,7 @@ class ReplicatedSuppressionStore(SuppressionStore):
             return
         self._busy = True
         try:
-            yield self._push()
+            yield self.push()
             for _ in range(100):  # bounded catch-up per round: 100 batches
                 try:
                     reply = yield self.cluster.command("XREAD", "COUNT", str(READ_BATCH), "STREAMS", STREAM,
@@ -170,3 +183,25 @@ def _entries(reply: Any) -> list[tuple[str, dict[str, str]]]:
             fields = [_text(x) for x in flat or []]
             out.append((_text(entry_id), dict(zip(fields[::2], fields[1::2], strict=False))))
     return out
+
+
+def push_outbox(store: ReplicatedSuppressionStore, reactor: Any) -> int:
+    """For a command-line tool: run ``reactor`` until ``store``'s outbox is in the stream or Redis
+    does not answer (each step bounded by the cluster's timeout); the changes still waiting."""
+    left: list[int] = []
+
+    @defer.inlineCallbacks
+    def run() -> Any:
+        try:
+            yield store.cluster.start()
+            yield store.push()
+        finally:
+            left.append(store.pending_count())
+            try:
+                yield store.cluster.stop()
+            finally:
+                reactor.stop()
+
+    reactor.callWhenRunning(lambda: run().addErrback(lambda f: log.failure("pushing suppression changes", f)))
+    reactor.run(installSignalHandlers=False)
+    return left[0] if left else store.pending_count()

@@ -3,6 +3,10 @@
 Kept behind :class:`pymta.interfaces.ISuspensions`; this is the local backend, one SQLite table
 under state_dir (so a suspension survives a restart), mirrored in memory so the delivery path
 asks no database. A suspension lapses by itself at ``until``; lapsed rows are swept on writes.
+
+With a cluster (:class:`pymta.interfaces.IClusterState`) every suspension is also a record of the
+shared ``suspensions`` table: added or lifted on one node, it is added or lifted on every node at
+its next heartbeat; one made while the shared state was away is published when it returns.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pymta.interfaces import ISuspensions
 log = Logger(namespace="pymta.state.suspensions")
 
 SUSPENDED_TEXT = "Suspended by the operator"  # how the relay's reply to suspended mail begins
+FIELDS = ("id", "kind", "value", "reason", "created", "until")
 KINDS = ("domain", "provider", "source", "campaign", "tenant")
 MAX_SUSPENSIONS = 10_000
 MAX_DURATION = 30 * 86400.0
@@ -45,9 +50,11 @@ def parse_duration(text: Any) -> float:
 class SQLiteSuspensions:
     """Suspensions in ``path`` (SQLite), on the wall clock ``clock``."""
 
-    def __init__(self, path: str, clock: Any) -> None:
+    def __init__(self, path: str, clock: Any, cluster: Any = None) -> None:
         self.path = path
         self.clock = clock
+        self.cluster = cluster
+        self._unpublished: set[str] = set()  # ids made here that the cluster's table does not have yet
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode = WAL")
@@ -55,7 +62,9 @@ class SQLiteSuspensions:
                         " value TEXT NOT NULL, reason TEXT NOT NULL, created REAL NOT NULL, until REAL NOT NULL)")  # fmt: skip
         self._rows: dict[str, dict[str, Any]] = {}
         for row in self.db.execute("SELECT id, kind, value, reason, created, until FROM suspensions"):
-            self._rows[row[0]] = dict(zip(("id", "kind", "value", "reason", "created", "until"), row, strict=True))
+            self._rows[row[0]] = dict(zip(FIELDS, row, strict=True))
+        if cluster is not None:
+            cluster.watch("suspensions", self.apply_shared)
 
     def close(self) -> None:
         self.db.close()
@@ -80,18 +89,64 @@ class SQLiteSuspensions:
         now = self.clock.seconds()
         row = {"id": uuid.uuid4().hex[:16], "kind": kind, "value": value, "reason": reason[:1000],
                "created": now, "until": now + duration}  # fmt: skip
-        with self.db:
-            self.db.execute("INSERT INTO suspensions VALUES (:id, :kind, :value, :reason, :created, :until)", row)
-        self._rows[row["id"]] = row
+        self._insert(row)
         log.warn("suspending {kind} {value} until {until} ({id}): {reason}", event="suspend", **row)
+        self._publish(row)
         return dict(row)
 
+    def _insert(self, row: dict[str, Any]) -> None:
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO suspensions VALUES (:id, :kind, :value, :reason, :created, :until)",
+                            row)  # fmt: skip
+        self._rows[row["id"]] = row
+
+    def _publish(self, row: dict[str, Any]) -> None:
+        if self.cluster is not None:
+            self._unpublished.add(row["id"])
+            d = self.cluster.put_record("suspensions", row["id"], row, row["until"])
+            d.addCallback(lambda stored: stored and self._unpublished.discard(row["id"]))
+
     def remove(self, suspension_id: str) -> dict[str, Any] | None:
+        row = self._forget(suspension_id)
+        if row is not None:
+            log.info("suspension {id} of {kind} {value} lifted", event="suspend_lifted", **row)
+            if self.cluster is not None:
+                self._unpublished.discard(suspension_id)
+                self.cluster.delete_record("suspensions", suspension_id)
+        return row
+
+    def _forget(self, suspension_id: str) -> dict[str, Any] | None:
         row = self._rows.pop(suspension_id, None)
         if row is not None:
             self.db.execute("DELETE FROM suspensions WHERE id = ?", (suspension_id,))
-            log.info("suspension {id} of {kind} {value} lifted", event="suspend_lifted", **row)
         return row
+
+    def apply_shared(self, records: dict[str, dict[str, Any]]) -> None:
+        """The cluster's suspensions in force: new ones are taken here, ones lifted elsewhere are
+        lifted here, and ones made here while the shared state was away are published."""
+        now = self.clock.seconds()
+        for sid, r in records.items():
+            self._unpublished.discard(sid)
+            if sid in self._rows:
+                continue
+            try:
+                row = {k: r[k] for k in FIELDS}
+                if row["kind"] not in KINDS or row["id"] != sid or float(row["until"]) <= now:
+                    continue
+                row["until"], row["created"] = float(row["until"]), float(row["created"])
+            except (KeyError, TypeError, ValueError):
+                continue
+            self._insert(row)
+            log.warn("suspending {kind} {value} until {until} ({id}), as another node did: {reason}",
+                     event="suspend", **row)  # fmt: skip
+        for sid in [i for i in self._rows if i not in records]:
+            if sid in self._unpublished:
+                if self._rows[sid]["until"] > now:
+                    self._publish(self._rows[sid])
+                continue
+            row = self._forget(sid)
+            if row is not None and row["until"] > now:
+                log.info("suspension {id} of {kind} {value} lifted on another node", event="suspend_lifted", **row)
 
     def in_force(self) -> list[dict[str, Any]]:
         now = self.clock.seconds()

@@ -20,6 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pymta.interfaces import QUEUE_STATES
 
 _DELIVERY_EVENTS = ("delivered", "deferred", "bounced", "expired", "relayed")
+_CLUSTER_EVENTS = {"cluster_fallback": "local", "cluster_shared": "shared"}
 LATENCY_BUCKETS = (1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600, 5 * 86400)
 
 
@@ -66,6 +67,8 @@ class Metrics:
                            registry=r)  # fmt: skip
         self.tls = Counter("pymta_outbound_tls", "Outbound delivery outcomes by TLS policy and TLS result "
                            "(tls, plaintext, failed), one per recipient", ["tls_policy", "result"], registry=r)  # fmt: skip
+        self.cluster = Counter("pymta_cluster_state_changes", "Switches of the node between the cluster's shared "
+                               "state (shared) and its own divided limits (local)", ["state"], registry=r)  # fmt: skip
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._seen_limit = seen_limit
 
@@ -109,6 +112,8 @@ class Metrics:
                 self.dns.labels(_label(event.get("rdtype")), _label(event.get("result"))).inc()
             elif namespace == "pymta.feedback" and event.get("kind"):
                 self.feedback.labels(_label(event.get("kind"))).inc()
+            elif namespace == "pymta.state.cluster" and kind in _CLUSTER_EVENTS:
+                self.cluster.labels(_CLUSTER_EVENTS[kind]).inc()
             elif namespace == "pymta.outbound.shaping" and kind:
                 self.shaping.labels(_label(kind)).inc()
         except Exception:  # an observer that raises would be removed by the publisher
