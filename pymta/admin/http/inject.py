@@ -35,6 +35,7 @@ from twisted.logger import Logger
 from pymta.admin.http.jsonapi import APIError, json_body
 from pymta.envelope import ROUTE_FEEDBACK, Envelope, Recipient, new_qid
 from pymta.inbound.submit import record_queued
+from pymta.interfaces import QueueError, QueueFull
 from pymta.smtp.server import parse_path
 
 log = Logger(namespace="pymta.http.inject")
@@ -439,9 +440,13 @@ class InjectAPI:
         queue_ids: list[str] = []
         in_flight: list[defer.Deferred] = []
         seen: set[str] = set()
+        broken: list[str] = []  # why the queue refused a write: the rest is not tried, for a retry
         for i, item in enumerate(req.recipients):
             if self.closing:  # the MTA is stopping: what is not queued yet is refused, for a retry
                 failed.append({"email": _email_of(item), "reason": "4.3.2 the MTA is shutting down"})
+                continue
+            if broken:
+                failed.append({"email": _email_of(item), "reason": "4.3.0 could not queue the message"})
                 continue
             decided = self._recipient(req, i, item, token)
             if isinstance(decided, str):
@@ -482,15 +487,18 @@ class InjectAPI:
             envelope.size = len(data)
             d = defer.maybeDeferred(self.store.enqueue, envelope, data)
             d.addCallback(self._queued, envelope, queue_ids)
-            d.addErrback(self._not_queued, envelope, failed)
+            d.addErrback(self._not_queued, envelope, failed, broken)
             in_flight.append(d)
             if len(in_flight) >= WINDOW:
                 yield in_flight.pop(0)
         yield defer.gatherResults(in_flight)
         log.info("injected {ok} message(s), {bad} recipient(s) failed, by token {token}", ok=len(queue_ids),
                  bad=len(failed), token=token, campaign=req.campaign, tenant=req.tenant)  # fmt: skip
-        return {"success_count": len(queue_ids), "fail_count": len(failed), "failed_recipients": failed,
-                "queue_ids": queue_ids}  # fmt: skip
+        result = {"success_count": len(queue_ids), "fail_count": len(failed), "failed_recipients": failed,
+                  "queue_ids": queue_ids}  # fmt: skip
+        if broken and not queue_ids:  # nothing queued because the queue cannot be written: retry later
+            return 503, {"error": f"the queue cannot be written: {broken[0]}", **result}
+        return result
 
     def _received(self, envelope: Envelope, token: str) -> bytes:
         # Wall-clock time on purpose: a trace header states when the message arrived.
@@ -528,7 +536,9 @@ class InjectAPI:
         queue_ids.append(envelope.qid)
         return record_queued(envelope, self.accounting, self.on_queued, listener="http")  # answered once on disk
 
-    def _not_queued(self, failure: Any, envelope: Envelope, failed: list[dict[str, str]]) -> None:
+    def _not_queued(self, failure: Any, envelope: Envelope, failed: list[dict[str, str]], broken: list[str]) -> None:
         log.error("could not queue an injected message for {rcpt}: {why}", rcpt=envelope.recipients[0].address,
                   why=failure.getErrorMessage())  # fmt: skip
+        if failure.check(QueueError, QueueFull):  # the store itself failed (read-only, full, I/O error)
+            broken.append(failure.getErrorMessage()[:200])
         failed.append({"email": envelope.recipients[0].address, "reason": "4.3.0 could not queue the message"})
