@@ -1,6 +1,6 @@
 """HTTP injection against SMTP submission of the same mail, through the real ``twistd pymta``.
 
-    python bench/inject.py [--recipients 10000] [--runs 3] [--batch 100 --batch 1000] [--smtp-conc 10]
+    python bench/inject.py [--recipients 10000] [--runs 3] [--batch 100 --batch 1000] [--smtp-conc 10] [--accept-only]
 
 One pymta (``[queue] fsync = true``, one listener process, relaying to smtp-sink on loopback) takes
 the same personalised messages both ways in the same run:
@@ -14,7 +14,9 @@ the same personalised messages both ways in the same run:
 For each way, after a warm-up, ``--runs`` runs (interleaved): accepted messages/s (first request
 to the last 250 / HTTP answer), pymta's CPU per message while accepting (user+system of the
 twistd process), and end to end (until the queue is empty again: smtp-sink has them all).
-Printed: medians and the HTTP/SMTP ratios. Not a test: nothing is asserted.
+Printed: medians and the HTTP/SMTP ratios. ``--accept-only``: ``[queue] deliver = false`` and a
+fresh pymta for every run, so only the two ways in are measured (no delivery shares the CPU).
+Not a test: nothing is asserted.
 """
 
 from __future__ import annotations
@@ -89,8 +91,9 @@ def wait_empty(state_dir: str, seconds: float = 900.0) -> None:
 
 
 class Pymta:
-    def __init__(self, workdir: str, sink_port: int) -> None:
+    def __init__(self, workdir: str, sink_port: int, deliver: bool = True, extra: str = "") -> None:
         self.state = os.path.join(workdir, "var")
+        self.sink_port = sink_port
         self.smtp_port, self.api_port = free_port(), free_port()
         tokens = os.path.join(workdir, "tokens")
         with open(tokens, "w") as f:
@@ -108,6 +111,7 @@ local = ["bench.example"]
 relay_from = ["127.0.0.0/8"]
 [queue]
 fsync = true
+deliver = {"true" if deliver else "false"}
 [outbound]
 smarthost = "127.0.0.1:{sink_port}"
 max_connections = 50
@@ -116,7 +120,7 @@ max_connections_per_domain = 20
 listen = ["tcp:{self.api_port}:interface=127.0.0.1"]
 tokens_file = "{tokens}"
 max_body = 67108864
-""")
+{extra}""")
         self.log = open(os.path.join(workdir, "twistd.out"), "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
@@ -205,6 +209,11 @@ def submit_smtp(port: int, messages: list[tuple[str, bytes]], conc: int) -> None
 def one_run(mta: Pymta, way: str, n: int, tag: str, args: argparse.Namespace) -> dict:
     rcpts = recipients(n, tag)
     messages = smtp_messages(rcpts) if way == "smtp" else None
+    if args.accept_only:
+        workdir, sink_port = os.path.dirname(mta.config), mta.sink_port
+        mta.stop()
+        shutil.rmtree(mta.state, ignore_errors=True)
+        mta.__init__(workdir, sink_port, deliver=False)
     wait_empty(mta.state)
     cpu0, t0 = cpu_seconds(mta.proc.pid), time.perf_counter()
     if way == "smtp":
@@ -213,6 +222,8 @@ def one_run(mta: Pymta, way: str, n: int, tag: str, args: argparse.Namespace) ->
         size = int(way.split("/")[1])
         parallel([rcpts[i : i + size] for i in range(0, n, size)], args.http_conc, lambda b: post(mta.api_port, b))
     accepted, cpu_accept = time.perf_counter() - t0, cpu_seconds(mta.proc.pid) - cpu0
+    if args.accept_only:
+        return {"accept_mps": n / accepted, "accept_cpu_ms": 1000 * cpu_accept / n, "e2e_mps": 0.0, "e2e_cpu_ms": 0.0}
     wait_empty(mta.state)
     e2e, cpu_all = time.perf_counter() - t0, cpu_seconds(mta.proc.pid) - cpu0
     return {"accept_mps": n / accepted, "accept_cpu_ms": 1000 * cpu_accept / n,
@@ -226,6 +237,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, action="append", help="recipients per request (default 100 and 1000)")
     parser.add_argument("--http-conc", type=int, default=2)
     parser.add_argument("--smtp-conc", type=int, default=10)
+    parser.add_argument("--accept-only", action="store_true", help="no delivery: measure the ways in only")
     args = parser.parse_args()
     ways = ["smtp"] + [f"http/{b}" for b in (args.batch or [100, 1000])]
     sink = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
@@ -236,7 +248,7 @@ def main() -> None:
     mta = None
     try:
         wait_port(sink_port)
-        mta = Pymta(workdir, sink_port)
+        mta = Pymta(workdir, sink_port, deliver=not args.accept_only)
         for way in ways:  # warm-up
             one_run(mta, way, min(1000, args.recipients), f"w{way.replace('/', '')}", args)
         results: dict[str, list[dict]] = {way: [] for way in ways}

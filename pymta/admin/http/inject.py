@@ -485,7 +485,7 @@ class InjectAPI:
     @defer.inlineCallbacks
     def _run(self, req: InjectRequest, builder: MessageBuilder | None, raw: bytes | None, token: str):
         failed: list[dict[str, str]] = []
-        queue_ids: list[str] = []
+        queued: list[tuple[int, str]] = []  # (position in the request, qid): enqueues finish out of order
         in_flight: list[defer.Deferred] = []
         seen: set[str] = set()
         broken: list[str] = []  # why the queue refused a write: the rest is not tried, for a retry
@@ -534,12 +534,13 @@ class InjectAPI:
             data = self._received(envelope, token) + data
             envelope.size = len(data)
             d = defer.maybeDeferred(self.store.enqueue, envelope, data)
-            d.addCallback(self._queued, envelope, queue_ids)
+            d.addCallback(self._queued, envelope, queued, i)
             d.addErrback(self._not_queued, envelope, failed, broken)
             in_flight.append(d)
             if len(in_flight) >= WINDOW:
                 yield in_flight.pop(0)
         yield defer.gatherResults(in_flight)
+        queue_ids = [qid for _, qid in sorted(queued)]  # in the order of the request's recipients
         log.info("injected {ok} message(s), {bad} recipient(s) failed, by token {token}", ok=len(queue_ids),
                  bad=len(failed), token=token, campaign=req.campaign, tenant=req.tenant)  # fmt: skip
         result = {"success_count": len(queue_ids), "fail_count": len(failed), "failed_recipients": failed,
@@ -580,8 +581,8 @@ class InjectAPI:
             extra=extra,
         )
 
-    def _queued(self, _: Any, envelope: Envelope, queue_ids: list[str]) -> defer.Deferred:
-        queue_ids.append(envelope.qid)
+    def _queued(self, _: Any, envelope: Envelope, queued: list[tuple[int, str]], position: int) -> defer.Deferred:
+        queued.append((position, envelope.qid))
         return record_queued(envelope, self.accounting, self.on_queued, listener="http")  # answered once on disk
 
     def _not_queued(self, failure: Any, envelope: Envelope, failed: list[dict[str, str]], broken: list[str]) -> None:
