@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 from twisted.internet import defer, task
 
@@ -30,6 +31,8 @@ def test_events_are_counted_per_minute_by_provider_source_and_campaign(tmp_path)
     clock = task.Clock()
     clock.advance(1_800_000_000)
     ts = _series(tmp_path, clock)
+    ts.received(SimpleNamespace(recipients=["a", "b", "c"], extra={"campaign": "c1"}))
+    # The log event of the accepting process is not counted: the once-per-queue-id call above is.
     ts.observe({"log_namespace": "pymta.inbound", "event": "queued", "nrcpt": 3, "campaign": "c1"})
     ts.observe(_delivery("delivered", "a@gmail.com"))
     ts.observe(_delivery("delivered", "b@gmail.com"))

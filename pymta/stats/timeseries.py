@@ -1,8 +1,10 @@
 """Per-minute counts of mail flow by provider, source and campaign, and queue depth, in SQLite.
 
-One ``twisted.logger`` observer (like the metrics) reads the rooms' structured events: the
-inbound ``queued`` event, the queue manager's delivered/deferred/bounced/expired events, the
-feedback processor's complaints and unsubscribes, and ``open``/``click`` events of any room.
+Received mail is counted by ``received(envelope)``, called once per queue id from the queue
+manager's notification (as the metrics count it), so mail accepted by listener workers counts
+too. One ``twisted.logger`` observer (like the metrics) reads the rooms' other structured events:
+the queue manager's delivered/deferred/bounced/expired events, the feedback processor's
+complaints and unsubscribes, and ``open``/``click`` events of any room.
 Counts are summed in memory and written in batches off the reactor thread; gauges (queue depth
 by state, suppression list size, webhook backlog) are sampled once a minute. Rows older than the
 retention are deleted.
@@ -104,6 +106,11 @@ class TimeSeries:
         if len(self._pending) >= MAX_PENDING_KEYS:
             self.flush()
 
+    def received(self, envelope: Any) -> None:
+        """One message accepted into the queue: its recipients count as received, by campaign."""
+        extra = getattr(envelope, "extra", None) or {}
+        self.count("received", campaign=extra.get("campaign") or "", n=len(envelope.recipients) or 1)
+
     def observe(self, event: dict[str, Any]) -> None:
         """A ``twisted.logger`` observer; never raises."""
         try:
@@ -115,9 +122,7 @@ class TimeSeries:
         kind = event.get("event")
         namespace = event.get("log_namespace", "")
         campaign = event.get("campaign") or ""
-        if namespace == "pymta.inbound" and kind == "queued":
-            self.count("received", campaign=campaign, n=int(event.get("nrcpt") or 1))
-        elif namespace == "pymta.queue" and kind in ("delivered", "deferred", "bounced", "expired"):
+        if namespace == "pymta.queue" and kind in ("delivered", "deferred", "bounced", "expired"):
             rcpt = str(event.get("rcpt") or "")
             provider = self.provider_of(rcpt.rpartition("@")[2].lower(), event.get("mx"))
             source = event.get("source") or ""

@@ -57,6 +57,7 @@ class DashboardData:
     @defer.inlineCallbacks
     def gather(self, range_name: str):
         span, step = RANGES[range_name]
+        self.series.sample()  # the gauges as they are now, not as they were at the last minute's sample
         yield self.series.flush()
         now = int(self.clock.seconds())
         until = (now // 60 + 1) * 60

@@ -16,11 +16,13 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from twisted.logger import Logger
 
 from pymta.interfaces import QUEUE_STATES
 
 _DELIVERY_EVENTS = ("delivered", "deferred", "bounced", "expired", "relayed")
 _CLUSTER_EVENTS = {"cluster_fallback": "local", "cluster_shared": "shared"}
+log = Logger(namespace="pymta.http")
 LATENCY_BUCKETS = (1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600, 5 * 86400)
 
 
@@ -71,6 +73,8 @@ class Metrics:
                                "state (shared) and its own divided limits (local)", ["state"], registry=r)  # fmt: skip
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._seen_limit = seen_limit
+        # Called with each queue id counted as received (once per qid): the time series counts here too.
+        self.on_received: list[Callable[[str], Any]] = []
 
     # -- feeding --------------------------------------------------------------------------
 
@@ -82,6 +86,11 @@ class Metrics:
         if len(self._seen) > self._seen_limit:
             self._seen.popitem(last=False)
         self.received.labels(listener).inc()
+        for call in self.on_received:
+            try:
+                call(qid)
+            except Exception:
+                log.failure("counting {qid} as received failed", qid=qid)
 
     def counting(self, notify: Callable[[str], Any] | None, listener: str = "smtp") -> Callable[[str], Any]:
         """Wraps the queue manager's notification so every message is counted once."""

@@ -15,7 +15,7 @@ from pymta.admin.http.jsonapi import JSONAPI, APIError, APISite, send_json
 from pymta.admin.http.metrics import Metrics
 from pymta.admin.http.public import public_root
 from pymta.admin.http.tokens import TokenChecker, load_tokens
-from pymta.interfaces import QUEUE_STATES
+from pymta.interfaces import QUEUE_STATES, QueueError
 
 
 class MetricsObserver(service.Service):
@@ -138,7 +138,9 @@ def build_http(
         metrics.add_gauges(lambda: _gauges(store, suppression, shaper, agent, operations.suspensions, operations.webhooks))
         MetricsObserver(metrics).setServiceParent(top)
         root = AdminRoot(api, MetricsPage(metrics, api, h.metrics_auth))
-        add_dashboard(config, reactor, top, root, api, threadpool, store, suppression, accounting, shaper, selector)
+        series = add_dashboard(config, reactor, top, root, api, threadpool, store, suppression, accounting, shaper,
+                               selector, operations.webhooks)  # fmt: skip
+        metrics.on_received.append(lambda qid: _count_received(series, store, qid))
         site = APISite(root, h.max_body, reactor=reactor)
         for endpoint in h.listen:
             strports.service(endpoint, site, reactor=reactor).setServiceParent(top)
@@ -172,8 +174,9 @@ def listener_status(top: service.MultiService) -> list[dict[str, Any]]:
 
 
 def add_dashboard(config: Any, reactor: Any, top: service.MultiService, root: resource.Resource, api: JSONAPI,
-                  threadpool: Any, store: Any, suppression: Any, accounting: Any, shaper: Any, selector: Any) -> None:
-    """The time series (fed from the log events), ``GET /`` and ``GET /api/v1/reports``."""
+                  threadpool: Any, store: Any, suppression: Any, accounting: Any, shaper: Any, selector: Any,
+                  webhooks: Any = None) -> Any:  # fmt: skip
+    """The time series (fed from the log events), ``GET /`` and ``GET /api/v1/reports``; returns the series."""
     from twisted.internet import threads
 
     from pymta.admin.http.dashboard import Dashboard, DashboardData, ReportsAPI
@@ -186,7 +189,7 @@ def add_dashboard(config: Any, reactor: Any, top: service.MultiService, root: re
 
     namer = provider_namer(config)
     series = TimeSeries(stats_path(config), reactor, run, config.stats.retention, namer)
-    series.gauge_readers.append(lambda: _stat_gauges(store, suppression))
+    series.gauge_readers.append(lambda: _stat_gauges(store, suppression, webhooks))
     StatsService(series).setServiceParent(top)
     w = config.warmup
     thresholds = {"bounce_rate": w.bounce_rate, "deferral_rate": w.deferral_rate, "complaint_rate": w.complaint_rate}
@@ -194,12 +197,24 @@ def add_dashboard(config: Any, reactor: Any, top: service.MultiService, root: re
     for path in (b"", b"login", b"logout"):
         root.putChild(path, dashboard)
     ReportsAPI(config, reactor, run, series, accounting, namer).register(api)
+    return series
 
 
-def _stat_gauges(store: Any, suppression: Any) -> dict[str, float]:
+def _count_received(series: Any, store: Any, qid: str) -> None:
+    """The time series counts a message as the metrics do: once per queue id, from any listener."""
+    try:
+        envelope = store.load(qid)
+    except (KeyError, ValueError, QueueError):  # already gone (deleted): nothing to count by
+        return
+    series.received(envelope)
+
+
+def _stat_gauges(store: Any, suppression: Any, webhooks: Any = None) -> dict[str, float]:
     values: dict[str, float] = {f"queue.{state}": len(store.list(state)) for state in QUEUE_STATES}
     if suppression is not None and hasattr(suppression, "count"):
         values["suppressions"] = suppression.count()
+    if webhooks is not None:  # events not yet accepted, summed over the endpoints
+        values["webhook_backlog"] = sum(status["backlog"] for status in webhooks.status())
     return values
 
 
