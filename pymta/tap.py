@@ -243,12 +243,14 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
         events=journal,
     )
 
-    from pymta.queue.scheduler import MonotonicClock
+    from pymta.queue.scheduler import MonotonicClock, TimerHeapScheduler
 
+    monotonic = MonotonicClock(reactor)  # retries and expiry immune to wall-clock steps
     manager = QueueManager(
         store=store,
         agents=agents,
-        clock=MonotonicClock(reactor),  # retries and expiry immune to wall-clock steps
+        clock=monotonic,
+        scheduler=TimerHeapScheduler(monotonic),
         wall=reactor,
         hostname=config.hostname,
         retry_initial=config.queue.retry_initial,

@@ -14,11 +14,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from zope.interface import implementer
+
 from pymta.envelope import FAILED, ROUTE_FEEDBACK, ROUTE_FORWARD, ROUTE_LOCAL, ROUTE_RELAY, Recipient
 from pymta.inbound.aliases import AliasTables, expand
 from pymta.inbound.mailbox import mailbox_path, split_delimiter
 from pymta.inbound.quota import known_usage
 from pymta.inbound.srs import SRS, SRSError, is_srs
+from pymta.interfaces import IRecipientPolicy
 from pymta.smtp.replies import Reply
 
 FEEDBACK_TOKEN = re.compile(r"^[bu]-[0-9A-Za-z]{16,32}-[A-Za-z2-7]{16}(=[A-Za-z0-9.-]{1,253})?$")
@@ -111,6 +114,7 @@ def in_networks(address: str | None, networks: Iterable[ipaddress.IPv4Network | 
     return ip is not None and any(ip.version == net.version and ip in net for net in networks)
 
 
+@implementer(IRecipientPolicy)
 class RelayPolicy:
     """RCPT-stage decisions from the ``[domains]`` configuration."""
 

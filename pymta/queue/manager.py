@@ -40,7 +40,7 @@ from pymta.envelope import (
     Recipient,
     new_qid,
 )
-from pymta.interfaces import ACTIVE, DEFERRED, HOLD, INCOMING, IDeliveryAgent, IQueueStore
+from pymta.interfaces import ACTIVE, DEFERRED, HOLD, INCOMING, IDeliveryAgent, IQueueStore, IScheduler
 from pymta.outbound.bounce import build_dsn, notify_allows
 from pymta.queue.scheduler import TimerHeapScheduler, retry_delay
 
@@ -73,6 +73,7 @@ class QueueManager(service.Service):
         abort: Callable[[], Any] | None = None,
         wall: Any = None,
         sign: Callable[[bytes], Any] | None = None,
+        scheduler: IScheduler | None = None,
     ) -> None:
         self.store = store
         self.agents = agents
@@ -91,7 +92,9 @@ class QueueManager(service.Service):
         self.shutdown_grace = shutdown_grace  # how long a stop waits for deliveries in flight
         self.abort = abort  # then aborts them with this (their results come back as deferred)
         self.sign = sign  # DKIM for our own notices (bytes -> Deferred of the signed bytes)
-        self.scheduler = TimerHeapScheduler(clock, self._due)
+        # *When* messages are due is the scheduler's business (given; a timer heap on ``clock`` if not).
+        self.scheduler: IScheduler = scheduler if scheduler is not None else TimerHeapScheduler(clock)
+        self.scheduler.on_due = self._due
         self._ready: deque[str] = deque()
         self._queued: set[str] = set()  # in _ready
         self._inflight: dict[str, defer.Deferred] = {}
