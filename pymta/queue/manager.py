@@ -41,7 +41,7 @@ from pymta.envelope import (
     new_qid,
 )
 from pymta.interfaces import ACTIVE, DEFERRED, HOLD, INCOMING, IDeliveryAgent, IQueueStore, IScheduler
-from pymta.outbound.bounce import build_dsn, notify_allows
+from pymta.queue.bounce import build_dsn, notify_allows
 from pymta.queue.scheduler import TimerHeapScheduler, retry_delay
 
 log = Logger(namespace="pymta.queue")
