@@ -19,6 +19,7 @@ from twisted.python.threadpool import ThreadPool
 
 from pymta.config import Config, ConfigError, default_config_path, load_config
 from pymta.shutdown import CLOSE, SESSION_GRACE, SessionDrain, SignalGuard, StagedService, ThreadPoolService
+from pymta.stores import queue_store, recipient_policy, suppression_store
 
 
 class Options(usage.Options):
@@ -172,11 +173,9 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
     from pymta.inbound.auth import Authenticator, SenderLogins, load_users
     from pymta.inbound.dnsbl import DNSBL
     from pymta.inbound.limits import ClientLimits, Greylist
-    from pymta.inbound.policy import RelayPolicy
     from pymta.inbound.quota import Quotas
     from pymta.inbound.receiver import InboundReceiver
     from pymta.queue.manager import QueueManager, local_route_for
-    from pymta.queue.store import MaildirQueueStore
     from pymta.smtp.replies import Reply
     from pymta.smtp.server import ConnectionSlots, ServerLimits, SMTPServerFactory
     from pymta.tls import ServerTLS
@@ -197,7 +196,7 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
     drain = SessionDrain([], reactor, session_grace)
     drain.setServiceParent(top)
 
-    store = MaildirQueueStore(config.queue_dir, reactor=reactor, threadpool=pool, fsync=config.queue.fsync)
+    store = queue_store(config, reactor, pool)
     accounting = None
     if config.log.accounting:
         # Its own thread: record fsyncs never wait behind (or delay) queue or DNS work.
@@ -282,19 +281,7 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
 
     inbound_state = _inbound_state(config, reactor, main=worker_fds is None)
     CloseOnStop(inbound_state.close).setServiceParent(top)
-    policy = RelayPolicy(
-        config.domains.local,
-        config.domains.mailboxes,
-        config.domains.relay_from,
-        config.domains.forward,
-        config.mail_dir,
-        feedback_domains=[fb.bounce_domain] if fb.bounce_domain else [],
-        feedback_addresses=[*fb.complaint_addresses, *fb.reply_addresses, *config.tlsrpt.report_addresses],
-        postmaster=config.postmaster,
-        hostname=config.hostname,
-        **address_rewriting(config, reactor),
-        quotas=quotas,
-    )
+    policy = recipient_policy(config, reactor, quotas)
     receiver = InboundReceiver(
         config.hostname,
         policy,
@@ -404,18 +391,6 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
             factory = submission if plain is None else TLSMemoryBIOFactory(server_tls, False, submission)
             strports.service(plain or endpoint, factory, reactor=reactor).setServiceParent(top)
     return top
-
-
-def address_rewriting(config: Config, clock: Any) -> dict[str, Any]:
-    """RelayPolicy's aliases, virtual maps, recipient delimiter and SRS from the configuration
-    (also what ``pymta-map`` uses). A malformed aliases file raises TableError (``FILE:LINE: ...``)."""
-    from pymta.inbound.aliases import AliasTables
-    from pymta.inbound.srs import SRS
-
-    srs = SRS(config.srs.secret, config.srs.domain or config.hostname, config.srs.max_age) if config.srs.secret else None
-    tables = AliasTables(config.aliases.file, config.virtual, lambda: load_config(config.path).virtual)
-    return {"tables": tables, "srs": srs, "delimiter": config.domains.recipient_delimiter, "clock": clock,
-            "max_depth": config.aliases.max_depth, "max_expansion": config.aliases.max_expansion}
 
 
 def implicit_tls_endpoint(endpoint: str) -> str | None:
@@ -591,18 +566,10 @@ def _inbound_state(config: Config, reactor: Any, main: bool) -> Any:
 
 def _feedback_parts(config: Config, reactor: Any, shared: Any = None) -> tuple[Any, Any]:
     """The suppression store (always) and the return-path tagger (with a bounce domain)."""
-    from pymta.feedback.suppression import SuppressionPolicy, SuppressionStore
     from pymta.feedback.verp import Tagger
 
     fb = config.feedback
-    policy = SuppressionPolicy(fb.soft_bounce_threshold, fb.soft_bounce_window, fb.soft_bounce_suppress)
-    if shared is not None:  # the cluster's suppressions, in a local replica kept current from Redis
-        from pymta.state.replica import ReplicatedSuppressionStore
-
-        store = ReplicatedSuppressionStore(config.suppression_db, reactor, policy, cluster=shared)
-        store.start()
-    else:
-        store = SuppressionStore(config.suppression_db, reactor, policy)
+    store = suppression_store(config, reactor, shared)
     tagger = Tagger(fb.secret, fb.bounce_domain) if fb.bounce_domain and fb.secret else None
     return store, tagger
 
