@@ -642,6 +642,7 @@ def _shaper(config: Config, reactor: Any, shared: Any = None) -> Any:
         return Limits(c.connections, c.message_rate, c.messages_per_connection, c.recipients_per_message,
                       c.window, c.timezone, c.connection_rate, retry, c.per_source, c.dead_site_pause)  # fmt: skip
 
+    # [outbound] max_connections_per_domain is the default connection cap; [shaping] may set any other.
     default = limits(sh.default).over(Limits(connections=config.outbound.max_connections_per_domain))
     return Shaper(
         reactor,
@@ -761,7 +762,6 @@ def _outbound_agent(config: Config, reactor: Any, resolver: Any, tls_reports: An
         shaper=_shaper(config, reactor, shared),
         selector=_selector(config, reactor),
         max_connections=out.max_connections,
-        max_connections_per_domain=out.max_connections_per_domain,
         max_messages_per_connection=out.max_messages_per_connection,
         max_recipients_per_transaction=out.max_recipients_per_transaction,
         source_address=out.source_address,

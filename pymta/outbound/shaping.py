@@ -66,6 +66,7 @@ DEAD_SITE_PAUSE = 600.0  # ... for this long, unless the limits say otherwise
 MAX_REMEMBERED_DOMAINS = 65536  # recipient domain -> destination key, for operator commands
 LEASE_TTL = 30.0  # a shared connection lease lapses this long after its node stops refreshing it
 LEASE_RETRY = 0.25  # seconds between tries for a shared connection slot
+UNCAPPED = 10_000  # the connection cap of a destination whose limits set none
 
 
 @dataclass
@@ -220,7 +221,7 @@ class Shaper:
 
     def _cap(self, s: State, limits: Limits) -> int:
         """Concurrency now: the adaptive window within the configured cap (Postfix-style slow start)."""
-        cap = limits.connections if limits.connections is not None else 10_000
+        cap = limits.connections if limits.connections is not None else UNCAPPED
         if s.window <= 0:
             s.window = float(min(INITIAL_WINDOW, cap))
         return max(1, min(cap, int(s.window)))
@@ -285,7 +286,7 @@ class Shaper:
         """A delivery went through: one more concurrent connection allowed (additive increase)."""
         s = self.state(key)
         s.failures = 0
-        cap = (s.limits or self.default).connections or 10_000
+        cap = (s.limits or self.default).connections or UNCAPPED
         s.window = min(float(cap), (s.window or INITIAL_WINDOW) + 1.0)
         self._wake(s)
 
