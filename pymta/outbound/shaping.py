@@ -18,6 +18,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from pymta.rate import KeyedLimiter, Rate, parse_rate, parse_share, parse_window
+from pymta.wordings import wordings
 
 log = Logger(namespace="pymta.outbound.shaping")
 
@@ -50,14 +51,8 @@ class BackoffRule:
     recover: float  # ... and climb back to the full rate over this period
 
 
-# Shipped defaults for common provider pushback; configured rules come first.
-DEFAULT_BACKOFF = (
-    BackoffRule(re.compile(r"\b4\.7\.28\b|rate limit|ratelimit|too many (messages|mails|connections)|"
-                           r"temporarily (deferred|rate limited)|try again later.*(rate|volume)", re.I),
-                600.0, 0.5, 3600.0),  # fmt: skip
-    BackoffRule(re.compile(r"^421[ -]4\.7\.0\b|\b4\.7\.0\b.*(reputation|suspicious|unusual)", re.I), 300.0, 0.5, 3600.0),
-    BackoffRule(re.compile(r"^4\d\d[ -]4\.2\.1\b.*(rate|limit|temporar|deferred)", re.I), 300.0, 0.5, 1800.0),
-)
+# Shipped defaults for common provider pushback (data in pymta/wordings.toml); configured rules come first.
+DEFAULT_BACKOFF = tuple(BackoffRule(b.match, b.pause, b.share, b.recover) for b in wordings().backoff)
 
 
 INITIAL_WINDOW = 2  # connections a destination starts with

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import re
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -43,6 +42,7 @@ from pymta.envelope import (
 from pymta.interfaces import ACTIVE, DEFERRED, HOLD, INCOMING, IDeliveryAgent, IQueueStore, IScheduler
 from pymta.queue.bounce import build_dsn, notify_allows
 from pymta.queue.scheduler import TimerHeapScheduler, retry_delay
+from pymta.wordings import MAX_TEXT, wordings
 
 log = Logger(namespace="pymta.queue")
 
@@ -517,15 +517,11 @@ class QueueManager(service.Service):
         self.notify_incoming(qid)
 
 
-_GREYLIST = re.compile(r"grey ?list|gray ?list|greylisted|try again (later|in \d+)|temporarily (rejected|deferred)"
-                       r".*(retry|later)|please retry", re.I)
-
-
 def is_greylisting(reply: dict[str, Any] | None) -> bool:
     """A 45x reply that asks for a retry soon (greylisting), by code and wording."""
     if not reply or not 450 <= int(reply.get("code") or 0) <= 451:
         return False
-    return bool(_GREYLIST.search(str(reply.get("text") or "")))
+    return bool(wordings().greylisting.search(str(reply.get("text") or "")[:MAX_TEXT]))
 
 
 def local_route_for(local_domains: Any) -> Callable[[str], str]:
