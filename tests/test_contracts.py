@@ -32,6 +32,8 @@ from tests.dnsserver import DNSServer, Zone
 from tests.fakes import ScriptedDeliveryAgent, StaticResolver, TempDirMixin
 from tests.fs_faults import started_pool
 from tests.sessions import Sess
+from tests.test_alias_queue import RecordingAgent as AliasRecordingAgent
+from tests.test_feedback_gate import RecordingAgent as GateRecordingAgent
 from tests.test_smtp_server import FakeDelegate
 
 # -- IScheduler ---------------------------------------------------------------------------------
@@ -48,6 +50,16 @@ class TimerHeapSchedulerContractTests(SchedulerContract, unittest.TestCase):
 class ScriptedDeliveryAgentContractTests(DeliveryAgentContract, unittest.TestCase):
     def make_agent(self):
         return ScriptedDeliveryAgent()
+
+
+class FeedbackGateRecordingAgentContractTests(DeliveryAgentContract, unittest.TestCase):
+    def make_agent(self):
+        return GateRecordingAgent({})
+
+
+class AliasQueueRecordingAgentContractTests(DeliveryAgentContract, unittest.TestCase):
+    def make_agent(self):
+        return AliasRecordingAgent()
 
 
 class MaildirDeliveryAgentContractTests(DeliveryAgentContract, TempDirMixin, unittest.TestCase):
