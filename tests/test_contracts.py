@@ -19,11 +19,12 @@ from pymta.inbound.acl import AclPolicy
 from pymta.inbound.mailbox import MaildirDeliveryAgent
 from pymta.inbound.policy import RelayPolicy
 from pymta.inbound.receiver import InboundReceiver
-from pymta.interfaces import IPolicy, IRecipientPolicy, ISession, ISMTPServerDelegate
+from pymta.interfaces import IPolicy, IRecipientPolicy, ISession, ISMTPServerDelegate, ISuspensions
 from pymta.queue.scheduler import TimerHeapScheduler
 from pymta.queue.store import MemoryQueueStore
 from pymta.smtp.replies import Reply
 from pymta.smtp.server import Session
+from pymta.state.suspensions import SQLiteSuspensions
 from tests.contract_delivery_agent import DeliveryAgentContract
 from tests.contract_resolver import ResolverContract
 from tests.contract_scheduler import SchedulerContract
@@ -148,3 +149,23 @@ def test_smtp_delegates_answer_each_stage_with_a_reply_or_none():
 def test_the_server_session_and_its_stand_in_provide_the_session_interface():
     for session in (Session(peer_address="127.0.0.1", peer_port=1), Sess()):
         assert verifyObject(ISession, session)
+
+
+# -- ISuspensions -------------------------------------------------------------------------------
+
+
+def test_suspensions_hold_matching_mail_until_they_lapse_or_are_lifted(tmp_path):
+    clock = task.Clock()
+    clock.advance(1_000_000)
+    suspensions = SQLiteSuspensions(str(tmp_path / "suspensions.sqlite"), clock)
+    assert verifyObject(ISuspensions, suspensions)
+    short = suspensions.add("domain", "Remote.Test.", 60, "asked to wait")
+    long = suspensions.add("campaign", "spring", 3600, "review")
+    assert [s["id"] for s in suspensions.in_force()] == [short["id"], long["id"]]  # soonest to lapse first
+    assert suspensions.match(domain="remote.test")["reason"] == "asked to wait"
+    assert suspensions.match(domain="other.test", campaign="autumn") is None
+    clock.advance(61)
+    assert suspensions.match(domain="remote.test") is None
+    assert suspensions.remove(long["id"])["kind"] == "campaign"
+    assert suspensions.remove(long["id"]) is None and suspensions.in_force() == []
+    suspensions.close()
