@@ -30,8 +30,8 @@ from twisted.internet import defer, task
 from twisted.python.threadpool import ThreadPool
 
 from pymta.envelope import Envelope, Recipient, new_qid
+from pymta.fsio import FileOps
 from pymta.interfaces import ACTIVE, DEFERRED
-from pymta.queue.fsio import FileOps
 from pymta.queue.store import MaildirQueueStore
 
 

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
+from pymta.hostname import ascii_hostname
+
 DEFAULT_CONFIG_PATH = "/etc/pymta/pymta.toml"
 
 
@@ -180,22 +182,8 @@ def conv_network(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
         raise ConfigValueError(f"not an IP network (CIDR) {text!r}") from None
 
 
-_HOSTNAME = re.compile(
-    r"^(?=.{1,253}$)([A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
-)
-
-
 def conv_hostname(value: Any) -> str:
-    text = conv_str(value).strip().rstrip(".").lower()
-    try:
-        import idna
-
-        ascii_name = idna.encode(text, uts46=True).decode("ascii") if not text.isascii() else text
-    except idna.IDNAError as e:
-        raise ConfigValueError(f"not a valid host or domain name {value!r}: {e}") from None
-    if not _HOSTNAME.match(ascii_name):
-        raise ConfigValueError(f"not a valid host or domain name {value!r}")
-    return ascii_name
+    return ascii_hostname(conv_str(value), error=ConfigValueError)
 
 
 def conv_address(value: Any) -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import ipaddress
 import random
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,16 +24,15 @@ import dns.name
 import dns.rcode
 import dns.rdatatype
 import dns.resolver
-import idna
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from pymta.hostname import ascii_hostname
 from pymta.interfaces import IResolver
 
 log = Logger(namespace="pymta.dns")
 
-_LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9])?$")
 NEGATIVE_TTL = 300.0  # cap for cached NXDOMAIN / no-data answers
 ERROR_TTL = 5.0  # temporary failures are remembered briefly (no hammering a dead server)
 MAX_TTL = 86400.0
@@ -79,15 +77,7 @@ class TLSAResult:
 
 def to_ascii(name: str) -> str:
     """A domain in its ASCII (A-label) form, lower-case, no trailing dot; DNSPermanentError if invalid."""
-    name = name.strip().rstrip(".").lower()
-    if not name.isascii():
-        try:
-            name = idna.encode(name, uts46=True).decode("ascii")
-        except idna.IDNAError as e:
-            raise DNSPermanentError(f"invalid domain name {name!r}: {e}") from None
-    if len(name) > 253 or not all(_LABEL.match(label) for label in name.split(".")):
-        raise DNSPermanentError(f"invalid domain name {name!r}")
-    return name
+    return ascii_hostname(name, underscores=True, error=DNSPermanentError)
 
 
 @functools.lru_cache(maxsize=1024)

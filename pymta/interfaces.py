@@ -74,9 +74,11 @@ class IQueueStore(Interface):
 class IScheduler(Interface):
     """When keys (qids, destinations) are due. Timer heap on an injected IReactorTime.
 
-    The scheduler calls the ``on_due(key)`` callable given at construction when a key's time
-    has come; it never touches the store.
+    The scheduler calls its ``on_due(key)`` callable when a key's time has come; it never
+    touches the store. Its owner (the queue manager) sets ``on_due`` before scheduling anything.
     """
+
+    on_due = Attribute("callable(key) called for each key whose time has come")
 
     def schedule(key, when):
         """Make ``key`` due at absolute time ``when`` (replacing any earlier schedule of it)."""
@@ -89,6 +91,15 @@ class IScheduler(Interface):
 
     def __len__():
         """How many keys are scheduled."""
+
+    def __contains__(key):
+        """Whether ``key`` is scheduled."""
+
+    def due_now():
+        """Make every scheduled key due at once (an operator's flush)."""
+
+    def stop():
+        """Disarm the timer; keys stay scheduled but nothing fires until the next ``schedule``."""
 
 
 class IDeliveryAgent(Interface):
@@ -142,6 +153,26 @@ class IPolicy(Interface):
         """Return a :class:`Reply` to refuse or answer, or None to go on (or a Deferred of either)."""
 
 
+class IRecipientPolicy(Interface):
+    """Who may relay and where each recipient goes: local mailbox, relay, forward, feedback
+    (aliases, virtual maps, quotas and SRS behind it). Synchronous."""
+
+    def may_relay(peer_address, auth_user=None):
+        """True for clients allowed to relay (authenticated, or in a trusted network)."""
+
+    def recipient(address, peer_address, auth_user=None):
+        """The :class:`pymta.inbound.policy.Decision` for one RCPT TO address."""
+
+    def over_quota(address, size=0):
+        """True if the local mailbox of ``address`` is known to be full for ``size`` more octets."""
+
+    def queue_recipients(targets, address, orcpt, notify, sender, now, seen=None):
+        """The queue's :class:`pymta.envelope.Recipient` list for ``address`` expanded into ``targets``."""
+
+    def forward_sender(sender, now):
+        """The envelope sender for forwarded targets (SRS-rewritten when configured)."""
+
+
 class IResolver(Interface):
     """DNS records, never blocking the reactor (pymta.dns)."""
 
@@ -154,6 +185,15 @@ class IResolver(Interface):
     def lookup_txt(name):
         """Deferred firing with the TXT strings of ``name``."""
 
+    def lookup_ptr(address):
+        """Deferred firing with the host names (PTR) of the IP ``address``, lower-case."""
+
+    def lookup_tlsa(host, port=25):
+        """Deferred firing with the :class:`pymta.dns.TLSAResult` of ``_PORT._tcp.HOST``."""
+
+    def addresses_secure(host):
+        """Deferred firing with whether the address records of ``host`` are DNSSEC-validated."""
+
 
 class ISuppressionList(Interface):
     """Is this address suppressed, and why."""
@@ -165,7 +205,17 @@ class ISuppressionList(Interface):
         """Suppress ``address``."""
 
     def remove(address, scope=None):
-        """Lift a suppression."""
+        """Lift a suppression; True if there was one."""
+
+    def record_bounce(address, reason, hard, scope=None):
+        """Apply the suppression policy to one bounce (hard: at once; soft: past a threshold);
+        the suppression record if one now applies, else None."""
+
+    def record_complaint(address, reason="complaint", scope=None):
+        """Suppress ``address`` for a complaint; the new record."""
+
+    def count():
+        """How many suppressions are stored."""
 
 
 class ISuspensions(Interface):
@@ -182,13 +232,6 @@ class ISuspensions(Interface):
 
     def match(**names):
         """The suspension in force that holds mail with these names (domain=..., ...), or None."""
-
-
-class IFeedbackSink(Interface):
-    """What to do with a parsed bounce, complaint or reply."""
-
-    def feedback(report):
-        """Handle one parsed report (pymta.feedback.parse.Report)."""
 
 
 class ISession(Interface):

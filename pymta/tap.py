@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.application import service, strports
@@ -19,6 +20,7 @@ from twisted.python.threadpool import ThreadPool
 
 from pymta.config import Config, ConfigError, default_config_path, load_config
 from pymta.shutdown import CLOSE, SESSION_GRACE, SessionDrain, SignalGuard, StagedService, ThreadPoolService
+from pymta.stores import queue_store, recipient_policy, suppression_store
 
 
 class Options(usage.Options):
@@ -150,6 +152,49 @@ def check_listeners(config: Config) -> None:
                         raise StartupError(f"cannot listen on {endpoint} ({key}): {e.strerror}") from None
 
 
+@dataclass
+class Wiring:
+    """The parts :func:`build_service`'s builders make and hand on, in the order they are built."""
+
+    config: Config
+    reactor: Any
+    main: bool  # False in a listener worker: it only accepts into the queue
+    accepting: int = 1  # processes that accept on the MX listeners (from the main process's configuration)
+    top: Any = None  # the StagedService everything hangs from
+    pool: Any = None  # queue and Maildir file I/O
+    drain: Any = None  # the SMTP factories whose sessions a stop waits for
+    session_grace: float = 0.0
+    store: Any = None
+    accounting: Any = None
+    reopen: Any = None  # reopens the log files (SIGUSR1, SIGHUP)
+    journal: Any = None
+    webhooks: Any = None
+    quotas: Any = None
+    agents: dict[str, Any] = field(default_factory=dict)
+    resolver: Any = None
+    sender_auth: Any = None
+    shared: Any = None  # the cluster state, or None
+    smtp_agent: Any = None
+    suppression: Any = None
+    tagger: Any = None
+    manager: Any = None
+    metrics: Any = None
+    notify: Any = None  # tells the queue manager of a new message
+    inbound_state: Any = None
+    policy: Any = None
+    receiver: Any = None
+    limits: Any = None
+    mx_slots: Any = None
+    server_tls: Any = None
+    factory: Any = None  # the MX listeners' SMTP factory
+
+    @property
+    def signer_sign(self) -> Any:
+        """DKIM signing for mail we write ourselves, or None."""
+        auth = self.sender_auth
+        return auth.sign if auth is not None and auth.signer is not None else None
+
+
 def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]] | None = None) -> service.MultiService:
     """The whole service tree for ``config`` on ``reactor`` (tests pass their own).
 
@@ -161,95 +206,110 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
     accepting = accepting_processes(config)  # from the main process's configuration, not a worker's
     if worker_fds is not None:
         config = dataclasses.replace(config, queue=dataclasses.replace(config.queue, deliver=False))
-    from twisted.protocols.tls import TLSMemoryBIOFactory
+    w = Wiring(config, reactor, main=worker_fds is None, accepting=accepting)
+    _build_foundation(w)
+    _build_delivery(w)
+    _build_inbound(w)
+    if worker_fds is not None:
+        from pymta.workers import AdoptedPort
 
+        for fd, family in worker_fds:
+            AdoptedPort(reactor, fd, family, w.factory, inherited=True).setServiceParent(w.top)
+        return w.top
+    _listen(config, reactor, w.factory, w.top, on_worker_ended=w.inbound_state.release_owner,
+            stop_limit=w.session_grace + 2.5)  # fmt: skip
+    if config.sendmail.socket:
+        _local_submission(config.sendmail.socket, w.receiver, config.hostname, w.limits, reactor, w.drain, w.top)
+    _build_admin(w)
+    _build_tls_and_submission_listeners(w)
+    return w.top
+
+
+def _build_foundation(w: Wiring) -> None:
+    """Directories, the staged top service, thread pools, the queue store, accounting and events."""
     from pymta.admin.accounting import AccountingLog
-    from pymta.dns import Resolver
-    from pymta.feedback.classify import classify
-    from pymta.feedback.gate import FeedbackGate
-    from pymta.feedback.pool import ParsePool
-    from pymta.feedback.processor import FeedbackProcessor
-    from pymta.inbound.acl import AclPolicy
-    from pymta.inbound.auth import Authenticator, SenderLogins, load_users
-    from pymta.inbound.dnsbl import DNSBL
-    from pymta.inbound.limits import ClientLimits, Greylist
-    from pymta.inbound.policy import RelayPolicy
-    from pymta.inbound.quota import Quotas
-    from pymta.inbound.receiver import InboundReceiver
-    from pymta.queue.manager import QueueManager, local_route_for
-    from pymta.queue.store import MaildirQueueStore
-    from pymta.smtp.replies import Reply
-    from pymta.smtp.server import ConnectionSlots, ServerLimits, SMTPServerFactory
-    from pymta.tls import ServerTLS
 
+    config, reactor = w.config, w.reactor
     for path in (config.state_dir, config.queue_dir, config.mail_dir, config.log_dir):
         os.makedirs(path, mode=0o700, exist_ok=True)
-
     grace = config.queue.shutdown_grace
-    session_grace = min(SESSION_GRACE, grace)
-    top = StagedService(reactor, grace)
+    w.session_grace = min(SESSION_GRACE, grace)
+    top = w.top = StagedService(reactor, grace)
     # Three pools, so that one kind of slow work cannot hold up another: queue and Maildir file
     # I/O (the 250 waits for it), DNS lookups (a dead resolver blocks a thread for its timeout),
     # password hashing (scrypt, CPU-bound, deliberately slow).
-    pool = ThreadPool(minthreads=2, maxthreads=16, name="pymta-io")
-    ThreadPoolService(pool).setServiceParent(top)
+    w.pool = ThreadPool(minthreads=2, maxthreads=16, name="pymta-io")
+    ThreadPoolService(w.pool).setServiceParent(top)
     dns_pool = ThreadPool(minthreads=1, maxthreads=16, name="pymta-dns")
     ThreadPoolService(dns_pool, join=False).setServiceParent(top)
-    drain = SessionDrain([], reactor, session_grace)
-    drain.setServiceParent(top)
+    w.drain = SessionDrain([], reactor, w.session_grace)
+    w.drain.setServiceParent(top)
 
-    store = MaildirQueueStore(config.queue_dir, reactor=reactor, threadpool=pool, fsync=config.queue.fsync)
-    accounting = None
+    w.store = queue_store(config, reactor, w.pool)
     if config.log.accounting:
         # Its own thread: record fsyncs never wait behind (or delay) queue or DNS work.
         accounting_pool = ThreadPool(minthreads=1, maxthreads=1, name="pymta-accounting")
         ThreadPoolService(accounting_pool).setServiceParent(top)
-        accounting = AccountingLog(
+        w.accounting = AccountingLog(
             os.path.join(config.log_dir, "accounting.jsonl"), reactor,
             run=lambda f: deferToThreadPool(reactor, accounting_pool, f), fsync=config.queue.fsync,
         )  # fmt: skip
-        CloseOnStop(accounting.close).setServiceParent(top)
-    reopen = _log_reopener(accounting)
-    ReloadOnHangup(reopen, reactor, signal.SIGUSR1).setServiceParent(top)
-    journal = webhooks = None
-    if worker_fds is None and (config.webhooks or config.tracking.enabled):
-        journal, webhooks, accounting = _events(config, reactor, pool, top, accounting)
+        CloseOnStop(w.accounting.close).setServiceParent(top)
+    w.reopen = _log_reopener(w.accounting)
+    ReloadOnHangup(w.reopen, reactor, signal.SIGUSR1).setServiceParent(top)
+    if w.main and (config.webhooks or config.tracking.enabled):
+        w.journal, w.webhooks, w.accounting = _events(config, reactor, w.pool, top, w.accounting)
+    from pymta.dns import Resolver
 
-    quotas = Quotas(config.mailbox.quota, config.mailbox.quotas)
-    agents: dict[str, Any] = {"local": _mailbox_agent(config, reactor, pool, top, quotas)}
-    resolver = Resolver(reactor, dns_pool, config.dns.servers, timeout=config.dns.timeout, dnssec=config.dns.dnssec)
+    w.resolver = Resolver(reactor, dns_pool, config.dns.servers, timeout=config.dns.timeout, dnssec=config.dns.dnssec)
+
+
+def _build_delivery(w: Wiring) -> None:
+    """The delivery agents (Maildir, SMTP behind the feedback gate, feedback processor) and the
+    queue manager that drives them (started only where this process delivers)."""
     from pymta.auth.accept import sender_auth_from_config
+    from pymta.feedback.classify import classify
+    from pymta.feedback.gate import FeedbackGate
+    from pymta.feedback.pool import ParsePool
+    from pymta.feedback.processor import FeedbackProcessor
+    from pymta.inbound.quota import Quotas
+    from pymta.queue.manager import QueueManager, local_route_for
+    from pymta.queue.scheduler import MonotonicClock, TimerHeapScheduler
 
-    sender_auth = sender_auth_from_config(config, reactor, resolver)
+    config, reactor, top = w.config, w.reactor, w.top
+    w.quotas = Quotas(config.mailbox.quota, config.mailbox.quotas)
+    agents = w.agents
+    agents["local"] = _mailbox_agent(config, reactor, w.pool, top, w.quotas)
+    sender_auth = w.sender_auth = sender_auth_from_config(config, reactor, w.resolver)
     if sender_auth is not None:
         ThreadPoolService(sender_auth.threadpool).setServiceParent(top)
         CloseOnStop(sender_auth.stop).setServiceParent(top)  # stops first: lookups in flight give up
-    tls_reports = _tls_reporter(config, reactor, resolver, store, top)
-    shared = _cluster_state(config, reactor, top)
-    smtp_agent = _outbound_agent(config, reactor, resolver, tls_reports, shared)
+    tls_reports = _tls_reporter(config, reactor, w.resolver, w.store, top)
+    w.shared = _cluster_state(config, reactor, top)
+    smtp_agent = w.smtp_agent = _outbound_agent(config, reactor, w.resolver, tls_reports, w.shared)
     CloseOnStop(smtp_agent.close_idle).setServiceParent(top)
-    suppression, tagger = _feedback_parts(config, reactor, shared)
-    CloseOnStop(suppression.close).setServiceParent(top)
+    w.suppression, w.tagger = _feedback_parts(config, reactor, w.shared)
+    CloseOnStop(w.suppression.close).setServiceParent(top)
     fb = config.feedback
-    relay = FeedbackGate(smtp_agent, suppression, tagger, fb.sender_domains, classify, fb.unsubscribe,
+    relay = FeedbackGate(smtp_agent, w.suppression, w.tagger, fb.sender_domains, classify, fb.unsubscribe,
                          config.http.public_url if config.http.public_listen else None,
                          signer=sender_auth.signer if sender_auth is not None else None)  # fmt: skip
     agents["relay"] = agents["forward"] = relay
     parse_pool = ParsePool(reactor)  # bounces are parsed in a worker process, never on the reactor
     CloseOnStop(parse_pool.close).setServiceParent(top)
     agents["feedback"] = FeedbackProcessor(
-        suppression, tagger, fb.complaint_addresses, fb.reply_addresses, agents["local"], fb.reply_mailbox, accounting,
-        sources=smtp_agent.selector, parser=parse_pool.parse, tls_reports=_tls_report_inbox(config, top),
+        w.suppression, w.tagger, fb.complaint_addresses, fb.reply_addresses, agents["local"], fb.reply_mailbox,
+        w.accounting, sources=smtp_agent.selector, parser=parse_pool.parse, tls_reports=_tls_report_inbox(config, top),
         authserv_id=sender_auth.authserv_id if sender_auth is not None and sender_auth.verify else None,
-        events=journal,
-    )
+        events=w.journal,
+    )  # fmt: skip
 
-    from pymta.queue.scheduler import MonotonicClock
-
-    manager = QueueManager(
-        store=store,
+    monotonic = MonotonicClock(reactor)  # retries and expiry immune to wall-clock steps
+    manager = w.manager = QueueManager(
+        store=w.store,
         agents=agents,
-        clock=MonotonicClock(reactor),  # retries and expiry immune to wall-clock steps
+        clock=monotonic,
+        scheduler=TimerHeapScheduler(monotonic),
         wall=reactor,
         hostname=config.hostname,
         retry_initial=config.queue.retry_initial,
@@ -257,50 +317,52 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
         max_age=config.queue.max_age,
         delay_warning=config.queue.delay_warning,
         max_active=config.queue.max_active,
-        accounting=accounting,
+        accounting=w.accounting,
         route_for=local_route_for(config.domains.local),
         greylist_retry=config.queue.greylist_retry,
-        shutdown_grace=grace,
+        shutdown_grace=config.queue.shutdown_grace,
         abort=lambda: (smtp_agent.abort_all(), getattr(agents["local"], "abort_all", lambda: None)()),
-        sign=sender_auth.sign if sender_auth is not None and sender_auth.signer is not None else None,
+        sign=w.signer_sign,
     )
     if tls_reports is not None:
         tls_reports.notify = manager.notify_incoming
     from pymta.admin.http.service import make_metrics
 
-    metrics = make_metrics(config) if worker_fds is None else None
+    w.metrics = make_metrics(config) if w.main else None
     # Every message the queue manager hears of (from this process or a listener worker) is counted once.
-    notify = metrics.counting(manager.notify_incoming) if metrics is not None else manager.notify_incoming
+    notify = w.metrics.counting(manager.notify_incoming) if w.metrics is not None else manager.notify_incoming
     if config.queue.deliver:
         from pymta.queue.watch import IncomingWatcher
 
+        w.notify = notify
         # The watch starts before the manager's start-up scan of incoming/: mail that a listener
         # worker renames in between raises an event instead of waiting for the next restart.
         IncomingWatcher(os.path.join(config.queue_dir, "incoming"), notify, reactor).setServiceParent(top)
         manager.setServiceParent(top)
 
-    inbound_state = _inbound_state(config, reactor, main=worker_fds is None, shared=shared)
+
+def _build_inbound(w: Wiring) -> None:
+    """The receiver (policy, ACLs, limits, greylisting, scanning) and the MX listeners' SMTP factory."""
+    from pymta.inbound.acl import AclPolicy
+    from pymta.inbound.auth import SenderLogins
+    from pymta.inbound.dnsbl import DNSBL
+    from pymta.inbound.limits import ClientLimits, Greylist
+    from pymta.inbound.receiver import InboundReceiver
+    from pymta.smtp.replies import Reply
+    from pymta.smtp.server import ConnectionSlots, ServerLimits, SMTPServerFactory
+    from pymta.tls import ServerTLS
+
+    config, reactor, top = w.config, w.reactor, w.top
+    inbound_state = w.inbound_state = _inbound_state(config, reactor, main=w.main, shared=w.shared)
     CloseOnStop(inbound_state.close).setServiceParent(top)
-    policy = RelayPolicy(
-        config.domains.local,
-        config.domains.mailboxes,
-        config.domains.relay_from,
-        config.domains.forward,
-        config.mail_dir,
-        feedback_domains=[fb.bounce_domain] if fb.bounce_domain else [],
-        feedback_addresses=[*fb.complaint_addresses, *fb.reply_addresses, *config.tlsrpt.report_addresses],
-        postmaster=config.postmaster,
-        hostname=config.hostname,
-        **address_rewriting(config, reactor),
-        quotas=quotas,
-    )
-    receiver = InboundReceiver(
+    policy = w.policy = recipient_policy(config, reactor, w.quotas)
+    w.receiver = InboundReceiver(
         config.hostname,
         policy,
-        store,
+        w.store,
         reactor,
-        on_queued=notify if config.queue.deliver else None,
-        accounting=accounting,
+        on_queued=w.notify,
+        accounting=w.accounting,
         acl=AclPolicy(config.acl) if config.acl else None,
         limits=ClientLimits(
             reactor,
@@ -313,9 +375,9 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
                           state=inbound_state)  # fmt: skip
         if config.greylist.enabled
         else None,
-        suppression=suppression,
-        dnsbl=DNSBL(resolver, config.dnsbl.zones, Reply(*config.dnsbl.reply)) if config.dnsbl.zones else None,
-        resolver=resolver,
+        suppression=w.suppression,
+        dnsbl=DNSBL(w.resolver, config.dnsbl.zones, Reply(*config.dnsbl.reply)) if config.dnsbl.zones else None,
+        resolver=w.resolver,
         reverse_lookup=config.smtp.reverse_lookup or any(r.rdns is not None for rules in config.acl.values() for r in rules),
         max_expanded=config.smtp.max_recipients + config.aliases.max_expansion,
         sender_login=SenderLogins.from_files(config.submission.users_file, config.submission.sender_login_maps)
@@ -324,10 +386,10 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
         free_space=lambda: free_octets(config.queue_dir),
         # Postfix's rule: room for min_free plus one and a half messages of the largest size.
         space_needed=config.queue.min_free + config.smtp.max_message_size * 3 // 2,
-        sender_auth=sender_auth,
+        sender_auth=w.sender_auth,
         scan=_scan_chain(config, reactor, top),
     )
-    limits = ServerLimits(
+    w.limits = ServerLimits(
         max_message_size=config.smtp.max_message_size,
         max_recipients=config.smtp.max_recipients,
         max_errors=config.smtp.max_errors,
@@ -340,81 +402,72 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
     )
     # [smtp] max_connections holds for the MX listeners together; each accepting process takes an
     # equal share. Submission listeners count apart, with the same cap.
-    mx_slots = ConnectionSlots(-(-config.smtp.max_connections // accepting))
-    server_tls = ServerTLS(config.tls.cert, config.tls.key) if config.tls.cert else None
-    hangup = ReloadOnHangup(server_tls.reload if server_tls is not None else reopen, reactor)
+    w.mx_slots = ConnectionSlots(-(-config.smtp.max_connections // w.accepting))
+    server_tls = w.server_tls = ServerTLS(config.tls.cert, config.tls.key) if config.tls.cert else None
+    hangup = ReloadOnHangup(server_tls.reload if server_tls is not None else w.reopen, reactor)
     if server_tls is not None:
-        hangup.also.append(reopen)
+        hangup.also.append(w.reopen)
     hangup.setServiceParent(top)
-    if sender_auth is not None and sender_auth.signer is not None:
-        on_hangup(top, reactor, sender_auth.signer.reload)  # DKIM keys
+    if w.signer_sign is not None:
+        on_hangup(top, reactor, w.sender_auth.signer.reload)  # DKIM keys
     if config.aliases.file or config.virtual:
         on_hangup(top, reactor, policy.tables.reload)  # the aliases file and [virtual] are read again
-    factory = SMTPServerFactory(receiver, config.hostname, limits, reactor, tls_context_factory=server_tls,
-                                connections=mx_slots)  # fmt: skip
-    drain.factories.append(factory)
-    if worker_fds is not None:
-        from pymta.workers import AdoptedPort
+    w.factory = SMTPServerFactory(w.receiver, config.hostname, w.limits, reactor, tls_context_factory=server_tls,
+                                  connections=w.mx_slots)  # fmt: skip
+    w.drain.factories.append(w.factory)
 
-        for fd, family in worker_fds:
-            AdoptedPort(reactor, fd, family, factory, inherited=True).setServiceParent(top)
-        return top
-    _listen(config, reactor, factory, top, on_worker_ended=inbound_state.release_owner, stop_limit=session_grace + 2.5)
 
-    if config.sendmail.socket:
-        _local_submission(config.sendmail.socket, receiver, config.hostname, limits, reactor, drain, top)
+def _build_admin(w: Wiring) -> None:
+    """Operator suspensions, the queue operations behind the control socket, and the HTTP service."""
     from pymta.admin.control import control_service
     from pymta.admin.queue_ops import QueueOperations
     from pymta.state.suspensions import SQLiteSuspensions
 
-    suspensions = SQLiteSuspensions(os.path.join(config.state_dir, "suspensions.sqlite"), reactor, cluster=shared)
-    if smtp_agent.shaper is not None:
-        smtp_agent.shaper.suspensions = suspensions
+    config, reactor, smtp_agent = w.config, w.reactor, w.smtp_agent
+    suspensions = SQLiteSuspensions(os.path.join(config.state_dir, "suspensions.sqlite"), reactor, cluster=w.shared)
+    smtp_agent.shaper.suspensions = suspensions
     operations = QueueOperations(
-        store, manager if config.queue.deliver else None, smtp_agent.shaper, smtp_agent.selector, suspensions, webhooks
-    )
-    control_service(config.control_socket, operations, reactor=reactor).setServiceParent(top)
+        w.store, w.manager if config.queue.deliver else None, smtp_agent.shaper, smtp_agent.selector, suspensions,
+        w.webhooks,
+    )  # fmt: skip
+    control_service(config.control_socket, operations, reactor=reactor).setServiceParent(w.top)
     if config.http.listen or config.http.public_listen:
         from pymta.admin.http.service import build_http
 
         build_http(
-            config, reactor, top, store=store, operations=operations, policy=policy, threadpool=pool,
-            metrics=metrics, suppression=suppression, tagger=tagger, accounting=accounting,
-            on_queued=notify if config.queue.deliver else None, shaper=smtp_agent.shaper, agent=smtp_agent,
-            sign=sender_auth.sign if sender_auth is not None and sender_auth.signer is not None else None,
+            config, reactor, w.top, store=w.store, operations=operations, policy=w.policy, threadpool=w.pool,
+            metrics=w.metrics, suppression=w.suppression, tagger=w.tagger, accounting=w.accounting,
+            on_queued=w.notify, shaper=smtp_agent.shaper, agent=smtp_agent, sign=w.signer_sign,
             selector=smtp_agent.selector,
-            events=journal,
+            events=w.journal,
         )  # fmt: skip
+
+
+def _build_tls_and_submission_listeners(w: Wiring) -> None:
+    """Implicit-TLS MX listeners (``[smtp] listen_tls``) and the authenticated submission listeners."""
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    from pymta.inbound.auth import Authenticator, load_users
+    from pymta.smtp.server import ConnectionSlots, SMTPServerFactory
+
+    config, reactor, top = w.config, w.reactor, w.top
     for endpoint in config.smtp.listen_tls:
-        implicit = SMTPServerFactory(receiver, config.hostname, limits, reactor, connections=mx_slots)
-        drain.factories.append(implicit)
-        strports.service(endpoint, TLSMemoryBIOFactory(server_tls, False, implicit), reactor=reactor).setServiceParent(top)
+        implicit = SMTPServerFactory(w.receiver, config.hostname, w.limits, reactor, connections=w.mx_slots)
+        w.drain.factories.append(implicit)
+        strports.service(endpoint, TLSMemoryBIOFactory(w.server_tls, False, implicit), reactor=reactor).setServiceParent(top)
     if config.submission.listen:
         users = load_users(config.submission.users_file)
         auth_pool = ThreadPool(minthreads=0, maxthreads=2, name="pymta-auth")
         ThreadPoolService(auth_pool).setServiceParent(top)
         auth = Authenticator(users, reactor, auth_pool, max_failures=config.submission.max_auth_failures)
-        submission = SMTPServerFactory(receiver, config.hostname, limits, reactor, tls_context_factory=server_tls,
+        submission = SMTPServerFactory(w.receiver, config.hostname, w.limits, reactor, tls_context_factory=w.server_tls,
                                        authenticator=auth, auth_required=True,
                                        connections=ConnectionSlots(config.smtp.max_connections))  # fmt: skip
-        drain.factories.append(submission)
+        w.drain.factories.append(submission)
         for endpoint in config.submission.listen:
             plain = implicit_tls_endpoint(endpoint)  # "ssl:465": implicit TLS with the [tls] certificate
-            factory = submission if plain is None else TLSMemoryBIOFactory(server_tls, False, submission)
+            factory = submission if plain is None else TLSMemoryBIOFactory(w.server_tls, False, submission)
             strports.service(plain or endpoint, factory, reactor=reactor).setServiceParent(top)
-    return top
-
-
-def address_rewriting(config: Config, clock: Any) -> dict[str, Any]:
-    """RelayPolicy's aliases, virtual maps, recipient delimiter and SRS from the configuration
-    (also what ``pymta-map`` uses). A malformed aliases file raises TableError (``FILE:LINE: ...``)."""
-    from pymta.inbound.aliases import AliasTables
-    from pymta.inbound.srs import SRS
-
-    srs = SRS(config.srs.secret, config.srs.domain or config.hostname, config.srs.max_age) if config.srs.secret else None
-    tables = AliasTables(config.aliases.file, config.virtual, lambda: load_config(config.path).virtual)
-    return {"tables": tables, "srs": srs, "delimiter": config.domains.recipient_delimiter, "clock": clock,
-            "max_depth": config.aliases.max_depth, "max_expansion": config.aliases.max_expansion}
 
 
 def implicit_tls_endpoint(endpoint: str) -> str | None:
@@ -608,18 +661,10 @@ def _inbound_state(config: Config, reactor: Any, main: bool, shared: Any = None)
 
 def _feedback_parts(config: Config, reactor: Any, shared: Any = None) -> tuple[Any, Any]:
     """The suppression store (always) and the return-path tagger (with a bounce domain)."""
-    from pymta.feedback.suppression import SuppressionPolicy, SuppressionStore
     from pymta.feedback.verp import Tagger
 
     fb = config.feedback
-    policy = SuppressionPolicy(fb.soft_bounce_threshold, fb.soft_bounce_window, fb.soft_bounce_suppress)
-    if shared is not None:  # the cluster's suppressions, in a local replica kept current from Redis
-        from pymta.state.replica import ReplicatedSuppressionStore
-
-        store = ReplicatedSuppressionStore(config.suppression_db, reactor, policy, cluster=shared)
-        store.start()
-    else:
-        store = SuppressionStore(config.suppression_db, reactor, policy)
+    store = suppression_store(config, reactor, shared)
     tagger = Tagger(fb.secret, fb.bounce_domain) if fb.bounce_domain and fb.secret else None
     return store, tagger
 
@@ -692,6 +737,7 @@ def _shaper(config: Config, reactor: Any, shared: Any = None) -> Any:
         return Limits(c.connections, c.message_rate, c.messages_per_connection, c.recipients_per_message,
                       c.window, c.timezone, c.connection_rate, retry, c.per_source, c.dead_site_pause)  # fmt: skip
 
+    # [outbound] max_connections_per_domain is the default connection cap; [shaping] may set any other.
     default = limits(sh.default).over(Limits(connections=config.outbound.max_connections_per_domain))
     return Shaper(
         reactor,
@@ -811,7 +857,6 @@ def _outbound_agent(config: Config, reactor: Any, resolver: Any, tls_reports: An
         shaper=_shaper(config, reactor, shared),
         selector=_selector(config, reactor, shared),
         max_connections=out.max_connections,
-        max_connections_per_domain=out.max_connections_per_domain,
         max_messages_per_connection=out.max_messages_per_connection,
         max_recipients_per_transaction=out.max_recipients_per_transaction,
         source_address=out.source_address,

@@ -1,4 +1,5 @@
-"""Scripted fakes shared by tests: a delivery agent answering per recipient and attempt."""
+"""Fakes shared by tests, each run through the contract tests of its interface (``tests/contract_*``):
+a delivery agent answering per recipient and attempt, a resolver over a static zone."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import tempfile
 from twisted.internet import defer
 from zope.interface import implementer
 
+from pymta.dns import DNSPermanentError, DNSTemporaryError, MXResult, TLSAResult, to_ascii
 from pymta.envelope import DELIVERED, FAILED, DeliveryResult
-from pymta.interfaces import IDeliveryAgent
+from pymta.interfaces import IDeliveryAgent, IResolver
 
 OK = (DELIVERED, 250, "2.0.0", "ok")
 
@@ -79,3 +81,64 @@ class Sessions:
 
     def session(self, *args) -> None:
         self.seen.append(args)
+
+
+@implementer(IResolver)
+class StaticResolver:
+    """An :class:`IResolver` over a static zone in ``tests.dnsserver.Zone``'s format
+    (``{"name": {"MX": ["10 mx.name."], "A": [...], "PTR": [...]}}``): unknown names are
+    NXDOMAIN (:class:`DNSPermanentError`), names in ``servfail`` fail temporarily. Nothing is
+    DNSSEC-validated."""
+
+    def __init__(self, records: dict[str, dict[str, list[str]]], servfail=()) -> None:
+        self.records = {to_ascii(k): v for k, v in records.items()}
+        self.servfail = {to_ascii(n) for n in servfail}
+
+    def _rrs(self, name: str, rdtype: str) -> list[str]:
+        name = to_ascii(name)
+        if name in self.servfail:
+            raise DNSTemporaryError(f"{name} {rdtype}: SERVFAIL")
+        if name not in self.records:
+            raise DNSPermanentError(f"{name} does not exist (NXDOMAIN)")
+        return list(self.records[name].get(rdtype, ()))
+
+    def lookup_mx(self, domain):
+        try:
+            name = to_ascii(domain)
+            mx = sorted((int(p), h.rstrip(".").lower()) for p, h in (r.split() for r in self._rrs(name, "MX")))
+        except (DNSPermanentError, DNSTemporaryError) as e:
+            return defer.fail(e)
+        if not mx:
+            return defer.succeed(MXResult(name, (name,), implicit=True, preferences=(0,)))
+        if len(mx) == 1 and mx[0][1] == "":
+            return defer.succeed(MXResult(name, (), null=True))
+        return defer.succeed(MXResult(name, tuple(h for _, h in mx), preferences=tuple(p for p, _ in mx)))
+
+    def lookup_addresses(self, host):
+        try:
+            return defer.succeed(self._rrs(host, "AAAA") + self._rrs(host, "A"))
+        except (DNSPermanentError, DNSTemporaryError) as e:
+            return defer.fail(e)
+
+    def lookup_txt(self, name):
+        try:
+            return defer.succeed([r.strip('"') for r in self._rrs(name, "TXT")])
+        except (DNSPermanentError, DNSTemporaryError) as e:
+            return defer.fail(e)
+
+    def lookup_ptr(self, address):
+        import ipaddress
+
+        try:
+            name = ipaddress.ip_address(address).reverse_pointer
+            return defer.succeed([r.rstrip(".").lower() for r in self._rrs(name, "PTR")])
+        except ValueError:
+            return defer.fail(DNSPermanentError(f"not an IP address: {address!r}"))
+        except (DNSPermanentError, DNSTemporaryError) as e:
+            return defer.fail(e)
+
+    def lookup_tlsa(self, host, port=25):
+        return defer.succeed(TLSAResult(f"_{int(port)}._tcp.{to_ascii(host)}", (), False))
+
+    def addresses_secure(self, host):
+        return defer.succeed(False)

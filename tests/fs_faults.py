@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from twisted.python.threadpool import ThreadPool
 
-from pymta.queue.fsio import FileOps
+from pymta.fsio import FileOps
 
 
 class Crash(Exception):

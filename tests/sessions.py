@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from zope.interface import implementer
+
+from pymta.interfaces import ISession
+
 
 @dataclass
 class Accepted:
@@ -26,6 +30,7 @@ class Txn:
     notes: dict = field(default_factory=dict)
 
 
+@implementer(ISession)
 @dataclass
 class Sess:
     peer_address: str = "127.0.0.1"

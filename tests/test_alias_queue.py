@@ -7,13 +7,14 @@ import ipaddress
 import random
 
 from twisted.internet import defer, task
+from zope.interface import implementer
 
 from pymta.envelope import DELIVERED, FAILED, ROUTE_LOCAL, ROUTE_RELAY, DeliveryResult
 from pymta.inbound.aliases import AliasTables
 from pymta.inbound.policy import RelayPolicy
 from pymta.inbound.receiver import InboundReceiver
 from pymta.inbound.srs import SRS
-from pymta.interfaces import INCOMING
+from pymta.interfaces import INCOMING, IDeliveryAgent
 from pymta.queue.manager import QueueManager
 from pymta.queue.store import MemoryQueueStore
 from tests.sessions import Accepted, Sess, Txn
@@ -21,6 +22,7 @@ from tests.sessions import Accepted, Sess, Txn
 SECRET = "a-secret-of-twenty-chars"
 
 
+@implementer(IDeliveryAgent)
 class RecordingAgent:
     def __init__(self) -> None:
         self.calls: list[tuple[str, list[str]]] = []

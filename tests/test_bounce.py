@@ -5,7 +5,7 @@ from __future__ import annotations
 import email
 
 from pymta.envelope import EXPIRED, FAILED, Envelope, Recipient
-from pymta.outbound.bounce import build_dsn, notify_allows
+from pymta.queue.bounce import build_dsn, notify_allows
 
 ORIGINAL = b"From: a@example.org\r\nSubject: original\r\n\r\nline one\nbare lf\rbare cr\r\n"
 

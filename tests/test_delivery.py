@@ -18,6 +18,7 @@ from pymta.dns import Resolver
 from pymta.envelope import DEFERRED, DELIVERED, FAILED, RELAYED, Envelope, Recipient, new_qid
 from pymta.outbound.delivery import SMTPDeliveryAgent
 from pymta.outbound.routes import Router
+from pymta.outbound.shaping import Limits, Shaper
 from pymta.smtp.client import ClientTimeouts, encode_data
 from pymta.smtp.replies import Reply
 from pymta.smtp.server import ServerLimits, SMTPServerFactory
@@ -123,6 +124,62 @@ ZONE = {
     "me.self.test": {"A": ["127.0.0.1"]},
     "sink.test": {"MX": ["10 sink.test."], "A": ["127.0.0.5"]},
 }
+
+
+class HoldingPeer:
+    """A loopback MX that counts its open sessions and holds each final reply until ``release_at``
+    messages are waiting (or ``longest`` seconds passed): the peak of held messages is the sender's
+    concurrency."""
+
+    def __init__(self, address: str, port: int, release_at: int = 1, longest: float = 1.0) -> None:
+        self.release_at, self.longest = release_at, longest
+        self.open = self.peak_open = self.peak_held = self.delivered = 0
+        self.held: list[defer.Deferred] = []
+        self._timer = None
+        peer = self
+
+        class Delegate:
+            def connected(self, session):
+                peer.open += 1
+                peer.peak_open = max(peer.peak_open, peer.open)
+
+            def helo(self, session, name):
+                return None
+
+            def mail_from(self, session, sender, params):
+                return None
+
+            def rcpt_to(self, session, address, params):
+                return None
+
+            def message(self, session, body):
+                d = defer.Deferred()
+                peer.held.append(d)
+                peer.peak_held = max(peer.peak_held, len(peer.held))
+                if len(peer.held) >= peer.release_at:
+                    peer.release()
+                elif peer._timer is None:
+                    peer._timer = reactor.callLater(peer.longest, peer.release)
+                return d
+
+            def disconnected(self, session):
+                peer.open -= 1
+
+        self.port = reactor.listenTCP(port, SMTPServerFactory(Delegate(), f"mx.{address}", ServerLimits(), reactor),
+                                      interface=address)  # fmt: skip
+
+    def release(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        held, self.held = self.held, []
+        self.delivered += len(held)
+        for d in held:
+            d.callback(Reply(250, "2.0.0", "Ok"))
+
+    def stop(self) -> defer.Deferred:
+        self.release()
+        return defer.maybeDeferred(self.port.stopListening)
 
 
 class DeliveryTests(unittest.TestCase):
@@ -389,6 +446,39 @@ class DeliveryTests(unittest.TestCase):
         results = yield defer.gatherResults(calls)
         assert all(r[0].status == DELIVERED for r in results)
         assert peer.connections == 1 and len(peer.messages) == 3
+
+    @defer.inlineCallbacks
+    def _peak_concurrency(self, address: str, domain: str, agent: SMTPDeliveryAgent, burst: int) -> HoldingPeer:
+        peer = HoldingPeer(address, self.port, release_at=1)
+        self.addCleanup(peer.stop)
+        for _ in range(6):  # slow start: each delivery that goes through widens the window by one
+            env, rcpts = self.envelope(f"warm@{domain}")
+            [result] = yield agent.deliver(env, rcpts, b"x\r\n")
+            assert result.status == DELIVERED, result
+        peer.peak_held, peer.release_at = 0, burst
+        calls = []
+        for i in range(burst):
+            env, rcpts = self.envelope(f"r{i}@{domain}")
+            calls.append(agent.deliver(env, rcpts, b"x\r\n"))
+        results = yield defer.gatherResults(calls)
+        assert all(r[0].status == DELIVERED for r in results)
+        return peer
+
+    @defer.inlineCallbacks
+    def test_a_domain_shaped_above_the_default_connection_cap_gets_its_connections(self):
+        # [outbound] max_connections_per_domain = 2 is the shaper's default; remote.test is shaped to 5.
+        shaper = Shaper(reactor, Limits(connections=2), {"remote.test": Limits(connections=5)})
+        agent = self.agent(max_connections_per_domain=2, shaper=shaper)
+        peer = yield self._peak_concurrency("127.0.0.2", "remote.test", agent, burst=8)
+        assert peer.peak_held == 5  # the shaper's cap for the domain, above the default, and no more
+        assert peer.peak_open <= 5
+
+    @defer.inlineCallbacks
+    def test_an_unshaped_domain_keeps_the_default_connection_cap(self):
+        shaper = Shaper(reactor, Limits(connections=2), {"remote.test": Limits(connections=5)})
+        agent = self.agent(max_connections_per_domain=2, shaper=shaper)
+        peer = yield self._peak_concurrency("127.0.0.3", "plain.test", agent, burst=5)
+        assert peer.peak_held == 2 and peer.peak_open <= 2
 
     @defer.inlineCallbacks
     def test_abort_all_answers_deliveries_in_flight_as_deferred_and_connects_no_more(self):

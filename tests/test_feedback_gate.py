@@ -7,14 +7,17 @@ import os
 
 from twisted.internet import defer, task
 from twisted.trial import unittest
+from zope.interface import implementer
 
 from pymta.envelope import DELIVERED, FAILED, DeliveryResult, Envelope, Recipient, new_qid
 from pymta.feedback.gate import FeedbackGate
 from pymta.feedback.suppression import SuppressionStore
 from pymta.feedback.verp import TRACE_HEADER, Tagger
+from pymta.interfaces import IDeliveryAgent
 from tests.fakes import TempDirMixin
 
 
+@implementer(IDeliveryAgent)
 class RecordingAgent:
     """Answers per address from a table; records every call (envelope, addresses, body)."""
 

@@ -39,6 +39,7 @@ def test_pip_install_registers_the_twistd_plugin(tmp_path):
     site = inner
     assert os.path.exists(os.path.join(site, "twisted", "plugins", "pymta_plugin.py"))
     assert os.path.exists(os.path.join(site, "pymta", "feedback", "rules.toml"))
+    assert os.path.exists(os.path.join(site, "pymta", "wordings.toml"))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     listing = subprocess.run([str(venv / "bin" / "python"), "-c", "from twisted.scripts.twistd import run; run()", "--help"],
                              capture_output=True, text=True, timeout=60, cwd=str(tmp_path), env=env)  # fmt: skip

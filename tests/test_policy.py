@@ -102,6 +102,20 @@ def test_feedback_addresses_and_tokens_on_the_bounce_domain_route_to_feedback(tm
     assert policy.recipient("postmaster@bounces.example.test", STRANGER).reply.enhanced == "5.1.1"
 
 
+def test_every_return_path_the_tagger_makes_is_taken_on_the_bounce_domain_and_nothing_else(tmp_path):
+    from pymta.envelope import ROUTE_FEEDBACK, new_qid
+    from pymta.feedback.verp import Tagger
+
+    policy = RelayPolicy(["example.test"], None, [], [], str(tmp_path), feedback_domains=["bounces.example.test"])
+    tagger = Tagger("s" * 32, "bounces.example.test")
+    qid = new_qid()
+    for address in (tagger.return_path(qid, "r@remote.test"),
+                    tagger.unsubscribe_address(qid, "r@remote.test", "news.example.test")):  # fmt: skip
+        assert policy.recipient(address, STRANGER).route == ROUTE_FEEDBACK, address
+    for local in ("b-short-abcdefghijklmnop", f"x-{qid}-abcdefghijklmnop", f"b-{qid}-abcdefghijklmno1"):
+        assert policy.recipient(f"{local}@bounces.example.test", STRANGER).reply.enhanced == "5.1.1", local
+
+
 @pytest.mark.parametrize("bare", ["postmaster", "Postmaster", "POSTMASTER", "pOsTmAsTeR"])
 def test_unqualified_postmaster_from_anyone_goes_to_the_configured_mailbox(tmp_path, bare):
     policy = RelayPolicy(["example.test"], ["alice@example.test"], [], [], str(tmp_path),

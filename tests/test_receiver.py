@@ -13,7 +13,7 @@ from pymta.inbound.policy import RelayPolicy
 from pymta.inbound.receiver import InboundReceiver
 from pymta.interfaces import INCOMING, QueueError, QueueFull
 from pymta.queue.store import MemoryQueueStore
-from tests.fakes import TempDirMixin
+from tests.fakes import StaticResolver, TempDirMixin
 from tests.sessions import Accepted, Sess, Txn
 
 
@@ -250,22 +250,14 @@ class SenderLoginTests(TempDirMixin, unittest.TestCase):
 
 class DNSBLTests(unittest.TestCase):
     def test_listed_clients_are_refused_and_failures_never_refuse(self) -> None:
-        from pymta.dns import DNSPermanentError, DNSTemporaryError
         from pymta.inbound.dnsbl import DNSBL, query_name
         from pymta.smtp.replies import Reply
 
         assert query_name("192.0.2.7", "bl.test") == "7.2.0.192.bl.test"
         assert query_name("2001:db8::1", "bl.test").endswith(".8.b.d.0.1.0.0.2.bl.test")
 
-        class Resolver:
-            def lookup_addresses(self, name):
-                if name.startswith("7.2.0.192."):
-                    return defer.succeed(["127.0.0.2"])
-                if name.startswith("8.2.0.192."):
-                    return defer.fail(DNSTemporaryError("timeout"))
-                return defer.fail(DNSPermanentError("nxdomain"))
-
-        bl = DNSBL(Resolver(), ("bl.test",), Reply(554, "5.7.1", "Listed"))
+        resolver = StaticResolver({"7.2.0.192.bl.test": {"A": ["127.0.0.2"]}}, servfail=["8.2.0.192.bl.test"])
+        bl = DNSBL(resolver, ("bl.test",), Reply(554, "5.7.1", "Listed"))
         results = []
         for ip in ("192.0.2.7", "192.0.2.8", "192.0.2.9"):
             bl.check(ip).addCallback(results.append)
@@ -276,21 +268,18 @@ class DNSBLTests(unittest.TestCase):
 class ReverseLookupTests(unittest.TestCase):
     def test_forward_confirmed_name_is_used_by_rdns_acls_and_the_received_header(self) -> None:
         from pymta.config import build_config
-        from pymta.dns import DNSPermanentError
         from pymta.inbound.acl import AclPolicy
 
-        class Resolver:
-            def lookup_ptr(self, ip):
-                names = {"192.0.2.1": ["mail.good.example"], "192.0.2.2": ["fake.example"]}
-                return defer.succeed(names[ip]) if ip in names else defer.fail(DNSPermanentError("nx"))
-
-            def lookup_addresses(self, name):
-                return defer.succeed({"mail.good.example": ["192.0.2.1"], "fake.example": ["198.51.100.9"]}[name])
-
+        resolver = StaticResolver({
+            "1.2.0.192.in-addr.arpa": {"PTR": ["mail.good.example."]},
+            "2.2.0.192.in-addr.arpa": {"PTR": ["fake.example."]},
+            "mail.good.example": {"A": ["192.0.2.1"]},
+            "fake.example": {"A": ["198.51.100.9"]},
+        })
         acl = AclPolicy(build_config({"acl": {"connect": [{"rdns": "unknown", "action": "reject"}]}}).acl)
         policy = RelayPolicy(["example.test"], None, [], [], "/nonexistent")
         receiver = InboundReceiver("mx.example.test", policy, MemoryQueueStore(), task.Clock(), acl=acl,
-                                   resolver=Resolver(), reverse_lookup=True)  # fmt: skip
+                                   resolver=resolver, reverse_lookup=True)  # fmt: skip
         results = {}
         for ip in ("192.0.2.1", "192.0.2.2", "192.0.2.3"):
             session = Sess(peer_address=ip)

@@ -7,11 +7,14 @@ import base64
 import pytest
 from twisted.internet import defer, task
 from twisted.internet.testing import StringTransport
+from zope.interface import implementer
 
+from pymta.interfaces import ISMTPServerDelegate
 from pymta.smtp.replies import Reply
 from pymta.smtp.server import BodyCollector, ServerLimits, SMTPServerFactory, parse_path, xtext_decode
 
 
+@implementer(ISMTPServerDelegate)
 class FakeDelegate:
     """Answers every stage positively unless told otherwise; records what it was asked."""
 

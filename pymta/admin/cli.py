@@ -51,16 +51,16 @@ def ask_control_socket(path: str, command: str, target: str | None, timeout: flo
     return json.loads(data)
 
 
-def run_directly(queue_dir: str, command: str, target: str | None) -> dict[str, Any]:
+def run_directly(config: Any, command: str, target: str | None) -> dict[str, Any]:
     """The same operations on the queue directory of a stopped MTA."""
     from twisted.internet import defer, task
     from twisted.python.threadpool import ThreadPool
 
     from pymta.admin.queue_ops import QueueOperations, QueueOpError
-    from pymta.queue.store import MaildirQueueStore
+    from pymta.stores import queue_store
 
-    if not os.path.isdir(queue_dir):
-        raise CLIError(f"no queue at {queue_dir}")
+    if not os.path.isdir(config.queue_dir):
+        raise CLIError(f"no queue at {config.queue_dir}")
     outcome: dict[str, Any] = {}
 
     @defer.inlineCallbacks
@@ -68,7 +68,7 @@ def run_directly(queue_dir: str, command: str, target: str | None) -> dict[str, 
         pool = ThreadPool(1, 2, name="pymta-queue")
         pool.start()
         try:
-            store = MaildirQueueStore(queue_dir, reactor=reactor, threadpool=pool)
+            store = queue_store(config, reactor, pool)
             store.migrate()  # a queue left by the previous release, not yet started since the upgrade
             result = yield QueueOperations(store).run(command, target)
             outcome.update(ok=True, result=result)
@@ -151,7 +151,7 @@ def queue_main(argv: list[str] | None = None) -> int:
             elif args.command in ("flush", "shaping", "suspend", "suspensions", "unsuspend", "bounce"):
                 raise CLIError(f"{args.command} needs the running MTA: nothing answers on " + config.control_socket)
             else:
-                answer = run_directly(config.queue_dir, args.command, args.qid)
+                answer = run_directly(config, args.command, args.qid)
     except ConfigError as e:
         sys.stderr.write(f"pymta-queue: configuration error: {e}\n")
         return 2
@@ -175,9 +175,7 @@ if __name__ == "__main__":
 
 def suppress_main(argv: list[str] | None = None) -> int:
     """``pymta-suppress --config FILE list|add|remove|import|export``."""
-    import time
-
-    from pymta.feedback.suppression import SuppressionStore
+    from pymta.stores import WallClock, suppression_store
 
     parser = argparse.ArgumentParser(prog="pymta-suppress", description="Manage the suppression list.")
     parser.add_argument("--config", default=None, help="configuration file (default: $PYMTA_CONFIG, else /etc/pymta/pymta.toml)")
@@ -197,25 +195,16 @@ def suppress_main(argv: list[str] | None = None) -> int:
     exp.add_argument("file", nargs="?", default="-", help="CSV file, or - for standard output")
     args = parser.parse_args(argv)
 
-    class _WallClock:
-        @staticmethod
-        def seconds() -> float:
-            return time.time()
-
     cluster = None
     try:
         config = load_config(args.config or default_config_path())
-        os.makedirs(os.path.dirname(config.suppression_db), exist_ok=True)
         if config.cluster.backend == "redis":  # changes go to the cluster's stream too
             from twisted.internet import reactor
 
             from pymta.state.cluster import make_cluster_state
-            from pymta.state.replica import ReplicatedSuppressionStore
 
             cluster = make_cluster_state(config, reactor, member=False)
-            store = ReplicatedSuppressionStore(config.suppression_db, _WallClock(), cluster=cluster)
-        else:
-            store = SuppressionStore(config.suppression_db, _WallClock())
+        store = suppression_store(config, WallClock(), shared=cluster, start=False)
     except ConfigError as e:
         sys.stderr.write(f"pymta-suppress: configuration error: {e}\n")
         return 2

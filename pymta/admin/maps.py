@@ -10,18 +10,10 @@ import time
 from pymta.config import ConfigError, default_config_path, load_config
 
 
-class _WallClock:
-    @staticmethod
-    def seconds() -> float:
-        return time.time()
-
-
 def map_main(argv: list[str] | None = None) -> int:
     """Exit 0 when the address is accepted, 1 when it is refused, 2 on a configuration error."""
     from pymta.inbound.aliases import TableError
-    from pymta.inbound.policy import RelayPolicy
-    from pymta.inbound.quota import Quotas
-    from pymta.tap import address_rewriting
+    from pymta.stores import WallClock, recipient_policy
 
     parser = argparse.ArgumentParser(prog="pymta-map", description="Show how recipient addresses are expanded.")
     parser.add_argument("--config", default=None, help="configuration file (default: $PYMTA_CONFIG, else /etc/pymta/pymta.toml)")
@@ -33,14 +25,10 @@ def map_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config or default_config_path())
-        rewriting = address_rewriting(config, _WallClock())
+        policy = recipient_policy(config, WallClock())
     except (ConfigError, TableError) as e:
         sys.stderr.write(f"pymta-map: configuration error: {e}\n")
         return 2
-    policy = RelayPolicy(config.domains.local, config.domains.mailboxes, config.domains.relay_from,
-                         config.domains.forward, config.mail_dir, postmaster=config.postmaster,
-                         hostname=config.hostname, quotas=Quotas(config.mailbox.quota, config.mailbox.quotas),
-                         **rewriting)  # fmt: skip
     status = 0
     for address in args.addresses:
         decision = policy.recipient(address, "127.0.0.1" if args.trusted else "", "pymta-map" if args.trusted else None)

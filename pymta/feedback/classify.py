@@ -10,17 +10,10 @@ import tomllib
 from dataclasses import dataclass
 from typing import Any
 
+from pymta.wordings import pattern_problem
+
 RULES_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rules.toml")
 MAX_TEXT = 4096  # the diagnostic text a rule is matched against is cut to this many characters
-MAX_REPEAT = 200  # the largest {m,n} a rule may use
-try:  # the regular-expression parser, to check rules before they are compiled
-    import re._constants as _sre_constants
-    import re._parser as _sre_parser
-except ImportError:  # pragma: no cover - Python < 3.11
-    import sre_constants as _sre_constants  # type: ignore[no-redef]
-    import sre_parse as _sre_parser  # type: ignore[no-redef]
-
-_POSSESSIVE_REPEAT = getattr(_sre_constants, "POSSESSIVE_REPEAT", _sre_constants.MAX_REPEAT)
 _ENHANCED = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
 
 
@@ -43,41 +36,6 @@ class Rules:
     undecided: frozenset[str]
     default_soft: str
     default_permanent: str
-
-
-def pattern_problem(pattern: str) -> str | None:
-    """Why ``pattern`` could take more than linear time, or None. A rule may use no unbounded
-    quantifier (``*``, ``+``, ``{n,}``) and no nesting of quantifiers whose maxima multiply past
-    MAX_REPEAT (``(a{0,9}){0,9}`` is 81): then each start position costs a bounded number of steps."""
-    try:
-        tree = _sre_parser.parse(pattern)
-    except re.error as e:
-        return str(e)
-
-    def walk(items: Any, outer: int) -> str | None:
-        for op, arg in items:
-            if op in (_sre_constants.MAX_REPEAT, _sre_constants.MIN_REPEAT, _POSSESSIVE_REPEAT):
-                low, high, sub = arg
-                if high == _sre_constants.MAXREPEAT:
-                    return "unbounded quantifier (write {0,N})"
-                if high * outer > MAX_REPEAT:
-                    return f"quantifiers multiply past {MAX_REPEAT}" if outer > 1 else f"quantifier above {MAX_REPEAT}"
-                found = walk(sub, max(1, high) * outer)
-            elif op == _sre_constants.SUBPATTERN:
-                found = walk(arg[-1], outer)
-            elif op == _sre_constants.BRANCH:
-                found = next((f for f in (walk(b, outer) for b in arg[1]) if f), None)
-            elif op in (_sre_constants.ASSERT, _sre_constants.ASSERT_NOT):
-                found = walk(arg[1], outer)
-            elif op == _sre_constants.GROUPREF:
-                found = "backreference"
-            else:
-                found = None
-            if found:
-                return found
-        return None
-
-    return walk(tree, 1)
 
 
 def load_rules(path: str = RULES_PATH) -> Rules:

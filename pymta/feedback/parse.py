@@ -26,6 +26,7 @@ from email.utils import getaddresses, parseaddr
 from typing import Any
 
 from pymta.feedback.classify import classify, find_status
+from pymta.wordings import wordings
 
 DSN, ARF, AUTOREPLY, REPLY, UNKNOWN = "dsn", "arf", "autoreply", "reply", "unknown"
 
@@ -47,29 +48,15 @@ MAX_DETECTOR_BYTES = 32 * 1024  # what flufl.bounce's line-by-line detectors are
 MAX_DETECTOR_LINE = 998  # and the longest line they see (RFC 5322's limit)
 
 _LOCAL_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789.!#$%&'*+/=?^_`{|}~-")
+_WORDINGS = wordings().feedback  # what kind of message came back: data in pymta/wordings.toml
 _DOMAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}")
 _TLD = re.compile(r"[A-Za-z]{2,63}")
 _SMTP_CODE = re.compile(r"(?<![\d.])([245]\d\d)(?:[ -]|$)")
-_BOUNCE_SENDER = re.compile(r"mailer-daemon|post_?master|mail ?delivery|mdaemon|mailer@|bounce|microsoftexchange", re.I)
-_BOUNCE_SUBJECT = re.compile(
-    r"undeliver|undelivered|delivery (status|failure|failed|has failed|notification|problem|report)|"
-    r"failure notice|returned mail|mail delivery failed|could not be delivered|non[- ]?delivery|"
-    r"delivery (was )?delayed|warning: could not send|mail system error|nondeliverable|rejected|"
-    r"not delivered|delivery notification|returned to sender|permanent error|error sending",
-    re.I,
-)
+_BOUNCE_SENDER = _WORDINGS["bounce_sender"]
+_BOUNCE_SUBJECT = _WORDINGS["bounce_subject"]
 # auto-reply subjects, matched after RFC 2047 decoding, in the languages mail systems use for them
-_AUTOREPLY_SUBJECT = re.compile(
-    r"^\s{0,4}(auto(matic)?[ -]?(reply|response|antwort|réponse)|out of (the )?office|abwesenheit|"
-    r"vacation|on vacation|away from|i am away|autoreply|auto:|ooo\b|réponse automatique|"
-    r"respuesta automática|risposta automatica|automatisch antwoord|absence|automatische antwort|"
-    r"abwesenheitsnotiz|absent|fuera de la oficina|fuori sede|afwezig|resposta automática|ausente|"
-    r"automatyczna odpowied|automatiskt svar|automatisk svar|fravær|frånvaro|automaattinen vastaus|"
-    r"poissa|automatická odpov|otomatik (yanıt|cevap)|automatikus válasz|αυτόματη απάντηση|"
-    r"автоматический ответ|автоответ|自動応答|自動返信|不在|自动回复|自動回覆|休假|자동 ?응답|부재)",
-    re.I,
-)
-_COMPLAINT_SUBJECT = re.compile(r"complaint about message|abuse report|spam (complaint|report)|feedback report", re.I)
+_AUTOREPLY_SUBJECT = _WORDINGS["autoreply_subject"]
+_COMPLAINT_SUBJECT = _WORDINGS["complaint_subject"]
 # "in reply to RCPT TO command" (Postfix), ">>> DATA" (Sendmail), "after end of data" (Exim) ...
 _COMMAND = re.compile(
     r"(?:in reply to|after|>>>|while sending|error from remote mail server after|did not like our|"
@@ -91,22 +78,10 @@ def smtp_command(text: str) -> str | None:
     return found
 
 
-_UNSUBSCRIBE_SUBJECT = re.compile(r"\s{0,8}(unsubscribe|opt[ -]?out|remove me)\s{0,8}$", re.I)
-_FAILURE_TEXT = re.compile(
-    r"(could ?n[o']t|can ?n[o']t|was ?n[o']t|unable to|failed to) (be )?deliver|undeliverable|delivery (has )?failed|"
-    r"not (be )?delivered|permanent (error|failure)|returned mail|mailbox (is )?full|user unknown|"
-    r"delivery to the following recipients? failed",
-    re.I,
-)
-_CHALLENGE = re.compile(
-    r"(add|added|put) (you|your (e-?mail )?address|yourself) (to|on) (my|the|their|his|her) "
-    r"(whitelist|allowlist|approved senders|safe senders)|whitelist (request|confirmation)|approved senders list|"
-    r"confirm (that )?you are a (real )?(person|human|sender)|verify (that )?you are (a )?(real )?(person|human)|"
-    r"challenge[- ]response|boxbe|awaiting your (confirmation|verification)|"
-    r"(click|use|visit) the (following )?link .{0,40}(to )?(deliver|confirm|verify|release)",
-    re.I,
-)
-_TEMPORARY = re.compile(r"delay|will (be )?retr|still (trying|being retried)|temporar|try(ing)? again|warning", re.I)
+_UNSUBSCRIBE_SUBJECT = _WORDINGS["unsubscribe_subject"]
+_FAILURE_TEXT = _WORDINGS["failure_text"]
+_CHALLENGE = _WORDINGS["challenge"]
+_TEMPORARY = _WORDINGS["temporary"]
 
 
 def iter_addresses(text: str) -> Iterator[tuple[int, str]]:

@@ -24,6 +24,12 @@ _UNSUBSCRIBE_TOKEN = re.compile(r"^([0-9A-Z]{16,32})\.([a-z2-7]{1,520})\.([a-z2-
 _TRACE = re.compile(r"^\s*([0-9A-Z]{16,32})\.([a-z2-7]+)\.([a-z2-7]{16})\s*$", re.IGNORECASE)
 
 
+def looks_like_return_path(local: str) -> bool:
+    """Whether ``local`` has the shape of a return-path token (the RCPT stage accepts it on the bounce
+    domain; the MAC is checked with the secret when the feedback is processed)."""
+    return _RETURN_PATH.match(local) is not None
+
+
 def _b32(data: bytes) -> str:
     return base64.b32encode(data).decode("ascii").rstrip("=").lower()
 

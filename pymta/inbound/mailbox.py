@@ -14,9 +14,9 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from pymta.envelope import DEFERRED, DELIVERED, FAILED, DeliveryResult, Envelope, Recipient
+from pymta.fsio import DirSyncer, FileOps, discard, is_space_error, write_new_file
 from pymta.inbound import quota as maildir_quota
 from pymta.interfaces import IDeliveryAgent
-from pymta.queue.fsio import DirSyncer, FileOps, discard, is_space_error, write_new_file
 
 log = Logger()
 

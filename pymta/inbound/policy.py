@@ -9,19 +9,21 @@ Sender-specified routing in any disguise (``%`` hack, ``!`` paths, a quoted loca
 from __future__ import annotations
 
 import ipaddress
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from zope.interface import implementer
+
 from pymta.envelope import FAILED, ROUTE_FEEDBACK, ROUTE_FORWARD, ROUTE_LOCAL, ROUTE_RELAY, Recipient
+from pymta.feedback.verp import looks_like_return_path
 from pymta.inbound.aliases import AliasTables, expand
 from pymta.inbound.mailbox import mailbox_path, split_delimiter
 from pymta.inbound.quota import known_usage
 from pymta.inbound.srs import SRS, SRSError, is_srs
+from pymta.interfaces import IRecipientPolicy
 from pymta.smtp.replies import Reply
 
-FEEDBACK_TOKEN = re.compile(r"^[bu]-[0-9A-Za-z]{16,32}-[A-Za-z2-7]{16}(=[A-Za-z0-9.-]{1,253})?$")
 RELAY_DENIED = Reply(550, "5.7.1", "Relay access denied")
 ROUTING_DENIED = Reply(550, "5.7.1", "Sender-specified routing is not allowed")
 NO_SUCH_USER = Reply(550, "5.1.1", "No such user here")
@@ -111,6 +113,7 @@ def in_networks(address: str | None, networks: Iterable[ipaddress.IPv4Network | 
     return ip is not None and any(ip.version == net.version and ip in net for net in networks)
 
 
+@implementer(IRecipientPolicy)
 class RelayPolicy:
     """RCPT-stage decisions from the ``[domains]`` configuration."""
 
@@ -168,7 +171,7 @@ class RelayPolicy:
         if f"{bare_local}@{domain}".lower() in self.feedback_addresses:
             return Decision(ROUTE_FEEDBACK, None, normalised)
         if not is_literal and domain in self.feedback_domains:
-            if not FEEDBACK_TOKEN.match(bare_local):
+            if not looks_like_return_path(bare_local):
                 return Decision(None, NO_SUCH_USER, normalised)
             return Decision(ROUTE_FEEDBACK, None, normalised)
         if not is_literal and self.srs is not None and domain == self.srs.domain and is_srs(bare_local):

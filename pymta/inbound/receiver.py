@@ -18,10 +18,18 @@ from zope.interface import implementer
 
 from pymta.envelope import ROUTE_LOCAL, ROUTE_RELAY, Envelope, Recipient, new_qid
 from pymta.inbound.limits import ClientLimits, Greylist, then
-from pymta.inbound.policy import RelayPolicy, Target
+from pymta.inbound.policy import Target
 from pymta.inbound.scan import DISCARD, QUARANTINE, REJECT, TEMPFAIL, ScanRequest, Verdict, apply_edits
 from pymta.inbound.submit import record_queued
-from pymta.interfaces import HOLD, INCOMING, IPolicy, IQueueStore, ISMTPServerDelegate, QueueFull
+from pymta.interfaces import (
+    HOLD,
+    INCOMING,
+    IPolicy,
+    IQueueStore,
+    IRecipientPolicy,
+    ISMTPServerDelegate,
+    QueueFull,
+)
 from pymta.smtp.replies import LOCAL_ERROR, STORAGE_FULL, Reply
 
 log = Logger(namespace="pymta.inbound")
@@ -126,7 +134,7 @@ class InboundReceiver:
     def __init__(
         self,
         hostname: str,
-        policy: RelayPolicy,
+        policy: IRecipientPolicy,
         store: IQueueStore,
         clock: IReactorTime,
         on_queued: Callable[[str], None] | None = None,

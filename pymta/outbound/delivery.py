@@ -23,6 +23,7 @@ from pymta.envelope import DEFERRED, DELIVERED, FAILED, RELAYED, DeliveryResult,
 from pymta.interfaces import IDeliveryAgent
 from pymta.outbound.requiretls import requiretls_of, tls_optional
 from pymta.outbound.routes import Hop, RouteError, Router
+from pymta.outbound.shaping import UNCAPPED, Limits, Shaper
 from pymta.smtp.client import (
     ClientTimeouts,
     SessionRefused,
@@ -103,6 +104,7 @@ class Session:
     messages: int = 0
     idle_call: Any = None
     helo: str = ""
+    idle_cap: int | None = None  # idle connections kept for its pool key: its destination's connection cap
 
     @property
     def remote(self) -> str:
@@ -168,14 +170,14 @@ class SMTPDeliveryAgent:
         self.tls_policy_for = tls_policy_for or (lambda domain: "opportunistic")
         self.tls_context_for = tls_context_for
         self.idle_timeout = idle_timeout
-        self.shaper = shaper
+        # The shaper is the one authority for connection counts per destination; without one given,
+        # a shaper whose only limit is ``max_connections_per_domain`` connections per domain.
+        self.shaper = shaper if shaper is not None else Shaper(self.clock, Limits(connections=max_connections_per_domain))
         self.selector = selector
         self.mta_sts = mta_sts  # pymta.outbound.tlspolicy.MTASTS, or None
         self.dane = dane  # pymta.outbound.dane.DANE (needs [dns] dnssec), or None
         self.tls_reports = tls_reports  # pymta.outbound.tlsrpt.TLSReporter, or None
         self.global_slots = defer.DeferredSemaphore(max_connections)
-        self.per_domain = max_connections_per_domain
-        self.domain_slots: dict[str, defer.DeferredSemaphore] = {}
         self.idle: dict[PoolKey, list[Session]] = {}
         self.no_tls_until: dict[str, float] = {}
         self._closing: list[defer.Deferred] = []  # connections being closed (QUIT sent)
@@ -234,21 +236,11 @@ class SMTPDeliveryAgent:
 
     @defer.inlineCallbacks
     def _deliver_within_limits(self, envelope: Envelope, recipients: list[Recipient], body: bytes):
-        domain = recipients[0].domain
-        slot = self.domain_slots.get(domain)
-        if slot is None:
-            slot = self.domain_slots[domain] = defer.DeferredSemaphore(self.per_domain)
-        yield slot.acquire()
+        yield self.global_slots.acquire()  # per destination, the shaper counts connections
         try:
-            yield self.global_slots.acquire()
-            try:
-                results = yield self._deliver(envelope, recipients, body, domain)
-            finally:
-                self.global_slots.release()
+            results = yield self._deliver(envelope, recipients, body, recipients[0].domain)
         finally:
-            slot.release()
-            if not slot.waiting and slot.tokens == slot.limit:
-                self.domain_slots.pop(domain, None)
+            self.global_slots.release()
         return results
 
     @defer.inlineCallbacks
@@ -257,7 +249,7 @@ class SMTPDeliveryAgent:
             hops: list[Hop] = yield self.router.next_hops(domain)
         except RouteError as e:
             return [_result(r, e.reply, None, None) for r in recipients]
-        destination = self.shaper.destination(domain, tuple(h.name for h in hops)) if self.shaper else None
+        destination = self.shaper.destination(domain, tuple(h.name for h in hops))
         provider = destination[0][len("provider:") :] if destination and destination[0].startswith("provider:") else None
         source = None
         if self.selector is not None:
@@ -267,7 +259,7 @@ class SMTPDeliveryAgent:
                 return [_result(r, reply, None, None, hold_until=until) for r in recipients]
         sent = False  # a source's place under the cluster's warm-up caps is given back unless used
         try:
-            suspended = self.shaper.suspended(domain, provider, source, envelope) if self.shaper else None
+            suspended = self.shaper.suspended(domain, provider, source, envelope)
             if suspended is not None:  # an operator's suspension: back to the queue without using an attempt
                 reply = Reply(451, "4.7.0", f"{SUSPENDED_TEXT} until it lapses ({suspended['reason']})")
                 return [_result(r, reply, None, None, hold_until=suspended["until"]) for r in recipients]
@@ -420,6 +412,7 @@ class SMTPDeliveryAgent:
                 problem = self._testing_problem(plan.testing, session, domain) if plan.testing is not None else None
                 self._report(plan, domain, address, problem, success=problem is None)
                 per_connection = shaping[1].messages_per_connection if shaping is not None else None
+                session.idle_cap = shaping[1].connections if shaping is not None else None
                 per_message = shaping[1].recipients_per_message if shaping is not None else None
                 results = yield self._send(session, envelope, recipients, body, per_connection, per_message)
                 if results is not None:
@@ -593,7 +586,7 @@ class SMTPDeliveryAgent:
             self._quit(proto)
             return
         pool = self.idle.setdefault(session.key, [])
-        if len(pool) >= self.per_domain:
+        if len(pool) >= (session.idle_cap or self.shaper.default.connections or UNCAPPED):
             self._quit(proto)
             return
 

@@ -21,6 +21,7 @@ from twisted.logger import Logger
 
 from pymta.rate import KeyedLimiter, Rate, parse_rate, parse_share, parse_window
 from pymta.state.cluster import LeaseKeeper
+from pymta.wordings import wordings
 
 log = Logger(namespace="pymta.outbound.shaping")
 
@@ -53,14 +54,8 @@ class BackoffRule:
     recover: float  # ... and climb back to the full rate over this period
 
 
-# Shipped defaults for common provider pushback; configured rules come first.
-DEFAULT_BACKOFF = (
-    BackoffRule(re.compile(r"\b4\.7\.28\b|rate limit|ratelimit|too many (messages|mails|connections)|"
-                           r"temporarily (deferred|rate limited)|try again later.*(rate|volume)", re.I),
-                600.0, 0.5, 3600.0),  # fmt: skip
-    BackoffRule(re.compile(r"^421[ -]4\.7\.0\b|\b4\.7\.0\b.*(reputation|suspicious|unusual)", re.I), 300.0, 0.5, 3600.0),
-    BackoffRule(re.compile(r"^4\d\d[ -]4\.2\.1\b.*(rate|limit|temporar|deferred)", re.I), 300.0, 0.5, 1800.0),
-)
+# Shipped defaults for common provider pushback (data in pymta/wordings.toml); configured rules come first.
+DEFAULT_BACKOFF = tuple(BackoffRule(b.match, b.pause, b.share, b.recover) for b in wordings().backoff)
 
 
 INITIAL_WINDOW = 2  # connections a destination starts with
@@ -69,6 +64,7 @@ DEAD_SITE_PAUSE = 600.0  # ... for this long, unless the limits say otherwise
 MAX_REMEMBERED_DOMAINS = 65536  # recipient domain -> destination key, for operator commands
 LEASE_TTL = 30.0  # a shared connection lease lapses this long after its node stops refreshing it
 LEASE_RETRY = 0.25  # seconds between tries for a shared connection slot
+UNCAPPED = 10_000  # the connection cap of a destination whose limits set none
 
 
 @dataclass
@@ -225,7 +221,7 @@ class Shaper:
 
     def _cap(self, s: State, limits: Limits) -> int:
         """Concurrency now: the adaptive window within the configured cap (Postfix-style slow start)."""
-        cap = limits.connections if limits.connections is not None else 10_000
+        cap = limits.connections if limits.connections is not None else UNCAPPED
         if s.window <= 0:
             s.window = float(min(INITIAL_WINDOW, cap))
         return max(1, min(cap, int(s.window)))
@@ -273,7 +269,7 @@ class Shaper:
         """A delivery went through: one more concurrent connection allowed (additive increase)."""
         s = self.state(key)
         s.failures = 0
-        cap = (s.limits or self.default).connections or 10_000
+        cap = (s.limits or self.default).connections or UNCAPPED
         s.window = min(float(cap), (s.window or INITIAL_WINDOW) + 1.0)
         self._wake(s)
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import re
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -40,9 +39,10 @@ from pymta.envelope import (
     Recipient,
     new_qid,
 )
-from pymta.interfaces import ACTIVE, DEFERRED, HOLD, INCOMING, IDeliveryAgent, IQueueStore
-from pymta.outbound.bounce import build_dsn, notify_allows
+from pymta.interfaces import ACTIVE, DEFERRED, HOLD, INCOMING, IDeliveryAgent, IQueueStore, IScheduler
+from pymta.queue.bounce import build_dsn, notify_allows
 from pymta.queue.scheduler import TimerHeapScheduler, retry_delay
+from pymta.wordings import MAX_TEXT, wordings
 
 log = Logger(namespace="pymta.queue")
 
@@ -73,6 +73,7 @@ class QueueManager(service.Service):
         abort: Callable[[], Any] | None = None,
         wall: Any = None,
         sign: Callable[[bytes], Any] | None = None,
+        scheduler: IScheduler | None = None,
     ) -> None:
         self.store = store
         self.agents = agents
@@ -91,7 +92,9 @@ class QueueManager(service.Service):
         self.shutdown_grace = shutdown_grace  # how long a stop waits for deliveries in flight
         self.abort = abort  # then aborts them with this (their results come back as deferred)
         self.sign = sign  # DKIM for our own notices (bytes -> Deferred of the signed bytes)
-        self.scheduler = TimerHeapScheduler(clock, self._due)
+        # *When* messages are due is the scheduler's business (given; a timer heap on ``clock`` if not).
+        self.scheduler: IScheduler = scheduler if scheduler is not None else TimerHeapScheduler(clock)
+        self.scheduler.on_due = self._due
         self._ready: deque[str] = deque()
         self._queued: set[str] = set()  # in _ready
         self._inflight: dict[str, defer.Deferred] = {}
@@ -514,15 +517,11 @@ class QueueManager(service.Service):
         self.notify_incoming(qid)
 
 
-_GREYLIST = re.compile(r"grey ?list|gray ?list|greylisted|try again (later|in \d+)|temporarily (rejected|deferred)"
-                       r".*(retry|later)|please retry", re.I)
-
-
 def is_greylisting(reply: dict[str, Any] | None) -> bool:
     """A 45x reply that asks for a retry soon (greylisting), by code and wording."""
     if not reply or not 450 <= int(reply.get("code") or 0) <= 451:
         return False
-    return bool(_GREYLIST.search(str(reply.get("text") or "")))
+    return bool(wordings().greylisting.search(str(reply.get("text") or "")[:MAX_TEXT]))
 
 
 def local_route_for(local_domains: Any) -> Callable[[str], str]:

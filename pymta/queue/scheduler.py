@@ -35,9 +35,9 @@ class TimerHeapScheduler:
     A heap of (when, seq, key) with lazy deletion; exactly one timer armed for the earliest entry.
     """
 
-    def __init__(self, clock: IReactorTime, on_due: Callable[[Hashable], Any]) -> None:
+    def __init__(self, clock: IReactorTime, on_due: Callable[[Hashable], Any] | None = None) -> None:
         self.clock = clock
-        self.on_due = on_due
+        self.on_due: Callable[[Hashable], Any] = on_due or (lambda key: None)  # set by the owner
         self._heap: list[tuple[float, int, Hashable]] = []
         self._when: dict[Hashable, tuple[float, int]] = {}
         self._seq = itertools.count()
@@ -71,6 +71,7 @@ class TimerHeapScheduler:
             self.schedule(key, now)
 
     def stop(self) -> None:
+        """Disarm the timer (keys stay scheduled; the next ``schedule`` arms it again)."""
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = self._timer_at = None

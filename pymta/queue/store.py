@@ -34,6 +34,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from pymta.envelope import Envelope
+from pymta.fsio import DirSyncer, FileOps, NoSyncFileOps, discard, is_space_error, write_new_file
 from pymta.interfaces import (
     ACTIVE,
     CORRUPT,
@@ -46,7 +47,6 @@ from pymta.interfaces import (
     QueueFull,
 )
 from pymta.queue import qfile
-from pymta.queue.fsio import DirSyncer, FileOps, NoSyncFileOps, discard, is_space_error, write_new_file
 
 log = Logger()
 
@@ -205,7 +205,7 @@ class MaildirQueueStore:
     """The durable spool: one self-validating file per message (:mod:`pymta.queue.qfile`), renamed
     between state directories, envelope changes appended in place, fsynced off the reactor.
 
-    Commits share directory fsyncs (:class:`pymta.queue.fsio.DirSyncer`): with N concurrent
+    Commits share directory fsyncs (:class:`pymta.fsio.DirSyncer`): with N concurrent
     enqueues, each does its own file fsync in a pool thread and the directory fsyncs are done
     about twice per batch instead of N times. ``fsync=False`` drops every fsync (not durable).
     ``ops`` replaces the file-system primitives (tests record and break them). States in

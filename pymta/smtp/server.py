@@ -58,6 +58,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from pymta.hostname import DOMAIN as _DOMAIN
+from pymta.hostname import DOMAIN_UTF8 as _DOMAIN_UTF8
 from pymta.interfaces import ISession
 from pymta.smtp.replies import LOCAL_ERROR, OK, SERVICE_CLOSING, SHUTTING_DOWN, TIMEOUT, Reply
 from pymta.smtp.sockets import set_nodelay
@@ -135,10 +137,6 @@ _DOT_STRING = rf"{_ATEXT}+(?:\.{_ATEXT}+)*"
 _DOT_STRING_UTF8 = rf"{_ATEXT_UTF8}+(?:\.{_ATEXT_UTF8}+)*"
 _QUOTED = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"'
 _QUOTED_UTF8 = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|[^\x00-\x7f]|\\[\x20-\x7e])*"'
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_LABEL_UTF8 = r"(?:[A-Za-z0-9]|[^\x00-\x7f])(?:(?:[A-Za-z0-9-]|[^\x00-\x7f]){0,61}(?:[A-Za-z0-9]|[^\x00-\x7f]))?"
-_DOMAIN = rf"{_LABEL}(?:\.{_LABEL})*\.?"
-_DOMAIN_UTF8 = rf"{_LABEL_UTF8}(?:\.{_LABEL_UTF8})*\.?"
 _LITERAL = r"\[(?:[0-9.]{7,15}|IPv6:[0-9A-Fa-f:.]{2,45})\]"
 _MAILBOX = re.compile(rf"^({_DOT_STRING}|{_QUOTED})@({_DOMAIN}|{_LITERAL})$")
 _MAILBOX_UTF8 = re.compile(rf"^({_DOT_STRING_UTF8}|{_QUOTED_UTF8})@({_DOMAIN_UTF8}|{_LITERAL})$")

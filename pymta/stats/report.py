@@ -238,6 +238,7 @@ def to_text(report: dict[str, Any]) -> str:
 
 def report_main(argv: list[str] | None = None) -> int:
     from pymta.config import ConfigError, default_config_path, load_config
+    from pymta.stores import WallClock
 
     parser = argparse.ArgumentParser(
         prog="pymta-report", description="Delivery report from the accounting log."
@@ -260,8 +261,8 @@ def report_main(argv: list[str] | None = None) -> int:
     if os.path.exists(path):
         from pymta.stats.timeseries import TimeSeries
 
-        series = TimeSeries(path, _WallClock(), lambda f, *a: f(*a))
-    report = build_report(os.path.join(config.log_dir, "accounting.jsonl"), _WallClock().seconds(), since, args.by,
+        series = TimeSeries(path, WallClock(), lambda f, *a: f(*a))
+    report = build_report(os.path.join(config.log_dir, "accounting.jsonl"), WallClock().seconds(), since, args.by,
                           series, provider_namer(config))  # fmt: skip
     sys.stdout.write(
         json.dumps(report, indent=2) + "\n" if args.json else to_csv(report) if args.csv else to_text(report)
@@ -287,13 +288,6 @@ def provider_namer(config: Any) -> Callable[[str, str | None], str]:
         return domain
 
     return name
-
-
-class _WallClock:
-    def seconds(self) -> float:
-        import time
-
-        return time.time()
 
 
 if __name__ == "__main__":

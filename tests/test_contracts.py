@@ -1,0 +1,171 @@
+"""Every boundary of pymta.interfaces: the real implementation and each fake in tests/ run the same
+contract (``verifyObject`` plus behaviour), so a fake cannot drift from what it stands for."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import random
+
+from twisted.internet import defer, reactor, task
+from twisted.python.threadpool import ThreadPool
+from twisted.trial import unittest
+from zope.interface.verify import verifyObject
+
+from pymta.config import build_config
+from pymta.dns import Resolver
+from pymta.feedback.suppression import SuppressionStore
+from pymta.inbound.acl import AclPolicy
+from pymta.inbound.mailbox import MaildirDeliveryAgent
+from pymta.inbound.policy import RelayPolicy
+from pymta.inbound.receiver import InboundReceiver
+from pymta.interfaces import IPolicy, IRecipientPolicy, ISession, ISMTPServerDelegate, ISuspensions
+from pymta.queue.scheduler import TimerHeapScheduler
+from pymta.queue.store import MemoryQueueStore
+from pymta.smtp.replies import Reply
+from pymta.smtp.server import Session
+from pymta.state.suspensions import SQLiteSuspensions
+from tests.contract_delivery_agent import DeliveryAgentContract
+from tests.contract_resolver import ResolverContract
+from tests.contract_scheduler import SchedulerContract
+from tests.contract_suppression import SuppressionListContract
+from tests.dnsserver import DNSServer, Zone
+from tests.fakes import ScriptedDeliveryAgent, StaticResolver, TempDirMixin
+from tests.fs_faults import started_pool
+from tests.sessions import Sess
+from tests.test_alias_queue import RecordingAgent as AliasRecordingAgent
+from tests.test_feedback_gate import RecordingAgent as GateRecordingAgent
+from tests.test_smtp_server import FakeDelegate
+
+# -- IScheduler ---------------------------------------------------------------------------------
+
+
+class TimerHeapSchedulerContractTests(SchedulerContract, unittest.TestCase):
+    def make_scheduler(self, clock):
+        return TimerHeapScheduler(clock)
+
+
+# -- IDeliveryAgent -----------------------------------------------------------------------------
+
+
+class ScriptedDeliveryAgentContractTests(DeliveryAgentContract, unittest.TestCase):
+    def make_agent(self):
+        return ScriptedDeliveryAgent()
+
+
+class FeedbackGateRecordingAgentContractTests(DeliveryAgentContract, unittest.TestCase):
+    def make_agent(self):
+        return GateRecordingAgent({})
+
+
+class AliasQueueRecordingAgentContractTests(DeliveryAgentContract, unittest.TestCase):
+    def make_agent(self):
+        return AliasRecordingAgent()
+
+
+class MaildirDeliveryAgentContractTests(DeliveryAgentContract, TempDirMixin, unittest.TestCase):
+    route = "local"
+
+    def make_agent(self):
+        return MaildirDeliveryAgent(os.path.join(self.tmpdir(), "mail"), "mx.example.test", reactor, started_pool(self))
+
+
+# -- IResolver ----------------------------------------------------------------------------------
+
+
+class ResolverContractTests(ResolverContract, unittest.TestCase):
+    def make_resolver(self, zone, servfail):
+        server = DNSServer(Zone(zone, servfail=servfail)).start()
+        self.addCleanup(server.stop)
+        pool = ThreadPool(1, 4)
+        pool.start()
+        self.addCleanup(pool.stop)
+        return Resolver(reactor, pool, [server.address], timeout=0.5, clock=task.Clock(), rng=random.Random(3))
+
+
+class StaticResolverContractTests(ResolverContract, unittest.TestCase):
+    def make_resolver(self, zone, servfail):
+        return StaticResolver(zone, servfail)
+
+
+# -- ISuppressionList ---------------------------------------------------------------------------
+
+
+class SuppressionStoreContractTests(SuppressionListContract, TempDirMixin, unittest.TestCase):
+    def make_list(self, clock):
+        store = SuppressionStore(os.path.join(self.tmpdir(), "suppression.sqlite"), clock)
+        self.addCleanup(store.close)
+        return store
+
+
+# -- IPolicy, IRecipientPolicy ------------------------------------------------------------------
+
+
+def test_acl_policy_refuses_what_a_rule_matches_and_lets_the_rest_go_on():
+    policy = AclPolicy(build_config({"acl": {"rcpt": [{"client": "192.0.2.0/24", "action": "reject"}]}}).acl)
+    assert verifyObject(IPolicy, policy)
+    refused = policy.check("rcpt", Sess(peer_address="192.0.2.9"), recipient="a@b.test")
+    assert isinstance(refused, Reply) and refused.code // 100 == 5
+    assert policy.check("rcpt", Sess(peer_address="198.51.100.1"), recipient="a@b.test") is None
+    assert policy.check("connect", Sess(peer_address="192.0.2.9")) is None
+
+
+def test_relay_policy_routes_local_mail_and_relays_for_trusted_clients_only(tmp_path):
+    policy = RelayPolicy(["example.test"], None, [ipaddress.ip_network("127.0.0.0/8")], [], str(tmp_path))
+    assert verifyObject(IRecipientPolicy, policy)
+    assert policy.may_relay("127.0.0.1") and not policy.may_relay("192.0.2.1")
+    assert policy.may_relay("192.0.2.1", "alice")
+    local = policy.recipient("bob@example.test", "192.0.2.1")
+    assert [t.route for t in local.deliveries()] == ["local"]
+    assert policy.recipient("bob@elsewhere.test", "192.0.2.1").reply.enhanced == "5.7.1"
+    relayed = policy.recipient("bob@elsewhere.test", "127.0.0.1")
+    (rcpt,) = policy.queue_recipients(relayed.deliveries(), "bob@elsewhere.test", None, None, "a@example.test", 0.0)
+    assert (rcpt.address, rcpt.route, rcpt.orcpt) == ("bob@elsewhere.test", "relay", "rfc822;bob@elsewhere.test")
+    assert policy.forward_sender("a@example.org", 0.0) == "a@example.org"  # no SRS configured
+    assert not policy.over_quota("bob@example.test")
+
+
+# -- ISMTPServerDelegate, ISession --------------------------------------------------------------
+
+
+def _answers(delegate):
+    session = Sess(peer_address="127.0.0.1")
+    replies = []
+    for call in (lambda: delegate.connected(session), lambda: delegate.helo(session, "client.example.org"),
+                 lambda: delegate.mail_from(session, "a@example.org", {})):  # fmt: skip
+        defer.maybeDeferred(call).addBoth(replies.append)
+    return replies
+
+
+def test_smtp_delegates_answer_each_stage_with_a_reply_or_none():
+    policy = RelayPolicy(["example.test"], None, [ipaddress.ip_network("127.0.0.0/8")], [], "/nonexistent")
+    for delegate in (FakeDelegate(), InboundReceiver("mx.example.test", policy, MemoryQueueStore(), task.Clock())):
+        assert verifyObject(ISMTPServerDelegate, delegate)
+        replies = _answers(delegate)
+        assert len(replies) == 3 and all(r is None or isinstance(r, Reply) for r in replies), replies
+        assert all(r is None or r.code // 100 == 2 for r in replies), replies
+
+
+def test_the_server_session_and_its_stand_in_provide_the_session_interface():
+    for session in (Session(peer_address="127.0.0.1", peer_port=1), Sess()):
+        assert verifyObject(ISession, session)
+
+
+# -- ISuspensions -------------------------------------------------------------------------------
+
+
+def test_suspensions_hold_matching_mail_until_they_lapse_or_are_lifted(tmp_path):
+    clock = task.Clock()
+    clock.advance(1_000_000)
+    suspensions = SQLiteSuspensions(str(tmp_path / "suspensions.sqlite"), clock)
+    assert verifyObject(ISuspensions, suspensions)
+    short = suspensions.add("domain", "Remote.Test.", 60, "asked to wait")
+    long = suspensions.add("campaign", "spring", 3600, "review")
+    assert [s["id"] for s in suspensions.in_force()] == [short["id"], long["id"]]  # soonest to lapse first
+    assert suspensions.match(domain="remote.test")["reason"] == "asked to wait"
+    assert suspensions.match(domain="other.test", campaign="autumn") is None
+    clock.advance(61)
+    assert suspensions.match(domain="remote.test") is None
+    assert suspensions.remove(long["id"])["kind"] == "campaign"
+    assert suspensions.remove(long["id"]) is None and suspensions.in_force() == []
+    suspensions.close()
