@@ -8,8 +8,10 @@ import pytest
 from twisted.internet import defer, task
 from twisted.internet.testing import StringTransport
 
+from pymta.smtp.content import BodyCollector
 from pymta.smtp.replies import Reply
-from pymta.smtp.server import BodyCollector, ServerLimits, SMTPServerFactory, parse_path, xtext_decode
+from pymta.smtp.server import ServerLimits, SMTPServerFactory
+from pymta.smtp.syntax import parse_path, xtext_decode
 
 
 class FakeDelegate:
