@@ -48,7 +48,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet import defer, tcp
+from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer, IReactorTime, ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -458,26 +458,12 @@ class SMTPServerProtocol(Protocol):
             self._bound_input()
 
     def _flush(self) -> None:
+        """Hand the transport every answer gathered while handling this batch of input in one
+        write: pipelined answers leave together, and a lone answer goes out as the reactor next
+        polls (TCP_NODELAY is set: no Nagle wait)."""
         if self._out and self.transport is not None:
             out, self._out = self._out, []
-            data = b"".join(out)
-            t = self.transport
-            # Replies are small and mostly alone: send at once when nothing is buffered in the
-            # transport (same order, one syscall) instead of a round trip through the reactor's
-            # writer registration; anything unsent goes the normal way. Plain TCP only: never
-            # under a TLS wrapper (which would pass the socket through) nor after STARTTLS.
-            if isinstance(t, tcp.Connection) and not t.TLS and not t.dataBuffer and not t._tempDataBuffer \
-                    and not t.disconnecting:  # fmt: skip
-                try:
-                    sent = t.socket.send(data)
-                except (BlockingIOError, InterruptedError):
-                    sent = 0
-                except OSError:
-                    sent = 0  # let the transport see and report the error
-                data = data[sent:]
-                if not data:
-                    return
-            t.write(data)
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def _command_input(self) -> bool:
         """Handle one command line; False when no complete line is buffered."""
