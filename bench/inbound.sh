@@ -24,7 +24,7 @@ PY_PORT="${PY_PORT:-2560}" PF_PORT="${PF_PORT:-2561}" SINK_PORT="${SINK_PORT:-25
 OUT="$BENCH_TMP/inbound"
 rm -rf "$OUT"; mkdir -p "$OUT"
 JSON="$OUT/results.jsonl"
-PF_DIR="${PF_DIR:-/tmp/pmbench/inbound-postfix}"
+PF_DIR="${INBOUND_PF_DIR:-${PF_DIR:-/tmp/pmbench/inbound-postfix}}"  # another path lets two runs share the machine
 
 # -- pymta: accept into the queue only (this process does not deliver; fsync on) --
 PY_STATE="$OUT/pymta"

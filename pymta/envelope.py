@@ -32,7 +32,11 @@ _qid_counter = 0
 
 
 def new_qid(now: float | None = None) -> str:
-    """A queue id: sortable by arrival (microseconds), unique across processes (pid + counter + random).
+    """A queue id: sortable by arrival (``now`` in microseconds), unique across processes (pid +
+    counter + random).
+
+    Every room of the MTA passes ``now`` from its injected wall clock (the arrival it writes down);
+    only a caller with no clock (a test, a command-line tool) leaves it to the system's wall clock.
 
     Only ``[0-9A-Z]``: safe as a file name and in a Received header.
     """

@@ -7,6 +7,7 @@ import email
 from pymta.envelope import EXPIRED, FAILED, Envelope, Recipient
 from pymta.queue.bounce import build_dsn, notify_allows
 
+NOW = 1_700_000_200.0  # the caller's wall clock: build_dsn reads no clock of its own
 ORIGINAL = b"From: a@example.org\r\nSubject: original\r\n\r\nline one\nbare lf\rbare cr\r\n"
 
 
@@ -30,7 +31,7 @@ def parts(raw: bytes) -> dict[str, email.message.Message]:
 
 
 def test_failure_dsn_has_every_field():
-    raw = build_dsn(envelope(ret="FULL"), [failed_rcpt()], "failed", ORIGINAL, "mx.example.test", now=1_700_000_200)
+    raw = build_dsn(envelope(ret="FULL"), [failed_rcpt()], "failed", ORIGINAL, "mx.example.test", NOW)
     msg = email.message_from_bytes(raw)
     assert msg["From"].startswith("MAILER-DAEMON@mx.example.test") and msg["To"] == "<a@example.org>"
     assert msg.get_content_type() == "multipart/report" and msg.get_param("report-type") == "delivery-status"
@@ -46,27 +47,35 @@ def test_failure_dsn_has_every_field():
     assert "message/rfc822" in p and b"Subject: original" in raw
 
 
+def test_the_dsn_dates_are_the_callers_clock_time():
+    raw = build_dsn(envelope(arrival=0.0), [failed_rcpt()], "failed", ORIGINAL, "mx.example.test", 86_400.0)
+    msg = email.message_from_bytes(raw)
+    assert msg["Date"] == "Fri, 02 Jan 1970 00:00:00 -0000"
+    assert msg["Message-ID"] == "<0ABCDEFGHJKLMNPQRS.failed.86400@mx.example.test>"
+    assert "Arrival-Date: Fri, 02 Jan 1970 00:00:00 -0000" in parts(raw)["message/delivery-status"].as_string()
+
+
 def test_ret_hdrs_returns_headers_only():
-    raw = build_dsn(envelope(ret="HDRS"), [failed_rcpt()], "failed", ORIGINAL, "mx.example.test")
+    raw = build_dsn(envelope(ret="HDRS"), [failed_rcpt()], "failed", ORIGINAL, "mx.example.test", NOW)
     assert "text/rfc822-headers" in parts(raw)
     assert b"line one" not in raw
 
 
 def test_no_bare_cr_or_lf_in_a_dsn():
-    raw = build_dsn(envelope(ret="FULL"), [failed_rcpt()], "failed", ORIGINAL, "mx.example.test")
+    raw = build_dsn(envelope(ret="FULL"), [failed_rcpt()], "failed", ORIGINAL, "mx.example.test", NOW)
     assert raw.count(b"\n") == raw.count(b"\r\n") and raw.count(b"\r") == raw.count(b"\r\n")
 
 
 def test_no_dsn_for_a_null_sender_or_when_notify_says_no():
-    assert build_dsn(envelope(sender=""), [failed_rcpt()], "failed", ORIGINAL, "h") is None
+    assert build_dsn(envelope(sender=""), [failed_rcpt()], "failed", ORIGINAL, "h", NOW) is None
     r = failed_rcpt()
     r.notify = ("NEVER",)
-    assert build_dsn(envelope(), [r], "failed", ORIGINAL, "h") is None
+    assert build_dsn(envelope(), [r], "failed", ORIGINAL, "h", NOW) is None
 
 
 def test_expired_recipient_status_defaults_to_447():
     r = Recipient("c@remote.example", state=EXPIRED, reply={"code": 451, "enhanced": "", "text": "expired"})
-    raw = build_dsn(envelope(), [r], "failed", ORIGINAL, "h")
+    raw = build_dsn(envelope(), [r], "failed", ORIGINAL, "h", NOW)
     assert "Status: 4.4.7" in parts(raw)["message/delivery-status"].as_string()
 
 

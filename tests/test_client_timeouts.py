@@ -19,9 +19,9 @@ from pymta.smtp.client import (
     ClientTimeouts,
     ReplyTimeout,
     SMTPClientProtocol,
-    encode_data,
     transact,
 )
+from pymta.smtp.content import encode_data
 from tests.dnsserver import loopback_router
 from tests.mta_process import free_port
 

@@ -19,7 +19,8 @@ from pymta.envelope import DEFERRED, DELIVERED, FAILED, RELAYED, Envelope, Recip
 from pymta.outbound.delivery import SMTPDeliveryAgent
 from pymta.outbound.routes import Router
 from pymta.outbound.shaping import Limits, Shaper
-from pymta.smtp.client import ClientTimeouts, encode_data
+from pymta.smtp.client import ClientTimeouts
+from pymta.smtp.content import encode_data
 from pymta.smtp.replies import Reply
 from pymta.smtp.server import ServerLimits, SMTPServerFactory
 from tests.dnsserver import DNSServer, Zone

@@ -9,7 +9,7 @@ import pytest
 from pymta.config import ConfigError, build_config
 from pymta.dns import DNSPermanentError, to_ascii
 from pymta.hostname import DOMAIN, ascii_hostname
-from pymta.smtp.server import parse_path
+from pymta.smtp.syntax import parse_path
 
 
 def test_names_come_out_as_lower_case_a_labels_without_the_trailing_dot():

@@ -68,6 +68,18 @@ class ReceiverTests(TempDirMixin, unittest.TestCase):
         assert body.endswith(b"\r\n\r\nSubject: x\r\n\r\nhi\r\n"[-20:])
         assert envelope.size == len(body)
 
+    def test_arrival_queue_id_and_received_date_are_one_instant_of_the_injected_clock(self) -> None:
+        self.clock.advance(0.25)  # far from the system's time: nothing here may read the system clock
+        reply = self.transact(self.receiver, ["alice@example.test"])
+        assert reply.code == 250
+        [qid] = self.store.list(INCOMING)
+        assert self.store.load(qid).arrival == 1_700_000_000.25
+        value = 0
+        for c in qid:
+            value = value * 32 + "0123456789ABCDEFGHJKLMNPQRSTVWXYZ".index(c)
+        assert value >> 56 == 1_700_000_000_250_000  # microseconds of arrival lead the queue id
+        assert b"; Tue, 14 Nov 2023 22:13:20 -0000\r\n" in self.store.read_body(qid).split(b"\r\n\r\n")[0] + b"\r\n"
+
     def test_refused_recipient_gets_the_policy_reply(self) -> None:
         session = Sess(peer_address="192.0.2.9", transaction=Txn(sender=""))
         reply = self.receiver.rcpt_to(session, "carol@remote.example", {})

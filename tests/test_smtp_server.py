@@ -10,8 +10,10 @@ from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
 from pymta.interfaces import ISMTPServerDelegate
+from pymta.smtp.content import BodyCollector
 from pymta.smtp.replies import Reply
-from pymta.smtp.server import BodyCollector, ServerLimits, SMTPServerFactory, parse_path, xtext_decode
+from pymta.smtp.server import ServerLimits, SMTPServerFactory
+from pymta.smtp.syntax import parse_path, xtext_decode
 
 
 @implementer(ISMTPServerDelegate)

@@ -26,11 +26,11 @@ from pymta.smtp.client import (
     ClientTimeouts,
     SessionRefused,
     SMTPClientProtocol,
-    encode_data,
     mail_command,
     quit_session,
     transact,
 )
+from pymta.smtp.content import encode_data
 from pymta.smtp.replies import Reply
 
 log = Logger(namespace="pymta.inbound.lmtp")

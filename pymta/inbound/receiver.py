@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import re
-import time
 from collections.abc import Callable
 from datetime import datetime
 from email.utils import formatdate, getaddresses, parsedate_to_datetime
@@ -129,7 +128,10 @@ def _header_safe(text: str) -> str:
 
 @implementer(ISMTPServerDelegate)
 class InboundReceiver:
-    """Stage decisions for the MX/relay listener and the hand-over to the queue."""
+    """Stage decisions for the MX/relay listener and the hand-over to the queue.
+
+    ``clock`` is a wall clock (the reactor): its time is written down as the message's arrival,
+    in its queue id and in the date of its ``Received:`` field, one instant for all three."""
 
     def __init__(
         self,
@@ -322,7 +324,7 @@ class InboundReceiver:
             if unowned is not None:
                 return Reply(553, "5.7.1", f"From: <{_header_safe(unowned)}> rejected: not owned by user {user}")
         now = self.clock.seconds()
-        qid = new_qid(time.time())
+        qid = new_qid(now)
         routes = txn.notes.get("routes", {})
         recipients: list[Recipient] = []
         seen: set[str] = set()
@@ -342,7 +344,7 @@ class InboundReceiver:
         if self._trusted(session):
             body, not_before = take_deliver_after(body)
             body, pool = take_header(body, b"X-Pymta-Pool")
-        header = received_header(session, qid, self.hostname, [r.address for r in recipients], time.time())
+        header = received_header(session, qid, self.hostname, [r.address for r in recipients], now)
         data = header + body
         envelope = Envelope(
             qid=qid,

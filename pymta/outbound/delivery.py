@@ -28,13 +28,13 @@ from pymta.smtp.client import (
     ClientTimeouts,
     SessionRefused,
     SMTPClientProtocol,
-    encode_data,
     mail_command,
     quit_session,
     transact,
-    xtext_encode,
 )
+from pymta.smtp.content import encode_data
 from pymta.smtp.replies import Reply
+from pymta.smtp.syntax import xtext_encode
 from pymta.state.suspensions import SUSPENDED_TEXT
 
 log = Logger(namespace="pymta.outbound")

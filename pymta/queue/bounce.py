@@ -7,7 +7,6 @@ recipient's NOTIFY allows (RFC 3461): default = FAILURE and DELAY; NEVER = nothi
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterable
 from email.utils import formatdate
 
@@ -68,17 +67,17 @@ def build_dsn(
     action: str,
     body: bytes,
     hostname: str,
-    now: float | None = None,
+    now: float,
     retry_until: float | None = None,
 ) -> bytes | None:
     """The DSN message (bytes, CRLF lines) about ``recipients`` of ``envelope``, or None when none
-    is due (null sender, NOTIFY, no recipients)."""
+    is due (null sender, NOTIFY, no recipients). ``now``: the caller's wall clock, never a
+    monotonic one: it is written as the ``Date:`` field (and the arrival date when none is known)."""
     if not envelope.sender:
         return None
     rcpts = [r for r in recipients if notify_allows(r, action)]
     if not rcpts:
         return None
-    now = time.time() if now is None else now
     boundary = f"{envelope.qid}.{os.urandom(6).hex()}/{hostname}"
     subject = {
         "failed": "Undelivered Mail Returned to Sender",

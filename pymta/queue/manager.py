@@ -405,7 +405,7 @@ class QueueManager(service.Service):
         if self.sign is not None:
             message = yield self.sign(message)
         dsn = Envelope(
-            qid=new_qid(),
+            qid=new_qid(now),
             sender="",
             recipients=[Recipient(envelope.sender, route=self.route_for(envelope.sender))],
             arrival=now,

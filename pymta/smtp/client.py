@@ -21,6 +21,8 @@ from zope.interface import implementer
 
 from pymta.smtp.replies import Reply, parse_reply_lines
 from pymta.smtp.sockets import set_nodelay
+from pymta.smtp.syntax import xtext_encode
+from pymta.tls import describe_tls
 
 log = Logger(namespace="pymta.smtp.client")
 
@@ -155,24 +157,6 @@ class Extensions:
             if keyword:
                 names[keyword.upper()] = params.strip()
         return cls(esmtp=True, names=names)
-
-
-def encode_data(body: bytes) -> bytes:
-    """The DATA payload: CRLF line ends everywhere, dot-stuffed, terminated by ``CRLF.CRLF``."""
-    data = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
-    if data and not data.endswith(b"\r\n"):
-        data += b"\r\n"
-    data = data.replace(b"\r\n.", b"\r\n..")
-    if data.startswith(b"."):
-        data = b"." + data
-    return data + b".\r\n"
-
-
-def xtext_encode(text: str) -> str:
-    """RFC 3461 xtext."""
-    return "".join(
-        c if "!" <= c <= "~" and c not in "+=" else "".join(f"+{b:02X}" for b in c.encode("utf-8")) for c in text
-    )
 
 
 def mail_command(sender: str, body: bytes, ext: Extensions, smtputf8: bool = False, ret: str | None = None,
@@ -351,11 +335,7 @@ class SMTPClientProtocol(Protocol):
             raise SessionRefused(reply, "EHLO after STARTTLS")
         self.extensions = Extensions.from_reply(reply)
         self.tls_verified = verified_for
-        handle = getattr(self.transport, "getHandle", lambda: None)()
-        try:
-            self.tls = f"{handle.get_protocol_version_name()} {handle.get_cipher_name()}"
-        except Exception:
-            self.tls = "TLS"
+        self.tls = describe_tls(self.transport) or "TLS"
         return reply
 
 
@@ -394,7 +374,7 @@ def transact(
     lmtp: bool = False,
 ):
     """One transaction: ``mail_from`` and ``rcpts`` are whole command lines; ``payload`` is the
-    encoded data (see :func:`encode_data`). Pipelined when the server offers PIPELINING.
+    encoded data (see :func:`pymta.smtp.content.encode_data`). Pipelined when the server offers PIPELINING.
     ``lmtp``: after the final dot, one reply per accepted recipient (``data_each``); a connection
     lost part way leaves the rest out of ``data_each`` with ``lost_after_data`` set."""
     pipelining = proto.extensions.has("PIPELINING")

@@ -43,26 +43,32 @@ offset into one buffer, so splitting pipelined lines is linear in the input.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import itertools
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet import defer, tcp
+from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer, IReactorTime, ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from pymta.hostname import DOMAIN as _DOMAIN
-from pymta.hostname import DOMAIN_UTF8 as _DOMAIN_UTF8
 from pymta.interfaces import ISession
+from pymta.smtp import sasl
+from pymta.smtp.content import BodyCollector, DataScanner, unstuff
 from pymta.smtp.replies import LOCAL_ERROR, OK, SERVICE_CLOSING, SHUTTING_DOWN, TIMEOUT, Reply
 from pymta.smtp.sockets import set_nodelay
+from pymta.smtp.syntax import (
+    apply_mail_params,
+    apply_rcpt_params,
+    helo_name,
+    parse_params,
+    parse_path,
+    split_path_and_params,
+)
+from pymta.tls import describe_tls
 
 log = Logger(namespace="pymta.smtp.server")
 
@@ -129,186 +135,6 @@ class Session:
         return "ESMTP" + ("S" if self.tls else "") + ("A" if self.auth_user else "")
 
 
-# -- addresses and parameters ------------------------------------------------------------------
-
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
-_ATEXT_UTF8 = r"(?:[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]|[^\x00-\x7f])"
-_DOT_STRING = rf"{_ATEXT}+(?:\.{_ATEXT}+)*"
-_DOT_STRING_UTF8 = rf"{_ATEXT_UTF8}+(?:\.{_ATEXT_UTF8}+)*"
-_QUOTED = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"'
-_QUOTED_UTF8 = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|[^\x00-\x7f]|\\[\x20-\x7e])*"'
-_LITERAL = r"\[(?:[0-9.]{7,15}|IPv6:[0-9A-Fa-f:.]{2,45})\]"
-_MAILBOX = re.compile(rf"^({_DOT_STRING}|{_QUOTED})@({_DOMAIN}|{_LITERAL})$")
-_MAILBOX_UTF8 = re.compile(rf"^({_DOT_STRING_UTF8}|{_QUOTED_UTF8})@({_DOMAIN_UTF8}|{_LITERAL})$")
-_ROUTE = re.compile(rf"^@{_DOMAIN}(?:,@{_DOMAIN})*:")
-
-
-def parse_path(text: str, utf8: bool = False, allow_postmaster: bool = False) -> str:
-    """Parse an RFC 5321 ``Path`` (``<...>``) and return the mailbox.
-
-    Returns ``""`` for the null path ``<>``; otherwise ``local@domain`` with the domain
-    lower-cased (address literals kept as written, ``[IPv6:...]`` with its tag), a trailing dot
-    removed, the local part exactly as given (quoted local parts keep their quotes). A source
-    route (``<@a,@b:user@dom>``) is dropped, as RFC 5321 §4.1.1.3 allows. With
-    ``allow_postmaster`` the bare ``<postmaster>`` (any case) is returned as ``"postmaster"``.
-    Raises ValueError for anything else, including non-ASCII without ``utf8``.
-    """
-    if len(text) < 2 or text[0] != "<" or text[-1] != ">":
-        raise ValueError("address must be enclosed in <>")
-    inner = text[1:-1]
-    if inner == "":
-        return ""
-    if inner.startswith("@"):
-        m = _ROUTE.match(inner)
-        if not m:
-            raise ValueError("bad source route")
-        inner = inner[m.end() :]
-    if allow_postmaster and inner.lower() == "postmaster":
-        return "postmaster"
-    if not utf8 and not inner.isascii():
-        raise UnicodeError("non-ASCII address without SMTPUTF8")
-    m = (_MAILBOX_UTF8 if utf8 else _MAILBOX).match(inner)
-    if not m:
-        raise ValueError("bad address syntax")
-    local, domain = m.group(1), m.group(2)
-    if len(local.encode()) > 64 or len(inner.encode()) > 254:
-        raise ValueError("address too long")
-    if domain.startswith("["):
-        if not _valid_literal(domain):
-            raise ValueError("bad address literal")
-        return f"{local}@{domain}"
-    return f"{local}@{domain.rstrip('.').lower()}"
-
-
-def _valid_literal(literal: str) -> bool:
-    import ipaddress
-
-    inner = literal[1:-1]
-    try:
-        if inner[:5].lower() == "ipv6:":
-            ipaddress.IPv6Address(inner[5:])
-        else:
-            ipaddress.IPv4Address(inner)
-    except ValueError:
-        return False
-    return True
-
-
-_XTEXT = re.compile(r"^(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*$")
-
-
-def xtext_decode(text: str) -> str:
-    """RFC 3461 xtext -> text; ValueError if malformed."""
-    if not _XTEXT.match(text):
-        raise ValueError("bad xtext")
-    return re.sub(r"\+([0-9A-F]{2})", lambda m: chr(int(m.group(1), 16)), text)
-
-
-def parse_params(words: list[str]) -> dict[str, str]:
-    """``KEY=VALUE`` / ``KEY`` words -> {KEY (upper): value ("" when none)}; ValueError on repeats."""
-    params: dict[str, str] = {}
-    for word in words:
-        key, _, value = word.partition("=")
-        key = key.upper()
-        if not key or not re.match(r"^[A-Z0-9][A-Z0-9-]*$", key):
-            raise ValueError(f"bad parameter {word[:40]!r}")
-        if key in params:
-            raise ValueError(f"duplicate parameter {key}")
-        params[key] = value
-    return params
-
-
-def split_path_and_params(argument: str) -> tuple[str, list[str]]:
-    """``<a b@x> P=1`` -> ("<a b@x>", ["P=1"]): the path ends at the first ``>`` outside quotes."""
-    argument = argument.strip()
-    if not argument.startswith("<"):
-        word, *rest = argument.split()
-        return word, rest
-    in_quotes = escaped = False
-    for i, ch in enumerate(argument):
-        if escaped:
-            escaped = False
-        elif ch == "\\":
-            escaped = True
-        elif ch == '"':
-            in_quotes = not in_quotes
-        elif ch == ">" and not in_quotes:
-            return argument[: i + 1], argument[i + 1 :].split()
-    raise ValueError("unterminated path")
-
-
-# -- message content checks --------------------------------------------------------------------
-
-MAX_LINE = 1000  # octets before LF that make a line longer than 1000 octets with its CRLF
-
-
-class BodyCollector:
-    """Collects message content chunk by chunk and notes what makes it unacceptable."""
-
-    __slots__ = ("bare_eol", "limit", "line_len", "long_line", "nul", "parts", "pending_cr", "size")
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.parts: list[bytes] = []
-        self.size = 0
-        self.bare_eol = self.nul = self.long_line = False
-        self.line_len = 0  # octets since the last LF
-        self.pending_cr = False  # the previous chunk ended with CR
-
-    def feed(self, chunk: bytes) -> None:
-        if not chunk:
-            return
-        self.size += len(chunk)
-        if self.size <= self.limit:
-            self.parts.append(chunk)
-        elif self.parts:
-            self.parts = []  # over the limit: stop holding it, keep scanning
-        if not self.bare_eol:
-            start = 0
-            if self.pending_cr:
-                if chunk[:1] == b"\n":
-                    start = 1  # the CR that ended the previous chunk and this LF make a CRLF
-                else:
-                    self.bare_eol = True
-            end = len(chunk) - 1 if chunk[-1:] == b"\r" else len(chunk)  # a final CR waits for the next chunk
-            # Every CR and every LF belongs to a CRLF: three C-level counts, no per-byte Python.
-            pairs = chunk.count(b"\r\n", start, end)
-            if chunk.count(b"\n", start, end) != pairs or chunk.count(b"\r", start, end) != pairs:
-                self.bare_eol = True
-        self.pending_cr = chunk[-1:] == b"\r"
-        if not self.nul and b"\0" in chunk:
-            self.nul = True
-        if not self.long_line:
-            first_lf = chunk.find(b"\n")
-            if first_lf < 0:
-                self.line_len += len(chunk)
-                self.long_line = self.line_len >= MAX_LINE
-                return
-            last_lf = chunk.rfind(b"\n")
-            if self.line_len + first_lf >= MAX_LINE or (
-                last_lf - first_lf > MAX_LINE and max(map(len, chunk[first_lf + 1 : last_lf].split(b"\n"))) >= MAX_LINE
-            ):
-                self.long_line = True
-            self.line_len = len(chunk) - last_lf - 1
-            if self.line_len >= MAX_LINE:
-                self.long_line = True
-
-    def problem(self, final_cr_ok: bool = False) -> Reply | None:
-        if self.size > self.limit:
-            return Reply(552, "5.3.4", f"Message size exceeds fixed maximum message size ({self.limit} octets)")
-        if self.bare_eol or (self.pending_cr and not final_cr_ok):
-            return Reply(550, "5.6.0", "Message contains bare CR or bare LF; lines must end with CRLF")
-        if self.nul:
-            return Reply(550, "5.6.0", "Message contains NUL characters")
-        if self.long_line:
-            return Reply(550, "5.6.0", "Message contains lines longer than 1000 octets")
-        return None
-
-    def body(self, trim: int = 0) -> bytes:
-        data = b"".join(self.parts)
-        return data[: len(data) - trim] if trim else data
-
-
 # -- the protocol --------------------------------------------------------------------------------
 
 _COMMAND, _DATA, _BDAT, _GREET, _AUTH, _CLOSED = range(6)
@@ -317,7 +143,6 @@ DATA_RATE_GRACE = 30.0  # seconds of DATA/BDAT before min_data_rate is enforced
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
 SESSION_TOO_LONG = Reply(421, "4.4.2", "Session time limit exceeded, closing connection")
 DATA_TOO_SLOW = Reply(421, "4.4.2", "Data rate too low, closing connection")
-_END = b"\r\n.\r\n"
 _EXTENSIONS = ("PIPELINING", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES", "CHUNKING", "DSN")
 _HTTP_VERBS = frozenset({"GET", "POST", "HEAD", "PUT", "CONNECT", "OPTIONS", "USER-AGENT:", "HOST:"})
 
@@ -371,11 +196,11 @@ class SMTPServerProtocol(Protocol):
         self._discard_line = False
         self._tls_pending = False
         self._body: BodyCollector | None = None
-        self._carry = b""
+        self._scanner: DataScanner | None = None
         self._bdat_left = 0
         self._bdat_last = False
         self._bdat_failed: Reply | None = None
-        self._auth_state: tuple[str, str] | None = None
+        self._sasl: sasl.SaslExchange | None = None
         self._shut_down_after_answer = False
 
     # -- connection ---------------------------------------------------------------------------
@@ -633,26 +458,12 @@ class SMTPServerProtocol(Protocol):
             self._bound_input()
 
     def _flush(self) -> None:
+        """Hand the transport every answer gathered while handling this batch of input in one
+        write: pipelined answers leave together, and a lone answer goes out as the reactor next
+        polls (TCP_NODELAY is set: no Nagle wait)."""
         if self._out and self.transport is not None:
             out, self._out = self._out, []
-            data = b"".join(out)
-            t = self.transport
-            # Replies are small and mostly alone: send at once when nothing is buffered in the
-            # transport (same order, one syscall) instead of a round trip through the reactor's
-            # writer registration; anything unsent goes the normal way. Plain TCP only: never
-            # under a TLS wrapper (which would pass the socket through) nor after STARTTLS.
-            if isinstance(t, tcp.Connection) and not t.TLS and not t.dataBuffer and not t._tempDataBuffer \
-                    and not t.disconnecting:  # fmt: skip
-                try:
-                    sent = t.socket.send(data)
-                except (BlockingIOError, InterruptedError):
-                    sent = 0
-                except OSError:
-                    sent = 0  # let the transport see and report the error
-                data = data[sent:]
-                if not data:
-                    return
-            t.write(data)
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def _command_input(self) -> bool:
         """Handle one command line; False when no complete line is buffered."""
@@ -681,7 +492,8 @@ class SMTPServerProtocol(Protocol):
         if line.endswith(b"\r"):
             line = line[:-1]
         if self._mode == _AUTH:
-            self._auth_line(line)
+            self._mode = _COMMAND
+            self._sasl_step(self._sasl.respond(line))
             return True
         if b"\0" in line or b"\r" in line:
             self._error(Reply(500, "5.5.2", "Syntax error, NUL or bare CR in command"))
@@ -786,7 +598,7 @@ class SMTPServerProtocol(Protocol):
             return
         if self._tls_pending:
             self._tls_pending = False
-            self.session.tls = _tls_description(self.transport)
+            self.session.tls = describe_tls(self.transport) or "TLS"
         handler(argument.strip())
 
     def smtp_helo(self, argument: str) -> None:
@@ -799,8 +611,8 @@ class SMTPServerProtocol(Protocol):
         self._hello(argument, esmtp=True)
 
     def _hello(self, argument: str, esmtp: bool) -> None:
-        name = argument.split(" ", 1)[0] if argument else ""
-        if not name or not re.match(r"^(?:[\x21-\x7e]|[^\x00-\x7f])+$", name):
+        name = helo_name(argument)
+        if name is None:
             self._error(Reply(501, "5.5.4", f"Syntax: {'EHLO' if esmtp else 'HELO'} hostname"))
             return
 
@@ -843,17 +655,13 @@ class SMTPServerProtocol(Protocol):
             return
         path, params = parsed
         txn = Transaction(sender="", params=params)
-        refused = self._mail_params(txn, params)
+        refused = apply_mail_params(txn, params, self.limits.max_message_size,
+                                    "REQUIRETLS" not in self.factory.disabled_extensions, bool(s.tls))  # fmt: skip
         if refused is not None:
             self._reply(refused, stage="mail")
             return
-        try:
-            sender = parse_path(path, utf8=txn.smtputf8)
-        except UnicodeError:
-            self._reply(Reply(553, "5.6.7", "Non-ASCII address needs SMTPUTF8"), stage="mail")
-            return
-        except ValueError as e:
-            self._error(Reply(501, "5.1.7", f"Bad sender address syntax: {e}"), stage="mail")
+        sender = self._address(path, txn.smtputf8, "mail")
+        if sender is None:
             return
         txn.sender = sender
 
@@ -883,42 +691,16 @@ class SMTPServerProtocol(Protocol):
             return None
         return path, params
 
-    def _mail_params(self, txn: Transaction, params: dict[str, str]) -> Reply | None:
-        for key, value in params.items():
-            if key == "SIZE":
-                if not value.isdigit() or len(value) > 20:
-                    return Reply(501, "5.5.4", "Bad SIZE parameter")
-                txn.declared_size = int(value)
-                if txn.declared_size > self.limits.max_message_size:
-                    return Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
-            elif key == "BODY":
-                if value.upper() not in ("7BIT", "8BITMIME"):
-                    return Reply(555, "5.5.4", "Unsupported BODY type")
-                txn.body_type = value.upper()
-            elif key == "SMTPUTF8":
-                if value:
-                    return Reply(555, "5.5.4", "SMTPUTF8 takes no value")
-                txn.smtputf8 = True
-            elif key == "RET":
-                if value.upper() not in ("FULL", "HDRS"):
-                    return Reply(501, "5.5.4", "RET must be FULL or HDRS")
-                txn.ret = value.upper()
-            elif key == "ENVID":
-                try:
-                    txn.envid = xtext_decode(value)
-                except ValueError:
-                    return Reply(501, "5.5.4", "Bad ENVID (xtext)")
-                if not 0 < len(value) <= 100:
-                    return Reply(501, "5.5.4", "Bad ENVID length")
-            elif key == "AUTH":
-                continue  # RFC 4954 AUTH= on MAIL: accepted, not trusted
-            elif key == "REQUIRETLS" and "REQUIRETLS" not in self.factory.disabled_extensions:  # RFC 8689 §4.1
-                if value:
-                    return Reply(555, "5.5.4", "REQUIRETLS takes no value")
-                if not self.session.tls:
-                    return Reply(530, "5.7.10", "REQUIRETLS needs TLS")
-            else:
-                return Reply(555, "5.5.4", f"Unsupported parameter {key}")
+    def _address(self, path: str, utf8: bool, stage: str) -> str | None:
+        """The sender (``stage`` "mail") or recipient ("rcpt", where ``<postmaster>`` is one) the
+        path names, or None after answering the error."""
+        try:
+            return parse_path(path, utf8=utf8, allow_postmaster=stage == "rcpt")
+        except UnicodeError:
+            self._reply(Reply(553, "5.6.7", "Non-ASCII address needs SMTPUTF8"), stage=stage)
+        except ValueError as e:
+            enhanced, what = ("5.1.7", "sender") if stage == "mail" else ("5.1.3", "recipient")
+            self._error(Reply(501, enhanced, f"Bad {what} address syntax: {e}"), stage=stage)
         return None
 
     def smtp_rcpt(self, argument: str) -> None:
@@ -931,19 +713,14 @@ class SMTPServerProtocol(Protocol):
         if parsed is None:
             return
         path, params = parsed
-        try:
-            address = parse_path(path, utf8=txn.smtputf8, allow_postmaster=True)
-        except UnicodeError:
-            self._reply(Reply(553, "5.6.7", "Non-ASCII address needs SMTPUTF8"), stage="rcpt")
-            return
-        except ValueError as e:
-            self._error(Reply(501, "5.1.3", f"Bad recipient address syntax: {e}"), stage="rcpt")
+        address = self._address(path, txn.smtputf8, "rcpt")
+        if address is None:
             return
         if address == "":
             self._error(Reply(501, "5.1.3", "Null recipient"), stage="rcpt")
             return
         accepted = AcceptedRecipient(address, params)
-        refused = self._rcpt_params(accepted, params)
+        refused = apply_rcpt_params(accepted, params)
         if refused is not None:
             self._reply(refused, stage="rcpt", rcpt=address)
             return
@@ -961,30 +738,6 @@ class SMTPServerProtocol(Protocol):
             self._reply(reply or Reply(250, "2.1.5", "Ok"))
 
         self._ask(self.delegate.rcpt_to, (s, address, params), answered)
-
-    @staticmethod
-    def _rcpt_params(accepted: AcceptedRecipient, params: dict[str, str]) -> Reply | None:
-        for key, value in params.items():
-            if key == "NOTIFY":
-                items = tuple(v.upper() for v in value.split(","))
-                if not value or any(i not in ("NEVER", "SUCCESS", "FAILURE", "DELAY") for i in items):
-                    return Reply(501, "5.5.4", "Bad NOTIFY parameter")
-                if "NEVER" in items and len(items) > 1:
-                    return Reply(501, "5.5.4", "NOTIFY=NEVER cannot be combined")
-                if len(set(items)) != len(items):
-                    return Reply(501, "5.5.4", "Repeated NOTIFY value")
-                accepted.notify = items
-            elif key == "ORCPT":
-                addr_type, sep, xtext = value.partition(";")
-                if not sep or not re.match(r"^[A-Za-z0-9-]+$", addr_type) or not xtext:
-                    return Reply(501, "5.5.4", "Bad ORCPT parameter")
-                try:
-                    accepted.orcpt = f"{addr_type.lower()};{xtext_decode(xtext)}"
-                except ValueError:
-                    return Reply(501, "5.5.4", "Bad ORCPT parameter (xtext)")
-            else:
-                return Reply(555, "5.5.4", f"Unsupported parameter {key}")
-        return None
 
     def _data_ready(self, command: str) -> Reply | None:
         txn = self.session.transaction
@@ -1006,7 +759,7 @@ class SMTPServerProtocol(Protocol):
             return
         self._mode = _DATA
         self._body = BodyCollector(self.limits.max_message_size)
-        self._carry = b"\r\n"
+        self._scanner = DataScanner(self._body)
         self._start_data()
         self._arm_timer()
         self._out.append(b"354 End data with <CR><LF>.<CR><LF>\r\n")
@@ -1015,21 +768,13 @@ class SMTPServerProtocol(Protocol):
     def _data_input(self) -> None:
         buf = self._buf[self._pos :] if self._pos else self._buf
         self._buf, self._pos = b"", 0
-        carry = self._carry
-        window = carry + buf
-        end = window.find(_END)
-        body = self._body
-        if end < 0:
-            body.feed(buf)
-            self._carry = window[-4:]
+        ended = self._scanner.feed(buf)
+        if ended is None:
             return
-        cut = end + 2 - len(carry)  # where the body ends inside buf (negative: in the carry)
-        if cut > 0:
-            body.feed(buf[:cut])
-        self._buf = window[end + 5 :]
+        trim, self._buf = ended
         self._mode = _COMMAND
         self._arm_timer()
-        self._finish_message(body, trim=-cut if cut < 0 else 0, dot_stuffed=True)
+        self._finish_message(self._scanner.body, trim=trim, dot_stuffed=True)
 
     def smtp_bdat(self, argument: str) -> None:
         words = argument.split()
@@ -1083,7 +828,7 @@ class SMTPServerProtocol(Protocol):
             self._reply(Reply(250, "2.0.0", f"{body.size} octets received"))
 
     def _finish_message(self, body: BodyCollector, trim: int, dot_stuffed: bool) -> None:
-        self._body = None
+        self._body = self._scanner = None
         self._data_since = None
         problem = body.problem(final_cr_ok=dot_stuffed)
         if problem is not None:
@@ -1091,8 +836,8 @@ class SMTPServerProtocol(Protocol):
             self._reset_transaction()
             return
         data = body.body(trim)
-        if dot_stuffed and (b"\n." in data or data[:1] == b"."):
-            data = (b"\r\n" + data).replace(b"\r\n.", b"\r\n")[2:]
+        if dot_stuffed:
+            data = unstuff(data)
 
         def answered(reply: Reply | None) -> None:
             self._reply(reply or OK, stage="data", size=len(data))
@@ -1102,7 +847,7 @@ class SMTPServerProtocol(Protocol):
 
     def _reset_transaction(self) -> None:
         self.session.transaction = None
-        self._body = None
+        self._body = self._scanner = None
         self._data_since = None
 
     def smtp_rset(self, argument: str) -> None:
@@ -1181,61 +926,26 @@ class SMTPServerProtocol(Protocol):
             self._reply(Reply(503, "5.5.1", "AUTH not allowed during a mail transaction"), stage="auth")
             return
         mechanism, _, initial = argument.partition(" ")
-        mechanism = mechanism.upper()
-        if mechanism not in ("PLAIN", "LOGIN"):
-            self._error(Reply(504, "5.5.4", "Unrecognized authentication type"))
+        exchange = sasl.start(mechanism)
+        if exchange is None:
+            self._error(sasl.UNKNOWN_MECHANISM)
             return
-        initial = initial.strip()
-        if mechanism == "PLAIN":
-            if initial:
-                self._auth_plain(initial.encode())
-            else:
-                self._auth_state = ("PLAIN", "")
-                self._mode = _AUTH
-                self._out.append(b"334 \r\n")
-        else:
-            if initial:
-                self._auth_state = ("LOGIN", "")
-                self._mode = _AUTH
-                self._auth_line(initial.encode())
-            else:
-                self._auth_state = ("LOGIN", "")
-                self._mode = _AUTH
-                self._out.append(b"334 VXNlcm5hbWU6\r\n")
+        self._sasl = exchange
+        self._sasl_step(exchange.begin(initial.strip()))
 
-    def _auth_line(self, line: bytes) -> None:
-        mechanism, user = self._auth_state or ("", "")
-        self._mode = _COMMAND
-        if line.strip() == b"*":
-            self._auth_state = None
-            self._reply(Reply(501, "5.0.0", "Authentication cancelled"), stage="auth")
-            return
-        if mechanism == "PLAIN":
-            self._auth_state = None
-            self._auth_plain(line)
-            return
-        try:
-            value = base64.b64decode(line.strip(), validate=True).decode("utf-8")
-        except (binascii.Error, UnicodeDecodeError):
-            self._auth_state = None
-            self._error(Reply(501, "5.5.2", "Cannot decode response"), stage="auth")
-            return
-        if not user:
-            self._auth_state = ("LOGIN", value or "\0")
+    def _sasl_step(self, step: sasl.Step) -> None:
+        """Send the exchange's challenge, check its credentials, or answer its refusal."""
+        if isinstance(step, sasl.Challenge):
             self._mode = _AUTH
-            self._out.append(b"334 UGFzc3dvcmQ6\r\n")
+            self._out.append(f"334 {step.text}\r\n".encode())
             return
-        self._auth_state = None
-        self._auth_check(user, value)
-
-    def _auth_plain(self, data: bytes) -> None:
-        try:
-            decoded = base64.b64decode(data.strip(), validate=True).decode("utf-8")
-            _authzid, user, password = decoded.split("\0")
-        except (binascii.Error, UnicodeDecodeError, ValueError):
-            self._error(Reply(501, "5.5.2", "Cannot decode AUTH PLAIN response"), stage="auth")
-            return
-        self._auth_check(user, password)
+        self._sasl = None
+        if isinstance(step, sasl.Credentials):
+            self._auth_check(step.user, step.password)
+        elif step.syntax:
+            self._error(step.reply, stage="auth")
+        else:
+            self._reply(step.reply, stage="auth")
 
     def _auth_check(self, user: str, password: str) -> None:
         auth = self.factory.authenticator
@@ -1259,14 +969,6 @@ class SMTPServerProtocol(Protocol):
                 self._close()
 
         self._ask(auth.check, (user, password), answered)
-
-
-def _tls_description(transport: Any) -> str:
-    handle = getattr(transport, "getHandle", lambda: None)()
-    try:
-        return f"{handle.get_protocol_version_name()} {handle.get_cipher_name()}"
-    except Exception:
-        return "TLS"
 
 
 class SMTPServerFactory(Factory):

@@ -37,7 +37,7 @@ from pymta.admin.http.jsonapi import APIError, json_body
 from pymta.envelope import ROUTE_FEEDBACK, Envelope, Recipient, new_qid
 from pymta.inbound.submit import record_queued
 from pymta.interfaces import QueueError, QueueFull
-from pymta.smtp.server import parse_path
+from pymta.smtp.syntax import parse_path
 
 log = Logger(namespace="pymta.http.inject")
 
