@@ -70,6 +70,12 @@ class IQueueStore(Interface):
         """At start: delete leftovers in tmp/, move ACTIVE back to INCOMING, quarantine
         unreadable envelopes and drop bodies with no envelope. Returns a dict of counts."""
 
+    def recover_incrementally(on_batch):
+        """What ``recover`` does, without holding the caller up while the queue is read: the
+        sound messages go to ``on_batch(list of (qid, state, due, arrival))`` in batches as they
+        are read (``due``: wall time of the next attempt; ``arrival``: wall time). Returns a
+        Deferred that fires with the counts after the last batch."""
+
 
 class IScheduler(Interface):
     """When keys (qids, destinations) are due. Timer heap on an injected IReactorTime.

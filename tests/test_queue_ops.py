@@ -140,3 +140,16 @@ def test_dead_site_pause_is_configurable_and_zero_never_suspends():
     for _ in range(10):
         shaper.connection_failed(key, "connection refused")
     assert shaper.hold_until(key, limits) == 0.0
+
+
+def test_list_with_a_limit_gives_the_oldest_messages_first_and_refuses_a_bad_limit():
+    h = Harness({"x@remote.example": [deferred()] * 5})
+    qids = sorted(h.queue(["x@remote.example"]) for _ in range(5))
+    ops = QueueOperations(h.store, h.manager)
+    page = result_of(ops.run("list", args={"limit": 2}))
+    assert [m["qid"] for m in page] == qids[:2]
+    assert all(m["state"] == DEFERRED and m["recipients"][0]["address"] == "x@remote.example" for m in page)
+    assert [m["qid"] for m in result_of(ops.run("list"))] == qids
+    for bad in (0, -1, "10", True):
+        with pytest.raises(QueueOpError, match="limit"):
+            result_of(ops.run("list", args={"limit": bad}))

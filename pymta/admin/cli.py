@@ -51,7 +51,7 @@ def ask_control_socket(path: str, command: str, target: str | None, timeout: flo
     return json.loads(data)
 
 
-def run_directly(config: Any, command: str, target: str | None) -> dict[str, Any]:
+def run_directly(config: Any, command: str, target: str | None, args: dict[str, Any] | None = None) -> dict[str, Any]:
     """The same operations on the queue directory of a stopped MTA."""
     from twisted.internet import defer, task
     from twisted.python.threadpool import ThreadPool
@@ -70,7 +70,7 @@ def run_directly(config: Any, command: str, target: str | None) -> dict[str, Any
         try:
             store = queue_store(config, reactor, pool)
             store.migrate()  # a queue left by the previous release, not yet started since the upgrade
-            result = yield QueueOperations(store).run(command, target)
+            result = yield QueueOperations(store).run(command, target, args=args)
             outcome.update(ok=True, result=result)
         except QueueOpError as e:
             outcome.update(ok=False, error=str(e))
@@ -129,8 +129,9 @@ def queue_main(argv: list[str] | None = None) -> int:
         parser.add_argument(f"--{kind}", default=None, help=f"suspend (bounce: campaign, tenant): this {kind}")
     parser.add_argument("--duration", default="1h", help="suspend: for how long (30m, 2h, 1d; default 1h)")
     parser.add_argument("--reason", default=None, help="suspend, bounce: why (shown with the suspension, in the DSN)")
+    parser.add_argument("--limit", type=int, default=None, help="list: only the first N messages (oldest first)")
     args = parser.parse_args(argv)
-    suspend_args = None
+    suspend_args = {"limit": args.limit} if args.command == "list" and args.limit is not None else None
     if args.command in ("suspend", "bounce"):
         suspend_args = {k: getattr(args, k) for k in ("domain", "provider", "source", "campaign", "tenant")
                         if getattr(args, k) is not None}  # fmt: skip
@@ -151,7 +152,7 @@ def queue_main(argv: list[str] | None = None) -> int:
             elif args.command in ("flush", "shaping", "suspend", "suspensions", "unsuspend", "bounce"):
                 raise CLIError(f"{args.command} needs the running MTA: nothing answers on " + config.control_socket)
             else:
-                answer = run_directly(config, args.command, args.qid)
+                answer = run_directly(config, args.command, args.qid, suspend_args)
     except ConfigError as e:
         sys.stderr.write(f"pymta-queue: configuration error: {e}\n")
         return 2

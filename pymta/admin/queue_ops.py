@@ -7,6 +7,7 @@ the queue directory).
 
 from __future__ import annotations
 
+import heapq
 from typing import Any
 
 from twisted.internet import defer
@@ -47,16 +48,17 @@ def message_summary(envelope: Envelope, state: str) -> dict[str, Any]:
     }
 
 
-def list_queue(store: IQueueStore) -> list[dict[str, Any]]:
-    """Every queued message, oldest first, with its recipients and state."""
+def list_queue(store: IQueueStore, limit: int | None = None) -> list[dict[str, Any]]:
+    """Queued messages, oldest first, with their recipients and state: every one, or with ``limit``
+    the first ``limit`` (only their files are read, whatever the size of the queue)."""
+    names = [(qid, state) for state in QUEUE_STATES for qid in store.list(state)]
+    names = heapq.nsmallest(limit, names) if limit is not None else sorted(names)
     out = []
-    for state in QUEUE_STATES:
-        for qid in store.list(state):
-            try:
-                out.append(message_summary(store.load(qid), state))
-            except (KeyError, ValueError):
-                out.append({"qid": qid, "state": state, "size": 0, "arrival": 0, "sender": "?", "recipients": []})
-    out.sort(key=lambda m: m["qid"])
+    for qid, state in names:
+        try:
+            out.append(message_summary(store.load(qid), state))
+        except (KeyError, ValueError):
+            out.append({"qid": qid, "state": state, "size": 0, "arrival": 0, "sender": "?", "recipients": []})
     return out
 
 
@@ -97,7 +99,10 @@ class QueueOperations:
     def run(self, command: str, target: str | None = None, domain: str | None = None,
             args: dict[str, Any] | None = None):  # fmt: skip
         if command == "list":
-            return list_queue(self.store)
+            limit = (args or {}).get("limit")
+            if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+                raise QueueOpError("list: limit must be a whole number of at least 1")
+            return list_queue(self.store, limit)
         if command == "show":
             return show_message(self.store, self._need(target))
         if command == "shaping":

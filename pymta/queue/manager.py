@@ -102,28 +102,40 @@ class QueueManager(service.Service):
         self._bounce_after: dict[str, list[tuple[Callable[[Envelope, Recipient], bool], str]]] = {}  # admin bounces
         self._missing_agent_logged: set[str] = set()
         self._born: dict[str, float] = {}  # qid -> arrival on the monotonic clock
+        self.recovering: defer.Deferred | None = None  # fires with the recovery counts once the queue is read
 
     # -- service ----------------------------------------------------------------------------
 
     def startService(self) -> None:
+        """Recover the queue without holding the reactor: messages are scheduled batch by batch as
+        the store reads them (incoming first), while the listeners already answer."""
         super().startService()
-        counts = self.store.recover()
-        log.info("queue recovered: {counts}", counts=counts, event="recover")
-        for qid in self.store.list(INCOMING):
-            self._enqueue_ready(qid)
+        self.recovering = self.store.recover_incrementally(self._recovered)
+        self.recovering.addCallback(self._recovery_done)
+        self.recovering.addErrback(lambda f: log.failure("queue recovery failed", f, event="recover_failed"))
+
+    def _recovered(self, batch: list[tuple[str, str, float, float]]) -> None:
+        """One batch of recovered messages: incoming ones are ready, deferred ones scheduled for
+        the delay that remained when the MTA stopped, clamped (a time in the past is due now, one
+        absurdly far ahead, from a clock that was wrong, after the longest regular wait). A message
+        this process already knows (announced, scheduled or in flight meanwhile) is left as it is."""
+        if not self.running:
+            return
         wall_now, now = self.wall.seconds(), self.clock.seconds()
         longest = max(self.retry_max, MAX_HOLD)
-        for qid in self.store.list(DEFERRED):
-            try:
-                envelope = self.store.load(qid)
-            except (KeyError, ValueError):
+        for qid, state, due, arrival in batch:
+            if qid in self._inflight or qid in self._queued or qid in self.scheduler:
                 continue
-            self._age(envelope)
-            # The delay that remained when the MTA stopped, clamped: a time in the past is due now, one
-            # absurdly far ahead (a clock that was wrong) is retried after the longest regular wait.
-            remaining = max(envelope.next_attempt, envelope.not_before) - wall_now
-            self.scheduler.schedule(qid, now + min(max(remaining, 0.0), longest))
+            if state == INCOMING:
+                self._enqueue_ready(qid)
+            elif state == DEFERRED:
+                self._first_seen(qid, arrival)
+                self.scheduler.schedule(qid, now + min(max(due - wall_now, 0.0), longest))
         self._pump()
+
+    def _recovery_done(self, counts: dict[str, int]) -> dict[str, int]:
+        log.info("queue recovered: {counts}", counts=counts, event="recover")
+        return counts
 
     def stopService(self) -> defer.Deferred:
         """Start nothing new; let attempts in flight finish within ``shutdown_grace``, then abort
@@ -350,14 +362,17 @@ class QueueManager(service.Service):
         yield self._reschedule(envelope, delay)
 
     def _age(self, envelope: Envelope) -> float:
-        """Seconds ``envelope`` has been queued, on the monotonic clock; when this process first sees
-        it, its wall-clock age, clamped to [0, max_age] (a wall clock set back, or far ahead)."""
-        now = self.clock.seconds()
-        born = self._born.get(envelope.qid)
+        """Seconds ``envelope`` has been queued, on the monotonic clock (see :meth:`_first_seen`)."""
+        return self.clock.seconds() - self._first_seen(envelope.qid, envelope.arrival)
+
+    def _first_seen(self, qid: str, arrival: float) -> float:
+        """When ``qid`` arrived, on the monotonic clock: taken when this process first sees it from
+        its wall-clock age, clamped to [0, max_age] (a wall clock set back, or far ahead)."""
+        born = self._born.get(qid)
         if born is None:
-            age = min(max(self.wall.seconds() - envelope.arrival, 0.0), self.max_age)
-            born = self._born[envelope.qid] = now - age
-        return now - born
+            age = min(max(self.wall.seconds() - arrival, 0.0), self.max_age)
+            born = self._born[qid] = self.clock.seconds() - age
+        return born
 
     @defer.inlineCallbacks
     def _reschedule(self, envelope: Envelope, delay: float):

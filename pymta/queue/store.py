@@ -53,6 +53,10 @@ log = Logger()
 # A qid becomes a file name: only these names are accepted (new_qid() produces a subset).
 _SAFE_QID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
 
+# What recovery hands on per sound message: (qid, state, due wall time, arrival wall time).
+Recovered = tuple[str, str, float, float]
+_GONE = "gone"
+
 RECOVER_COUNTS = (
     "tmp_removed", "requeued", "corrupt", "torn_body", "missing_body", "orphan_bodies", "torn_records",
     "migrated", "queued", "quarantined", "in_corrupt",
@@ -168,6 +172,17 @@ class MemoryQueueStore:
         counts["in_corrupt"] = len(self._states) - counts["queued"]
         return counts
 
+    def recover_incrementally(self, on_batch: Callable[[list[Recovered]], Any]) -> defer.Deferred:
+        counts = self.recover()
+        batch = []
+        for state in (INCOMING, DEFERRED, HOLD):
+            for qid in self.list(state):
+                envelope = self.load(qid)
+                batch.append((qid, state, max(envelope.next_attempt, envelope.not_before), envelope.arrival))
+        if batch:
+            on_batch(batch)
+        return defer.succeed(counts)
+
 
 def _translated(func: Callable[..., Any]) -> Callable[..., Any]:
     """Turn an OSError escaping ``func`` into QueueFull (no space) or QueueError (anything else)."""
@@ -236,8 +251,7 @@ class MaildirQueueStore:
         self._dirs = {state: os.path.join(root, state) for state in QUEUE_STATES}
         self._index: dict[str, str] = {}  # qid -> state of what this store moved or found; the disk wins
         self._seq = itertools.count(1)
-        self._make_dirs()
-        self._rebuild_index()
+        self._make_dirs()  # the index fills as messages are queued, looked up and recovered
 
     # -- helpers
 
@@ -255,12 +269,6 @@ class MaildirQueueStore:
                     made.update(os.path.join(self._dirs[state], *sub[:i]) for i in range(len(sub)))
         for path in sorted(made):  # a new directory is durable once its parent is synced
             self._ops.fsync_dir(path)
-
-    def _rebuild_index(self) -> None:
-        self._index = {}
-        for state in QUEUE_STATES:
-            for qid in self.list(state):
-                self._index[qid] = state
 
     def _run(self, func: Callable[..., Any], *args: Any) -> defer.Deferred:
         return deferToThreadPool(self._reactor, self._threadpool, func, *args)
@@ -494,13 +502,42 @@ class MaildirQueueStore:
         Also migrates a queue written before the one-file format (:meth:`migrate`), checks every
         file's header, recorded body size (and, in files up to 128 KiB, the body's checksum) and envelope
         records, quarantines what fails, and counts torn envelope records (the state before
-        them counts: their recipients are retried).
+        them counts: their recipients are retried). All at once, on the calling thread: the MTA
+        uses :meth:`recover_incrementally`.
         """
+        counts = self._recover_begin()
+        for state, directory in self._recover_units():
+            self._recover_unit(state, directory, counts)
+        return self._recover_end(counts)
+
+    def recover_incrementally(self, on_batch: Callable[[list[Recovered]], Any]) -> defer.Deferred:
+        """:meth:`recover` in steps: what must happen before anything else touches the queue
+        (migration, tmp/ cleared, active/ put back into incoming/) now, on the calling thread;
+        then one directory at a time in the thread pool, each batch of sound messages handed to
+        ``on_batch`` on the reactor thread as soon as it is read. Fires with the counts (and logs
+        them) after the last batch. New mail may be queued meanwhile: a message it reads that has
+        moved on since is skipped, one announced both ways is the caller's to de-duplicate."""
+        try:
+            counts = self._recover_begin()
+        except Exception:
+            return defer.fail()
+        return self._recover_steps(counts, on_batch)
+
+    @defer.inlineCallbacks
+    def _recover_steps(self, counts: dict[str, int], on_batch: Callable[[list[Recovered]], Any]):
+        for state, directory in self._recover_units():
+            batch = yield self._run(self._recover_unit, state, directory, counts)
+            if batch:
+                on_batch(batch)
+        return self._recover_end(counts)  # corrupt/ holds few files: counted and logged here
+
+    @_translated
+    def _recover_begin(self) -> dict[str, int]:
         ops = self._ops
         counts = new_counts()
         self._make_dirs()
         self.migrate(counts)
-        touched: set[str] = set()  # directories whose entries changed: synced before the end
+        touched: set[str] = set()  # directories whose entries changed: synced before anything new is queued
         for name in os.listdir(self._tmp):
             discard(ops, os.path.join(self._tmp, name))
             counts["tmp_removed"] += 1
@@ -509,23 +546,60 @@ class MaildirQueueStore:
             ops.rename(self._path_of(ACTIVE, qid), self._path_of(INCOMING, qid))
             counts["requeued"] += 1
             touched.update((self._dirs[ACTIVE], self._dirs[INCOMING]))
-        for state in QUEUE_STATES:
-            if state == CORRUPT:
-                continue
-            for name in self._entries(state):
-                path = self._path_of(state, name) if _SAFE_QID.match(name) else os.path.join(self._dirs[state], name)
-                reason, torn = self._check_file(path, name)
-                if torn and reason is None:
-                    counts["torn_records"] += 1
-                    log.warn("torn envelope record in {qid}: the state before it counts", qid=name, event="torn_record")
-                if reason is not None:
-                    counts["torn_body" if reason.startswith("torn body") else "corrupt"] += 1
-                    self._quarantine(path, name, reason)
-                    touched.update((os.path.dirname(path), self._dirs[CORRUPT]))
         if touched:
             self.syncer.sync(touched)
-        self._rebuild_index()
-        counts["queued"] = sum(1 for s in self._index.values() if s != CORRUPT)
+        return counts
+
+    def _recover_units(self) -> list[tuple[str, str]]:
+        """(state, directory) in the order recovery reads them: incoming/ first (due now), then
+        every hashed deferred/ directory, then hold/."""
+        units = []
+        for state in (INCOMING, DEFERRED, HOLD):
+            if state in self.HASHED_STATES:
+                units.extend((state, os.path.join(self._dirs[state], *sub))
+                             for sub in itertools.product(_HEX, repeat=self.hash_depth))  # fmt: skip
+            else:
+                units.append((state, self._dirs[state]))
+        return units
+
+    @_translated
+    def _recover_unit(self, state: str, directory: str, counts: dict[str, int]) -> list[Recovered]:
+        """Check the files of one directory (quarantining what fails); the sound ones as
+        ``(qid, state, due, arrival)``: ``due`` is the wall time of the next attempt
+        (``max(next_attempt, not_before)``), ``arrival`` the envelope's."""
+        out: list[Recovered] = []
+        touched: set[str] = set()
+        try:
+            names = sorted(os.listdir(directory))
+        except FileNotFoundError:
+            return out
+        for name in names:
+            if state in self.HASHED_STATES and not _SAFE_QID.match(name):
+                continue  # not ours: list() does not see it either
+            path = os.path.join(directory, name)
+            reason, torn, envelope = self._check_file(path, name)
+            if reason == _GONE:
+                continue  # moved on (delivered, deferred again) since the directory was listed
+            if torn and reason is None:
+                counts["torn_records"] += 1
+                log.warn("torn envelope record in {qid}: the state before it counts", qid=name, event="torn_record")
+            if reason is not None:
+                counts["torn_body" if reason.startswith("torn body") else "corrupt"] += 1
+                try:
+                    self._quarantine(path, name, reason)
+                except FileNotFoundError:
+                    continue
+                touched.update((directory, self._dirs[CORRUPT]))
+                continue
+            assert envelope is not None
+            self._index.setdefault(name, state)
+            counts["queued"] += 1
+            out.append((name, state, max(envelope.next_attempt, envelope.not_before), envelope.arrival))
+        if touched:
+            self.syncer.sync(touched)
+        return out
+
+    def _recover_end(self, counts: dict[str, int]) -> dict[str, int]:
         counts["quarantined"] = counts["corrupt"] + counts["torn_body"] + counts["missing_body"]
         counts["in_corrupt"] = len(self.list(CORRUPT))
         log.info(
@@ -538,28 +612,25 @@ class MaildirQueueStore:
         )
         return counts
 
-    def _entries(self, state: str) -> list[str]:
-        """Names in a state directory (any name, for the checks of recover) plus the hashed ones."""
-        if state not in self.HASHED_STATES:
-            return sorted(os.listdir(self._dirs[state]))
-        return self.list(state)
-
-    def _check_file(self, path: str, name: str) -> tuple[str | None, bool]:
-        """(why the file ``name`` cannot be queued or None, whether its last record is torn)."""
+    def _check_file(self, path: str, name: str) -> tuple[str | None, bool, Envelope | None]:
+        """(why the file ``name`` cannot be queued or None, whether its last record is torn, its
+        envelope); the reason is ``_GONE`` when the file is not there any more."""
         if not _SAFE_QID.match(name):
-            return "not a queue id", False
+            return "not a queue id", False, None
         try:
             fd = os.open(path, _RDONLY)
+        except FileNotFoundError:
+            return _GONE, False, None
         except OSError as e:
-            return f"unreadable: {e}", False
+            return f"unreadable: {e}", False, None
         try:
             meta = qfile.read_meta(fd, verify_body=True)
-            self._envelope_of(name, meta)
+            envelope = self._envelope_of(name, meta)
         except (OSError, ValueError) as e:
-            return str(e), False
+            return str(e), False, None
         finally:
             os.close(fd)
-        return None, meta.records.torn
+        return None, meta.records.torn, envelope
 
     def _quarantine(self, path: str, name: str, reason: str) -> None:
         target = os.path.join(self._dirs[CORRUPT], name)
