@@ -156,10 +156,10 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
     ``worker_fds``: (file descriptor, address family) of inherited listening sockets — this
     process is then a listener worker that only accepts into the queue.
     """
-    import dataclasses
+    import attrs
 
     if worker_fds is not None:
-        config = dataclasses.replace(config, queue=dataclasses.replace(config.queue, deliver=False))
+        config = attrs.evolve(config, queue=attrs.evolve(config.queue, deliver=False))
     from twisted.protocols.tls import TLSMemoryBIOFactory
 
     from pymta.admin.accounting import AccountingLog
