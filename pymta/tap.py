@@ -201,11 +201,11 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
     ``worker_fds``: (file descriptor, address family) of inherited listening sockets — this
     process is then a listener worker that only accepts into the queue.
     """
-    import dataclasses
+    import attrs
 
     accepting = accepting_processes(config)  # from the main process's configuration, not a worker's
     if worker_fds is not None:
-        config = dataclasses.replace(config, queue=dataclasses.replace(config.queue, deliver=False))
+        config = attrs.evolve(config, queue=attrs.evolve(config.queue, deliver=False))
     w = Wiring(config, reactor, main=worker_fds is None, accepting=accepting)
     _build_foundation(w)
     _build_delivery(w)
