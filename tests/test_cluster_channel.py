@@ -107,6 +107,23 @@ class TestRecordChannel(RedisTestCase):
         paused = one.state("provider:big").paused_until
         yield eventually(lambda: two.state("provider:big").paused_until == paused, WAIT, "pause applied on n2")
 
+    @defer.inlineCallbacks
+    def test_a_pause_decided_while_redis_is_away_reaches_the_other_node_when_it_returns(self):
+        a = yield self.node("n1")
+        b = yield self.node("n2")
+        one, two = Shaper(reactor, Limits(), cluster=a), Shaper(reactor, Limits(), cluster=b)
+        port = self.restart_redis()
+        yield eventually(lambda: not a.subscription.subscribed, WAIT, "n1 sees Redis gone")
+        self.assertTrue(one.observe("provider:big", *PUSHBACK))  # decided here alone ...
+        paused = one.state("provider:big").paused_until
+        self.assertGreater(paused, reactor.seconds())
+        yield eventually(lambda: not a.shared, WAIT, "n1 local")
+        self.assertEqual(two.state("provider:big").paused_until, 0.0)
+        self.redis = RedisServer(self.dir, port).start()  # ... published once Redis is back
+        yield eventually(lambda: two.state("provider:big").paused_until == paused, 20, "pause applied on n2")
+        self.assertEqual((yield a.command("HLEN", "pymta:pauses")), 1)
+        self.assertIn("rate limited", two.explain("provider:big")["reason"])
+
 
 def test_reconnection_delays_double_up_to_a_bound_and_never_raise():
     clock = task.Clock()
