@@ -1,11 +1,12 @@
 """Record changes published on a Redis channel (a real redis-server on loopback): a pause,
 resume or suspension made on one node is applied on the others at once, not at their next
-heartbeat; the subscription comes back after Redis restarts; a pause decided while Redis was
-away reaches the other nodes when it returns."""
+heartbeat; the subscription comes back after Redis restarts; a pause or resume decided while
+Redis was away reaches the other nodes when it returns."""
 
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 from twisted.internet import defer, reactor, task
@@ -123,6 +124,27 @@ class TestRecordChannel(RedisTestCase):
         yield eventually(lambda: two.state("provider:big").paused_until == paused, 20, "pause applied on n2")
         self.assertEqual((yield a.command("HLEN", "pymta:pauses")), 1)
         self.assertIn("rate limited", two.explain("provider:big")["reason"])
+
+
+    @defer.inlineCallbacks
+    def test_a_resume_made_while_redis_is_away_lifts_the_pause_on_the_other_node_when_it_returns(self):
+        a = yield self.node("n1")
+        b = yield self.node("n2")
+        one, two = Shaper(reactor, Limits(), cluster=a), Shaper(reactor, Limits(), cluster=b)
+        one.observe("provider:big", *PUSHBACK)
+        yield eventually(lambda: two.state("provider:big").paused_until > 0, WAIT, "pause applied on n2")
+        # Redis stops answering but keeps its data (a restarted redis-server here would come back empty).
+        self.redis.send(signal.SIGSTOP)
+        yield b.beat()  # times out: n2 goes local
+        self.assertFalse(b.shared)
+        self.assertEqual(two.resume(["provider:big"]), ["provider:big"])  # lifted here alone ...
+        self.redis.send(signal.SIGCONT)
+        yield b.beat()  # ... and everywhere once n2 is back
+        self.assertTrue(b.shared)
+        yield eventually(lambda: one.state("provider:big").paused_until == 0.0, WAIT, "pause lifted on n1")
+        self.assertEqual(one.state("provider:big").share, 1.0)
+        self.assertEqual(two.state("provider:big").paused_until, 0.0)  # not taken back from the cluster
+        self.assertEqual((yield b.command("HLEN", "pymta:pauses")), 0)
 
 
 def test_reconnection_delays_double_up_to_a_bound_and_never_raise():
