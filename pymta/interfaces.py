@@ -336,7 +336,8 @@ class IClusterState(Interface):
 
     def watch(table, on_records):
         """Call ``on_records({name: record})`` with the records of ``table`` in force whenever this
-        node reads them from the shared store (on joining, then on every heartbeat); one watcher
+        node reads them from the shared store (on joining, on every heartbeat, and at once when
+        another node changes the table, where the backend publishes changes); one watcher
         per table, a later call replaces the earlier one."""
 
     def put_record(table, name, record, until):

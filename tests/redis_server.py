@@ -7,6 +7,9 @@ import shutil
 import signal
 import subprocess
 
+from twisted.internet import defer
+from twisted.trial import unittest
+
 from tests.mta_process import free_port, wait_for_port
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -48,3 +51,25 @@ class RedisServer:
         self.send(signum)
         self.proc.wait(timeout=10)
         self.proc = None
+
+
+class RedisTestCase(unittest.TestCase):
+    """A redis-server of its own per test (``self.redis``, under ``self.dir``); the cluster states
+    in ``self.states`` are stopped and the callables in ``self.closing`` called after it."""
+
+    timeout = 90
+
+    def setUp(self):
+        self.dir = self.mktemp()
+        os.makedirs(self.dir)
+        self.redis = RedisServer(self.dir).start()
+        self.states: list = []
+        self.closing: list = []
+
+    @defer.inlineCallbacks
+    def tearDown(self):
+        for close in self.closing:
+            close()
+        for state in self.states:
+            yield state.stop()
+        self.redis.stop()

@@ -11,7 +11,6 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from twisted.internet import defer, task
 from twisted.logger import globalLogPublisher
-from twisted.trial import unittest
 
 from pymta.admin.http.metrics import Metrics
 from pymta.outbound.pools import Pool, Source, SourceSelector, WarmupCounter
@@ -19,7 +18,7 @@ from pymta.outbound.shaping import Limits, Shaper
 from pymta.rate import parse_rate
 from pymta.state.cluster import LocalClusterState, RedisClusterState, redis_connector
 from pymta.state.suspensions import SQLiteSuspensions
-from tests.redis_server import RedisServer, have_redis
+from tests.redis_server import RedisServer, RedisTestCase, have_redis
 
 PUSHBACK = (421, "4.7.28", "Our system has detected an unusual rate of unsolicited mail: rate limited")
 
@@ -31,24 +30,12 @@ def _clock() -> task.Clock:
 
 
 @pytest.mark.skipif(not have_redis(), reason="redis-server is not installed (tests/run.sh installs it)")
-class TestSharedRecords(unittest.TestCase):
+class TestSharedRecords(RedisTestCase):
     timeout = 60
 
     def setUp(self):
-        self.dir = self.mktemp()
-        os.makedirs(self.dir)
-        self.redis = RedisServer(self.dir).start()
+        super().setUp()
         self.clock = _clock()
-        self.states: list[RedisClusterState] = []
-        self.closing: list = []
-
-    @defer.inlineCallbacks
-    def tearDown(self):
-        for close in self.closing:
-            close()
-        for state in self.states:
-            yield state.stop()
-        self.redis.stop()
 
     @defer.inlineCallbacks
     def node(self, name):

@@ -83,6 +83,7 @@ class State:
     failures: int = 0  # connection-level failures in a row
     stamp: float = 0.0  # when the pause in force was decided (on this node or another)
     in_cluster: bool = False  # the pause in force is in the cluster's shared table
+    unpublished: bool = False  # a pause or resume decided here that the cluster's table does not have yet
 
 
 class Shaper:
@@ -309,7 +310,7 @@ class Shaper:
             s.paused_until, s.resumed_at, s.share, s.recover, s.failures = 0.0, 0.0, 1.0, 0.0, 0
             s.stamp, s.in_cluster = self.clock.seconds(), False
             if self.cluster is not None:
-                self.cluster.delete_record("pauses", key)
+                self._publish_pause(key, s)
             if held:
                 resumed.append(key)
                 log.info("resuming {key} (operator flush; was: {why})", key=key, why=s.reason or "slowed",
@@ -344,38 +345,59 @@ class Shaper:
     def _share_pause(self, key: str, s: State) -> None:
         """Store the pause of ``key`` in the cluster until its rate has fully recovered."""
         s.stamp, s.in_cluster = self.clock.seconds(), False
-        if self.cluster is None:
-            return
-        stamp = s.stamp
-        record = {"paused_until": s.paused_until, "resumed_at": s.resumed_at, "share": s.share, "recover": s.recover,
-                  "reason": s.reason, "stamp": stamp, "node": self.cluster.node}  # fmt: skip
+        if self.cluster is not None:
+            self._publish_pause(key, s)
+
+    def _publish_pause(self, key: str, s: State) -> None:
+        """Put the pause decided here in the cluster's table (or delete it there: resumed); until
+        the table has it, it stays ``unpublished`` and is published again when the shared state
+        is read back (Redis returned) without it."""
+        stamp, pausing = s.stamp, _pause_ends(s) > self.clock.seconds()
+        s.unpublished = True
 
         def stored(ok: bool) -> None:
             if ok and s.stamp == stamp:
-                s.in_cluster = True
+                s.in_cluster, s.unpublished = pausing, False
 
-        self.cluster.put_record("pauses", key, record, max(s.paused_until, s.resumed_at + s.recover)).addCallback(stored)
+        if not pausing:
+            self.cluster.delete_record("pauses", key).addCallback(stored)
+            return
+        record = {"paused_until": s.paused_until, "resumed_at": s.resumed_at, "share": s.share, "recover": s.recover,
+                  "reason": s.reason, "stamp": stamp, "node": self.cluster.node}  # fmt: skip
+        self.cluster.put_record("pauses", key, record, _pause_ends(s)).addCallback(stored)
 
     def apply_shared_pauses(self, records: dict[str, dict[str, Any]]) -> None:
         """The cluster's pauses in force (from the shared state): newer ones are applied here; a
-        pause stored there and gone from it was lifted by an operator (or has run its course)."""
+        pause stored there and gone from it was lifted by an operator (or has run its course); a
+        pause or resume decided here while the shared state was away, and newer than the
+        cluster's, is published."""
+        now = self.clock.seconds()
         for key, r in records.items():
             s = self.states.get(key)
             try:
                 stamp = float(r["stamp"])
                 if s is not None and stamp <= s.stamp:
+                    if stamp == s.stamp and s.unpublished:  # stored, though the answer was lost
+                        s.in_cluster, s.unpublished = True, False
+                    elif s.unpublished:  # decided here while away, after the cluster's
+                        self._publish_pause(key, s)
                     continue
                 values = (float(r["paused_until"]), float(r["resumed_at"]), float(r["share"]), float(r["recover"]))
             except (KeyError, TypeError, ValueError):
                 continue
             s = s or self.state(key)
             s.paused_until, s.resumed_at, s.share, s.recover = values
-            s.reason, s.stamp, s.in_cluster = str(r.get("reason", ""))[:200], stamp, True
+            s.reason, s.stamp, s.in_cluster, s.unpublished = str(r.get("reason", ""))[:200], stamp, True, False
             log.warn("pausing {key} until {until:.0f}, then {share:.0%} of its rate, as node {node} decided: {why}",
                      key=key, until=s.paused_until, share=s.share, node=str(r.get("node", "?"))[:64], why=s.reason,
                      event="shaping_pause_shared")  # fmt: skip
         for key, s in self.states.items():
-            if s.in_cluster and key not in records:
+            if s.unpublished and key not in records:
+                if _pause_ends(s) > now:
+                    self._publish_pause(key, s)
+                else:
+                    s.unpublished = False  # resumed, and the cluster holds no pause of it either
+            elif s.in_cluster and key not in records:
                 s.paused_until, s.resumed_at, s.share, s.recover, s.in_cluster = 0.0, 0.0, 1.0, 0.0, False
                 log.info("resuming {key}: its pause was lifted in the cluster", key=key, event="shaping_resume")
 
@@ -383,6 +405,11 @@ class Shaper:
         s = self.state(key)
         return {"key": key, "paused_until": s.paused_until, "share": s.share, "reason": s.reason,
                 "connections": s.connections, "waiting": len(s.waiting)}  # fmt: skip
+
+
+def _pause_ends(s: State) -> float:
+    """When a pause and the reduced rate after it are over (how long the cluster keeps it)."""
+    return max(s.paused_until, s.resumed_at + s.recover)
 
 
 def next_window_start(now: float, limits: Limits) -> float:

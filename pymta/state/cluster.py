@@ -9,8 +9,11 @@ brings it back to the shared state when Redis answers again. Each switch is logg
 (``event="cluster_fallback"`` / ``"cluster_shared"``) and counted in ``switches``.
 
 Records (pushback pauses, operator suspensions) are kept in one Redis hash per table, each with
-the time it lapses; every node reads the tables it watches on each heartbeat that reaches Redis
-(and when it joins), so a node that starts later picks up what is in force.
+the time it lapses, and every change is published on the ``pymta:records`` channel in the same
+script: each node listens there on a connection of its own (:mod:`pymta.state.channel`) and reads
+a changed table at once. Every node also reads the tables it watches on each heartbeat that
+reaches Redis, when it joins and whenever its subscription is made again, so a node that starts
+later, or missed messages while its subscription was down, catches up with what is in force.
 
 Times are the caller's clock (``clock.seconds()``), as the local limiter's: the nodes of a
 cluster keep their clocks in step (NTP), as an MTA cluster must for its logs anyway.
@@ -22,6 +25,7 @@ import hashlib
 import json
 import os
 import socket
+import uuid
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -32,6 +36,7 @@ from zope.interface import implementer
 
 from pymta.interfaces import IClusterState, IInboundState
 from pymta.rate import Rate
+from pymta.state.channel import Opener, Subscription
 from pymta.state.memory import MemoryInboundState
 
 log = Logger(namespace="pymta.state.cluster")
@@ -139,7 +144,15 @@ MAX_QUOTA_KEYS = 100_000  # counters remembered per node (last seen, used while 
 MAX_RECORDS = 10_000  # records one table may hold (pauses per destination, suspensions)
 MAX_RECORD = 4096  # octets of one record's JSON
 
-SCRIPTS = {"gcra": GCRA_LUA, "lease": LEASE_LUA, "refresh": REFRESH_LUA, "greylist": GREYLIST_LUA, "quota": QUOTA_LUA,
+RECORD_LUA = """
+if ARGV[1] == 'put' then redis.call('HSET', KEYS[1], ARGV[2], ARGV[3]) else redis.call('HDEL', KEYS[1], ARGV[2]) end
+redis.call('PUBLISH', ARGV[4], ARGV[5])
+return 1
+"""
+
+CHANNEL = PREFIX + "records"  # a message per change of a record: {"table": ..., "node": ..., "origin": ...}
+
+SCRIPTS = {"gcra": GCRA_LUA, "record": RECORD_LUA, "lease": LEASE_LUA, "refresh": REFRESH_LUA, "greylist": GREYLIST_LUA, "quota": QUOTA_LUA,
            "release_groups": RELEASE_GROUPS_LUA}
 
 
@@ -269,6 +282,7 @@ class RedisClusterState:
         timeout: float = 0.5,
         heartbeat: float = 2.0,
         member: bool = True,
+        subscriber: Opener | None = None,
     ) -> None:
         self.clock = clock
         self.connect = connect
@@ -289,6 +303,11 @@ class RedisClusterState:
         self._watchers: dict[str, Callable[[dict[str, dict[str, Any]]], Any]] = {}
         self._quota_seen: dict[str, int] = {}  # each counter's cluster-wide count when last seen
         self._quota_away: dict[str, int] = {}  # counted here while Redis was away, pushed on return
+        self._origin = uuid.uuid4().hex[:16]  # this process's changes (a tool shares the node's name)
+        self._reading: dict[str, bool] = {}  # tables being read: True when changed again meanwhile
+        # ``subscriber`` opens a Pub/Sub connection: record changes reach this node at once
+        self.subscription = None if subscriber is None else Subscription(
+            clock, subscriber, CHANNEL, self._record_changed, self._resubscribed, timeout=timeout * 4)
 
     # -- life -----------------------------------------------------------------------------
 
@@ -296,21 +315,25 @@ class RedisClusterState:
         """Connect and beat; never fails (the node runs local until Redis answers)."""
         d = self._probe()
         self._schedule()
+        if self.subscription is not None:
+            self.subscription.start()
         return d
 
     def stop(self) -> defer.Deferred:
         if self._beat is not None and self._beat.active():
             self._beat.cancel()
         self._beat = None
+        unsubscribed = self.subscription.stop() if self.subscription is not None else defer.succeed(None)
         conn, self._conn = self._conn, None
         if conn is None:
-            return defer.succeed(None)
+            return unsubscribed
         if not self.member:
-            return conn.disconnect().addErrback(lambda _: None)
-        d = self._call(lambda c: c.zrem(PREFIX + "nodes", self.node), conn=conn)
-        d.addBoth(lambda _: conn.disconnect())
+            d = conn.disconnect()
+        else:
+            d = self._call(lambda c: c.zrem(PREFIX + "nodes", self.node), conn=conn)
+            d.addBoth(lambda _: conn.disconnect())
         d.addErrback(lambda _: None)
-        return d
+        return defer.gatherResults([d, unsubscribed]).addCallback(lambda _: None)
 
     def _schedule(self) -> None:
         self._beat = self.clock.callLater(self.heartbeat, self._tick)
@@ -482,7 +505,8 @@ class RedisClusterState:
 
     def watch(self, table: str, on_records: Callable[[dict[str, dict[str, Any]]], Any]) -> None:
         """Call ``on_records({name: record})`` with ``table``'s records in force each time the
-        node reads them from Redis (on joining and on every heartbeat); one watcher per table, a
+        node reads them from Redis (on joining, on every heartbeat, on (re)subscribing and when
+        another node publishes a change of the table); one watcher per table, a
         later call replaces it (a store opened again)."""
         self._watchers[table] = on_records
 
@@ -492,16 +516,60 @@ class RedisClusterState:
         value = json.dumps({**record, "until": until}, sort_keys=True, default=str)
         if len(value) > MAX_RECORD:
             raise ValueError(f"a {table} record is over {MAX_RECORD} octets")
-        d = self.command("HSET", PREFIX + table, name[:512], value)
-        return d.addCallbacks(lambda _: True, lambda _: False)
+        return self._change_record("put", table, name, value)
 
     def delete_record(self, table: str, name: str) -> defer.Deferred:
         """Forget ``name`` in ``table``; a Deferred of True once Redis has done it."""
-        return self.command("HDEL", PREFIX + table, name[:512]).addCallbacks(lambda _: True, lambda _: False)
+        return self._change_record("delete", table, name, "")
+
+    def _change_record(self, op: str, table: str, name: str, value: str) -> defer.Deferred:
+        """Store or delete a record and publish the change, in one script (a Deferred of True once done)."""
+        if not self.shared:
+            return defer.succeed(False)
+        message = json.dumps({"table": table, "node": self.node, "origin": self._origin})
+        d = self.command("EVALSHA", self._shas["record"], 1, PREFIX + table, op, name[:512], value, CHANNEL, message)
+        return d.addCallbacks(lambda _: True, lambda _: False)
+
+    def _record_changed(self, channel: str, message: str) -> None:
+        """A message on the records channel: another node changed a table; read it if watched."""
+        try:
+            change = json.loads(message[:MAX_RECORD])
+            table, origin = str(change["table"]), change.get("origin")
+        except (ValueError, KeyError, TypeError):
+            return
+        if origin != self._origin and table in self._watchers and self.shared:
+            self._read_table(table)
 
     @defer.inlineCallbacks
-    def _read_records(self) -> Any:
-        for table, on_records in list(self._watchers.items()):
+    def _resubscribed(self) -> Any:
+        """Subscribed (again): Redis answers, so catch up with the changes published while nobody
+        listened (a node gone local, or whose command connection died meanwhile, probes again)."""
+        if self.shared:
+            try:
+                yield self._read_records()
+                return
+            except Exception as e:
+                self._go_local(f"records: {type(e).__name__}: {e}"[:200])
+        yield self._probe()
+
+    def _read_table(self, table: str) -> None:
+        """Read one table now, or once more after the read under way (changes coalesce)."""
+        if table in self._reading:
+            self._reading[table] = True
+            return
+        self._reading[table] = False
+
+        def done(result: Any) -> Any:
+            if self._reading.pop(table, False) and self.shared:
+                self._read_table(table)
+            return result
+
+        self._read_records([table]).addBoth(done).addErrback(self._failed, "records")
+
+    @defer.inlineCallbacks
+    def _read_records(self, tables: list[str] | None = None) -> Any:
+        for table in list(self._watchers) if tables is None else tables:
+            on_records = self._watchers[table]
             key = PREFIX + table
             if (yield self._call(lambda c, k=key: c.hlen(k))) > MAX_RECORDS:
                 log.warn("cluster table {table} holds over {most} records: not read", table=table, most=MAX_RECORDS,
@@ -698,6 +766,49 @@ def redis_connector(url: str, password: str | None = None, timeout: float = 0.5)
                                          replyTimeout=timeout)  # fmt: skip
 
 
+def redis_subscriber(url: str, password: str | None = None, timeout: float = 0.5) -> Opener:
+    """An ``open`` for :class:`pymta.state.channel.Subscription`: a Pub/Sub connection to ``url``
+    (as :func:`redis_connector`'s), calling ``on_message(channel, message)`` per message and
+    ``on_lost()`` when the connection ends."""
+    import txredisapi
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
+    from twisted.internet.ssl import optionsForClientTLS
+
+    class Protocol(txredisapi.SubscriberProtocol):
+        def messageReceived(self, pattern: Any, channel: Any, message: Any) -> None:
+            self.factory.on_message(_text(channel), _text(message))
+
+        def connectionLost(self, why: Any) -> None:
+            super().connectionLost(why)
+            self.factory.on_lost()
+
+    class Factory(txredisapi.SubscriberFactory):
+        protocol = Protocol
+
+        def __init__(self, on_message: Callable[[str, str], Any], on_lost: Callable[[], Any]) -> None:
+            txredisapi.RedisFactory.__init__(self, None, None, 1, password=password, replyTimeout=timeout)
+            self.reconnect = False  # the Subscription reconnects, with its own backoff
+            self.on_message, self.on_lost = on_message, on_lost
+
+    if url.startswith("unix:"):
+        endpoint: Any = UNIXClientEndpoint(reactor, url[len("unix:"):], timeout=timeout * 4)
+    else:
+        parts = urlsplit(url)
+        password = password if password is not None else parts.password
+        host = parts.hostname or "127.0.0.1"
+        endpoint = HostnameEndpoint(reactor, host, parts.port or 6379, timeout=timeout * 4)
+        if parts.scheme == "rediss":
+            endpoint = wrapClientTLS(optionsForClientTLS(host), endpoint)
+
+    def open(on_message: Callable[[str, str], Any], on_lost: Callable[[], Any]) -> defer.Deferred:
+        factory = Factory(on_message, on_lost)
+        factory.startConnecting(endpoint)
+        return factory.deferred
+
+    return open
+
+
 def read_password(path: str | None) -> str | None:
     """The first line of ``redis_password_file`` (None without one)."""
     if path is None:
@@ -712,9 +823,12 @@ def make_cluster_state(config: Any, clock: Any, member: bool = True) -> LocalClu
     node = c.node or socket.gethostname()
     if c.backend == "local":
         return LocalClusterState(clock, node)
-    connect = redis_connector(c.redis, read_password(c.redis_password_file), c.timeout)
-    return RedisClusterState(clock, connect, node=node, timeout=c.timeout, heartbeat=c.heartbeat, member=member)
+    password = read_password(c.redis_password_file)
+    connect = redis_connector(c.redis, password, c.timeout)
+    subscriber = redis_subscriber(c.redis, password, c.timeout) if member else None
+    return RedisClusterState(clock, connect, node=node, timeout=c.timeout, heartbeat=c.heartbeat, member=member,
+                             subscriber=subscriber)  # fmt: skip
 
 
 __all__ = ["ClusterInboundState", "LeaseKeeper", "LocalClusterState", "RedisClusterState", "divided",
-           "make_cluster_state"]
+           "make_cluster_state", "redis_subscriber"]

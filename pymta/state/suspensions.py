@@ -5,8 +5,9 @@ under state_dir (so a suspension survives a restart), mirrored in memory so the 
 asks no database. A suspension lapses by itself at ``until``; lapsed rows are swept on writes.
 
 With a cluster (:class:`pymta.interfaces.IClusterState`) every suspension is also a record of the
-shared ``suspensions`` table: added or lifted on one node, it is added or lifted on every node at
-its next heartbeat; one made while the shared state was away is published when it returns.
+shared ``suspensions`` table: added or lifted on one node, it is added or lifted on every node as
+soon as the change is published to it (or at its next heartbeat); one made while the shared state
+was away is published when it returns.
 """
 
 from __future__ import annotations
