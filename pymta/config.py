@@ -116,11 +116,13 @@ def conv_int(minimum: int | None = None, maximum: int | None = None) -> Callable
     return conv
 
 
-def conv_duration(minimum: float = 0.0) -> Callable[[Any], float]:
+def conv_duration(minimum: float = 0.0, maximum: float | None = None) -> Callable[[Any], float]:
     def conv(value: Any) -> float:
         seconds = parse_duration(value)
         if seconds < minimum:
             raise ConfigValueError(f"must be at least {minimum:g}s, got {value!r}")
+        if maximum is not None and seconds > maximum:
+            raise ConfigValueError(f"must be at most {maximum:g}s, got {value!r}")
         return seconds
 
     return conv
@@ -985,6 +987,7 @@ class WebhookConfig:
     secret_file: str | None = _key(conv_path, None)
     events: tuple[str, ...] | None = _key(conv_list(conv_str), None)  # None = every type
     batch_size: int = _key(conv_int(1, 1000), 100)
+    linger: float = _key(conv_duration(0.0, 60.0), 1.0)  # wait this long for a not-full batch to fill
     timeout: float = _key(conv_duration(0.1), 10.0)
     max_age: float = _key(conv_duration(1), 3 * 86400.0)
     retry_initial: float = _key(conv_duration(0.01), 5.0)
