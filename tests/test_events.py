@@ -63,6 +63,25 @@ def test_restart_continues_the_sequence_and_cuts_a_torn_last_record(tmp_path):
     assert again.read(3, 10)[0]["type"] == "bounced"
 
 
+def test_events_within_the_commit_delay_share_one_write_and_fsync(tmp_path):
+    clock = task.Clock()
+    journal = EventJournal(str(tmp_path / "j"), clock, commit_delay=0.02)
+    writes = []
+    journal.listeners.append(writes.append)  # told once per write + fsync
+    journal.emit("delivered", qid="Q1")
+    first = journal.synced()
+    clock.advance(0.01)
+    journal.emit("delivered", qid="Q2")
+    second = journal.synced()
+    assert not first.called and journal.read(0, 10) == []  # not durable, not acknowledged yet
+    clock.advance(0.01)
+    assert first.called and second.called and writes == [2]
+    assert [r["qid"] for r in journal.read(0, 10)] == ["Q1", "Q2"]
+    journal.emit("delivered", qid="Q3")
+    clock.advance(0.02)
+    assert writes == [2, 3] and clock.getDelayedCalls() == []
+
+
 def test_segments_rotate_and_are_pruned_once_read(tmp_path):
     clock = task.Clock()
     journal = EventJournal(str(tmp_path / "j"), clock, segment_size=300)
