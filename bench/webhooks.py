@@ -90,7 +90,7 @@ def run(batches: list[int], n: int, port: int) -> list[tuple[int, float, float]]
                             yield journal.synced()
                     yield journal.synced()
                     hook = SimpleNamespace(name="bench", url=f"http://127.0.0.1:{port}/hook", secret="0123456789abcdef0123",
-                                           secret_file=None, events=None, batch_size=batch, timeout=30.0,
+                                           secret_file=None, events=None, batch_size=batch, linger=1.0, timeout=30.0,
                                            max_age=86400.0, retry_initial=0.1, retry_max=1.0)  # fmt: skip
                     post = treq_post(reactor)
                     service = WebhookService((hook,), journal, os.path.join(tmp, "hooks"), reactor, post,

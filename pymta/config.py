@@ -539,6 +539,7 @@ class WebhookConfig:
     secret_file: Path | None = None
     events: tuple[str, ...] | None = None  # None = every type
     batch_size: Annotated[int, conv_int(1, 1000)] = 100
+    linger: Annotated[float, conv_duration(0.0, 60.0)] = 1.0  # wait this long for a not-full batch to fill
     timeout: Annotated[float, conv_duration(0.1)] = 10.0
     max_age: Annotated[float, conv_duration(1)] = 3 * 86400.0
     retry_initial: Annotated[float, conv_duration(0.01)] = 5.0

@@ -100,11 +100,13 @@ def conv_int(minimum: int | None = None, maximum: int | None = None) -> Callable
     return conv
 
 
-def conv_duration(minimum: float = 0.0) -> Callable[[Any], float]:
+def conv_duration(minimum: float = 0.0, maximum: float | None = None) -> Callable[[Any], float]:
     def conv(value: Any) -> float:
         seconds = parse_duration(value)
         if seconds < minimum:
             raise ConfigValueError(f"must be at least {minimum:g}s, got {value!r}")
+        if maximum is not None and seconds > maximum:
+            raise ConfigValueError(f"must be at most {maximum:g}s, got {value!r}")
         return seconds
 
     return conv

@@ -579,11 +579,11 @@ def _events(config: Config, reactor: Any, pool: Any, top: service.MultiService, 
     """The event journal, the webhook senders that follow it, and the accounting log that also
     turns delivery outcomes into events (what the queue manager is given)."""
     from pymta.events.emit import AccountingEvents
-    from pymta.events.journal import EventJournal
+    from pymta.events.journal import COMMIT_DELAY, EventJournal
     from pymta.events.webhooks import WebhookService, treq_post
 
     base = os.path.join(config.state_dir, "events")
-    journal = EventJournal(os.path.join(base, "journal"), reactor, threadpool=pool, reactor=reactor)
+    journal = EventJournal(os.path.join(base, "journal"), reactor, threadpool=pool, reactor=reactor, commit_delay=COMMIT_DELAY)
     CloseOnStop(journal.close).setServiceParent(top)
     webhooks = None
     if config.webhooks:

@@ -22,7 +22,7 @@ SECRET = b"webhook-secret-0123456789"
 
 def hook(**kw):
     values = dict(name="crm", url="http://127.0.0.1:1/e", secret=SECRET.decode(), secret_file=None, events=None,
-                  batch_size=2, timeout=5.0, max_age=3600.0, retry_initial=1.0, retry_max=60.0)  # fmt: skip
+                  batch_size=2, linger=0.0, timeout=5.0, max_age=3600.0, retry_initial=1.0, retry_max=60.0)  # fmt: skip
     values.update(kw)
     return SimpleNamespace(**values)
 
@@ -61,6 +61,25 @@ def test_restart_continues_the_sequence_and_cuts_a_torn_last_record(tmp_path):
     clock.advance(0)
     assert [r["seq"] for r in again.read(0, 10)] == [1, 2, 3, 4]
     assert again.read(3, 10)[0]["type"] == "bounced"
+
+
+def test_events_within_the_commit_delay_share_one_write_and_fsync(tmp_path):
+    clock = task.Clock()
+    journal = EventJournal(str(tmp_path / "j"), clock, commit_delay=0.02)
+    writes = []
+    journal.listeners.append(writes.append)  # told once per write + fsync
+    journal.emit("delivered", qid="Q1")
+    first = journal.synced()
+    clock.advance(0.01)
+    journal.emit("delivered", qid="Q2")
+    second = journal.synced()
+    assert not first.called and journal.read(0, 10) == []  # not durable, not acknowledged yet
+    clock.advance(0.01)
+    assert first.called and second.called and writes == [2]
+    assert [r["qid"] for r in journal.read(0, 10)] == ["Q1", "Q2"]
+    journal.emit("delivered", qid="Q3")
+    clock.advance(0.02)
+    assert writes == [2, 3] and clock.getDelayedCalls() == []
 
 
 def test_segments_rotate_and_are_pruned_once_read(tmp_path):
@@ -277,3 +296,66 @@ def test_status_of_a_stopped_mta_comes_from_the_journal_and_the_cursor(tmp_path)
     journal.close()
     [status] = status_from_disk(str(tmp_path), (hook(),))
     assert (status["backlog"], status["delivered"], status["dropped"]) == (3, 2, 0)
+
+
+def test_a_batch_that_is_not_full_waits_for_the_linger_and_a_full_one_goes_at_once(tmp_path):
+    clock = task.Clock()
+    journal = journal_at(tmp_path, clock)
+    receiver = ScriptedReceiver([])
+    sender = sender_for(tmp_path, clock, journal, receiver, batch_size=4, linger=1.0)
+    saves = []
+    journal.listeners.append(sender.wake)
+    sender.run = lambda f, *a: saves.append(a) or defer.maybeDeferred(f, *a)
+    sender.start()
+    journal.emit("delivered", qid="Q1")
+    clock.advance(0)
+    journal.emit("delivered", qid="Q2")
+    clock.advance(0.5)
+    assert receiver.requests == [] and sender.status()["backlog"] == 2  # lingering for more
+    clock.advance(0.5)
+    [(body, headers)] = receiver.requests  # after the linger: one POST, one cursor save, both events
+    assert [e["qid"] for e in json.loads(body)] == ["Q1", "Q2"] and headers["X-Pymta-Event-Count"] == "2"
+    assert len(saves) == 1 and sender.cursor.seq == 2
+    for i in range(3, 7):
+        journal.emit("delivered", qid=f"Q{i}")
+    clock.advance(0)
+    assert len(receiver.requests) == 2  # a full batch goes at once, no linger
+    assert [e["qid"] for e in json.loads(receiver.requests[1][0])] == ["Q3", "Q4", "Q5", "Q6"]
+    for i in range(7, 13):  # six: one full batch now, the two left after the linger
+        journal.emit("delivered", qid=f"Q{i}")
+    clock.advance(0)
+    assert len(receiver.requests) == 3 and sender.cursor.seq == 10
+    assert [c.getTime() - clock.seconds() for c in clock.getDelayedCalls()] == [1.0]
+    clock.advance(1.0)
+    assert len(receiver.requests) == 4 and sender.cursor.seq == 12 and sender.status()["backlog"] == 0
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_retry_after_a_failure_does_not_linger_again(tmp_path):
+    clock = task.Clock()
+    journal = journal_at(tmp_path, clock)
+    receiver = ScriptedReceiver([503, 200])
+    sender = sender_for(tmp_path, clock, journal, receiver, batch_size=10, linger=2.0, retry_initial=1.0)
+    journal.listeners.append(sender.wake)
+    sender.start()
+    journal.emit("delivered", qid="Q1")
+    clock.advance(0)
+    assert receiver.requests == []
+    clock.advance(2.0)
+    assert len(receiver.requests) == 1 and sender.next_attempt is not None
+    clock.advance(sender.next_attempt - clock.seconds())
+    assert len(receiver.requests) == 2 and sender.cursor.seq == 1 and clock.getDelayedCalls() == []
+
+
+def test_linger_is_bounded_in_the_config():
+    import tomllib
+
+    base = '[[webhooks]]\nname = "crm"\nurl = "https://crm.example/e"\nsecret = "0123456789abcdef"\n'
+    assert build_config(tomllib.loads(base), "x.toml").webhooks[0].linger == 1.0
+    assert build_config(tomllib.loads(base + 'linger = "250ms"'), "x.toml").webhooks[0].linger == 0.25
+    try:
+        build_config(tomllib.loads(base + 'linger = "2m"'), "x.toml")
+    except ConfigError as e:
+        assert str(e).startswith("x.toml: webhooks[1].linger:") and "at most 60s" in str(e), str(e)
+    else:
+        raise AssertionError("a linger of 2 minutes was accepted")

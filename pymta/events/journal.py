@@ -1,7 +1,7 @@
 """The event journal: append-only, fsynced JSON-lines segments under ``state_dir/events/journal``.
 
-Events emitted in one reactor turn share one write and one fsync (group commit), done on the
-I/O thread pool when one is given. ``synced()`` fires once everything emitted before the call is
+Events emitted in one reactor turn (or within ``commit_delay`` of the first) share one write and
+one fsync (group commit), done on the I/O thread pool when one is given. ``synced()`` fires once everything emitted before the call is
 on disk. Segments are named by the sequence number of their first record and are removed once
 every reader (webhook cursor) is past them. After a crash a torn last line (never acknowledged:
 it was not fsynced) is cut off at start-up.
@@ -23,6 +23,7 @@ from twisted.logger import Logger
 log = Logger(namespace="pymta.events")
 
 SEGMENT_SIZE = 16 * 1024 * 1024
+COMMIT_DELAY = 0.02  # the MTA's group commit window: at a moderate rate events share fsyncs, not one each
 MAX_LINE = 1024 * 1024  # a longer line is not ours: skipped when read
 
 
@@ -42,8 +43,9 @@ class EventJournal:
     """``emit(type, **fields)`` appends one record; ``synced()`` waits for the fsync."""
 
     def __init__(self, directory: str, clock: Any, threadpool: Any = None, reactor: Any = None,
-                 segment_size: int = SEGMENT_SIZE) -> None:  # fmt: skip
+                 segment_size: int = SEGMENT_SIZE, commit_delay: float = 0.0) -> None:  # fmt: skip
         self.directory = directory
+        self.commit_delay = commit_delay  # how long the first record waits for others to share its fsync
         self.clock = clock
         self.threadpool = threadpool
         self.reactor = reactor
@@ -112,7 +114,7 @@ class EventJournal:
         line = json.dumps(record, ensure_ascii=False, default=str, separators=(",", ":"))
         self._pending.append((self.last_seq, line))
         if self._call is None and self._writing is None:
-            self._call = self.clock.callLater(0, self._flush)
+            self._call = self.clock.callLater(self.commit_delay, self._flush)
         return record
 
     def synced(self) -> defer.Deferred:

@@ -129,7 +129,8 @@ class WebhookSender:
         self.last_error: str | None = None
         self.next_attempt: float | None = None
         self._busy = False
-        self._timer: Any = None
+        self._timer: Any = None  # the retry backoff
+        self._linger: Any = None  # waiting for a not-full batch to fill
         self._inflight: defer.Deferred | None = None
         self._saving: defer.Deferred | None = None
         self._save_again = False
@@ -143,18 +144,37 @@ class WebhookSender:
 
     def stop(self) -> None:
         self.running = False
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        for timer in (self._timer, self._linger):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._timer = self._linger = None
         if self._inflight is not None:
             self._inflight.cancel()
 
     def wake(self, _: Any = None) -> None:
-        if self.running and not self._busy and self._timer is None and self.cursor.seq < self.journal.durable_seq:
-            self._busy = True
-            d = self._round()
-            d.addErrback(lambda f: log.failure("webhook {name} failed", f, name=self.name))
-            d.addBoth(self._idle)
+        """Sends a full batch at once; a batch that is not full after ``linger`` seconds (so at
+        a low or moderate rate one POST and one cursor save carry many events, not one each)."""
+        if not self.running or self._busy or self._timer is not None:
+            return
+        backlog = self.journal.durable_seq - self.cursor.seq
+        if backlog <= 0:
+            return
+        if backlog < self.hook.batch_size and self.hook.linger > 0:
+            if self._linger is None:
+                self._linger = self.clock.callLater(self.hook.linger, self._send_now)
+            return
+        self._send_now()
+
+    def _send_now(self) -> None:
+        if self._linger is not None and self._linger.active():
+            self._linger.cancel()
+        self._linger = None
+        if not self.running or self._busy or self._timer is not None:
+            return
+        self._busy = True
+        d = self._round()
+        d.addErrback(lambda f: log.failure("webhook {name} failed", f, name=self.name))
+        d.addBoth(self._idle)
 
     def _idle(self, _: Any) -> None:
         self._busy = False
@@ -170,7 +190,7 @@ class WebhookSender:
     def _due(self) -> None:
         self._timer = None
         self.next_attempt = None
-        self.wake()
+        self._send_now()  # a retry does not linger again
 
     @defer.inlineCallbacks
     def _round(self):
@@ -188,6 +208,8 @@ class WebhookSender:
                 return
             if status is not None and 200 <= status < 300:
                 self._done(upto, delivered=len(batch))
+                if self.journal.durable_seq - self.cursor.seq < self.hook.batch_size:
+                    return  # the rest is not a full batch: ``wake`` lingers for more
                 continue
             if status is not None and 400 <= status < 500 and status not in RETRY_CODES:
                 yield self._drop(batch, upto, f"HTTP {status}")
