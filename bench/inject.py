@@ -121,7 +121,7 @@ listen = ["tcp:{self.api_port}:interface=127.0.0.1"]
 tokens_file = "{tokens}"
 max_body = 67108864
 {extra}""")
-        self.log = open(os.path.join(workdir, "twistd.out"), "ab")
+        self.log = open(os.path.join(workdir, "twistd.out"), "ab")  # noqa: SIM115 (kept open beyond this block)
         self.proc = subprocess.Popen(
             [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
              "pymta", "--config", self.config],

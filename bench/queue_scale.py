@@ -176,7 +176,7 @@ def held_bytes_per_message(count: int) -> float:
 def start_mta(workdir: str, config: str, log_path: str) -> tuple[subprocess.Popen, Any]:
     """``twistd -n pymta`` on ``config``, logging JSON to ``log_path``; (process, its stderr file)."""
     env = dict(os.environ, PYMTA_LOG_FILE=log_path, PYTHONPATH=ROOT)
-    stderr = open(os.path.join(workdir, "twistd.stderr"), "ab")
+    stderr = open(os.path.join(workdir, "twistd.stderr"), "ab")  # noqa: SIM115 (kept open beyond this block)
     proc = subprocess.Popen([os.path.join(BIN, "twistd"), "-n", "--pidfile=", "--logger=pymta.log.observer", "pymta",
                              "--config", config], cwd=workdir, env=env, stdout=stderr, stderr=stderr)  # fmt: skip
     return proc, stderr

@@ -143,7 +143,7 @@ retry_max = "{retry[1]}"
             [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
              "--logger=pymta.log.observer", "pymta", "--config", self.config],
             cwd=self.workdir, env=env, stdin=subprocess.DEVNULL,
-            stdout=open(os.path.join(self.workdir, "twistd.out"), "ab"), stderr=subprocess.STDOUT,
+            stdout=open(os.path.join(self.workdir, "twistd.out"), "ab"), stderr=subprocess.STDOUT,  # noqa: SIM115 (kept open beyond this block)
         )  # fmt: skip
         self.started = time.monotonic()
         if not wait_port("127.0.0.1", self.port, 60):

@@ -6,6 +6,7 @@ inject errors (ENOSPC, EIO) or simulate a crash at any step.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import threading
@@ -70,10 +71,8 @@ class NoSyncFileOps(FileOps):
 
 def discard(ops: FileOps, path: str) -> None:
     """Unlink ``path`` if it is there, ignoring errors (cleanup after a failure)."""
-    try:
+    with contextlib.suppress(OSError):
         ops.unlink(path)
-    except OSError:
-        pass
 
 
 def write_all(ops: FileOps, fd: int, parts: Sequence[bytes]) -> None:

@@ -29,7 +29,7 @@ class Options(usage.Options):
         "Run the pymta mail transfer agent: the SMTP listeners (MX and relay), the durable queue "
         "and its manager, local Maildir delivery and outbound SMTP delivery."
     )
-    optParameters = [
+    optParameters = [  # noqa: RUF012 (twisted.python.usage.Options reads this class attribute)
         ["config", "c", None, "configuration file (default: $PYMTA_CONFIG, else /etc/pymta/pymta.toml)"],
         ["worker-fds", None, None, "(internal) run as a listener worker on these inherited sockets"],
     ]
@@ -372,7 +372,7 @@ def _build_inbound(w: Wiring) -> None:
             state=inbound_state,
         ),
         greylist=Greylist(reactor, config.greylist.delay, config.greylist.expire, config.greylist.lifetime,
-                          state=inbound_state)  # fmt: skip
+                          state=inbound_state)
         if config.greylist.enabled
         else None,
         suppression=w.suppression,
@@ -677,7 +677,7 @@ def _selector(config: Config, reactor: Any, shared: Any = None) -> Any:
 
     sources = {
         name: Source(name, c.address, c.ehlo or config.hostname, c.warmup, c.warmup_start,
-                     provider_ladders={k: tuple(v) for k, v in (c.warmup_provider or {}).items()})  # fmt: skip
+                     provider_ladders={k: tuple(v) for k, v in (c.warmup_provider or {}).items()})
         for name, c in config.sources.items()
     }
     pools = {
@@ -864,7 +864,7 @@ def _outbound_agent(config: Config, reactor: Any, resolver: Any, tls_reports: An
         tls_policy_for=tls_policy_for,
         tls_context_for=lambda host, verify: client_tls(host, verify, out.tls_ca_file),
         mta_sts=MTASTS(reactor, resolver, os.path.join(config.state_dir, "mta-sts"), ca_file=out.tls_ca_file,
-                       https_port=out.mta_sts_port, skip=set(policies)) if out.mta_sts else None,  # fmt: skip
+                       https_port=out.mta_sts_port, skip=set(policies)) if out.mta_sts else None,
         dane=DANE(resolver) if config.dns.dnssec else None,
         tls_reports=tls_reports,
     )

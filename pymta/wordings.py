@@ -35,7 +35,7 @@ def pattern_problem(pattern: str) -> str | None:
     def walk(items: Any, outer: int) -> str | None:
         for op, arg in items:
             if op in (_sre_constants.MAX_REPEAT, _sre_constants.MIN_REPEAT, _POSSESSIVE_REPEAT):
-                low, high, sub = arg
+                _low, high, sub = arg
                 if high == _sre_constants.MAXREPEAT:
                     return "unbounded quantifier (write {0,N})"
                 if high * outer > MAX_REPEAT:
@@ -89,7 +89,7 @@ def load_wordings(path: str = WORDINGS_PATH) -> Wordings:
         data: dict[str, Any] = tomllib.load(f)
     backoff = tuple(
         Backoff(compile_checked(b["match"], f"{path}: backoff {i + 1}"), float(b["pause"]), float(b["share"]),
-                float(b["recover"]))  # fmt: skip
+                float(b["recover"]))
         for i, b in enumerate(data.get("backoff", []))
     )
     feedback = {name: compile_checked(p, f"{path}: feedback.{name}") for name, p in data.get("feedback", {}).items()}

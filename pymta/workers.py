@@ -10,6 +10,7 @@ listening sockets, sends SIGTERM to the children and waits for them (SIGKILL aft
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -149,10 +150,8 @@ class WorkerPool(service.Service):
     def signal_all(self, name: str | int) -> None:
         """``name``: "HUP", "TERM", "INT", "KILL" or a signal number (Twisted maps only those names)."""
         for process in list(self.processes.values()):
-            try:
+            with contextlib.suppress(Exception):
                 process.signalProcess(name)
-            except Exception:
-                pass
 
     def stopService(self) -> defer.Deferred | None:
         """SIGTERM to every worker; fires when all have ended (SIGKILL after ``stop_limit``)."""

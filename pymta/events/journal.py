@@ -10,6 +10,7 @@ it was not fsynced) is cut off at start-up.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import json
 import os
 import secrets
@@ -167,13 +168,13 @@ class EventJournal:
             path = self._path(self.segments[-1])
             size = os.path.getsize(path)
             if size < self.segment_size:
-                self._file = open(path, "ab")
+                self._file = open(path, "ab")  # noqa: SIM115 (kept open beyond this block)
                 self._file_size = size
                 return
         if self._file is not None:
             os.fsync(self._file.fileno())
             self._file.close()
-        self._file = open(self._path(first_seq), "ab")
+        self._file = open(self._path(first_seq), "ab")  # noqa: SIM115 (kept open beyond this block)
         self._file_size = 0
         self.segments.append(first_seq)
 
@@ -218,7 +219,7 @@ class EventJournal:
             offset = 0
         for first in self.segments[self.segments.index(start):]:
             try:
-                f = open(self._path(first), "rb")
+                f = open(self._path(first), "rb")  # noqa: SIM115 (kept open beyond this block)
             except FileNotFoundError:
                 continue
             with f:
@@ -255,10 +256,8 @@ class EventJournal:
         """Remove segments whose every record has seq <= ``done_seq`` (never the open one)."""
         while len(self.segments) > 1 and self.segments[1] <= done_seq + 1:
             first = self.segments.pop(0)
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._path(first))
-            except FileNotFoundError:
-                pass
 
     def close(self) -> None:
         """Writes what is pending (in-line: the reactor is stopping) and closes."""

@@ -10,6 +10,7 @@ Outbound HTTP is treq on Twisted's Agent (TLS verified with the system trust sto
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -336,10 +337,8 @@ def treq_post(reactor: Any, connect_timeout: float = 10.0) -> Any:
         def collect(data: bytes) -> None:
             seen[0] += len(data)  # read and discarded (bounded memory whatever the receiver sends)
 
-        try:
+        with contextlib.suppress(Exception):  # the status is what counts; a broken body after it is not
             yield treq.collect(response, collect)
-        except Exception:  # the status is what counts; a broken body after it is not
-            pass
         return response.code
 
     post.pool = pool  # type: ignore[attr-defined]

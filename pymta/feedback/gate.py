@@ -73,10 +73,8 @@ class FeedbackGate:
             else:
                 to_send.append((i, rcpt))
         if to_send:
-            if self.tags(envelope):
-                batches = [[item] for item in to_send]  # one return path per recipient
-            else:
-                batches = [to_send]
+            # With return-path tags, one recipient a batch (each has its own return path).
+            batches = [[item] for item in to_send] if self.tags(envelope) else [to_send]
             for batch in batches:
                 got = yield self._send(envelope, batch, body)
                 for (i, _), result in zip(batch, got, strict=True):

@@ -412,7 +412,7 @@ def _ses_notification(msg: Message, report: Report) -> bool:
     if msg.is_multipart():
         return False
     body = _text(msg).strip()
-    if not body.startswith("{") or "notificationType" not in body and "eventType" not in body:
+    if not body.startswith("{") or ("notificationType" not in body and "eventType" not in body):
         return False
     try:
         data = json.loads(body[: body.rfind("}") + 1], strict=False)  # mail may fold long lines inside strings
@@ -707,8 +707,7 @@ def _summarise(report: Report) -> Report:
     first = report.details[0]
     actions = {d.action for d in report.details}
     report.action = first.action if len(actions) == 1 else ("failed" if "failed" in actions else first.action)
-    reasons = {d.reason for d in report.details}
-    report.reason = first.reason if len(reasons) == 1 else first.reason
+    report.reason = first.reason
     hards = {d.hard for d in report.details}
     report.hard = first.hard if len(hards) == 1 else None
     report.status = first.status

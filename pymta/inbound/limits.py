@@ -58,7 +58,7 @@ class ClientLimits:
         self.recipient_rate = recipient_rate
         self.state = state if state is not None else MemoryInboundState(clock)
 
-    def connected(self, address: str) -> Reply | None | Any:
+    def connected(self, address: str) -> Reply | Any | None:
         """None if the connection is allowed (and counted: call :meth:`disconnected` later); a
         Deferred of the answer from a state across the network."""
         if self.connections_per_client is None:
@@ -78,7 +78,7 @@ class ClientLimits:
     def recipient(self, address: str) -> Reply | None:
         return self._take(self.recipient_rate, address, "recipients")
 
-    def _take(self, rate: Rate | None, address: str, what: str) -> Reply | None | Any:
+    def _take(self, rate: Rate | None, address: str, what: str) -> Reply | Any | None:
         if rate is None:
             return None
 
@@ -105,7 +105,7 @@ class Greylist:
         self.lifetime = lifetime
         self.state = state if state is not None else MemoryInboundState(clock)
 
-    def check(self, client: str, sender: str, recipient: str) -> Reply | None | Any:
+    def check(self, client: str, sender: str, recipient: str) -> Reply | Any | None:
         triple = (client_key(client, v4_prefix=24), sender.lower(), recipient.lower())
         return then(self.state.greylist(triple, self.delay, self.expire, self.lifetime), self._reply)
 

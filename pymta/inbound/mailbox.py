@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import re
@@ -264,16 +265,12 @@ class MaildirDeliveryAgent:
                 missing.append(path)
                 path = os.path.dirname(path)
             for path in reversed(missing):
-                try:
+                with contextlib.suppress(FileExistsError):
                     os.mkdir(path, 0o700)
-                except FileExistsError:
-                    pass
                 created.add(os.path.dirname(path))
         if folder and not os.path.exists(os.path.join(maildir, "maildirfolder")):
-            try:
+            with contextlib.suppress(FileExistsError):
                 write_new_file(self._ops, os.path.join(maildir, "maildirfolder"), b"")
-            except FileExistsError:
-                pass
             created.add(maildir)
         if created:
             self._syncer.sync(created)

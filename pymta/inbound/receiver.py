@@ -189,7 +189,7 @@ class InboundReceiver:
             trusted = session.notes["trusted"] = self.policy.may_relay(session.peer_address, session.auth_user)
         return trusted
 
-    def connected(self, session: Any) -> Reply | None | defer.Deferred:
+    def connected(self, session: Any) -> Reply | defer.Deferred | None:
         if self.reverse_lookup:
             d = self._client_name(session)
             return d.addCallback(lambda _: self._connected(session))
@@ -209,11 +209,11 @@ class InboundReceiver:
             pass
         session.notes["client_name"] = name
 
-    def _connected(self, session: Any) -> Reply | None | defer.Deferred:
+    def _connected(self, session: Any) -> Reply | defer.Deferred | None:
         trusted = self._trusted(session)
         if self.limits is not None and not trusted:
 
-            def counted(refused: Reply | None) -> Reply | None | defer.Deferred:
+            def counted(refused: Reply | None) -> Reply | defer.Deferred | None:
                 if refused is not None:
                     return refused
                 if session.notes.get("gone"):  # the client left while the cluster answered
@@ -225,7 +225,7 @@ class InboundReceiver:
             return then(self.limits.connected(session.peer_address), counted)
         return self._connected_checks(session, trusted)
 
-    def _connected_checks(self, session: Any, trusted: bool) -> Reply | None | defer.Deferred:
+    def _connected_checks(self, session: Any, trusted: bool) -> Reply | defer.Deferred | None:
         refused = self._acl("connect", session)
         if refused is not None or trusted or self.dnsbl is None or not self.dnsbl.zones:
             return refused
@@ -290,8 +290,8 @@ class InboundReceiver:
         notes.setdefault("routes", {})[address] = targets if decision.targets else (decision.route, decision.address)
         return None
 
-    def _untrusted_rcpt(self, session: Any, address: str) -> Reply | None | defer.Deferred:
-        def greylist(refused: Reply | None = None) -> Reply | None | defer.Deferred:
+    def _untrusted_rcpt(self, session: Any, address: str) -> Reply | defer.Deferred | None:
+        def greylist(refused: Reply | None = None) -> Reply | defer.Deferred | None:
             if refused is not None or self.greylist is None:
                 return refused
             return self.greylist.check(session.peer_address, session.transaction.sender, address)

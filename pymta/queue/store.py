@@ -20,6 +20,7 @@ writes to the queue (it deletes what looks unfinished).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import os
@@ -415,10 +416,8 @@ class MaildirQueueStore:
                     view = view[ops.pwrite(fd, view, offset + len(rec) - len(view)) :]
                 ops.fsync(fd)
             except OSError:
-                try:  # the half-written record would be ignored anyway; leave no garbage behind
+                with contextlib.suppress(OSError):  # a half-written record is ignored anyway; leave no garbage
                     ops.ftruncate(fd, offset)
-                except OSError:
-                    pass
                 raise
         except qfile.QueueFileError as e:
             raise QueueError(f"queue file {qid}: {e}") from e

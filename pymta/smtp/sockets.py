@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 
@@ -9,7 +10,5 @@ def set_nodelay(transport: Any) -> None:
     """TCP_NODELAY (no Nagle stall on small SMTP replies); a no-op for transports without it."""
     setter = getattr(transport, "setTcpNoDelay", None)
     if setter is not None:
-        try:
+        with contextlib.suppress(OSError):
             setter(True)
-        except OSError:
-            pass

@@ -21,6 +21,7 @@ cluster keep their clocks in step (NTP), as an MTA cluster must for its logs any
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -397,10 +398,8 @@ class RedisClusterState:
         # call reads an earlier call's reply; the next probe connects afresh.
         conn, self._conn = self._conn, None
         if conn is not None:
-            try:
+            with contextlib.suppress(Exception):
                 conn.disconnect().addErrback(lambda _: None)
-            except Exception:
-                pass
         if self.shared or not self._was_shared:
             self.switches += self.shared
             log.warn("cluster state unreachable, going local with limits divided by {alive} nodes: {why}",

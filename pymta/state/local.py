@@ -19,6 +19,7 @@ from one process and 10-17k/s in total from two; a session from a stranger makes
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 from collections.abc import Callable
@@ -87,10 +88,8 @@ class LocalInboundState:
                 self.db = self._open(busy_timeout)
             except sqlite3.Error as e2:
                 raise InboundStateError(f"{path}: cannot open the inbound state database: {e2}") from None
-        try:
+        with contextlib.suppress(OSError):
             os.chmod(path, 0o600)
-        except OSError:
-            pass
 
     def _open(self, busy_timeout: float) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None)
@@ -182,10 +181,8 @@ class LocalInboundState:
 
     def close(self) -> None:
         self.closed = True
-        try:
+        with contextlib.suppress(sqlite3.Error):
             self.db.close()
-        except sqlite3.Error:
-            pass
 
     # -- housekeeping -----------------------------------------------------------------------------
 

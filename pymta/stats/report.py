@@ -77,7 +77,7 @@ class _Group:
 def _percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
-    index = min(len(values) - 1, max(0, int(round(q * (len(values) - 1)))))
+    index = min(len(values) - 1, max(0, round(q * (len(values) - 1))))
     return round(values[index], 3)
 
 

@@ -12,6 +12,7 @@ retention are deleted.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import threading
@@ -113,10 +114,8 @@ class TimeSeries:
 
     def observe(self, event: dict[str, Any]) -> None:
         """A ``twisted.logger`` observer; never raises."""
-        try:
+        with contextlib.suppress(Exception):
             self._observe(event)
-        except Exception:
-            pass
 
     def _observe(self, event: dict[str, Any]) -> None:
         kind = event.get("event")
