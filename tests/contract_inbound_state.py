@@ -103,8 +103,10 @@ class SharedInboundStateContract(InboundStateContract):
 
     def test_another_process_sees_the_same_counts_and_triples(self, clock):
         one, two = self.make_state(clock), self.other_process(clock)
-        assert one.acquire_connection("k", 2) and two.acquire_connection("k", 2)
-        assert not one.acquire_connection("k", 2) and not two.acquire_connection("k", 2)
+        assert one.acquire_connection("k", 2)
+        assert two.acquire_connection("k", 2)
+        assert not one.acquire_connection("k", 2)
+        assert not two.acquire_connection("k", 2)
         rate = parse_rate("1/min")
         assert one.take("messages", "k", rate) == 0.0
         assert two.take("messages", "k", rate) > 0

@@ -116,7 +116,7 @@ class MTAProcess:
 
     def start(self) -> MTAProcess:
         env = dict(os.environ, PYMTA_LOG_FILE=self.log_path, PYTHONPATH=ROOT, **self.env)
-        self.stderr = open(os.path.join(self.workdir, "twistd.stderr"), "ab")
+        self.stderr = open(os.path.join(self.workdir, "twistd.stderr"), "ab")  # noqa: SIM115 (kept open beyond this block)
         self.proc = subprocess.Popen(
             self.twistd_command(), cwd=self.workdir, env=env, stdin=subprocess.DEVNULL,
             stdout=self.stderr, stderr=self.stderr,

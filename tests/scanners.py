@@ -3,6 +3,7 @@ rspamd-like HTTP server answering /checkv2. Both run in threads and record what 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socketserver
 import struct
@@ -53,10 +54,8 @@ class ScriptedMilter:
 
         class Handler(socketserver.BaseRequestHandler):
             def handle(self) -> None:
-                try:
+                with contextlib.suppress(OSError):  # the MTA gave up on us (timeout, protocol error): expected
                     self.converse()
-                except OSError:  # the MTA gave up on us (timeout, protocol error): expected here
-                    pass
 
             def converse(self) -> None:
                 sock = self.request

@@ -48,11 +48,15 @@ def test_a_record_is_fsynced_before_its_deferred_fires(tmp_path, monkeypatch):
     monkeypatch.setattr(accounting_module.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
     log = AccountingLog(str(path), clock)
     done = fired(log.record("delivered", qid="Q1", recipient="a@b.example", reply={"code": 250}, tls=None, attempt=1))
-    assert done == [] and path.read_text() == ""  # goes out at the end of this reactor turn
+    assert done == []
+    assert path.read_text() == ""
     clock.advance(0)
-    assert done == [True] and len(synced) == 1
+    assert done == [True]
+    assert len(synced) == 1
     [record] = [json.loads(x) for x in lines(path)]
-    assert record["event"] == "delivered" and record["qid"] == "Q1" and record["time"].startswith("2023-11-14T22:13:20")
+    assert record["event"] == "delivered"
+    assert record["qid"] == "Q1"
+    assert record["time"].startswith("2023-11-14T22:13:20")
     assert "tls" not in record  # None fields are left out
     log.close()
 
@@ -70,10 +74,13 @@ def test_records_made_while_a_write_is_in_flight_share_the_next_write(tmp_path, 
     clock.advance(0)
     assert len(runner.jobs) == 1  # the first write is still running: the others wait for it, together
     runner.run_next()
-    assert first == [True] and all(x == [] for x in later) and len(runner.jobs) == 1
+    assert first == [True]
+    assert all(x == [] for x in later)
+    assert len(runner.jobs) == 1
     runner.run_next()
     assert all(x == [True] for x in later)
-    assert len(synced) == 2 and [r["qid"] for r in read_records(str(path))] == [f"Q{i}" for i in range(51)]
+    assert len(synced) == 2
+    assert [r["qid"] for r in read_records(str(path))] == [f"Q{i}" for i in range(51)]
     log.close()
 
 
@@ -141,7 +148,9 @@ def test_without_fsync_nothing_is_fsynced(tmp_path, monkeypatch):
     done = fired(log.record("received", qid="Q1"))
     clock.advance(0)
     log.close()
-    assert done == [True] and synced == [] and len(lines(tmp_path / "a.jsonl")) == 1
+    assert done == [True]
+    assert synced == []
+    assert len(lines(tmp_path / "a.jsonl")) == 1
 
 
 def test_records_pending_at_close_and_after_it_are_written(tmp_path):
@@ -151,5 +160,6 @@ def test_records_pending_at_close_and_after_it_are_written(tmp_path):
     pending = fired(log.record("deferred", qid="Q1"))
     log.close()
     late = fired(log.record("deferred", qid="Q2"))  # an attempt that ended during the shutdown
-    assert pending == [True] and late == [True]
+    assert pending == [True]
+    assert late == [True]
     assert [r["qid"] for r in read_records(str(path))] == ["Q1", "Q2"]

@@ -46,7 +46,7 @@ def test_continue_goes_on_to_the_next_rule():
 
 
 @pytest.mark.parametrize(
-    "rule,session,details,matches",
+    ("rule", "session", "details", "matches"),
     [
         ({"rdns": ".dynamic.example"}, Sess(notes={"client_name": "1-2-3.dynamic.example"}), {}, True),
         ({"rdns": "unknown"}, Sess(), {}, True),
@@ -75,7 +75,7 @@ def test_each_matcher(rule, session, details, matches):
 
 
 @pytest.mark.parametrize(
-    "acl,key",
+    ("acl", "key"),
     [
         ({"rcpt": [{"action": "explode"}]}, "acl.rcpt[1].action"),
         ({"rcpt": [{"action": "reject", "reply": "450 4.7.1 later"}]}, "acl.rcpt[1].reply"),

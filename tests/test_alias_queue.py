@@ -60,9 +60,10 @@ def transact(receiver, rcpts, sender="bob@origin.test", orcpt=None):
 
 
 def test_the_queue_holds_the_expanded_recipients_with_the_original_as_orcpt(tmp_path):
-    clock, store, receiver = setup(tmp_path, "sales: alice, dave@remote.test, gone\nteam: carol, alice\n")
+    _clock, store, receiver = setup(tmp_path, "sales: alice, dave@remote.test, gone\nteam: carol, alice\n")
     replies, reply = transact(receiver, ["sales@example.test", "team@example.test", "carol@example.test"])
-    assert replies == [None, None, None] and reply.code == 250
+    assert replies == [None, None, None]
+    assert reply.code == 250
     [qid] = store.list(INCOMING)
     envelope = store.load(qid)
     assert envelope.sender == "bob@origin.test"
@@ -74,13 +75,14 @@ def test_the_queue_holds_the_expanded_recipients_with_the_original_as_orcpt(tmp_
         ("carol@example.test", ROUTE_LOCAL, "rfc822;team@example.test", "pending"),
     ]  # alice once; carol's own RCPT adds nothing new
     forwarded = envelope.recipients[1]
-    assert forwarded.sender.startswith("SRS0=") and forwarded.sender.endswith("=origin.test=bob@mx.example.test")
+    assert forwarded.sender.startswith("SRS0=")
+    assert forwarded.sender.endswith("=origin.test=bob@mx.example.test")
     assert [r.sender for r in envelope.recipients if r is not forwarded] == [None, None, None]
     assert envelope.recipients[2].reply["enhanced"] == "5.1.1"
 
 
 def test_a_client_orcpt_is_kept_and_the_null_sender_is_not_rewritten(tmp_path):
-    clock, store, receiver = setup(tmp_path, "sales: dave@remote.test\n")
+    _clock, store, receiver = setup(tmp_path, "sales: dave@remote.test\n")
     transact(receiver, ["sales@example.test"], sender="", orcpt="rfc822;first@elsewhere.test")
     [r] = store.load(store.list(INCOMING)[0]).recipients
     assert (r.orcpt, r.sender) == ("rfc822;first@elsewhere.test", "")
@@ -98,31 +100,36 @@ def test_the_manager_relays_forwarded_recipients_with_their_srs_sender_and_bounc
     forwarded = [(sender, rcpts) for sender, rcpts in relay.calls if sender]  # not the notices (null sender)
     senders = sorted(sender for sender, _ in forwarded)
     # our own sender domain is not rewritten; the other sender is, once for both forwarded recipients
-    assert senders[1] == "bob@example.test" and senders[0].startswith("SRS0=")
+    assert senders[1] == "bob@example.test"
+    assert senders[0].startswith("SRS0=")
     assert sorted(r for _, rcpts in forwarded for r in rcpts) == ["dave@remote.test", "dave@remote.test",
                                                                      "erin@remote.test", "erin@remote.test"]  # fmt: skip
-    assert len(forwarded) == 2 and all(len(rcpts) == 2 for _, rcpts in forwarded)
+    assert len(forwarded) == 2
+    assert all(len(rcpts) == 2 for _, rcpts in forwarded)
     # the failed branch "gone" is bounced to each original sender, from the null sender
     notices = sorted(r for s, rcpts in relay.calls + local.calls if s == "" for r in rcpts)
     assert notices == ["bob@example.test", "bob@origin.test"]
-    assert store.list(INCOMING) == [] and manager.scheduler is not None
+    assert store.list(INCOMING) == []
+    assert manager.scheduler is not None
 
 
 def test_a_transaction_cannot_grow_past_its_expanded_recipient_bound(tmp_path):
     members = ", ".join(f"u{i}@remote.test" for i in range(30))
-    clock, store, receiver = setup(tmp_path, f"big: {members}\n", max_expanded=50)
+    _clock, _store, receiver = setup(tmp_path, f"big: {members}\n", max_expanded=50)
     replies, _ = transact(receiver, ["big@example.test", "big+2@example.test"])
-    assert replies[0] is None and (replies[1].code, replies[1].enhanced) == (452, "4.5.3")
+    assert replies[0] is None
+    assert (replies[1].code, replies[1].enhanced) == (452, "4.5.3")
 
 
 def test_a_message_that_went_round_too_many_hosts_is_refused_546(tmp_path):
-    clock, store, receiver = setup(tmp_path, "sales: dave@remote.test\n")
+    _clock, store, receiver = setup(tmp_path, "sales: dave@remote.test\n")
     session = Sess(peer_address="192.0.2.7", transaction=Txn(sender="bob@origin.test"))
     assert receiver.rcpt_to(session, "sales@example.test", {}) is None
     session.transaction.recipients.append(Accepted("sales@example.test"))
     looped = b"".join(b"Received: from a (b [192.0.2.1])\r\n\tby c; Tue, 1 Dec 2026 00:00:00 +0000\r\n" for _ in range(51))
     reply = receiver.message(session, looped + b"Subject: x\r\n\r\nhi\r\n")
-    assert (reply.code, reply.enhanced) == (554, "5.4.6") and store.list(INCOMING) == []
+    assert (reply.code, reply.enhanced) == (554, "5.4.6")
+    assert store.list(INCOMING) == []
     results = []
     defer.maybeDeferred(receiver.message, session, looped[: len(looped) // 51 * 50] + b"\r\nhi\r\n").addBoth(results.append)
     assert results[0].code == 250

@@ -59,7 +59,7 @@ def test_aliases_file_with_comments_continuations_quotes_and_include(tmp_path):
     }
 
 
-@pytest.mark.parametrize("text, line, reason", [
+@pytest.mark.parametrize(("text", "line", "reason"), [
     ("a: alice\nno colon here\n", 2, "expected \"name: target, target\""),
     ("a: alice\nA: bob\n", 2, "defined twice (first on line 1)"),
     ("\n  continued\n", 2, "continuation line"),
@@ -74,7 +74,9 @@ def test_a_malformed_aliases_file_is_one_line_naming_file_and_line(tmp_path, tex
     with pytest.raises(TableError) as e:
         parse_aliases(path)
     message = str(e.value)
-    assert message.startswith(f"{path}:{line}: ") and reason in message and "\n" not in message
+    assert message.startswith(f"{path}:{line}: ")
+    assert reason in message
+    assert "\n" not in message
 
 
 def test_an_error_in_an_included_file_names_that_file(tmp_path):
@@ -105,7 +107,8 @@ def test_expansion_is_recursive_deduplicated_and_keeps_the_tables_order():
     table = {"a@x.test": ("b@x.test", "c@x.test"), "b@x.test": ("d@x.test", "c@x.test")}
     expansion = expand("a@x.test", table.get)
     assert [a for a, _ in expansion.finals] == ["d@x.test", "c@x.test"]
-    assert all(via for _, via in expansion.finals) and expansion.failures == ()
+    assert all(via for _, via in expansion.finals)
+    assert expansion.failures == ()
 
 
 def test_a_loop_fails_its_branch_with_546_and_never_loops():
@@ -118,7 +121,8 @@ def test_a_loop_fails_its_branch_with_546_and_never_loops():
 def test_nesting_past_the_depth_limit_fails_546_and_a_huge_expansion_is_refused():
     chain = {f"a{i}@x.test": (f"a{i + 1}@x.test",) for i in range(50)}
     expansion = expand("a0@x.test", chain.get, max_depth=5)
-    assert expansion.finals == () and expansion.failures[0][1].enhanced == "5.4.6"
+    assert expansion.finals == ()
+    assert expansion.failures[0][1].enhanced == "5.4.6"
     wide = {"all@x.test": tuple(f"u{i}@x.test" for i in range(50))}
     assert expand("all@x.test", wide.get, max_expansion=10).refused.enhanced == "5.5.3"
 
@@ -222,10 +226,12 @@ def test_srs_rewrites_and_reverses_the_sender():
     srs = SRS(SECRET, "MX.Example.Test")
     now = 1_700_000_000.0
     rewritten = srs.forward("Bob@Origin.Test", now)
-    assert rewritten.startswith("SRS0=") and rewritten.endswith("=origin.test=Bob@mx.example.test")
+    assert rewritten.startswith("SRS0=")
+    assert rewritten.endswith("=origin.test=Bob@mx.example.test")
     assert srs.reverse(rewritten, now + 3 * DAY) == "Bob@origin.test"
     assert srs.reverse(rewritten.upper().replace("@MX.EXAMPLE.TEST", "@mx.example.test"), now) == "BOB@ORIGIN.TEST"
-    assert srs.forward("", now) == "" and srs.forward("x@mx.example.test", now) == "x@mx.example.test"
+    assert srs.forward("", now) == ""
+    assert srs.forward("x@mx.example.test", now) == "x@mx.example.test"
 
 
 def test_srs_refuses_forged_and_expired_addresses():
@@ -247,7 +253,8 @@ def test_srs1_wraps_another_forwarders_address_and_unwraps_to_it():
     now = 1_700_000_000.0
     srs0 = first.forward("bob@origin.test", now)
     srs1 = ours.forward(srs0, now)
-    assert srs1.startswith("SRS1=") and "=fwd1.test==" in srs1
+    assert srs1.startswith("SRS1=")
+    assert "=fwd1.test==" in srs1
     assert ours.reverse(srs1, now) == srs0
     assert ours.forward(srs1.replace("mx.example.test", "fwd2.test"), now).startswith("SRS1=")
     assert first.reverse(ours.reverse(srs1, now), now) == "bob@origin.test"
@@ -260,14 +267,16 @@ def test_a_bounce_to_an_srs_address_goes_to_the_original_sender_and_a_forged_one
     policy = make_policy(tmp_path, srs=srs, clock=clock)
     remote = srs.forward("bob@origin.test", clock.seconds())
     decision = policy.recipient(remote, STRANGER)  # from anyone: a bounce is not relaying
-    assert targets(decision) == [("bob@origin.test", ROUTE_RELAY)] and not decision.deliveries()[0].forwarded
+    assert targets(decision) == [("bob@origin.test", ROUTE_RELAY)]
+    assert not decision.deliveries()[0].forwarded
     assert policy.forward_sender("alice@example.test", clock.seconds()) == "alice@example.test"  # ours: as it is
     assert policy.forward_sender("", clock.seconds()) == ""
     assert targets(policy.recipient(srs.forward("carol@fwd.test", clock.seconds()), STRANGER)) == [
         ("carol@fwd.test", ROUTE_FORWARD)]  # fmt: skip
     forged = remote.replace("=origin.test=", "=victim.test=")
     reply = policy.recipient(forged, STRANGER).reply
-    assert (reply.code, reply.enhanced) == (550, "5.7.1") and "SRS" in reply.text
+    assert (reply.code, reply.enhanced) == (550, "5.7.1")
+    assert "SRS" in reply.text
     clock.advance(30 * DAY)
     assert policy.recipient(remote, STRANGER).reply.enhanced == "5.7.1"
 
@@ -282,7 +291,8 @@ def test_reload_reads_the_tables_again_and_keeps_the_old_ones_on_error(tmp_path)
     write(tmp_path / "aliases", "sales: carol\n")
     virtual[0] = {"b@example.test": ("carol@example.test",)}
     assert tables.reload()
-    assert tables.aliases == {"sales": ("carol",)} and list(tables.virtual) == ["b@example.test"]
+    assert tables.aliases == {"sales": ("carol",)}
+    assert list(tables.virtual) == ["b@example.test"]
     write(tmp_path / "aliases", "broken\n")
     assert not tables.reload()
     assert tables.aliases == {"sales": ("carol",)}

@@ -42,12 +42,15 @@ def test_pymta_passwd_reads_stdin_without_prompt_and_prints_only_the_line():
         [sys.executable, "-m", "pymta.inbound.auth", "app"], input="pw with spaces\n",
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
-    assert proc.returncode == 0 and proc.stderr == ""
+    assert proc.returncode == 0
+    assert proc.stderr == ""
     user, _, stored = proc.stdout.rstrip("\n").partition(":")
-    assert user == "app" and "\n" not in stored.strip()
+    assert user == "app"
+    assert "\n" not in stored.strip()
     assert verify_password("pw with spaces", stored)
     bad = subprocess.run([sys.executable, "-m", "pymta.inbound.auth", "a:b"], input="x\n", capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.returncode == 2
+    assert bad.stdout == ""
 
 
 class AuthenticatorTests(unittest.TestCase):
@@ -81,10 +84,13 @@ def test_users_file_lists_the_senders_each_user_owns(tmp_path):
     assert set(users) == {"alice@example.test", "app", "bob"}
     assert owned["app"] == frozenset({"news@example.test", "@shop.example"})
     logins = SenderLogins(owned)
-    assert logins.owns("app", "NEWS@example.test") and logins.owns("app", "anyone@SHOP.example")
-    assert not logins.owns("app", "ceo@example.test") and not logins.owns("app", "x@sub.shop.example")
+    assert logins.owns("app", "NEWS@example.test")
+    assert logins.owns("app", "anyone@SHOP.example")
+    assert not logins.owns("app", "ceo@example.test")
+    assert not logins.owns("app", "x@sub.shop.example")
     assert logins.owns("alice@example.test", "Alice@Example.Test")  # a login that is an address owns it
-    assert not logins.owns("bob", "bob@example.test") and not logins.owns("bob", "bob")
+    assert not logins.owns("bob", "bob@example.test")
+    assert not logins.owns("bob", "bob")
     assert not logins.owns("nobody", "news@example.test")
 
 
@@ -95,13 +101,14 @@ def test_a_sender_login_map_in_postfix_form_adds_owners(tmp_path):
     (tmp_path / "users").write_text(f"app:{stored}:news@example.test\nops:{stored}\n")
     (tmp_path / "map").write_text("# sender  owners\n@example.test  ops\nalerts@example.test app, ops\n")
     logins = SenderLogins.from_files(str(tmp_path / "users"), str(tmp_path / "map"))
-    assert logins.owns("app", "news@example.test") and logins.owns("app", "alerts@example.test")
+    assert logins.owns("app", "news@example.test")
+    assert logins.owns("app", "alerts@example.test")
     assert not logins.owns("app", "ceo@example.test")
     assert logins.owns("ops", "ceo@example.test")
 
 
 @pytest.mark.parametrize(
-    "users,map_text,message",
+    ("users", "map_text", "message"),
     [
         ("app:{h}:not an address", None, r"users: line 1: 'not an address' is neither an address nor @domain"),
         ("app:{h}:@", None, r"users: line 1: '@' is neither"),

@@ -33,8 +33,10 @@ def parts(raw: bytes) -> dict[str, email.message.Message]:
 def test_failure_dsn_has_every_field():
     raw = build_dsn(envelope(ret="FULL"), [failed_rcpt()], "failed", ORIGINAL, "mx.example.test", NOW)
     msg = email.message_from_bytes(raw)
-    assert msg["From"].startswith("MAILER-DAEMON@mx.example.test") and msg["To"] == "<a@example.org>"
-    assert msg.get_content_type() == "multipart/report" and msg.get_param("report-type") == "delivery-status"
+    assert msg["From"].startswith("MAILER-DAEMON@mx.example.test")
+    assert msg["To"] == "<a@example.org>"
+    assert msg.get_content_type() == "multipart/report"
+    assert msg.get_param("report-type") == "delivery-status"
     p = parts(raw)
     status = p["message/delivery-status"].as_string()
     for field in (
@@ -44,7 +46,8 @@ def test_failure_dsn_has_every_field():
         "Diagnostic-Code: smtp; 550 5.1.1 user unknown", "Last-Attempt-Date: ",
     ):  # fmt: skip
         assert field in status, field
-    assert "message/rfc822" in p and b"Subject: original" in raw
+    assert "message/rfc822" in p
+    assert b"Subject: original" in raw
 
 
 def test_the_dsn_dates_are_the_callers_clock_time():
@@ -63,7 +66,8 @@ def test_ret_hdrs_returns_headers_only():
 
 def test_no_bare_cr_or_lf_in_a_dsn():
     raw = build_dsn(envelope(ret="FULL"), [failed_rcpt()], "failed", ORIGINAL, "mx.example.test", NOW)
-    assert raw.count(b"\n") == raw.count(b"\r\n") and raw.count(b"\r") == raw.count(b"\r\n")
+    assert raw.count(b"\n") == raw.count(b"\r\n")
+    assert raw.count(b"\r") == raw.count(b"\r\n")
 
 
 def test_no_dsn_for_a_null_sender_or_when_notify_says_no():
@@ -81,6 +85,10 @@ def test_expired_recipient_status_defaults_to_447():
 
 def test_notify_rules():
     r = Recipient("x@y.example")
-    assert notify_allows(r, "failed") and notify_allows(r, "delayed") and not notify_allows(r, "delivered")
+    assert notify_allows(r, "failed")
+    assert notify_allows(r, "delayed")
+    assert not notify_allows(r, "delivered")
     r.notify = ("SUCCESS", "DELAY")
-    assert notify_allows(r, "relayed") and notify_allows(r, "delayed") and not notify_allows(r, "failed")
+    assert notify_allows(r, "relayed")
+    assert notify_allows(r, "delayed")
+    assert not notify_allows(r, "failed")

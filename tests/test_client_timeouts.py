@@ -71,7 +71,7 @@ def start_transaction(proto: SMTPClientProtocol, payload: bytes = b"x\r\n.\r\n")
 
 
 @pytest.mark.parametrize(
-    "stage,answers,timeout",
+    ("stage", "answers", "timeout"),
     [("mail", [], 300), ("rcpt", [b"250 ok\r\n"], 301), ("data", [b"250 ok\r\n", b"250 ok\r\n"], 120)],
 )
 def test_each_command_stage_waits_for_its_own_timeout_then_aborts(stage, answers, timeout):
@@ -81,13 +81,16 @@ def test_each_command_stage_waits_for_its_own_timeout_then_aborts(stage, answers
         clock.advance(1)
         proto.dataReceived(answer)
     clock.advance(timeout - 1)
-    assert outcome == [] and not getattr(transport, "aborted", False), stage
+    assert outcome == [], stage
+    assert not getattr(transport, "aborted", False), stage
     clock.advance(2)
-    assert len(outcome) == 1 and isinstance(outcome[0].value, ReplyTimeout), stage
-    assert f"{timeout:g}s" in str(outcome[0].value) and transport.aborted
+    assert len(outcome) == 1, stage
+    assert isinstance(outcome[0].value, ReplyTimeout), stage
+    assert f"{timeout:g}s" in str(outcome[0].value)
+    assert transport.aborted
 
 
-@pytest.mark.parametrize("stage,timeout", [("ehlo", 300), ("starttls", 120)])
+@pytest.mark.parametrize(("stage", "timeout"), [("ehlo", 300), ("starttls", 120)])
 def test_ehlo_and_starttls_wait_for_their_own_timeouts(stage, timeout):
     proto, transport, clock = connected()
     timeouts = ClientTimeouts(ehlo=300, starttls=120)
@@ -100,7 +103,9 @@ def test_ehlo_and_starttls_wait_for_their_own_timeouts(stage, timeout):
     clock.advance(timeout - 1)
     assert outcome == []
     clock.advance(2)
-    assert len(outcome) == 1 and isinstance(outcome[0].value, ReplyTimeout) and transport.aborted
+    assert len(outcome) == 1
+    assert isinstance(outcome[0].value, ReplyTimeout)
+    assert transport.aborted
 
 
 def test_a_remote_that_stops_reading_mid_data_is_dropped_after_the_data_block_timeout():
@@ -108,14 +113,19 @@ def test_a_remote_that_stops_reading_mid_data_is_dropped_after_the_data_block_ti
     payload = encode_data((b"y" * 78 + b"\r\n") * 40000)
     outcome = start_transaction(proto, payload)
     proto.dataReceived(b"250 ok\r\n250 ok\r\n354 go on\r\n")
-    assert transport.paused and outcome == []  # the remote took the first part, then stopped
+    assert transport.paused
+    assert outcome == []
     clock.advance(179)
-    assert outcome == [] and not getattr(transport, "aborted", False)
+    assert outcome == []
+    assert not getattr(transport, "aborted", False)
     clock.advance(2)  # 181 s without progress: well before the 600 s data_end wait
     [result] = outcome
-    assert result.data.code == 451 and result.data.enhanced == "4.4.2" and "180s" in result.data.text
+    assert result.data.code == 451
+    assert result.data.enhanced == "4.4.2"
+    assert "180s" in result.data.text
     assert not result.lost_after_data  # the final dot never left: no duplicate is possible
-    assert transport.aborted and not transport.value().endswith(b"\r\n.\r\n")
+    assert transport.aborted
+    assert not transport.value().endswith(b"\r\n.\r\n")
 
 
 def test_a_connection_lost_mid_data_is_a_plain_deferral_not_a_possible_duplicate():
@@ -125,7 +135,8 @@ def test_a_connection_lost_mid_data_is_a_plain_deferral_not_a_possible_duplicate
     assert transport.paused
     proto.connectionLost(None)
     [result] = outcome
-    assert (result.data.code, result.data.enhanced) == (451, "4.4.2") and not result.lost_after_data
+    assert (result.data.code, result.data.enhanced) == (451, "4.4.2")
+    assert not result.lost_after_data
     assert "connection lost while sending message data" in result.data.text
     assert clock.getDelayedCalls() == []  # no block timer left behind
 
@@ -140,23 +151,26 @@ def test_a_slow_reader_that_keeps_taking_data_is_not_cut_off_and_data_end_then_a
         clock.advance(170)
         transport.drain()
         rounds += 1
-    assert rounds >= 3 and outcome == []
+    assert rounds >= 3
+    assert outcome == []
     assert transport.value().endswith(b"\r\n.\r\n")
     clock.advance(599)  # RFC 5321: up to 10 minutes for the reply after the final dot
     assert outcome == []
     clock.advance(2)
     [result] = outcome
-    assert result.lost_after_data and transport.aborted  # no reply: may have been accepted
+    assert result.lost_after_data
+    assert transport.aborted
 
 
 def test_the_reply_after_the_final_dot_is_taken_within_data_end():
-    proto, transport, clock = connected()
+    proto, _transport, clock = connected()
     outcome = start_transaction(proto)
     proto.dataReceived(b"250 ok\r\n250 ok\r\n354 go on\r\n")
     clock.advance(599)
     proto.dataReceived(b"250 2.0.0 queued\r\n")
     [result] = outcome
-    assert result.data.code == 250 and not result.lost_after_data
+    assert result.data.code == 250
+    assert not result.lost_after_data
 
 
 def test_rset_and_quit_are_bounded_and_a_closing_connection_is_aborted():
@@ -167,18 +181,23 @@ def test_rset_and_quit_are_bounded_and_a_closing_connection_is_aborted():
     proto.dataReceived(b"250 ok\r\n550 no such user\r\n")  # nobody left: RSET, whose answer never comes
     assert transport.value().endswith(b"RSET\r\n")
     clock.advance(61)
-    assert len(outcome) == 1 and outcome[0].data is None and transport.disconnecting
+    assert len(outcome) == 1
+    assert outcome[0].data is None
+    assert transport.disconnecting
     proto, transport, clock = connected(StringTransport())
     done: list = []
     quit_session(proto, TIMEOUTS).addBoth(done.append)
     proto.dataReceived(b"221 bye\r\n")
-    assert transport.disconnecting and done == []  # asked to close; the remote never lets go
+    assert transport.disconnecting
+    assert done == []
     aborts = []
     transport.abortConnection = lambda: (aborts.append(clock.seconds()), proto.connectionLost(None))
     clock.advance(9)
-    assert aborts == [] and done == []
+    assert aborts == []
+    assert done == []
     clock.advance(2)
-    assert aborts == [11] and done == [None]
+    assert aborts == [11]
+    assert done == [None]
 
 
 class StalledReceiver(Protocol):
@@ -233,7 +252,8 @@ class StalledReceiverTests(unittest.TestCase):
         agent = SMTPDeliveryAgent(reactor, router, "client.test", timeouts=ClientTimeouts(connect=2, greeting=1))
         env = Envelope(qid=new_qid(), sender="s@a.test", recipients=[Recipient("r@mute.test")])
         [result] = yield agent.deliver(env, env.recipients, b"x\r\n")
-        assert (result.status, result.enhanced) == (DEFERRED, "4.4.2") and "no reply within 1s" in result.text
+        assert (result.status, result.enhanced) == (DEFERRED, "4.4.2")
+        assert "no reply within 1s" in result.text
 
     @defer.inlineCallbacks
     def test_a_receiver_that_stops_reading_mid_data_is_dropped_after_data_block_not_data_end(self):
@@ -245,11 +265,13 @@ class StalledReceiverTests(unittest.TestCase):
         env = Envelope(qid=new_qid(), sender="s@a.test", recipients=[Recipient("r@stall.test")])
         [result] = yield agent.deliver(env, env.recipients, body)  # the test's 60 s limit < data_end
         assert (result.status, result.code, result.enhanced) == (DEFERRED, 451, "4.4.2")
-        assert "Message data not sent" in result.text and "no message data for 1s" in result.text
+        assert "Message data not sent" in result.text
+        assert "no message data for 1s" in result.text
         for receiver in self.factory.connections:
             receiver.transport.resumeProducing()  # reading again, it finds the connection reset
         for _ in range(100):  # bounded poll
             if self.factory.closed:
                 break
             yield task.deferLater(reactor, 0.05, lambda: None)
-        assert len(self.factory.connections) == 1 and self.factory.closed == self.factory.connections
+        assert len(self.factory.connections) == 1
+        assert self.factory.closed == self.factory.connections

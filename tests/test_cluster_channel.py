@@ -5,6 +5,7 @@ Redis was away reaches the other nodes when it returns."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 
@@ -161,9 +162,10 @@ def test_reconnection_delays_double_up_to_a_bound_and_never_raise():
     sub.start()
     for _ in range(8):
         clock.advance(sub.delay())
-    gaps = [round(b - a, 3) for a, b in zip(opened, opened[1:], strict=False)]
+    gaps = [round(b - a, 3) for a, b in itertools.pairwise(opened)]
     assert gaps == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0, 4.0, 4.0]
-    assert not sub.subscribed and ready == []
+    assert not sub.subscribed
+    assert ready == []
     sub.stop()
     clock.advance(60)
     assert len(opened) == 9  # stopped: no attempt after
@@ -187,8 +189,11 @@ def test_a_subscription_lost_is_made_again_and_then_catches_up():
 
     sub = Subscription(clock, accept, "pymta:records", lambda c, m: None, lambda: ready.append(clock.seconds()))
     sub.start()
-    assert sub.subscribed and ready == [0.0]
+    assert sub.subscribed
+    assert ready == [0.0]
     lost_callbacks[-1]()
     assert not sub.subscribed
     clock.advance(sub.delay())
-    assert sub.subscribed and sub.subscriptions == 2 and ready == [0.0, 0.5]
+    assert sub.subscribed
+    assert sub.subscriptions == 2
+    assert ready == [0.0, 0.5]

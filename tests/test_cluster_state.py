@@ -228,7 +228,7 @@ class TestRedisClusterState(ClusterStateContract, unittest.TestCase):
     @defer.inlineCallbacks
     def test_redis_killed_divides_the_limits_then_restarted_shares_them_again(self):
         clock = _clock()
-        a, b, c = yield self._nodes(clock)
+        a, b, _c = yield self._nodes(clock)
         self.assertEqual(a.nodes_alive(), 3)
         rate = parse_rate("60/min, burst=3")
         self.redis.stop()
@@ -266,7 +266,7 @@ class TestRedisClusterState(ClusterStateContract, unittest.TestCase):
     @defer.inlineCallbacks
     def test_redis_away_divides_the_remaining_daily_quota_and_its_return_counts_what_was_sent(self):
         clock = _clock()
-        a, b, c = yield self._nodes(clock)
+        a, b, _c = yield self._nodes(clock)
         cap = [("warmup:d:ip1", 100)]
         yield _seq(lambda _: b.take_quota(cap), 40)
         self.assertTrue((yield a.take_quota(cap)))  # node a saw 41 taken
@@ -325,7 +325,8 @@ def test_cluster_config_defaults_to_local_and_checks_the_url():
     assert isinstance(make_cluster_state(config, _clock()), LocalClusterState)
     redis = build_config({**base, "cluster": {"backend": "redis", "redis": "unix:/run/redis.sock", "node": "mta1"}})
     state = make_cluster_state(redis, _clock())
-    assert isinstance(state, RedisClusterState) and state.node == "mta1"
+    assert isinstance(state, RedisClusterState)
+    assert state.node == "mta1"
     with pytest.raises(ConfigError, match=r"^<config>: cluster.redis: expected redis://"):
         build_config({**base, "cluster": {"redis": "http://x"}})
     with pytest.raises(ConfigError, match=r"^<config>: cluster.backend: "):

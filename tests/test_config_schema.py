@@ -46,12 +46,13 @@ def test_the_probes_reach_nested_sections():
     assert len(keys) > 200
 
 
-@pytest.mark.parametrize("document,key", PROBES, ids=[key for _, key in PROBES])
+@pytest.mark.parametrize(("document", "key"), PROBES, ids=[key for _, key in PROBES])
 def test_every_key_rejects_a_value_of_the_wrong_form_naming_itself(document, key):
     with pytest.raises(ConfigError) as info:
         build_config(document, "t.toml")
     message = str(info.value)
-    assert re.match(rf"t\.toml: {re.escape(key)}(: |\[1\]: )", message) and "\n" not in message, message
+    assert re.match(rf"t\.toml: {re.escape(key)}(: |\[1\]: )", message), message
+    assert "\n" not in message, message
 
 
 def test_unknown_keys_are_named_wherever_they_are():
@@ -86,7 +87,8 @@ def test_lists_tables_and_arrays_of_tables_nest_with_their_positions():
 
 def test_one_value_stands_for_a_list_of_one_except_a_warmup_ladder():
     config = build_config({"domains": {"local": "A.Test."}, "smtp": {"listen": "tcp:25"}})
-    assert config.domains.local == ("a.test",) and config.smtp.listen == ("tcp:25",)
+    assert config.domains.local == ("a.test",)
+    assert config.smtp.listen == ("tcp:25",)
     with pytest.raises(ConfigError, match=r"^t: sources\.a\.warmup: expected a list, got integer$"):
         build_config({"sources": {"a": {"address": "127.0.0.2", "warmup": 5}}}, "t")
 
@@ -96,5 +98,6 @@ def test_values_take_their_forms_and_defaults_hold():
                            "dkim": {"Example.ORG": {"selector": "s", "key": "k.pem"}}}, "t")  # fmt: skip
     assert (config.queue.retry_initial, config.queue.min_free, config.queue.retry_max) == (120, 1 << 20, 4 * 3600)
     assert list(config.shaping.domain) == ["x.test"]
-    assert config.dkim["example.org"].domain == "example.org" and config.path == "t"
+    assert config.dkim["example.org"].domain == "example.org"
+    assert config.path == "t"
     assert build_config({}).limits.message_rate == build_config({"limits": {}}).limits.message_rate is not None

@@ -105,7 +105,8 @@ def test_acl_policy_refuses_what_a_rule_matches_and_lets_the_rest_go_on():
     policy = AclPolicy(build_config({"acl": {"rcpt": [{"client": "192.0.2.0/24", "action": "reject"}]}}).acl)
     assert verifyObject(IPolicy, policy)
     refused = policy.check("rcpt", Sess(peer_address="192.0.2.9"), recipient="a@b.test")
-    assert isinstance(refused, Reply) and refused.code // 100 == 5
+    assert isinstance(refused, Reply)
+    assert refused.code // 100 == 5
     assert policy.check("rcpt", Sess(peer_address="198.51.100.1"), recipient="a@b.test") is None
     assert policy.check("connect", Sess(peer_address="192.0.2.9")) is None
 
@@ -113,7 +114,8 @@ def test_acl_policy_refuses_what_a_rule_matches_and_lets_the_rest_go_on():
 def test_relay_policy_routes_local_mail_and_relays_for_trusted_clients_only(tmp_path):
     policy = RelayPolicy(["example.test"], None, [ipaddress.ip_network("127.0.0.0/8")], [], str(tmp_path))
     assert verifyObject(IRecipientPolicy, policy)
-    assert policy.may_relay("127.0.0.1") and not policy.may_relay("192.0.2.1")
+    assert policy.may_relay("127.0.0.1")
+    assert not policy.may_relay("192.0.2.1")
     assert policy.may_relay("192.0.2.1", "alice")
     local = policy.recipient("bob@example.test", "192.0.2.1")
     assert [t.route for t in local.deliveries()] == ["local"]
@@ -142,7 +144,8 @@ def test_smtp_delegates_answer_each_stage_with_a_reply_or_none():
     for delegate in (FakeDelegate(), InboundReceiver("mx.example.test", policy, MemoryQueueStore(), task.Clock())):
         assert verifyObject(ISMTPServerDelegate, delegate)
         replies = _answers(delegate)
-        assert len(replies) == 3 and all(r is None or isinstance(r, Reply) for r in replies), replies
+        assert len(replies) == 3, replies
+        assert all(r is None or isinstance(r, Reply) for r in replies), replies
         assert all(r is None or r.code // 100 == 2 for r in replies), replies
 
 
@@ -167,5 +170,6 @@ def test_suspensions_hold_matching_mail_until_they_lapse_or_are_lifted(tmp_path)
     clock.advance(61)
     assert suspensions.match(domain="remote.test") is None
     assert suspensions.remove(long["id"])["kind"] == "campaign"
-    assert suspensions.remove(long["id"]) is None and suspensions.in_force() == []
+    assert suspensions.remove(long["id"]) is None
+    assert suspensions.in_force() == []
     suspensions.close()

@@ -118,7 +118,9 @@ class DANETests(unittest.TestCase):
         agent = self.agent()
         agent.tls_reports = Sessions()
         result = yield self.send(agent, "ee.dane.test")
-        assert result.status == DELIVERED and result.tls and result.extra["tls_policy"] == "dane"
+        assert result.status == DELIVERED
+        assert result.tls
+        assert result.extra["tls_policy"] == "dane"
         assert len(peer.messages) == 1
         assert [(s[0], s[1], s[5]) for s in agent.tls_reports.seen] == [("ee.dane.test", "tlsa", None)]  # a success
         assert peer.protocols[0].transport.getHandle().get_servername() == b"mx.ee.dane.test"  # SNI, RFC 7672 §8.1
@@ -130,8 +132,10 @@ class DANETests(unittest.TestCase):
         agent.tls_reports = Sessions()
         result = yield self.send(agent, "wrong.dane.test")
         assert (result.status, result.code, result.enhanced) == (DEFERRED, 451, "4.7.5"), result
-        assert "matches no TLSA record" in result.text and "DANE" in result.text
-        assert peer.messages == [] and b"MAIL FROM" not in peer.raw
+        assert "matches no TLSA record" in result.text
+        assert "DANE" in result.text
+        assert peer.messages == []
+        assert b"MAIL FROM" not in peer.raw
         assert self.logged("dane_mismatch")[0]["result_type"] == "validation-failure"
         [(domain, policy_type, strings, mx, ip, outcome)] = agent.tls_reports.seen  # counted for TLS reports
         assert (domain, policy_type, mx, ip, outcome) == ("wrong.dane.test", "tlsa", "mx.wrong.dane.test", "127.0.0.3",
@@ -142,23 +146,29 @@ class DANETests(unittest.TestCase):
     def test_dane_never_falls_back_to_plaintext(self):
         peer = self.peer("127.0.0.2", None)  # no STARTTLS offered
         result = yield self.send(self.agent(), "ee.dane.test")
-        assert (result.status, result.enhanced) == (DEFERRED, "4.7.5") and "TLS" in result.text
-        assert peer.messages == [] and b"MAIL FROM" not in peer.raw
+        assert (result.status, result.enhanced) == (DEFERRED, "4.7.5")
+        assert "TLS" in result.text
+        assert peer.messages == []
+        assert b"MAIL FROM" not in peer.raw
         # Without DANE the same host takes the mail in plaintext: the TLSA records made the difference.
         plain = yield self.send(self.agent(dane=False), "ee.dane.test")
-        assert plain.status == DELIVERED and plain.tls is None
+        assert plain.status == DELIVERED
+        assert plain.tls is None
 
     @defer.inlineCallbacks
     def test_dane_ta_needs_the_chain_to_the_anchor_and_the_mx_name(self):
         cert, key = self.ca.issue("mx.ta.dane.test")
         peer = self.peer("127.0.0.4", chain_options(cert, key, self.ca.cert_path))
         result = yield self.send(self.agent(), "ta.dane.test")
-        assert result.status == DELIVERED and result.extra["tls_policy"] == "dane" and len(peer.messages) == 1
+        assert result.status == DELIVERED
+        assert result.extra["tls_policy"] == "dane"
+        assert len(peer.messages) == 1
         yield peer.stop()
         cert, key = self.ca.issue("elsewhere.dane.test")
         peer = self.peer("127.0.0.4", chain_options(cert, key, self.ca.cert_path))
         result = yield self.send(self.agent(), "ta.dane.test")
-        assert (result.status, result.enhanced) == (DEFERRED, "4.7.5") and "certificate-host-mismatch" in result.text
+        assert (result.status, result.enhanced) == (DEFERRED, "4.7.5")
+        assert "certificate-host-mismatch" in result.text
         assert peer.messages == []
 
     # unusable, bogus, insecure ----------------------------------------------------------------
@@ -167,25 +177,32 @@ class DANETests(unittest.TestCase):
     def test_tlsa_records_with_unusable_parameters_make_tls_mandatory_but_unauthenticated(self):
         peer = self.peer("127.0.0.5", server_options(*self.stranger.issue("anything.example")))
         result = yield self.send(self.agent(), "unusable.dane.test")
-        assert result.status == DELIVERED and result.tls and len(peer.messages) == 1
+        assert result.status == DELIVERED
+        assert result.tls
+        assert len(peer.messages) == 1
         assert self.logged("dane_tlsa_unusable")[0]["n"] == 2
         yield peer.stop()
         bare = self.peer("127.0.0.5", None)
         refused = yield self.send(self.agent(), "unusable.dane.test")
-        assert (refused.status, refused.enhanced) == (DEFERRED, "4.7.5") and bare.messages == []
+        assert (refused.status, refused.enhanced) == (DEFERRED, "4.7.5")
+        assert bare.messages == []
 
     @defer.inlineCallbacks
     def test_a_bogus_tlsa_answer_defers_the_host_and_never_connects(self):
         peer = self.peer("127.0.0.6", None)
         result = yield self.send(self.agent(), "tb.dane.test")
-        assert (result.status, result.enhanced) == (DEFERRED, "4.7.5") and "TLSA lookup" in result.text
-        assert peer.connections == 0 and self.logged("dane_tlsa_failed")
+        assert (result.status, result.enhanced) == (DEFERRED, "4.7.5")
+        assert "TLSA lookup" in result.text
+        assert peer.connections == 0
+        assert self.logged("dane_tlsa_failed")
 
     @defer.inlineCallbacks
     def test_tlsa_records_in_an_unsigned_zone_mean_no_dane(self):
         peer = self.peer("127.0.0.9", None)
         result = yield self.send(self.agent(), "plain.test")
-        assert result.status == DELIVERED and result.tls is None and result.extra["tls_policy"] == "opportunistic"
+        assert result.status == DELIVERED
+        assert result.tls is None
+        assert result.extra["tls_policy"] == "opportunistic"
         assert len(peer.messages) == 1
 
     @defer.inlineCallbacks
@@ -200,7 +217,9 @@ class DANETests(unittest.TestCase):
         agent = self.agent()
         agent.mta_sts = EnforceElsewhere()
         result = yield self.send(agent, "ee.dane.test")
-        assert result.status == DELIVERED and result.extra["tls_policy"] == "dane" and len(peer.messages) == 1
+        assert result.status == DELIVERED
+        assert result.extra["tls_policy"] == "dane"
+        assert len(peer.messages) == 1
         agent.dane = None  # without DANE the MTA-STS policy would have stopped it
         refused = yield self.send(agent, "ee.dane.test")
         assert (refused.status, refused.enhanced, refused.extra["tls_policy"]) == (DEFERRED, "4.7.5", "mta-sts")
@@ -214,7 +233,9 @@ class DANETests(unittest.TestCase):
         self.addCleanup(proxy.stop)
         result = yield self.send(self.agent(), "mitm.dane.test")
         assert (result.status, result.enhanced) == (DEFERRED, "4.7.5"), result
-        assert proxy.stripped >= 1 and b"MAIL FROM" not in proxy.client_bytes and backend.messages == []
+        assert proxy.stripped >= 1
+        assert b"MAIL FROM" not in proxy.client_bytes
+        assert backend.messages == []
 
     # REQUIRETLS --------------------------------------------------------------------------------
 
@@ -222,25 +243,30 @@ class DANETests(unittest.TestCase):
     def test_requiretls_goes_over_dane_to_a_hop_that_offers_it_and_is_passed_on(self):
         peer = self.peer("127.0.0.2", server_options(*self.good))
         result = yield self.send(self.agent(), "ee.dane.test", requiretls=True)
-        assert result.status == DELIVERED and result.extra["tls_policy"] == "requiretls"
+        assert result.status == DELIVERED
+        assert result.extra["tls_policy"] == "requiretls"
         assert b"REQUIRETLS" in peer.raw.split(b"MAIL FROM")[1].split(b"\r\n")[0]
 
     @defer.inlineCallbacks
     def test_requiretls_waits_for_a_hop_without_requiretls(self):
         peer = self.peer("127.0.0.2", server_options(*self.good), disabled={"REQUIRETLS"})
         result = yield self.send(self.agent(), "ee.dane.test", requiretls=True)
-        assert (result.status, result.enhanced) == (DEFERRED, "4.7.30") and peer.messages == []
+        assert (result.status, result.enhanced) == (DEFERRED, "4.7.30")
+        assert peer.messages == []
         assert b"MAIL FROM" not in peer.raw
 
     @defer.inlineCallbacks
     def test_requiretls_without_dane_needs_a_pkix_certificate_for_the_mx_name(self):
         peer = self.peer("127.0.0.9", server_options(*self.plain_cert))
         result = yield self.send(self.agent(), "plain.test", requiretls=True)
-        assert result.status == DELIVERED and result.extra["tls_policy"] == "requiretls" and len(peer.messages) == 1
+        assert result.status == DELIVERED
+        assert result.extra["tls_policy"] == "requiretls"
+        assert len(peer.messages) == 1
         yield peer.stop()
         peer = self.peer("127.0.0.9", server_options(*self.stranger.issue("mx.plain.test")))
         result = yield self.send(self.agent(), "plain.test", requiretls=True)
-        assert (result.status, result.enhanced) == (DEFERRED, "4.7.5") and peer.messages == []
+        assert (result.status, result.enhanced) == (DEFERRED, "4.7.5")
+        assert peer.messages == []
 
     @defer.inlineCallbacks
     def test_a_starttls_stripping_proxy_gets_no_requiretls_mail(self):
@@ -249,14 +275,17 @@ class DANETests(unittest.TestCase):
         self.addCleanup(proxy.stop)
         result = yield self.send(self.agent(), "mitm.plain.test", requiretls=True)
         assert (result.status, result.enhanced) == (DEFERRED, "4.7.5"), result
-        assert proxy.stripped >= 1 and b"MAIL FROM" not in proxy.client_bytes and backend.messages == []
+        assert proxy.stripped >= 1
+        assert b"MAIL FROM" not in proxy.client_bytes
+        assert backend.messages == []
 
     @defer.inlineCallbacks
     def test_tls_required_no_delivers_opportunistically_where_dane_would_refuse(self):
         peer = self.peer("127.0.0.3", server_options(*self.valid_other))
         body = b"Subject: x\r\nTLS-Required: No\r\n\r\nx\r\n"
         result = yield self.send(self.agent(), "wrong.dane.test", body=body)
-        assert result.status == DELIVERED and result.extra["tls_policy"] == "opportunistic"
+        assert result.status == DELIVERED
+        assert result.extra["tls_policy"] == "opportunistic"
         assert b"TLS-Required: No" in peer.messages[0][2]  # the header stays in the message
         assert self.logged("tls_required_no")
 

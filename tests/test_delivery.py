@@ -227,7 +227,8 @@ class DeliveryTests(unittest.TestCase):
         env, rcpts = self.envelope("a@remote.test", "b@remote.test")
         results = yield self.agent().deliver(env, rcpts, body)
         assert [r.status for r in results] == [DELIVERED, DELIVERED]
-        assert results[0].remote_mta == "mx1.remote.test [127.0.0.2]" and results[0].enhanced == "2.0.0"
+        assert results[0].remote_mta == "mx1.remote.test [127.0.0.2]"
+        assert results[0].enhanced == "2.0.0"
         assert peer.messages == [("s@example.test", ["a@remote.test", "b@remote.test"], body)]
         assert b"\r\n..leading\r\n..\r\n...two\r\n" in peer.raw
         assert self.peers["127.0.0.3"].connections == 0
@@ -241,26 +242,30 @@ class DeliveryTests(unittest.TestCase):
         assert results[0].status == DELIVERED
         assert peer.messages[0][2] == b"Subject: eol\r\n\r\nline one\r\nline two\r\nline three\r\n"
         data = peer.raw.split(b"DATA\r\n", 1)[1]
-        assert data.count(b"\n") == data.count(b"\r\n") and data.count(b"\r") == data.count(b"\r\n")
+        assert data.count(b"\n") == data.count(b"\r\n")
+        assert data.count(b"\r") == data.count(b"\r\n")
 
     @defer.inlineCallbacks
     def test_falls_back_to_the_next_mx_when_the_first_is_down_or_refuses(self):
         self.peer("127.0.0.3")
         env, rcpts = self.envelope("a@down.test")  # mx1.down.test has no listener
         results = yield self.agent().deliver(env, rcpts, b"Subject: x\r\n\r\nx\r\n")
-        assert results[0].status == DELIVERED and results[0].remote_mta == "mx2.remote.test [127.0.0.3]"
+        assert results[0].status == DELIVERED
+        assert results[0].remote_mta == "mx2.remote.test [127.0.0.3]"
         refusing = self.peer("127.0.0.2", answers={"connect": Reply(421, "4.3.2", "busy")})
         env, rcpts = self.envelope("a@remote.test")
         results = yield self.agent().deliver(env, rcpts, b"Subject: x\r\n\r\nx\r\n")
         assert refusing.connections == 1
-        assert results[0].status == DELIVERED and results[0].remote_mta == "mx2.remote.test [127.0.0.3]"
+        assert results[0].status == DELIVERED
+        assert results[0].remote_mta == "mx2.remote.test [127.0.0.3]"
 
     @defer.inlineCallbacks
     def test_implicit_mx_uses_the_domain_address(self):
         peer = self.peer("127.0.0.3")
         env, rcpts = self.envelope("a@plain.test")
         results = yield self.agent().deliver(env, rcpts, b"Subject: x\r\n\r\nx\r\n")
-        assert results[0].status == DELIVERED and len(peer.messages) == 1
+        assert results[0].status == DELIVERED
+        assert len(peer.messages) == 1
 
     @defer.inlineCallbacks
     def test_dns_verdicts(self):
@@ -307,7 +312,8 @@ class DeliveryTests(unittest.TestCase):
         # Without PIPELINING the client waits for each reply: no read holds two commands.
         commands = (b"MAIL FROM:", b"RCPT TO:", b"DATA\r\n")
         per_read = [sum(chunk.count(c) for c in commands) for chunk in other.chunks]
-        assert sum(per_read) == 3 and max(per_read) == 1, other.chunks
+        assert sum(per_read) == 3, other.chunks
+        assert max(per_read) == 1, other.chunks
 
     @defer.inlineCallbacks
     def test_several_messages_share_one_connection(self):
@@ -316,7 +322,8 @@ class DeliveryTests(unittest.TestCase):
         for _ in range(3):
             env, rcpts = self.envelope("a@remote.test")
             yield agent.deliver(env, rcpts, b"Subject: x\r\n\r\nx\r\n")
-        assert len(peer.messages) == 3 and peer.connections == 1
+        assert len(peer.messages) == 3
+        assert peer.connections == 1
 
     @defer.inlineCallbacks
     def test_recipients_split_over_transactions(self):
@@ -341,12 +348,14 @@ class DeliveryTests(unittest.TestCase):
         rcpts[0].notify = ("SUCCESS", "FAILURE")
         rcpts[0].orcpt = "rfc822;a@remote.test"
         yield self.agent().deliver(env, rcpts, b"x\r\n")
-        assert b"RET=HDRS ENVID=id+2B1" in peer.raw and b"NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;a@remote.test" in peer.raw
+        assert b"RET=HDRS ENVID=id+2B1" in peer.raw
+        assert b"NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;a@remote.test" in peer.raw
         no_dsn = self.peer("127.0.0.3", disabled={"DSN"})
         env, rcpts = self.envelope("a@plain.test")
         rcpts[0].notify = ("SUCCESS",)
         [result] = yield self.agent().deliver(env, rcpts, b"x\r\n")
-        assert result.status == RELAYED and b"NOTIFY" not in no_dsn.raw
+        assert result.status == RELAYED
+        assert b"NOTIFY" not in no_dsn.raw
 
     @defer.inlineCallbacks
     def test_8bit_and_smtputf8_need_the_extensions(self):
@@ -367,13 +376,16 @@ class DeliveryTests(unittest.TestCase):
         agent = self.agent(shaper=shaper)
         env, rcpts = self.envelope("a@remote.test")
         [first] = yield agent.deliver(env, rcpts, b"x\r\n")
-        assert first.status == DEFERRED and first.enhanced == "4.7.28"
+        assert first.status == DEFERRED
+        assert first.enhanced == "4.7.28"
         connections = peer.connections
         env, rcpts = self.envelope("b@remote.test")
         [held] = yield agent.deliver(env, rcpts, b"x\r\n")
-        assert held.status == DEFERRED and held.extra["shaping"] == "mx:mx1.remote.test,mx2.remote.test"
+        assert held.status == DEFERRED
+        assert held.extra["shaping"] == "mx:mx1.remote.test,mx2.remote.test"
         assert held.extra["hold_until"] >= reactor.seconds() + 590  # the shipped rule pauses 10 minutes
-        assert "4.7.28" in held.text and peer.connections == connections  # nothing was sent
+        assert "4.7.28" in held.text
+        assert peer.connections == connections
 
     @defer.inlineCallbacks
     def test_results_name_the_provider_their_destination_rolls_up_to(self):
@@ -382,7 +394,8 @@ class DeliveryTests(unittest.TestCase):
         self.peer("127.0.0.2")
         shaper = Shaper(reactor, Limits(connections=5), providers={"remotemail": (("remote.test",), Limits())})
         [result] = yield self.agent(shaper=shaper).deliver(*self.envelope("a@remote.test"), b"x\r\n")
-        assert result.status == DELIVERED and result.extra["provider"] == "remotemail"
+        assert result.status == DELIVERED
+        assert result.extra["provider"] == "remotemail"
 
     @defer.inlineCallbacks
     def test_source_address_binds_outgoing_connections(self):
@@ -392,7 +405,8 @@ class DeliveryTests(unittest.TestCase):
         peer.factory.delegate.connected = lambda session: (seen.append(session.peer_address), original(session))[1]
         env, rcpts = self.envelope("a@remote.test")
         [result] = yield self.agent(source_address="127.0.0.9").deliver(env, rcpts, b"x\r\n")
-        assert result.status == DELIVERED and seen == ["127.0.0.9"]
+        assert result.status == DELIVERED
+        assert seen == ["127.0.0.9"]
 
     @defer.inlineCallbacks
     def test_pool_sources_bind_their_address_and_ehlo_name_and_unbindable_ones_leave(self):
@@ -409,11 +423,14 @@ class DeliveryTests(unittest.TestCase):
         agent = self.agent(selector=selector)
         env, rcpts = self.envelope("a@remote.test")
         [first] = yield agent.deliver(env, rcpts, b"x\r\n")
-        assert not bad.usable and "cannot bind 192.0.2.77" in bad.why_unusable
+        assert not bad.usable
+        assert "cannot bind 192.0.2.77" in bad.why_unusable
         env, rcpts = self.envelope("b@remote.test")
         [second] = yield agent.deliver(env, rcpts, b"x\r\n")
-        assert second.status == DELIVERED and seen[-1] == ("127.0.0.9", "mta9.example.test")
-        assert first.status == DEFERRED and "Cannot bind the source address 192.0.2.77" in first.text
+        assert second.status == DELIVERED
+        assert seen[-1] == ("127.0.0.9", "mta9.example.test")
+        assert first.status == DEFERRED
+        assert "Cannot bind the source address 192.0.2.77" in first.text
 
     @defer.inlineCallbacks
     def test_per_source_limits_keep_a_state_per_source(self):
@@ -446,7 +463,8 @@ class DeliveryTests(unittest.TestCase):
             calls.append(agent.deliver(env, rcpts, b"x\r\n"))
         results = yield defer.gatherResults(calls)
         assert all(r[0].status == DELIVERED for r in results)
-        assert peer.connections == 1 and len(peer.messages) == 3
+        assert peer.connections == 1
+        assert len(peer.messages) == 3
 
     @defer.inlineCallbacks
     def _peak_concurrency(self, address: str, domain: str, agent: SMTPDeliveryAgent, burst: int) -> HoldingPeer:
@@ -479,7 +497,8 @@ class DeliveryTests(unittest.TestCase):
         shaper = Shaper(reactor, Limits(connections=2), {"remote.test": Limits(connections=5)})
         agent = self.agent(max_connections_per_domain=2, shaper=shaper)
         peer = yield self._peak_concurrency("127.0.0.3", "plain.test", agent, burst=5)
-        assert peer.peak_held == 2 and peer.peak_open <= 2
+        assert peer.peak_held == 2
+        assert peer.peak_open <= 2
 
     @defer.inlineCallbacks
     def test_abort_all_answers_deliveries_in_flight_as_deferred_and_connects_no_more(self):
@@ -490,19 +509,23 @@ class DeliveryTests(unittest.TestCase):
         env2, rcpts2 = self.envelope("b@remote.test")
         waiting = agent.deliver(env2, rcpts2, b"x\r\n")  # behind the one connection allowed
         yield deadline(lambda: peer.messages, 10)
-        assert not hanging.called and not waiting.called
+        assert not hanging.called
+        assert not waiting.called
         yield agent.abort_all(settle=0.5)
         # Which of the two took the one connection depends on which route lookup answered first.
         results = {r.address: r for d in (hanging, waiting) for r in d.result}
         [(_, [sent_to], _)] = peer.messages
         first = results.pop(sent_to)
         [second] = results.values()
-        assert first.status == DEFERRED and "may be a duplicate" in first.text  # lost after the dot
-        assert second.status == DEFERRED and second.enhanced == "4.3.2"
+        assert first.status == DEFERRED
+        assert "may be a duplicate" in first.text
+        assert second.status == DEFERRED
+        assert second.enhanced == "4.3.2"
         yield deadline(lambda: all(p.transport is None or not p.transport.connected for p in peer.protocols), 5)
         env3, rcpts3 = self.envelope("c@remote.test")
         [third] = yield agent.deliver(env3, rcpts3, b"x\r\n")
-        assert (third.status, third.enhanced) == (DEFERRED, "4.3.2") and peer.connections == 1
+        assert (third.status, third.enhanced) == (DEFERRED, "4.3.2")
+        assert peer.connections == 1
 
 
 @defer.inlineCallbacks
@@ -588,7 +611,8 @@ class ClientTimeoutTests(unittest.TestCase):
         clock.advance(299)
         assert failures == []
         clock.advance(2)
-        assert failures and failures[0].check(ReplyTimeout)
+        assert failures
+        assert failures[0].check(ReplyTimeout)
         assert transport.disconnecting or getattr(transport, "aborting", False) or transport.disconnected
 
     def test_replies_parse_multiline_and_garbage_is_a_protocol_error(self):
@@ -601,11 +625,13 @@ class ClientTimeoutTests(unittest.TestCase):
         got = []
         proto.expect(10).addCallback(got.append)
         proto.dataReceived(b"250-mx.example\r\n250-PIPELINING\r\n250 SIZE 1000\r\n")
-        assert got[0].code == 250 and got[0].lines() == ["mx.example", "PIPELINING", "SIZE 1000"]
+        assert got[0].code == 250
+        assert got[0].lines() == ["mx.example", "PIPELINING", "SIZE 1000"]
         errors = []
         proto.expect(10).addErrback(errors.append)
         proto.dataReceived(b"HTTP/1.1 400 Bad Request\r\n")
-        assert errors and errors[0].check(SMTPProtocolError)
+        assert errors
+        assert errors[0].check(SMTPProtocolError)
 
 
 class OutboundTLSTests(unittest.TestCase):
@@ -651,7 +677,9 @@ class OutboundTLSTests(unittest.TestCase):
         peer = self.peer(ServerTLS(self.cert, self.key))
         env = Envelope(qid=new_qid(), sender="s@example.test", recipients=[Recipient("a@remote.test")])
         [result] = yield self.agent("verify", self.cert).deliver(env, env.recipients, b"x\r\n")
-        assert result.status == DELIVERED and result.tls and result.tls.startswith("TLSv1.")
+        assert result.status == DELIVERED
+        assert result.tls
+        assert result.tls.startswith("TLSv1.")
         assert len(peer.messages) == 1
 
     @defer.inlineCallbacks
@@ -665,8 +693,10 @@ class OutboundTLSTests(unittest.TestCase):
         peer = self.peer(ServerTLS(self.cert, self.key))
         env = Envelope(qid=new_qid(), sender="s@example.test", recipients=[Recipient("a@remote.test")])
         [result] = yield self.agent("verify", other_cert).deliver(env, env.recipients, b"x\r\n")
-        assert result.status == DEFERRED and result.enhanced.startswith("4.")
-        assert peer.messages == [] and b"MAIL FROM" not in peer.raw
+        assert result.status == DEFERRED
+        assert result.enhanced.startswith("4.")
+        assert peer.messages == []
+        assert b"MAIL FROM" not in peer.raw
 
     @defer.inlineCallbacks
     def test_opportunistic_tls_falls_back_to_plaintext_when_the_handshake_fails(self):
@@ -678,7 +708,9 @@ class OutboundTLSTests(unittest.TestCase):
         env = Envelope(qid=new_qid(), sender="s@example.test", recipients=[Recipient("a@remote.test")])
         agent = self.agent("opportunistic", None)
         [result] = yield agent.deliver(env, env.recipients, b"x\r\n")
-        assert result.status == DELIVERED and result.tls is None
-        assert len(peer.messages) == 1 and "127.0.0.2" in agent.no_tls_until
+        assert result.status == DELIVERED
+        assert result.tls is None
+        assert len(peer.messages) == 1
+        assert "127.0.0.2" in agent.no_tls_until
         self.flushLoggedErrors()
 

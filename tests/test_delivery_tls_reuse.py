@@ -82,9 +82,11 @@ class TLSReuseTests(unittest.TestCase):
         peer = self.peer()
         agent = self.agent(self.untrusted_ca())  # the server's certificate cannot be verified
         first = yield self.send(agent, "opp.test")
-        assert first.status == DELIVERED and first.tls  # encrypted, not verified
+        assert first.status == DELIVERED
+        assert first.tls
         second = yield self.send(agent, "ver.test")
-        assert second.status == DEFERRED and second.enhanced.startswith("4.7.")
+        assert second.status == DEFERRED
+        assert second.enhanced.startswith("4.7.")
         assert peer.connections == 2  # a connection of its own, refused at the handshake
         assert [d for d, _ in peer.seen] == ["opp.test"]
 
@@ -93,10 +95,12 @@ class TLSReuseTests(unittest.TestCase):
         peer = self.peer(tls=False)  # no STARTTLS at all
         agent = self.agent(self.cert)
         first = yield self.send(agent, "opp.test")
-        assert first.status == DELIVERED and first.tls is None
+        assert first.status == DELIVERED
+        assert first.tls is None
         second = yield self.send(agent, "ver.test")
         assert (second.status, second.enhanced) == (DEFERRED, "4.7.4")
-        assert peer.connections == 2 and [d for d, _ in peer.seen] == ["opp.test"]
+        assert peer.connections == 2
+        assert [d for d, _ in peer.seen] == ["opp.test"]
         assert peer.raw.count(b"MAIL FROM") == 1
 
     @defer.inlineCallbacks
@@ -105,13 +109,15 @@ class TLSReuseTests(unittest.TestCase):
         agent = self.agent(self.cert)
         for domain in ("opp.test", "ver.test", "ver.test", "opp.test", "plain.test"):
             result = yield self.send(agent, domain)
-            assert result.status == DELIVERED and result.tls, domain
+            assert result.status == DELIVERED, domain
+            assert result.tls, domain
         # opp.test's unverified session stays idle; ver.test opened a verified one, reused by all after.
         assert peer.connections == 2
         assert all(tls for _, tls in peer.seen)
         # Same address, other MX name: the certificate was verified for mx.shared.test, not for it.
         alias = yield self.send(agent, "alias.test")
-        assert alias.status == DEFERRED and peer.connections == 3
+        assert alias.status == DEFERRED
+        assert peer.connections == 3
         assert [d for d, _ in peer.seen].count("alias.test") == 0
 
     @defer.inlineCallbacks
@@ -119,7 +125,11 @@ class TLSReuseTests(unittest.TestCase):
         peer = self.peer()
         agent = self.agent(self.cert)
         first = yield self.send(agent, "plain.test")
-        assert first.status == DELIVERED and first.tls is None
+        assert first.status == DELIVERED
+        assert first.tls is None
         second = yield self.send(agent, "opp.test")
-        assert second.status == DELIVERED and second.tls and peer.connections == 2
-        assert peer.seen == [("plain.test", None), ("opp.test", peer.seen[1][1])] and peer.seen[1][1]
+        assert second.status == DELIVERED
+        assert second.tls
+        assert peer.connections == 2
+        assert peer.seen == [("plain.test", None), ("opp.test", peer.seen[1][1])]
+        assert peer.seen[1][1]

@@ -51,14 +51,16 @@ class ResolverTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_no_mx_means_the_domain_itself(self):
         result = yield self.resolver.lookup_mx("nomx.test")
-        assert result.implicit and result.hosts == ("nomx.test",)
+        assert result.implicit
+        assert result.hosts == ("nomx.test",)
         addresses = yield self.resolver.lookup_addresses("nomx.test")
         assert addresses == ["127.0.0.5"]
 
     @defer.inlineCallbacks
     def test_null_mx(self):
         result = yield self.resolver.lookup_mx("nullmx.test")
-        assert result.null and result.hosts == ()
+        assert result.null
+        assert result.hosts == ()
 
     @defer.inlineCallbacks
     def test_cname_is_followed(self):

@@ -94,7 +94,7 @@ def test_after_kill_9_under_load_every_acknowledged_and_every_delivered_message_
         dns.stop()
 
 
-@pytest.mark.parametrize("sig,processes", [(signal.SIGUSR1, 1), (signal.SIGHUP, 1), (signal.SIGUSR1, 2)],
+@pytest.mark.parametrize(("sig", "processes"), [(signal.SIGUSR1, 1), (signal.SIGHUP, 1), (signal.SIGUSR1, 2)],
                          ids=["SIGUSR1", "SIGHUP", "SIGUSR1-with-a-listener-worker"])  # fmt: skip
 def test_a_signal_reopens_the_accounting_log_and_the_log_file_after_logrotate_renamed_them(tmp_path, sig, processes):
     mta = MTAProcess(str(tmp_path), smtp_extra=f"processes = {processes}").start()

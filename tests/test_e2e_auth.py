@@ -92,15 +92,19 @@ def test_verdicts_reach_the_mailbox_and_forwarded_mail_is_arc_sealed(world):
     [stored] = mta.wait_for(lambda: mta.maildir_messages("alice@example.test"), what="delivery")
     head = stored.split(b"\n\n", 1)[0].replace(b"\n\t", b" ")
     results = [line for line in head.split(b"\n") if line.startswith(b"Authentication-Results:")]
-    assert len(results) == 1 and b"bank.example" not in results[0]
+    assert len(results) == 1
+    assert b"bank.example" not in results[0]
     assert b"spf=pass smtp.mailfrom=bob@example.org" in results[0]
-    assert b"dkim=pass header.d=example.org" in results[0] and b"dmarc=pass" in results[0]
+    assert b"dkim=pass header.d=example.org" in results[0]
+    assert b"dmarc=pass" in results[0]
 
     send(mta, "bob@example.org", "carol@forward.example", signed(message("bob@example.org", "carol@forward.example")))
     [forwarded] = mta.wait_for(sink.messages, what="forwarded message")  # whole files: they end in "body"
     body = forwarded[forwarded.find(b"ARC-Seal:") :] if b"ARC-Seal:" in forwarded else forwarded
     seal = body.split(b"\n", 1)[0]
-    assert seal.startswith(b"ARC-Seal: i=1;") and b" cv=none;" in seal and b" d=forward.example; s=arc;" in seal
+    assert seal.startswith(b"ARC-Seal: i=1;")
+    assert b" cv=none;" in seal
+    assert b" d=forward.example; s=arc;" in seal
     assert verify(body, dns.port) == ["pass example.org rsa-sha256 pass", "overall pass"]  # the sender's DKIM still holds
     assert verify(body, dns.port, "arc")[0].startswith("arc pass")
     tampered = body.replace(b"Hello.", b"Hell0.")
@@ -111,7 +115,8 @@ def test_dmarc_reject_and_a_verdict_acl_refuse_at_end_of_data(world):
     mta, _, _ = world
     with pytest.raises(smtplib.SMTPDataError) as e:
         send(mta, "x@other.example", "alice@example.test", message("ceo@example.org", "alice@example.test"))
-    assert e.value.smtp_code == 550 and e.value.smtp_error.startswith(b"5.7.1 ")
+    assert e.value.smtp_code == 550
+    assert e.value.smtp_error.startswith(b"5.7.1 ")
     broken = signed(message("bob@example.org", "alice@example.test")).replace(b"Hello.", b"Hell0.")
     with pytest.raises(smtplib.SMTPDataError) as e:
         send(mta, "bob@example.org", "alice@example.test", broken)

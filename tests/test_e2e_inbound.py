@@ -75,7 +75,8 @@ def test_reply_to_data_names_the_queue_id_and_is_logged_as_json(mta):
         client.mail("someone@example.org")
         client.rcpt("bob@example.test")
         code, text = client.data(MESSAGE.encode())
-    assert code == 250 and text.startswith(b"2.0.0 Ok: queued as ")
+    assert code == 250
+    assert text.startswith(b"2.0.0 Ok: queued as ")
     qid = text.rsplit(b" ", 1)[1].decode()
 
     def queued_event():
@@ -85,7 +86,8 @@ def test_reply_to_data_names_the_queue_id_and_is_logged_as_json(mta):
     assert event["sender"] == "someone@example.org"
     assert event["recipients"] == ["bob@example.test"]
     assert event["client"] == "127.0.0.1"
-    assert event["code"] == 250 and event["enhanced"] == "2.0.0"
+    assert event["code"] == 250
+    assert event["enhanced"] == "2.0.0"
     assert event["size"] > len(MESSAGE)
 
 
@@ -101,7 +103,8 @@ def test_unknown_mailbox_and_relay_attempts_are_refused_and_logged(mta):
     rejections = mta.wait_for(
         lambda: [e for e in mta.log_events() if e.get("event") == "reject"], what="reject log event"
     )
-    assert rejections[0]["rcpt"] == "nobody@example.test" and rejections[0]["enhanced"] == "5.1.1"
+    assert rejections[0]["rcpt"] == "nobody@example.test"
+    assert rejections[0]["enhanced"] == "5.1.1"
     mta.stop()  # everything logged is in the file
     rejections = [e for e in mta.log_events() if e.get("event") == "reject"]
     assert len(rejections) == 1  # one event per reject, not one per layer that saw it
@@ -117,7 +120,8 @@ def test_relay_mail_from_a_trusted_client_waits_safely_in_the_queue(mta):
     qid = text.rsplit(b" ", 1)[1].decode()
     envelope, body = mta.wait_for(lambda: mta.queued_message(qid), what="queued envelope")
     assert envelope["sender"] == "someone@example.org"
-    assert envelope["ret"] == "HDRS" and envelope["envid"] == "abc+def"
+    assert envelope["ret"] == "HDRS"
+    assert envelope["envid"] == "abc+def"
     [rcpt] = envelope["recipients"]
     assert rcpt["address"] == "carol@remote.example"
     assert rcpt["route"] == "relay"

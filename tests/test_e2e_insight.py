@@ -65,6 +65,7 @@ def test_worker_accepted_mail_is_received_in_the_series_and_the_webhook_backlog_
         chart = re.search(r'<svg[^>]*aria-label="webhook backlog".*?</svg>', html)
         assert chart, "no webhook backlog chart"
         values = [float(v) for v in re.findall(r'data-series="events"[^>]*data-v="([0-9.]+)"', chart.group(0))]
-        assert values and values[-1] == backlog == _backlog(api_port), (values, backlog)
+        assert values, (values, backlog)
+        assert values[-1] == backlog == _backlog(api_port), (values, backlog)
     finally:
         mta.stop()

@@ -6,6 +6,7 @@ until the MX offers TLS with a certificate for its name; then a flush delivers i
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import os
@@ -131,10 +132,8 @@ class Receiver:
         self.server.shutdown()
         self.server.server_close()
         for connection in self.connections:
-            try:
+            with contextlib.suppress(OSError):
                 connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
         self.thread.join(10)
 
 
@@ -161,23 +160,27 @@ def test_enforce_holds_mail_for_a_plaintext_mx_then_delivers_over_verified_tls(t
         with smtplib.SMTP("127.0.0.1", mta.port, timeout=30) as client:
             client.sendmail("s@example.org", ["r@sts.test"], "Subject: sts\r\n\r\nbody\r\n")
         mta.wait_for(lambda: mta.queue_files("deferred"), what="deferral under enforce")
-        assert plain.messages == [] and policy_host.requests == ["/.well-known/mta-sts.txt"]
+        assert plain.messages == []
+        assert policy_host.requests == ["/.well-known/mta-sts.txt"]
         [qid] = mta.queue_files("deferred")
         shown = queue_cli(mta, "show", qid)
         assert shown.returncode == 0, shown.stderr
         reply = json.loads(shown.stdout)["recipients"][0]["reply"]
-        assert (reply["enhanced"], reply["tls_policy"]) == ("4.7.5", "mta-sts") and "MTA-STS" in reply["text"]
+        assert (reply["enhanced"], reply["tls_policy"]) == ("4.7.5", "mta-sts")
+        assert "MTA-STS" in reply["text"]
         assert os.path.isfile(os.path.join(mta.state_dir, "mta-sts", "sts.test.json"))  # cached on disk
         plain.stop()
         secure = Receiver("127.0.0.2", smtp_port, ca.issue("mx.sts.test"))
         try:
             assert queue_cli(mta, "flush").returncode == 0
             [(tls, data)] = mta.wait_for(lambda: secure.messages, what="delivery over TLS")
-            assert tls and b"Subject: sts" in data
+            assert tls
+            assert b"Subject: sts" in data
             log = os.path.join(mta.state_dir, "log", "accounting.jsonl")
-            records = mta.wait_for(lambda: [json.loads(x) for x in open(log).read().splitlines()
+            records = mta.wait_for(lambda: [json.loads(x) for x in open(log).read().splitlines()  # noqa: SIM115 (kept open beyond this block)
                                             if '"delivered"' in x], what="the delivered record")  # fmt: skip
-            assert records[0]["tls_policy"] == "mta-sts" and records[0]["tls"]
+            assert records[0]["tls_policy"] == "mta-sts"
+            assert records[0]["tls"]
         finally:
             secure.stop()
     finally:
@@ -217,13 +220,16 @@ def test_requiretls_end_to_end_accepted_over_tls_only_and_held_for_a_hop_without
         [qid] = mta.queue_files("deferred")
         reply = json.loads(queue_cli(mta, "show", qid).stdout)["recipients"][0]["reply"]
         assert (reply["enhanced"], reply["tls_policy"]) == ("4.7.30", "requiretls")
-        assert old.messages == [] and old.mail_lines == []
+        assert old.messages == []
+        assert old.mail_lines == []
         old.stop()
         new = Receiver("127.0.0.2", smtp_port, mx_cert, requiretls=True)
         try:
             assert queue_cli(mta, "flush").returncode == 0
             [(tls, data)] = mta.wait_for(lambda: new.messages, what="delivery to a REQUIRETLS hop")
-            assert tls and b"Subject: secret" in data and new.mail_lines[0].endswith(b" REQUIRETLS")
+            assert tls
+            assert b"Subject: secret" in data
+            assert new.mail_lines[0].endswith(b" REQUIRETLS")
         finally:
             new.stop()
     finally:

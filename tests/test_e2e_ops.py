@@ -40,12 +40,14 @@ def test_flush_domain_lifts_a_dead_site_suspension_and_delivers_now(tmp_path):
             return destinations if destinations and destinations[0]["reason"].startswith("dead site") else None
 
         [later] = mta.wait_for(later_state, what="dead-site suspension of later.test")
-        assert later["key"] == "mx:mx.later.test" and later["paused_until"] > 0
+        assert later["key"] == "mx:mx.later.test"
+        assert later["paused_until"] > 0
         sink = Sink("127.0.0.8", port)
         flushed = run_cli(mta, "queue_main", "flush", "--domain", "later.test")
         assert flushed.returncode == 0, flushed.stderr
         answer = json.loads(flushed.stdout)
-        assert answer["resumed"] == ["mx:mx.later.test"] and answer["domain"] == "later.test"
+        assert answer["resumed"] == ["mx:mx.later.test"]
+        assert answer["domain"] == "later.test"
         mta.wait_for(lambda: len(sink.messages()) == 6, what="every message for later.test delivered after the flush")
         assert run_cli(mta, "queue_main", "shaping", "later.test").returncode == 0
         listing = json.loads(run_cli(mta, "queue_main", "--json", "list").stdout)

@@ -86,21 +86,24 @@ def test_relay_to_the_mx_that_answers_and_account_for_it(tmp_path, world):
         assert b"\r\n.dot line\r\nbody\r\n" in dumped.replace(b"\n", b"\r\n").replace(b"\r\r\n", b"\r\n")
         log = os.path.join(mta.state_dir, "log", "accounting.jsonl")
         events = mta.wait_for(
-            lambda: [json.loads(x) for x in open(log).read().splitlines()] if os.path.exists(log) and
-            any('"delivered"' in x for x in open(log)) else None, what="accounting records",
+            lambda: [json.loads(x) for x in open(log).read().splitlines()] if os.path.exists(log) and  # noqa: SIM115 (kept open beyond this block)
+            any('"delivered"' in x for x in open(log)) else None, what="accounting records",  # noqa: SIM115 (kept open beyond this block)
         )  # fmt: skip
         kinds = [e["event"] for e in events]
         assert kinds == ["received", "delivered"]
         delivered = events[1]
-        assert delivered["mx"] == "mx2.remote.test [127.0.0.7]" and delivered["reply"]["code"] == 250
-        assert delivered["recipient"] == "r@remote.test" and delivered["attempt"] == 1
-        assert "queue_time" in delivered and delivered["qid"] == events[0]["qid"]
+        assert delivered["mx"] == "mx2.remote.test [127.0.0.7]"
+        assert delivered["reply"]["code"] == 250
+        assert delivered["recipient"] == "r@remote.test"
+        assert delivered["attempt"] == 1
+        assert "queue_time" in delivered
+        assert delivered["qid"] == events[0]["qid"]
     finally:
         mta.stop()
 
 
 def test_deferred_mail_is_listed_flushed_and_delivered_after_a_restart(tmp_path, world):
-    dns, sink, port = world
+    dns, _sink, port = world
     mta = MTAProcess(str(tmp_path), dns=dns.address, smtp_port=port).start()
     try:
         with smtplib.SMTP("127.0.0.1", mta.port, timeout=30) as client:
@@ -108,7 +111,8 @@ def test_deferred_mail_is_listed_flushed_and_delivered_after_a_restart(tmp_path,
         mta.wait_for(lambda: mta.queue_files("deferred"), what="deferral (nothing listens at mx.later.test)")
         listing = queue_cli(mta, "list")
         assert listing.returncode == 0, listing.stderr
-        assert "x@later.test [deferred]" in listing.stdout and "4.4.1" in listing.stdout
+        assert "x@later.test [deferred]" in listing.stdout
+        assert "4.4.1" in listing.stdout
         [qid] = mta.queue_files("deferred")
         # Bring the MX up, restart, flush through the control socket: it is delivered.
         mta.stop()
@@ -120,7 +124,8 @@ def test_deferred_mail_is_listed_flushed_and_delivered_after_a_restart(tmp_path,
             assert b"Subject: relay" in dumped
             mta.wait_for(lambda: not mta.queue_files("deferred"), what="empty queue")
             shown = queue_cli(mta, "show", qid)
-            assert shown.returncode == 1 and "no message" in shown.stderr
+            assert shown.returncode == 1
+            assert "no message" in shown.stderr
         finally:
             later.stop()
     finally:
@@ -128,7 +133,7 @@ def test_deferred_mail_is_listed_flushed_and_delivered_after_a_restart(tmp_path,
 
 
 def test_control_socket_is_private(tmp_path, world):
-    dns, sink, port = world
+    dns, _sink, port = world
     mta = MTAProcess(str(tmp_path), dns=dns.address, smtp_port=port).start()
     try:
         path = os.path.join(mta.state_dir, "control.sock")
@@ -179,12 +184,14 @@ def test_the_feedback_loop_end_to_end(tmp_path, world):
             lambda: (out := run_cli(mta, "suppress_main", "list").stdout) and "r@remote.test" in out and out,
             what="the recipient suppressed",
         )  # fmt: skip
-        assert "r@remote.test\tglobal\tbounce\tuserunknown" in listing and "x@remote.test" not in listing
+        assert "r@remote.test\tglobal\tbounce\tuserunknown" in listing
+        assert "x@remote.test" not in listing
         with smtplib.SMTP("127.0.0.1", mta.port, timeout=30) as client:
             client.ehlo("app.example.org")
             client.mail("news@example.org")
             code, text = client.rcpt("r@remote.test")
-        assert (code, text[:5]) == (550, b"5.7.1") and b"userunknown" in text
+        assert (code, text[:5]) == (550, b"5.7.1")
+        assert b"userunknown" in text
     finally:
         mta.stop()
 
@@ -214,7 +221,7 @@ def test_pool_source_and_shaping_state_through_the_control_socket(tmp_path, worl
     try:
         with smtplib.SMTP("127.0.0.1", mta.port, timeout=30) as client:
             client.sendmail("s@example.org", ["r@remote.test"], MESSAGE)
-        [dumped] = mta.wait_for(sink.messages, what="delivery through the pool's source")
+        [_dumped] = mta.wait_for(sink.messages, what="delivery through the pool's source")
         state = mta.wait_for(
             lambda: (r := queue_cli(mta, "shaping")).returncode == 0 and json.loads(r.stdout)["sources"][0]["sent_today"]
             and json.loads(r.stdout), what="shaping state",

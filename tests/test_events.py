@@ -36,13 +36,18 @@ def test_an_event_counts_as_emitted_only_once_it_is_fsynced(tmp_path):
     journal = journal_at(tmp_path, clock)
     journal.emit("delivered", qid="Q1", recipient="a@b.example", reply=None)
     done = journal.synced()
-    assert not done.called and journal.durable_seq == 0
+    assert not done.called
+    assert journal.durable_seq == 0
     assert journal.read(0, 10) == []  # readers see nothing that is not durable
     clock.advance(0)
-    assert done.called and journal.durable_seq == 1
+    assert done.called
+    assert journal.durable_seq == 1
     [record] = journal.read(0, 10)
-    assert record["type"] == "delivered" and record["qid"] == "Q1" and "reply" not in record
-    assert len(record["event_id"]) == 32 and record["seq"] == 1
+    assert record["type"] == "delivered"
+    assert record["qid"] == "Q1"
+    assert "reply" not in record
+    assert len(record["event_id"]) == 32
+    assert record["seq"] == 1
 
 
 def test_restart_continues_the_sequence_and_cuts_a_torn_last_record(tmp_path):
@@ -73,13 +78,17 @@ def test_events_within_the_commit_delay_share_one_write_and_fsync(tmp_path):
     clock.advance(0.01)
     journal.emit("delivered", qid="Q2")
     second = journal.synced()
-    assert not first.called and journal.read(0, 10) == []  # not durable, not acknowledged yet
+    assert not first.called
+    assert journal.read(0, 10) == []
     clock.advance(0.01)
-    assert first.called and second.called and writes == [2]
+    assert first.called
+    assert second.called
+    assert writes == [2]
     assert [r["qid"] for r in journal.read(0, 10)] == ["Q1", "Q2"]
     journal.emit("delivered", qid="Q3")
     clock.advance(0.02)
-    assert writes == [2, 3] and clock.getDelayedCalls() == []
+    assert writes == [2, 3]
+    assert clock.getDelayedCalls() == []
 
 
 def test_segments_rotate_and_are_pruned_once_read(tmp_path):
@@ -92,7 +101,8 @@ def test_segments_rotate_and_are_pruned_once_read(tmp_path):
     assert [r["qid"] for r in journal.read(0, 100)] == [f"Q{i}" for i in range(20)]
     assert [r["seq"] for r in journal.read(7, 3)] == [8, 9, 10]
     journal.prune(15)
-    assert journal.segments[0] <= 16 and len(os.listdir(tmp_path / "j")) == len(journal.segments)
+    assert journal.segments[0] <= 16
+    assert len(os.listdir(tmp_path / "j")) == len(journal.segments)
     assert [r["seq"] for r in journal.read(15, 100)] == list(range(16, 21))
 
 
@@ -107,10 +117,14 @@ def test_delivery_outcomes_become_events_with_bounce_classification(tmp_path):
                   metadata={"id": 7}, reply={"code": 550, "enhanced": "5.1.1", "text": "5.1.1 User unknown"})  # fmt: skip
     assert not d.called  # the queue manager waits for this before it writes the new state
     clock.advance(0)
-    assert d.called and seen == ["received", "bounced"]
+    assert d.called
+    assert seen == ["received", "bounced"]
     [record] = journal.read(0, 10)
-    assert record["type"] == "bounced" and record["enhanced"] == "5.1.1" and record["metadata"] == {"id": 7}
-    assert record["bounce"] == {"reason": "userunknown", "class": "hard"} and record["provider"] == "gmail"
+    assert record["type"] == "bounced"
+    assert record["enhanced"] == "5.1.1"
+    assert record["metadata"] == {"id": 7}
+    assert record["bounce"] == {"reason": "userunknown", "class": "hard"}
+    assert record["provider"] == "gmail"
 
 
 def test_signature_is_hmac_of_timestamp_dot_body():
@@ -169,9 +183,12 @@ def test_down_then_500_then_200_delivers_every_event_in_order_with_backoff(tmp_p
         else:
             step = 5.0  # a request that hangs: its timeout
         clock.advance(step)
-    assert sender.cursor.seq == 5 and sender.cursor.delivered == 5 and sender.cursor.dropped == 0
+    assert sender.cursor.seq == 5
+    assert sender.cursor.delivered == 5
+    assert sender.cursor.dropped == 0
     # backoff grows (jittered, between half and all of 1, 2, 4, 8, 16, 32 s) until the endpoint answers 2xx
-    assert len(delays) == 6 and all(0.5 * 2**i <= d <= 2**i for i, d in enumerate(delays)), delays
+    assert len(delays) == 6, delays
+    assert all(0.5 * 2**i <= d <= 2**i for i, d in enumerate(delays)), delays
     received = {}
     order = []
     for body, headers in receiver.requests:
@@ -185,7 +202,8 @@ def test_down_then_500_then_200_delivers_every_event_in_order_with_backoff(tmp_p
     assert [s for i, s in enumerate(order) if s not in order[:i]] == [1, 2, 3, 4, 5]  # first deliveries in order
     # the cursor is durable: a new sender (a restart) starts after the last accepted event
     again = sender_for(tmp_path, clock, journal, ScriptedReceiver([]))
-    assert again.cursor.seq == 5 and again.cursor.delivered == 5
+    assert again.cursor.seq == 5
+    assert again.cursor.delivered == 5
 
 
 def test_a_400_drops_the_batch_with_a_record_and_a_count(tmp_path):
@@ -198,12 +216,16 @@ def test_a_400_drops_the_batch_with_a_record_and_a_count(tmp_path):
     journal.emit("complaint", qid="Q1", recipient="a@b.example")
     journal.emit("delivered", qid="Q2")
     clock.advance(0)
-    assert sender.cursor.seq == 2 and sender.cursor.dropped == 1 and sender.cursor.delivered == 1
+    assert sender.cursor.seq == 2
+    assert sender.cursor.dropped == 1
+    assert sender.cursor.delivered == 1
     [line] = (tmp_path / "hooks" / "crm.dropped.jsonl").read_text().splitlines()
     record = json.loads(line)
-    assert record["why"] == "HTTP 400" and record["event"]["type"] == "complaint"
+    assert record["why"] == "HTTP 400"
+    assert record["event"]["type"] == "complaint"
     assert isinstance(json.loads(receiver.requests[0][0]), dict)  # batch_size 1: one object per POST
-    assert sender.status()["dropped"] == 1 and sender.status()["backlog"] == 0
+    assert sender.status()["dropped"] == 1
+    assert sender.status()["backlog"] == 0
 
 
 def test_events_older_than_max_age_are_given_up_after_a_failure(tmp_path):
@@ -220,7 +242,8 @@ def test_events_older_than_max_age_are_given_up_after_a_failure(tmp_path):
         if sender.cursor.dropped:
             break
         clock.advance(10.0)
-    assert sender.cursor.dropped == 1 and sender.cursor.seq == 1
+    assert sender.cursor.dropped == 1
+    assert sender.cursor.seq == 1
     assert "max_age" in (tmp_path / "hooks" / "crm.dropped.jsonl").read_text()
 
 
@@ -235,7 +258,8 @@ def test_only_the_chosen_event_types_are_posted(tmp_path):
         journal.emit(kind)
     clock.advance(0)
     [(body, _)] = receiver.requests
-    assert [e["type"] for e in json.loads(body)] == ["bounced", "bounced"] and sender.cursor.seq == 4
+    assert [e["type"] for e in json.loads(body)] == ["bounced", "bounced"]
+    assert sender.cursor.seq == 4
 
 
 def test_webhook_config_errors_name_the_key():
@@ -245,7 +269,8 @@ def test_webhook_config_errors_name_the_key():
         return build_config(tomllib.loads(text), "x.toml")
 
     good = load('[[webhooks]]\nname = "crm"\nurl = "https://crm.example/e"\nsecret = "0123456789abcdef"\nbatch_size = 1\n')
-    assert good.webhooks[0].batch_size == 1 and good.webhooks[0].max_age == 3 * 86400
+    assert good.webhooks[0].batch_size == 1
+    assert good.webhooks[0].max_age == 3 * 86400
     for text, key in (
         ('[[webhooks]]\nname = "crm"\nurl = "ftp://x"\nsecret = "0123456789abcdef"', "webhooks[1].url"),
         ('[[webhooks]]\nname = "crm"\nurl = "https://x.example"', "webhooks[1].secret"),
@@ -274,7 +299,8 @@ def test_stopping_while_a_post_hangs_leaves_no_timer_and_keeps_the_batch(tmp_pat
     clock.advance(0)
     assert len(receiver.requests) == 1
     sender.stop()
-    assert clock.getDelayedCalls() == [] and sender.cursor.seq == 0
+    assert clock.getDelayedCalls() == []
+    assert sender.cursor.seq == 0
 
 
 def test_status_of_a_stopped_mta_comes_from_the_journal_and_the_cursor(tmp_path):
@@ -311,11 +337,14 @@ def test_a_batch_that_is_not_full_waits_for_the_linger_and_a_full_one_goes_at_on
     clock.advance(0)
     journal.emit("delivered", qid="Q2")
     clock.advance(0.5)
-    assert receiver.requests == [] and sender.status()["backlog"] == 2  # lingering for more
+    assert receiver.requests == []
+    assert sender.status()["backlog"] == 2
     clock.advance(0.5)
     [(body, headers)] = receiver.requests  # after the linger: one POST, one cursor save, both events
-    assert [e["qid"] for e in json.loads(body)] == ["Q1", "Q2"] and headers["X-Pymta-Event-Count"] == "2"
-    assert len(saves) == 1 and sender.cursor.seq == 2
+    assert [e["qid"] for e in json.loads(body)] == ["Q1", "Q2"]
+    assert headers["X-Pymta-Event-Count"] == "2"
+    assert len(saves) == 1
+    assert sender.cursor.seq == 2
     for i in range(3, 7):
         journal.emit("delivered", qid=f"Q{i}")
     clock.advance(0)
@@ -324,10 +353,13 @@ def test_a_batch_that_is_not_full_waits_for_the_linger_and_a_full_one_goes_at_on
     for i in range(7, 13):  # six: one full batch now, the two left after the linger
         journal.emit("delivered", qid=f"Q{i}")
     clock.advance(0)
-    assert len(receiver.requests) == 3 and sender.cursor.seq == 10
+    assert len(receiver.requests) == 3
+    assert sender.cursor.seq == 10
     assert [c.getTime() - clock.seconds() for c in clock.getDelayedCalls()] == [1.0]
     clock.advance(1.0)
-    assert len(receiver.requests) == 4 and sender.cursor.seq == 12 and sender.status()["backlog"] == 0
+    assert len(receiver.requests) == 4
+    assert sender.cursor.seq == 12
+    assert sender.status()["backlog"] == 0
     assert clock.getDelayedCalls() == []
 
 
@@ -342,9 +374,12 @@ def test_a_retry_after_a_failure_does_not_linger_again(tmp_path):
     clock.advance(0)
     assert receiver.requests == []
     clock.advance(2.0)
-    assert len(receiver.requests) == 1 and sender.next_attempt is not None
+    assert len(receiver.requests) == 1
+    assert sender.next_attempt is not None
     clock.advance(sender.next_attempt - clock.seconds())
-    assert len(receiver.requests) == 2 and sender.cursor.seq == 1 and clock.getDelayedCalls() == []
+    assert len(receiver.requests) == 2
+    assert sender.cursor.seq == 1
+    assert clock.getDelayedCalls() == []
 
 
 def test_linger_is_bounded_in_the_config():
@@ -356,6 +391,7 @@ def test_linger_is_bounded_in_the_config():
     try:
         build_config(tomllib.loads(base + 'linger = "2m"'), "x.toml")
     except ConfigError as e:
-        assert str(e).startswith("x.toml: webhooks[1].linger:") and "at most 60s" in str(e), str(e)
+        assert str(e).startswith("x.toml: webhooks[1].linger:"), str(e)
+        assert "at most 60s" in str(e), str(e)
     else:
         raise AssertionError("a linger of 2 minutes was accepted")

@@ -56,7 +56,8 @@ class FeedbackGateTests(TempDirMixin, unittest.TestCase):
         inner = RecordingAgent({})
         results = self.deliver(FeedbackGate(inner, self.store), ["carol@remote.example", "dave@remote.example"])
         assert [r.status for r in results] == [FAILED, DELIVERED]
-        assert (results[0].code, results[0].enhanced) == (550, "5.7.1") and "userunknown" in results[0].text
+        assert (results[0].code, results[0].enhanced) == (550, "5.7.1")
+        assert "userunknown" in results[0].text
         assert [addresses for _, addresses, _ in inner.calls] == [["dave@remote.example"]]
 
     def test_tagged_mail_goes_one_recipient_per_transaction_with_signed_return_path(self) -> None:
@@ -76,7 +77,8 @@ class FeedbackGateTests(TempDirMixin, unittest.TestCase):
         inner = RecordingAgent({})
         gate = FeedbackGate(inner, self.store, self.tagger, ["other.example"])
         self.deliver(gate, ["carol@remote.example", "dave@remote.example"])
-        assert len(inner.calls) == 1 and inner.calls[0][0].sender == "news@example.test"
+        assert len(inner.calls) == 1
+        assert inner.calls[0][0].sender == "news@example.test"
 
     def test_the_relays_own_hard_failures_are_suppressed(self) -> None:
         inner = RecordingAgent({"carol@remote.example": (FAILED, 550, "5.1.1", "no such user")})
@@ -123,7 +125,9 @@ class OneClickSigningTests(TempDirMixin, unittest.TestCase):
         clock.advance(3600)  # a retry an hour later
         gate.deliver(envelope, [Recipient("carol@remote.example")], body)
         [(_, _, first), (_, _, second)] = inner.calls
-        assert first == second and first.startswith(b"DKIM-Signature:") and b"t=1796000000;" in first
+        assert first == second
+        assert first.startswith(b"DKIM-Signature:")
+        assert b"t=1796000000;" in first
         h = first.split(b"h=", 1)[1].split(b";", 1)[0].replace(b"\r\n ", b"")
         assert b"list-unsubscribe:list-unsubscribe-post" in h
         record = key.public_record().encode()

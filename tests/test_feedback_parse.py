@@ -176,7 +176,7 @@ def test_arf_complaint():
     assert report.original_headers["x-pymta-trace"] == "TOKEN"
 
 
-@pytest.mark.parametrize("raw,who", [(AUTOREPLY, "heidi@remote.test"), (VACATION_BY_SUBJECT, "ivan@remote.test")])
+@pytest.mark.parametrize(("raw", "who"), [(AUTOREPLY, "heidi@remote.test"), (VACATION_BY_SUBJECT, "ivan@remote.test")])
 def test_auto_replies(raw, who):
     report = parse_message(raw)
     assert (report.kind, report.action, report.reason, report.recipients) == ("autoreply", "autoreply", "vacation", [who])
@@ -194,7 +194,7 @@ def test_junk_never_raises(raw):
 
 
 @pytest.mark.parametrize(
-    "status,text,code,reason,hard",
+    ("status", "text", "code", "reason", "hard"),
     [
         ("5.1.1", "", 550, "userunknown", True),
         (None, "550 Requested action not taken: mailbox unavailable - user unknown", 550, "filtered", False),
@@ -215,7 +215,7 @@ def test_classification_rules(status, text, code, reason, hard):
 
 
 @pytest.mark.parametrize(
-    "status,command,reason,hard",
+    ("status", "command", "reason", "hard"),
     [
         ("5.0.0", "RCPT", "userunknown", True),
         ("5.0.0", "DATA", "filtered", False),  # a content filter answering with "user unknown"
@@ -244,14 +244,17 @@ def test_cli_prints_one_line_per_file_and_a_missing_file_is_one_error_line_and_e
     files.append(str(tmp_path / "missing.eml"))
     proc = subprocess.run([sys.executable, "-m", "pymta.feedback.cli", "parse", *files],
                           capture_output=True, text=True, timeout=60)  # fmt: skip
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
     assert proc.stderr.splitlines() == [f"pymta-feedback: cannot read {files[3]}: No such file or directory"]
     lines = [json.loads(x) for x in proc.stdout.splitlines()]
     assert [x["file"] for x in lines] == files[:3]
-    assert lines[0]["kind"] == "dsn" and lines[0]["status"] == "5.1.1"
+    assert lines[0]["kind"] == "dsn"
+    assert lines[0]["status"] == "5.1.1"
     assert lines[0]["hard"] is None  # one hard and one soft recipient: no single verdict
     assert lines[1]["action"] == "complaint"
     ok = subprocess.run([sys.executable, "-m", "pymta.feedback.cli", "parse", *files[:3]],
                         capture_output=True, text=True, timeout=60)  # fmt: skip
-    assert ok.returncode == 0 and ok.stderr == ""
+    assert ok.returncode == 0
+    assert ok.stderr == ""
     assert set(lines[0]) == {"file", "kind", "recipients", "action", "hard", "reason", "status"}

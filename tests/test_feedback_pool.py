@@ -75,7 +75,8 @@ def test_a_report_is_parsed_in_another_process(clock):
         d = probe.parse(b"x" * 1000)
         clock.run_from_threads(d)
         pid, size = result_of(d).diagnostic.split()
-        assert int(pid) != os.getpid() and size == "100"
+        assert int(pid) != os.getpid()
+        assert size == "100"
     finally:
         pool.close()
         probe.close()

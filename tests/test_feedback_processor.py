@@ -68,21 +68,24 @@ def test_backscatter_and_replayed_tokens_suppress_nobody(world):
     assert handle(processor, genuine, dsn(genuine, "dave@remote.test")).startswith("ignored")
     forged = Tagger("another-secret-0123456789", "bounces.sender.test").return_path(new_qid(), "erin@remote.test")
     assert handle(processor, forged, dsn(forged, "erin@remote.test")).startswith("ignored")
-    assert store.is_suppressed("dave@remote.test") is None and store.is_suppressed("erin@remote.test") is None
+    assert store.is_suppressed("dave@remote.test") is None
+    assert store.is_suppressed("erin@remote.test") is None
 
 
 def test_soft_bounce_counts_but_does_not_suppress_at_once(world):
     store, tagger, processor = world
     rp = tagger.return_path(new_qid(), "frank@remote.test")
     outcome = handle(processor, rp, dsn(rp, "frank@remote.test", "5.2.2"))
-    assert "soft mailboxfull" in outcome and store.is_suppressed("frank@remote.test") is None
+    assert "soft mailboxfull" in outcome
+    assert store.is_suppressed("frank@remote.test") is None
 
 
 def test_a_hard_reason_without_a_permanent_status_only_counts_as_soft(world):
     store, tagger, processor = world
     rp = tagger.return_path(new_qid(), "ivan@remote.test")
     outcome = handle(processor, rp, dsn(rp, "ivan@remote.test", "4.1.1"))
-    assert "ivan@remote.test soft userunknown" in outcome and store.is_suppressed("ivan@remote.test") is None
+    assert "ivan@remote.test soft userunknown" in outcome
+    assert store.is_suppressed("ivan@remote.test") is None
 
 
 def test_an_undecided_reason_suppresses_nobody_however_often(world):
@@ -145,8 +148,10 @@ def test_human_replies_are_kept_in_the_reply_mailbox_and_auto_replies_are_not(wo
     envelope = Envelope(qid=new_qid(), sender="judy@remote.test", recipients=[])
     processor.deliver(envelope, [Recipient("replies@sender.test", route="feedback")], human).addCallback(results.extend)
     processor.deliver(envelope, [Recipient("replies@sender.test", route="feedback")], auto).addCallback(results.extend)
-    assert [address for address, _ in kept] == ["inbox@sender.test"] and kept[0][1] == human
-    assert results[0].text.startswith("reply kept in inbox@sender.test") and "auto-reply" in results[1].text
+    assert [address for address, _ in kept] == ["inbox@sender.test"]
+    assert kept[0][1] == human
+    assert results[0].text.startswith("reply kept in inbox@sender.test")
+    assert "auto-reply" in results[1].text
 
 
 def test_a_complaint_whose_dkim_signature_fails_suppresses_nobody(tmp_path):

@@ -84,7 +84,7 @@ def test_every_rule_has_cases():
 
 
 @pytest.mark.parametrize(
-    "reason,status,text,command",
+    ("reason", "status", "text", "command"),
     [(reason, *case) for reason, cases in CASES.items() for case in cases],
     ids=[f"{reason}-{i}" for reason, cases in CASES.items() for i in range(len(cases))],
 )
@@ -93,7 +93,7 @@ def test_rule_decides_its_cases(reason, status, text, command):
 
 
 @pytest.mark.parametrize(
-    "reason,hard",
+    ("reason", "hard"),
     [("userunknown", True), ("hostunknown", True), ("hasmoved", True), ("filtered", False), ("mailboxfull", False),
      ("blocked", False), ("expired", False), ("networkerror", False)],
 )
@@ -103,7 +103,7 @@ def test_hard_and_soft(reason, hard):
 
 
 @pytest.mark.parametrize(
-    "status,text,reason",
+    ("status", "text", "reason"),
     [
         ("5.1.1", "552 5.2.2 over quota", "mailboxfull"),  # the more specific diagnostic wins
         ("5.1.1", "550 5.7.1 IP 192.0.2.1 blacklisted", "blocked"),

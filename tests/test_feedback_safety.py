@@ -36,7 +36,7 @@ def test_every_shipped_rule_is_free_of_unbounded_and_nested_quantifiers():
 
 
 @pytest.mark.parametrize(
-    "pattern,why",
+    ("pattern", "why"),
     [
         (r"\bspf\b.*(fail|reject)", "unbounded"),
         (r"(a+)+b", "unbounded"),
@@ -58,7 +58,7 @@ def test_a_rules_file_with_an_unbounded_pattern_is_refused_naming_the_rule(tmp_p
 
 
 @pytest.mark.parametrize(
-    "text,found",
+    ("text", "found"),
     [
         ("550 <Carol@Remote.Test>: user unknown", ["carol@remote.test"]),
         ("to bob@example.com.", ["bob@example.com"]),

@@ -45,7 +45,7 @@ TWO_BLOCKS = (
 
 
 @pytest.mark.parametrize(
-    "boundary_line,declared",
+    ("boundary_line", "declared"),
     [("--B", "B"), ("--B", "WRONG"), ("  --B", "B"), ("", "B")],
     ids=["intact", "wrong boundary", "indented boundary", "no boundary lines"],
 )

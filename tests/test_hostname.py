@@ -32,7 +32,7 @@ def test_service_labels_pass_only_where_dns_owner_names_are_meant():
 
 
 def test_the_configuration_and_the_smtp_grammar_use_the_same_rule():
-    with pytest.raises(ConfigError, match="not a valid host or domain name 'bad_host.example'"):
+    with pytest.raises(ConfigError, match=r"not a valid host or domain name 'bad_host\.example'"):
         build_config({"domains": {"local": ["bad_host.example"]}})
     assert build_config({"domains": {"local": ["Good.Example."]}}).domains.local == ("good.example",)
     assert re.fullmatch(DOMAIN, "mx1.example.org.")

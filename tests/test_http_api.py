@@ -81,34 +81,44 @@ def world(tmp_path_factory):
 def test_every_api_call_needs_a_token_with_the_right_scope(world):
     _, api, _ = world
     status, body, headers = api.call("GET", "/api/v1/queue", token=None)
-    assert status == 401 and body == {"error": "a valid bearer token is needed"} and "Bearer" in headers["WWW-Authenticate"]
+    assert status == 401
+    assert body == {"error": "a valid bearer token is needed"}
+    assert "Bearer" in headers["WWW-Authenticate"]
     assert api.call("GET", "/api/v1/queue", token="wrong")[0] == 401
     status, body, _ = api.call("GET", "/api/v1/queue", token=INJECT)
-    assert status == 403 and "read" in body["error"]
+    assert status == 403
+    assert "read" in body["error"]
     status, body, _ = api.call("POST", "/api/v1/inject", {"x": 1}, token=ADMIN)
-    assert status == 403 and "inject" in body["error"]
+    assert status == 403
+    assert "inject" in body["error"]
     assert api.call("GET", "/api/v1/queue", token=ADMIN)[0] == 200
     status, body, _ = api.call("GET", "/healthz", token=None)
-    assert status == 200 and body["ok"] is True and set(body["queue"]) >= {"incoming", "deferred"}
+    assert status == 200
+    assert body["ok"] is True
+    assert set(body["queue"]) >= {"incoming", "deferred"}
 
 
 def test_bad_requests_get_json_errors_naming_the_field(world):
     _, api, _ = world
     status, body, _ = api.call("POST", "/api/v1/inject", raw=b"{not json", token=INJECT,
                                headers={"Content-Type": "application/json"})  # fmt: skip
-    assert status == 400 and body["error"].startswith("the body is not valid JSON")
+    assert status == 400
+    assert body["error"].startswith("the body is not valid JSON")
     status, body, _ = api.call("POST", "/api/v1/inject", {"recipients": ["a@example.test"], "content": "x"}, token=INJECT)
     assert (status, body["field"]) == (400, "envelope_sender")
     status, body, _ = api.call("POST", "/api/v1/inject", {
         "envelope_sender": "s@example.org", "recipients": [{"email": "alice@example.test"}],
         "content": {"from": "s@example.org", "subject": "{% if %}", "text_body": "x"}}, token=INJECT)  # fmt: skip
-    assert (status, body["field"]) == (400, "content.subject") and "syntax" in body["error"]
+    assert (status, body["field"]) == (400, "content.subject")
+    assert "syntax" in body["error"]
     status, body, _ = api.call("POST", "/api/v1/inject", raw=b"x" * 2_100_000, token=INJECT,
                                headers={"Content-Type": "application/json"})  # fmt: skip
-    assert status == 413 and body == {"error": "request body too large"}
+    assert status == 413
+    assert body == {"error": "request body too large"}
     assert api.call("GET", "/api/v1/nothing")[0] == 404
     status, _, headers = api.call("PUT", "/api/v1/queue", {})
-    assert status == 405 and "GET" in headers["Allow"]
+    assert status == 405
+    assert "GET" in headers["Allow"]
     status, body, _ = api.call("GET", "/api/v1/queue/messages?limit=abc")
     assert (status, body["field"]) == (400, "limit")
     assert api.call("GET", "/api/v1/messages/not-a-qid")[0] == 400
@@ -136,27 +146,36 @@ def test_injection_personalises_each_recipient_and_fails_only_the_bad_ones(world
     }  # fmt: skip
     status, body, _ = api.call("POST", "/api/v1/inject", request, token=INJECT)
     assert status == 200, body
-    assert body["success_count"] == 1 and body["fail_count"] == 3 and len(body["queue_ids"]) == 1
+    assert body["success_count"] == 1
+    assert body["fail_count"] == 3
+    assert len(body["queue_ids"]) == 1
     reasons = {f["email"]: f["reason"] for f in body["failed_recipients"]}
-    assert "template error" in reasons["bob@example.test"] and "first" in reasons["bob@example.test"]
+    assert "template error" in reasons["bob@example.test"]
+    assert "first" in reasons["bob@example.test"]
     assert reasons["not an address"].startswith("5.1.3")
     assert reasons["nobody@example.test"].startswith("5.1.1")
     [raw] = mta.wait_for(lambda: mta.maildir_messages("alice@example.test"), what="the injected message")
     msg = email.message_from_bytes(raw, policy=email.policy.default)
-    assert str(msg["Subject"]) == "Hello Ann — 2026" and "Ann Älter" in str(msg["To"])
-    assert msg["X-Campaign"] == "dec" and msg["Message-ID"] and msg["Date"]
+    assert str(msg["Subject"]) == "Hello Ann — 2026"
+    assert "Ann Älter" in str(msg["To"])
+    assert msg["X-Campaign"] == "dec"
+    assert msg["Message-ID"]
+    assert msg["Date"]
     assert f"with HTTP id {body['queue_ids'][0]}" in " ".join(msg.get_all("Received"))
     assert msg.get_body(("plain",)).get_content() == "Hi Ann\n.dot line\n"
     assert msg.get_body(("html",)).get_content().strip() == "<p>Hi Ann</p>"
     [attachment] = list(msg.iter_attachments())
-    assert attachment.get_filename() == "a.txt" and attachment.get_content() == "attached"
+    assert attachment.get_filename() == "a.txt"
+    assert attachment.get_content() == "attached"
     # campaign, tenant and metadata travel into the accounting log.
     log = os.path.join(mta.state_dir, "log", "accounting.jsonl")
     received = mta.wait_for(
-        lambda: [r for r in map(json.loads, open(log).read().splitlines())
+        lambda: [r for r in map(json.loads, open(log).read().splitlines())  # noqa: SIM115 (kept open beyond this block)
                  if r["event"] == "received" and r["qid"] == body["queue_ids"][0]],
         what="the received record")  # fmt: skip
-    assert received[0]["campaign"] == "dec" and received[0]["tenant"] == "acme" and received[0]["metadata"] == {"crm_id": "42"}
+    assert received[0]["campaign"] == "dec"
+    assert received[0]["tenant"] == "acme"
+    assert received[0]["metadata"] == {"crm_id": "42"}
 
 
 def test_html_substitutions_are_escaped_and_a_runaway_template_fails_its_recipient(world):
@@ -170,7 +189,8 @@ def test_html_substitutions_are_escaped_and_a_runaway_template_fails_its_recipie
                     "{% endfor %}{% endfor %}{% endif %}"},
     }  # fmt: skip
     status, body, _ = api.call("POST", "/api/v1/inject", request, token=INJECT)
-    assert status == 200 and body["success_count"] == 1, body
+    assert status == 200, body
+    assert body["success_count"] == 1, body
     assert body["failed_recipients"] == [{"email": "alice@example.test", "reason": "template error: template ran too long"}]
     messages = mta.wait_for(
         lambda: [m for m in mta.maildir_messages("bob@example.test") if b"&lt;script&gt;" in m], what="bob's message")
@@ -184,7 +204,8 @@ def test_raw_content_is_queued_as_given(world):
     raw = "From: a@example.org\nTo: bob@example.test\nSubject: raw one\n\nline\n"
     status, body, _ = api.call("POST", "/api/v1/inject", {
         "envelope_sender": "a@example.org", "recipients": ["bob@example.test"], "content": raw}, token=INJECT)  # fmt: skip
-    assert status == 200 and body["success_count"] == 1
+    assert status == 200
+    assert body["success_count"] == 1
     mta.wait_for(lambda: [m for m in mta.maildir_messages("bob@example.test") if b"Subject: raw one\n\nline\n" in m.replace(b"\r\n", b"\n")],
                  what="the raw message")  # fmt: skip
     status, body, _ = api.call("POST", "/api/v1/inject", {
@@ -200,13 +221,19 @@ def test_admin_api_shows_and_steers_the_queue(world):
     [qid] = mta.wait_for(lambda: mta.queue_files("deferred"), what="the deferral (remote.example SERVFAILs)")
     qid = qid.split(".")[0]
     status, shape, _ = api.call("GET", "/api/v1/queue", token=ADMIN)
-    assert status == 200 and shape["messages"]["deferred"] >= 1
+    assert status == 200
+    assert shape["messages"]["deferred"] >= 1
     [entry] = [d for d in shape["domains"] if d["domain"] == "remote.example"]
-    assert entry["by_state"]["deferred"] == 1 and sum(entry["by_age"].values()) == 1 and "<5m" in entry["by_age"]
+    assert entry["by_state"]["deferred"] == 1
+    assert sum(entry["by_age"].values()) == 1
+    assert "<5m" in entry["by_age"]
     status, page, _ = api.call("GET", "/api/v1/queue/messages?state=deferred&domain=remote.example&limit=1")
-    assert status == 200 and [m["qid"] for m in page["messages"]] == [qid]
+    assert status == 200
+    assert [m["qid"] for m in page["messages"]] == [qid]
     status, shown, _ = api.call("GET", f"/api/v1/messages/{qid}")
-    assert status == 200 and "Subject: waits" in shown["headers"] and shown["recipients"][0]["address"] == "carol@remote.example"
+    assert status == 200
+    assert "Subject: waits" in shown["headers"]
+    assert shown["recipients"][0]["address"] == "carol@remote.example"
     assert api.call("POST", f"/api/v1/messages/{qid}/hold")[0] == 200
     mta.wait_for(lambda: qid in [n.split(".")[0] for n in mta.queue_files("hold")], what="held")
     assert api.call("POST", f"/api/v1/messages/{qid}/release")[0] == 200
@@ -222,13 +249,15 @@ def test_admin_api_shows_and_steers_the_queue(world):
 def test_suppressions_through_the_api_are_honoured_by_injection(world):
     _, api, _ = world
     status, entry, _ = api.call("POST", "/api/v1/suppressions", {"address": "Alice@Example.test", "reason": "asked"})
-    assert status == 201 and entry["address"] == "alice@example.test"
+    assert status == 201
+    assert entry["address"] == "alice@example.test"
     status, page, _ = api.call("GET", "/api/v1/suppressions?limit=1000")
     assert "alice@example.test" in [e["address"] for e in page["suppressions"]]
     status, body, _ = api.call("POST", "/api/v1/inject", {
         "envelope_sender": "n@example.org", "recipients": ["alice@example.test"], "content": "Subject: x\n\ny\n"},
         token=INJECT)  # fmt: skip
-    assert body["success_count"] == 0 and "suppressed" in body["failed_recipients"][0]["reason"]
+    assert body["success_count"] == 0
+    assert "suppressed" in body["failed_recipients"][0]["reason"]
     assert api.call("DELETE", "/api/v1/suppressions/alice@example.test")[0] == 200
     assert api.call("DELETE", "/api/v1/suppressions/alice@example.test")[0] == 404
     assert api.call("POST", "/api/v1/suppressions", {"address": "nope"})[0] == 400
@@ -242,7 +271,8 @@ def test_metrics_count_received_mail_and_delivery_results(world):
     mta.wait_for(lambda: _metric(api, 'pymta_messages_received_total{listener="smtp"}') == before + 1, what="counted")
     text = api.call("GET", "/metrics", token=None)[1]
     assert re.search(r'pymta_delivery_results_total\{campaign="dec",pool="",result="delivered",source="",tenant=""\} [1-9]', text), text
-    assert 'pymta_queue_messages{state="deferred"}' in text and "pymta_delivery_latency_seconds_bucket" in text
+    assert 'pymta_queue_messages{state="deferred"}' in text
+    assert "pymta_delivery_latency_seconds_bucket" in text
     assert re.search(r'pymta_injected_recipients_total\{outcome="queued"\} [1-9]', text)
 
 
@@ -261,13 +291,16 @@ def test_one_click_unsubscribe_over_https_uri_suppresses_only_the_signed_recipie
     tagger = Tagger(SECRET, "bounces.example.test")
     token = tagger.unsubscribe_token("0123456789ABCDEF", "reader@remote.example", "example.org")
     status, page, _ = public.call("GET", f"/u/{token}", token=None)
-    assert status == 200 and "reader@remote.example" in page and 'method="post"' in page
+    assert status == 200
+    assert "reader@remote.example" in page
+    assert 'method="post"' in page
     assert "reader@remote.example" not in _suppressed(api)  # a GET (link scanner) changes nothing
     forged = token.replace(tagger.mac("0123456789ABCDEF", "reader@remote.example", "u", "example.org"), "a" * 16)
     assert public.call("POST", f"/u/{forged}", token=None, raw=b"List-Unsubscribe=One-Click")[0] == 404
     status, page, _ = public.call("POST", f"/u/{token}", token=None, raw=b"List-Unsubscribe=One-Click",
                                   headers={"Content-Type": "application/x-www-form-urlencoded"})  # fmt: skip
-    assert status == 200 and "unsubscribed" in page
+    assert status == 200
+    assert "unsubscribed" in page
     entries = [e for e in api.call("GET", "/api/v1/suppressions?limit=1000")[1]["suppressions"]
                if e["address"] == "reader@remote.example"]  # fmt: skip
     assert [(e["scope"], e["source"]) for e in entries] == [("example.org", "unsubscribe")]
@@ -286,7 +319,8 @@ def test_pymta_token_prints_a_token_and_its_line():
     assert line == f"crm:inject,read:{digest(token)}"
     bad = subprocess.run([sys.executable, "-m", "pymta.admin.http.tokens", "x", "--scopes", "root"],
                          capture_output=True, text=True, timeout=60)  # fmt: skip
-    assert bad.returncode == 2 and "scopes" in bad.stderr
+    assert bad.returncode == 2
+    assert "scopes" in bad.stderr
 
 
 def _rss_kb(pid: int) -> int:
@@ -304,12 +338,15 @@ def test_ten_thousand_recipients_stream_to_disk(world):
         "envelope_sender": "bulk@example.org", "recipients": recipients, "substitutions": {"filler": filler},
         "content": {"from": "bulk@example.org", "subject": "n {{ n }}", "text_body": "{{ filler }} {{ n }}"},
         "deliver_after": "2099-01-01T00:00:00Z"}, token=INJECT, timeout=500)  # fmt: skip
-    assert status == 200 and body["success_count"] == 10_000 and body["fail_count"] == 0, str(body)[:500]
+    assert status == 200, str(body)[:500]
+    assert body["success_count"] == 10_000, str(body)[:500]
+    assert body["fail_count"] == 0, str(body)[:500]
     assert len(set(body["queue_ids"])) == 10_000
     grown_mb = (_rss_kb(mta.proc.pid) - rss_before) / 1024
     assert grown_mb < 120, f"RSS grew {grown_mb:.0f} MB"
     page = api.call("GET", "/api/v1/queue/messages?domain=remote.example&limit=5")[1]
-    assert len(page["messages"]) == 5 and page["next_cursor"]
+    assert len(page["messages"]) == 5
+    assert page["next_cursor"]
 
 
 def test_metrics_count_mail_accepted_by_a_listener_worker(tmp_path):
@@ -360,8 +397,10 @@ def test_a_template_that_tries_to_leave_the_sandbox_fails_its_recipient_cleanly(
         "envelope_sender": "news@example.org",
         "recipients": [{"email": "bob@example.test", "substitutions": {"x": 1}}],
         "content": {"from": "news@example.org", "subject": "s", "text_body": escape}}, token=INJECT)  # fmt: skip
-    assert status == 200 and body["success_count"] == 0, body
+    assert status == 200, body
+    assert body["success_count"] == 0, body
     [failure] = body["failed_recipients"]
-    assert failure["email"] == "bob@example.test" and failure["reason"].startswith("template error: text_body: ")
+    assert failure["email"] == "bob@example.test"
+    assert failure["reason"].startswith("template error: text_body: ")
     assert "SecurityError" in failure["reason"] or "unsafe" in failure["reason"], failure
     assert api.call("GET", "/healthz", token=None)[0] == 200

@@ -47,20 +47,23 @@ def test_a_suspension_lapses_by_itself_and_survives_reopening(tmp_path):
     path = str(tmp_path / "suspensions.sqlite")
     store = SQLiteSuspensions(path, clock)
     row = store.add("domain", "Remote.Test.", 3600, "abuse desk asked")
-    assert row["value"] == "remote.test" and row["until"] == 4600
+    assert row["value"] == "remote.test"
+    assert row["until"] == 4600
     assert store.match(domain="remote.test")["reason"] == "abuse desk asked"
     assert store.match(domain="other.test", tenant="acme") is None
     store.close()
     store = SQLiteSuspensions(path, clock)
     assert [r["id"] for r in store.in_force()] == [row["id"]]
     clock.advance(3600)
-    assert store.match(domain="remote.test") is None and store.in_force() == []
+    assert store.match(domain="remote.test") is None
+    assert store.in_force() == []
     with pytest.raises(ValueError):
         store.add("planet", "x", 60, "r")
     for bad in ("soon", "0s", "-1h", "400d", True):
         with pytest.raises(ValueError):
             parse_duration(bad)
-    assert parse_duration("90m") == 5400 and parse_duration(30) == 30
+    assert parse_duration("90m") == 5400
+    assert parse_duration(30) == 30
 
 
 @pytest.mark.skipif(not os.path.exists("/usr/sbin/smtp-sink"), reason="smtp-sink (Debian postfix) not installed")
@@ -72,7 +75,9 @@ def test_suspension_holds_mail_without_attempts_survives_a_restart_and_lifts(tmp
     try:
         status, row, _ = api.call("POST", "/api/v1/suspend", {"domain": "remote.test", "duration": "2h",
                                                                 "reason": "abuse desk asked"})  # fmt: skip
-        assert status == 201 and row["kind"] == "domain" and row["value"] == "remote.test", row
+        assert status == 201, row
+        assert row["kind"] == "domain", row
+        assert row["value"] == "remote.test", row
         assert api.call("POST", "/api/v1/suspend", {"domain": "a.test", "tenant": "b"})[0] == 400
         assert api.call("POST", "/api/v1/suspend", {"domain": "a.test", "duration": "soon"})[0] == 400
         assert api.call("POST", "/api/v1/suspend", {"domain": "a.test"}, token=READ)[0] == 403
@@ -82,7 +87,8 @@ def test_suspension_holds_mail_without_attempts_survives_a_restart_and_lifts(tmp
         [name] = mta.wait_for(lambda: mta.queue_files("deferred"), what="the suspended message deferred")
         qid = name.split(".")[0]
         status, shown, _ = api.call("GET", f"/api/v1/messages/{qid}")
-        assert shown["attempts"] == 0 and shown["recipients"][0]["attempts"] == 0, shown
+        assert shown["attempts"] == 0, shown
+        assert shown["recipients"][0]["attempts"] == 0, shown
         assert shown["recipients"][0]["reply"]["text"].startswith("Suspended by the operator"), shown
         assert "abuse desk asked" in shown["recipients"][0]["reply"]["text"]
         assert sink.messages() == []
@@ -92,17 +98,22 @@ def test_suspension_holds_mail_without_attempts_survives_a_restart_and_lifts(tmp
         cli = run_cli(mta, "queue_main", "suspend", "--tenant", "acme", "--duration", "30m", "--reason", "paused tenant")
         assert cli.returncode == 0, cli.stderr
         cli = run_cli(mta, "queue_main", "shaping")
-        assert cli.returncode == 0 and "abuse desk asked" in cli.stdout and "paused tenant" in cli.stdout, cli
+        assert cli.returncode == 0, cli
+        assert "abuse desk asked" in cli.stdout, cli
+        assert "paused tenant" in cli.stdout, cli
 
         mta.stop()
         mta.start()
         wait_for_port("127.0.0.1", api.port, 30)
         status, listing, _ = api.call("GET", "/api/v1/suspend", token=READ)
-        assert status == 200 and sorted(s["reason"] for s in listing["suspensions"]) == ["abuse desk asked", "paused tenant"]
+        assert status == 200
+        assert sorted(s["reason"] for s in listing["suspensions"]) == ["abuse desk asked", "paused tenant"]
         assert [n.split(".")[0] for n in mta.queue_files("deferred")] == [qid]
 
         status, lifted, _ = api.call("DELETE", f"/api/v1/suspend/{row['id']}")
-        assert status == 200 and lifted["lifted"]["id"] == row["id"] and lifted["flushed"] == 1, lifted
+        assert status == 200, lifted
+        assert lifted["lifted"]["id"] == row["id"], lifted
+        assert lifted["flushed"] == 1, lifted
         mta.wait_for(lambda: sink.messages(), what="the message delivered once the suspension is lifted")
         assert api.call("DELETE", f"/api/v1/suspend/{row['id']}")[0] == 404
         cli = run_cli(mta, "queue_main", "--json", "suspensions")
@@ -115,7 +126,8 @@ def test_suspension_holds_mail_without_attempts_survives_a_restart_and_lifts(tmp
 
         mta.wait_for(lambda: any(k[0] == "pymta_outbound_tls_total" for k in samples()), what="the TLS outcome counted")
         now = samples()
-        assert now[("pymta_suspensions", (("kind", "tenant"),))] == 1 and ("pymta_suspensions", (("kind", "domain"),)) not in now
+        assert now[("pymta_suspensions", (("kind", "tenant"),))] == 1
+        assert ("pymta_suspensions", (("kind", "domain"),)) not in now
         assert now[("pymta_dns_lookups_total", (("rdtype", "MX"), ("result", "ok")))] >= 1, now
         # smtp-sink offers no STARTTLS: the opportunistic policy delivered in plaintext
         assert now[("pymta_outbound_tls_total", (("result", "plaintext"), ("tls_policy", "opportunistic")))] == 1, now
@@ -142,7 +154,8 @@ def test_admin_bounce_fails_matching_queued_mail_with_dsns_and_bounced_records(t
         assert api.call("POST", "/api/v1/bounce", {"domain": "remote.test"})[0] == 400
         assert api.call("POST", "/api/v1/bounce", {"domain": "remote.test", "reason": "x"}, token=READ)[0] == 403
         status, answer, _ = api.call("POST", "/api/v1/bounce", {"domain": "Remote.Test", "reason": "list\ncleaned"})
-        assert status == 200 and (answer["messages"], answer["recipients"]) == (2, 3), answer
+        assert status == 200, answer
+        assert (answer["messages"], answer["recipients"]) == (2, 3), answer
         assert answer["reason"] == "list cleaned"
         mta.wait_for(lambda: not mta.queue_files("deferred") and not mta.queue_files("incoming"), what="the queue empty")
 
@@ -152,7 +165,8 @@ def test_admin_bounce_fails_matching_queued_mail_with_dsns_and_bounced_records(t
         mta.wait_for(lambda: len(reports()) == 2, what="two DSNs to the sender")
         dsns = reports()
         for dsn in dsns:
-            assert b"5.0.0" in dsn and b"administratively bounced: list cleaned" in dsn
+            assert b"5.0.0" in dsn
+            assert b"administratively bounced: list cleaned" in dsn
 
         def recipients(event: str) -> list[str]:
             path = os.path.join(mta.state_dir, "log", "accounting.jsonl")
@@ -163,7 +177,8 @@ def test_admin_bounce_fails_matching_queued_mail_with_dsns_and_bounced_records(t
         mta.wait_for(lambda: recipients("delivered") == ["alice@example.test", "bob@example.test", "bob@example.test"],
                      what="the delivered records")  # fmt: skip
         cli = run_cli(mta, "queue_main", "bounce", "--tenant", "nobody", "--reason", "gone")
-        assert cli.returncode == 0 and json.loads(cli.stdout)["messages"] == 0, cli
+        assert cli.returncode == 0, cli
+        assert json.loads(cli.stdout)["messages"] == 0, cli
     finally:
         mta.stop()
         dns.stop()
@@ -173,7 +188,9 @@ def test_healthz_reports_listeners_and_turns_503_below_min_free(tmp_path):
     mta, api = start_with_api(tmp_path / "ok", None, 2)
     try:
         status, report, _ = api.call("GET", "/healthz", token=None)
-        assert status == 200 and report["ok"] is True and report["queue"]["deferred"] == 0, report
+        assert status == 200, report
+        assert report["ok"] is True, report
+        assert report["queue"]["deferred"] == 0, report
         listening = {entry["address"] for entry in report["listeners"] if entry["listening"]}
         assert {f"127.0.0.1:{mta.port}", f"127.0.0.1:{api.port}"} <= listening, report
     finally:
@@ -184,7 +201,9 @@ def test_healthz_reports_listeners_and_turns_503_below_min_free(tmp_path):
         """)  # fmt: skip
     try:
         status, report, _ = api.call("GET", "/healthz", token=None)
-        assert status == 503 and report["ok"] is False, report
-        assert any("below min_free" in p for p in report["problems"]) and report["listeners"], report
+        assert status == 503, report
+        assert report["ok"] is False, report
+        assert any("below min_free" in p for p in report["problems"]), report
+        assert report["listeners"], report
     finally:
         mta.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from typing import ClassVar
 
 import pytest
 from twisted.internet import task
@@ -62,7 +63,8 @@ def test_sweeping_forgets_rested_rates_and_expired_triples_and_bounds_the_table(
     assert state.counts() == {"connections": 0, "rates": 1, "greylist": 5}
     state.sweep()
     assert state.counts()["greylist"] == 3  # the oldest went first
-    assert state.greylist(("c4", "s", "r"), 300, 3600, 86400) > 0 and state.counts()["greylist"] == 3
+    assert state.greylist(("c4", "s", "r"), 300, 3600, 86400) > 0
+    assert state.counts()["greylist"] == 3
     clock.advance(3600)
     state.sweep()
     assert state.counts() == {"connections": 0, "rates": 0, "greylist": 0}
@@ -115,7 +117,7 @@ def test_a_listener_worker_that_ends_has_its_counted_connections_released(tmp_pa
             self.pid = pid
 
     class Reactor(task.Clock):
-        workers: list = []
+        workers: ClassVar[list] = []
 
         def spawnProcess(self, proto, *args, **kw):
             self.workers.append(proto)
@@ -138,5 +140,6 @@ def test_a_damaged_database_is_put_aside_and_started_afresh(tmp_path):
     path = tmp_path / "inbound.sqlite"
     path.write_bytes(b"this is not a database\n" * 200)
     state = LocalInboundState(str(path), task.Clock())
-    assert state.acquire_connection("k", 1) and not state.acquire_connection("k", 1)
+    assert state.acquire_connection("k", 1)
+    assert not state.acquire_connection("k", 1)
     assert (tmp_path / "inbound.sqlite.damaged").read_bytes().startswith(b"this is not a database")

@@ -10,7 +10,7 @@ from pymta.rate import KeyedLimiter, Rate, parse_rate
 
 
 @pytest.mark.parametrize(
-    "text,rate",
+    ("text", "rate"),
     [
         ("100/s", Rate(100, 1, 1)),
         ("60/min", Rate(60, 60, 1)),

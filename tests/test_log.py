@@ -26,4 +26,5 @@ def test_events_are_json_lines_and_twisted_factory_noise_is_dropped():
         ("pymta.queue", "queued Q1"),
         ("pymta.smtp.server.SMTPServerFactory", "Starting factory"),  # a listener of ours stays
     ]
-    assert lines[0]["qid"] == "Q1" and lines[0]["event"] == "queued"
+    assert lines[0]["qid"] == "Q1"
+    assert lines[0]["event"] == "queued"

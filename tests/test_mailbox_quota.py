@@ -157,7 +157,8 @@ def test_quota_configuration_sizes_and_overrides():
         try:
             build_config({"mailbox": bad}, "p.toml")
         except ConfigError as e:
-            assert str(e).startswith("p.toml: mailbox.") and "\n" not in str(e)
+            assert str(e).startswith("p.toml: mailbox.")
+            assert "\n" not in str(e)
         else:
             raise AssertionError(f"{bad} was accepted")
 

@@ -87,7 +87,8 @@ def test_greylisting_450_then_250_on_retry():
     qid = h.queue(["a@remote.example"])
     assert h.store.state(qid) == DEFERRED
     h.clock.advance(400)
-    assert h.store.state(qid) is None and len(h.relay.calls) == 2
+    assert h.store.state(qid) is None
+    assert len(h.relay.calls) == 2
 
 
 def test_permanent_failure_bounces_to_the_sender_with_a_dsn():
@@ -95,21 +96,25 @@ def test_permanent_failure_bounces_to_the_sender_with_a_dsn():
     qid = h.queue(["a@remote.example"], envid="ENV-9")
     assert h.store.state(qid) is None
     [dsn] = h.dsns()
-    assert dsn["To"] == "<someone@example.test>" and dsn["Auto-Submitted"] == "auto-replied"
+    assert dsn["To"] == "<someone@example.test>"
+    assert dsn["Auto-Submitted"] == "auto-replied"
     assert dsn.get_content_type() == "multipart/report"
-    report = [p for p in dsn.walk() if p.get_content_type() == "message/delivery-status"][0]
+    report = next(p for p in dsn.walk() if p.get_content_type() == "message/delivery-status")
     text = report.as_string()
-    assert "Final-Recipient: rfc822; a@remote.example" in text and "Action: failed" in text
-    assert "Status: 5.1.1" in text and "Original-Envelope-Id: ENV-9" in text
+    assert "Final-Recipient: rfc822; a@remote.example" in text
+    assert "Action: failed" in text
+    assert "Status: 5.1.1" in text
+    assert "Original-Envelope-Id: ENV-9" in text
 
 
 def test_no_bounce_for_a_bounce():
     h = Harness({"a@remote.example": [failed()]})
     qid = h.queue(["a@remote.example"], sender="")
-    assert h.store.state(qid) is None and h.dsns() == []
+    assert h.store.state(qid) is None
+    assert h.dsns() == []
 
 
-@pytest.mark.parametrize("notify,expected", [(("NEVER",), 0), (("SUCCESS",), 0), (("FAILURE",), 1), (None, 1)])
+@pytest.mark.parametrize(("notify", "expected"), [(("NEVER",), 0), (("SUCCESS",), 0), (("FAILURE",), 1), (None, 1)])
 def test_notify_decides_failure_notices(notify, expected):
     h = Harness({"a@remote.example": [failed()]})
     h.queue(["a@remote.example"], notify=notify)
@@ -145,7 +150,8 @@ def test_restart_rebuilds_the_schedule_from_envelopes():
     again = Harness(store=h.store, clock=h.clock)
     assert again.manager.scheduler.when(qid) == h.store.load(qid).next_attempt
     h.clock.advance(400)
-    assert h.store.state(qid) is None and again.relay.calls[0][0] == qid
+    assert h.store.state(qid) is None
+    assert again.relay.calls[0][0] == qid
 
 
 def test_agent_failure_defers_every_recipient_of_the_batch():
@@ -161,7 +167,8 @@ def test_route_without_agent_waits_without_bouncing():
     h.store.enqueue(Envelope(qid=qid, sender="s@example.test", recipients=[Recipient("x@y.example", route="forward")],
                              arrival=h.clock.seconds()), BODY)  # fmt: skip
     h.manager.notify_incoming(qid)
-    assert h.store.state(qid) == DEFERRED and h.dsns() == []
+    assert h.store.state(qid) == DEFERRED
+    assert h.dsns() == []
 
 
 def test_max_active_caps_messages_in_flight():
@@ -180,11 +187,13 @@ def test_hold_release_delete_flush():
     h = Harness({"a@remote.example": [deferred()]})
     qid = h.queue(["a@remote.example"])
     h.manager.hold(qid)
-    assert h.store.state(qid) == HOLD and h.manager.scheduler.when(qid) is None
+    assert h.store.state(qid) == HOLD
+    assert h.manager.scheduler.when(qid) is None
     h.clock.advance(10_000)
     assert len(h.relay.calls) == 1  # held: never scheduled
     h.manager.release(qid)
-    assert len(h.relay.calls) == 2 and h.store.state(qid) == DEFERRED
+    assert len(h.relay.calls) == 2
+    assert h.store.state(qid) == DEFERRED
     h.manager.flush()
     h.clock.advance(0)
     assert len(h.relay.calls) == 3
@@ -195,7 +204,8 @@ def test_hold_release_delete_flush():
 def test_not_before_waits_without_using_an_attempt():
     h = Harness()
     qid = h.queue(["a@remote.example"], not_before=1_700_000_000 + 600)
-    assert h.relay.calls == [] and h.store.state(qid) == DEFERRED
+    assert h.relay.calls == []
+    assert h.store.state(qid) == DEFERRED
     h.clock.advance(601)
     assert h.store.state(qid) is None
 
@@ -206,7 +216,8 @@ def test_stop_waits_for_deliveries_in_flight():
     stopped = h.manager.stopService()
     assert not stopped.called
     h.relay.release_all()
-    assert stopped.called and h.store.state(qid) is None
+    assert stopped.called
+    assert h.store.state(qid) is None
 
 
 def test_recover_puts_interrupted_work_back_at_start():
@@ -215,7 +226,8 @@ def test_recover_puts_interrupted_work_back_at_start():
     store.enqueue(Envelope(qid=qid, sender="s@example.test", recipients=[Recipient("a@remote.example")]), BODY)
     store.move(qid, "active")
     h = Harness(store=store)
-    assert h.store.state(qid) is None and h.relay.calls[0][0] == qid
+    assert h.store.state(qid) is None
+    assert h.relay.calls[0][0] == qid
 
 
 # -- scheduler ----------------------------------------------------------------------------------
@@ -230,18 +242,23 @@ def test_scheduler_fires_in_time_order_with_one_timer():
     s.schedule("c", 30)
     s.cancel("c")
     s.schedule("b", 5)  # rescheduled earlier
-    assert len(clock.getDelayedCalls()) == 1 and len(s) == 2
+    assert len(clock.getDelayedCalls()) == 1
+    assert len(s) == 2
     clock.advance(5)
     assert fired == ["b"]
     clock.advance(100)
-    assert fired == ["b", "a"] and len(s) == 0 and clock.getDelayedCalls() == []
+    assert fired == ["b", "a"]
+    assert len(s) == 0
+    assert clock.getDelayedCalls() == []
 
 
 def test_retry_delay_grows_and_is_capped_with_jitter():
     rng = random.Random(1)
     delays = [retry_delay(n, 300, 3600, rng) for n in range(1, 10)]
-    assert 270 <= delays[0] <= 330 and 540 <= delays[1] <= 660
-    assert all(d <= 3600 for d in delays) and delays[-1] >= 3240
+    assert 270 <= delays[0] <= 330
+    assert 540 <= delays[1] <= 660
+    assert all(d <= 3600 for d in delays)
+    assert delays[-1] >= 3240
 
 
 def test_manager_does_nothing_before_start():
@@ -282,7 +299,8 @@ def test_our_own_notices_are_dkim_signed_before_they_are_queued():
     h = Harness({"a@remote.example": [failed()]}, clock=clock, sign=auth.sign)
     h.queue(["a@remote.example"])
     [(_, _, notice)] = h.local.calls
-    assert notice.startswith(b"DKIM-Signature:") and b" d=example.test;" in notice
+    assert notice.startswith(b"DKIM-Signature:")
+    assert b" d=example.test;" in notice
     record = key.public_record().encode()
     assert dkim.verify(notice.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"),
                        dnsfunc=lambda name, timeout=5: record)  # fmt: skip
@@ -291,9 +309,11 @@ def test_our_own_notices_are_dkim_signed_before_they_are_queued():
 def test_a_late_second_announcement_of_a_message_that_left_incoming_starts_no_attempt():
     h = Harness({"a@remote.example": [deferred(), OK]})
     qid = h.queue(["a@remote.example"])
-    assert h.store.state(qid) == DEFERRED and len(h.relay.calls) == 1
+    assert h.store.state(qid) == DEFERRED
+    assert len(h.relay.calls) == 1
     h.manager.notify_incoming(qid)  # e.g. the incoming/ watcher, after the attempt already ended
-    assert len(h.relay.calls) == 1 and h.store.state(qid) == DEFERRED
+    assert len(h.relay.calls) == 1
+    assert h.store.state(qid) == DEFERRED
 
 
 def _domain_is(domain):
@@ -306,15 +326,19 @@ def test_admin_bounce_fails_matching_deferred_recipients_with_a_dsn_and_keeps_th
     assert h.store.state(qid) == DEFERRED
     n = []
     h.manager.bounce(qid, _domain_is("remote.example"), "list cleaned").addCallback(n.append)
-    assert n == [1] and not h.manager.in_flight(qid)
+    assert n == [1]
+    assert not h.manager.in_flight(qid)
     envelope = h.store.load(qid)
     a, b = envelope.recipients
     assert (a.state, a.reply["enhanced"], a.reply["text"]) == ("failed", "5.0.0", "administratively bounced: list cleaned")
-    assert b.state == "deferred" and h.store.state(qid) == DEFERRED and qid in h.manager.scheduler
+    assert b.state == "deferred"
+    assert h.store.state(qid) == DEFERRED
+    assert qid in h.manager.scheduler
     [dsn] = h.dsns()
     assert "administratively bounced: list cleaned" in dsn.as_string()
     h.manager.bounce(qid, _domain_is("other.example"), "gone")
-    assert h.store.state(qid) is None and qid not in h.manager.scheduler
+    assert h.store.state(qid) is None
+    assert qid not in h.manager.scheduler
 
 
 def test_admin_bounce_of_a_message_being_delivered_applies_when_its_attempt_ends():
@@ -326,7 +350,8 @@ def test_admin_bounce_of_a_message_being_delivered_applies_when_its_attempt_ends
     assert n == [None]  # after the attempt
     d, results = h.relay.pending.pop()
     d.callback(results)  # the attempt delivered it: nothing is left to bounce, and the message is gone
-    assert h.store.state(qid) is None and h.dsns() == []
+    assert h.store.state(qid) is None
+    assert h.dsns() == []
     qid = h.queue(["c@remote.example"])
     h.manager.bounce(qid, _domain_is("remote.example"), "stop it")
     d, results = h.relay.pending.pop()

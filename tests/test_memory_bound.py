@@ -35,7 +35,7 @@ class LargeMessageMemoryTests(unittest.TestCase):
         head_file = os.path.join(tmp, "head")
         with open(head_file, "wb") as f:
             f.write(HEAD)
-        out = open(os.path.join(tmp, "out"), "wb")
+        out = open(os.path.join(tmp, "out"), "wb")  # noqa: SIM115 (kept open beyond this block)
         self.addCleanup(out.close)
         tracemalloc.start()
         self.addCleanup(tracemalloc.stop)

@@ -40,11 +40,13 @@ def test_a_policy_parses_with_crlf_or_lf_and_ignores_unknown_keys():
     policy = parse_policy(ENFORCE)
     assert policy == STSPolicy("enforce", ("mx.sts.test", "*.backup.sts.test"), 86400)
     lf = parse_policy(b"version: STSv1\nmode: testing\nmx: MX.Example.TEST.\nmax_age: 99999999\nfuture_key: x\n")
-    assert lf.mode == "testing" and lf.mx == ("mx.example.test",) and lf.max_age == 31557600  # capped at a year
+    assert lf.mode == "testing"
+    assert lf.mx == ("mx.example.test",)
+    assert lf.max_age == 31557600
 
 
 @pytest.mark.parametrize(
-    "body,reason",
+    ("body", "reason"),
     [
         (b"version: STSv2\nmode: enforce\nmx: a.test\nmax_age: 60\n", "version"),
         (b"version: STSv1\nmode: strict\nmx: a.test\nmax_age: 60\n", "mode"),
@@ -64,7 +66,8 @@ def test_the_txt_record_gives_the_id_or_nothing():
     assert parse_txt(["v=STSv1; id=20240101T000000;"]) == "20240101T000000"
     assert parse_txt(["v=STSv1; id=abc123"]) == "abc123"
     assert parse_txt(["v=spf1 -all", "v=STSv1;id=X1;ext=1"]) == "X1"
-    assert parse_txt(["v=spf1 -all"]) is None and parse_txt([]) is None
+    assert parse_txt(["v=spf1 -all"]) is None
+    assert parse_txt([]) is None
     with pytest.raises(PolicyError, match="exactly one"):
         parse_txt(["v=STSv1; id=a", "v=STSv1; id=b"])
     with pytest.raises(PolicyError, match="no valid id"):
@@ -73,9 +76,12 @@ def test_the_txt_record_gives_the_id_or_nothing():
 
 def test_mx_patterns_match_one_leftmost_label_only():
     policy = STSPolicy("enforce", ("mx.sts.test", "*.backup.sts.test"), 60)
-    assert policy.matches("MX.sts.test.") and policy.matches("a.backup.sts.test")
-    assert not policy.matches("backup.sts.test") and not policy.matches("a.b.backup.sts.test")
-    assert not policy.matches("mx.sts.test.evil.test") and not policy.matches("xmx.sts.test")
+    assert policy.matches("MX.sts.test.")
+    assert policy.matches("a.backup.sts.test")
+    assert not policy.matches("backup.sts.test")
+    assert not policy.matches("a.b.backup.sts.test")
+    assert not policy.matches("mx.sts.test.evil.test")
+    assert not policy.matches("xmx.sts.test")
 
 
 # -- the policy host, DNS and SMTP peers on loopback -----------------------------------------
@@ -177,18 +183,24 @@ class MTASTSTests(unittest.TestCase):
     def test_enforce_delivers_over_tls_verified_for_the_mx_name_and_says_so(self):
         peer = self.peer()
         result = yield self.send(self.agent(self.sts()))
-        assert result.status == DELIVERED and result.tls and result.extra["tls_policy"] == "mta-sts"
-        assert len(peer.messages) == 1 and self.policy.requests == [b"/.well-known/mta-sts.txt"]
+        assert result.status == DELIVERED
+        assert result.tls
+        assert result.extra["tls_policy"] == "mta-sts"
+        assert len(peer.messages) == 1
+        assert self.policy.requests == [b"/.well-known/mta-sts.txt"]
 
     @defer.inlineCallbacks
     def test_enforce_never_sends_in_plaintext_to_a_host_without_starttls(self):
         peer = self.peer(cert_name=None)
         result = yield self.send(self.agent(self.sts()))
         assert (result.status, result.code, result.enhanced) == (DEFERRED, 451, "4.7.5")
-        assert "MTA-STS" in result.text and b"MAIL FROM" not in peer.raw and peer.messages == []
+        assert "MTA-STS" in result.text
+        assert b"MAIL FROM" not in peer.raw
+        assert peer.messages == []
         # Without MTA-STS the same host gets the mail in plaintext (opportunistic): the policy made the difference.
         plain = yield self.send(self.agent(None))
-        assert plain.status == DELIVERED and plain.tls is None
+        assert plain.status == DELIVERED
+        assert plain.tls is None
 
     @defer.inlineCallbacks
     def test_enforce_refuses_a_certificate_for_another_name_or_expired(self):
@@ -196,7 +208,8 @@ class MTASTSTests(unittest.TestCase):
             peer = self.peer(**cert)
             result = yield self.send(self.agent(self.sts()))
             assert (result.status, result.enhanced) == (DEFERRED, "4.7.5"), cert
-            assert peer.messages == [] and b"MAIL FROM" not in peer.raw
+            assert peer.messages == []
+            assert b"MAIL FROM" not in peer.raw
             yield peer.stop()
 
     @defer.inlineCallbacks
@@ -204,7 +217,8 @@ class MTASTSTests(unittest.TestCase):
         self.policy.body = ENFORCE.replace(b"mx: mx.sts.test\r\n", b"")
         peer = self.peer()
         result = yield self.send(self.agent(self.sts()))
-        assert (result.status, result.enhanced) == (DEFERRED, "4.7.5") and "matches its MTA-STS policy" in result.text
+        assert (result.status, result.enhanced) == (DEFERRED, "4.7.5")
+        assert "matches its MTA-STS policy" in result.text
         assert peer.connections == 0
         assert self.logged("mta_sts_mx_mismatch")[0]["skipped"] == ["mx.sts.test"]
 
@@ -219,8 +233,11 @@ class MTASTSTests(unittest.TestCase):
         proxy = StrippingProxy("127.0.0.2", self.smtp_port, ("127.0.0.13", self.smtp_port))
         self.addCleanup(proxy.stop)
         result = yield self.send(self.agent(self.sts()))
-        assert (result.status, result.enhanced) == (DEFERRED, "4.7.5") and "MTA-STS" in result.text
-        assert proxy.stripped >= 1 and b"MAIL FROM" not in proxy.client_bytes and backend.messages == []
+        assert (result.status, result.enhanced) == (DEFERRED, "4.7.5")
+        assert "MTA-STS" in result.text
+        assert proxy.stripped >= 1
+        assert b"MAIL FROM" not in proxy.client_bytes
+        assert backend.messages == []
 
     # testing ---------------------------------------------------------------------------------
 
@@ -234,10 +251,14 @@ class MTASTSTests(unittest.TestCase):
         [(domain, policy_type, strings, mx, _, outcome)] = agent.tls_reports.seen  # counted for TLS reports
         assert (domain, policy_type, mx, outcome) == ("sts.test", "sts", "mx.sts.test", "starttls-not-supported")
         assert strings == ["version: STSv1", "mode: testing", "mx: other.sts.test", "max_age: 600"]
-        assert result.status == DELIVERED and result.tls is None and result.extra["tls_policy"] == "mta-sts"
-        assert len(peer.messages) == 1 and result.extra["tls_failure"] == "starttls-not-supported"
+        assert result.status == DELIVERED
+        assert result.tls is None
+        assert result.extra["tls_policy"] == "mta-sts"
+        assert len(peer.messages) == 1
+        assert result.extra["tls_failure"] == "starttls-not-supported"
         [mismatch] = self.logged("mta_sts_mx_mismatch")
-        assert mismatch["mode"] == "testing" and mismatch["domain"] == "sts.test"
+        assert mismatch["mode"] == "testing"
+        assert mismatch["domain"] == "sts.test"
         assert self.logged("mta_sts_testing_failure")[0]["result_type"] == "starttls-not-supported"
 
     @defer.inlineCallbacks
@@ -255,7 +276,9 @@ class MTASTSTests(unittest.TestCase):
             peer.listen(self.smtp_port)
             self.addCleanup(peer.stop)
             result = yield self.send(self.agent(self.sts()))
-            assert result.status == DELIVERED and result.tls and len(peer.messages) == 1, cert
+            assert result.status == DELIVERED, cert
+            assert result.tls, cert
+            assert len(peer.messages) == 1, cert
             assert result.extra.get("tls_failure") == expected, cert
             yield peer.stop()
 
@@ -264,13 +287,15 @@ class MTASTSTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_the_cached_policy_survives_a_restart_and_holds_while_the_host_is_down(self):
         first = yield self.sts().policy_for("sts.test")
-        assert first.policy.mode == "enforce" and first.id == "one"
+        assert first.policy.mode == "enforce"
+        assert first.id == "one"
         with open(os.path.join(self.cache_dir, "sts.test.json")) as f:
             assert json.load(f)["policy"]["mx"] == ["mx.sts.test", "*.backup.sts.test"]
         self.policy.status = 500  # the policy host breaks; a new process starts with the same state_dir
         peer = self.peer(cert_name=None)
         result = yield self.send(self.agent(self.sts()))
-        assert (result.status, result.enhanced) == (DEFERRED, "4.7.5") and peer.messages == []
+        assert (result.status, result.enhanced) == (DEFERRED, "4.7.5")
+        assert peer.messages == []
         assert len(self.policy.requests) == 1  # same id: the cache is used, nothing fetched
 
     @defer.inlineCallbacks
@@ -327,7 +352,8 @@ class MTASTSTests(unittest.TestCase):
     def test_a_policy_host_with_an_untrusted_certificate_gives_no_policy(self):
         other = make_ca(tempfile.mkdtemp(dir=self.dir))
         got = yield self.sts(ca_file=other.cert_path).policy_for("sts.test")
-        assert got is None and self.policy.requests == []
+        assert got is None
+        assert self.policy.requests == []
         assert self.logged("mta_sts_fetch_failed")
 
     @defer.inlineCallbacks
@@ -348,13 +374,15 @@ class MTASTSTests(unittest.TestCase):
             if factory.seen:
                 break
             yield task.deferLater(reactor, 0.02, lambda: None)
-        assert factory.seen and outcome == []
+        assert factory.seen
+        assert outcome == []
         clock.advance(31)
         for _ in range(100):
             if outcome:
                 break
             yield task.deferLater(reactor, 0.02, lambda: None)
-        assert outcome == [None] and self.logged("mta_sts_fetch_failed")[-1]["why"] == "timed out after 30s"
+        assert outcome == [None]
+        assert self.logged("mta_sts_fetch_failed")[-1]["why"] == "timed out after 30s"
         for proto in factory.seen:
             proto.transport.abortConnection()
 
@@ -365,7 +393,9 @@ class MTASTSTests(unittest.TestCase):
         peer = self.peer(cert_name=None)
         self.router.routes["sts.test"] = ("[mx.sts.test]", self.smtp_port)
         result = yield self.send(self.agent(self.sts()))
-        assert result.status == DELIVERED and peer.messages and self.policy.requests == []
+        assert result.status == DELIVERED
+        assert peer.messages
+        assert self.policy.requests == []
 
 
 class AccountingTests(unittest.TestCase):

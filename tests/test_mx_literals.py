@@ -26,9 +26,12 @@ ZONE = {
 
 
 def test_ip_literals_are_recognised_in_every_spelling():
-    assert ip_literal("192.0.2.1") == "192.0.2.1" and ip_literal("[192.0.2.1]") == "192.0.2.1"
-    assert ip_literal("[IPv6:2001:DB8::1]") == "2001:db8::1" and ip_literal("2001:db8::1") == "2001:db8::1"
-    assert ip_literal("mx1.example.test") is None and ip_literal("1.2.3.4.example") is None
+    assert ip_literal("192.0.2.1") == "192.0.2.1"
+    assert ip_literal("[192.0.2.1]") == "192.0.2.1"
+    assert ip_literal("[IPv6:2001:DB8::1]") == "2001:db8::1"
+    assert ip_literal("2001:db8::1") == "2001:db8::1"
+    assert ip_literal("mx1.example.test") is None
+    assert ip_literal("1.2.3.4.example") is None
 
 
 class MXLiteralTests(unittest.TestCase):
@@ -59,8 +62,10 @@ class MXLiteralTests(unittest.TestCase):
         self.addCleanup(agent.close_idle)
         env = Envelope(qid=new_qid(), sender="s@a.test", recipients=[Recipient("r@mixed.test")])
         [result] = yield agent.deliver(env, env.recipients, b"Subject: x\r\n\r\nx\r\n")
-        assert result.status == DELIVERED and result.remote_mta == "mx.mixed.test [127.0.0.3]"
-        assert literal_peer.connections == 0 and len(named_peer.messages) == 1
+        assert result.status == DELIVERED
+        assert result.remote_mta == "mx.mixed.test [127.0.0.3]"
+        assert literal_peer.connections == 0
+        assert len(named_peer.messages) == 1
 
     @defer.inlineCallbacks
     def test_a_domain_whose_mx_are_all_literals_defers_and_says_why(self):
@@ -70,6 +75,8 @@ class MXLiteralTests(unittest.TestCase):
             reply = e.reply
         else:
             raise AssertionError("literal MX hosts were used")
-        assert (reply.code, reply.enhanced) == (451, "4.4.4") and "IP literals" in reply.text
-        assert "127.0.0.2" in reply.text and "[ipv6:::1]" in reply.text  # names are lower-cased
+        assert (reply.code, reply.enhanced) == (451, "4.4.4")
+        assert "IP literals" in reply.text
+        assert "127.0.0.2" in reply.text
+        assert "[ipv6:::1]" in reply.text
         assert sorted(self.literal_records()) == [("literal.test", "127.0.0.2"), ("literal.test", "[ipv6:::1]")]

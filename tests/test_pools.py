@@ -38,7 +38,7 @@ def world(tmp_path):
 
 
 def test_pool_choice_by_header_user_sender_domain_then_default(world):
-    ip1, ip2, pools, counter, _ = world
+    _ip1, _ip2, pools, counter, _ = world
     sel = SourceSelector(clock_at(DAY0), pools, {"news.example": "warm"}, {"app": "bulk"}, "bulk", counter)
     assert sel.pool_for(envelope(pool="warm")).name == "warm"
     assert sel.pool_for(envelope(user="app")).name == "bulk"
@@ -48,7 +48,7 @@ def test_pool_choice_by_header_user_sender_domain_then_default(world):
 
 
 def test_weights_spread_mail_across_sources(world):
-    ip1, ip2, pools, counter, _ = world
+    _ip1, _ip2, pools, counter, _ = world
     sel = SourceSelector(clock_at(DAY0 + datetime.timedelta(days=10)), pools, default_pool="bulk", counter=counter,
                          rng=random.Random(4))  # fmt: skip
     picks = [sel.pick(envelope(sender="x@y.example"))[0].name for _ in range(400)]
@@ -56,14 +56,15 @@ def test_weights_spread_mail_across_sources(world):
 
 
 def test_the_daily_cap_of_the_ladder_holds_and_survives_a_restart(world):
-    ip1, ip2, pools, counter, path = world
+    ip1, _ip2, pools, counter, path = world
     clock = clock_at(DAY0)
     sel = SourceSelector(clock, pools, default_pool="warm", counter=counter)
     for _ in range(2):
         source, _ = sel.pick(envelope())
         sel.sent(source)
     source, until = sel.pick(envelope())
-    assert source is None and until == datetime.datetime.combine(DAY0 + datetime.timedelta(days=1), datetime.time(), datetime.UTC).timestamp()
+    assert source is None
+    assert until == datetime.datetime.combine(DAY0 + datetime.timedelta(days=1), datetime.time(), datetime.UTC).timestamp()
     again = SourceSelector(clock, pools, default_pool="warm", counter=WarmupCounter(path))  # a restart
     assert again.pick(envelope())[0] is None
     clock.advance(86400)  # day 2: the ladder allows 4
@@ -73,7 +74,7 @@ def test_the_daily_cap_of_the_ladder_holds_and_survives_a_restart(world):
 
 
 def test_mail_over_the_cap_spills_only_where_configured(world):
-    ip1, ip2, pools, counter, _ = world
+    _ip1, ip2, pools, counter, _ = world
     sel = SourceSelector(clock_at(DAY0), pools, counter=counter)
     counter.add("ip1", DAY0, 2)
     assert sel.pick(envelope(pool="spilling", source="ip1"))[0] is ip2
@@ -100,7 +101,7 @@ def test_pool_config_errors_name_the_key():
 
 
 def test_the_ladder_holds_or_steps_back_when_yesterday_went_badly(world):
-    ip1, ip2, pools, counter, _ = world
+    ip1, _ip2, pools, counter, _ = world
     ip1.ladder = (10, 20, 40, 80, 160)
     clock = clock_at(DAY0 + datetime.timedelta(days=2))  # day 3: cap 40
     sel = SourceSelector(clock, pools, counter=counter, bounce_rate=0.05, deferral_rate=0.2, min_sample=20)
@@ -123,7 +124,7 @@ def test_the_ladder_holds_or_steps_back_when_yesterday_went_badly(world):
 
 
 def test_complaints_and_later_bounces_from_the_feedback_loop_count_against_the_sending_source(world):
-    ip1, ip2, pools, counter, _ = world
+    ip1, _ip2, pools, counter, _ = world
     ip1.ladder = (10, 20, 40, 80)
     clock = clock_at(DAY0 + datetime.timedelta(days=1))  # day 2: cap 20
     sel = SourceSelector(clock, pools, counter=counter, complaint_rate=0.01, min_sample=20)
@@ -163,7 +164,7 @@ def test_the_feedback_processor_reports_bounces_and_complaints_to_the_sources(tm
 
 
 def test_a_provider_can_have_its_own_ladder_for_a_source(world):
-    ip1, ip2, pools, counter, _ = world
+    ip1, _ip2, pools, counter, _ = world
     ip1.provider_ladders = {"google": (1, 2)}
     sel = SourceSelector(clock_at(DAY0), pools, default_pool="warm", counter=counter)
     source, _ = sel.pick(envelope(), "google")

@@ -45,22 +45,26 @@ def test_flush_lifts_dead_site_suspensions_and_pauses_and_retries_everything_now
     dead = suspend(shaper, "dead.example", "mx.dead.example")
     paused, _ = shaper.destination("slow.example", ("mx.slow.example",))
     shaper.observe(paused, 421, "4.7.28", "rate limited")
-    assert shaper.hold_until(dead, Limits()) > h.clock.seconds() and shaper.hold_until(paused, Limits()) > 0
+    assert shaper.hold_until(dead, Limits()) > h.clock.seconds()
+    assert shaper.hold_until(paused, Limits()) > 0
     q1, q2 = h.queue(["a@dead.example"]), h.queue(["b@slow.example"])
     assert h.store.state(q1) == h.store.state(q2) == DEFERRED
     answer = result_of(ops.run("flush"))
     assert answer == {"flushed": 2, "resumed": sorted([dead, paused])}
-    assert shaper.hold_until(dead, Limits()) == 0.0 and shaper.explain(paused)["share"] == 1.0
+    assert shaper.hold_until(dead, Limits()) == 0.0
+    assert shaper.explain(paused)["share"] == 1.0
     h.clock.advance(0)
-    assert h.store.state(q1) is None and h.store.state(q2) is None  # delivered on the spot
+    assert h.store.state(q1) is None
+    assert h.store.state(q2) is None
 
 
 def test_flush_id_retries_only_that_message(world):
-    h, shaper, ops = world
+    h, _shaper, ops = world
     q1, q2 = h.queue(["b@slow.example"]), h.queue(["c@slow.example"])
     assert result_of(ops.run("flush", q2)) == {"flushed": 1, "qid": q2, "state": DEFERRED}
     h.clock.advance(0)
-    assert h.store.state(q1) == DEFERRED and h.store.state(q2) is None
+    assert h.store.state(q1) == DEFERRED
+    assert h.store.state(q2) is None
     with pytest.raises(QueueOpError, match="no message"):
         result_of(ops.run("flush", "NOSUCHID"))
     result_of(ops.run("hold", q1))
@@ -75,18 +79,21 @@ def test_flush_domain_retries_that_domain_and_lifts_only_its_suspension(world):
     q1, q2 = h.queue(["a@dead.example"]), h.queue(["b@slow.example"])
     answer = result_of(ops.run("flush", None, "Dead.Example"))
     assert answer == {"flushed": 1, "domain": "dead.example", "resumed": [dead]}
-    assert shaper.hold_until(dead, Limits()) == 0.0 and shaper.hold_until(other, Limits()) > 0
+    assert shaper.hold_until(dead, Limits()) == 0.0
+    assert shaper.hold_until(other, Limits()) > 0
     h.clock.advance(0)
-    assert h.store.state(q1) is None and h.store.state(q2) == DEFERRED
+    assert h.store.state(q1) is None
+    assert h.store.state(q2) == DEFERRED
 
 
 def test_shaping_with_a_domain_shows_only_the_destinations_it_goes_through(world):
-    h, shaper, ops = world
+    _h, shaper, ops = world
     dead = suspend(shaper, "dead.example", "mx.dead.example")
     suspend(shaper, "other.example", "mx.other.example")
     shaper.destination("dead.example", ("mx.dead.example",))
     explained = result_of(ops.run("shaping", "dead.example"))["destinations"]
-    assert [d["key"] for d in explained] == [dead] and explained[0]["reason"].startswith("dead site")
+    assert [d["key"] for d in explained] == [dead]
+    assert explained[0]["reason"].startswith("dead site")
     assert len(result_of(ops.run("shaping"))["destinations"]) == 2
     assert result_of(ops.run("shaping", "unknown.example"))["destinations"] == []
 
@@ -98,7 +105,8 @@ def test_hold_of_a_message_in_flight_waits_for_the_attempt_then_holds():
     assert result_of(ops.run("hold", qid)) == {"hold": [qid], "after_attempt": [qid]}
     assert h.store.state(qid) != HOLD  # the attempt is still running
     h.relay.release_all()
-    assert h.store.state(qid) == HOLD and h.manager.scheduler.when(qid) is None
+    assert h.store.state(qid) == HOLD
+    assert h.manager.scheduler.when(qid) is None
     h.clock.advance(100_000)
     assert len(h.relay.calls) == 1
 
@@ -110,10 +118,12 @@ def test_hold_then_release_of_a_message_in_flight_leaves_it_queued_not_held():
     result_of(ops.run("hold", qid))
     result_of(ops.run("release", qid))
     h.relay.release_all()
-    assert h.store.state(qid) == DEFERRED and h.manager.scheduler.when(qid) is not None
+    assert h.store.state(qid) == DEFERRED
+    assert h.manager.scheduler.when(qid) is not None
     h.clock.advance(3600)
     h.relay.release_all()
-    assert h.store.state(qid) is None and len(h.relay.calls) == 2
+    assert h.store.state(qid) is None
+    assert len(h.relay.calls) == 2
 
 
 def test_a_hold_asked_during_an_attempt_that_ends_early_still_holds():

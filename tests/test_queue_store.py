@@ -551,7 +551,7 @@ class LegacyQueueMigrationTests(_OnDiskStoreTest):
             self.assert_migrated(fresh, messages, envs)
 
     def test_pymta_queue_on_a_stopped_mta_reads_a_migrated_queue(self):
-        messages, envs = self.legacy()
+        _messages, envs = self.legacy()
         store = self.store()
         store.migrate()
         self.assertEqual(store.load(envs[1].qid), envs[1])

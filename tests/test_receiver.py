@@ -49,7 +49,8 @@ class ReceiverTests(TempDirMixin, unittest.TestCase):
 
     def test_accepted_transaction_is_queued_with_per_recipient_routes(self) -> None:
         reply = self.transact(self.receiver, ["Alice@EXAMPLE.TEST", "carol@remote.example", "alice@example.test"])
-        assert reply.code == 250 and reply.enhanced == "2.0.0"
+        assert reply.code == 250
+        assert reply.enhanced == "2.0.0"
         [qid] = self.store.list(INCOMING)
         assert reply.text.endswith(qid)
         assert self.queued == [qid]
@@ -103,8 +104,9 @@ class ReceiverTests(TempDirMixin, unittest.TestCase):
         stranger.transaction.notes["routes"] = {"alice@example.test": ("local", "alice@example.test")}
         results = []
         defer.maybeDeferred(self.receiver.message, stranger, body).addBoth(results.append)
-        qid2 = [q for q in self.store.list(INCOMING) if q != qid][0]
-        assert self.store.load(qid2).not_before == 0.0 and b"X-Pymta-Deliver-After" in self.store.read_body(qid2)
+        qid2 = next(q for q in self.store.list(INCOMING) if q != qid)
+        assert self.store.load(qid2).not_before == 0.0
+        assert b"X-Pymta-Deliver-After" in self.store.read_body(qid2)
 
     def test_single_recipient_received_header_names_it(self) -> None:
         self.transact(self.receiver, ["alice@example.test"])
@@ -150,7 +152,8 @@ class ReceiverTests(TempDirMixin, unittest.TestCase):
         assert receiver.rcpt_to(stranger, "alice@example.test", {}) is None
         receiver.disconnected(stranger)
         trusted = Sess(peer_address="127.0.0.1", transaction=Txn(sender="a@x.test"))
-        assert receiver.connected(trusted) is None and receiver.connected(Sess(peer_address="127.0.0.1")) is None
+        assert receiver.connected(trusted) is None
+        assert receiver.connected(Sess(peer_address="127.0.0.1")) is None
         assert receiver.rcpt_to(trusted, "carol@remote.example", {}) is None
 
     def test_limits_and_greylisting_answered_later_by_the_cluster_refuse_alike(self) -> None:
@@ -211,7 +214,8 @@ class ReceiverTests(TempDirMixin, unittest.TestCase):
         receiver = InboundReceiver("mx.example.test", self.policy, self.store, self.clock, suppression=store)
         session = Sess(transaction=Txn(sender="news@example.org"))
         reply = receiver.rcpt_to(session, "Carol@Remote.Example", {})
-        assert (reply.code, reply.enhanced) == (550, "5.7.1") and "userunknown" in reply.text
+        assert (reply.code, reply.enhanced) == (550, "5.7.1")
+        assert "userunknown" in reply.text
         assert receiver.rcpt_to(session, "dave@remote.example", {}) is None  # suppressed for another sender only
 
 
@@ -240,7 +244,8 @@ class SenderLoginTests(TempDirMixin, unittest.TestCase):
 
     def test_mail_from_an_unowned_address_is_refused_553_571(self) -> None:
         reply = self.send("ceo@example.test", b"From: news@example.test\r\n\r\nhi\r\n")
-        assert (reply.code, reply.enhanced) == (553, "5.7.1") and "not owned by user app" in reply.text
+        assert (reply.code, reply.enhanced) == (553, "5.7.1")
+        assert "not owned by user app" in reply.text
         assert self.store.list(INCOMING) == []
 
     def test_a_from_header_the_user_does_not_own_is_refused_after_data(self) -> None:
@@ -273,7 +278,8 @@ class DNSBLTests(unittest.TestCase):
         results = []
         for ip in ("192.0.2.7", "192.0.2.8", "192.0.2.9"):
             bl.check(ip).addCallback(results.append)
-        assert results[0].code == 554 and "bl.test" in results[0].text
+        assert results[0].code == 554
+        assert "bl.test" in results[0].text
         assert results[1:] == [None, None]
 
 
@@ -296,7 +302,8 @@ class ReverseLookupTests(unittest.TestCase):
         for ip in ("192.0.2.1", "192.0.2.2", "192.0.2.3"):
             session = Sess(peer_address=ip)
             receiver.connected(session).addCallback(lambda r, ip=ip, s=session: results.__setitem__(ip, (r, s)))
-        assert results["192.0.2.1"][0] is None and results["192.0.2.1"][1].notes["client_name"] == "mail.good.example"
+        assert results["192.0.2.1"][0] is None
+        assert results["192.0.2.1"][1].notes["client_name"] == "mail.good.example"
         assert results["192.0.2.2"][0].code == 550  # the PTR name does not point back: unknown
         assert results["192.0.2.3"][0].code == 550
 

@@ -3,6 +3,8 @@ refused in plaintext (530 5.7.10) and kept in the envelope; the TLS-Required hea
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from pymta.envelope import Envelope
 from pymta.outbound.requiretls import requiretls_of, tls_optional
 from tests.test_smtp_server import Client
@@ -11,7 +13,8 @@ from tests.test_smtp_server import Client
 def test_requiretls_is_offered_after_starttls_only():
     c = Client(tls=True)
     before = c.send("EHLO client.test\r\n").decode()
-    assert "STARTTLS" in before and "REQUIRETLS" not in before
+    assert "STARTTLS" in before
+    assert "REQUIRETLS" not in before
     c.send("STARTTLS\r\n")
     after = c.send("EHLO client.test\r\n").decode()
     assert "250-REQUIRETLS" in after or "250 REQUIRETLS" in after
@@ -56,7 +59,7 @@ def test_a_requiretls_message_no_hop_could_take_bounces_with_5_7_30_after_its_re
     clock.advance(1_700_000_000)
     waits = (DEFERRED, 451, "4.7.30", "mx.test does not offer REQUIRETLS, which this message requires; not sent")
     class Keeping(ScriptedDeliveryAgent):
-        extras: list = []
+        extras: ClassVar[list] = []
 
         def deliver(self, envelope, recipients, body):
             self.extras.append(dict(envelope.extra))
@@ -79,7 +82,9 @@ def test_a_requiretls_message_no_hop_could_take_bounces_with_5_7_30_after_its_re
             break
     assert len(relay.calls) > 1  # retried first
     [(_, rcpts, dsn)] = local.calls
-    assert rcpts == ["s@here.test"] and b"Status: 5.7.30" in dsn and b"REQUIRETLS" in dsn
+    assert rcpts == ["s@here.test"]
+    assert b"Status: 5.7.30" in dsn
+    assert b"REQUIRETLS" in dsn
     assert local.extras == [{"dsn_for": env.qid, "action": "failed", "requiretls": True}]  # the notice keeps REQUIRETLS
 
 
@@ -104,4 +109,5 @@ def test_the_requiretls_parameter_is_kept_in_the_queued_envelope(tmp_path):
         defer.maybeDeferred(receiver.message, session, b"Subject: x\r\n\r\nx\r\n").addBoth(replies.append)
         assert replies[0].code == 250
         qid = replies[0].text.rsplit(" ", 1)[-1]
-        assert store.load(qid).extra == expected and store.state(qid) == INCOMING
+        assert store.load(qid).extra == expected
+        assert store.state(qid) == INCOMING

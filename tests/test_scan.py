@@ -40,7 +40,8 @@ def test_a_scanner_cannot_inject_a_header_line_or_a_bad_name():
     out = apply_edits(MESSAGE, [HeaderEdit("add", "X-Evil", "a\r\nBcc: victim@example.test"),
                                 HeaderEdit("add", "Bad Name", "x")])  # fmt: skip
     head = out.split(b"\r\n\r\n")[0].split(b"\r\n")
-    assert b"Bcc: victim@example.test" not in head and b"\tBcc: victim@example.test" in head
+    assert b"Bcc: victim@example.test" not in head
+    assert b"\tBcc: victim@example.test" in head
     assert not any(line.startswith(b"Bad Name") for line in head)
 
 
@@ -51,7 +52,7 @@ def test_scanner_replies_keep_the_class_right():
     assert scanner_reply(450, "5.1.1", "mixed", TEMPFAIL).enhanced == "4.7.1"
 
 
-@pytest.mark.parametrize("answer, action, code", [
+@pytest.mark.parametrize(("answer", "action", "code"), [
     ({"action": "no action"}, ACCEPT, None),
     ({"action": "reject"}, REJECT, 550),
     ({"action": "soft reject"}, TEMPFAIL, 451),
@@ -59,7 +60,8 @@ def test_scanner_replies_keep_the_class_right():
 ])  # fmt: skip
 def test_rspamd_actions(answer, action, code):
     verdict = verdict_from_answer(json.dumps(answer).encode())
-    assert verdict.action == action and (verdict.reply.code if verdict.reply else None) == code
+    assert verdict.action == action
+    assert (verdict.reply.code if verdict.reply else None) == code
 
 
 def test_rspamd_rewrite_subject_and_milter_headers():
@@ -69,7 +71,8 @@ def test_rspamd_rewrite_subject_and_milter_headers():
                    "remove_headers": {"X-A": 0}},
     }).encode())  # fmt: skip
     out = apply_edits(MESSAGE, verdict.edits)
-    assert b"Subject: ***SPAM*** one\r\n" in out and b"X-Spamd-Result: default: True\r\n" in out
+    assert b"Subject: ***SPAM*** one\r\n" in out
+    assert b"X-Spamd-Result: default: True\r\n" in out
     assert b"X-A: 1\r\n" not in out
 
 
@@ -109,10 +112,12 @@ def test_a_hanging_scanner_times_out_on_the_clock_and_gets_its_default():
     results = run(ScanChain([accept, tempfail], clock), clock, 4.9)
     assert results == []
     clock.advance(0.1)  # the first times out: accepted unscanned, the second starts
-    assert results == [] and tempfail.calls == 1
+    assert results == []
+    assert tempfail.calls == 1
     clock.advance(5)
     [verdict] = results
-    assert verdict.action == TEMPFAIL and (verdict.reply.code, verdict.reply.enhanced) == (451, "4.7.1")
+    assert verdict.action == TEMPFAIL
+    assert (verdict.reply.code, verdict.reply.enhanced) == (451, "4.7.1")
 
 
 def test_the_first_refusal_ends_the_chain_and_edits_and_quarantine_combine():
@@ -120,12 +125,16 @@ def test_the_first_refusal_ends_the_chain_and_edits_and_quarantine_combine():
     reject = Verdict(REJECT, scanner_reply(550, "5.7.1", "no", REJECT))
     later = Scripted("later", Verdict())
     [verdict] = run(ScanChain([Scripted("r", reject), later], clock), clock)
-    assert verdict.action == REJECT and verdict.scanner == "r" and later.calls == 0
+    assert verdict.action == REJECT
+    assert verdict.scanner == "r"
+    assert later.calls == 0
     first = Verdict(edits=[HeaderEdit("add", "X-One", "1")])
     second = Verdict(QUARANTINE, edits=[HeaderEdit("add", "X-Two", "2")], quarantine="virus")
     [verdict] = run(ScanChain([Scripted("a", first), Scripted("b", second),
                                Scripted("c", ScanError("broken"), on_error=ACCEPT)], clock), clock)  # fmt: skip
-    assert verdict.action == QUARANTINE and verdict.quarantine == "virus" and verdict.scanner == "b"
+    assert verdict.action == QUARANTINE
+    assert verdict.quarantine == "virus"
+    assert verdict.scanner == "b"
     assert [e.name for e in verdict.edits] == ["X-One", "X-Two"]
 
 
@@ -134,10 +143,12 @@ def test_scan_config_errors_are_one_line_naming_the_key():
 
     config = build_config({"scan": {"rspamd": "http://127.0.0.1:11333", "milter": [{"socket": "inet:127.0.0.1:8891"},
                            {"socket": "unix:/run/clamav/clamav-milter.ctl", "on_error": "accept"}]}}, "p.toml")  # fmt: skip
-    assert config.scan.on_error == "tempfail" and len(config.scan.milter) == 2
+    assert config.scan.on_error == "tempfail"
+    assert len(config.scan.milter) == 2
     for table, key in [({"milter": [{}]}, "scan.milter[1].socket"), ({"milter": [{"socket": "tcp:x"}]}, "scan.milter[1].socket"),
                        ({"on_error": "maybe"}, "scan.on_error"), ({"rspamd": "ftp://x"}, "scan.rspamd"),
                        ({"milter": {"socket": "inet:a:1"}}, "scan.milter"), ({"bogus": 1}, "scan.bogus")]:  # fmt: skip
         with pytest.raises(ConfigError) as e:
             build_config({"scan": table}, "p.toml")
-        assert str(e.value).startswith(f"p.toml: {key}: ") and "\n" not in str(e.value)
+        assert str(e.value).startswith(f"p.toml: {key}: ")
+        assert "\n" not in str(e.value)

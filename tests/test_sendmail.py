@@ -57,15 +57,20 @@ def test_recipients_on_the_command_line_and_missing_headers_are_added(mta):
     [message] = delivered(mta, "alice@example.test", b"plain one")
     assert b"\n.\nafter the dot\n" in message  # -oi: a lone dot is data
     head = message.split(b"\n\n", 1)[0]
-    assert b"From: root@" in head and b"\nDate: " in head and b"\nMessage-ID: <" in head
-    assert b"local submission by uid 0 root" in head and b"Received: from " in head and b"(local)" in head
+    assert b"From: root@" in head
+    assert b"\nDate: " in head
+    assert b"\nMessage-ID: <" in head
+    assert b"local submission by uid 0 root" in head
+    assert b"Received: from " in head
+    assert b"(local)" in head
 
 
 def test_without_i_a_lone_dot_ends_the_message(mta):
     done = sendmail(mta, ["alice@example.test"], b"Subject: dot ends\n\nbefore\n.\nnever sent\n")
     assert done.returncode == 0, done.stderr
     [message] = delivered(mta, "alice@example.test", b"dot ends")
-    assert b"before" in message and b"never sent" not in message
+    assert b"before" in message
+    assert b"never sent" not in message
 
 
 def test_t_takes_recipients_from_the_header_and_removes_bcc(mta):
@@ -98,7 +103,8 @@ def test_mta_down_is_ex_tempfail(mta, tmp_path):
 
 def test_refused_recipients_and_no_recipients(mta):
     done = sendmail(mta, ["-i", "nobody@example.test"], b"Subject: x\n\nx\n")
-    assert done.returncode == 67 and b"nobody@example.test" in done.stderr
+    assert done.returncode == 67
+    assert b"nobody@example.test" in done.stderr
     assert sendmail(mta, ["-i"], b"Subject: x\n\nx\n").returncode == 65
     assert sendmail(mta, ["-Y"], b"").returncode == 64
 
@@ -108,7 +114,8 @@ def test_bs_speaks_smtp_on_standard_input_and_output(mta):
                 b"Subject: over bs\r\n\r\nhi\r\n.\r\nQUIT\r\n")  # fmt: skip
     done = sendmail(mta, ["-bs"], dialogue)
     assert done.returncode == 0
-    assert b"250 2.0.0 Ok: queued as" in done.stdout and done.stdout.rstrip().splitlines()[-1].startswith(b"221")
+    assert b"250 2.0.0 Ok: queued as" in done.stdout
+    assert done.stdout.rstrip().splitlines()[-1].startswith(b"221")
     delivered(mta, "alice@example.test", b"over bs")
 
 
@@ -132,7 +139,8 @@ def test_mutt_in_batch_mode(mta, tmp_path):
                           input=b"written in mutt\n", capture_output=True, env=env, timeout=60)  # fmt: skip
     assert done.returncode == 0, done.stderr
     [message] = delivered(mta, "bob@example.test", b"from mutt")
-    assert b"written in mutt" in message and b"Subject: from mutt" in message
+    assert b"written in mutt" in message
+    assert b"Subject: from mutt" in message
 
 
 def test_git_send_email(mta, tmp_path):
@@ -154,13 +162,15 @@ def test_git_send_email(mta, tmp_path):
                           capture_output=True, env=env, timeout=60)  # fmt: skip
     assert done.returncode == 0, done.stderr
     [message] = delivered(mta, "alice@example.test", b"patch over pymta-sendmail")
-    assert b"Return-Path: <dev@example.test>" in message and b"\n-version 0\n+version 1\n .\n" in message
+    assert b"Return-Path: <dev@example.test>" in message
+    assert b"\n-version 0\n+version 1\n .\n" in message
 
 
 def test_option_parsing():
     opts = parse_args(["-oem", "-oi", "-fme@example.test", "-F", "Me", "-t", "-B", "8BITMIME", "--", "-x@example.test"])
     assert (opts["i"], opts["t"], opts["f"], opts["F"], opts["rcpts"]) == (True, True, "me@example.test", "Me", ["-x@example.test"])
-    assert parse_args(["-bs"])["mode"] == "s" and parse_args(["-q30m"])["mode"] == "q"
+    assert parse_args(["-bs"])["mode"] == "s"
+    assert parse_args(["-q30m"])["mode"] == "q"
 
 
 def test_header_helpers():
@@ -168,4 +178,6 @@ def test_header_helpers():
     assert rcpts == ["a@x.test", "b@x.test", "c@x.test"]
     assert message == b"To: a@x.test, B <b@x.test>\r\nSubject: s\r\n\r\nbody\r\n"
     done = complete_headers(b"Subject: s\r\n\r\nbody\r\n", "me@x.test", None, "host.x.test")
-    assert done.startswith(b"From: me@x.test\r\nDate: ") and b"Message-ID: <" in done and done.endswith(b"Subject: s\r\n\r\nbody\r\n")
+    assert done.startswith(b"From: me@x.test\r\nDate: ")
+    assert b"Message-ID: <" in done
+    assert done.endswith(b"Subject: s\r\n\r\nbody\r\n")

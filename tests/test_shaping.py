@@ -28,9 +28,13 @@ def shaper(clock, **kw) -> Shaper:
 def test_destinations_roll_up_by_provider_mx_suffix_and_limits_cascade():
     s = shaper(task.Clock())
     key, limits = s.destination("Gmail.example", ("alt1.aspmx.l.google.com",))
-    assert key == "provider:google" and limits.connections == 20 and limits.message_rate == parse_rate("100/s")
+    assert key == "provider:google"
+    assert limits.connections == 20
+    assert limits.message_rate == parse_rate("100/s")
     key, limits = s.destination("remote.test", ("mx.remote.test",))
-    assert key == "domain:remote.test" and limits.connections == 2 and limits.messages_per_connection == 50
+    assert key == "domain:remote.test"
+    assert limits.connections == 2
+    assert limits.messages_per_connection == 50
     assert s.destination("other.test", ("mx.other.test",))[1].connections == 10
 
 
@@ -72,7 +76,9 @@ def test_connection_slots_are_fifo():
     s = shaper(task.Clock())
     key, limits = s.destination("remote.test")
     first, second, third = (s.acquire_connection(key, limits) for _ in range(3))
-    assert first.called and second.called and not third.called
+    assert first.called
+    assert second.called
+    assert not third.called
     s.release_connection(key)
     assert third.called
 
@@ -95,7 +101,8 @@ def test_held_mail_waits_without_using_an_attempt():
     store.enqueue(Envelope(qid=qid, sender="s@x.test", recipients=[Recipient("a@remote.test")], arrival=1000), b"x")
     manager.notify_incoming(qid)
     envelope = store.load(qid)
-    assert envelope.attempts == 0 and envelope.recipients[0].attempts == 0
+    assert envelope.attempts == 0
+    assert envelope.recipients[0].attempts == 0
     assert envelope.next_attempt == 1300.0
 
 
@@ -114,10 +121,12 @@ def test_concurrency_starts_low_grows_on_success_and_halves_on_congestion():
     slots = [s.acquire_connection(key, limits) for _ in range(4)]
     assert [d.called for d in slots] == [True, True, False, False]  # slow start: 2
     s.success(key)
-    assert slots[2].called and not slots[3].called  # window 3
+    assert slots[2].called
+    assert not slots[3].called
     for _ in range(20):
         s.success(key)
-    assert slots[3].called and s.state(key).window == 10  # never above the cap
+    assert slots[3].called
+    assert s.state(key).window == 10
     s.congestion(key, "421 4.7.0 busy")
     assert s.state(key).window == 5
 
@@ -143,7 +152,7 @@ def test_domains_on_the_same_mx_hosts_share_a_destination():
 
 
 @pytest.mark.parametrize(
-    "utc,window,tz,opens",
+    ("utc", "window", "tz", "opens"),
     [
         ("2026-11-24T12:00", "08:00-20:00", "UTC", None),
         ("2026-11-24T21:00", "08:00-20:00", "UTC", "2026-11-25T08:00"),

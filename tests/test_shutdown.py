@@ -41,9 +41,11 @@ def test_stages_stop_in_order_each_waiting_for_the_one_before():
     stopped = top.stopService()
     assert log == ["listener", "manager"]  # the first stage all at once
     clock.advance(10)
-    assert log == ["listener", "manager"] and not stopped.called
+    assert log == ["listener", "manager"]
+    assert not stopped.called
     front_done.callback(None)
-    assert log == ["listener", "manager", "accounting", "pool"] and stopped.called
+    assert log == ["listener", "manager", "accounting", "pool"]
+    assert stopped.called
 
 
 def test_a_stage_that_does_not_finish_is_given_up_on_after_its_bound():
@@ -55,9 +57,11 @@ def test_a_stage_that_does_not_finish_is_given_up_on_after_its_bound():
     top.startService()
     stopped = top.stopService()
     clock.advance(30 + FRONT_SLACK - 0.1)
-    assert log == ["stuck"] and not stopped.called
+    assert log == ["stuck"]
+    assert not stopped.called
     clock.advance(0.2)
-    assert log == ["stuck", "pool"] and stopped.called
+    assert log == ["stuck", "pool"]
+    assert stopped.called
 
 
 def test_wait_at_most_never_cancels_what_it_waits_for():
@@ -86,9 +90,11 @@ def _stopping_with_one_delivery_in_flight():
 def test_the_manager_waits_the_grace_then_aborts_and_records_the_rest_deferred():
     h, qid, stopped, aborted = _stopping_with_one_delivery_in_flight()
     h.clock.advance(29.9)
-    assert not aborted and not stopped.called
+    assert not aborted
+    assert not stopped.called
     h.clock.advance(0.2)
-    assert aborted == [True] and not stopped.called
+    assert aborted == [True]
+    assert not stopped.called
     [(d, _)] = h.relay.pending
     d.callback(_interrupted(["a@remote.example"]))  # what the aborted agent answers
     assert stopped.called
@@ -101,7 +107,8 @@ def test_deliveries_that_finish_within_the_grace_are_recorded_and_nothing_is_abo
     h, qid, stopped, aborted = _stopping_with_one_delivery_in_flight()
     h.clock.advance(5)
     h.relay.release_all()
-    assert stopped.called and h.store.state(qid) is None  # delivered: gone from the queue
+    assert stopped.called
+    assert h.store.state(qid) is None
     h.clock.advance(60)
     assert not aborted
 
@@ -119,13 +126,18 @@ def test_sessions_get_a_grace_then_421_4_3_2_after_the_answer_they_are_owed():
     drain.startService()
     stopped = drain.stopService()
     clock.advance(4.9)
-    assert idle.take() == b"" and not idle.closed
+    assert idle.take() == b""
+    assert not idle.closed
     clock.advance(0.2)
-    assert idle.take().startswith(b"421 4.3.2 ") and idle.closed
-    assert busy.take() == b"" and not busy.closed  # it is owed the answer to its message first
+    assert idle.take().startswith(b"421 4.3.2 ")
+    assert idle.closed
+    assert busy.take() == b""
+    assert not busy.closed
     busy.delegate.pending[0].callback(None)
     out = busy.take()
-    assert out.startswith(b"250 ") and b"\r\n421 4.3.2 " in out and busy.closed
+    assert out.startswith(b"250 ")
+    assert b"\r\n421 4.3.2 " in out
+    assert busy.closed
     for client in (idle, busy):
         client.proto.connectionLost(None)
     assert stopped.called

@@ -22,9 +22,12 @@ def test_a_tls_transport_gets_auth_and_no_starttls_and_is_recorded_as_esmtpsa():
     proto.makeConnection(transport)
     proto.dataReceived(b"EHLO client.example\r\n")
     extensions = {line[4:] for line in transport.value().decode().split("\r\n")[1:] if line}
-    assert "AUTH PLAIN LOGIN" in extensions and "STARTTLS" not in extensions, extensions
+    assert "AUTH PLAIN LOGIN" in extensions, extensions
+    assert "STARTTLS" not in extensions, extensions
     transport.clear()
     proto.dataReceived(b"STARTTLS\r\nAUTH PLAIN " + base64.b64encode(b"\0app\0secret") + b"\r\n")
-    assert transport.value().startswith(b"503 5.5.1") and b"235 2.7.0" in transport.value()
+    assert transport.value().startswith(b"503 5.5.1")
+    assert b"235 2.7.0" in transport.value()
     assert transport.tls_started is None
-    assert proto.session.auth_user == "app" and proto.session.protocol_name == "ESMTPSA"
+    assert proto.session.auth_user == "app"
+    assert proto.session.protocol_name == "ESMTPSA"

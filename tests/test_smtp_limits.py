@@ -93,7 +93,8 @@ def test_the_session_cap_waits_for_a_pending_answer_then_closes():
     c.clock.advance(5)
     c.send("DATA\r\nx\r\n.\r\nNOOP\r\n")
     c.clock.advance(10)  # the cap passes while the queue write is pending
-    assert not c.closed and c.take() == b""
+    assert not c.closed
+    assert c.take() == b""
     c.delegate.pending[0].callback(Reply(250, "2.0.0", "Ok: queued as Q1"))
     # the message's answer is given, the pipelined NOOP is not: the session is over
     assert c.take() == b"250 2.0.0 Ok: queued as Q1\r\n421 4.4.2 Session time limit exceeded, closing connection\r\n"
@@ -107,7 +108,8 @@ def test_an_answer_that_never_comes_does_not_outlive_the_cap_by_more_than_a_comm
     c.clock.advance(14)
     assert not c.closed
     c.clock.advance(2)
-    assert c.closed and c.take().endswith(b"421 4.4.2 Session time limit exceeded, closing connection\r\n")
+    assert c.closed
+    assert c.take().endswith(b"421 4.4.2 Session time limit exceeded, closing connection\r\n")
 
 
 # -- data_timeout: inactivity plus a minimum rate -------------------------------------------------------
@@ -134,7 +136,8 @@ def test_one_byte_every_2s_in_bdat_chunks_is_cut_by_the_minimum_rate():
             break
         out += c.send("BDAT 1\r\nx")
         c.clock.advance(2)
-    assert c.closed and 30 < c.clock.seconds() <= 34
+    assert c.closed
+    assert 30 < c.clock.seconds() <= 34
     assert out.startswith(b"250 2.0.0 1 octets received\r\n")
     assert out.endswith(b"421 4.4.2 Data rate too low, closing connection\r\n")
 
@@ -144,7 +147,8 @@ def test_a_big_bdat_chunk_trickled_is_cut_by_the_minimum_rate():
     transaction(c)
     c.send("BDAT 100000 LAST\r\n")
     trickle(c, b"y" * 100, every=2, steps=100)
-    assert c.closed and 30 < c.clock.seconds() <= 34
+    assert c.closed
+    assert 30 < c.clock.seconds() <= 34
 
 
 def test_data_at_the_minimum_rate_is_accepted_however_long_it_takes():
@@ -172,7 +176,8 @@ def test_the_rate_counts_per_message():
     c.send("RCPT TO:<x@y.example>\r\nDATA\r\n")
     c.clock.advance(10)
     out = c.send(("b" * 998 + "\r\n") * 20 + ".\r\n")  # 20 KB in 10 s: the clock started at this DATA
-    assert out.startswith(b"250 2.0.0 Ok: queued") and not c.closed
+    assert out.startswith(b"250 2.0.0 Ok: queued")
+    assert not c.closed
 
 
 def test_data_inactivity_still_times_out():
@@ -182,7 +187,8 @@ def test_data_inactivity_still_times_out():
     c.clock.advance(14)
     assert not c.closed
     c.clock.advance(2)
-    assert c.closed and c.take().endswith(b"421 4.4.2 Timeout, closing connection\r\n")
+    assert c.closed
+    assert c.take().endswith(b"421 4.4.2 Timeout, closing connection\r\n")
 
 
 # -- the connection cap ---------------------------------------------------------------------------------
@@ -201,23 +207,26 @@ def test_connections_past_the_cap_get_421_470_and_the_delegate_never_sees_them()
     mx = SMTPServerFactory(delegate, "mx.example.test", ServerLimits(), Client().clock, connections=slots)
     tls = SMTPServerFactory(delegate, "mx.example.test", ServerLimits(), Client().clock, connections=slots)
     first, t1 = connect(mx)
-    second, t2 = connect(tls)  # listeners given the same slots share the cap
+    _second, t2 = connect(tls)  # listeners given the same slots share the cap
     third, t3 = connect(mx)
-    assert t1.value().startswith(b"220 ") and t2.value().startswith(b"220 ")
-    assert t3.value() == b"421 4.7.0 Too many connections, try again later\r\n" and t3.disconnecting
+    assert t1.value().startswith(b"220 ")
+    assert t2.value().startswith(b"220 ")
+    assert t3.value() == b"421 4.7.0 Too many connections, try again later\r\n"
+    assert t3.disconnecting
     assert delegate.calls.count(("connected",)) == 2
     third.connectionLost(None)
-    assert delegate.calls.count(("disconnected",)) == 0 and slots.active == 2
+    assert delegate.calls.count(("disconnected",)) == 0
+    assert slots.active == 2
     first.connectionLost(None)
     assert slots.active == 1
-    fourth, t4 = connect(mx)
+    _fourth, t4 = connect(mx)
     assert t4.value().startswith(b"220 ")
 
 
 def test_a_closed_session_gives_its_slot_back_once():
     slots = ConnectionSlots(1)
     factory = SMTPServerFactory(FakeDelegate(), "mx.example.test", ServerLimits(), Client().clock, connections=slots)
-    proto, transport = connect(factory)
+    proto, _transport = connect(factory)
     proto.dataReceived(b"QUIT\r\n")
     proto.connectionLost(None)
     proto.connectionLost(None)
@@ -238,14 +247,16 @@ def test_input_behind_a_pending_answer_is_bounded_and_the_transport_paused():
         c.proto.dataReceived(chunk)
         sent += 1
     assert c.transport.producerState == "paused"
-    assert c.proto.input_paused and c.proto.buffered_input <= 65536 + len(chunk)
+    assert c.proto.input_paused
+    assert c.proto.buffered_input <= 65536 + len(chunk)
     assert sent < 10
     assert c.take() == b""  # nothing answered out of turn
     c.delegate.pending[0].callback(Reply(250, "2.0.0", "Ok: queued as Q1"))
     out = c.take().split(b"\r\n")
     assert out[0] == b"250 2.0.0 Ok: queued as Q1"  # in order: the pending answer, then every NOOP
     assert out[1:] == [b"250 2.0.0 OK"] * (2731 * sent) + [b""]
-    assert c.transport.producerState == "producing" and not c.proto.input_paused
+    assert c.transport.producerState == "producing"
+    assert not c.proto.input_paused
     assert c.proto.buffered_input == 0
 
 
@@ -264,7 +275,8 @@ def test_input_before_the_greeting_is_bounded_too():
         if c.transport.producerState == "paused":
             break
         c.proto.dataReceived(b"EHLO early.example\r\n" * 50)
-    assert c.transport.producerState == "paused" and c.proto.buffered_input <= 4096 + 1000
+    assert c.transport.producerState == "paused"
+    assert c.proto.buffered_input <= 4096 + 1000
     pending.callback(None)
     assert c.take().startswith(b"220 ")
     assert c.transport.producerState == "producing"
@@ -280,7 +292,8 @@ def test_a_client_that_does_not_read_is_answered_no_further_and_then_not_read():
         if c.transport.producerState == "paused":
             break
         c.send(b"NOOP\r\n" * 100)
-    assert c.transport.producerState == "paused" and c.proto.buffered_input <= 4096 + 600
+    assert c.transport.producerState == "paused"
+    assert c.proto.buffered_input <= 4096 + 600
     held = c.proto.buffered_input // 6
     c.proto.resumeProducing()
     assert c.transport.producerState == "producing"

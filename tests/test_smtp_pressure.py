@@ -134,7 +134,7 @@ class BackPressureTests(unittest.TestCase):
         with open(head_file, "wb") as f:
             f.write(head)
         self.out_path = os.path.join(self.tmp, "out")
-        self.out = open(self.out_path, "wb")
+        self.out = open(self.out_path, "wb")  # noqa: SIM115 (kept open beyond this block)
         self.addCleanup(self.out.close)
         args = [sys.executable, "-c", CLIENT, str(self.port.getHost().port), head_file, str(size), line,
                 "wait" if wait else "go", "tls" if tls else "plain"]  # fmt: skip
@@ -191,7 +191,8 @@ class BackPressureTests(unittest.TestCase):
         replies = yield self.flood_behind(first, Reply(250, "2.0.0", "Ok: queued as Q1"))
         assert replies == ["220 mx.example.test", "250 DSN", "250 2.1.0", "250 2.1.5", "354 End",
                            "250 2.0.0", "250 2.1.0", "250 2.1.5", "354 End", "552 5.3.4", "221 2.0.0"]  # fmt: skip
-        assert self.delegate.messages[0][2] == b"first\r\n" and len(self.delegate.messages) == 1
+        assert self.delegate.messages[0][2] == b"first\r\n"
+        assert len(self.delegate.messages) == 1
 
     @defer.inlineCallbacks
     def test_50_mb_pipelined_before_the_greeting_is_held_while_the_connect_check_runs(self):
@@ -229,7 +230,8 @@ class BackPressureTests(unittest.TestCase):
         sent = int(proc.stderr.read())
         replies = self.replies()
         assert replies[:2] == ["220 mx.example.test", "250 DSN"]
-        assert replies[2:-1] == ["250 2.0.0"] * (sent // 6) and replies[-1] == "221 2.0.0"
+        assert replies[2:-1] == ["250 2.0.0"] * (sent // 6)
+        assert replies[-1] == "221 2.0.0"
 
     @defer.inlineCallbacks
     def test_implicit_tls_input_behind_the_queue_write_is_bounded_too(self):

@@ -203,7 +203,7 @@ def test_sequence_errors_are_503_551():
 
 
 @pytest.mark.parametrize(
-    "command,code",
+    ("command", "code"),
     [
         ("MAIL FROM:a@b.example", "501 5.1.7"),
         ("MAIL FROM:<a@b.example", "501 5.5.4"),
@@ -253,7 +253,7 @@ def test_null_sender_and_postmaster():
 
 
 @pytest.mark.parametrize(
-    "params,code",
+    ("params", "code"),
     [
         ("NOTIFY=NEVER,SUCCESS", "501 5.5.4"),
         ("NOTIFY=SOMETIMES", "501 5.5.4"),
@@ -306,7 +306,7 @@ def test_delegate_refusal_is_passed_through_and_the_recipient_not_added():
 
 
 @pytest.mark.parametrize(
-    "path,expected",
+    ("path", "expected"),
     [
         ("<User@Example.TEST>", "User@example.test"),
         ("<@relay.example,@other.example:user@example.test>", "user@example.test"),
@@ -387,7 +387,7 @@ def test_empty_message():
 
 @pytest.mark.parametrize(
     "smuggle",
-    [b"\n.\n", b"\r.\r", b"\r\n.\n", b"\n.\r\n", b"\n.\r\n", b"\r\n.\r", b"\r.\r\n"],
+    [b"\n.\n", b"\r.\r", b"\r\n.\n", b"\n.\r\n", b"\r\n.\r", b"\r.\r\n"],
 )
 def test_smtp_smuggling_variants_never_end_data_or_start_a_second_transaction(smuggle):
     c = Client()
@@ -396,7 +396,8 @@ def test_smtp_smuggling_variants_never_end_data_or_start_a_second_transaction(sm
     hidden = b"MAIL FROM:<evil@x.example>\r\nRCPT TO:<victim@y.example>\r\nDATA\r\nSpoofed\r\n"
     out = c.send(b"Subject: hi\r\n\r\nbody" + smuggle + hidden + b".\r\n")
     # Exactly one reply: the message is refused for its bare CR/LF; nothing hidden became a command.
-    assert out.count(b"\r\n") == 1 and out.startswith(b"550 5.6.0")
+    assert out.count(b"\r\n") == 1
+    assert out.startswith(b"550 5.6.0")
     assert c.delegate.messages == []
     assert not any(call[0] == "mail" and call[1] == "evil@x.example" for call in c.delegate.calls)
     assert c.codes("NOOP\r\n") == ["250 2.0.0"]
@@ -419,7 +420,8 @@ def test_long_line_is_refused_at_end_of_data_and_stays_in_data_mode():
     out = c.send(b"x" * 999 + b"\r\nRSET\r\nQUIT\r\n")
     assert out == b""
     assert c.codes(".\r\n") == ["550 5.6.0"]
-    assert not c.closed and c.delegate.messages == []
+    assert not c.closed
+    assert c.delegate.messages == []
 
 
 def test_a_line_of_exactly_1000_octets_is_fine():
@@ -534,7 +536,8 @@ def test_command_timeout_is_421_442():
     c.clock.advance(299)
     assert not c.closed
     c.clock.advance(2)
-    assert c.take().startswith(b"421 4.4.2") and c.closed
+    assert c.take().startswith(b"421 4.4.2")
+    assert c.closed
 
 
 def test_data_timeout_uses_its_own_limit():
@@ -546,7 +549,8 @@ def test_data_timeout_uses_its_own_limit():
     c.clock.advance(99)
     assert not c.closed
     c.clock.advance(2)
-    assert c.take().startswith(b"421 4.4.2") and c.closed
+    assert c.take().startswith(b"421 4.4.2")
+    assert c.closed
 
 
 def test_no_timeout_while_the_delegate_works():
@@ -579,7 +583,8 @@ def test_refused_connection_gets_the_reply_and_is_closed():
     c.proto = c.factory.buildProtocol(None)
     c.transport = TLSStringTransport()
     c.proto.makeConnection(c.transport)
-    assert c.take() == b"554 5.7.1 Go away\r\n" and c.closed
+    assert c.take() == b"554 5.7.1 Go away\r\n"
+    assert c.closed
 
 
 # -- STARTTLS and AUTH ----------------------------------------------------------------------------------
@@ -629,7 +634,8 @@ def test_auth_is_refused_before_tls_and_works_after():
     assert "AUTH PLAIN LOGIN" in c.send("EHLO again\r\n").decode()
     assert c.codes("AUTH PLAIN " + base64.b64encode(b"\0app\0wrong").decode() + "\r\n") == ["535 5.7.8"]
     assert c.codes("AUTH PLAIN " + base64.b64encode(b"\0app\0secret").decode() + "\r\n") == ["235 2.7.0"]
-    assert c.proto.session.auth_user == "app" and c.proto.session.protocol_name == "ESMTPSA"
+    assert c.proto.session.auth_user == "app"
+    assert c.proto.session.protocol_name == "ESMTPSA"
 
 
 def test_auth_login_dialogue_and_lockout():
@@ -666,14 +672,16 @@ def test_body_collector_sees_a_crlf_split_across_chunks_as_fine():
     b = BodyCollector(10_000)
     b.feed(b"abc\r")
     b.feed(b"\ndef\r\n")
-    assert b.problem() is None and b.body() == b"abc\r\ndef\r\n"
+    assert b.problem() is None
+    assert b.body() == b"abc\r\ndef\r\n"
 
 
 def test_body_collector_long_line_split_across_chunks():
     b = BodyCollector(10_000)
     b.feed(b"x" * 600)
     b.feed(b"x" * 399 + b"\r\n")
-    assert b.problem() is not None and b.problem().enhanced == "5.6.0"
+    assert b.problem() is not None
+    assert b.problem().enhanced == "5.6.0"
 
 
 def test_disconnect_is_reported_to_the_delegate():

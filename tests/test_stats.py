@@ -53,16 +53,20 @@ def test_events_are_counted_per_minute_by_provider_source_and_campaign(tmp_path)
     t0 = 1_800_000_000 // 60 * 60
     per = ts.per_minute(t0, t0 + 120, ("delivered", "bounced_hard", "bounced_soft", "deferred"))
     assert per["delivered"] == {t0: 2}
-    assert per["bounced_hard"] == {t0 + 60: 1} and per["bounced_soft"] == {t0 + 60: 1}
+    assert per["bounced_hard"] == {t0 + 60: 1}
+    assert per["bounced_soft"] == {t0 + 60: 1}
     assert ts.per_minute(t0, t0 + 120, ("deferred",), "gmail")["deferred"] == {t0 + 60: 1}
     by_provider = ts.totals(t0, t0 + 120, "provider")
     assert by_provider["gmail"] == {"delivered": 2, "deferred": 1}
     assert by_provider["other.test"] == {"bounced_hard": 1, "bounced_soft": 1}
     overall = ts.totals(t0, t0 + 120)[""]
-    assert overall["received"] == 3 and overall["complaints"] == 1
-    assert overall["opens_machine"] == 1 and overall["clicks"] == 1
+    assert overall["received"] == 3
+    assert overall["complaints"] == 1
+    assert overall["opens_machine"] == 1
+    assert overall["clicks"] == 1
     assert ts.totals(t0, t0 + 120, "campaign")["c1"]["delivered"] == 2
-    assert [r for r, _ in ts.top_reasons(t0, t0 + 120)] and sum(
+    assert [r for r, _ in ts.top_reasons(t0, t0 + 120)]
+    assert sum(
         n for _, n in ts.top_reasons(t0, t0 + 120)
     ) == 2
 
@@ -104,7 +108,8 @@ def test_a_write_in_progress_holds_the_next_batch(tmp_path):
     ts.count("delivered")
     first = ts.flush()
     ts.count("delivered")
-    assert ts.flush() is first and len(pending) == 1
+    assert ts.flush() is first
+    assert len(pending) == 1
     pending[0].callback(None)
     ts.flush()
     pending[1].callback(None)
@@ -155,15 +160,19 @@ def test_report_counts_rates_and_times_from_the_accounting_log(tmp_path):
     report = build_report(str(path), now, 3600, None)
     total = report["total"]
     assert (total["sent"], total["delivered"], total["bounced_hard"], total["complaints"]) == (3, 2, 1, 1)
-    assert total["delivery_rate"] == round(2 / 3, 4) and total["complaint_rate"] == 0.5
-    assert total["time_to_deliver_median"] in (1.0, 3.0) and total["time_to_deliver_p95"] == 3.0
+    assert total["delivery_rate"] == round(2 / 3, 4)
+    assert total["complaint_rate"] == 0.5
+    assert total["time_to_deliver_median"] in (1.0, 3.0)
+    assert total["time_to_deliver_p95"] == 3.0
     assert total["top_bounce_reasons"][0]["count"] == 1
     by_source = {g["group"]: g for g in build_report(str(path), now, 3600, "source")["groups"]}
-    assert by_source["s1"]["delivered"] == 2 and by_source["s2"]["bounced_hard"] == 1
+    assert by_source["s1"]["delivered"] == 2
+    assert by_source["s2"]["bounced_hard"] == 1
     names = {"gmail.com": "gmail"}
     by_provider = {g["group"]: g for g in build_report(str(path), now, 3600, "provider", None,
                                                          lambda d, mx: names.get(d, d))["groups"]}  # fmt: skip
-    assert by_provider["gmail"]["delivered"] == 2 and by_provider["other.test"]["sent"] == 1
+    assert by_provider["gmail"]["delivered"] == 2
+    assert by_provider["other.test"]["sent"] == 1
     assert to_csv(report).splitlines()[0].startswith("group,sent,delivered")
 
 
@@ -180,13 +189,18 @@ def test_pymta_report_prints_json_and_csv_and_refuses_a_bad_since(tmp_path):
     out = run("--json", "--by", "campaign")
     assert out.returncode == 0, out.stderr
     groups = {g["group"]: g for g in json.loads(out.stdout)["groups"]}
-    assert groups["spring"]["delivered"] == 2 and groups["spring"]["sent"] == 3
+    assert groups["spring"]["delivered"] == 2
+    assert groups["spring"]["sent"] == 3
     assert run("--csv").stdout.splitlines()[-1].startswith("total,3,2,1,")
     bad = run("--since", "soon")
     assert (
         bad.returncode == 2
-        and bad.stderr.startswith("pymta-report: since:")
-        and "Traceback" not in bad.stderr
+    )
+    assert (
+        bad.stderr.startswith("pymta-report: since:")
+    )
+    assert (
+        "Traceback" not in bad.stderr
     )
 
 
@@ -230,7 +244,8 @@ def test_dashboard_shows_ladders_rates_against_thresholds_and_shaping_holds(tmp_
     assert "<tr><td>ip1</td><td>main</td><td>2</td><td>100</td><td>37</td><td>0</td></tr>" in html
     assert "<td>gmail</td><td>8</td><td>20.00%</td>" in html  # by provider: 2 of 10 bounced
     assert html.count('fill="#c8372d"/>') >= 2  # over the 5 % threshold: red, for provider and source
-    assert "provider:gmail" in html and "421 4.7.0 try again later" in html
+    assert "provider:gmail" in html
+    assert "421 4.7.0 try again later" in html
     assert '<meta http-equiv="refresh" content="60">' in html
     counter.close()
     ts.close()

@@ -19,7 +19,8 @@ def test_return_path_round_trips_and_fits_a_local_part():
     qid = new_qid()
     address = tagger.return_path(qid, "Carol@Remote.Example")
     local, _, domain = address.partition("@")
-    assert domain == "bounces.example.test" and len(local) <= 64
+    assert domain == "bounces.example.test"
+    assert len(local) <= 64
     assert tagger.match_recipients(address.upper(), ["dave@remote.example", "carol@remote.example"]) == (
         qid,
         ["carol@remote.example"],
@@ -69,7 +70,9 @@ def store(tmp_path):
 def test_hard_bounce_and_complaint_suppress_globally(store):
     store.record_bounce("<Carol@Remote.Example>", "userunknown", hard=True)
     entry = store.is_suppressed("carol@remote.example")
-    assert entry["reason"] == "userunknown" and entry["source"] == "bounce" and entry["expires"] == 0
+    assert entry["reason"] == "userunknown"
+    assert entry["source"] == "bounce"
+    assert entry["expires"] == 0
     store.record_complaint("dave@remote.example", scope="news.example")
     assert store.is_suppressed("dave@remote.example") is None
     assert store.is_suppressed("dave@remote.example", "news.example")["source"] == "complaint"
@@ -81,7 +84,8 @@ def test_soft_bounces_suppress_after_the_threshold_for_a_while(store):
         assert store.record_bounce("erin@remote.example", "mailboxfull", hard=False) is None
         clock.advance(86400)
     entry = store.record_bounce("erin@remote.example", "mailboxfull", hard=False)
-    assert entry and entry["expires"] == pytest.approx(clock.seconds() + 30 * 86400)
+    assert entry
+    assert entry["expires"] == pytest.approx(clock.seconds() + 30 * 86400)
     clock.advance(31 * 86400)
     assert store.is_suppressed("erin@remote.example") is None
 
@@ -100,7 +104,8 @@ def test_add_remove_count_and_csv_round_trip(store, tmp_path):
     assert store.is_suppressed("a@x.test")["count"] == 2
     out = io.StringIO()
     assert store.export_csv(out) == 1
-    assert store.remove("a@x.test") and store.is_suppressed("a@x.test") is None
+    assert store.remove("a@x.test")
+    assert store.is_suppressed("a@x.test") is None
     assert store.import_csv(io.StringIO(out.getvalue())) == 1
     assert store.is_suppressed("a@x.test")["reason"] == "again"
     with pytest.raises(ValueError, match="line 2"):
@@ -113,7 +118,8 @@ def test_unsubscribe_tokens_are_not_bounce_tokens():
     tagger = Tagger(SECRET, "bounces.example.test")
     qid = new_qid()
     unsub = tagger.unsubscribe_address(qid, "carol@remote.example", "News.Example")
-    assert unsub.startswith("u-") and "=news.example@" in unsub
+    assert unsub.startswith("u-")
+    assert "=news.example@" in unsub
     assert tagger.match_recipients(unsub, ["carol@remote.example"]) is None
     assert tagger.match_recipients(unsub, ["carol@remote.example"], kind="u") == (
         qid, ["carol@remote.example"], "news.example",

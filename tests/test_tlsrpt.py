@@ -51,7 +51,8 @@ def reporter(tmp_path, clock, submitted, posted) -> TLSReporter:
 def test_the_rua_of_the_txt_record():
     assert parse_tlsrpt_txt(["v=TLSRPTv1; rua=mailto:a@b.test, https://r.test/x"]) == ["mailto:a@b.test", "https://r.test/x"]
     assert parse_tlsrpt_txt(["v=TLSRPTv1;rua=ftp://x,mailto:c@d.test"]) == ["mailto:c@d.test"]
-    assert parse_tlsrpt_txt(["v=spf1 -all"]) == [] and parse_tlsrpt_txt(["v=TLSRPTv1; rua=mailto:a@b", "v=TLSRPTv1;"]) == []
+    assert parse_tlsrpt_txt(["v=spf1 -all"]) == []
+    assert parse_tlsrpt_txt(["v=TLSRPTv1; rua=mailto:a@b", "v=TLSRPTv1;"]) == []
 
 
 def test_counts_survive_a_restart_and_the_daily_report_goes_out_after_midnight(tmp_path):
@@ -72,14 +73,18 @@ def test_counts_survive_a_restart_and_the_daily_report_goes_out_after_midnight(t
     r.session("sts.test", "sts", STS, "mx.sts.test", "192.0.2.1", "certificate-expired")
     clock.advance(14 * 3600)  # past midnight UTC and the sending delay
     [(env, body)] = submitted
-    assert [x.address for x in env.recipients] == ["tls@sts.test"] and env.recipients[0].notify == ("NEVER",)
+    assert [x.address for x in env.recipients] == ["tls@sts.test"]
+    assert env.recipients[0].notify == ("NEVER",)
     msg = email.message_from_bytes(body)
-    assert msg.get_content_type() == "multipart/report" and msg.get_param("report-type") == "tlsrpt"
-    assert msg["TLS-Report-Domain"] == "sts.test" and msg["TLS-Report-Submitter"] == "Example Org"
+    assert msg.get_content_type() == "multipart/report"
+    assert msg.get_param("report-type") == "tlsrpt"
+    assert msg["TLS-Report-Domain"] == "sts.test"
+    assert msg["TLS-Report-Submitter"] == "Example Org"
     [part] = [p for p in msg.walk() if p.get_content_type() == "application/tlsrpt+gzip"]
     report = json.loads(gzip.decompress(part.get_payload(decode=True)))
     assert report["date-range"] == {"start-datetime": "2026-12-01T00:00:00Z", "end-datetime": "2026-12-01T23:59:59Z"}
-    assert report["organization-name"] == "Example Org" and report["contact-info"] == "ops@example.org"
+    assert report["organization-name"] == "Example Org"
+    assert report["contact-info"] == "ops@example.org"
     [policy] = report["policies"]
     assert policy["policy"] == {"policy-type": "sts", "policy-string": STS, "policy-domain": "sts.test",
                                 "mx-host": ["mx.sts.test"]}  # fmt: skip
@@ -87,10 +92,12 @@ def test_counts_survive_a_restart_and_the_daily_report_goes_out_after_midnight(t
     assert sorted((d["result-type"], d["failed-session-count"]) for d in policy["failure-details"]) == [
         ("certificate-expired", 1), ("starttls-not-supported", 1)]
     [(url, data)] = posted
-    assert url == "https://reports.sts.test/in" and json.loads(gzip.decompress(data))["report-id"] == report["report-id"]
+    assert url == "https://reports.sts.test/in"
+    assert json.loads(gzip.decompress(data))["report-id"] == report["report-id"]
     # Sent once: the next day brings nothing new; the domain without rua was dropped.
     clock.advance(86400)
-    assert len(submitted) == 1 and r.counts.due("2099-01-01") == []
+    assert len(submitted) == 1
+    assert r.counts.due("2099-01-01") == []
     r.stop()
 
 
@@ -115,8 +122,10 @@ def test_reports_for_our_domains_are_kept_and_bad_ones_set_aside(tmp_path):
             [result] = yield_now(processor.deliver(env, env.recipients, body))
             outcomes.append((result.code, result.text))
         assert [c for c, _ in outcomes] == [250, 250, 250]  # never a crash, never a bounce
-        assert "kept aside" in outcomes[2][1] and "not JSON" in outcomes[2][1]
-        assert os.listdir(inbox_paths(str(tmp_path))[1]) and [e for e in events if e.get("event") == "tlsrpt_bad"]
+        assert "kept aside" in outcomes[2][1]
+        assert "not JSON" in outcomes[2][1]
+        assert os.listdir(inbox_paths(str(tmp_path))[1])
+        assert [e for e in events if e.get("event") == "tlsrpt_bad"]
         assert inbox.summary() == [{"organization": "Big Mail", "day": "2026-12-01", "successes": 14,
                                     "failures": {"certificate-expired": 4}}]  # fmt: skip
         assert parse_report(extract_report(mailed))[0].successes == 7
@@ -193,7 +202,8 @@ class HTTPSPostTests(unittest.TestCase):
         code = yield post(f"https://localhost:{self.port}/in", gzip.compress(b'{"report-id": "r"}'))
         assert code == 200
         [(ctype, data)] = self.inbox.posts
-        assert ctype == b"application/tlsrpt+gzip" and json.loads(gzip.decompress(data)) == {"report-id": "r"}
+        assert ctype == b"application/tlsrpt+gzip"
+        assert json.loads(gzip.decompress(data)) == {"report-id": "r"}
         self.inbox.status = 500
         with self.assertRaises(ValueError):
             yield post(f"https://localhost:{self.port}/in", b"x")

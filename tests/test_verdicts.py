@@ -84,7 +84,7 @@ def dns(**changes) -> StaticDNS:
 
 
 @pytest.mark.parametrize(
-    "ip,sender,expected",
+    ("ip", "sender", "expected"),
     [
         ("192.0.2.10", "a@example.org", "pass"),
         ("203.0.113.1", "a@example.org", "fail"),
@@ -166,7 +166,8 @@ def test_dkim_l_tag_leaving_content_unsigned_is_policy_not_pass():
 )
 def test_malformed_signatures_are_permerror_or_fail_never_an_exception(header):
     got = V.check_dkim(header + message(), dns())
-    assert len(got) == 1 and got[0].result in ("permerror", "fail")
+    assert len(got) == 1
+    assert got[0].result in ("permerror", "fail")
 
 
 def test_at_most_eight_signatures_are_checked():
@@ -256,7 +257,8 @@ def test_arc_sealed_by_the_forwarder_validates_and_breaks_when_changed():
     auth = sealer(clock)
     auth.dns_factory = arc_dns
     _, body = auth.inbound(signed(message()), "192.0.2.9", "h.example", "a@example.org", ["bob@forward.example"])
-    assert body.startswith(b"ARC-Seal: i=1;") and b"ARC-Message-Signature: i=1;" in body
+    assert body.startswith(b"ARC-Seal: i=1;")
+    assert b"ARC-Message-Signature: i=1;" in body
     assert b"ARC-Authentication-Results: i=1; mx.forward.example;" in body
     assert V.check_arc(body, arc_dns()) == ("pass", V.check_arc(body, arc_dns())[1])
     assert V.check_arc(body.replace(b"Hello.", b"Hel1o."), arc_dns())[0] == "fail"
@@ -293,8 +295,11 @@ def test_authentication_results_field_parses_with_authres():
     parsed = authres.AuthenticationResultsHeader.parse(field.decode().strip())
     assert parsed.authserv_id == "mx.example.test"
     methods = [(r.method, r.result) for r in parsed.results]
-    assert ("spf", "pass") in methods and ("dmarc", "pass") in methods and ("arc", "none") in methods
-    assert ("dkim", "pass") in methods and ("dkim", "fail") in methods
+    assert ("spf", "pass") in methods
+    assert ("dmarc", "pass") in methods
+    assert ("arc", "none") in methods
+    assert ("dkim", "pass") in methods
+    assert ("dkim", "fail") in methods
     assert V.recorded_dkim(field + message(), "mx.example.test") == "pass"
     assert V.recorded_dkim(field + message(), "other.example") is None
 
@@ -302,7 +307,8 @@ def test_authentication_results_field_parses_with_authres():
 def test_unverified_message_bytes_never_raise():
     for junk in (b"", b"\r\n\r\n", b"no header at all", b"From: \xff\r\n\r\n", b"DKIM-Signature:\r\n\r\n"):
         v = V.evaluate(junk, dns(), "203.0.113.1", "", "")
-        assert v.dmarc in V.RESULTS and v.dkim in V.RESULTS
+        assert v.dmarc in V.RESULTS
+        assert v.dkim in V.RESULTS
 
 
 # -- through pymta's resolver and loopback DNS -------------------------------------------------------------
@@ -351,7 +357,8 @@ class ResolverDNSTests(unittest.TestCase):
     def test_a_dns_timeout_is_temperror_and_the_message_is_kept(self):
         session = self.session("a@slow.example")
         body = yield self.auth.accept(session, message("a@slow.example"), trusted=False)
-        assert isinstance(body, bytes) and body.endswith(message("a@slow.example"))
+        assert isinstance(body, bytes)
+        assert body.endswith(message("a@slow.example"))
         assert session.transaction.notes["auth"].dmarc == "temperror"
 
     @defer.inlineCallbacks
@@ -371,7 +378,8 @@ class ResolverDNSTests(unittest.TestCase):
     def test_trusted_clients_get_no_verdicts(self):
         session = self.session("a@example.org")
         body = yield self.auth.accept(session, message(), trusted=True)
-        assert body == message() and "auth" not in session.transaction.notes
+        assert body == message()
+        assert "auth" not in session.transaction.notes
 
 
 def _chunks(text: str) -> list[str]:

@@ -11,12 +11,13 @@ from pymta.wordings import WORDINGS_PATH, load_wordings, wordings
 
 def test_the_shipped_wordings_load_and_pass_the_linear_time_check():
     shipped = load_wordings(WORDINGS_PATH)
-    assert len(shipped.backoff) == 3 and len(shipped.feedback) == 8
+    assert len(shipped.backoff) == 3
+    assert len(shipped.feedback) == 8
     assert wordings() is wordings()  # loaded once
     assert [r.match.pattern for r in DEFAULT_BACKOFF] == [b.match.pattern for b in shipped.backoff]
 
 
-@pytest.mark.parametrize("section,text", [
+@pytest.mark.parametrize(("section", "text"), [
     ("greylisting = 'try again.*later'", "greylisting"),
     ("greylisting = 'x'\n[[backoff]]\nmatch = 'rate (limit)+'\npause = 1\nshare = 0.5\nrecover = 1", "backoff 1"),
     ("greylisting = 'x'\n[feedback]\nchallenge = '(a{0,50}){0,50}'", "feedback.challenge"),
@@ -28,7 +29,7 @@ def test_a_wordings_file_with_a_backtracking_pattern_is_refused_naming_it(tmp_pa
         load_wordings(str(path))
 
 
-@pytest.mark.parametrize("code,text,greylisted", [
+@pytest.mark.parametrize(("code", "text", "greylisted"), [
     (451, "4.7.1 Greylisted, please try again in 300 seconds", True),
     (450, "4.2.0 <a@b.test>: Recipient address rejected: Greylisted for 5 minutes", True),
     (451, "4.7.1 Temporarily deferred, retry later", True),
