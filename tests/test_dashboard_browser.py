@@ -5,16 +5,15 @@ same run checks ``GET /api/v1/reports`` against ``pymta-report --json``."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import os
 import select
 import shutil
 import smtplib
+import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -24,6 +23,7 @@ import pytest
 from pymta.admin.http.tokens import digest
 from tests.dnsserver import DNSServer, Zone
 from tests.mta_process import MTAProcess, free_port, wait_for_port
+from tests.smtp_receiver import ScriptedReceiver
 
 CHROMIUM = shutil.which("chromium")
 pytestmark = pytest.mark.timeout(240)
@@ -33,61 +33,29 @@ GOOD = [f"good{i}@ok.test" for i in range(4)]
 BAD = ["bad0@ok.test", "bad1@ok.test"]
 
 
-class Receiver:
+class Receiver(ScriptedReceiver):
     """An SMTP receiver on 127.0.0.9: RCPT to bad* answers 550 5.1.1, everything else 250."""
 
+    accept_for = 600.0
+    name = b"sink"
+    ehlo_keywords = ()
+
     def __init__(self, port: int) -> None:
-        self.port = port
-        self.loop = asyncio.new_event_loop()
         self.accepted: list[str] = []
-        started = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(started,), daemon=True)
-        self.thread.start()
-        assert started.wait(10)
+        super().__init__("127.0.0.9", port)
 
-    def _run(self, started: threading.Event) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.server = self.loop.run_until_complete(asyncio.start_server(self._session, "127.0.0.9", self.port))
-        started.set()
-        self.loop.run_forever()
+    def on_mail(self, sender: str, peer: str) -> bytes:
+        return b"250 2.1.0 ok"
 
-    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"220 sink ESMTP\r\n")
-        rcpts: list[str] = []
-        try:
-            while line := await asyncio.wait_for(reader.readline(), 30):
-                verb = line[:4].upper()
-                if verb in (b"EHLO", b"HELO"):
-                    writer.write(b"250 sink\r\n")
-                elif verb == b"MAIL":
-                    rcpts = []
-                    writer.write(b"250 2.1.0 ok\r\n")
-                elif verb == b"RCPT":
-                    address = line.split(b"<", 1)[1].split(b">", 1)[0].decode()
-                    if address.startswith("bad"):
-                        writer.write(b"550 5.1.1 <" + address.encode() + b">: user unknown\r\n")
-                    else:
-                        rcpts.append(address)
-                        writer.write(b"250 2.1.5 ok\r\n")
-                elif verb == b"DATA":
-                    writer.write(b"354 go on\r\n")
-                    while (await asyncio.wait_for(reader.readline(), 30)) not in (b".\r\n", b""):
-                        pass
-                    self.accepted += rcpts
-                    writer.write(b"250 2.0.0 queued\r\n")
-                elif verb == b"QUIT":
-                    writer.write(b"221 bye\r\n")
-                    break
-                else:
-                    writer.write(b"250 ok\r\n")
-                await writer.drain()
-        finally:
-            writer.close()
+    def on_rcpt(self, address: str, peer: str) -> bytes:
+        if address.startswith("bad"):
+            return b"550 5.1.1 <" + address.encode() + b">: user unknown"
+        return b"250 2.1.5 ok"
 
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.server.close)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
+    def on_message(self, conn: socket.socket, recipients: list[str], message: bytes, peer: str) -> bytes:
+        with self.lock:
+            self.accepted += recipients
+        return b"250 2.0.0 queued"
 
 
 class Browser:

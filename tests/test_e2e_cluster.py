@@ -16,7 +16,7 @@ import pytest
 
 from tests.mta_process import MTAProcess, wait_until
 from tests.redis_server import RedisServer, have_redis
-from tests.smtp_receiver import ThreadedReceiver
+from tests.smtp_receiver import ScriptedReceiver
 
 pytestmark = [
     pytest.mark.timeout(120),
@@ -24,59 +24,33 @@ pytestmark = [
 ]
 
 
-class CountingReceiver(ThreadedReceiver):
+class CountingReceiver(ScriptedReceiver):
     """Answers every end of data after ``delay`` seconds, and notes when each 250 went out, from
-    which address, and the most transactions (MAIL to the answer of the final dot) it ever had
+    which address, and (in ``transactions_open``, ``most_transactions_open``) the transactions
     open at once. Every wait and loop is bounded."""
 
     accept_for = 300.0
+    name = b"count.test"
+    ehlo_keywords = (b"PIPELINING",)
 
     def __init__(self, delay: float = 0.0) -> None:
         self.delay = delay
         self.accepted: list[tuple[float, str]] = []  # (monotonic time of the 250, peer address)
         self.mails: list[tuple[float, str]] = []  # (monotonic time of MAIL, peer address)
-        self.open = 0
-        self.most_open = 0
         super().__init__()
 
-    def _session(self, conn: socket.socket, peer: str) -> None:
-        in_transaction = False
-        try:
-            conn.sendall(b"220 count.test ESMTP\r\n")
-            source = self.lines(conn)
-            for line in source:
-                verb = line[:4].upper()
-                if verb == b"EHLO":
-                    conn.sendall(b"250-count.test\r\n250 PIPELINING\r\n")
-                elif verb == b"MAIL":
-                    with self.lock:
-                        self.open += 1
-                        self.mails.append((time.monotonic(), peer))
-                        self.most_open = max(self.most_open, self.open)
-                    in_transaction = True
-                    conn.sendall(b"250 ok\r\n")
-                elif verb == b"DATA":
-                    conn.sendall(b"354 go on\r\n")
-                    if not any(data_line == b"." for data_line in source):
-                        return
-                    time.sleep(self.delay)  # bounded: the receiver's fixed answer delay
-                    conn.sendall(b"250 accepted\r\n")
-                    with self.lock:
-                        self.accepted.append((time.monotonic(), peer))
-                        self.open -= 1
-                    in_transaction = False
-                elif verb == b"QUIT":
-                    conn.sendall(b"221 bye\r\n")
-                    return
-                else:
-                    conn.sendall(b"250 ok\r\n")
-        except OSError:
-            pass
-        finally:
-            if in_transaction:
-                with self.lock:
-                    self.open -= 1
-            conn.close()
+    def on_mail(self, sender: str, peer: str) -> bytes:
+        with self.lock:
+            self.mails.append((time.monotonic(), peer))
+        return b"250 ok"
+
+    def on_message(self, conn: socket.socket, recipients: list[str], message: bytes, peer: str) -> bytes:
+        time.sleep(self.delay)  # bounded: the receiver's fixed answer delay
+        return b"250 accepted"
+
+    def on_answered(self, recipients: list[str], message: bytes, peer: str) -> None:
+        with self.lock:
+            self.accepted.append((time.monotonic(), peer))
 
     def count(self) -> int:
         with self.lock:
@@ -145,7 +119,7 @@ def test_a_shared_cap_of_3_connections_is_never_exceeded(cluster):
     for node in nodes:
         send(node.port, 12, node.workdir)
     wait_until(lambda: receiver.count() >= 36, 90, "every message delivered")
-    assert 2 <= receiver.most_open <= 3  # three nodes with a window of 2 each would reach 6
+    assert 2 <= receiver.most_transactions_open <= 3  # three nodes with a window of 2 each would reach 6
 
 
 def test_a_node_killed_with_sigkill_frees_its_connection_slots_when_its_leases_lapse(cluster):
@@ -153,9 +127,9 @@ def test_a_node_killed_with_sigkill_frees_its_connection_slots_when_its_leases_l
     receiver = CountingReceiver(delay=25.0)  # every delivery holds its slot for 25 s
     nodes = make("[shaping.default]\nconnections = 3\n", receiver, lease_ttl="3s")
     send(nodes[0].port, 2, "first")  # node 1 takes two of the three slots (its window starts at 2)
-    wait_until(lambda: receiver.open == 2, 30, "node 1's two transactions")
+    wait_until(lambda: receiver.transactions_open == 2, 30, "node 1's two transactions")
     send(nodes[1].port, 2, "second")  # node 2 gets the third slot; its second message waits
-    wait_until(lambda: receiver.open == 3, 30, "node 2's first transaction")
+    wait_until(lambda: receiver.transactions_open == 3, 30, "node 2's first transaction")
     nodes[0].stop(signal.SIGKILL, seconds=5)
     killed_at = time.monotonic()
 

@@ -22,7 +22,7 @@ from pymta.events.tracking import CLICK, OPEN, TrackingTokens
 from pymta.feedback.verp import Tagger
 from tests.dnsserver import DNSServer, Zone
 from tests.mta_process import MTAProcess, free_port, wait_for_port, wait_until
-from tests.smtp_receiver import ThreadedReceiver
+from tests.smtp_receiver import ScriptedReceiver
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -31,7 +31,7 @@ SECRET = "delivery-feedback-secret-0123456789"
 N = 1000
 
 
-class CollectingReceiver(ThreadedReceiver):
+class CollectingReceiver(ScriptedReceiver):
     """Accepts every transaction and keeps (recipients, message) of each."""
 
     accept_for = 800.0
@@ -41,40 +41,10 @@ class CollectingReceiver(ThreadedReceiver):
         self.messages: list[tuple[list[str], bytes]] = []
         super().__init__()
 
-    def _session(self, conn: socket.socket, peer: str) -> None:
-        try:
-            conn.sendall(b"220 sink.test ESMTP\r\n")
-            source = self.lines(conn)
-            rcpts: list[str] = []
-            for line in source:
-                verb = line[:4].upper()
-                if verb == b"EHLO":
-                    conn.sendall(b"250-sink.test\r\n250 8BITMIME\r\n")
-                elif verb == b"RCPT":
-                    rcpts.append(line.split(b"<", 1)[1].split(b">", 1)[0].decode())
-                    conn.sendall(b"250 ok\r\n")
-                elif verb == b"DATA":
-                    conn.sendall(b"354 go on\r\n")
-                    data = []
-                    for data_line in source:
-                        if data_line == b".":
-                            break
-                        data.append(data_line[1:] if data_line.startswith(b".") else data_line)
-                    else:
-                        return
-                    with self.lock:
-                        self.messages.append((rcpts, b"\r\n".join(data) + b"\r\n"))
-                    rcpts = []
-                    conn.sendall(b"250 accepted\r\n")
-                elif verb == b"QUIT":
-                    conn.sendall(b"221 bye\r\n")
-                    return
-                else:
-                    conn.sendall(b"250 ok\r\n")
-        except OSError:
-            pass
-        finally:
-            conn.close()
+    def on_message(self, conn: socket.socket, recipients: list[str], message: bytes, peer: str) -> bytes:
+        with self.lock:
+            self.messages.append((recipients, message))
+        return b"250 accepted"
 
     def count(self) -> int:
         with self.lock:

@@ -15,17 +15,20 @@ import time
 import pytest
 
 from tests.mta_process import MTAProcess, free_port, port_is_free, wait_until
-from tests.smtp_receiver import ThreadedReceiver
+from tests.smtp_receiver import ScriptedReceiver
 
 pytestmark = pytest.mark.timeout(240)
 
 GRACE = 3.0
 
 
-class SlowReceiver(ThreadedReceiver):
+class SlowReceiver(ScriptedReceiver):
     """A loopback SMTP server that answers the end of data late: a message whose Subject contains
     "slow" after ``slow`` seconds, the others once ``release`` is set. It counts a message as
     delivered only once its 250 was sent. Every wait and loop is bounded."""
+
+    name = b"slow.test"
+    ehlo_keywords = (b"PIPELINING",)
 
     def __init__(self, slow: float = 60.0) -> None:
         self.slow = slow
@@ -34,57 +37,26 @@ class SlowReceiver(ThreadedReceiver):
         self.in_data = 0  # messages whose final dot arrived and that wait for their answer
         super().__init__()
 
-    def _session(self, conn: socket.socket, peer: str) -> None:
-        try:
-            conn.sendall(b"220 slow.test ESMTP\r\n")
-            source = self.lines(conn)
-            for line in source:
-                verb = line[:4].upper()
-                if verb == b"EHLO":
-                    conn.sendall(b"250-slow.test\r\n250 PIPELINING\r\n")
-                elif verb == b"DATA":
-                    conn.sendall(b"354 go on\r\n")
-                    body = []
-                    for data_line in source:
-                        if data_line == b".":
-                            break
-                        body.append(data_line)
-                    else:
-                        return
-                    subject = next((x[9:].decode() for x in body if x.startswith(b"Subject: ")), "?")
-                    self._answer_late(conn, subject)
-                elif verb == b"QUIT":
-                    conn.sendall(b"221 bye\r\n")
-                    return
-                else:
-                    conn.sendall(b"250 ok\r\n")
-        except OSError:
-            pass
-        finally:
-            conn.close()
-
-    def _answer_late(self, conn: socket.socket, subject: str) -> None:
+    def on_message(self, conn: socket.socket, recipients: list[str], message: bytes, peer: str) -> bytes:
         with self.lock:
             self.in_data += 1
-        slow = "slow" in subject
-        end = time.monotonic() + (self.slow if slow else 60.0)
         try:
-            # Bounded by the delay; stops early if the peer went away.
-            while time.monotonic() < end and (slow or not self.release.is_set()):
-                if self.stopping.is_set():
-                    raise OSError("receiver stopping")
-                conn.settimeout(0.1)
-                try:
-                    if conn.recv(1, socket.MSG_PEEK) == b"":
-                        raise OSError("peer closed")
-                except TimeoutError:
-                    pass
-            conn.sendall(b"250 accepted\r\n")
-            with self.lock:
-                self.delivered.append(subject)
+            if "slow" in subject_of(message):
+                self.hold(conn, self.slow)
+            else:
+                self.hold(conn, 60.0, until=self.release)
+            return b"250 accepted"
         finally:
             with self.lock:
                 self.in_data -= 1
+
+    def on_answered(self, recipients: list[str], message: bytes, peer: str) -> None:
+        with self.lock:
+            self.delivered.append(subject_of(message))
+
+
+def subject_of(message: bytes) -> str:
+    return next((x[9:].decode() for x in message.split(b"\r\n") if x.startswith(b"Subject: ")), "?")
 
 
 def pid_is_gone(pid: int) -> bool:

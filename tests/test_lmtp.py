@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import socketserver
+import socket
 import tempfile
 
 from twisted.internet import defer, reactor
@@ -17,7 +17,7 @@ from pymta.config import ConfigError, build_config, parse_lmtp_transport
 from pymta.envelope import DEFERRED, DELIVERED, FAILED, Envelope, Recipient, new_qid
 from pymta.inbound.lmtp import LMTPDeliveryAgent
 from tests.mta_process import free_port
-from tests.scanners import close_server, serve_tcp
+from tests.smtp_receiver import ScriptedReceiver
 
 
 class LMTPServer:
@@ -264,49 +264,24 @@ class DovecotTests(unittest.TestCase):
                 self.assertIn(b"\n.leading dot\n", f.read())
 
 
-class ThreadedLMTP:
+class ThreadedLMTP(ScriptedReceiver):
     """A blocking LMTP server in a thread (for the twistd end-to-end test): b@ gets 452 after the dot."""
+
+    name = b"lmtp"
+    ehlo_keywords = (b"PIPELINING",)
 
     def __init__(self) -> None:
         self.messages: list[bytes] = []
-        server = self
+        super().__init__()
 
-        class Handler(socketserver.StreamRequestHandler):
-            def handle(self) -> None:
-                self.request.settimeout(30)
-                self.wfile.write(b"220 lmtp ready\r\n")
-                rcpts: list[bytes] = []
-                for line in self.rfile:
-                    verb = line[:4].upper()
-                    if verb == b"LHLO":
-                        self.wfile.write(b"250-lmtp\r\n250 PIPELINING\r\n")
-                    elif verb == b"MAIL":
-                        rcpts = []
-                        self.wfile.write(b"250 2.1.0 OK\r\n")
-                    elif verb == b"RCPT":
-                        rcpts.append(line.split(b"<", 1)[1].split(b">", 1)[0])
-                        self.wfile.write(b"250 2.1.5 OK\r\n")
-                    elif verb == b"DATA":
-                        self.wfile.write(b"354 go\r\n")
-                        data = b""
-                        for chunk in self.rfile:
-                            if chunk == b".\r\n":
-                                break
-                            data += chunk
-                        server.messages.append(data)
-                        for r in rcpts:
-                            self.wfile.write(b"452 4.2.2 Mailbox full\r\n" if r.startswith(b"bob@")
-                                             else b"250 2.0.0 Saved\r\n")  # fmt: skip
-                    elif verb == b"QUIT":
-                        self.wfile.write(b"221 bye\r\n")
-                        return
-                    else:
-                        self.wfile.write(b"250 OK\r\n")
-
-        self.server, self.port = serve_tcp(Handler)
+    def on_message(self, conn: socket.socket, recipients: list[str], message: bytes, peer: str) -> bytes:
+        with self.lock:
+            self.messages.append(message)
+        return b"\r\n".join(b"452 4.2.2 Mailbox full" if r.startswith("bob@") else b"250 2.0.0 Saved"
+                             for r in recipients)  # fmt: skip
 
     def close(self) -> None:
-        close_server(self.server)
+        self.stop()
 
 
 def test_twistd_delivers_local_mail_over_lmtp_and_defers_only_the_refused_recipient(tmp_path):
