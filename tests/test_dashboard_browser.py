@@ -75,7 +75,7 @@ class Browser:
              "--no-first-run", "--disable-extensions", "--disable-background-networking",
              f"--user-data-dir={profile}", "--window-size=1280,2400", "about:blank"],
             preexec_fn=fds, pass_fds=(3, 4), stdout=subprocess.DEVNULL,
-            stderr=open(os.path.join(profile, "..", "chromium.stderr"), "wb"),
+            stderr=open(os.path.join(profile, "..", "chromium.stderr"), "wb"),  # noqa: SIM115 (kept open beyond this block)
         )  # fmt: skip
         os.close(to_chrome_r)
         os.close(from_chrome_w)
@@ -217,12 +217,14 @@ def test_the_dashboard_plots_what_was_sent_in_a_real_browser(tmp_path, world):
         shot = browser.screenshot(str(tmp_path / "dashboard.png"))
     finally:
         browser.close()
-    assert shot.startswith(b"\x89PNG") and len(shot) > 10_000
+    assert shot.startswith(b"\x89PNG")
+    assert len(shot) > 10_000
     overall = page["charts"]["all destinations, per 1 min"]
     assert overall == {"delivered": len(GOOD), "bounced": len(BAD)}
     assert page["charts"]["provider bigmail"] == {"delivered": len(GOOD), "bounced": len(BAD)}
     assert page["totals"]["received"] == len(GOOD + BAD)
-    assert page["totals"]["delivered"] == len(GOOD) and page["totals"]["bounced"] == len(BAD)
+    assert page["totals"]["delivered"] == len(GOOD)
+    assert page["totals"]["bounced"] == len(BAD)
     assert page["http_only"] == ""  # the login cookie is not visible to scripts
     assert page["queue"] > 0  # the queue depth was sampled and drawn
     assert str(len(BAD)) in page["reasons"]
@@ -233,13 +235,17 @@ def test_the_dashboard_plots_what_was_sent_in_a_real_browser(tmp_path, world):
     with urllib.request.urlopen(request, timeout=30) as resp:
         api = json.loads(resp.read())
     [group] = api["groups"]
-    assert group["group"] == "bigmail" and group["delivered"] == len(GOOD) and group["bounced_hard"] == len(BAD)
-    assert group["sent"] == len(GOOD + BAD) and group["delivery_rate"] == round(len(GOOD) / len(GOOD + BAD), 4)
+    assert group["group"] == "bigmail"
+    assert group["delivered"] == len(GOOD)
+    assert group["bounced_hard"] == len(BAD)
+    assert group["sent"] == len(GOOD + BAD)
+    assert group["delivery_rate"] == round(len(GOOD) / len(GOOD + BAD), 4)
     cli = subprocess.run([sys.executable, "-m", "pymta.stats.report", "--config", mta.config_path, "--since", "1h",
                           "--by", "provider", "--json"], capture_output=True, text=True, timeout=60)  # fmt: skip
     assert cli.returncode == 0, cli.stderr
     printed = json.loads(cli.stdout)
-    assert printed["groups"] == api["groups"] and printed["total"] == api["total"]
+    assert printed["groups"] == api["groups"]
+    assert printed["total"] == api["total"]
 
 
 def _get(port: int, path: str, headers: dict[str, str] | None = None, data: bytes | None = None):
@@ -260,27 +266,39 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 def test_the_dashboard_needs_a_read_token_and_reports_refuse_bad_parameters(world):
     _mta, _receiver, port = world
     status, headers, body = _get(port, "/")
-    assert status == 200 and b'name="token"' in body and b"<svg" not in body
+    assert status == 200
+    assert b'name="token"' in body
+    assert b"<svg" not in body
     assert "default-src 'none'" in headers["Content-Security-Policy"]
     status, _, body = _get(port, "/login", data=b"token=" + INJECT.encode())  # no read scope
-    assert status == 401 and b"not valid" in body
+    assert status == 401
+    assert b"not valid" in body
     status, headers, _ = _get(port, "/login", data=b"token=" + READ.encode())
-    assert status == 303 and headers["Location"] == "/"
+    assert status == 303
+    assert headers["Location"] == "/"
     cookie = headers["Set-Cookie"]
-    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+    assert "HttpOnly" in cookie
+    assert "SameSite=Strict" in cookie
     status, _, body = _get(port, "/?range=week", {"Cookie": cookie.split(";")[0]})
-    assert status == 200 and b'id="flow"' in body and b"Last week" in body
+    assert status == 200
+    assert b'id="flow"' in body
+    assert b"Last week" in body
     status, _, body = _get(port, "/", {"Authorization": f"Bearer {READ}"})
-    assert status == 200 and b'id="flow"' in body
+    assert status == 200
+    assert b'id="flow"' in body
     status, _, body = _get(port, "/", {"Cookie": "pymta_token=forged"})
-    assert status == 200 and b'id="flow"' not in body
+    assert status == 200
+    assert b'id="flow"' not in body
     # The cookie opens the page only, never the JSON API.
     status, _, _ = _get(port, "/api/v1/reports", {"Cookie": cookie.split(";")[0]})
     assert status == 401
     auth = {"Authorization": f"Bearer {READ}"}
     status, _, body = _get(port, "/api/v1/reports?since=soon", auth)
-    assert status == 400 and json.loads(body)["field"] == "since"
+    assert status == 400
+    assert json.loads(body)["field"] == "since"
     status, _, body = _get(port, "/api/v1/reports?by=planet", auth)
-    assert status == 400 and json.loads(body)["field"] == "by"
+    assert status == 400
+    assert json.loads(body)["field"] == "by"
     status, _, body = _get(port, "/api/v1/reports?since=7d&by=day", auth)
-    assert status == 200 and json.loads(body)["total"]["sent"] == 0
+    assert status == 200
+    assert json.loads(body)["total"]["sent"] == 0

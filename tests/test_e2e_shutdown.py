@@ -125,18 +125,21 @@ def test_sigterm_with_slow_deliveries_stops_in_time_and_delivers_nothing_twice(t
         # Those in flight finished within the grace, and each one answered is recorded delivered;
         # those that did not are recorded deferred.
         first_run = list(receiver.delivered)
-        assert {"quick-1", "quick-2"} <= set(first_run) and not any("slow" in s for s in first_run)
+        assert {"quick-1", "quick-2"} <= set(first_run)
+        assert not any("slow" in s for s in first_run)
         records = accounting(mta)
         assert [r["event"] for r in records].count("delivered") == len(first_run)
         deferred = [r for r in records if r["event"] == "deferred"]
         assert len(deferred) == len(subjects) - len(first_run)
         assert all(r["reply"]["code"] // 100 == 4 for r in deferred)
-        output = open(os.path.join(str(tmp_path), "twistd.stderr"), encoding="utf-8", errors="replace").read()
-        output += open(mta.log_path, encoding="utf-8").read()
-        assert "ReactorNotRunning" not in output and "Traceback" not in output
+        output = open(os.path.join(str(tmp_path), "twistd.stderr"), encoding="utf-8", errors="replace").read()  # noqa: SIM115 (kept open beyond this block)
+        output += open(mta.log_path, encoding="utf-8").read()  # noqa: SIM115 (kept open beyond this block)
+        assert "ReactorNotRunning" not in output
+        assert "Traceback" not in output
         # No "Starting factory" / "Stopping factory" line per outbound connection.
         factories = {e["namespace"] for e in mta.log_events() if "factory" in e["message"]}
-        assert factories and all(n.startswith(("pymta.smtp.server", "pymta.admin.control")) for n in factories)
+        assert factories
+        assert all(n.startswith(("pymta.smtp.server", "pymta.admin.control")) for n in factories)
 
         # After a restart with a prompt receiver, the rest is delivered, and nothing twice.
         receiver.slow = 0.0
@@ -159,7 +162,8 @@ def test_a_second_mta_on_the_same_state_dir_or_port_fails_in_one_line(tmp_path):
         proc = _run_to_exit(other)
         assert proc[0] == 2
         [line] = proc[1].strip().splitlines()
-        assert "in use by another running pymta" in line and os.path.join(mta.state_dir, "pymta.lock") in line
+        assert "in use by another running pymta" in line
+        assert os.path.join(mta.state_dir, "pymta.lock") in line
         assert str(mta.proc.pid) in line
         # Another state_dir, the same port.
         b_dir = tmp_path / "b"
@@ -168,7 +172,9 @@ def test_a_second_mta_on_the_same_state_dir_or_port_fails_in_one_line(tmp_path):
         code, text = _run_to_exit(clash)
         assert code == 2
         [line] = text.strip().splitlines()
-        assert f"tcp:{mta.port}:interface=127.0.0.1" in line and "smtp.listen" in line and "in use" in line
+        assert f"tcp:{mta.port}:interface=127.0.0.1" in line
+        assert "smtp.listen" in line
+        assert "in use" in line
     finally:
         mta.stop()
 

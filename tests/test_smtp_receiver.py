@@ -29,15 +29,18 @@ def test_the_default_dialogue_unstuffs_refuses_per_hook_bounds_and_counts():
     try:
         with smtplib.SMTP("127.0.0.1", receiver.port, timeout=30) as client:
             code, features = client.ehlo("client.test")
-            assert code == 250 and features.split(b"\n") == [b"sink.test", b"8BITMIME"]
+            assert code == 250
+            assert features.split(b"\n") == [b"sink.test", b"8BITMIME"]
             refused = client.sendmail("s@x.test", ["good@x.test", "bad@x.test"], b"Subject: a\r\n\r\n.dot\r\n")
             assert refused == {"bad@x.test": (550, b"5.1.1 unknown")}
             assert receiver.got == [(["good@x.test"], b"Subject: a\r\n\r\n.dot\r\n")]
-            assert receiver.transactions_open == 0 and receiver.most_transactions_open == 1
+            assert receiver.transactions_open == 0
+            assert receiver.most_transactions_open == 1
             client.mail("s@x.test")
             client.rcpt("good@x.test")
             code, text = client.data(b"x" * 5000)
-            assert (code, text) == (552, b"5.3.4 message too big") and len(receiver.got) == 1
+            assert (code, text) == (552, b"5.3.4 message too big")
+            assert len(receiver.got) == 1
             client.mail("s@x.test")
             assert receiver.transactions_open == 1
             client.rset()
