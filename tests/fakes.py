@@ -19,7 +19,8 @@ OK = (DELIVERED, 250, "2.0.0", "ok")
 @implementer(IDeliveryAgent)
 class ScriptedDeliveryAgent:
     """``script[address]`` is a list of answers, one per attempt (the last one repeats); an answer
-    is (status, code, enhanced, text) or an Exception to fail the whole call. Unknown addresses
+    is (status, code, enhanced, text[, extra]) or an Exception to fail the whole call; ``extra``
+    becomes the result's ``extra`` (e.g. ``hold_until``, ``retry``). Unknown addresses
     are delivered. ``hold=True`` keeps every call pending in ``pending`` until fired."""
 
     def __init__(self, script: dict[str, list] | None = None, hold: bool = False) -> None:
@@ -39,8 +40,9 @@ class ScriptedDeliveryAgent:
             answer = answers[min(n, len(answers) - 1)]
             if isinstance(answer, Exception):
                 return defer.fail(answer)
-            status, code, enhanced, text = answer
-            results.append(DeliveryResult(r.address, status, code, enhanced, text, remote_mta="mx.test [192.0.2.1]"))
+            status, code, enhanced, text, *extra = answer
+            results.append(DeliveryResult(r.address, status, code, enhanced, text, remote_mta="mx.test [192.0.2.1]",
+                                          extra=dict(*extra)))  # fmt: skip
         if self.hold:
             d = defer.Deferred()
             self.pending.append((d, results))
@@ -57,10 +59,10 @@ def failed(code: int = 550, enhanced: str = "5.1.1", text: str = "no such user")
     return (FAILED, code, enhanced, text)
 
 
-def deferred(code: int = 450, enhanced: str = "4.2.0", text: str = "try later") -> tuple:
+def deferred(code: int = 450, enhanced: str = "4.2.0", text: str = "try later", extra: dict | None = None) -> tuple:
     from pymta.envelope import DEFERRED
 
-    return (DEFERRED, code, enhanced, text)
+    return (DEFERRED, code, enhanced, text, extra or {})
 
 
 class TempDirMixin:
