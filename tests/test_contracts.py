@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import random
+from typing import ClassVar
 
 from twisted.internet import defer, reactor, task
 from twisted.python.threadpool import ThreadPool
@@ -17,8 +18,11 @@ from pymta.dns import Resolver
 from pymta.feedback.suppression import SuppressionStore
 from pymta.inbound.acl import AclPolicy
 from pymta.inbound.mailbox import MaildirDeliveryAgent
+from pymta.inbound.milter import MilterScanner
 from pymta.inbound.policy import RelayPolicy
 from pymta.inbound.receiver import InboundReceiver
+from pymta.inbound.rspamd import RspamdScanner
+from pymta.inbound.scan import REJECT, TEMPFAIL, ScanError, Verdict, scanner_reply
 from pymta.interfaces import IPolicy, IRecipientPolicy, ISession, ISMTPServerDelegate, ISuspensions
 from pymta.queue.scheduler import TimerHeapScheduler
 from pymta.queue.store import MemoryQueueStore
@@ -27,14 +31,17 @@ from pymta.smtp.server import Session
 from pymta.state.suspensions import SQLiteSuspensions
 from tests.contract_delivery_agent import DeliveryAgentContract
 from tests.contract_resolver import ResolverContract
+from tests.contract_scanner import ScannerContract
 from tests.contract_scheduler import SchedulerContract
 from tests.contract_suppression import SuppressionListContract
 from tests.dnsserver import DNSServer, Zone
 from tests.fakes import ScriptedDeliveryAgent, StaticResolver, TempDirMixin
 from tests.fs_faults import started_pool
+from tests.scanners import ScriptedMilter, ScriptedRspamd
 from tests.sessions import Sess
 from tests.test_alias_queue import RecordingAgent as AliasRecordingAgent
 from tests.test_feedback_gate import RecordingAgent as GateRecordingAgent
+from tests.test_scan import Scripted
 from tests.test_smtp_server import FakeDelegate
 
 # -- IScheduler ---------------------------------------------------------------------------------
@@ -96,6 +103,42 @@ class SuppressionStoreContractTests(SuppressionListContract, TempDirMixin, unitt
         store = SuppressionStore(os.path.join(self.tmpdir(), "suppression.sqlite"), clock)
         self.addCleanup(store.close)
         return store
+
+
+# -- Scanner (pymta.inbound.scan) ---------------------------------------------------------------
+
+
+class ScriptedScannerContractTests(ScannerContract, unittest.TestCase):
+    def make_scanner(self, answer):
+        return Scripted("scripted", {
+            "accept": Verdict(),
+            "reject": Verdict(REJECT, scanner_reply(554, "5.7.1", "no", REJECT)),
+            "tempfail": Verdict(TEMPFAIL, scanner_reply(451, "4.7.1", "later", TEMPFAIL)),
+            "broken": ScanError("not the protocol"),
+        }[answer], on_error=self.on_error)  # fmt: skip
+
+
+class RspamdScannerContractTests(ScannerContract, unittest.TestCase):
+    ACTIONS: ClassVar[dict[str, str]] = {"accept": "no action", "reject": "reject", "tempfail": "soft reject"}
+
+    def make_scanner(self, answer):
+        peer = ScriptedRspamd()
+        self.addCleanup(peer.close)
+        if answer == "broken":
+            peer.raw = b"not json"
+        else:
+            peer.answer = {"action": self.ACTIONS[answer], "score": 1.0}
+        scanner = RspamdScanner(f"http://127.0.0.1:{peer.port}", reactor, 5.0, self.on_error)
+        self.addCleanup(scanner.close)
+        return scanner
+
+
+class MilterScannerContractTests(ScannerContract, unittest.TestCase):
+    def make_scanner(self, answer):
+        peer = ScriptedMilter()
+        self.addCleanup(peer.close)
+        peer.mode = "garbage" if answer == "broken" else answer
+        return MilterScanner(f"inet:127.0.0.1:{peer.port}", reactor, 5.0, self.on_error)
 
 
 # -- IPolicy, IRecipientPolicy ------------------------------------------------------------------
