@@ -1,5 +1,7 @@
 """Fakes shared by tests, each run through the contract tests of its interface (``tests/contract_*``):
-a delivery agent answering per recipient and attempt, a resolver over a static zone."""
+a delivery agent answering per recipient and attempt, a resolver over a static zone, an inbound
+state whose connection answers come late; and the adapter that runs a Deferred-answering inbound
+state through the synchronous contract."""
 
 from __future__ import annotations
 
@@ -7,11 +9,12 @@ import shutil
 import tempfile
 
 from twisted.internet import defer
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pymta.dns import DNSPermanentError, DNSTemporaryError, MXResult, TLSAResult, to_ascii
 from pymta.envelope import DELIVERED, FAILED, DeliveryResult
-from pymta.interfaces import IDeliveryAgent, IResolver
+from pymta.interfaces import IDeliveryAgent, IInboundState, IResolver
 
 OK = (DELIVERED, 250, "2.0.0", "ok")
 
@@ -144,3 +147,85 @@ class StaticResolver:
 
     def addresses_secure(self, host):
         return defer.succeed(False)
+
+
+def fired(answer):
+    """The value of an answer that has already fired (a node alone answers at once)."""
+    if not isinstance(answer, defer.Deferred):
+        return answer
+    got = []
+    answer.addBoth(got.append)
+    assert got, "the answer has not fired"
+    if isinstance(got[0], Failure):
+        got[0].raiseException()
+    return got[0]
+
+
+@implementer(IInboundState)
+class Answered:
+    """The contract's view of a state answering with Deferreds: ``wait`` turns one into its value."""
+
+    def __init__(self, state, wait=fired):
+        self.state = state
+        self.owner = state.owner
+        self.wait = wait
+
+    def acquire_connection(self, key, limit):
+        return self.wait(self.state.acquire_connection, key, limit)
+
+    def release_connection(self, key):
+        return self.wait(self.state.release_connection, key)
+
+    def take(self, name, key, rate):
+        return self.wait(self.state.take, name, key, rate)
+
+    def greylist(self, triple, delay, expire, lifetime):
+        return self.wait(self.state.greylist, triple, delay, expire, lifetime)
+
+    def release_owner(self, owner):
+        return self.wait(self.state.release_owner, owner)
+
+    def clear_connections(self):
+        return self.wait(self.state.clear_connections)
+
+    def close(self):
+        self.state.close()
+
+
+@implementer(IInboundState)
+class LateInboundState:
+    """An :class:`IInboundState` across the network over ``state``: each answer to
+    ``acquire_connection`` is a Deferred that fires (with ``state``'s answer at that moment) only
+    when the test calls :meth:`answer`; everything else goes straight to ``state``."""
+
+    def __init__(self, state) -> None:
+        self.state = state
+        self.owner = state.owner
+        self.pending: list[defer.Deferred] = []
+
+    def acquire_connection(self, key, limit):
+        self.pending.append(defer.Deferred().addCallback(lambda _: self.state.acquire_connection(key, limit)))
+        return self.pending[-1]
+
+    def answer(self) -> None:
+        pending, self.pending = self.pending, []
+        for d in pending:
+            d.callback(None)
+
+    def release_connection(self, key):
+        return self.state.release_connection(key)
+
+    def take(self, name, key, rate):
+        return self.state.take(name, key, rate)
+
+    def greylist(self, triple, delay, expire, lifetime):
+        return self.state.greylist(triple, delay, expire, lifetime)
+
+    def release_owner(self, owner):
+        return self.state.release_owner(owner)
+
+    def clear_connections(self):
+        return self.state.clear_connections()
+
+    def close(self):
+        self.state.close()
