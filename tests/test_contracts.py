@@ -17,6 +17,7 @@ from pymta.config import build_config
 from pymta.dns import Resolver
 from pymta.feedback.suppression import SuppressionStore
 from pymta.inbound.acl import AclPolicy
+from pymta.inbound.auth import Authenticator, hash_password
 from pymta.inbound.mailbox import MaildirDeliveryAgent
 from pymta.inbound.milter import MilterScanner
 from pymta.inbound.policy import RelayPolicy
@@ -29,6 +30,7 @@ from pymta.queue.store import MemoryQueueStore
 from pymta.smtp.replies import Reply
 from pymta.smtp.server import Session
 from pymta.state.suspensions import SQLiteSuspensions
+from tests.contract_authenticator import AuthenticatorContract
 from tests.contract_delivery_agent import DeliveryAgentContract
 from tests.contract_resolver import ResolverContract
 from tests.contract_scanner import ScannerContract
@@ -42,7 +44,7 @@ from tests.sessions import Sess
 from tests.test_alias_queue import RecordingAgent as AliasRecordingAgent
 from tests.test_feedback_gate import RecordingAgent as GateRecordingAgent
 from tests.test_scan import Scripted
-from tests.test_smtp_server import FakeDelegate
+from tests.test_smtp_server import FakeAuth, FakeDelegate
 
 # -- IScheduler ---------------------------------------------------------------------------------
 
@@ -139,6 +141,20 @@ class MilterScannerContractTests(ScannerContract, unittest.TestCase):
         self.addCleanup(peer.close)
         peer.mode = "garbage" if answer == "broken" else answer
         return MilterScanner(f"inet:127.0.0.1:{peer.port}", reactor, 5.0, self.on_error)
+
+
+# -- Authenticator (pymta.inbound.auth) ---------------------------------------------------------
+
+
+class AuthenticatorContractTests(AuthenticatorContract, unittest.TestCase):
+    def make_authenticator(self, users, max_failures):
+        hashed = {user: hash_password(password, n=2**10) for user, password in users.items()}
+        return Authenticator(hashed, reactor, started_pool(self), max_failures=max_failures)
+
+
+class FakeAuthContractTests(AuthenticatorContract, unittest.TestCase):
+    def make_authenticator(self, users, max_failures):
+        return FakeAuth(users, max_failures)
 
 
 # -- IPolicy, IRecipientPolicy ------------------------------------------------------------------
