@@ -8,7 +8,7 @@ import os
 import random
 from typing import ClassVar
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import reactor, task
 from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
@@ -24,7 +24,7 @@ from pymta.inbound.policy import RelayPolicy
 from pymta.inbound.receiver import InboundReceiver
 from pymta.inbound.rspamd import RspamdScanner
 from pymta.inbound.scan import REJECT, TEMPFAIL, ScanError, Verdict, scanner_reply
-from pymta.interfaces import IPolicy, IRecipientPolicy, ISession, ISMTPServerDelegate, ISuspensions
+from pymta.interfaces import IPolicy, IRecipientPolicy, ISession, ISuspensions
 from pymta.queue.scheduler import TimerHeapScheduler
 from pymta.queue.store import MemoryQueueStore
 from pymta.smtp.replies import Reply
@@ -35,6 +35,7 @@ from tests.contract_delivery_agent import DeliveryAgentContract
 from tests.contract_resolver import ResolverContract
 from tests.contract_scanner import ScannerContract
 from tests.contract_scheduler import SchedulerContract
+from tests.contract_smtp_delegate import SMTPServerDelegateContract
 from tests.contract_suppression import SuppressionListContract
 from tests.dnsserver import DNSServer, Zone
 from tests.fakes import ScriptedDeliveryAgent, StaticResolver, TempDirMixin
@@ -42,6 +43,7 @@ from tests.fs_faults import started_pool
 from tests.scanners import ScriptedMilter, ScriptedRspamd
 from tests.sessions import Sess
 from tests.test_alias_queue import RecordingAgent as AliasRecordingAgent
+from tests.test_delivery import HoldingPeer, Peer
 from tests.test_feedback_gate import RecordingAgent as GateRecordingAgent
 from tests.test_scan import Scripted
 from tests.test_smtp_server import FakeAuth, FakeDelegate
@@ -189,23 +191,30 @@ def test_relay_policy_routes_local_mail_and_relays_for_trusted_clients_only(tmp_
 # -- ISMTPServerDelegate, ISession --------------------------------------------------------------
 
 
-def _answers(delegate):
-    session = Sess(peer_address="127.0.0.1")
-    replies = []
-    for call in (lambda: delegate.connected(session), lambda: delegate.helo(session, "client.example.org"),
-                 lambda: delegate.mail_from(session, "a@example.org", {})):  # fmt: skip
-        defer.maybeDeferred(call).addBoth(replies.append)
-    return replies
+class FakeDelegateContractTests(SMTPServerDelegateContract, unittest.TestCase):
+    def make_delegate(self):
+        return FakeDelegate()
 
 
-def test_smtp_delegates_answer_each_stage_with_a_reply_or_none():
-    policy = RelayPolicy(["example.test"], None, [ipaddress.ip_network("127.0.0.0/8")], [], "/nonexistent")
-    for delegate in (FakeDelegate(), InboundReceiver("mx.example.test", policy, MemoryQueueStore(), task.Clock())):
-        assert verifyObject(ISMTPServerDelegate, delegate)
-        replies = _answers(delegate)
-        assert len(replies) == 3, replies
-        assert all(r is None or isinstance(r, Reply) for r in replies), replies
-        assert all(r is None or r.code // 100 == 2 for r in replies), replies
+class InboundReceiverContractTests(SMTPServerDelegateContract, unittest.TestCase):
+    def make_delegate(self):
+        policy = RelayPolicy(["example.test"], None, [ipaddress.ip_network("127.0.0.0/8")], [], "/nonexistent")
+        return InboundReceiver("mx.example.test", policy, MemoryQueueStore(), task.Clock())
+
+
+class DeliveryPeerDelegateContractTests(SMTPServerDelegateContract, unittest.TestCase):
+    def make_delegate(self):
+        return Peer("127.0.0.2").delegate
+
+
+class HoldingPeerDelegateContractTests(SMTPServerDelegateContract, unittest.TestCase):
+    def make_delegate(self):
+        self.peer = HoldingPeer("127.0.0.1", 0, release_at=2)
+        self.addCleanup(self.peer.stop)
+        return self.peer.delegate
+
+    def settle(self, delegate):
+        self.peer.release()
 
 
 def test_the_server_session_and_its_stand_in_provide_the_session_interface():
