@@ -8,13 +8,15 @@ import os
 import random
 from typing import ClassVar
 
-from twisted.internet import reactor, task
+from twisted.internet import error, reactor, task
 from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
+from twisted.web import server
 from zope.interface.verify import verifyObject
 
 from pymta.config import build_config
 from pymta.dns import Resolver
+from pymta.events.webhooks import treq_post
 from pymta.feedback.suppression import SuppressionStore
 from pymta.inbound.acl import AclPolicy
 from pymta.inbound.auth import Authenticator, hash_password
@@ -37,16 +39,20 @@ from tests.contract_scanner import ScannerContract
 from tests.contract_scheduler import SchedulerContract
 from tests.contract_smtp_delegate import SMTPServerDelegateContract
 from tests.contract_suppression import SuppressionListContract
+from tests.contract_webhook_post import WebhookPostContract
 from tests.dnsserver import DNSServer, Zone
 from tests.fakes import ScriptedDeliveryAgent, StaticResolver, TempDirMixin
 from tests.fs_faults import started_pool
+from tests.mta_process import free_port
 from tests.scanners import ScriptedMilter, ScriptedRspamd
 from tests.sessions import Sess
 from tests.test_alias_queue import RecordingAgent as AliasRecordingAgent
 from tests.test_delivery import HoldingPeer, Peer
+from tests.test_events import ScriptedReceiver
 from tests.test_feedback_gate import RecordingAgent as GateRecordingAgent
 from tests.test_scan import Scripted
 from tests.test_smtp_server import FakeAuth, FakeDelegate
+from tests.webhook_receiver import Hook
 
 # -- IScheduler ---------------------------------------------------------------------------------
 
@@ -157,6 +163,30 @@ class AuthenticatorContractTests(AuthenticatorContract, unittest.TestCase):
 class FakeAuthContractTests(AuthenticatorContract, unittest.TestCase):
     def make_authenticator(self, users, max_failures):
         return FakeAuth(users, max_failures)
+
+
+# -- webhook post (pymta.events.webhooks) ---------------------------------------------------------
+
+
+class TreqPostContractTests(WebhookPostContract, TempDirMixin, unittest.TestCase):
+    def make_post(self, answer):
+        post = treq_post(reactor, connect_timeout=5.0)
+        self.addCleanup(post.pool.closeCachedConnections)
+        if answer == "refused":
+            return post, f"http://127.0.0.1:{free_port()}/hook"
+        directory = self.tmpdir()
+        mode = os.path.join(directory, "mode")
+        with open(mode, "w", encoding="ascii") as f:
+            f.write(str(answer))
+        port = reactor.listenTCP(0, server.Site(Hook(os.path.join(directory, "log"), mode)), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return post, f"http://127.0.0.1:{port.getHost().port}/hook"
+
+
+class ScriptedReceiverPostContractTests(WebhookPostContract, unittest.TestCase):
+    def make_post(self, answer):
+        receiver = ScriptedReceiver([error.ConnectionRefusedError()] if answer == "refused" else [answer])
+        return receiver.post, "http://127.0.0.1/hook"
 
 
 # -- IPolicy, IRecipientPolicy ------------------------------------------------------------------
