@@ -1,5 +1,7 @@
 """Fakes shared by tests, each run through the contract tests of its interface (``tests/contract_*``):
-a delivery agent answering per recipient and attempt, a resolver over a static zone."""
+a delivery agent answering per recipient and attempt, a resolver over a static zone, an inbound
+state whose connection answers come late; and the adapter that runs a Deferred-answering inbound
+state through the synchronous contract."""
 
 from __future__ import annotations
 
@@ -7,11 +9,12 @@ import shutil
 import tempfile
 
 from twisted.internet import defer
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pymta.dns import DNSPermanentError, DNSTemporaryError, MXResult, TLSAResult, to_ascii
 from pymta.envelope import DELIVERED, FAILED, DeliveryResult
-from pymta.interfaces import IDeliveryAgent, IResolver
+from pymta.interfaces import IDeliveryAgent, IInboundState, IResolver
 
 OK = (DELIVERED, 250, "2.0.0", "ok")
 
@@ -19,7 +22,8 @@ OK = (DELIVERED, 250, "2.0.0", "ok")
 @implementer(IDeliveryAgent)
 class ScriptedDeliveryAgent:
     """``script[address]`` is a list of answers, one per attempt (the last one repeats); an answer
-    is (status, code, enhanced, text) or an Exception to fail the whole call. Unknown addresses
+    is (status, code, enhanced, text[, extra]) or an Exception to fail the whole call; ``extra``
+    becomes the result's ``extra`` (e.g. ``hold_until``, ``retry``). Unknown addresses
     are delivered. ``hold=True`` keeps every call pending in ``pending`` until fired."""
 
     def __init__(self, script: dict[str, list] | None = None, hold: bool = False) -> None:
@@ -39,8 +43,9 @@ class ScriptedDeliveryAgent:
             answer = answers[min(n, len(answers) - 1)]
             if isinstance(answer, Exception):
                 return defer.fail(answer)
-            status, code, enhanced, text = answer
-            results.append(DeliveryResult(r.address, status, code, enhanced, text, remote_mta="mx.test [192.0.2.1]"))
+            status, code, enhanced, text, *extra = answer
+            results.append(DeliveryResult(r.address, status, code, enhanced, text, remote_mta="mx.test [192.0.2.1]",
+                                          extra=dict(*extra)))  # fmt: skip
         if self.hold:
             d = defer.Deferred()
             self.pending.append((d, results))
@@ -57,10 +62,10 @@ def failed(code: int = 550, enhanced: str = "5.1.1", text: str = "no such user")
     return (FAILED, code, enhanced, text)
 
 
-def deferred(code: int = 450, enhanced: str = "4.2.0", text: str = "try later") -> tuple:
+def deferred(code: int = 450, enhanced: str = "4.2.0", text: str = "try later", extra: dict | None = None) -> tuple:
     from pymta.envelope import DEFERRED
 
-    return (DEFERRED, code, enhanced, text)
+    return (DEFERRED, code, enhanced, text, extra or {})
 
 
 class TempDirMixin:
@@ -142,3 +147,85 @@ class StaticResolver:
 
     def addresses_secure(self, host):
         return defer.succeed(False)
+
+
+def fired(answer):
+    """The value of an answer that has already fired (a node alone answers at once)."""
+    if not isinstance(answer, defer.Deferred):
+        return answer
+    got = []
+    answer.addBoth(got.append)
+    assert got, "the answer has not fired"
+    if isinstance(got[0], Failure):
+        got[0].raiseException()
+    return got[0]
+
+
+@implementer(IInboundState)
+class Answered:
+    """The contract's view of a state answering with Deferreds: ``wait`` turns one into its value."""
+
+    def __init__(self, state, wait=fired):
+        self.state = state
+        self.owner = state.owner
+        self.wait = wait
+
+    def acquire_connection(self, key, limit):
+        return self.wait(self.state.acquire_connection, key, limit)
+
+    def release_connection(self, key):
+        return self.wait(self.state.release_connection, key)
+
+    def take(self, name, key, rate):
+        return self.wait(self.state.take, name, key, rate)
+
+    def greylist(self, triple, delay, expire, lifetime):
+        return self.wait(self.state.greylist, triple, delay, expire, lifetime)
+
+    def release_owner(self, owner):
+        return self.wait(self.state.release_owner, owner)
+
+    def clear_connections(self):
+        return self.wait(self.state.clear_connections)
+
+    def close(self):
+        self.state.close()
+
+
+@implementer(IInboundState)
+class LateInboundState:
+    """An :class:`IInboundState` across the network over ``state``: each answer to
+    ``acquire_connection`` is a Deferred that fires (with ``state``'s answer at that moment) only
+    when the test calls :meth:`answer`; everything else goes straight to ``state``."""
+
+    def __init__(self, state) -> None:
+        self.state = state
+        self.owner = state.owner
+        self.pending: list[defer.Deferred] = []
+
+    def acquire_connection(self, key, limit):
+        self.pending.append(defer.Deferred().addCallback(lambda _: self.state.acquire_connection(key, limit)))
+        return self.pending[-1]
+
+    def answer(self) -> None:
+        pending, self.pending = self.pending, []
+        for d in pending:
+            d.callback(None)
+
+    def release_connection(self, key):
+        return self.state.release_connection(key)
+
+    def take(self, name, key, rate):
+        return self.state.take(name, key, rate)
+
+    def greylist(self, triple, delay, expire, lifetime):
+        return self.state.greylist(triple, delay, expire, lifetime)
+
+    def release_owner(self, owner):
+        return self.state.release_owner(owner)
+
+    def clear_connections(self):
+        return self.state.clear_connections()
+
+    def close(self):
+        self.state.close()

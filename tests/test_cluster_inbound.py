@@ -10,59 +10,14 @@ import os
 
 import pytest
 from twisted.internet import defer, reactor, task, threads
-from twisted.python.failure import Failure
 from twisted.trial import unittest
-from zope.interface import implementer
 
 from pymta.inbound.limits import ClientLimits
-from pymta.interfaces import IInboundState
 from pymta.rate import parse_rate
 from pymta.state.cluster import ClusterInboundState, LocalClusterState, RedisClusterState, redis_connector
 from tests.contract_inbound_state import InboundStateContract, SharedInboundStateContract
+from tests.fakes import Answered, fired
 from tests.redis_server import RedisServer, have_redis
-
-
-def fired(answer):
-    """The value of an answer that has already fired (a node alone answers at once)."""
-    if not isinstance(answer, defer.Deferred):
-        return answer
-    got = []
-    answer.addBoth(got.append)
-    assert got, "the answer has not fired"
-    if isinstance(got[0], Failure):
-        got[0].raiseException()
-    return got[0]
-
-
-@implementer(IInboundState)
-class Answered:
-    """The contract's view of a state answering with Deferreds: ``wait`` turns one into its value."""
-
-    def __init__(self, state, wait=fired):
-        self.state = state
-        self.owner = state.owner
-        self.wait = wait
-
-    def acquire_connection(self, key, limit):
-        return self.wait(self.state.acquire_connection, key, limit)
-
-    def release_connection(self, key):
-        return self.wait(self.state.release_connection, key)
-
-    def take(self, name, key, rate):
-        return self.wait(self.state.take, name, key, rate)
-
-    def greylist(self, triple, delay, expire, lifetime):
-        return self.wait(self.state.greylist, triple, delay, expire, lifetime)
-
-    def release_owner(self, owner):
-        return self.wait(self.state.release_owner, owner)
-
-    def clear_connections(self):
-        return self.wait(self.state.clear_connections)
-
-    def close(self):
-        self.state.close()
 
 
 class TestClusterInboundStateAlone(InboundStateContract):

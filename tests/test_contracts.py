@@ -6,36 +6,53 @@ from __future__ import annotations
 import ipaddress
 import os
 import random
+from typing import ClassVar
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import error, reactor, task
 from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
+from twisted.web import server
 from zope.interface.verify import verifyObject
 
 from pymta.config import build_config
 from pymta.dns import Resolver
+from pymta.events.webhooks import treq_post
 from pymta.feedback.suppression import SuppressionStore
 from pymta.inbound.acl import AclPolicy
+from pymta.inbound.auth import Authenticator, hash_password
 from pymta.inbound.mailbox import MaildirDeliveryAgent
+from pymta.inbound.milter import MilterScanner
 from pymta.inbound.policy import RelayPolicy
 from pymta.inbound.receiver import InboundReceiver
-from pymta.interfaces import IPolicy, IRecipientPolicy, ISession, ISMTPServerDelegate, ISuspensions
+from pymta.inbound.rspamd import RspamdScanner
+from pymta.inbound.scan import REJECT, TEMPFAIL, ScanError, Verdict, scanner_reply
+from pymta.interfaces import IPolicy, IRecipientPolicy, ISession, ISuspensions
 from pymta.queue.scheduler import TimerHeapScheduler
 from pymta.queue.store import MemoryQueueStore
 from pymta.smtp.replies import Reply
 from pymta.smtp.server import Session
 from pymta.state.suspensions import SQLiteSuspensions
+from tests.contract_authenticator import AuthenticatorContract
 from tests.contract_delivery_agent import DeliveryAgentContract
 from tests.contract_resolver import ResolverContract
+from tests.contract_scanner import ScannerContract
 from tests.contract_scheduler import SchedulerContract
+from tests.contract_smtp_delegate import SMTPServerDelegateContract
 from tests.contract_suppression import SuppressionListContract
+from tests.contract_webhook_post import WebhookPostContract
 from tests.dnsserver import DNSServer, Zone
 from tests.fakes import ScriptedDeliveryAgent, StaticResolver, TempDirMixin
 from tests.fs_faults import started_pool
+from tests.mta_process import free_port
+from tests.scanners import ScriptedMilter, ScriptedRspamd
 from tests.sessions import Sess
 from tests.test_alias_queue import RecordingAgent as AliasRecordingAgent
+from tests.test_delivery import HoldingPeer, Peer
+from tests.test_events import ScriptedReceiver
 from tests.test_feedback_gate import RecordingAgent as GateRecordingAgent
-from tests.test_smtp_server import FakeDelegate
+from tests.test_scan import Scripted
+from tests.test_smtp_server import FakeAuth, FakeDelegate
+from tests.webhook_receiver import Hook
 
 # -- IScheduler ---------------------------------------------------------------------------------
 
@@ -98,6 +115,80 @@ class SuppressionStoreContractTests(SuppressionListContract, TempDirMixin, unitt
         return store
 
 
+# -- Scanner (pymta.inbound.scan) ---------------------------------------------------------------
+
+
+class ScriptedScannerContractTests(ScannerContract, unittest.TestCase):
+    def make_scanner(self, answer):
+        return Scripted("scripted", {
+            "accept": Verdict(),
+            "reject": Verdict(REJECT, scanner_reply(554, "5.7.1", "no", REJECT)),
+            "tempfail": Verdict(TEMPFAIL, scanner_reply(451, "4.7.1", "later", TEMPFAIL)),
+            "broken": ScanError("not the protocol"),
+        }[answer], on_error=self.on_error)  # fmt: skip
+
+
+class RspamdScannerContractTests(ScannerContract, unittest.TestCase):
+    ACTIONS: ClassVar[dict[str, str]] = {"accept": "no action", "reject": "reject", "tempfail": "soft reject"}
+
+    def make_scanner(self, answer):
+        peer = ScriptedRspamd()
+        self.addCleanup(peer.close)
+        if answer == "broken":
+            peer.raw = b"not json"
+        else:
+            peer.answer = {"action": self.ACTIONS[answer], "score": 1.0}
+        scanner = RspamdScanner(f"http://127.0.0.1:{peer.port}", reactor, 5.0, self.on_error)
+        self.addCleanup(scanner.close)
+        return scanner
+
+
+class MilterScannerContractTests(ScannerContract, unittest.TestCase):
+    def make_scanner(self, answer):
+        peer = ScriptedMilter()
+        self.addCleanup(peer.close)
+        peer.mode = "garbage" if answer == "broken" else answer
+        return MilterScanner(f"inet:127.0.0.1:{peer.port}", reactor, 5.0, self.on_error)
+
+
+# -- Authenticator (pymta.inbound.auth) ---------------------------------------------------------
+
+
+class AuthenticatorContractTests(AuthenticatorContract, unittest.TestCase):
+    def make_authenticator(self, users, max_failures):
+        hashed = {user: hash_password(password, n=2**10) for user, password in users.items()}
+        return Authenticator(hashed, reactor, started_pool(self), max_failures=max_failures)
+
+
+class FakeAuthContractTests(AuthenticatorContract, unittest.TestCase):
+    def make_authenticator(self, users, max_failures):
+        return FakeAuth(users, max_failures)
+
+
+# -- webhook post (pymta.events.webhooks) ---------------------------------------------------------
+
+
+class TreqPostContractTests(WebhookPostContract, TempDirMixin, unittest.TestCase):
+    def make_post(self, answer):
+        post = treq_post(reactor, connect_timeout=5.0)
+        self.addCleanup(post.pool.closeCachedConnections)
+        if answer == "refused":
+            return post, f"http://127.0.0.1:{free_port()}/hook"
+        directory = self.tmpdir()
+        mode = os.path.join(directory, "mode")
+        with open(mode, "w", encoding="ascii") as f:
+            f.write(str(answer))
+        port = reactor.listenTCP(0, server.Site(Hook(os.path.join(directory, "log"), mode)), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return post, f"http://127.0.0.1:{port.getHost().port}/hook"
+
+
+class ScriptedReceiverPostContractTests(WebhookPostContract, unittest.TestCase):
+    def make_post(self, answer):
+        receiver = ScriptedReceiver([error.ConnectionRefusedError()] if answer == "refused" else [answer])
+        return receiver.post, "http://127.0.0.1/hook"
+
+
 # -- IPolicy, IRecipientPolicy ------------------------------------------------------------------
 
 
@@ -130,23 +221,30 @@ def test_relay_policy_routes_local_mail_and_relays_for_trusted_clients_only(tmp_
 # -- ISMTPServerDelegate, ISession --------------------------------------------------------------
 
 
-def _answers(delegate):
-    session = Sess(peer_address="127.0.0.1")
-    replies = []
-    for call in (lambda: delegate.connected(session), lambda: delegate.helo(session, "client.example.org"),
-                 lambda: delegate.mail_from(session, "a@example.org", {})):  # fmt: skip
-        defer.maybeDeferred(call).addBoth(replies.append)
-    return replies
+class FakeDelegateContractTests(SMTPServerDelegateContract, unittest.TestCase):
+    def make_delegate(self):
+        return FakeDelegate()
 
 
-def test_smtp_delegates_answer_each_stage_with_a_reply_or_none():
-    policy = RelayPolicy(["example.test"], None, [ipaddress.ip_network("127.0.0.0/8")], [], "/nonexistent")
-    for delegate in (FakeDelegate(), InboundReceiver("mx.example.test", policy, MemoryQueueStore(), task.Clock())):
-        assert verifyObject(ISMTPServerDelegate, delegate)
-        replies = _answers(delegate)
-        assert len(replies) == 3, replies
-        assert all(r is None or isinstance(r, Reply) for r in replies), replies
-        assert all(r is None or r.code // 100 == 2 for r in replies), replies
+class InboundReceiverContractTests(SMTPServerDelegateContract, unittest.TestCase):
+    def make_delegate(self):
+        policy = RelayPolicy(["example.test"], None, [ipaddress.ip_network("127.0.0.0/8")], [], "/nonexistent")
+        return InboundReceiver("mx.example.test", policy, MemoryQueueStore(), task.Clock())
+
+
+class DeliveryPeerDelegateContractTests(SMTPServerDelegateContract, unittest.TestCase):
+    def make_delegate(self):
+        return Peer("127.0.0.2").delegate
+
+
+class HoldingPeerDelegateContractTests(SMTPServerDelegateContract, unittest.TestCase):
+    def make_delegate(self):
+        self.peer = HoldingPeer("127.0.0.1", 0, release_at=2)
+        self.addCleanup(self.peer.stop)
+        return self.peer.delegate
+
+    def settle(self, delegate):
+        self.peer.release()
 
 
 def test_the_server_session_and_its_stand_in_provide_the_session_interface():

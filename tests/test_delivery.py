@@ -13,9 +13,11 @@ import time
 from twisted.internet import defer, reactor, task
 from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
+from zope.interface import implementer
 
 from pymta.dns import Resolver
 from pymta.envelope import DEFERRED, DELIVERED, FAILED, RELAYED, Envelope, Recipient, new_qid
+from pymta.interfaces import ISMTPServerDelegate
 from pymta.outbound.delivery import SMTPDeliveryAgent
 from pymta.outbound.routes import Router
 from pymta.outbound.shaping import Limits, Shaper
@@ -39,6 +41,7 @@ class Peer:
         self.drop_after_data = False
         peer = self
 
+        @implementer(ISMTPServerDelegate)
         class Delegate:
             def connected(self, session):
                 peer.connections += 1
@@ -65,7 +68,8 @@ class Peer:
             def disconnected(self, session):
                 return None
 
-        factory = SMTPServerFactory(Delegate(), f"mx.{address}", ServerLimits(), reactor,
+        self.delegate = Delegate()
+        factory = SMTPServerFactory(self.delegate, f"mx.{address}", ServerLimits(), reactor,
                                     disabled_extensions=frozenset(disabled))  # fmt: skip
         build = factory.buildProtocol
 
@@ -139,6 +143,7 @@ class HoldingPeer:
         self._timer = None
         peer = self
 
+        @implementer(ISMTPServerDelegate)
         class Delegate:
             def connected(self, session):
                 peer.open += 1
@@ -166,7 +171,8 @@ class HoldingPeer:
             def disconnected(self, session):
                 peer.open -= 1
 
-        self.port = reactor.listenTCP(port, SMTPServerFactory(Delegate(), f"mx.{address}", ServerLimits(), reactor),
+        self.delegate = Delegate()
+        self.port = reactor.listenTCP(port, SMTPServerFactory(self.delegate, f"mx.{address}", ServerLimits(), reactor),
                                       interface=address)  # fmt: skip
 
     def release(self) -> None:

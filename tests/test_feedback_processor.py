@@ -11,6 +11,7 @@ from pymta.feedback.parse import parse_message
 from pymta.feedback.processor import FeedbackProcessor
 from pymta.feedback.suppression import SuppressionStore
 from pymta.feedback.verp import TRACE_HEADER, Tagger
+from tests.fakes import ScriptedDeliveryAgent
 
 SECRET = "feedback-secret-0123456789"
 
@@ -128,19 +129,9 @@ def test_one_click_unsubscribe_from_the_recipient(world):
 
 
 def test_human_replies_are_kept_in_the_reply_mailbox_and_auto_replies_are_not(world):
-    from twisted.internet import defer
-
-    from pymta.envelope import DELIVERED, DeliveryResult
-
     store, tagger, _ = world
-    kept = []
-
-    class Mailbox:
-        def deliver(self, envelope, recipients, body):
-            kept.append((recipients[0].address, body))
-            return defer.succeed([DeliveryResult(recipients[0].address, DELIVERED, 250, "2.0.0", "ok")])
-
-    processor = FeedbackProcessor(store, tagger, reply_addresses=("replies@sender.test",), reply_agent=Mailbox(),
+    mailbox = ScriptedDeliveryAgent()
+    processor = FeedbackProcessor(store, tagger, reply_addresses=("replies@sender.test",), reply_agent=mailbox,
                                   reply_mailbox="inbox@sender.test")  # fmt: skip
     human = b"From: judy@remote.test\r\nTo: replies@sender.test\r\nSubject: Re: hi\r\n\r\nthanks\r\n"
     auto = b"From: ivan@remote.test\r\nTo: replies@sender.test\r\nSubject: Out of Office\r\nAuto-Submitted: auto-replied\r\n\r\naway\r\n"
@@ -148,8 +139,7 @@ def test_human_replies_are_kept_in_the_reply_mailbox_and_auto_replies_are_not(wo
     envelope = Envelope(qid=new_qid(), sender="judy@remote.test", recipients=[])
     processor.deliver(envelope, [Recipient("replies@sender.test", route="feedback")], human).addCallback(results.extend)
     processor.deliver(envelope, [Recipient("replies@sender.test", route="feedback")], auto).addCallback(results.extend)
-    assert [address for address, _ in kept] == ["inbox@sender.test"]
-    assert kept[0][1] == human
+    assert [(addresses, body) for _, addresses, body in mailbox.calls] == [(["inbox@sender.test"], human)]
     assert results[0].text.startswith("reply kept in inbox@sender.test")
     assert "auto-reply" in results[1].text
 

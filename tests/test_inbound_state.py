@@ -11,16 +11,36 @@ import pytest
 from twisted.internet import task
 from twisted.internet.error import ProcessTerminated
 from twisted.python.failure import Failure
+from zope.interface.verify import verifyObject
 
+from pymta.interfaces import IInboundState
 from pymta.rate import parse_rate
 from pymta.state.local import InboundStateError, LocalInboundState
 from pymta.state.memory import MemoryInboundState
 from tests.contract_inbound_state import TRIPLE, InboundStateContract, SharedInboundStateContract
+from tests.fakes import Answered, LateInboundState, fired
 
 
 class TestMemoryInboundState(InboundStateContract):
     def make_state(self, clock):
         return MemoryInboundState(clock)
+
+
+class TestLateInboundState(InboundStateContract):
+    """The fake of a state whose connection answers come late, each answered before it is read."""
+
+    def test_the_late_state_itself_provides_the_interface(self, clock):
+        assert verifyObject(IInboundState, LateInboundState(MemoryInboundState(clock)))
+
+    def make_state(self, clock):
+        late = LateInboundState(MemoryInboundState(clock))
+
+        def answered(f, *args):
+            answer = f(*args)
+            late.answer()
+            return fired(answer)
+
+        return Answered(late, answered)
 
 
 class TestLocalInboundState(SharedInboundStateContract):

@@ -138,28 +138,27 @@ def test_complaints_and_later_bounces_from_the_feedback_loop_count_against_the_s
     assert ip1.cap(today, sel.offset(ip1, today)) == 10  # day 3 would be 40; one step below day 2 instead
 
 
-def test_the_feedback_processor_reports_bounces_and_complaints_to_the_sources(tmp_path):
+def test_the_feedback_processor_reports_bounces_and_complaints_to_the_sources(tmp_path, world):
     from pymta.feedback.parse import parse_message
     from pymta.feedback.processor import FeedbackProcessor
     from pymta.feedback.suppression import SuppressionStore
     from pymta.feedback.verp import Tagger
     from tests.test_feedback_processor import arf, dsn
 
-    told = []
-
-    class Sources:
-        def feedback(self, qid, kind):
-            told.append((qid, kind))
-
+    ip1, _ip2, pools, counter, _ = world
+    sources = SourceSelector(clock_at(DAY0), pools, default_pool="warm", counter=counter)
     store = SuppressionStore(str(tmp_path / "s.sqlite"), task.Clock())
     tagger = Tagger("0123456789abcdef-secret", "bounces.sender.test")
-    processor = FeedbackProcessor(store, tagger, complaint_addresses=("fbl@sender.test",), sources=Sources())
+    processor = FeedbackProcessor(store, tagger, complaint_addresses=("fbl@sender.test",), sources=sources)
     qid = new_qid()
+    source, _ = sources.pick(envelope())
+    sources.sent(source, qid=qid)
     rp = tagger.return_path(qid, "carol@remote.test")
     env = Envelope(qid=new_qid(), sender="", recipients=[])
     processor.handle(rp, env, parse_message(dsn(rp, "carol@remote.test")))
     processor.handle("fbl@sender.test", env, parse_message(arf(tagger.trace_value(qid, "dave@remote.test"))))
-    assert told == [(qid, "bounced"), (qid, "complaint")]
+    assert counter.outcomes(ip1.name, DAY0) == {"bounced": 1, "complaint": 1}
+    assert sources.feedback(new_qid(), "bounced") is None  # a message no source remembers
     store.close()
 
 

@@ -13,17 +13,8 @@ from pymta.inbound.policy import RelayPolicy
 from pymta.inbound.receiver import InboundReceiver
 from pymta.interfaces import INCOMING, QueueError, QueueFull
 from pymta.queue.store import MemoryQueueStore
-from tests.fakes import StaticResolver, TempDirMixin
+from tests.fakes import LateInboundState, StaticResolver, TempDirMixin
 from tests.sessions import Accepted, Sess, Txn
-
-
-class FailingStore(MemoryQueueStore):
-    def __init__(self, error: Exception) -> None:
-        super().__init__()
-        self.error = error
-
-    def enqueue(self, envelope, body):
-        return defer.fail(self.error)
 
 
 class ReceiverTests(TempDirMixin, unittest.TestCase):
@@ -88,7 +79,9 @@ class ReceiverTests(TempDirMixin, unittest.TestCase):
 
     def test_full_disk_answers_452_and_other_local_errors_451(self) -> None:
         for error, expected in ((QueueFull("ENOSPC"), (452, "4.3.1")), (QueueError("EIO"), (451, "4.3.0"))):
-            receiver = InboundReceiver("mx.example.test", self.policy, FailingStore(error), self.clock)
+            failing = MemoryQueueStore()
+            failing.fail_with = error
+            receiver = InboundReceiver("mx.example.test", self.policy, failing, self.clock)
             reply = self.transact(receiver, ["alice@example.test"])
             assert (reply.code, reply.enhanced) == expected
             self.flushLoggedErrors()
@@ -183,24 +176,13 @@ class ReceiverTests(TempDirMixin, unittest.TestCase):
         from pymta.state.memory import MemoryInboundState
 
         memory = MemoryInboundState(self.clock)
-        answers: list[defer.Deferred] = []
-
-        class Slow:  # a state across the network whose answer to a connection comes later
-            owner = memory.owner
-
-            def acquire_connection(self, key: str, limit: int) -> defer.Deferred:
-                answers.append(defer.Deferred().addCallback(lambda _: memory.acquire_connection(key, limit)))
-                return answers[-1]
-
-            def release_connection(self, key: str) -> None:
-                memory.release_connection(key)
-
+        late = LateInboundState(memory)  # a state across the network whose answer to a connection comes later
         receiver = InboundReceiver("mx.example.test", self.policy, self.store, self.clock,
-                                   limits=ClientLimits(self.clock, connections_per_client=1, state=Slow()))  # fmt: skip
+                                   limits=ClientLimits(self.clock, connections_per_client=1, state=late))  # fmt: skip
         session = Sess(peer_address="192.0.2.1")
         d = receiver.connected(session)
         receiver.disconnected(session)
-        answers[0].callback(None)
+        late.answer()
         assert self.successResultOf(d) is None
         assert memory.connections == {}
 

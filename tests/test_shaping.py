@@ -8,11 +8,12 @@ import pytest
 from twisted.internet import task
 
 from pymta.config import ConfigError, build_config
-from pymta.envelope import DEFERRED, ROUTE_RELAY, DeliveryResult, Envelope, Recipient, new_qid
+from pymta.envelope import ROUTE_RELAY, Envelope, Recipient, new_qid
 from pymta.outbound.shaping import BackoffRule, Limits, Shaper
 from pymta.queue.manager import QueueManager
 from pymta.queue.store import MemoryQueueStore
 from pymta.rate import parse_rate
+from tests.fakes import ScriptedDeliveryAgent, deferred
 
 
 def shaper(clock, **kw) -> Shaper:
@@ -87,15 +88,9 @@ def test_held_mail_waits_without_using_an_attempt():
     clock = task.Clock()
     clock.advance(1000)
 
-    class Holding:
-        def deliver(self, envelope, recipients, body):
-            from twisted.internet import defer
-
-            return defer.succeed([DeliveryResult(r.address, DEFERRED, 451, "4.7.0", "held", extra={"hold_until": 1300.0})
-                                  for r in recipients])  # fmt: skip
-
+    holding = ScriptedDeliveryAgent({"a@remote.test": [deferred(451, "4.7.0", "held", {"hold_until": 1300.0})]})
     store = MemoryQueueStore()
-    manager = QueueManager(store, {ROUTE_RELAY: Holding()}, clock, "h")
+    manager = QueueManager(store, {ROUTE_RELAY: holding}, clock, "h")
     manager.startService()
     qid = new_qid()
     store.enqueue(Envelope(qid=qid, sender="s@x.test", recipients=[Recipient("a@remote.test")], arrival=1000), b"x")
@@ -195,15 +190,9 @@ def test_a_destinations_retry_schedule_overrides_the_queue_default():
     clock = task.Clock()
     clock.advance(1000)
 
-    class Deferring:
-        def deliver(self, envelope, recipients, body):
-            from twisted.internet import defer
-
-            return defer.succeed([DeliveryResult(r.address, DEFERRED, 451, "4.4.1", "later", extra={"retry": [60.0, 120.0]})
-                                  for r in recipients])  # fmt: skip
-
+    deferring = ScriptedDeliveryAgent({"a@remote.test": [deferred(451, "4.4.1", "later", {"retry": [60.0, 120.0]})]})
     store = MemoryQueueStore()
-    manager = QueueManager(store, {ROUTE_RELAY: Deferring()}, clock, "h", retry_initial=600, retry_max=3600)
+    manager = QueueManager(store, {ROUTE_RELAY: deferring}, clock, "h", retry_initial=600, retry_max=3600)
     manager.startService()
     qid = new_qid()
     store.enqueue(Envelope(qid=qid, sender="s@x.test", recipients=[Recipient("a@remote.test")], arrival=1000), b"x")

@@ -612,18 +612,22 @@ def test_starttls_with_arguments_or_unavailable():
 
 
 class FakeAuth:
-    def __init__(self) -> None:
-        self.failures = 0
+    """An authenticator over plain-text passwords that answers at once (tests/contract_authenticator.py)."""
+
+    def __init__(self, users: dict[str, str] | None = None, max_failures: int = 3) -> None:
+        self.users = {"app": "secret"} if users is None else users
+        self.max_failures = max_failures
+        self.failures: dict[str, int] = {}
 
     def check(self, user, password):
-        return defer.succeed(user == "app" and password == "secret")
+        return defer.succeed(user in self.users and self.users[user] == password)
 
     def failed(self, client):
-        self.failures += 1
-        return self.failures >= 3
+        self.failures[client] = self.failures.get(client, 0) + 1
+        return self.failures[client] >= self.max_failures
 
     def succeeded(self, client):
-        self.failures = 0
+        self.failures.pop(client, None)
 
 
 def test_auth_is_refused_before_tls_and_works_after():

@@ -22,6 +22,7 @@ from pymta.envelope import Envelope, Recipient, new_qid
 from pymta.feedback.processor import FeedbackProcessor
 from pymta.feedback.tlsrpt import TLSReportInbox, extract_report, inbox_paths, parse_report, tlsrpt_main
 from pymta.outbound.tlsrpt import TLSCounts, TLSReporter, https_poster, parse_tlsrpt_txt, report_mail
+from tests.fakes import StaticResolver
 from tests.mta_process import free_port
 from tests.pki import make_ca, server_options
 
@@ -29,16 +30,8 @@ DAY = datetime.datetime(2026, 12, 1, 10, 0, tzinfo=datetime.UTC).timestamp()
 STS = ["version: STSv1", "mode: enforce", "mx: mx.sts.test", "max_age: 86400"]
 
 
-class TXT:
-    def __init__(self, records: dict[str, list[str]]) -> None:
-        self.records = records
-
-    def lookup_txt(self, name: str):
-        return defer.succeed(self.records.get(name, []))
-
-
 def reporter(tmp_path, clock, submitted, posted) -> TLSReporter:
-    resolver = TXT({"_smtp._tls.sts.test": ["v=TLSRPTv1; rua=mailto:tls@sts.test,https://reports.sts.test/in"]})
+    resolver = StaticResolver({"_smtp._tls.sts.test": {"TXT": ["v=TLSRPTv1; rua=mailto:tls@sts.test,https://reports.sts.test/in"]}})
 
     def post(url, data):
         posted.append((url, data))
