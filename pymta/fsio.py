@@ -75,7 +75,7 @@ def discard(ops: FileOps, path: str) -> None:
         ops.unlink(path)
 
 
-def write_all(ops: FileOps, fd: int, parts: Sequence[bytes]) -> None:
+def write_all(ops: FileOps, fd: int, parts: Sequence[bytes | bytearray | memoryview]) -> None:
     """Write every byte of ``parts`` in order: one write (or writev) call when the kernel takes it all."""
     if len(parts) == 1:
         view = memoryview(parts[0])
@@ -163,5 +163,5 @@ class DirSyncer:
                     batch.error, batch.done, self._busy = error, True, False
                     self._cond.notify_all()
             if batch.error is not None:
-                e = batch.error
-                raise OSError(e.errno, e.strerror, e.filename)
+                err = batch.error
+                raise OSError(err.errno, err.strerror, err.filename)

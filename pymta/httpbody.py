@@ -4,9 +4,10 @@ into bytes, bounded in size."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
@@ -22,7 +23,7 @@ class BytesProducer:
         self.body = body
         self.length = len(body)
 
-    def startProducing(self, consumer: Any) -> defer.Deferred:
+    def startProducing(self, consumer: Any) -> defer.Deferred[Any]:
         consumer.write(self.body)
         return defer.succeed(None)
 
@@ -40,7 +41,7 @@ class LimitedBody(Protocol):
     """Collects a response body into ``done``; gives up (``error``) past ``limit`` bytes or when the
     body is cut short. ``what`` names the body in the error text."""
 
-    def __init__(self, done: defer.Deferred, limit: int, error: Callable[[str], Exception], what: str) -> None:
+    def __init__(self, done: defer.Deferred[Any], limit: int, error: Callable[[str], Exception], what: str) -> None:
         self.done = done
         self.limit = limit
         self.error = error
@@ -54,7 +55,7 @@ class LimitedBody(Protocol):
         self.size += len(data)
         if self.size > self.limit:
             self.done.errback(self.error(f"{self.what} larger than {self.limit} bytes"))
-            self.transport.stopProducing()
+            cast(IPushProducer, self.transport).stopProducing()  # a response body's transport is its producer
             return
         self.parts.append(data)
 

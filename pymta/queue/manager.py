@@ -17,8 +17,8 @@ from __future__ import annotations
 import dataclasses
 import random
 from collections import deque
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Generator
+from typing import Any, cast
 
 from twisted.application import service
 from twisted.internet import defer
@@ -97,19 +97,19 @@ class QueueManager(service.Service):
         self.scheduler.on_due = self._due
         self._ready: deque[str] = deque()
         self._queued: set[str] = set()  # in _ready
-        self._inflight: dict[str, defer.Deferred] = {}
+        self._inflight: dict[str, defer.Deferred[Any]] = {}
         self._after: dict[str, str] = {}  # qid -> "hold" | "delete" once its attempt ends
         self._bounce_after: dict[str, list[tuple[Callable[[Envelope, Recipient], bool], str]]] = {}  # admin bounces
         self._missing_agent_logged: set[str] = set()
         self._born: dict[str, float] = {}  # qid -> arrival on the monotonic clock
-        self.recovering: defer.Deferred | None = None  # fires with the recovery counts once the queue is read
+        self.recovering: defer.Deferred[Any] | None = None  # fires with the recovery counts once the queue is read
 
     # -- service ----------------------------------------------------------------------------
 
     def startService(self) -> None:
         """Recover the queue without holding the reactor: messages are scheduled batch by batch as
         the store reads them (incoming first), while the listeners already answer."""
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # twisted's Service is untyped
         self.recovering = self.store.recover_incrementally(self._recovered)
         self.recovering.addCallback(self._recovery_done)
         self.recovering.addErrback(lambda f: log.failure("queue recovery failed", f, event="recover_failed"))
@@ -137,10 +137,10 @@ class QueueManager(service.Service):
         log.info("queue recovered: {counts}", counts=counts, event="recover")
         return counts
 
-    def stopService(self) -> defer.Deferred:
+    def stopService(self) -> defer.Deferred[Any]:
         """Start nothing new; let attempts in flight finish within ``shutdown_grace``, then abort
         them. Fires once every attempt has written its outcome (queue state, accounting)."""
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]  # twisted's Service is untyped
         self.scheduler.stop()
         self._ready.clear()
         self._queued.clear()
@@ -190,7 +190,8 @@ class QueueManager(service.Service):
                 continue
             d = self._attempt(qid)
             self._inflight[qid] = d
-            d.addErrback(lambda f, q=qid: log.failure("delivery attempt of {qid} failed", f, qid=q))
+            # Deferred's overloads cannot take a callback whose extra parameter has a default
+            d.addErrback(lambda f, q=qid: log.failure("delivery attempt of {qid} failed", f, qid=q))  # type: ignore[call-overload]
             d.addBoth(self._finished, qid)
 
     def _finished(self, _: Any, qid: str) -> None:
@@ -206,7 +207,7 @@ class QueueManager(service.Service):
     # -- one attempt ------------------------------------------------------------------------
 
     @defer.inlineCallbacks
-    def _attempt(self, qid: str):
+    def _attempt(self, qid: str) -> Generator[defer.Deferred[Any], Any, None]:
         if self.store.state(qid) not in (INCOMING, DEFERRED):
             return  # held, deleted or already moved
         yield self.store.move(qid, ACTIVE)
@@ -233,7 +234,7 @@ class QueueManager(service.Service):
         outcomes = yield defer.DeferredList(calls, consumeErrors=True)
         now = self.wall.seconds()
         holds: list[float] = []
-        records: list[defer.Deferred] = []
+        records: list[defer.Deferred[Any]] = []
         retry = None  # a destination's own (initial, maximum) retry delays
         for (_, rcpts), (ok, results) in zip(groups.items(), outcomes, strict=True):
             if not ok:
@@ -249,7 +250,7 @@ class QueueManager(service.Service):
             envelope.attempts += 1
         yield self._conclude(envelope, body, now, held_until, retry)
 
-    def _deliver_group(self, envelope: Envelope, route: str, rcpts: list[Recipient], body: bytes) -> defer.Deferred:
+    def _deliver_group(self, envelope: Envelope, route: str, rcpts: list[Recipient], body: bytes) -> defer.Deferred[Any]:
         agent = self.agents.get(route)
         if agent is None:
             if route not in self._missing_agent_logged:
@@ -267,7 +268,7 @@ class QueueManager(service.Service):
         return d.addCallback(check)
 
     def _apply(self, envelope: Envelope, rcpts: list[Recipient], results: list[DeliveryResult],
-               now: float) -> list[defer.Deferred]:  # fmt: skip
+               now: float) -> list[defer.Deferred[Any]]:  # fmt: skip
         """Per-recipient outcomes into the envelope; the accounting records' Deferreds."""
         records = []
         for rcpt, result in zip(rcpts, results, strict=True):
@@ -283,13 +284,13 @@ class QueueManager(service.Service):
         return records
 
     @staticmethod
-    def _durable(records: list[defer.Deferred]) -> defer.Deferred:
+    def _durable(records: list[defer.Deferred[Any]]) -> defer.Deferred[Any]:
         """Fires when every record is on disk; a record that could not be written was logged in full
         by the accounting log and does not stop the queue (the delivery has happened)."""
         return defer.DeferredList(records, consumeErrors=True) if records else defer.succeed(None)
 
     def _account(self, event: str, envelope: Envelope, rcpt: Recipient, now: float,
-                 result: Any = None) -> defer.Deferred:  # fmt: skip
+                 result: Any = None) -> defer.Deferred[Any]:  # fmt: skip
         # What the message travelled with (injection campaign/tenant, pool and source): in the log
         # event (metrics read it) and in the accounting record.
         tags = {k: envelope.extra[k] for k in ("campaign", "tenant", "pool", "source") if envelope.extra.get(k)}
@@ -305,7 +306,7 @@ class QueueManager(service.Service):
         )  # fmt: skip
         if self.accounting is None:
             return defer.succeed(None)
-        return self.accounting.record(
+        return cast("defer.Deferred[Any]", self.accounting.record(
             event,
             qid=envelope.qid,
             sender=envelope.sender,
@@ -319,11 +320,11 @@ class QueueManager(service.Service):
             metadata=envelope.extra.get("metadata"),
             **tags,
             **{k: v for k, v in extra.items() if k in ("ip", "host", "tls_version", "cipher", "tls_policy", "tls_failure", "provider")},
-        )
+        ))
 
     @defer.inlineCallbacks
     def _conclude(self, envelope: Envelope, body: bytes, now: float, held_until: float | None = None,
-                  retry: list[float] | None = None):  # fmt: skip
+                  retry: list[float] | None = None) -> Generator[defer.Deferred[Any], Any, None]:  # fmt: skip
         qid = envelope.qid
         pending = envelope.pending_recipients()
         if pending and self._age(envelope) >= self.max_age:
@@ -363,7 +364,7 @@ class QueueManager(service.Service):
 
     def _age(self, envelope: Envelope) -> float:
         """Seconds ``envelope`` has been queued, on the monotonic clock (see :meth:`_first_seen`)."""
-        return self.clock.seconds() - self._first_seen(envelope.qid, envelope.arrival)
+        return cast(float, self.clock.seconds() - self._first_seen(envelope.qid, envelope.arrival))
 
     def _first_seen(self, qid: str, arrival: float) -> float:
         """When ``qid`` arrived, on the monotonic clock: taken when this process first sees it from
@@ -375,7 +376,7 @@ class QueueManager(service.Service):
         return born
 
     @defer.inlineCallbacks
-    def _reschedule(self, envelope: Envelope, delay: float):
+    def _reschedule(self, envelope: Envelope, delay: float) -> Generator[defer.Deferred[Any], Any, None]:
         """Next attempt in ``delay`` seconds: written down as wall time, scheduled on the monotonic clock."""
         delay = max(delay, 0.0)
         when = self.clock.seconds() + delay
@@ -391,7 +392,7 @@ class QueueManager(service.Service):
     # -- notices (DSNs) ---------------------------------------------------------------------
 
     @defer.inlineCallbacks
-    def _notices(self, envelope: Envelope, body: bytes, now: float, still_pending: bool):
+    def _notices(self, envelope: Envelope, body: bytes, now: float, still_pending: bool) -> Generator[defer.Deferred[Any], Any, None]:
         if not envelope.sender:
             for r in envelope.recipients:
                 r.dsn_sent = r.dsn_sent or r.is_final  # nothing is ever sent about a bounce
@@ -411,7 +412,7 @@ class QueueManager(service.Service):
 
     @defer.inlineCallbacks
     def _send_dsn(self, envelope: Envelope, rcpts: list[Recipient], action: str, body: bytes, now: float,
-                  retry_until: float | None = None):  # fmt: skip
+                  retry_until: float | None = None) -> Generator[defer.Deferred[Any], Any, None]:  # fmt: skip
         if not rcpts:
             return
         message = build_dsn(envelope, rcpts, action, body, self.hostname, now, retry_until)
@@ -455,7 +456,7 @@ class QueueManager(service.Service):
             self.scheduler.schedule(qid, now)
         return due
 
-    def bounce(self, qid: str, matches: Callable[[Envelope, Recipient], bool], reason: str) -> defer.Deferred:
+    def bounce(self, qid: str, matches: Callable[[Envelope, Recipient], bool], reason: str) -> defer.Deferred[Any]:
         """KumoMTA's admin bounce: the pending recipients of ``qid`` that ``matches`` fail now as an
         administrative failure (5.0.0), with their ``bounced`` records and a DSN to the sender. Fires
         with the number of recipients failed, or None when the message is being delivered (its
@@ -463,7 +464,7 @@ class QueueManager(service.Service):
         if qid in self._inflight:
             self._bounce_after.setdefault(qid, []).append((matches, reason))
             return defer.succeed(None)
-        busy: defer.Deferred = defer.Deferred()
+        busy: defer.Deferred[Any] = defer.Deferred()
         self._inflight[qid] = busy  # no delivery attempt starts while the envelope is rewritten
 
         def done(result: Any) -> Any:
@@ -474,7 +475,9 @@ class QueueManager(service.Service):
         return self._bounce_now(qid, matches, reason).addBoth(done)
 
     @defer.inlineCallbacks
-    def _bounce_now(self, qid: str, matches: Callable[[Envelope, Recipient], bool], reason: str):
+    def _bounce_now(
+        self, qid: str, matches: Callable[[Envelope, Recipient], bool], reason: str
+    ) -> Generator[defer.Deferred[Any], Any, int]:
         state = self.store.state(qid)
         if state not in (INCOMING, DEFERRED, HOLD):
             return 0
@@ -504,7 +507,7 @@ class QueueManager(service.Service):
         return qid in self._inflight
 
     @defer.inlineCallbacks
-    def delete(self, qid: str):
+    def delete(self, qid: str) -> Generator[defer.Deferred[Any], Any, None]:
         if qid in self._inflight:
             self._after[qid] = "delete"
             return
@@ -513,7 +516,7 @@ class QueueManager(service.Service):
         yield self.store.remove(qid)
 
     @defer.inlineCallbacks
-    def hold(self, qid: str):
+    def hold(self, qid: str) -> Generator[defer.Deferred[Any], Any, None]:
         if qid in self._inflight:  # held when its attempt ends (a delete asked for first still wins)
             self._after.setdefault(qid, "hold")
             return
@@ -522,7 +525,7 @@ class QueueManager(service.Service):
             yield self.store.move(qid, HOLD)
 
     @defer.inlineCallbacks
-    def release(self, qid: str):
+    def release(self, qid: str) -> Generator[defer.Deferred[Any], Any, None]:
         if self._after.get(qid) == "hold":  # held while active: not held after all
             del self._after[qid]
             return

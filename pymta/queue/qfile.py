@@ -45,7 +45,7 @@ def record(payload: bytes) -> bytes:
     return RECORD.pack(RECORD_MAGIC, len(payload), zlib.crc32(payload)) + payload
 
 
-def parse_header(raw: bytes) -> tuple[int, int]:
+def parse_header(raw: bytes | memoryview) -> tuple[int, int]:
     """``(body_length, body_crc)`` from the first HEADER.size bytes of a queue file."""
     if len(raw) < HEADER.size:
         raise QueueFileError("file shorter than its header")

@@ -23,7 +23,7 @@ log = Logger(namespace="pymta.queue.scheduler")
 def retry_delay(attempt: int, initial: float, maximum: float, rng: random.Random | None = None, jitter: float = 0.1) -> float:
     """Seconds before attempt ``attempt + 1``: initial * 2**(attempt-1), capped at maximum, ± jitter."""
     attempt = max(attempt, 1)
-    base = min(initial * (2 ** min(attempt - 1, 40)), maximum)
+    base: float = min(initial * (2 ** min(attempt - 1, 40)), maximum)
     spread = (rng or random).uniform(-jitter, jitter)
     return max(1.0, min(base * (1 + spread), maximum))
 
@@ -113,7 +113,7 @@ class TimerHeapScheduler:
 class MonotonicCall:
     """One call of :class:`MonotonicClock` (the part of ``IDelayedCall`` the scheduler uses)."""
 
-    def __init__(self, time: float, f: Callable[..., Any], args: tuple, kw: dict) -> None:
+    def __init__(self, time: float, f: Callable[..., Any], args: tuple[Any, ...], kw: dict[str, Any]) -> None:
         self.time = time
         self._f, self._args, self._kw = f, args, kw
         self.cancelled = self.called = False

@@ -20,13 +20,14 @@ writes to the queue (it deletes what looks unfinished).
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import functools
 import itertools
 import os
 import re
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import Any
 
 from twisted.internet import defer
@@ -104,7 +105,7 @@ class MemoryQueueStore:
         self._states: dict[str, str] = {}
         self.fail_with: Exception | None = None
 
-    def _write(self, qid: str, action) -> defer.Deferred:
+    def _write(self, qid: str, action: Callable[[], Any]) -> defer.Deferred[Any]:
         if self.fail_with is not None:
             return defer.fail(self.fail_with)
         try:
@@ -112,7 +113,7 @@ class MemoryQueueStore:
         except Exception:
             return defer.fail()
 
-    def enqueue(self, envelope: Envelope, body: bytes, state: str = INCOMING) -> defer.Deferred:
+    def enqueue(self, envelope: Envelope, body: bytes, state: str = INCOMING) -> defer.Deferred[Any]:
         qid = envelope.qid
         check_enqueue_state(state)
 
@@ -136,7 +137,7 @@ class MemoryQueueStore:
     def state(self, qid: str) -> str | None:
         return self._states.get(qid)
 
-    def update(self, envelope: Envelope) -> defer.Deferred:
+    def update(self, envelope: Envelope) -> defer.Deferred[Any]:
         def action() -> None:
             if envelope.qid not in self._states:
                 raise KeyError(envelope.qid)
@@ -144,7 +145,7 @@ class MemoryQueueStore:
 
         return self._write(envelope.qid, action)
 
-    def move(self, qid: str, state: str) -> defer.Deferred:
+    def move(self, qid: str, state: str) -> defer.Deferred[Any]:
         def action() -> None:
             check_state(state)
             if qid not in self._states:
@@ -153,7 +154,7 @@ class MemoryQueueStore:
 
         return self._write(qid, action)
 
-    def remove(self, qid: str) -> defer.Deferred:
+    def remove(self, qid: str) -> defer.Deferred[Any]:
         def action() -> None:
             for table in (self._states, self._envelopes, self._bodies):
                 table.pop(qid, None)
@@ -173,7 +174,7 @@ class MemoryQueueStore:
         counts["in_corrupt"] = len(self._states) - counts["queued"]
         return counts
 
-    def recover_incrementally(self, on_batch: Callable[[list[Recovered]], Any]) -> defer.Deferred:
+    def recover_incrementally(self, on_batch: Callable[[builtins.list[Recovered]], Any]) -> defer.Deferred[Any]:
         counts = self.recover()
         batch = []
         for state in (INCOMING, DEFERRED, HOLD):
@@ -271,7 +272,7 @@ class MaildirQueueStore:
         for path in sorted(made):  # a new directory is durable once its parent is synced
             self._ops.fsync_dir(path)
 
-    def _run(self, func: Callable[..., Any], *args: Any) -> defer.Deferred:
+    def _run(self, func: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
         return deferToThreadPool(self._reactor, self._threadpool, func, *args)
 
     def _dir_of(self, state: str, qid: str) -> str:
@@ -304,7 +305,7 @@ class MaildirQueueStore:
 
     # -- IQueueStore
 
-    def enqueue(self, envelope: Envelope, body: bytes, state: str = INCOMING) -> defer.Deferred:
+    def enqueue(self, envelope: Envelope, body: bytes, state: str = INCOMING) -> defer.Deferred[Any]:
         try:
             qid = check_qid(envelope.qid)
             check_enqueue_state(state)
@@ -390,7 +391,7 @@ class MaildirQueueStore:
     def state(self, qid: str) -> str | None:
         return self._find(qid)
 
-    def update(self, envelope: Envelope) -> defer.Deferred:
+    def update(self, envelope: Envelope) -> defer.Deferred[Any]:
         try:
             rec = qfile.record(envelope.to_json())
         except ValueError:
@@ -437,7 +438,7 @@ class MaildirQueueStore:
             raise
         self.syncer.sync((os.path.dirname(path),))
 
-    def move(self, qid: str, state: str) -> defer.Deferred:
+    def move(self, qid: str, state: str) -> defer.Deferred[Any]:
         try:
             check_state(state)
         except ValueError:
@@ -469,7 +470,7 @@ class MaildirQueueStore:
         self._index[qid] = state
         self.syncer.sync((self._dir_of(current, qid), os.path.dirname(target)))
 
-    def remove(self, qid: str) -> defer.Deferred:
+    def remove(self, qid: str) -> defer.Deferred[Any]:
         return self._run(self._remove, qid)
 
     @_translated
@@ -509,7 +510,7 @@ class MaildirQueueStore:
             self._recover_unit(state, directory, counts)
         return self._recover_end(counts)
 
-    def recover_incrementally(self, on_batch: Callable[[list[Recovered]], Any]) -> defer.Deferred:
+    def recover_incrementally(self, on_batch: Callable[[builtins.list[Recovered]], Any]) -> defer.Deferred[Any]:
         """:meth:`recover` in steps: what must happen before anything else touches the queue
         (migration, tmp/ cleared, active/ put back into incoming/) now, on the calling thread;
         then one directory at a time in the thread pool, each batch of sound messages handed to
@@ -523,7 +524,9 @@ class MaildirQueueStore:
         return self._recover_steps(counts, on_batch)
 
     @defer.inlineCallbacks
-    def _recover_steps(self, counts: dict[str, int], on_batch: Callable[[list[Recovered]], Any]):
+    def _recover_steps(
+        self, counts: dict[str, int], on_batch: Callable[[builtins.list[Recovered]], Any]
+    ) -> Generator[defer.Deferred[Any], Any, dict[str, int]]:
         for state, directory in self._recover_units():
             batch = yield self._run(self._recover_unit, state, directory, counts)
             if batch:
@@ -549,10 +552,10 @@ class MaildirQueueStore:
             self.syncer.sync(touched)
         return counts
 
-    def _recover_units(self) -> list[tuple[str, str]]:
+    def _recover_units(self) -> builtins.list[tuple[str, str]]:
         """(state, directory) in the order recovery reads them: incoming/ first (due now), then
         every hashed deferred/ directory, then hold/."""
-        units = []
+        units: builtins.list[tuple[str, str]] = []
         for state in (INCOMING, DEFERRED, HOLD):
             if state in self.HASHED_STATES:
                 units.extend((state, os.path.join(self._dirs[state], *sub))
@@ -562,7 +565,7 @@ class MaildirQueueStore:
         return units
 
     @_translated
-    def _recover_unit(self, state: str, directory: str, counts: dict[str, int]) -> list[Recovered]:
+    def _recover_unit(self, state: str, directory: str, counts: dict[str, int]) -> builtins.list[Recovered]:
         """Check the files of one directory (quarantining what fails); the sound ones as
         ``(qid, state, due, arrival)``: ``due`` is the wall time of the next attempt
         (``max(next_attempt, not_before)``), ``arrival`` the envelope's."""

@@ -22,11 +22,12 @@ class IncomingWatcher(service.Service):
         self.notifier: Any = None
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # twisted's Service is untyped
         try:
             from twisted.internet import inotify
 
-            self.notifier = inotify.INotify(reactor=self.reactor) if self.reactor else inotify.INotify()
+            # twisted's INotify is untyped
+            self.notifier = inotify.INotify(reactor=self.reactor) if self.reactor else inotify.INotify()  # type: ignore[no-untyped-call]
             self.notifier.startReading()
             self.notifier.watch(
                 filepath.FilePath(self.incoming_dir), mask=inotify.IN_MOVED_TO | inotify.IN_CREATE, callbacks=[self._event]
@@ -36,12 +37,12 @@ class IncomingWatcher(service.Service):
             self.notifier = None
 
     def stopService(self) -> None:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]  # twisted's Service is untyped
         if self.notifier is not None:
             self.notifier.loseConnection()
             self.notifier = None
 
-    def _event(self, _watch: Any, path: filepath.FilePath, _mask: int) -> None:
+    def _event(self, _watch: Any, path: filepath.FilePath[Any], _mask: int) -> None:
         name = os.path.basename(path.path).decode() if isinstance(path.path, bytes) else os.path.basename(path.path)
         if not name.startswith("."):
             self.on_new(name)
