@@ -359,3 +359,45 @@ def test_admin_bounce_of_a_message_being_delivered_applies_when_its_attempt_ends
     assert h.store.state(qid) is None
     [dsn] = h.dsns()
     assert "administratively bounced: stop it" in dsn.as_string()
+
+
+class SlowlyReadStore(MemoryQueueStore):
+    """The in-memory store whose start-up reading hands over its batches only when told."""
+
+    def recover_incrementally(self, on_batch):
+        from twisted.internet import defer
+
+        self.pending: list = []
+        for state in (INCOMING, DEFERRED, HOLD):
+            for qid in self.list(state):
+                envelope = self.load(qid)
+                self.pending.append((qid, state, max(envelope.next_attempt, envelope.not_before), envelope.arrival))
+        self.hand_over = lambda: on_batch([self.pending.pop(0)])
+        self.done: defer.Deferred = defer.Deferred()
+        return self.done
+
+
+@pytest.mark.parametrize("whole_queue", [False, True])
+def test_a_flush_while_the_queue_is_still_read_reaches_messages_read_after_it(whole_queue):
+    clock = task.Clock()
+    clock.advance(1_700_000_000)
+    store = SlowlyReadStore()
+    qids = []
+    for _ in range(2):
+        qid = new_qid(clock.seconds())
+        envelope = Envelope(qid=qid, sender="", recipients=[Recipient("a@remote.example", route=ROUTE_RELAY)],
+                            arrival=clock.seconds(), next_attempt=clock.seconds() + 7200)  # fmt: skip
+        store.enqueue(envelope, BODY)
+        store.move(qid, DEFERRED)
+        qids.append(qid)
+    h = Harness(store=store, clock=clock)
+    h.store.hand_over()  # the first is read: scheduled two hours ahead, as stored
+    assert qids[0] in h.manager.scheduler
+    made_due = h.manager.flush(None if whole_queue else qids)
+    assert set(made_due) == set(qids)  # the one not read yet counts too
+    h.store.hand_over()  # the second is read after the flush: due now, not in two hours
+    h.store.done.callback({})
+    clock.advance(1)
+    assert sorted(call[0] for call in h.relay.calls) == sorted(qids)
+    # Once the queue is read, a flush names only what it finds scheduled.
+    assert h.manager.flush(["NOSUCHQID"]) == []

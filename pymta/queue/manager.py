@@ -103,6 +103,9 @@ class QueueManager(service.Service):
         self._missing_agent_logged: set[str] = set()
         self._born: dict[str, float] = {}  # qid -> arrival on the monotonic clock
         self.recovering: defer.Deferred[Any] | None = None  # fires with the recovery counts once the queue is read
+        # Operator flushes made while the queue is still being read, for the messages not read yet.
+        self._flush_unread: set[str] = set()
+        self._flush_all_unread = False
 
     # -- service ----------------------------------------------------------------------------
 
@@ -130,12 +133,22 @@ class QueueManager(service.Service):
                 self._enqueue_ready(qid)
             elif state == DEFERRED:
                 self._first_seen(qid, arrival)
-                self.scheduler.schedule(qid, now + min(max(due - wall_now, 0.0), longest))
+                if self._flush_all_unread or qid in self._flush_unread:  # flushed before it was read
+                    self._flush_unread.discard(qid)
+                    self.scheduler.schedule(qid, now)
+                else:
+                    self.scheduler.schedule(qid, now + min(max(due - wall_now, 0.0), longest))
         self._pump()
 
     def _recovery_done(self, counts: dict[str, int]) -> dict[str, int]:
+        self._flush_unread.clear()
+        self._flush_all_unread = False
         log.info("queue recovered: {counts}", counts=counts, event="recover")
         return counts
+
+    @property
+    def _reading_queue(self) -> bool:
+        return self.recovering is not None and not self.recovering.called
 
     def stopService(self) -> defer.Deferred[Any]:
         """Start nothing new; let attempts in flight finish within ``shutdown_grace``, then abort
@@ -445,15 +458,25 @@ class QueueManager(service.Service):
     # -- operator actions -------------------------------------------------------------------
 
     def flush(self, qids: list[str] | None = None) -> list[str]:
-        """Everything deferred (or the deferred messages among ``qids``) is due now; the ids made due."""
+        """Everything deferred (or the deferred messages among ``qids``) is due now; the ids made due.
+
+        While the queue is still being read at start, a deferred message not read yet is made due
+        when it is read (a suspension lifted meanwhile must not leave it waiting out the old hold)."""
+        reading = self._reading_queue
         if qids is None:
-            due = [qid for qid in self.store.list(DEFERRED) if qid in self.scheduler]
+            due = [qid for qid in self.store.list(DEFERRED) if qid in self.scheduler or reading]
             self.scheduler.due_now()
+            self._flush_all_unread = self._flush_all_unread or reading
             return due
-        due = [qid for qid in qids if qid in self.scheduler]
         now = self.clock.seconds()
-        for qid in due:
-            self.scheduler.schedule(qid, now)
+        due = []
+        for qid in qids:
+            if qid in self.scheduler:
+                self.scheduler.schedule(qid, now)
+                due.append(qid)
+            elif reading and qid not in self._inflight and qid not in self._queued:
+                self._flush_unread.add(qid)
+                due.append(qid)
         return due
 
     def bounce(self, qid: str, matches: Callable[[Envelope, Recipient], bool], reason: str) -> defer.Deferred[Any]:
