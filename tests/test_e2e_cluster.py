@@ -220,7 +220,7 @@ def test_a_suppression_added_with_the_command_on_node_1_is_refused_at_rcpt_on_no
         wait_until(lambda: all(sum(e.get("event") == "cluster_shared" for e in n.log_events()) >= 2 for n in nodes),
                    15, "every node back on the shared state")  # fmt: skip
         assert refused_within(nodes[2].port, "later@remote.test", 5.0) is not None
-        assert rcpt_reply(nodes[1].port, "later@remote.test") == 550
+        assert refused_within(nodes[1].port, "later@remote.test", 5.0) is not None  # each node syncs on its own
     finally:
         restarted.stop()
 
