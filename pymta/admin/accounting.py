@@ -19,15 +19,16 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 log = Logger(namespace="pymta.admin.accounting")
 
 # Runs a blocking function somewhere and returns a Deferred of its result (a thread pool in the
 # MTA; synchronous in tests).
-Runner = Callable[[Callable[[], Any]], defer.Deferred]
+Runner = Callable[[Callable[[], Any]], defer.Deferred[Any]]
 
 
-def run_here(f: Callable[[], Any]) -> defer.Deferred:
+def run_here(f: Callable[[], Any]) -> defer.Deferred[Any]:
     return defer.maybeDeferred(f)
 
 
@@ -45,7 +46,7 @@ class AccountingLog:
         self._lock = threading.Lock()  # the file descriptor, between the writer thread and reopen/close
         self._fd: int | None = None
         self._torn = False  # the file may end inside a line: start the next write with a newline
-        self._pending: list[tuple[str, defer.Deferred]] = []
+        self._pending: list[tuple[str, defer.Deferred[Any]]] = []
         self._scheduled: Any = None
         self._busy = False
         self._closed = False
@@ -54,12 +55,12 @@ class AccountingLog:
 
     # -- writing ----------------------------------------------------------------------------
 
-    def record(self, event: str, **fields: Any) -> defer.Deferred:
+    def record(self, event: str, **fields: Any) -> defer.Deferred[Any]:
         now = self.clock.seconds()
         record = {"time": datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds"), "event": event}
         record.update((k, v) for k, v in fields.items() if v is not None)
         line = json.dumps(record, ensure_ascii=False, default=str) + "\n"  # JSON escapes any newline
-        d: defer.Deferred = defer.Deferred()
+        d: defer.Deferred[Any] = defer.Deferred()
         if self._closed:  # late in a shutdown: written at once, here
             self._write_now([(line, d)])
             return d
@@ -79,14 +80,14 @@ class AccountingLog:
         d = self.run(lambda: self._write(data))
         d.addBoth(self._committed, batch)
 
-    def _committed(self, result: Any, batch: list[tuple[str, defer.Deferred]]) -> None:
+    def _committed(self, result: Any, batch: list[tuple[str, defer.Deferred[Any]]]) -> None:
         self._busy = False
         self._settle(result, batch)
         if self._pending and self._scheduled is None and not self._closed:
             self._commit()  # what arrived during the write: one more group
 
-    def _settle(self, result: Any, batch: list[tuple[str, defer.Deferred]]) -> None:
-        failed = isinstance(result, defer.Failure)
+    def _settle(self, result: Any, batch: list[tuple[str, defer.Deferred[Any]]]) -> None:
+        failed = isinstance(result, Failure)
         if failed:
             log.error("cannot write {n} accounting record(s) to {path}: {why}", n=len(batch), path=self.path,
                       why=result.getErrorMessage(), records=[line.rstrip("\n") for line, _ in batch])  # fmt: skip
@@ -128,7 +129,7 @@ class AccountingLog:
 
     # -- operations -------------------------------------------------------------------------
 
-    def reopen(self) -> defer.Deferred:
+    def reopen(self) -> defer.Deferred[Any]:
         """Close the file and open ``path`` again (after logrotate renamed it)."""
 
         def reopen() -> None:
@@ -161,13 +162,13 @@ class AccountingLog:
                 os.close(self._fd)
                 self._fd = None
 
-    def _write_now(self, batch: list[tuple[str, defer.Deferred]]) -> None:
+    def _write_now(self, batch: list[tuple[str, defer.Deferred[Any]]]) -> None:
         """Write a group synchronously (at close, and after it: records made late in a shutdown)."""
         try:
             self._write("".join(line for line, _ in batch).encode("utf-8"))
             result: Any = None
         except OSError as e:
-            result = defer.Failure(e)
+            result = Failure(e)  # type: ignore[no-untyped-call]  # Twisted's Failure.__init__ has no annotations
         self._settle(result, batch)
 
 

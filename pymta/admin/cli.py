@@ -37,7 +37,7 @@ def ask_control_socket(path: str, command: str, target: str | None, timeout: flo
             s.connect(path)
         except (ConnectionRefusedError, FileNotFoundError):
             return None
-        request = {"cmd": command, "qid": target} | ({"domain": domain} if domain else {})
+        request: dict[str, Any] = {"cmd": command, "qid": target} | ({"domain": domain} if domain else {})
         request |= {"args": args} if args is not None else {}
         s.sendall(json.dumps(request).encode() + b"\n")
         data = b""
@@ -48,7 +48,8 @@ def ask_control_socket(path: str, command: str, target: str | None, timeout: flo
             data += chunk
     if not data:
         raise CLIError("the MTA closed the control connection without answering")
-    return json.loads(data)
+    answer: dict[str, Any] = json.loads(data)
+    return answer
 
 
 def run_directly(config: Any, command: str, target: str | None, args: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -64,7 +65,7 @@ def run_directly(config: Any, command: str, target: str | None, args: dict[str, 
     outcome: dict[str, Any] = {}
 
     @defer.inlineCallbacks
-    def main(reactor: Any):
+    def main(reactor: Any) -> Any:
         pool = ThreadPool(1, 2, name="pymta-queue")
         pool.start()
         try:
@@ -162,7 +163,7 @@ def queue_main(argv: list[str] | None = None) -> int:
     if not answer.get("ok"):
         sys.stderr.write(f"pymta-queue: {answer.get('error')}\n")
         return 1
-    result = answer.get("result")
+    result: Any = answer.get("result")
     if args.json or args.command != "list":
         sys.stdout.write(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     else:

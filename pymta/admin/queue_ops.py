@@ -8,7 +8,7 @@ the queue directory).
 from __future__ import annotations
 
 import heapq
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -51,12 +51,12 @@ def message_summary(envelope: Envelope, state: str) -> dict[str, Any]:
 def list_queue(store: IQueueStore, limit: int | None = None) -> list[dict[str, Any]]:
     """Queued messages, oldest first, with their recipients and state: every one, or with ``limit``
     the first ``limit`` (only their files are read, whatever the size of the queue)."""
-    names = [(qid, state) for state in QUEUE_STATES for qid in store.list(state)]
+    names = [(qid, state) for state in QUEUE_STATES for qid in store_calls(store).list(state)]
     names = heapq.nsmallest(limit, names) if limit is not None else sorted(names)
     out = []
     for qid, state in names:
         try:
-            out.append(message_summary(store.load(qid), state))
+            out.append(message_summary(store_calls(store).load(qid), state))
         except (KeyError, ValueError):
             out.append({"qid": qid, "state": state, "size": 0, "arrival": 0, "sender": "?", "recipients": []})
     return out
@@ -64,14 +64,20 @@ def list_queue(store: IQueueStore, limit: int | None = None) -> list[dict[str, A
 
 def show_message(store: IQueueStore, qid: str) -> dict[str, Any]:
     state = _state_or_error(store, qid)
-    summary = message_summary(store.load(qid), state)
-    body = store.read_body(qid)
+    summary = message_summary(store_calls(store).load(qid), state)
+    body: bytes = store_calls(store).read_body(qid)
     summary["headers"] = body.split(b"\r\n\r\n", 1)[0].decode("utf-8", "replace")
     return summary
 
 
+def store_calls(store: IQueueStore) -> Any:
+    """``store`` for calling its methods: zope.interface methods are written without ``self``, so
+    mypy (no zope plugin) cannot check a call through the interface."""
+    return store
+
+
 def _state_or_error(store: IQueueStore, qid: str) -> str:
-    state = store.state(qid)
+    state: str | None = store_calls(store).state(qid)
     if state is None:
         raise QueueOpError(f"no message {qid} in the queue")
     return state
@@ -97,7 +103,7 @@ class QueueOperations:
 
     @defer.inlineCallbacks
     def run(self, command: str, target: str | None = None, domain: str | None = None,
-            args: dict[str, Any] | None = None):  # fmt: skip
+            args: dict[str, Any] | None = None) -> Any:  # fmt: skip
         if command == "list":
             limit = (args or {}).get("limit")
             if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
@@ -118,12 +124,13 @@ class QueueOperations:
         if command == "unsuspend":
             return self.unsuspend(target)
         if command == "bounce":
-            result = yield self.bounce(args or {})
-            return result
+            bounced = yield self.bounce(args or {})
+            return bounced
         if command == "flush":
             return self.flush(None if target == "all" else target, domain)
         if command in ("delete", "hold", "release"):
-            done, after_attempt = [], []
+            done: list[str] = []
+            after_attempt: list[str] = []
             for qid in self.qids(self._need(target)):
                 if command == "hold" and self.manager is not None and self.manager.in_flight(qid):
                     after_attempt.append(qid)
@@ -180,7 +187,7 @@ class QueueOperations:
         if not isinstance(reason, str) or not reason.strip() or len(reason) > 1000:
             raise QueueOpError("reason must be a non-empty string of at most 1000 characters")
         try:
-            return store.add(kind, value, parse_duration(args.get("duration", "1h")), reason.strip())
+            return cast(dict[str, Any], store.add(kind, value, parse_duration(args.get("duration", "1h")), reason.strip()))
         except ValueError as e:
             raise QueueOpError(str(e)) from None
 
@@ -194,7 +201,7 @@ class QueueOperations:
         return {"lifted": row, "flushed": len(flushed)}
 
     @defer.inlineCallbacks
-    def bounce(self, args: dict[str, Any]):
+    def bounce(self, args: dict[str, Any]) -> Any:
         """KumoMTA's admin bounce: every queued message (incoming, deferred, held) for one recipient
         ``domain``, ``campaign`` or ``tenant`` fails with a DSN (5.0.0 "administratively bounced:
         REASON"); one being delivered fails when its attempt ends."""
@@ -241,9 +248,9 @@ class QueueOperations:
         """Messages in ``states`` with a pending recipient for which ``pending_matches(envelope, rcpt)``."""
         out = []
         for state in states:
-            for qid in self.store.list(state):
+            for qid in store_calls(self.store).list(state):
                 try:
-                    envelope = self.store.load(qid)
+                    envelope = store_calls(self.store).load(qid)
                 except (KeyError, ValueError):
                     continue
                 if any(pending_matches(envelope, r) for r in envelope.pending_recipients()):
@@ -282,13 +289,14 @@ class QueueOperations:
             raise QueueOpError("this command needs a queue id")
         return target
 
-    def _apply(self, command: str, qid: str) -> defer.Deferred:
+    def _apply(self, command: str, qid: str) -> defer.Deferred[Any]:
         if self.manager is not None:
             return defer.maybeDeferred(getattr(self.manager, command), qid)
+        store = store_calls(self.store)
         if command == "delete":
-            return defer.maybeDeferred(self.store.remove, qid)
+            return defer.maybeDeferred(store.remove, qid)
         if command == "hold":
-            return defer.maybeDeferred(self.store.move, qid, HOLD)
-        if self.store.state(qid) != HOLD:
+            return defer.maybeDeferred(store.move, qid, HOLD)
+        if store.state(qid) != HOLD:
             return defer.succeed(None)
-        return defer.maybeDeferred(self.store.move, qid, INCOMING)
+        return defer.maybeDeferred(store.move, qid, INCOMING)

@@ -24,7 +24,7 @@ import socket
 import sys
 import time
 from email.utils import formatdate, getaddresses, make_msgid
-from typing import Any
+from typing import Any, cast
 
 DEFAULT_SOCKET = "/run/pymta/sendmail.sock"
 EX_OK, EX_USAGE, EX_DATAERR, EX_NOUSER, EX_SOFTWARE, EX_TEMPFAIL = 0, 64, 65, 67, 70, 75
@@ -203,7 +203,7 @@ def submit(path: str, sender: str, rcpts: list[str], message: bytes, err: Any) -
         client.quit()
         return EX_OK
     except smtplib.SMTPDataError as e:  # a refusal of DATA itself
-        err.write(f"sendmail: message refused: {e.smtp_code} {e.smtp_error.decode(errors='replace')}\n")
+        err.write(f"sendmail: message refused: {e.smtp_code} {cast(bytes, e.smtp_error).decode(errors='replace')}\n")
         return EX_TEMPFAIL if 400 <= e.smtp_code < 500 else EX_DATAERR
     except (OSError, smtplib.SMTPException) as e:
         err.write(f"sendmail: lost the mail system ({e}); try again later\n")

@@ -34,7 +34,7 @@ class AccountingEvents:
         self.journal = journal
         self.accounting = accounting
 
-    def record(self, event: str, **fields: Any) -> defer.Deferred:
+    def record(self, event: str, **fields: Any) -> defer.Deferred[Any]:
         """Fires once the accounting record and the event are on disk (what the queue manager
         waits for before it writes the recipients' new state)."""
         waits = [defer.maybeDeferred(self.accounting.record, event, **fields)] if self.accounting is not None else []

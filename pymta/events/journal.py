@@ -58,8 +58,8 @@ class EventJournal:
         self.last_seq = self._recover()
         self.durable_seq = self.last_seq
         self._pending: list[tuple[int, str]] = []
-        self._writing: defer.Deferred | None = None
-        self._waiters: list[tuple[int, defer.Deferred]] = []
+        self._writing: defer.Deferred[Any] | None = None
+        self._waiters: list[tuple[int, defer.Deferred[Any]]] = []
         self._call: Any = None
         self._file: Any = None
         self._file_size = 0
@@ -118,12 +118,12 @@ class EventJournal:
             self._call = self.clock.callLater(self.commit_delay, self._flush)
         return record
 
-    def synced(self) -> defer.Deferred:
+    def synced(self) -> defer.Deferred[Any]:
         """Fires when every record emitted so far is fsynced (errback if the write failed)."""
         wanted = self.last_seq
         if wanted <= self.durable_seq:
             return defer.succeed(None)
-        d: defer.Deferred = defer.Deferred()
+        d: defer.Deferred[Any] = defer.Deferred()
         self._waiters.append((wanted, d))
         return d
 

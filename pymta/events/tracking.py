@@ -129,8 +129,8 @@ def rewrite_html(text: str, click: Any, open_url: str | None) -> str | None:
     except Exception:  # html.parser on hostile input: leave the part as it is
         return None
     starts = [0]  # where each line begins (html.parser counts lines by "\n" only)
-    for line in text.split("\n"):
-        starts.append(starts[-1] + len(line) + 1)
+    for text_line in text.split("\n"):
+        starts.append(starts[-1] + len(text_line) + 1)
     edits: list[tuple[int, int, str]] = []
     if click is not None:
         for (line, col), raw, href in parser.tags:
@@ -141,7 +141,11 @@ def rewrite_html(text: str, click: Any, open_url: str | None) -> str | None:
             if text[begin : begin + len(raw)] != raw:
                 return None
             quoted = html.escape(click(url), quote=True)
-            new_raw, n = _HREF.subn(lambda m, q=quoted: f'{m.group(1)}"{q}"', raw, count=1)
+
+            def quote_href(m: re.Match[str], q: str = quoted) -> str:
+                return f'{m.group(1)}"{q}"'
+
+            new_raw, n = _HREF.subn(quote_href, raw, count=1)
             if n != 1:
                 continue
             edits.append((begin, begin + len(raw), new_raw))

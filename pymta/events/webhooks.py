@@ -17,7 +17,7 @@ import json
 import os
 import random
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from twisted.application import service
 from twisted.internet import defer, threads
@@ -54,7 +54,7 @@ def verify(secret: bytes, header: str, body: bytes, now: float, tolerance: float
 def load_secret(hook: Any) -> bytes:
     """The endpoint's secret (``secret`` or the first line of ``secret_file``)."""
     if hook.secret:
-        return hook.secret.encode()
+        return cast(bytes, hook.secret.encode())
     try:
         with open(hook.secret_file, encoding="utf-8") as f:
             text = f.readline().strip()
@@ -132,8 +132,8 @@ class WebhookSender:
         self._busy = False
         self._timer: Any = None  # the retry backoff
         self._linger: Any = None  # waiting for a not-full batch to fill
-        self._inflight: defer.Deferred | None = None
-        self._saving: defer.Deferred | None = None
+        self._inflight: defer.Deferred[Any] | None = None
+        self._saving: defer.Deferred[Any] | None = None
         self._save_again = False
         self.running = False
 
@@ -194,7 +194,7 @@ class WebhookSender:
         self._send_now()  # a retry does not linger again
 
     @defer.inlineCallbacks
-    def _round(self):
+    def _round(self) -> Any:
         while self.running:
             records = self.journal.read(self.cursor.seq, self.hook.batch_size)
             if not records:
@@ -228,7 +228,7 @@ class WebhookSender:
             self._retry_later()
             return
 
-    def _send(self, batch: list[dict[str, Any]]) -> defer.Deferred:
+    def _send(self, batch: list[dict[str, Any]]) -> defer.Deferred[Any]:
         """(status, description) of one POST; status None for a timeout or connection error."""
         payload = batch if self.hook.batch_size > 1 else batch[0]
         body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
@@ -238,7 +238,7 @@ class WebhookSender:
             "X-Pymta-Signature": sign(self.secret, int(self.clock.seconds()), body),
             "X-Pymta-Event-Count": str(len(batch)),
         }
-        d = self.post(self.hook.url, body, headers)
+        d: defer.Deferred[Any] = self.post(self.hook.url, body, headers)
         d.addTimeout(self.hook.timeout, self.clock)
         self._inflight = d
 
@@ -283,16 +283,16 @@ class WebhookSender:
 
         self._saving.addBoth(saved)
 
-    def flush(self) -> defer.Deferred:
+    def flush(self) -> defer.Deferred[Any]:
         """Fires once the cursor as it is now is on disk."""
         if self._saving is None:
             return defer.succeed(None)
-        done: defer.Deferred = defer.Deferred()
+        done: defer.Deferred[Any] = defer.Deferred()
         self._saving.addBoth(lambda _: done.callback(None))  # runs after ``saved``, which may start the next save
         return done.addCallback(lambda _: self.flush())
 
     @defer.inlineCallbacks
-    def _drop(self, batch: list[dict[str, Any]], upto: int, why: str):
+    def _drop(self, batch: list[dict[str, Any]], upto: int, why: str) -> Any:
         self.last_error = why
         log.error("webhook {name}: dropped {n} event(s) ({why}), first {first}", name=self.name, n=len(batch),
                   why=why, first=batch[0].get("event_id"), event="webhook_dropped", webhook=self.name)  # fmt: skip
@@ -324,14 +324,16 @@ def treq_post(reactor: Any, connect_timeout: float = 10.0) -> Any:
     import treq
     from treq.client import HTTPClient
     from twisted.web.client import Agent, HTTPConnectionPool
+    from twisted.web.iweb import IAgent, IBodyProducer
 
-    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool = HTTPConnectionPool(reactor, persistent=True)  # type: ignore[no-untyped-call]  # untyped in Twisted
     pool.maxPersistentPerHost = 2
-    client = HTTPClient(Agent(reactor, connectTimeout=connect_timeout, pool=pool))
+    client = HTTPClient(cast(IAgent, Agent(reactor, connectTimeout=connect_timeout, pool=pool)))  # type: ignore[no-untyped-call]  # untyped in Twisted
 
     @defer.inlineCallbacks
-    def post(url: str, body: bytes, headers: dict[str, str]):
-        response = yield client.post(url, data=BytesProducer(body), headers={k: [v] for k, v in headers.items()})
+    def post(url: str, body: bytes, headers: dict[str, str]) -> Any:
+        multi: dict[bytes | str, list[bytes | str]] = {k: [v] for k, v in headers.items()}
+        response = yield client.post(url, data=cast(IBodyProducer, BytesProducer(body)), headers=multi)
         seen = [0]
 
         def collect(data: bytes) -> None:
@@ -354,7 +356,7 @@ class WebhookService(service.Service):
         self.journal = journal
         self.post = post
 
-        def run(f: Any, *args: Any) -> defer.Deferred:
+        def run(f: Any, *args: Any) -> defer.Deferred[Any]:
             if threadpool is not None and reactor is not None:
                 return threads.deferToThreadPool(reactor, threadpool, f, *args)
             return defer.maybeDeferred(f, *args)
@@ -362,13 +364,13 @@ class WebhookService(service.Service):
         self.senders = [WebhookSender(h, load_secret(h), journal, directory, clock, post, run) for h in hooks]
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # untyped in Twisted
         self.journal.listeners.append(self._journal_synced)
         for sender in self.senders:
             sender.start()
 
     def stopService(self) -> Any:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]  # untyped in Twisted
         if self._journal_synced in self.journal.listeners:
             self.journal.listeners.remove(self._journal_synced)
         for sender in self.senders:

@@ -12,7 +12,7 @@ import random
 import sys
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from pymta.config import parse_duration
 from pymta.feedback.classify import classify
@@ -163,7 +163,7 @@ def build_report(
                 g.add_time(float(record["queue_time"]), rng)
         elif event == "bounced":
             g = group_of(record)
-            reply = record.get("reply") if isinstance(record.get("reply"), dict) else {}
+            reply = cast(dict[str, Any], record.get("reply") if isinstance(record.get("reply"), dict) else {})
             reason, hard = classify(reply.get("enhanced"), str(reply.get("text") or ""), reply.get("code"))
             g.counts["bounced_hard" if hard else "bounced_soft"] += 1
             g.reasons[reason] = g.reasons.get(reason, 0) + 1
@@ -197,7 +197,7 @@ def build_report(
             total.reasons[r] = total.reasons.get(r, 0) + n
         for t in g.times:
             total.add_time(t, rng)
-    iso = lambda t: datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")  # noqa: E731
+    iso: Callable[[float], str] = lambda t: datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")  # noqa: E731
     return {
         "since": iso(start),
         "until": iso(now),

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from twisted.application import service
 from twisted.internet import defer
-from twisted.logger import globalLogPublisher
+from twisted.logger import ILogObserver, globalLogPublisher
 
 from pymta.stats.timeseries import TimeSeries
 
@@ -16,13 +16,13 @@ class StatsService(service.Service):
         self.series = series
 
     def startService(self) -> None:
-        super().startService()
-        globalLogPublisher.addObserver(self.series.observe)
+        super().startService()  # type: ignore[no-untyped-call]  # untyped in Twisted
+        globalLogPublisher.addObserver(cast(ILogObserver, self.series.observe))
         self.series.start()
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
-        super().stopService()
-        globalLogPublisher.removeObserver(self.series.observe)
+        super().stopService()  # type: ignore[no-untyped-call]  # untyped in Twisted
+        globalLogPublisher.removeObserver(cast(ILogObserver, self.series.observe))
         yield self.series.stop()
         self.series.close()

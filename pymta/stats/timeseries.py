@@ -60,7 +60,7 @@ class TimeSeries:
         self,
         path: str,
         clock: Any,
-        run_in_thread: Callable[..., defer.Deferred],
+        run_in_thread: Callable[..., defer.Deferred[Any]],
         retention: float = 30 * 86400.0,
         provider_of: Callable[[str, str | None], str] | None = None,
         flush_interval: float = 5.0,
@@ -89,7 +89,7 @@ class TimeSeries:
         self._pending: dict[Key, int] = {}
         self._reasons: dict[tuple[int, str, str, str], int] = {}
         self._gauges: dict[tuple[int, str], float] = {}
-        self._writing: defer.Deferred | None = None
+        self._writing: defer.Deferred[Any] | None = None
         self._last_prune = 0.0
         self.gauge_readers: list[Callable[[], dict[str, float]]] = []
         self._loops: list[task.LoopingCall] = []
@@ -167,7 +167,7 @@ class TimeSeries:
 
     # -- writing --------------------------------------------------------------------------
 
-    def flush(self) -> defer.Deferred:
+    def flush(self) -> defer.Deferred[Any]:
         """Hands the batch to the writer thread; one write at a time, the next batch waits."""
         if self._writing is not None:
             return self._writing
@@ -195,7 +195,7 @@ class TimeSeries:
             self._writing = d
         return d
 
-    def _write(self, batch: tuple[dict, dict, dict], prune_before: int | None) -> None:
+    def _write(self, batch: tuple[dict[Any, Any], dict[Any, Any], dict[Any, Any]], prune_before: int | None) -> None:
         counts, reasons, gauges = batch
         with self._lock:
             db = self.db
@@ -229,7 +229,7 @@ class TimeSeries:
             loop.start(interval, now=call == self.sample).addErrback(lambda f: log.failure("stats loop", f))
             self._loops.append(loop)
 
-    def stop(self) -> defer.Deferred:
+    def stop(self) -> defer.Deferred[Any]:
         for loop in self._loops:
             if loop.running:
                 loop.stop()
@@ -243,7 +243,7 @@ class TimeSeries:
 
     # -- reading (in a thread) ------------------------------------------------------------
 
-    def _rows(self, sql: str, args: tuple) -> list[tuple]:
+    def _rows(self, sql: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         with self._lock:
             return self.db.execute(sql + f" LIMIT {MAX_ROWS}", args).fetchall()
 
@@ -253,7 +253,7 @@ class TimeSeries:
         """{metric: {minute: n}} between ``since`` and ``until`` (epoch seconds)."""
         marks = ",".join("?" * len(metrics))
         sql = f"SELECT metric, minute, SUM(n) FROM counts WHERE minute >= ? AND minute < ? AND metric IN ({marks})"
-        args: tuple = (since, until, *metrics)
+        args: tuple[Any, ...] = (since, until, *metrics)
         if provider is not None:
             sql += " AND provider = ?"
             args += (provider,)

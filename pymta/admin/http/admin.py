@@ -12,7 +12,7 @@ from typing import Any
 from twisted.internet import defer, threads
 
 from pymta.admin.http.jsonapi import JSONAPI, APIError, json_body, query, query_int
-from pymta.admin.queue_ops import QueueOperations, QueueOpError, message_summary, show_message
+from pymta.admin.queue_ops import QueueOperations, QueueOpError, message_summary, show_message, store_calls
 from pymta.envelope import is_qid
 from pymta.interfaces import QUEUE_STATES
 
@@ -118,7 +118,7 @@ class AdminAPI:
         api.route("POST", "/api/v1/suppressions", self.suppress, "admin")
         api.route("DELETE", "/api/v1/suppressions/{address}", self.unsuppress, "admin")
 
-    def _in_thread(self, f: Any, *args: Any) -> defer.Deferred:
+    def _in_thread(self, f: Any, *args: Any) -> defer.Deferred[Any]:
         return threads.deferToThreadPool(self.reactor, self.threadpool, f, *args)
 
     # -- health ---------------------------------------------------------------------------
@@ -129,10 +129,10 @@ class AdminAPI:
 
     # -- queue ----------------------------------------------------------------------------
 
-    def queue(self, request: Any) -> defer.Deferred:
+    def queue(self, request: Any) -> defer.Deferred[Any]:
         return self._in_thread(queue_shape, self.store, self.clock.seconds())
 
-    def messages(self, request: Any) -> defer.Deferred:
+    def messages(self, request: Any) -> defer.Deferred[Any]:
         state = query(request, "state")
         if state is not None and state not in QUEUE_STATES:
             raise APIError(400, f"state must be one of {', '.join(QUEUE_STATES)}", "state")
@@ -146,7 +146,7 @@ class AdminAPI:
     def _qid(self, qid: str) -> str:
         if not is_qid(qid):
             raise APIError(400, "not a queue id", "qid")
-        if self.store.state(qid) is None:
+        if store_calls(self.store).state(qid) is None:
             raise APIError(404, f"no message {qid} in the queue")
         return qid
 
@@ -154,51 +154,51 @@ class AdminAPI:
         return self._in_thread(show_message, self.store, self._qid(qid))
 
     @defer.inlineCallbacks
-    def _run(self, command: str, qid: str | None):
+    def _run(self, command: str, qid: str | None) -> Any:
         try:
             result = yield self.ops.run(command, qid)
         except QueueOpError as e:
             raise APIError(409, str(e)) from None
         return result
 
-    def delete(self, request: Any, qid: str) -> defer.Deferred:
+    def delete(self, request: Any, qid: str) -> defer.Deferred[Any]:
         return self._run("delete", self._qid(qid))
 
-    def action(self, request: Any, qid: str, action: str) -> defer.Deferred:
+    def action(self, request: Any, qid: str, action: str) -> defer.Deferred[Any]:
         if action not in ("flush", "hold", "release"):
             raise APIError(404, "no such action (flush, hold, release)")
         return self._run(action, self._qid(qid))
 
-    def shaping(self, request: Any) -> defer.Deferred:
+    def shaping(self, request: Any) -> defer.Deferred[Any]:
         return self._run("shaping", query(request, "domain"))  # ?domain=D: the destinations D goes through
 
-    def webhooks(self, request: Any) -> defer.Deferred:
+    def webhooks(self, request: Any) -> defer.Deferred[Any]:
         return self._run("webhooks", None)
 
     # -- suspensions and admin bounces (one code path with pymta-queue) -------------------
 
     @defer.inlineCallbacks
-    def _run_args(self, command: str, target: str | None, args: dict[str, Any] | None, field: str | None = None):
+    def _run_args(self, command: str, target: str | None, args: dict[str, Any] | None, field: str | None = None) -> Any:
         try:
             result = yield self.ops.run(command, target, None, args)
         except QueueOpError as e:
             raise APIError(400 if args is not None else 404, str(e), field) from None
         return result
 
-    def suspensions(self, request: Any) -> defer.Deferred:
+    def suspensions(self, request: Any) -> defer.Deferred[Any]:
         return self._run_args("suspensions", None, None)
 
-    def suspend(self, request: Any) -> defer.Deferred:
+    def suspend(self, request: Any) -> defer.Deferred[Any]:
         body = json_body(request)
         if not isinstance(body, dict):
             raise APIError(400, "expected a JSON object")
         d = self._run_args("suspend", None, body)
         return d.addCallback(lambda row: (201, row))
 
-    def unsuspend(self, request: Any, suspension_id: str) -> defer.Deferred:
+    def unsuspend(self, request: Any, suspension_id: str) -> defer.Deferred[Any]:
         return self._run_args("unsuspend", suspension_id, None)
 
-    def bounce(self, request: Any) -> defer.Deferred:
+    def bounce(self, request: Any) -> defer.Deferred[Any]:
         body = json_body(request)
         if not isinstance(body, dict):
             raise APIError(400, "expected a JSON object")

@@ -55,7 +55,7 @@ class DashboardData:
         self.shaper = shaper
 
     @defer.inlineCallbacks
-    def gather(self, range_name: str):
+    def gather(self, range_name: str) -> Any:
         span, step = RANGES[range_name]
         self.series.sample()  # the gauges as they are now, not as they were at the last minute's sample
         yield self.series.flush()
@@ -231,7 +231,7 @@ class Dashboard(resource.Resource):
     isLeaf = True
 
     def __init__(self, api: JSONAPI, data: DashboardData) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # untyped in Twisted
         self.api = api
         self.data = data
 

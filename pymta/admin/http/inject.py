@@ -28,7 +28,7 @@ from email.headerregistry import Address
 from email.message import MIMEPart
 from email.policy import SMTP
 from email.utils import format_datetime, formataddr, make_msgid
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import defer, threads
 from twisted.logger import Logger
@@ -133,7 +133,7 @@ def parse_request(body: Any) -> InjectRequest:
     if body.get("deliver_after") is not None:
         when = _string(body.get("deliver_after"), "deliver_after", 64)
         try:
-            not_before = datetime.fromisoformat(when.replace("Z", "+00:00")).timestamp()
+            not_before = datetime.fromisoformat(cast(str, when).replace("Z", "+00:00")).timestamp()
         except ValueError:
             raise APIError(400, "deliver_after must be an ISO 8601 time", "deliver_after") from None
     track = body.get("track")
@@ -219,7 +219,7 @@ class BoundedRenderer:
     def stop(self) -> None:
         self.pool.stop()
 
-    def run(self, f: Callable[..., Any], *args: Any) -> defer.Deferred:
+    def run(self, f: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
         state: dict[str, Any] = {}
 
         def call() -> Any:
@@ -258,12 +258,12 @@ def _attachments(content: dict[str, Any]) -> list[tuple[str, str, bytes]]:
         where = f"content.attachments[{i}]"
         if not isinstance(a, dict):
             raise APIError(400, "an attachment is an object", where)
-        name = _string(a.get("file_name"), f"{where}.file_name", 255, required=True)
-        ctype = _string(a.get("content_type") or "application/octet-stream", f"{where}.content_type", 255)
+        name = cast(str, _string(a.get("file_name"), f"{where}.file_name", 255, required=True))
+        ctype = cast(str, _string(a.get("content_type") or "application/octet-stream", f"{where}.content_type", 255))
         if not re.fullmatch(r"[a-zA-Z0-9!#$&^_.+-]{1,64}/[a-zA-Z0-9!#$&^_.+-]{1,64}", ctype):
             raise APIError(400, "content_type must be type/subtype", f"{where}.content_type")
         try:
-            data = base64.b64decode(_string(a.get("data"), f"{where}.data", 50_000_000, required=True), validate=True)
+            data = base64.b64decode(cast(str, _string(a.get("data"), f"{where}.data", 50_000_000, required=True)), validate=True)
         except (binascii.Error, ValueError):
             raise APIError(400, "data must be base64", f"{where}.data") from None
         out.append((name, ctype, data))
@@ -348,7 +348,7 @@ def _text_part(subtype: str, text: str) -> bytes:
     octets, else quoted-printable (done in C by binascii)."""
     data = text.encode("utf-8")
     lines = data.splitlines() or [b""]
-    if max(len(line) for line in lines) <= SMTP.max_line_length:
+    if max(len(line) for line in lines) <= cast(int, SMTP.max_line_length):
         cte = "7bit" if data.isascii() else "8bit"
         encoded = b"\r\n".join(lines) + b"\r\n"
     else:
@@ -422,7 +422,7 @@ class InjectAPI:
         on_queued: Callable[[str], Any] | None = None,
         template_timeout: float = 2.0,
         metrics: Any = None,
-        sign: Callable[..., defer.Deferred] | None = None,
+        sign: Callable[..., defer.Deferred[Any]] | None = None,
         tracker: Callable[[bytes, Envelope, dict[str, bool] | None], bytes] | None = None,
     ) -> None:
         self.store = store
@@ -447,7 +447,7 @@ class InjectAPI:
         self.closing = True
         self.renderer.stop()
 
-    def inject(self, request: Any) -> defer.Deferred:
+    def inject(self, request: Any) -> defer.Deferred[Any]:
         req = parse_request(json_body(request))
         builder = None
         raw = None
@@ -483,10 +483,10 @@ class InjectAPI:
         return decision.address, decision, item
 
     @defer.inlineCallbacks
-    def _run(self, req: InjectRequest, builder: MessageBuilder | None, raw: bytes | None, token: str):
+    def _run(self, req: InjectRequest, builder: MessageBuilder | None, raw: bytes | None, token: str) -> Any:
         failed: list[dict[str, str]] = []
         queued: list[tuple[int, str]] = []  # (position in the request, qid): enqueues finish out of order
-        in_flight: list[defer.Deferred] = []
+        in_flight: list[defer.Deferred[Any]] = []
         seen: set[str] = set()
         broken: list[str] = []  # why the queue refused a write: the rest is not tried, for a retry
         for i, item in enumerate(req.recipients):
@@ -581,7 +581,7 @@ class InjectAPI:
             extra=extra,
         )
 
-    def _queued(self, _: Any, envelope: Envelope, queued: list[tuple[int, str]], position: int) -> defer.Deferred:
+    def _queued(self, _: Any, envelope: Envelope, queued: list[tuple[int, str]], position: int) -> defer.Deferred[Any]:
         queued.append((position, envelope.qid))
         return record_queued(envelope, self.accounting, self.on_queued, listener="http")  # answered once on disk
 

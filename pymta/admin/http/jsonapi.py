@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import IO, Any, cast
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -45,13 +45,14 @@ class LimitedRequest(server.Request):
     too_large = False
 
     def _limit(self) -> int:
-        return getattr(self.channel.site, "max_body", 1 << 20)
+        limit: int = getattr(cast(Any, self.channel).site, "max_body", 1 << 20)  # set by Site.buildProtocol
+        return limit
 
     def gotLength(self, length: int | None) -> None:
         if length is not None and length > self._limit():
             self.too_large = True
             length = 0
-        super().gotLength(length)
+        super().gotLength(length)  # type: ignore[no-untyped-call]  # untyped in Twisted
         self._received = 0
 
     def handleContentChunk(self, data: bytes) -> None:
@@ -60,10 +61,11 @@ class LimitedRequest(server.Request):
         self._received = getattr(self, "_received", 0) + len(data)
         if self._received > self._limit():
             self.too_large = True
-            self.content.seek(0)
-            self.content.truncate()
+            content = cast(IO[bytes], self.content)  # set by gotLength, before any chunk
+            content.seek(0)
+            content.truncate()
             return
-        super().handleContentChunk(data)
+        super().handleContentChunk(data)  # type: ignore[no-untyped-call]  # untyped in Twisted
 
 
 def send_json(request: Any, status: int, body: Any) -> None:
@@ -94,7 +96,7 @@ class JSONAPI(resource.Resource):
     isLeaf = True
 
     def __init__(self, tokens: TokenChecker | None) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # untyped in Twisted
         self.tokens = tokens
         self.routes: list[Route] = []
 
@@ -150,8 +152,8 @@ class JSONAPI(resource.Resource):
         send_json(request, status, body)
 
     def _failed(self, request: Any, failure: Failure) -> None:
-        if failure.check(APIError):
-            error = failure.value
+        if failure.check(APIError):  # type: ignore[no-untyped-call]  # untyped in Twisted
+            error = cast(APIError, failure.value)
         else:
             log.failure("HTTP request {method} {path} failed", failure, method=request.method, path=request.path)
             error = APIError(500, "internal error")
@@ -177,7 +179,8 @@ def query(request: Any, name: str, default: str | None = None) -> str | None:
     values = request.args.get(name.encode())
     if not values:
         return default
-    return values[0].decode("utf-8", "replace")
+    value: str = values[0].decode("utf-8", "replace")
+    return value
 
 
 def query_int(request: Any, name: str, default: int, minimum: int, maximum: int) -> int:
@@ -199,7 +202,7 @@ class APISite(server.Site):
     requestFactory = LimitedRequest
 
     def __init__(self, root: Any, max_body: int, reactor: Any = None, timeout: float = 60.0) -> None:
-        super().__init__(root, reactor=reactor)
+        super().__init__(root, reactor=reactor)  # type: ignore[no-untyped-call]  # untyped in Twisted
         self.max_body = max_body
         self.timeOut = timeout
         self.displayTracebacks = False

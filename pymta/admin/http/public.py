@@ -10,10 +10,11 @@ GET never unsubscribes). A forged or altered token gets 404.
 from __future__ import annotations
 
 import html
-from typing import Any
+from typing import Any, cast
 
 from twisted.logger import Logger
 from twisted.web import resource
+from twisted.web.resource import IResource
 
 log = Logger(namespace="pymta.feedback")
 
@@ -30,7 +31,7 @@ class Unsubscribe(resource.Resource):
     isLeaf = True
 
     def __init__(self, tagger: Any, suppression: Any, events: Any = None) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # untyped in Twisted
         self.tagger = tagger
         self.suppression = suppression
         self.events = events  # the event journal: an ``unsubscribe`` event
@@ -39,7 +40,7 @@ class Unsubscribe(resource.Resource):
         parts = request.postpath
         if len(parts) != 1 or len(parts[0]) > 1200:
             return None
-        return self.tagger.parse_unsubscribe_token(parts[0].decode("ascii", "replace"))
+        return cast("tuple[str, str, str] | None", self.tagger.parse_unsubscribe_token(parts[0].decode("ascii", "replace")))
 
     def _answer(self, request: Any, status: int, title: str, body: str) -> bytes:
         request.setResponseCode(status)
@@ -77,11 +78,11 @@ class Unsubscribe(resource.Resource):
 
 def public_root(tagger: Any, suppression: Any, events: Any = None, tracking: Any = None) -> resource.Resource:
     """``/u/`` (with a tagger) and ``/t/`` (with ``tracking``, a TrackingTokens, and the event journal)."""
-    root = resource.Resource()
+    root = resource.Resource()  # type: ignore[no-untyped-call]  # untyped in Twisted
     if tagger is not None and suppression is not None:
-        root.putChild(b"u", Unsubscribe(tagger, suppression, events))
+        root.putChild(b"u", cast(IResource, Unsubscribe(tagger, suppression, events)))
     if tracking is not None and events is not None:
         from pymta.admin.http.tracking import Tracking
 
-        root.putChild(b"t", Tracking(tracking, events))
+        root.putChild(b"t", cast(IResource, Tracking(tracking, events)))
     return root

@@ -3,11 +3,13 @@ and the public listener (one-click unsubscribe), as services of the MTA's MultiS
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from twisted.application import service, strports
-from twisted.logger import globalLogPublisher
+from twisted.internet.interfaces import IProtocolFactory
+from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.web import resource
+from twisted.web.resource import IResource
 
 from pymta.admin.http.admin import AdminAPI, disk_health
 from pymta.admin.http.inject import InjectAPI
@@ -25,12 +27,12 @@ class MetricsObserver(service.Service):
         self.metrics = metrics
 
     def startService(self) -> None:
-        super().startService()
-        globalLogPublisher.addObserver(self.metrics.observe)
+        super().startService()  # type: ignore[no-untyped-call]  # untyped in Twisted
+        globalLogPublisher.addObserver(cast(ILogObserver, self.metrics.observe))
 
     def stopService(self) -> None:
-        super().stopService()
-        globalLogPublisher.removeObserver(self.metrics.observe)
+        super().stopService()  # type: ignore[no-untyped-call]  # untyped in Twisted
+        globalLogPublisher.removeObserver(cast(ILogObserver, self.metrics.observe))
 
 
 class CloseRenderer(service.Service):
@@ -38,7 +40,7 @@ class CloseRenderer(service.Service):
         self.inject = inject
 
     def stopService(self) -> None:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]  # untyped in Twisted
         self.inject.close()
 
 
@@ -48,7 +50,7 @@ class MetricsPage(resource.Resource):
     isLeaf = True
 
     def __init__(self, metrics: Metrics, api: JSONAPI, need_token: bool) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # untyped in Twisted
         self.metrics = metrics
         self.api = api
         self.need_token = need_token
@@ -70,9 +72,9 @@ class AdminRoot(resource.Resource):
     """``/metrics`` to the metrics page, everything else to the JSON API."""
 
     def __init__(self, api: JSONAPI, metrics_page: resource.Resource) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # untyped in Twisted
         self.api = api
-        self.putChild(b"metrics", metrics_page)
+        self.putChild(b"metrics", cast(IResource, metrics_page))
 
     def getChild(self, path: bytes, request: Any) -> resource.Resource:
         request.postpath.insert(0, path)
@@ -133,22 +135,22 @@ def build_http(
             template_timeout=h.template_timeout, metrics=metrics, sign=sign, tracker=tracking,
         )  # fmt: skip
         inject.register(api)
-        CloseRenderer(inject).setServiceParent(top)
+        CloseRenderer(inject).setServiceParent(top)  # type: ignore[no-untyped-call]  # untyped in Twisted
         assert metrics is not None
         metrics.add_gauges(lambda: _gauges(store, suppression, shaper, agent, operations.suspensions, operations.webhooks))
-        MetricsObserver(metrics).setServiceParent(top)
+        MetricsObserver(metrics).setServiceParent(top)  # type: ignore[no-untyped-call]  # untyped in Twisted
         root = AdminRoot(api, MetricsPage(metrics, api, h.metrics_auth))
         series = add_dashboard(config, reactor, top, root, api, threadpool, store, suppression, accounting, shaper,
                                selector, operations.webhooks)  # fmt: skip
         metrics.on_received.append(lambda qid: _count_received(series, store, qid))
         site = APISite(root, h.max_body, reactor=reactor)
         for endpoint in h.listen:
-            strports.service(endpoint, site, reactor=reactor).setServiceParent(top)
+            strports.service(endpoint, cast(IProtocolFactory, site), reactor=reactor).setServiceParent(top)  # type: ignore[no-untyped-call]  # untyped in Twisted
     if h.public_listen:
         public = APISite(public_root(tagger, suppression, events, tracking.tokens if tracking else None), 64 * 1024,
                          reactor=reactor)  # fmt: skip
         for endpoint in h.public_listen:
-            strports.service(endpoint, public, reactor=reactor).setServiceParent(top)
+            strports.service(endpoint, cast(IProtocolFactory, public), reactor=reactor).setServiceParent(top)  # type: ignore[no-untyped-call]  # untyped in Twisted
 
 
 def listener_status(top: service.MultiService) -> list[dict[str, Any]]:
@@ -190,12 +192,12 @@ def add_dashboard(config: Any, reactor: Any, top: service.MultiService, root: re
     namer = provider_namer(config)
     series = TimeSeries(stats_path(config), reactor, run, config.stats.retention, namer)
     series.gauge_readers.append(lambda: _stat_gauges(store, suppression, webhooks))
-    StatsService(series).setServiceParent(top)
+    StatsService(series).setServiceParent(top)  # type: ignore[no-untyped-call]  # untyped in Twisted
     w = config.warmup
     thresholds = {"bounce_rate": w.bounce_rate, "deferral_rate": w.deferral_rate, "complaint_rate": w.complaint_rate}
     dashboard = Dashboard(api, DashboardData(series, run, reactor, thresholds, selector, shaper))
     for path in (b"", b"login", b"logout"):
-        root.putChild(path, dashboard)
+        root.putChild(path, cast(IResource, dashboard))
     ReportsAPI(config, reactor, run, series, accounting, namer).register(api)
     return series
 

@@ -23,7 +23,7 @@ class Tracking(resource.Resource):
     isLeaf = True
 
     def __init__(self, tokens: TrackingTokens, events: Any) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # untyped in Twisted
         self.tokens = tokens
         self.events = events
 
