@@ -64,9 +64,10 @@ class SigningKey:
                 serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
             )
             return base64.b64encode(raw)  # dkimpy takes Ed25519 keys as base64 of the 32-octet seed
-        return cast(bytes, self.private.private_bytes(
+        pem: bytes = self.private.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
-        ))
+        )
+        return pem
 
 
 def load_key(path: str, algorithm: str | None, where: str) -> tuple[str, Any]:
