@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import ssl as stdlib_ssl
 from typing import Any
 
 from OpenSSL import SSL
@@ -107,7 +108,7 @@ def client_tls(hostname: str, verify: bool = False, ca_file: str | None = None) 
 def trust_root(ca_file: str | None = None) -> Any:
     """The system trust store, or the PEM certificate in ``ca_file`` (e.g. a private CA)."""
     if not ca_file:
-        return ssl.platformTrust()
+        return ssl.platformTrust()  # type: ignore[no-untyped-call]  # unannotated in Twisted
     with open(ca_file, "rb") as f:
         return ssl.Certificate.loadPEM(f.read())
 
@@ -131,8 +132,9 @@ def certificate_problem(transport: Any, hostname: str, ca_file: str | None = Non
     try:
         if ca_file:
             store.load_locations(ca_file)
-        else:
-            store.set_default_paths()
+        else:  # the system trust store (pyOpenSSL's X509Store has no set_default_paths)
+            paths = stdlib_ssl.get_default_verify_paths()
+            store.load_locations(paths.cafile, paths.capath)
         crypto.X509StoreContext(store, chain[0], chain[1:]).verify_certificate()
     except crypto.X509StoreContextError as e:
         return "certificate-expired" if e.errors and e.errors[0] == 10 else "certificate-not-trusted"  # 10: expired

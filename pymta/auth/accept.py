@@ -59,19 +59,19 @@ class SenderAuth:
         """Lookups in flight give up (temperror), so the thread pool can be joined at shutdown."""
         self.stopped = True
 
-    def _run(self, function: Any, *args: Any) -> defer.Deferred:
+    def _run(self, function: Any, *args: Any) -> defer.Deferred[Any]:
         if self.threadpool is None:
             return defer.maybeDeferred(function, *args)
         return threads.deferToThreadPool(self.reactor, self.threadpool, function, *args)
 
-    def sign(self, body: bytes, user: str | None = None, client: str = "") -> defer.Deferred:
+    def sign(self, body: bytes, user: str | None = None, client: str = "") -> defer.Deferred[Any]:
         """``body`` DKIM-signed (in the pool; unchanged when no key applies or signing fails)."""
         if self.signer is None:
             return defer.succeed(body)
         d = self._run(self.signer.sign, body, user)
         return d.addErrback(self._unsigned, client, body)
 
-    def accept(self, session: Any, body: bytes, trusted: bool) -> defer.Deferred:
+    def accept(self, session: Any, body: bytes, trusted: bool) -> defer.Deferred[Any]:
         if trusted:
             return self.sign(body, session.auth_user, session.peer_address or "")
         if not self.verify:

@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from email.utils import getaddresses
-from typing import Any
+from typing import Any, cast
 
 import dkim
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -64,9 +64,10 @@ class SigningKey:
                 serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
             )
             return base64.b64encode(raw)  # dkimpy takes Ed25519 keys as base64 of the 32-octet seed
-        return self.private.private_bytes(
+        pem: bytes = self.private.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
         )
+        return pem
 
 
 def load_key(path: str, algorithm: str | None, where: str) -> tuple[str, Any]:
@@ -204,7 +205,7 @@ def openssl_rsa_sign(digest_source: Any, private_key: dict[str, int]) -> bytes:
     (PKCS#1 v1.5 is deterministic), about twenty times faster; SHA-256 only, else dkimpy's own."""
     digest = digest_source.digest()
     if len(digest) != 32:
-        return _PURE_RSA_SIGN(digest_source, private_key)
+        return cast(bytes, _PURE_RSA_SIGN(digest_source, private_key))
     modulus = private_key["modulus"]
     key = _OPENSSL_KEYS.get(modulus)
     if key is None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import dkim
 import spf
@@ -78,9 +78,13 @@ class ResolverDNS(SyncDNS):
         done = threading.Event()
         box: list[Any] = []
 
+        def settle(result: Any) -> None:
+            box.append(result)
+            done.set()
+
         def start() -> None:
             d = defer.maybeDeferred(function, *args)
-            d.addBoth(lambda result: (box.append(result), done.set()))
+            d.addBoth(settle)
 
         self.reactor.callFromThread(start)
         while not done.wait(0.1):
@@ -143,13 +147,13 @@ class Verdicts:
     arc_reason: str = ""
 
     def value(self, method: str) -> str:
-        return getattr(self, method)
+        return cast(str, getattr(self, method))
 
 
 # -- SPF ------------------------------------------------------------------------------------
 
 
-class _SPFQuery(spf.query):
+class _SPFQuery(spf.query):  # type: ignore[misc]  # pyspf has no type information
     """pyspf's evaluation (limits, macros, void lookups) with its DNS through a :class:`SyncDNS`."""
 
     def __init__(self, dns: SyncDNS, *args: Any, **kwargs: Any) -> None:
@@ -229,7 +233,7 @@ class _KeyLookups:
 
 def _sig_tags(value: bytes) -> dict[bytes, bytes]:
     try:
-        return dkim.util.parse_tag_value(value)
+        return cast("dict[bytes, bytes]", dkim.util.parse_tag_value(value))
     except Exception:
         return {}
 

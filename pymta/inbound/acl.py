@@ -77,7 +77,7 @@ class CompiledRule:
         self.sender = [_Address(p) for p in rule.sender] if rule.sender is not None else None
         self.recipient = [_Address(p) for p in rule.recipient] if rule.recipient is not None else None
         if rule.action == "reject":
-            self.reply = Reply(*rule.reply) if rule.reply else DEFAULT_REJECT
+            self.reply: Reply | None = Reply(*rule.reply) if rule.reply else DEFAULT_REJECT
         elif rule.action == "tempfail":
             self.reply = Reply(*rule.reply) if rule.reply else DEFAULT_TEMPFAIL
         else:

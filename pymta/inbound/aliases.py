@@ -36,7 +36,9 @@ class TableError(Exception):
 
 def _split_targets(text: str) -> list[str]:
     """Comma-separated targets; commas inside double quotes do not split."""
-    out, current, quoted = [], [], False
+    out: list[str] = []
+    current: list[str] = []
+    quoted = False
     for c in text:
         if c == '"':
             quoted = not quoted

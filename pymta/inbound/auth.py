@@ -177,7 +177,7 @@ def passwd_main(argv: list[str] | None = None) -> int:
     print the line to add to the users file."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="pymta-passwd", description=passwd_main.__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="pymta-passwd", description=(passwd_main.__doc__ or "").split("\n")[0])
     parser.add_argument("--config", default=None, help="accepted for symmetry with other pymta-* commands")
     parser.add_argument("user")
     args = parser.parse_args(argv)

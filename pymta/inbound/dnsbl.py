@@ -33,7 +33,7 @@ class DNSBL:
         self.reply = reply
 
     @defer.inlineCallbacks
-    def check(self, address: str):
+    def check(self, address: str) -> Any:
         for zone in self.zones:
             name = query_name(address, zone)
             if name is None:

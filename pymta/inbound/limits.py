@@ -56,7 +56,8 @@ class ClientLimits:
         self.connections_per_client = connections_per_client
         self.message_rate = message_rate
         self.recipient_rate = recipient_rate
-        self.state = state if state is not None else MemoryInboundState(clock)
+        # An IInboundState: mypy reads a zope Interface's methods without ``self``.
+        self.state: Any = state if state is not None else MemoryInboundState(clock)
 
     def connected(self, address: str) -> Reply | Any | None:
         """None if the connection is allowed (and counted: call :meth:`disconnected` later); a
@@ -103,7 +104,8 @@ class Greylist:
         self.delay = delay
         self.expire = expire
         self.lifetime = lifetime
-        self.state = state if state is not None else MemoryInboundState(clock)
+        # An IInboundState: mypy reads a zope Interface's methods without ``self``.
+        self.state: Any = state if state is not None else MemoryInboundState(clock)
 
     def check(self, client: str, sender: str, recipient: str) -> Reply | Any | None:
         triple = (client_key(client, v4_prefix=24), sender.lower(), recipient.lower())

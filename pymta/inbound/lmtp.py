@@ -89,15 +89,15 @@ class LMTPDeliveryAgent:
     def _endpoint(self, kind: str, host: str, port: int) -> Any:
         timeout = self.timeouts.connect
         if kind == "unix":
-            return UNIXClientEndpoint(self.reactor, host, timeout=timeout)
+            return UNIXClientEndpoint(self.reactor, host, timeout=timeout)  # type: ignore[no-untyped-call]  # unannotated in Twisted
         cls = TCP6ClientEndpoint if ":" in host else TCP4ClientEndpoint
         return cls(self.reactor, host, port, timeout=timeout)
 
-    def deliver(self, envelope: Envelope, recipients: list[Recipient], body: bytes) -> defer.Deferred:
+    def deliver(self, envelope: Envelope, recipients: list[Recipient], body: bytes) -> defer.Deferred[Any]:
         return self._slots.run(self._deliver, envelope, recipients, body)
 
     @defer.inlineCallbacks
-    def _deliver(self, envelope: Envelope, recipients: list[Recipient], body: bytes):
+    def _deliver(self, envelope: Envelope, recipients: list[Recipient], body: bytes) -> Any:
         try:
             proto, used = yield self._connection()
         except Exception as e:
@@ -155,7 +155,7 @@ class LMTPDeliveryAgent:
     # -- connections ---------------------------------------------------------------------------
 
     @defer.inlineCallbacks
-    def _connection(self):
+    def _connection(self) -> Any:
         """An idle connection still open, else a new one greeted and LHLO'd; (protocol, transactions)."""
         while self._idle:
             proto, timer, used = self._idle.pop()
@@ -191,7 +191,7 @@ class LMTPDeliveryAgent:
         entry.append((proto, self.reactor.callLater(self.idle_timeout, expire), used))
         self._idle.append(entry[0])
 
-    def close_idle(self) -> defer.Deferred:
+    def close_idle(self) -> defer.Deferred[Any]:
         """QUIT every idle connection (at shutdown); fires when they are gone."""
         idle, self._idle = self._idle, []
         waits = []

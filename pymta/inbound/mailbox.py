@@ -10,6 +10,7 @@ import time
 import unicodedata
 from typing import Any
 
+from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -30,7 +31,8 @@ _BAD_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 
 def _unquote(local: str) -> str | None:
     """``"a b"`` -> ``a b`` with backslash escapes resolved; None when the quoting is malformed."""
-    out = []
+    out: list[str] = []
+    c: str | None
     chars = iter(local[1:-1])
     for c in chars:
         if c == "\\":
@@ -73,6 +75,7 @@ def mailbox_path(mail_root: str, address: str) -> str | None:
     a local part over 64 octets, a domain that is not a host name; a quoted local part is unquoted
     (quoted-pairs resolved) and then must be safe, without a ``"`` left in it. The result never leaves ``mail_root``.
     """
+    local: str | None
     local, at, domain = address.rpartition("@")
     if not at:
         return None
@@ -165,7 +168,7 @@ class MaildirDeliveryAgent:
         self.quotas = quotas if quotas else None
         self.quota_action = quota_action
 
-    def deliver(self, envelope: Envelope, recipients: list[Recipient], body: bytes):
+    def deliver(self, envelope: Envelope, recipients: list[Recipient], body: bytes) -> defer.Deferred[Any]:
         return deferToThreadPool(self._reactor, self._threadpool, self._deliver_all, envelope, recipients, body)
 
     def _deliver_all(self, envelope: Envelope, recipients: list[Recipient], body: bytes) -> list[DeliveryResult]:

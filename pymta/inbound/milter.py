@@ -75,10 +75,13 @@ def _strings(data: bytes, count: int) -> list[str]:
 class MilterProtocol(Protocol):
     """Milter packets: 4-byte length, command byte, data. Replies wait in order for :meth:`expect`."""
 
+    # Twisted's interfaces are zope Interfaces, whose methods mypy reads without ``self``.
+    transport: Any
+
     def __init__(self) -> None:
         self._buffer = b""
         self._packets: deque[tuple[bytes, bytes]] = deque()
-        self._waiting: deque[defer.Deferred] = deque()
+        self._waiting: deque[defer.Deferred[Any]] = deque()
         self.failure: Failure | None = None
 
     def dataReceived(self, data: bytes) -> None:
@@ -97,12 +100,12 @@ class MilterProtocol(Protocol):
             else:
                 self._packets.append(item)
 
-    def connectionLost(self, reason: Failure = None) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self._fail(ScanError("milter closed the connection"))
 
     def _fail(self, exc: Exception) -> None:
         if self.failure is None:
-            self.failure = Failure(exc)
+            self.failure = Failure(exc)  # type: ignore[no-untyped-call]  # unannotated in Twisted
         waiting, self._waiting = self._waiting, deque()
         for d in waiting:
             d.errback(self.failure)
@@ -112,12 +115,12 @@ class MilterProtocol(Protocol):
     def send(self, command: bytes, data: bytes = b"") -> None:
         self.transport.write(struct.pack("!I", len(data) + 1) + command + data)
 
-    def expect(self) -> defer.Deferred:
+    def expect(self) -> defer.Deferred[Any]:
         if self._packets:
             return defer.succeed(self._packets.popleft())
         if self.failure is not None:
             return defer.fail(self.failure)
-        d: defer.Deferred = defer.Deferred()
+        d: defer.Deferred[Any] = defer.Deferred()
         self._waiting.append(d)
         return d
 
@@ -145,23 +148,23 @@ class MilterScanner:
         if connector is not None:
             self._endpoint = connector
         elif kind == "unix":
-            self._endpoint = UNIXClientEndpoint(reactor, host, timeout=max(1, int(timeout)))
+            self._endpoint = UNIXClientEndpoint(reactor, host, timeout=max(1, int(timeout)))  # type: ignore[no-untyped-call]  # unannotated in Twisted
         else:
             cls = TCP6ClientEndpoint if ":" in host else TCP4ClientEndpoint
             self._endpoint = cls(reactor, host, port, timeout=max(1, int(timeout)))
 
-    def scan(self, request: ScanRequest) -> defer.Deferred:
+    def scan(self, request: ScanRequest) -> defer.Deferred[Any]:
         proto = MilterProtocol()
 
-        def cancel(_: defer.Deferred) -> None:
+        def cancel(_: defer.Deferred[Any]) -> None:
             if proto.transport is not None:
                 proto.transport.abortConnection()
             connecting.cancel()
 
-        result: defer.Deferred = defer.Deferred(cancel)
+        result: defer.Deferred[Any] = defer.Deferred(cancel)
         connecting = self._endpoint.connect(Factory.forProtocol(lambda: proto))
 
-        def connected(_: Any) -> defer.Deferred:
+        def connected(_: Any) -> defer.Deferred[Any]:
             return _dialogue(proto, request)
 
         def finished(outcome: Any) -> None:
@@ -169,8 +172,8 @@ class MilterScanner:
                 proto.transport.loseConnection()
             if not result.called:
                 if isinstance(outcome, Failure):
-                    if outcome.check(error.ConnectError, error.ConnectionRefusedError):
-                        outcome = Failure(ScanError(f"cannot connect: {outcome.getErrorMessage()}"))
+                    if outcome.check(error.ConnectError, error.ConnectionRefusedError):  # type: ignore[no-untyped-call]  # unannotated in Twisted
+                        outcome = Failure(ScanError(f"cannot connect: {outcome.getErrorMessage()}"))  # type: ignore[no-untyped-call]  # unannotated in Twisted
                     result.errback(outcome)
                 else:
                     result.callback(outcome)
@@ -203,6 +206,7 @@ def _final(command: bytes, data: bytes, stage: str) -> Verdict | None:
         code_text, _, rest = text.partition(" ")
         if len(code_text) != 3 or not code_text.isdigit() or code_text[0] not in "45":
             raise ScanError(f"milter reply code not 4xx/5xx at {stage}: {text[:60]!r}")
+        enhanced: str | None
         enhanced, _, words = rest.partition(" ")
         if not (enhanced.count(".") == 2 and enhanced.replace(".", "").isdigit()):
             enhanced, words = None, rest
@@ -228,7 +232,7 @@ def _headers(message: bytes) -> tuple[list[tuple[str, str]], bytes]:
 
 
 @defer.inlineCallbacks
-def _dialogue(proto: MilterProtocol, req: ScanRequest):
+def _dialogue(proto: MilterProtocol, req: ScanRequest) -> Any:
     proto.send(b"O", struct.pack("!III", VERSION, OUR_ACTIONS, OUR_PROTOCOL))
     command, data = yield defer.Deferred.fromCoroutine(_reply(proto))
     if command != b"O" or len(data) < 12:
@@ -239,7 +243,9 @@ def _dialogue(proto: MilterProtocol, req: ScanRequest):
     actions &= OUR_ACTIONS
 
     @defer.inlineCallbacks
-    def step(command: bytes, data: bytes, skip: int, no_reply: int, stage: str, macros: dict[str, str] | None = None):
+    def step(
+        command: bytes, data: bytes, skip: int, no_reply: int, stage: str, macros: dict[str, str] | None = None
+    ) -> Any:
         if protocol & skip:
             return
         if macros:

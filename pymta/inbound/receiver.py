@@ -8,7 +8,7 @@ import re
 from collections.abc import Callable
 from datetime import datetime
 from email.utils import formatdate, getaddresses, parsedate_to_datetime
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -156,12 +156,13 @@ class InboundReceiver:
         scan: Any = None,
     ) -> None:
         self.hostname = hostname
-        self.policy = policy
-        self.store = store
-        self.clock = clock
+        # The zope Interfaces below: mypy reads their methods without ``self``, so held as Any.
+        self.policy: Any = policy
+        self.store: Any = store
+        self.clock: Any = clock
         self.on_queued = on_queued
         self.accounting = accounting
-        self.acl = acl
+        self.acl: Any = acl
         self.limits = limits
         self.greylist = greylist
         self.suppression = suppression
@@ -187,16 +188,16 @@ class InboundReceiver:
         trusted = session.notes.get("trusted")
         if trusted is None or session.auth_user:
             trusted = session.notes["trusted"] = self.policy.may_relay(session.peer_address, session.auth_user)
-        return trusted
+        return cast(bool, trusted)
 
-    def connected(self, session: Any) -> Reply | defer.Deferred | None:
+    def connected(self, session: Any) -> Reply | defer.Deferred[Any] | None:
         if self.reverse_lookup:
             d = self._client_name(session)
             return d.addCallback(lambda _: self._connected(session))
         return self._connected(session)
 
     @defer.inlineCallbacks
-    def _client_name(self, session: Any):
+    def _client_name(self, session: Any) -> Any:
         """Forward-confirmed reverse DNS of the client into ``session.notes["client_name"]``."""
         name = "unknown"
         try:
@@ -209,32 +210,32 @@ class InboundReceiver:
             pass
         session.notes["client_name"] = name
 
-    def _connected(self, session: Any) -> Reply | defer.Deferred | None:
+    def _connected(self, session: Any) -> Reply | defer.Deferred[Any] | None:
         trusted = self._trusted(session)
         if self.limits is not None and not trusted:
 
-            def counted(refused: Reply | None) -> Reply | defer.Deferred | None:
+            def counted(refused: Reply | None) -> Reply | defer.Deferred[Any] | None:
                 if refused is not None:
                     return refused
                 if session.notes.get("gone"):  # the client left while the cluster answered
-                    self.limits.disconnected(session.peer_address)
+                    cast(ClientLimits, self.limits).disconnected(session.peer_address)  # checked above
                     return None
                 session.notes["counted"] = True
                 return self._connected_checks(session, trusted)
 
-            return then(self.limits.connected(session.peer_address), counted)
+            return cast("Reply | defer.Deferred[Any] | None", then(self.limits.connected(session.peer_address), counted))
         return self._connected_checks(session, trusted)
 
-    def _connected_checks(self, session: Any, trusted: bool) -> Reply | defer.Deferred | None:
+    def _connected_checks(self, session: Any, trusted: bool) -> Reply | defer.Deferred[Any] | None:
         refused = self._acl("connect", session)
         if refused is not None or trusted or self.dnsbl is None or not self.dnsbl.zones:
             return refused
-        return self.dnsbl.check(session.peer_address)
+        return cast("Reply | defer.Deferred[Any] | None", self.dnsbl.check(session.peer_address))
 
     def helo(self, session: Any, name: str) -> Reply | None:
         return self._acl("helo", session)
 
-    def mail_from(self, session: Any, sender: str, params: dict[str, str]) -> Reply | None:
+    def mail_from(self, session: Any, sender: str, params: dict[str, str]) -> Reply | defer.Deferred[Any] | None:
         user = session.auth_user
         if user and self.sender_login is not None and sender and not self.sender_login.owns(user, sender):
             return Reply(553, "5.7.1", f"<{sender}>: Sender address rejected: not owned by user {user}")
@@ -252,16 +253,16 @@ class InboundReceiver:
             return self._acl("mail", session, sender=sender, size=int(size) if size and size.isdigit() else None)
 
         if self.limits is not None and not self._trusted(session):
-            return then(self.limits.message(session.peer_address), acl)
+            return cast("Reply | defer.Deferred[Any] | None", then(self.limits.message(session.peer_address), acl))
         return acl()
 
-    def rcpt_to(self, session: Any, address: str, params: dict[str, str]) -> Reply | None:
-        refused = self._acl("rcpt", session, recipient=address)
+    def rcpt_to(self, session: Any, address: str, params: dict[str, str]) -> Reply | defer.Deferred[Any] | None:
+        refused: Reply | defer.Deferred[Any] | None = self._acl("rcpt", session, recipient=address)
         if refused is not None:
             return refused
         decision = self.policy.recipient(address, session.peer_address, session.auth_user)
         if decision.reply is not None:
-            return decision.reply  # the SMTP server logs the one reject event, with the recipient
+            return cast(Reply, decision.reply)  # the SMTP server logs the one reject event, with the recipient
         targets = decision.deliveries()
         deliverable = [t for t in targets if t.route is not None]
         size = session.transaction.declared_size or 0
@@ -290,14 +291,14 @@ class InboundReceiver:
         notes.setdefault("routes", {})[address] = targets if decision.targets else (decision.route, decision.address)
         return None
 
-    def _untrusted_rcpt(self, session: Any, address: str) -> Reply | defer.Deferred | None:
-        def greylist(refused: Reply | None = None) -> Reply | defer.Deferred | None:
+    def _untrusted_rcpt(self, session: Any, address: str) -> Reply | defer.Deferred[Any] | None:
+        def greylist(refused: Reply | None = None) -> Reply | defer.Deferred[Any] | None:
             if refused is not None or self.greylist is None:
                 return refused
             return self.greylist.check(session.peer_address, session.transaction.sender, address)
 
         if self.limits is not None:
-            return then(self.limits.recipient(session.peer_address), greylist)
+            return cast("Reply | defer.Deferred[Any] | None", then(self.limits.recipient(session.peer_address), greylist))
         return greylist()
 
     def message(self, session: Any, body: bytes) -> defer.Deferred[Reply] | Reply:
@@ -306,7 +307,7 @@ class InboundReceiver:
         # the scanners' edits, so neither can break the signature.
         if self.sender_auth is not None and not self._trusted(session):
             d = self.sender_auth.accept(session, body, False)
-            return d.addCallback(lambda got: got if isinstance(got, Reply) else self._message(session, got))
+            return cast("defer.Deferred[Reply]", d.addCallback(lambda got: got if isinstance(got, Reply) else self._message(session, got)))
         return self._message(session, body)
 
     def _message(self, session: Any, body: bytes) -> defer.Deferred[Reply] | Reply:
@@ -372,26 +373,26 @@ class InboundReceiver:
                 qid, txn.sender, [r.address for r in recipients], data, self.hostname, envelope.client_address,
                 envelope.client_name, envelope.helo, envelope.auth_user, envelope.tls,
             )  # fmt: skip
-            d = self.scan.scan(request)
+            d: defer.Deferred[Reply] = self.scan.scan(request)
             d.addCallbacks(self._scanned, self._scan_failed, callbackArgs=(session, envelope, data),
                            errbackArgs=(envelope,))  # fmt: skip
             return d
         return self._enqueue(session, envelope, data)
 
-    def _enqueue(self, session: Any, envelope: Envelope, data: bytes, state: str = INCOMING) -> defer.Deferred:
+    def _enqueue(self, session: Any, envelope: Envelope, data: bytes, state: str = INCOMING) -> defer.Deferred[Any]:
         if self.sender_auth is not None and self._trusted(session):
             d = self.sender_auth.sign(data, session.auth_user, session.peer_address or "")
-            return d.addCallback(lambda signed: self._store(session, envelope, signed, state))
+            return cast("defer.Deferred[Any]", d.addCallback(lambda signed: self._store(session, envelope, signed, state)))
         return self._store(session, envelope, data, state)
 
-    def _store(self, session: Any, envelope: Envelope, data: bytes, state: str) -> defer.Deferred:
+    def _store(self, session: Any, envelope: Envelope, data: bytes, state: str) -> defer.Deferred[Any]:
         envelope.size = len(data)
         args = (envelope, data) if state == INCOMING else (envelope, data, state)
         d = defer.maybeDeferred(self.store.enqueue, *args)
         d.addCallbacks(self._queued, self._not_queued, callbackArgs=(session, envelope), errbackArgs=(session, envelope))
         return d
 
-    def _scanned(self, verdict: Verdict, session: Any, envelope: Envelope, data: bytes) -> Reply | defer.Deferred:
+    def _scanned(self, verdict: Verdict, session: Any, envelope: Envelope, data: bytes) -> Reply | defer.Deferred[Any]:
         """Apply a scan verdict: refuse, drop, or queue (with the header changes; quarantine into hold/)."""
         if verdict.action in (REJECT, TEMPFAIL) and verdict.reply is not None:
             log.info("message from <{sender}> refused by {scanner}: {reply}", event="scan_refused",
@@ -422,7 +423,7 @@ class InboundReceiver:
 
     # -- outcome --------------------------------------------------------------------------
 
-    def _queued(self, _: Any, session: Any, envelope: Envelope) -> defer.Deferred:
+    def _queued(self, _: Any, session: Any, envelope: Envelope) -> defer.Deferred[Any]:
         reply = Reply(250, "2.0.0", f"Ok: queued as {envelope.qid}")
         held = "quarantine" in envelope.extra  # in hold/: nothing for the queue manager until released
         # The 250 waits until the received records are on disk too (one group-committed fsync).

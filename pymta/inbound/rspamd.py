@@ -12,7 +12,7 @@ The answer is read up to :data:`MAX_ANSWER` octets; anything that is not that JS
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import defer
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -41,28 +41,29 @@ class RspamdScanner:
         self.url = url.rstrip("/") + "/checkv2"
         self.timeout = timeout
         self.on_error = on_error
-        pool = HTTPConnectionPool(reactor, persistent=True)
+        pool = HTTPConnectionPool(reactor, persistent=True)  # type: ignore[no-untyped-call]  # unannotated in Twisted
         pool.maxPersistentPerHost = 4
-        self.agent = agent or Agent(reactor, connectTimeout=max(1, int(timeout)), pool=pool)
+        # An IAgent: mypy reads a zope Interface's methods without ``self``, and sees no @implementer.
+        self.agent: Any = agent or Agent(reactor, connectTimeout=max(1, int(timeout)), pool=pool)  # type: ignore[no-untyped-call]  # unannotated in Twisted
         self.pool = pool
 
-    def scan(self, request: ScanRequest) -> defer.Deferred:
+    def scan(self, request: ScanRequest) -> defer.Deferred[Any]:
         headers = Headers()
         for name, value in _envelope_headers(request):
             headers.addRawHeader(name, value.encode("utf-8", "replace").replace(b"\r", b"").replace(b"\n", b""))
-        d = self.agent.request(b"POST", self.url.encode(), headers, BytesProducer(request.message))
+        d: defer.Deferred[Any] = self.agent.request(b"POST", self.url.encode(), headers, BytesProducer(request.message))
         d.addCallback(self._answer)
         return d
 
-    def _answer(self, response: Any) -> defer.Deferred:
-        done: defer.Deferred = defer.Deferred()
+    def _answer(self, response: Any) -> defer.Deferred[Any]:
+        done: defer.Deferred[Any] = defer.Deferred()
         response.deliverBody(LimitedBody(done, MAX_ANSWER, ScanError, "rspamd answer"))
         if response.code != 200:
             return done.addCallback(lambda body: _fail(f"rspamd answered HTTP {response.code}: {body[:200]!r}"))
         return done.addCallback(verdict_from_answer)
 
-    def close(self) -> defer.Deferred:
-        return self.pool.closeCachedConnections()
+    def close(self) -> defer.Deferred[Any]:
+        return cast("defer.Deferred[Any]", self.pool.closeCachedConnections())  # type: ignore[no-untyped-call]  # unannotated in Twisted
 
 
 def _fail(why: str) -> None:
@@ -92,19 +93,19 @@ def verdict_from_answer(body: bytes) -> Verdict:
     if not isinstance(answer, dict) or not isinstance(answer.get("action"), str):
         raise ScanError("rspamd answer has no action")
     action = answer["action"]
-    messages = answer.get("messages") if isinstance(answer.get("messages"), dict) else {}
+    messages: Any = answer.get("messages") if isinstance(answer.get("messages"), dict) else {}
     text = messages.get("smtp_message") if isinstance(messages.get("smtp_message"), str) else ""
     if action == "reject":
         return Verdict(REJECT, scanner_reply(550, "5.7.1", text or "Spam message rejected", REJECT))
     if action in ("soft reject", "greylist"):
         return Verdict(TEMPFAIL, scanner_reply(451, "4.7.1", text or "Try again later", TEMPFAIL))
     edits: list[HeaderEdit] = []
-    milter = answer.get("milter") if isinstance(answer.get("milter"), dict) else {}
-    removes = milter.get("remove_headers") if isinstance(milter.get("remove_headers"), dict) else {}
+    milter: Any = answer.get("milter") if isinstance(answer.get("milter"), dict) else {}
+    removes: Any = milter.get("remove_headers") if isinstance(milter.get("remove_headers"), dict) else {}
     for name, count in removes.items():
         occurrences = count if isinstance(count, int) and count > 0 else 1
         edits.extend(HeaderEdit("change", str(name), "", 1) for _ in range(min(occurrences, 20)))
-    adds = milter.get("add_headers") if isinstance(milter.get("add_headers"), dict) else {}
+    adds: Any = milter.get("add_headers") if isinstance(milter.get("add_headers"), dict) else {}
     for name, value in adds.items():
         values = value if isinstance(value, list) else [value]
         for v in values[:20]:

@@ -74,7 +74,7 @@ class Scanner(Protocol):
     timeout: float
     on_error: str
 
-    def scan(self, request: ScanRequest) -> defer.Deferred: ...
+    def scan(self, request: ScanRequest) -> defer.Deferred[Any]: ...
 
 
 class ScanError(Exception):
@@ -89,7 +89,7 @@ class ScanChain:
         self.clock = clock
 
     @defer.inlineCallbacks
-    def scan(self, request: ScanRequest):
+    def scan(self, request: ScanRequest) -> Any:
         combined = Verdict()
         for scanner in self.scanners:
             d = scanner.scan(request)

@@ -19,7 +19,7 @@ def record_queued(
     accounting: Any = None,
     on_queued: Callable[[str], Any] | None = None,
     **fields: Any,
-) -> defer.Deferred:
+) -> defer.Deferred[Any]:
     """``fields`` (reply code, listener, campaign...) go into the log event and accounting records.
     The Deferred fires once the received records are on disk: only then may the client be told."""
     log.info(

@@ -78,9 +78,9 @@ class _DataSender:
         self.offset = 0
         self.paused = False
         self.timer: Any = None
-        self.done: defer.Deferred = defer.Deferred()
+        self.done: defer.Deferred[Any] = defer.Deferred()
 
-    def start(self) -> defer.Deferred:
+    def start(self) -> defer.Deferred[Any]:
         self.proto.transport.registerProducer(self, True)
         self._pump()
         return self.done
@@ -182,14 +182,17 @@ def mail_command(sender: str, body: bytes, ext: Extensions, smtputf8: bool = Fal
 class SMTPClientProtocol(Protocol):
     """One client connection; replies are handed out in order to :meth:`expect` callers."""
 
+    # Twisted's interfaces are zope Interfaces, whose methods mypy reads without ``self``.
+    transport: Any
+
     def __init__(self, clock: Any) -> None:
         self.clock = clock
         self._buffer = b""
         self._lines: list[bytes] = []
-        self._waiting: deque[tuple[defer.Deferred, Any]] = deque()
+        self._waiting: deque[tuple[defer.Deferred[Any], Any]] = deque()
         self._replies: deque[Reply] = deque()
-        self.connected_d: defer.Deferred = defer.Deferred()
-        self.lost_d: defer.Deferred = defer.Deferred()  # fires when the connection is gone
+        self.connected_d: defer.Deferred[Any] = defer.Deferred()
+        self.lost_d: defer.Deferred[Any] = defer.Deferred()  # fires when the connection is gone
         self.lost_reason: Failure | None = None
         self.extensions = Extensions()
         self.tls: str | None = None
@@ -203,8 +206,8 @@ class SMTPClientProtocol(Protocol):
         if not self.connected_d.called:
             self.connected_d.callback(self)
 
-    def connectionLost(self, reason: Failure = None) -> None:
-        self.lost_reason = reason if reason is not None else Failure(error.ConnectionDone())
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.lost_reason = reason if reason is not None else Failure(error.ConnectionDone())  # type: ignore[no-untyped-call]  # Failure() is unannotated in Twisted
         if not self.lost_d.called:
             self.lost_d.callback(None)
         if self._sender is not None:
@@ -213,7 +216,7 @@ class SMTPClientProtocol(Protocol):
         for d, call in waiting:
             if call is not None and call.active():
                 call.cancel()
-            d.errback(reason if reason is not None else Failure(error.ConnectionLost()))
+            d.errback(reason if reason is not None else Failure(error.ConnectionLost()))  # type: ignore[no-untyped-call]  # Failure() is unannotated in Twisted
 
     @property
     def is_lost(self) -> bool:
@@ -227,7 +230,7 @@ class SMTPClientProtocol(Protocol):
         if self.transport is not None and not self.is_lost:
             self.transport.abortConnection()
 
-    def send_data(self, payload: bytes, block_timeout: float) -> defer.Deferred:
+    def send_data(self, payload: bytes, block_timeout: float) -> defer.Deferred[Any]:
         """Send the encoded message data with flow control; fires once the transport has taken it
         all, fails with :class:`DataStalled` (the connection aborted) when the remote takes none
         for ``block_timeout`` seconds or the connection is lost."""
@@ -243,13 +246,13 @@ class SMTPClientProtocol(Protocol):
 
     # -- replies ------------------------------------------------------------------------------
 
-    def expect(self, timeout: float) -> defer.Deferred:
+    def expect(self, timeout: float) -> defer.Deferred[Any]:
         """A Deferred for the next reply (a :class:`Reply`), failing on timeout or connection loss."""
         if self._replies:
             return defer.succeed(self._replies.popleft())
         if self.is_lost:
             return defer.fail(self.lost_reason)
-        d: defer.Deferred = defer.Deferred()
+        d: defer.Deferred[Any] = defer.Deferred()
 
         def timed_out() -> None:
             self._waiting = deque(w for w in self._waiting if w[0] is not d)
@@ -259,7 +262,7 @@ class SMTPClientProtocol(Protocol):
         self._waiting.append((d, self.clock.callLater(timeout, timed_out)))
         return d
 
-    def expect_many(self, count: int, timeout: float) -> defer.Deferred:
+    def expect_many(self, count: int, timeout: float) -> defer.Deferred[Any]:
         """Replies to ``count`` pipelined commands, in order (a list)."""
         return defer.gatherResults([self.expect(timeout) for _ in range(count)], consumeErrors=True)
 
@@ -303,12 +306,12 @@ class SMTPClientProtocol(Protocol):
 
     # -- commands -----------------------------------------------------------------------------
 
-    def command(self, line: str, timeout: float) -> defer.Deferred:
+    def command(self, line: str, timeout: float) -> defer.Deferred[Any]:
         self.send(line.encode("utf-8") + b"\r\n")
         return self.expect(timeout)
 
     @defer.inlineCallbacks
-    def hello(self, name: str, timeouts: ClientTimeouts, verb: str = "EHLO"):
+    def hello(self, name: str, timeouts: ClientTimeouts, verb: str = "EHLO") -> Any:
         """EHLO (or LMTP's LHLO, which has no fallback), falling back to HELO on a 5xx; returns the
         positive reply or raises with the negative."""
         reply = yield self.command(f"{verb} {name}", timeouts.ehlo)
@@ -323,7 +326,7 @@ class SMTPClientProtocol(Protocol):
         raise SessionRefused(reply, "HELO")
 
     @defer.inlineCallbacks
-    def starttls(self, context: Any, name: str, timeouts: ClientTimeouts, verified_for: str | None = None):
+    def starttls(self, context: Any, name: str, timeouts: ClientTimeouts, verified_for: str | None = None) -> Any:
         """STARTTLS, the handshake and EHLO again; ``verified_for``: the name ``context`` verifies
         the certificate against (recorded once the handshake has succeeded)."""
         reply = yield self.command("STARTTLS", timeouts.starttls)
@@ -372,7 +375,7 @@ def transact(
     payload: bytes,
     timeouts: ClientTimeouts,
     lmtp: bool = False,
-):
+) -> Any:
     """One transaction: ``mail_from`` and ``rcpts`` are whole command lines; ``payload`` is the
     encoded data (see :func:`pymta.smtp.content.encode_data`). Pipelined when the server offers PIPELINING.
     ``lmtp``: after the final dot, one reply per accepted recipient (``data_each``); a connection
@@ -420,14 +423,14 @@ def transact(
 
 
 @defer.inlineCallbacks
-def _rset(proto: SMTPClientProtocol, timeouts: ClientTimeouts):
+def _rset(proto: SMTPClientProtocol, timeouts: ClientTimeouts) -> Any:
     try:
         yield proto.command("RSET", timeouts.rset)
     except Exception:
         proto.abort()
 
 
-def quit_session(proto: SMTPClientProtocol, timeouts: ClientTimeouts) -> defer.Deferred:
+def quit_session(proto: SMTPClientProtocol, timeouts: ClientTimeouts) -> defer.Deferred[Any]:
     """Say QUIT politely, then close whatever the answer; fires when the connection is gone."""
     if proto.is_lost:
         return defer.succeed(None)

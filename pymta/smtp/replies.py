@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import cast
 
 _ENHANCED = re.compile(rb"^([245])\.(\d{1,3})\.(\d{1,3})$")
 
@@ -53,7 +54,7 @@ class Reply:
 
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> Reply:
-        return cls(int(data["code"]), str(data.get("enhanced") or ""), str(data.get("text") or ""))
+        return cls(int(cast("int | str", data["code"])), str(data.get("enhanced") or ""), str(data.get("text") or ""))
 
 
 def parse_reply_lines(lines: list[bytes]) -> Reply:

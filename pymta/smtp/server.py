@@ -46,7 +46,7 @@ from __future__ import annotations
 import itertools
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer, IReactorTime, ISSLTransport
@@ -169,11 +169,14 @@ class SMTPServerProtocol(Protocol):
     """One SMTP connection; the transport's producer, so a client that does not read what we
     send stops being read from."""
 
+    # Twisted's interfaces are zope Interfaces, whose methods mypy reads without ``self``.
+    transport: Any
+
     def __init__(self, factory: SMTPServerFactory) -> None:
         self.factory = factory
         self.delegate = factory.delegate
         self.limits = factory.limits
-        self.clock = factory.clock
+        self.clock: Any = factory.clock  # IReactorTime (a zope Interface, as above)
         self.session = Session(session_id=f"{factory.id_prefix}{next(factory.counter):x}")
         self._mode = _GREET
         self._buf = b""
@@ -251,7 +254,7 @@ class SMTPServerProtocol(Protocol):
         self._out.append(f"220 {self.factory.hostname} ESMTP pymta\r\n".encode())
         self._process()
 
-    def connectionLost(self, reason: Failure = None) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self._mode = _CLOSED
         self._cancel_timer()
         for name in ("_abort_call", "_greet_call", "_session_call"):
@@ -358,7 +361,7 @@ class SMTPServerProtocol(Protocol):
     def _data_rate_ok(self, received: int) -> bool:
         """Count ``received`` octets of DATA/BDAT; False once the transfer is below min_data_rate."""
         self._data_octets += received
-        elapsed = self.clock.seconds() - self._data_since
+        elapsed = self.clock.seconds() - cast(float, self._data_since)  # set by _start_data
         rate = self.limits.min_data_rate
         return rate <= 0 or elapsed <= DATA_RATE_GRACE or self._data_octets >= rate * elapsed
 
@@ -493,7 +496,7 @@ class SMTPServerProtocol(Protocol):
             line = line[:-1]
         if self._mode == _AUTH:
             self._mode = _COMMAND
-            self._sasl_step(self._sasl.respond(line))
+            self._sasl_step(cast(sasl.SaslExchange, self._sasl).respond(line))
             return True
         if b"\0" in line or b"\r" in line:
             self._error(Reply(500, "5.5.2", "Syntax error, NUL or bare CR in command"))
@@ -533,7 +536,7 @@ class SMTPServerProtocol(Protocol):
             return
         self._reply(reply, stage=stage)
 
-    def _ask(self, method: Any, args: tuple, then: Any) -> None:
+    def _ask(self, method: Any, args: tuple[Any, ...], then: Any) -> None:
         """Call a delegate method; run ``then(reply)`` now, or when its Deferred fires (meanwhile
         no further input is read, so pipelined commands wait their turn)."""
         try:
@@ -752,7 +755,7 @@ class SMTPServerProtocol(Protocol):
             self._error(Reply(501, "5.5.4", "DATA takes no arguments"), stage="data")
             return
         refused = self._data_ready("DATA")
-        if refused is None and self.session.transaction.used_bdat:
+        if refused is None and cast(Transaction, self.session.transaction).used_bdat:  # _data_ready saw one
             refused = Reply(503, "5.5.1", "DATA after BDAT in the same transaction")
         if refused is not None:
             self._reply(refused, stage="data")
@@ -768,13 +771,14 @@ class SMTPServerProtocol(Protocol):
     def _data_input(self) -> None:
         buf = self._buf[self._pos :] if self._pos else self._buf
         self._buf, self._pos = b"", 0
-        ended = self._scanner.feed(buf)
+        scanner = cast(DataScanner, self._scanner)  # set by smtp_data before _DATA mode
+        ended = scanner.feed(buf)
         if ended is None:
             return
         trim, self._buf = ended
         self._mode = _COMMAND
         self._arm_timer()
-        self._finish_message(self._scanner.body, trim=trim, dot_stuffed=True)
+        self._finish_message(scanner.body, trim=trim, dot_stuffed=True)
 
     def smtp_bdat(self, argument: str) -> None:
         words = argument.split()
@@ -788,7 +792,7 @@ class SMTPServerProtocol(Protocol):
         self._bdat_last = len(words) == 2
         self._bdat_failed = refused
         if refused is None:
-            txn = self.session.transaction
+            txn = cast(Transaction, self.session.transaction)  # _data_ready saw one
             if not txn.used_bdat:
                 txn.used_bdat = True
                 self._body = BodyCollector(self.limits.max_message_size)
@@ -807,7 +811,7 @@ class SMTPServerProtocol(Protocol):
         else:
             self._pos = pos + len(take)
         if self._bdat_failed is None:
-            self._body.feed(take)
+            cast(BodyCollector, self._body).feed(take)  # set by smtp_bdat when it did not fail
         if self._bdat_left == 0:
             self._bdat_done()
 
@@ -817,9 +821,9 @@ class SMTPServerProtocol(Protocol):
         if self._bdat_failed is not None:
             self._reply(self._bdat_failed, stage="data")
             return
-        body = self._body
+        body = cast(BodyCollector, self._body)  # set by smtp_bdat when it did not fail
         if body.size > self.limits.max_message_size:
-            self._reply(body.problem(), stage="data")
+            self._reply(cast(Reply, body.problem()), stage="data")  # over the size: never None
             self._reset_transaction()
             return
         if self._bdat_last:
