@@ -32,7 +32,7 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Iterable, Iterator
-from typing import Annotated, Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, cast, get_args, get_origin
 
 import attrs
 import cattrs
@@ -799,7 +799,7 @@ def _config_error(error: BaseException, where: str) -> ConfigError:
         for note in reversed(getattr(exc, "__notes__", ())):
             if isinstance(note, AttributeValidationNote):
                 key = f"{key}.{note.name}" if key else note.name
-                field = attrs.fields_dict(group.cl)[note.name] if isinstance(group, ClassValidationError) else None
+                field: Any = attrs.fields_dict(group.cl)[note.name] if isinstance(group, ClassValidationError) else None
                 by_line = "" if field is not None and field.metadata.get("entries_by_line") else None
             elif isinstance(note, IterableValidationNote):
                 if by_line == "":
@@ -845,7 +845,7 @@ def _is_tables(t: Any) -> bool:
     return (get_origin(t) is tuple and _is_tables(args[0])) or (get_origin(t) is dict and _is_tables(args[1]))
 
 
-def _noted(index: int | str, t: Any, convert: Callable[[], Any]) -> Any:
+def _noted(index: int | str, t: Any, convert: Callable[..., Any]) -> Any:
     """``convert()``; its error notes where in the list or table it happened (cattrs' own form)."""
     try:
         return convert()
@@ -857,7 +857,8 @@ def _noted(index: int | str, t: Any, convert: Callable[[], Any]) -> Any:
 def _section_hook(cls: type) -> Callable[[Any, Any], Any]:
     fields = attrs.fields(cls)
     known = [f.name for f in fields if f.metadata.get("toml", True)]
-    inner = make_dict_structure_fn(cls, _schema, **{f.name: override(omit=True) for f in fields if f.name not in known})
+    omitted = cast(dict[str, Any], {f.name: override(omit=True) for f in fields if f.name not in known})  # cattrs: per-field kwargs
+    inner: Callable[..., Any] = make_dict_structure_fn(cls, _schema, **omitted)
 
     def structure(value: Any, _: Any) -> Any:
         if not isinstance(value, dict):
@@ -930,9 +931,9 @@ _schema = cattrs.Converter(detailed_validation=True)
 _schema.register_structure_hook(str, lambda v, _: conv_str(v))
 _schema.register_structure_hook(bool, lambda v, _: conv_bool(v))
 _schema.register_structure_hook(int, lambda v, _: conv_int()(v))
-_schema.register_structure_hook_factory(lambda t: get_origin(t) is Literal, _choice_hook)
-_schema.register_structure_hook_factory(lambda t: get_origin(t) is tuple and get_args(t)[1:] == (...,), _list_hook)
-_schema.register_structure_hook_factory(lambda t: get_origin(t) is dict, _table_hook)
+_schema.register_structure_hook_factory(lambda t: cast(Any, get_origin(t)) is Literal, _choice_hook)
+_schema.register_structure_hook_factory(lambda t: cast(Any, get_origin(t)) is tuple and get_args(t)[1:] == (...,), _list_hook)
+_schema.register_structure_hook_factory(lambda t: cast(Any, get_origin(t)) is dict, _table_hook)
 _schema.register_structure_hook_factory(attrs.has, _section_hook)
-_schema.register_structure_hook_factory(lambda t: get_origin(t) is Annotated and callable(t.__metadata__[-1]),
+_schema.register_structure_hook_factory(lambda t: cast(Any, get_origin(t)) is Annotated and callable(t.__metadata__[-1]),
                                         _converter_hook)  # fmt: skip

@@ -9,7 +9,7 @@ import ipaddress
 import os
 import re
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 from pymta.hostname import ascii_hostname
 
@@ -282,13 +282,13 @@ def conv_rate(value: Any) -> Any:
 def conv_window(value: Any) -> tuple[int, int]:
     from pymta.rate import parse_window
 
-    return _parsed_by(parse_window)(conv_str(value))
+    return cast(tuple[int, int], _parsed_by(parse_window)(conv_str(value)))
 
 
 def conv_share(value: Any) -> float:
     from pymta.rate import parse_share
 
-    return _parsed_by(parse_share)(value)
+    return cast(float, _parsed_by(parse_share)(value))
 
 
 def conv_timezone(value: Any) -> str:

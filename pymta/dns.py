@@ -181,11 +181,11 @@ class Resolver:
             return list(answer.rrset), min(float(answer.rrset.ttl), MAX_TTL), None, secure
         return last
 
-    def _query(self, name: str, rdtype: str) -> defer.Deferred:
+    def _query(self, name: str, rdtype: str) -> defer.Deferred[Any]:
         """Deferred of the records of (name, rdtype); cached until the TTL runs out."""
         return self._query_secure(name, rdtype).addCallback(lambda answer: answer[0])
 
-    def _query_secure(self, name: str, rdtype: str) -> defer.Deferred:
+    def _query_secure(self, name: str, rdtype: str) -> defer.Deferred[Any]:
         """Deferred of (records, DNSSEC-validated) of (name, rdtype), cached until the TTL runs out."""
         key = (name, rdtype)
         now = self.clock.seconds()
@@ -211,7 +211,7 @@ class Resolver:
     # -- lookups ---------------------------------------------------------------------------
 
     @defer.inlineCallbacks
-    def lookup_mx(self, domain: str):
+    def lookup_mx(self, domain: str) -> Any:
         name = to_ascii(domain)
         try:
             records, secure = yield self._query_secure(name, "MX")
@@ -240,7 +240,7 @@ class Resolver:
         return MXResult(name, tuple(hosts), preferences=tuple(prefs), literals=literals, secure=secure)
 
     @defer.inlineCallbacks
-    def lookup_addresses(self, host: str):
+    def lookup_addresses(self, host: str) -> Any:
         """IPv6 and IPv4 addresses, interleaved (the preferred family first) for fallback."""
         name = to_ascii(host)
         results = yield defer.DeferredList([self._query(name, "AAAA"), self._query(name, "A")], consumeErrors=True)
@@ -261,7 +261,7 @@ class Resolver:
         return out
 
     @defer.inlineCallbacks
-    def addresses_secure(self, host: str):
+    def addresses_secure(self, host: str) -> Any:
         """Whether the address records of ``host`` (those that exist) are DNSSEC-validated
         (RFC 7672 §2.2.2: TLSA records of a host with insecure addresses are not used)."""
         name = to_ascii(host)
@@ -271,7 +271,7 @@ class Resolver:
         return bool(answers) and all(secure for _, secure in answers) and any(records for records, _ in answers)
 
     @defer.inlineCallbacks
-    def lookup_tlsa(self, host: str, port: int = 25):
+    def lookup_tlsa(self, host: str, port: int = 25) -> Any:
         """The :class:`TLSAResult` of ``_PORT._tcp.HOST``; NXDOMAIN is an empty result, a failed
         lookup (SERVFAIL, which is how a validating resolver reports a bogus answer) raises
         :class:`DNSTemporaryError`."""
@@ -289,7 +289,7 @@ class Resolver:
         return TLSAResult(name, tuple(out), secure)
 
     @defer.inlineCallbacks
-    def lookup_ptr(self, address: str):
+    def lookup_ptr(self, address: str) -> Any:
         """Host names of an IP address (PTR), lower-case without the trailing dot."""
         import ipaddress
 
@@ -301,7 +301,7 @@ class Resolver:
         return [str(r.target).rstrip(".").lower() for r in records]
 
     @defer.inlineCallbacks
-    def lookup_txt(self, name: str):
+    def lookup_txt(self, name: str) -> Any:
         records = yield self._query(to_ascii(name), "TXT")
         return [b"".join(r.strings).decode("utf-8", "replace") for r in records]
 
@@ -309,14 +309,14 @@ class Resolver:
 def _nxdomain_secure(error: dns.resolver.NXDOMAIN) -> bool:
     """Whether an NXDOMAIN answer carried the AD bit (an authenticated denial)."""
     try:
-        return any(bool(response.flags & dns.flags.AD) for response in error.responses().values())
+        return any(bool(response.flags & dns.flags.AD) for response in error.responses().values())  # type: ignore[no-untyped-call]  # dnspython: unannotated
     except (AttributeError, KeyError):
         return False
 
 
 def _negative_ttl(error: dns.resolver.NXDOMAIN) -> float:
     try:
-        for response in error.responses().values():
+        for response in error.responses().values():  # type: ignore[no-untyped-call]  # dnspython: unannotated
             for rrset in response.authority:
                 if rrset.rdtype == dns.rdatatype.SOA:
                     return float(min(rrset.ttl, rrset[0].minimum, NEGATIVE_TTL))

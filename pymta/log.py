@@ -18,10 +18,13 @@ import os
 import sys
 import threading
 from datetime import UTC, datetime
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any, cast
 
 from twisted.logger import FileLogObserver, FilteringLogObserver, PredicateResult, formatEvent
 from twisted.python.failure import Failure
+
+if TYPE_CHECKING:
+    from twisted.logger import ILogFilterPredicate, ILogObserver
 
 _SKIP_PREFIXES = ("log_", "isError", "message", "format", "system", "why", "failure")
 _FACTORY_LINES = frozenset({"Starting factory {factory!r}", "Stopping factory {factory!r}"})
@@ -30,8 +33,8 @@ _FACTORY_LINES = frozenset({"Starting factory {factory!r}", "Stopping factory {f
 def not_factory_noise(event: dict[str, Any]) -> PredicateResult:
     """No for Twisted's factory start/stop lines of its own factories (ours, the listeners, stay)."""
     if event.get("log_format") in _FACTORY_LINES and not str(event.get("log_namespace", "")).startswith("pymta."):
-        return PredicateResult.no
-    return PredicateResult.maybe
+        return cast(PredicateResult, PredicateResult.no)
+    return cast(PredicateResult, PredicateResult.maybe)
 
 
 def _jsonable(value: Any) -> Any:
@@ -118,4 +121,6 @@ def observer(out: IO[str] | None = None) -> FilteringLogObserver:
             out = reopenable  # type: ignore[assignment]
         else:
             out = sys.stdout
-    return FilteringLogObserver(FileLogObserver(out, event_as_json), [not_factory_noise])
+    # zope.interface declarations: mypy sees no structural match without a plugin
+    observer = cast("ILogObserver", FileLogObserver(cast(IO[Any], out), event_as_json))
+    return FilteringLogObserver(observer, [cast("ILogFilterPredicate", not_factory_noise)])

@@ -19,7 +19,7 @@ from __future__ import annotations
 import signal
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from twisted.application import service
 from twisted.internet import defer
@@ -34,7 +34,7 @@ FRONT_SLACK = 3.0  # seconds the FRONT stage may take beyond the delivery grace
 SESSION_GRACE = 5.0  # seconds SMTP sessions in progress may go on before 421 4.3.2 (at most the grace)
 
 
-def wait_at_most(d: defer.Deferred, seconds: float, clock: Any) -> defer.Deferred[bool]:
+def wait_at_most(d: defer.Deferred[Any], seconds: float, clock: Any) -> defer.Deferred[bool]:
     """Fires True when ``d`` fires, or False after ``seconds``; ``d`` itself is never cancelled."""
     out: defer.Deferred[bool] = defer.Deferred()
 
@@ -62,11 +62,11 @@ class StagedService(service.MultiService):
     """
 
     def __init__(self, clock: Any, grace: float) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated (untyped_calls_exclude misses super())
         self.clock = clock
         self.grace = grace
 
-    def stopService(self) -> defer.Deferred:
+    def stopService(self) -> defer.Deferred[Any]:
         service.Service.stopService(self)
         log.info("stopping: accepting no new mail; deliveries in flight get up to {grace}s", grace=self.grace,
                  event="shutdown")  # fmt: skip
@@ -103,14 +103,14 @@ class ThreadPoolService(service.Service):
         self.pool = pool
         self.join = join
         if not join:
-            pool.threadFactory = _daemon_thread
+            pool.threadFactory = cast("type[threading.Thread]", _daemon_thread)  # only ever called
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated (untyped_calls_exclude misses super())
         self.pool.start()
 
     def stopService(self) -> None:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated (untyped_calls_exclude misses super())
         if self.join:
             self.pool.stop()
         else:
@@ -136,8 +136,8 @@ class SessionDrain(service.Service):
     def _open(self) -> list[Any]:
         return [p for f in self.factories for p in list(f.sessions)]
 
-    def stopService(self) -> defer.Deferred | None:
-        super().stopService()
+    def stopService(self) -> defer.Deferred[Any] | None:
+        super().stopService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated (untyped_calls_exclude misses super())
         if not self._open():
             return None
         return defer.ensureDeferred(self._drain())
@@ -171,7 +171,7 @@ class SignalGuard(service.Service):
         self.stopping = False
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated (untyped_calls_exclude misses super())
         self.reactor.addSystemEventTrigger("before", "shutdown", self._mark)
         self.reactor.callWhenRunning(self._install)
 

@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from twisted.application import service, strports
 from twisted.internet import reactor as global_reactor
@@ -21,6 +21,14 @@ from twisted.python.threadpool import ThreadPool
 from pymta.config import Config, ConfigError, default_config_path, load_config
 from pymta.shutdown import CLOSE, SESSION_GRACE, SessionDrain, SignalGuard, StagedService, ThreadPoolService
 from pymta.stores import queue_store, recipient_policy, suppression_store
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from twisted.internet.interfaces import IProtocolFactory, IReactorTime
+
+    from pymta.config import AclRule
+    from pymta.interfaces import IPolicy, IScheduler
 
 
 class Options(usage.Options):
@@ -54,7 +62,7 @@ class CloseOnStop(service.Service):
         self.close = close
 
     def stopService(self) -> None:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated (untyped_calls_exclude misses super())
         self.close()
 
 
@@ -79,7 +87,8 @@ def makeService(options: dict[str, Any]) -> service.MultiService:
         from pymta.workers import die_with_parent
 
         die_with_parent()
-        worker_fds = [tuple(int(x) for x in item.split(":")) for item in options["worker-fds"].split(",")]
+        # "FD:FAMILY" pairs, as the main process writes them
+        worker_fds = cast(list[tuple[int, int]], [tuple(int(x) for x in item.split(":")) for item in options["worker-fds"].split(",")])
     try:
         if worker_fds is None:  # the workers share the main process's state_dir and sockets
             lock_state_dir(config.state_dir)
@@ -215,14 +224,14 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
 
         for fd, family in worker_fds:
             AdoptedPort(reactor, fd, family, w.factory, inherited=True).setServiceParent(w.top)
-        return w.top
+        return cast(service.MultiService, w.top)
     _listen(config, reactor, w.factory, w.top, on_worker_ended=w.inbound_state.release_owner,
             stop_limit=w.session_grace + 2.5)  # fmt: skip
     if config.sendmail.socket:
         _local_submission(config.sendmail.socket, w.receiver, config.hostname, w.limits, reactor, w.drain, w.top)
     _build_admin(w)
     _build_tls_and_submission_listeners(w)
-    return w.top
+    return cast(service.MultiService, w.top)
 
 
 def _build_foundation(w: Wiring) -> None:
@@ -309,7 +318,7 @@ def _build_delivery(w: Wiring) -> None:
         store=w.store,
         agents=agents,
         clock=monotonic,
-        scheduler=TimerHeapScheduler(monotonic),
+        scheduler=cast("IScheduler", TimerHeapScheduler(cast("IReactorTime", monotonic))),  # zope: no structural match
         wall=reactor,
         hostname=config.hostname,
         retry_initial=config.queue.retry_initial,
@@ -363,7 +372,7 @@ def _build_inbound(w: Wiring) -> None:
         reactor,
         on_queued=w.notify,
         accounting=w.accounting,
-        acl=AclPolicy(config.acl) if config.acl else None,
+        acl=cast("IPolicy", AclPolicy(cast("dict[str, Iterable[AclRule]]", config.acl))) if config.acl else None,
         limits=ClientLimits(
             reactor,
             config.limits.connections_per_client,
@@ -380,7 +389,7 @@ def _build_inbound(w: Wiring) -> None:
         resolver=w.resolver,
         reverse_lookup=config.smtp.reverse_lookup or any(r.rdns is not None for rules in config.acl.values() for r in rules),
         max_expanded=config.smtp.max_recipients + config.aliases.max_expansion,
-        sender_login=SenderLogins.from_files(config.submission.users_file, config.submission.sender_login_maps)
+        sender_login=SenderLogins.from_files(cast(str, config.submission.users_file), config.submission.sender_login_maps)
         if config.submission.listen and config.submission.sender_login == "strict"
         else None,
         free_space=lambda: free_octets(config.queue_dir),
@@ -403,7 +412,7 @@ def _build_inbound(w: Wiring) -> None:
     # [smtp] max_connections holds for the MX listeners together; each accepting process takes an
     # equal share. Submission listeners count apart, with the same cap.
     w.mx_slots = ConnectionSlots(-(-config.smtp.max_connections // w.accepting))
-    server_tls = w.server_tls = ServerTLS(config.tls.cert, config.tls.key) if config.tls.cert else None
+    server_tls = w.server_tls = ServerTLS(config.tls.cert, cast(str, config.tls.key)) if config.tls.cert else None
     hangup = ReloadOnHangup(server_tls.reload if server_tls is not None else w.reopen, reactor)
     if server_tls is not None:
         hangup.also.append(w.reopen)
@@ -454,9 +463,10 @@ def _build_tls_and_submission_listeners(w: Wiring) -> None:
     for endpoint in config.smtp.listen_tls:
         implicit = SMTPServerFactory(w.receiver, config.hostname, w.limits, reactor, connections=w.mx_slots)
         w.drain.factories.append(implicit)
-        strports.service(endpoint, TLSMemoryBIOFactory(w.server_tls, False, implicit), reactor=reactor).setServiceParent(top)
+        tls_factory = TLSMemoryBIOFactory(w.server_tls, False, cast("IProtocolFactory", implicit))
+        strports.service(endpoint, cast("IProtocolFactory", tls_factory), reactor=reactor).setServiceParent(top)
     if config.submission.listen:
-        users = load_users(config.submission.users_file)
+        users = load_users(cast(str, config.submission.users_file))
         auth_pool = ThreadPool(minthreads=0, maxthreads=2, name="pymta-auth")
         ThreadPoolService(auth_pool).setServiceParent(top)
         auth = Authenticator(users, reactor, auth_pool, max_failures=config.submission.max_auth_failures)
@@ -466,8 +476,8 @@ def _build_tls_and_submission_listeners(w: Wiring) -> None:
         w.drain.factories.append(submission)
         for endpoint in config.submission.listen:
             plain = implicit_tls_endpoint(endpoint)  # "ssl:465": implicit TLS with the [tls] certificate
-            factory = submission if plain is None else TLSMemoryBIOFactory(w.server_tls, False, submission)
-            strports.service(plain or endpoint, factory, reactor=reactor).setServiceParent(top)
+            factory = submission if plain is None else TLSMemoryBIOFactory(w.server_tls, False, cast("IProtocolFactory", submission))
+            strports.service(plain or endpoint, cast("IProtocolFactory", factory), reactor=reactor).setServiceParent(top)
 
 
 def implicit_tls_endpoint(endpoint: str) -> str | None:
@@ -553,11 +563,11 @@ class ReloadOnHangup(service.Service):
             action()
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated (untyped_calls_exclude misses super())
         self.previous = signal.signal(self.signum, lambda *_: self.reactor.callFromThread(self.hangup))
 
     def stopService(self) -> None:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated (untyped_calls_exclude misses super())
         if self.previous is not None:
             # Not back to the default action, which would end a process that is still stopping.
             signal.signal(self.signum, signal.SIG_IGN if self.previous == signal.SIG_DFL else self.previous)
@@ -621,7 +631,7 @@ def _local_submission(path: str, receiver: Any, hostname: str, limits: Any, reac
     factory = LocalSubmissionFactory(receiver, hostname, limits, reactor)
     drain.factories.append(factory)
     escaped = path.replace("\\", "\\\\").replace(":", "\\:")
-    strports.service(f"unix:{escaped}:mode=666:lockfile=1", factory, reactor=reactor).setServiceParent(top)
+    strports.service(f"unix:{escaped}:mode=666:lockfile=1", cast("IProtocolFactory", factory), reactor=reactor).setServiceParent(top)
 
 
 def _scan_chain(config: Config, reactor: Any, top: service.MultiService) -> Any:
@@ -700,11 +710,11 @@ class ClusterStateService(service.Service):
         self.state = state
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated (untyped_calls_exclude misses super())
         self.state.start()
 
     def stopService(self) -> Any:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated (untyped_calls_exclude misses super())
         return self.state.stop()
 
 
@@ -791,11 +801,11 @@ class TLSReportService(service.Service):
         self.reporter = reporter
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated (untyped_calls_exclude misses super())
         self.reporter.start()
 
     def stopService(self) -> None:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated (untyped_calls_exclude misses super())
         self.reporter.stop()
 
 

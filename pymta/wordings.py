@@ -17,8 +17,8 @@ try:  # the regular-expression parser, to check rules before they are compiled
     import re._constants as _sre_constants
     import re._parser as _sre_parser
 except ImportError:  # pragma: no cover - Python < 3.11
-    import sre_constants as _sre_constants  # type: ignore[no-redef]
-    import sre_parse as _sre_parser  # type: ignore[no-redef]
+    import sre_constants as _sre_constants
+    import sre_parse as _sre_parser
 
 _POSSESSIVE_REPEAT = getattr(_sre_constants, "POSSESSIVE_REPEAT", _sre_constants.MAX_REPEAT)
 

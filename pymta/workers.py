@@ -66,14 +66,14 @@ class AdoptedPort(service.Service):
         self.port: Any = None
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated (untyped_calls_exclude misses super())
         self.port = self.reactor.adoptStreamPort(self.fileno, self.family, self.factory)
         if self.inherited:
             # Otherwise the socket would go on accepting into its backlog after the port stops.
             os.close(self.fileno)
 
     def stopService(self) -> Any:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated (untyped_calls_exclude misses super())
         if self.port is not None:
             return self.port.stopListening()
         return None
@@ -103,7 +103,7 @@ class WorkerPool(service.Service):
         self.on_ended = on_ended  # called with the pid of a worker that ended (drop what it held)
         self.stop_limit = stop_limit  # seconds the workers get to stop before SIGKILL
         self.processes: dict[int, Any] = {}
-        self._all_ended: defer.Deferred | None = None
+        self._all_ended: defer.Deferred[Any] | None = None
 
     def command(self) -> list[str]:
         logger = [a for a in sys.argv if a.startswith("--logger=")]
@@ -129,7 +129,7 @@ class WorkerPool(service.Service):
         log.info("listener worker {index} started, pid {pid}", index=index, pid=self.processes[index].pid)
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated (untyped_calls_exclude misses super())
         for index in range(self.count):
             self.spawn(index)
 
@@ -145,7 +145,7 @@ class WorkerPool(service.Service):
         if self.running:
             log.warn("listener worker {index} ended ({why}); starting it again", index=worker.index,
                      why=reason.getErrorMessage())  # fmt: skip
-            self.reactor.callLater(1.0, lambda: self.running and self.spawn(worker.index))
+            self.reactor.callLater(1.0, lambda: self.spawn(worker.index) if self.running else None)
 
     def signal_all(self, name: str | int) -> None:
         """``name``: "HUP", "TERM", "INT", "KILL" or a signal number (Twisted maps only those names)."""
@@ -153,9 +153,9 @@ class WorkerPool(service.Service):
             with contextlib.suppress(Exception):
                 process.signalProcess(name)
 
-    def stopService(self) -> defer.Deferred | None:
+    def stopService(self) -> defer.Deferred[Any] | None:
         """SIGTERM to every worker; fires when all have ended (SIGKILL after ``stop_limit``)."""
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated (untyped_calls_exclude misses super())
         for sock in self.sockets:
             sock.close()  # our copy: the workers close theirs as they stop
         if not self.processes:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -60,12 +60,12 @@ class FeedbackGate:
         return not self.tag_domains or sender_domain(envelope.sender) in self.tag_domains
 
     @defer.inlineCallbacks
-    def deliver(self, envelope: Envelope, recipients: list[Recipient], body: bytes):
+    def deliver(self, envelope: Envelope, recipients: list[Recipient], body: bytes) -> Any:
         results: dict[int, DeliveryResult] = {}
         to_send: list[tuple[int, Recipient]] = []
         scope = sender_domain(envelope.sender) if envelope.sender else None
         for i, rcpt in enumerate(recipients):
-            entry = self.suppression.is_suppressed(rcpt.address, scope) if self.suppression is not None else None
+            entry = cast(Any, self.suppression).is_suppressed(rcpt.address, scope) if self.suppression is not None else None
             if entry is not None:
                 text = f"Recipient suppressed ({entry['source']}: {entry['reason']})"
                 log.info("not sending {qid} to suppressed {rcpt}: {why}", qid=envelope.qid, rcpt=rcpt.address, why=text)
@@ -82,28 +82,30 @@ class FeedbackGate:
                     self._learn(envelope, result, scope)
         return [results[i] for i in range(len(recipients))]
 
-    def _send(self, envelope: Envelope, batch: list[tuple[int, Recipient]], body: bytes) -> defer.Deferred:
+    def _send(self, envelope: Envelope, batch: list[tuple[int, Recipient]], body: bytes) -> defer.Deferred[Any]:
         rcpts = [r for _, r in batch]
         if not self.tags(envelope):
-            return defer.maybeDeferred(self.inner.deliver, envelope, rcpts, body)
+            return defer.maybeDeferred(cast(Any, self.inner).deliver, envelope, rcpts, body)  # zope methods are written without self
         rcpt = rcpts[0]
-        tagged = dataclasses.replace(envelope, sender=self.tagger.return_path(envelope.qid, rcpt.address))
-        headers = f"{TRACE_HEADER}: {self.tagger.trace_value(envelope.qid, rcpt.address)}\r\n"
+        tagger = cast(Tagger, self.tagger)  # tags() is true only with a tagger
+        tagged = dataclasses.replace(envelope, sender=tagger.return_path(envelope.qid, rcpt.address))
+        headers = f"{TRACE_HEADER}: {tagger.trace_value(envelope.qid, rcpt.address)}\r\n"
         if self.unsubscribe:
             headers += self.unsubscribe_headers(envelope, rcpt.address)
         data = headers.encode() + body
         if self.unsubscribe and self.signer is not None:
             data = self.signer.signatures(data, timestamp=envelope.arrival) + data
-        return defer.maybeDeferred(self.inner.deliver, tagged, rcpts, data)
+        return defer.maybeDeferred(cast(Any, self.inner).deliver, tagged, rcpts, data)
 
     def unsubscribe_headers(self, envelope: Envelope, recipient: str) -> str:
         """RFC 8058 one-click: the HTTPS URI on the public listener (``[http] public_url``), which
         Gmail and Yahoo require, and a signed mailto on the bounce domain (``u-`` token)."""
         domain = sender_domain(envelope.sender)
-        address = self.tagger.unsubscribe_address(envelope.qid, recipient, domain)
+        tagger = cast(Tagger, self.tagger)  # called for tagged mail only
+        address = tagger.unsubscribe_address(envelope.qid, recipient, domain)
         targets = [f"<mailto:{address}?subject=unsubscribe>"]
         if self.unsubscribe_url:
-            token = self.tagger.unsubscribe_token(envelope.qid, recipient, domain)
+            token = tagger.unsubscribe_token(envelope.qid, recipient, domain)
             targets.insert(0, f"<{self.unsubscribe_url}/u/{token}>")
         folded = ",\r\n ".join(targets)
         return f"List-Unsubscribe: {folded}\r\nList-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n"
@@ -119,4 +121,4 @@ class FeedbackGate:
         log.info("{rcpt} failed at {mx}: {reason} ({kind})", rcpt=result.address, mx=result.remote_mta,
                  reason=reason, kind=verdict or "undecided, not counted", qid=envelope.qid)  # fmt: skip
         if verdict is not None:
-            self.suppression.record_bounce(result.address, reason, hard=verdict == "hard")
+            cast(Any, self.suppression).record_bounce(result.address, reason, hard=verdict == "hard")  # zope methods are written without self

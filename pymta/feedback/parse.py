@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from email.message import Message
 from email.utils import getaddresses, parseaddr
-from typing import Any
+from typing import Any, cast
 
 from pymta.feedback.classify import classify, find_status
 from pymta.wordings import wordings
@@ -158,7 +158,7 @@ class Report:
 def _text(part: Message) -> str:
     """The decoded text of one part, at most MAX_TEXT characters."""
     try:
-        payload = part.get_payload(decode=True)
+        payload = cast(bytes | None, part.get_payload(decode=True))  # bytes for a leaf part
     except Exception:
         payload = None
     if payload is None:
@@ -281,7 +281,7 @@ def _original_headers(walked: list[tuple[Message, bool]]) -> dict[str, str] | No
                      "message/global-headers"):  # fmt: skip
             payload = part.get_payload()
             if isinstance(payload, list) and payload:
-                return {k.lower(): str(v)[:MAX_FIELD] for k, v in payload[0].items()}
+                return {k.lower(): str(v)[:MAX_FIELD] for k, v in cast(Message, payload[0]).items()}
             text = payload if isinstance(payload, str) else _text(part)
             try:
                 inner = email.message_from_string(text[:MAX_TEXT].lstrip())
@@ -323,7 +323,7 @@ def _parse(msg: Message, raw: bytes) -> Report:
     report = Report(subject=subject, from_address=from_address)
     report.original_headers = _original_headers(walked)
     ctype = msg.get_content_type()
-    report_type = (msg.get_param("report-type") or "").lower() if ctype == "multipart/report" else ""
+    report_type = (cast(str | None, msg.get_param("report-type")) or "").lower() if ctype == "multipart/report" else ""
     if report_type == "feedback-report" or any(p.get_content_type() == "message/feedback-report" for p in parts):
         return _arf(msg, parts, report)
     dsn_types = ("message/delivery-status", "message/global-delivery-status")

@@ -56,7 +56,7 @@ class ParsePool:
         future.add_done_callback(lambda f: self.reactor.callFromThread(self._done, f, d, timer))
         return d
 
-    def _done(self, future: Future, d: defer.Deferred[Report], timer: Any) -> None:
+    def _done(self, future: Future[Any], d: defer.Deferred[Report], timer: Any) -> None:
         if d.called:
             return
         timer.cancel()
@@ -67,7 +67,7 @@ class ParsePool:
             report = Report(kind=UNKNOWN)
         d.callback(report)
 
-    def _expired(self, executor: ProcessPoolExecutor, future: Future, d: defer.Deferred[Report], size: int) -> None:
+    def _expired(self, executor: ProcessPoolExecutor, future: Future[Any], d: defer.Deferred[Report], size: int) -> None:
         if d.called:
             return
         log.warn("feedback parse of {size} bytes took over {timeout} s: treated as unknown, workers replaced",

@@ -6,7 +6,7 @@ suppression store. Nothing unsigned or forged ever suppresses anyone (no backsca
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -56,7 +56,7 @@ class FeedbackProcessor:
         self.events = events  # pymta.events.journal.EventJournal: complaint, unsubscribe, reply events
 
     @defer.inlineCallbacks
-    def deliver(self, envelope: Envelope, recipients: list[Recipient], body: bytes):
+    def deliver(self, envelope: Envelope, recipients: list[Recipient], body: bytes) -> Any:
         results = []
         report = None
         forged = False
@@ -67,7 +67,7 @@ class FeedbackProcessor:
                 continue
             if report is None:
                 report = yield self.parser(body)
-                forged = report.kind == ARF and bool(self.authserv_id) and recorded_dkim(body, self.authserv_id) == "fail"
+                forged = report.kind == ARF and bool(self.authserv_id) and recorded_dkim(body, cast(str, self.authserv_id)) == "fail"
                 if forged:
                     log.info("complaint for {to} ignored: its DKIM signature fails", to=[r.address for r in recipients],
                              qid=envelope.qid, kind=report.kind, event="feedback")  # fmt: skip
@@ -77,7 +77,7 @@ class FeedbackProcessor:
                 continue
             outcome = self.handle(rcpt.address, envelope, report)
             if outcome == "keep" and self.reply_agent is not None and self.reply_mailbox:
-                [kept] = yield self.reply_agent.deliver(envelope, [Recipient(self.reply_mailbox, route="local")], body)
+                [kept] = yield cast(Any, self.reply_agent).deliver(envelope, [Recipient(self.reply_mailbox, route="local")], body)
                 results.append(DeliveryResult(rcpt.address, kept.status, kept.code, kept.enhanced,
                                               f"reply kept in {self.reply_mailbox}: {kept.text}"))  # fmt: skip
                 continue
@@ -102,7 +102,7 @@ class FeedbackProcessor:
         parsed = tagger.parse_return_path(address) if tagger is not None else None
         if parsed is not None and parsed[0] == UNSUBSCRIBE:
             candidates = sorted({a.lower() for a in (envelope.sender, report.from_address) if a})
-            match = tagger.match_recipients(address, candidates, kind=UNSUBSCRIBE)
+            match = cast(Tagger, tagger).match_recipients(address, candidates, kind=UNSUBSCRIBE)  # parsed: a tagger
             if match is None:
                 return "ignored: unsubscribe token does not match its sender"
             _, who, scope = match
@@ -113,7 +113,7 @@ class FeedbackProcessor:
         if parsed is not None:
             if report.kind == ARF:
                 return self._complaint(report)
-            match = tagger.match_recipients(address, report.recipients)
+            match = cast(Tagger, tagger).match_recipients(address, report.recipients)
             if match is None:
                 return "ignored: no recipient of this report matches the signed return path"
             qid, who, _ = match

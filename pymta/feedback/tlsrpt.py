@@ -14,7 +14,7 @@ import sqlite3
 import sys
 import zlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from twisted.logger import Logger
 
@@ -59,16 +59,16 @@ def _json_of(data: bytes) -> Any:
 def extract_report(body: bytes) -> Any:
     """The report's JSON object from a mail: a tlsrpt (or gzip/json) part, else the whole body."""
     msg = email.message_from_bytes(body[: MAX_REPORT * 2], policy=email.policy.compat32)
-    candidates = []
+    candidates: list[bytes] = []  # get_payload(decode=True) of a leaf part: bytes
     for part in msg.walk():
         if part.is_multipart():
             continue
         ctype = part.get_content_type()
         name = (part.get_filename() or "").lower()
         if ctype in _REPORT_TYPES or name.endswith((".json", ".json.gz", ".gz")):
-            candidates.append(part.get_payload(decode=True) or b"")
+            candidates.append(cast(bytes, part.get_payload(decode=True)) or b"")
     if not candidates and not msg.is_multipart():
-        candidates.append(msg.get_payload(decode=True) or b"")
+        candidates.append(cast(bytes, msg.get_payload(decode=True)) or b"")
     if not candidates:
         raise ReportError("no report part (application/tlsrpt+gzip or +json) in the mail")
     return _json_of(candidates[0].strip())

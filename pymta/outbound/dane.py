@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
@@ -53,7 +53,7 @@ class DANE:
         self.resolver = resolver
 
     @defer.inlineCallbacks
-    def domain_secure(self, domain: str):
+    def domain_secure(self, domain: str) -> Any:
         """Whether the MX answer of ``domain`` is DNSSEC-validated (else DANE does not apply, §2.2.1)."""
         try:
             mx = yield self.resolver.lookup_mx(domain)
@@ -62,7 +62,7 @@ class DANE:
         return bool(mx.secure)
 
     @defer.inlineCallbacks
-    def host(self, host: str, port: int = 25):
+    def host(self, host: str, port: int = 25) -> Any:
         """The :class:`DANEHost` of an MX host, or None when DANE does not apply to it."""
         try:
             if not (yield self.resolver.addresses_secure(host)):
@@ -113,8 +113,8 @@ def _selected(cert: Any, selector: int) -> bytes:
     from cryptography.hazmat.primitives import serialization
 
     if selector == 0:
-        return cert.public_bytes(serialization.Encoding.DER)
-    return cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        return cast(bytes, cert.public_bytes(serialization.Encoding.DER))
+    return cast(bytes, cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))
 
 
 def _matches(cert: Any, record: tuple[int, int, int, bytes]) -> bool:

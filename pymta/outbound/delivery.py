@@ -13,7 +13,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from twisted.internet import defer, endpoints, error, protocol, task
 from twisted.logger import Logger
@@ -36,6 +36,9 @@ from pymta.smtp.content import encode_data
 from pymta.smtp.replies import Reply
 from pymta.smtp.syntax import xtext_encode
 from pymta.state.suspensions import SUSPENDED_TEXT
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IProtocolFactory
 
 log = Logger(namespace="pymta.outbound")
 
@@ -180,22 +183,22 @@ class SMTPDeliveryAgent:
         self.global_slots = defer.DeferredSemaphore(max_connections)
         self.idle: dict[PoolKey, list[Session]] = {}
         self.no_tls_until: dict[str, float] = {}
-        self._closing: list[defer.Deferred] = []  # connections being closed (QUIT sent)
+        self._closing: list[defer.Deferred[Any]] = []  # connections being closed (QUIT sent)
         self._stopping = False  # set by abort_all: no new delivery, no new connection
         self._live: weakref.WeakSet[SMTPClientProtocol] = weakref.WeakSet()  # every connection made
-        self._connecting: set[defer.Deferred] = set()  # connection attempts in progress
-        self._calls: dict[defer.Deferred, list[Recipient]] = {}  # deliveries in flight -> their recipients
+        self._connecting: set[defer.Deferred[Any]] = set()  # connection attempts in progress
+        self._calls: dict[defer.Deferred[Any], list[Recipient]] = {}  # deliveries in flight -> their recipients
         self.active: dict[tuple[str, str], int] = {}  # (provider, source) -> sessions delivering now
 
     # -- the IDeliveryAgent call ----------------------------------------------------------------
 
-    def deliver(self, envelope: Envelope, recipients: list[Recipient], body: bytes) -> defer.Deferred:
+    def deliver(self, envelope: Envelope, recipients: list[Recipient], body: bytes) -> defer.Deferred[Any]:
         if self._stopping:
             return defer.succeed([_result(r, INTERRUPTED, None, None) for r in recipients])
         inner = self._deliver_within_limits(envelope, recipients, body)
         if inner.called:
             return inner
-        outer: defer.Deferred = defer.Deferred()
+        outer: defer.Deferred[Any] = defer.Deferred()
         self._calls[outer] = recipients
 
         def relay(result: Any) -> None:
@@ -206,7 +209,7 @@ class SMTPDeliveryAgent:
         inner.addBoth(relay)
         return outer
 
-    def abort_all(self, settle: float = 1.0) -> defer.Deferred:
+    def abort_all(self, settle: float = 1.0) -> defer.Deferred[Any]:
         """At shutdown, once the grace is over: abort every connection and attempt, and answer
         every delivery still in flight (451 4.3.2, deferred) within ``settle`` seconds.
 
@@ -235,7 +238,7 @@ class SMTPDeliveryAgent:
         return task.deferLater(self.clock, settle, answer_the_rest)
 
     @defer.inlineCallbacks
-    def _deliver_within_limits(self, envelope: Envelope, recipients: list[Recipient], body: bytes):
+    def _deliver_within_limits(self, envelope: Envelope, recipients: list[Recipient], body: bytes) -> Any:
         yield self.global_slots.acquire()  # per destination, the shaper counts connections
         try:
             results = yield self._deliver(envelope, recipients, body, recipients[0].domain)
@@ -244,7 +247,7 @@ class SMTPDeliveryAgent:
         return results
 
     @defer.inlineCallbacks
-    def _deliver(self, envelope: Envelope, recipients: list[Recipient], body: bytes, domain: str):
+    def _deliver(self, envelope: Envelope, recipients: list[Recipient], body: bytes, domain: str) -> Any:
         try:
             hops: list[Hop] = yield self.router.next_hops(domain)
         except RouteError as e:
@@ -308,7 +311,7 @@ class SMTPDeliveryAgent:
 
     @defer.inlineCallbacks
     def _try_hops(self, envelope: Envelope, recipients: list[Recipient], body: bytes, domain: str,
-                  hops: list[Hop], shaping: tuple[str, Any] | None, source: Any = None):  # fmt: skip
+                  hops: list[Hop], shaping: tuple[str, Any] | None, source: Any = None) -> Any:  # fmt: skip
         plans, label = yield self._plan(envelope, body, domain, hops)
         results = yield self._hops_in_turn(envelope, recipients, body, domain, plans, shaping, source, label)
         for r in results:
@@ -316,7 +319,7 @@ class SMTPDeliveryAgent:
         return results
 
     @defer.inlineCallbacks
-    def _plan(self, envelope: Envelope, body: bytes, domain: str, hops: list[Hop]):
+    def _plan(self, envelope: Envelope, body: bytes, domain: str, hops: list[Hop]) -> Any:
         """(the :class:`HopPlan` of each hop, the label of the policy that governs the message)."""
         base = self.tls_policy_for(domain)
         requiretls = requiretls_of(envelope)
@@ -369,7 +372,7 @@ class SMTPDeliveryAgent:
 
     @defer.inlineCallbacks
     def _hops_in_turn(self, envelope: Envelope, recipients: list[Recipient], body: bytes, domain: str,
-                      plans: list[HopPlan], shaping: tuple[str, Any] | None, source: Any, label: str):  # fmt: skip
+                      plans: list[HopPlan], shaping: tuple[str, Any] | None, source: Any, label: str) -> Any:  # fmt: skip
         last = Reply(451, "4.4.1", "No mail exchanger could be reached")
         requiretls = requiretls_of(envelope)
         for plan in plans:
@@ -459,7 +462,7 @@ class SMTPDeliveryAgent:
 
     @defer.inlineCallbacks
     def _session(self, hop: Hop, address: str, policy: str, source: Any = None, shaping: Any = None,
-                 dane: Any = None):  # fmt: skip
+                 dane: Any = None) -> Any:  # fmt: skip
         if self._stopping:
             raise ConnectFailed(INTERRUPTED)
         source_name = source.name if source is not None else ""
@@ -503,13 +506,13 @@ class SMTPDeliveryAgent:
         return session
 
     @defer.inlineCallbacks
-    def _connect(self, address: str, port: int, source: Any = None):
+    def _connect(self, address: str, port: int, source: Any = None) -> Any:
         proto = SMTPClientProtocol(self.clock)
         kind = endpoints.TCP6ClientEndpoint if ":" in address else endpoints.TCP4ClientEndpoint
         local = source.address if source is not None else self.source_address
         bind = (local, 0) if local else None
         endpoint = kind(self.reactor, address, port, timeout=self.timeouts.connect, bindAddress=bind)
-        attempt = endpoint.connect(_OneConnection(proto))
+        attempt = endpoint.connect(cast("IProtocolFactory", _OneConnection(proto)))  # zope: no structural match
         self._connecting.add(attempt)
         try:
             yield attempt
@@ -525,7 +528,7 @@ class SMTPDeliveryAgent:
         return proto
 
     @defer.inlineCallbacks
-    def _open(self, session: Session, policy: str, dane: Any = None):
+    def _open(self, session: Session, policy: str, dane: Any = None) -> Any:
         proto = session.proto
         t = self.timeouts
         try:
@@ -543,7 +546,7 @@ class SMTPDeliveryAgent:
         if wants_tls and proto.extensions.has("STARTTLS") and not (plaintext_ok and policy == "opportunistic"):
             verify = policy == "verify"  # DANE authenticates by the TLSA records instead of PKIX
             authenticated = verify or (policy == "dane" and dane is not None and bool(dane.records))
-            context = self.tls_context_for(session.host, verify)
+            context = cast("Callable[[str, bool], Any]", self.tls_context_for)(session.host, verify)  # wants_tls: set
             if policy == "dane" and hasattr(context, "getContext"):
                 from pymta.outbound.dane import WithSNI
 
@@ -605,7 +608,7 @@ class SMTPDeliveryAgent:
         self._closing.append(d)
         d.addBoth(lambda _: self._closing.remove(d) if d in self._closing else None)
 
-    def close_idle(self) -> defer.Deferred:
+    def close_idle(self) -> defer.Deferred[Any]:
         """QUIT every idle connection (at shutdown); fires when they are closed."""
         closing = []
         for pool in list(self.idle.values()):
@@ -621,7 +624,7 @@ class SMTPDeliveryAgent:
 
     @defer.inlineCallbacks
     def _send(self, session: Session, envelope: Envelope, recipients: list[Recipient], body: bytes,
-              per_connection: int | None = None, per_message: int | None = None):  # fmt: skip
+              per_connection: int | None = None, per_message: int | None = None) -> Any:  # fmt: skip
         """Per-recipient results, or None when the session broke before any transaction started."""
         proto = session.proto
         ext = proto.extensions

@@ -71,7 +71,7 @@ class Router:
         return _literal(domain) is None and (self.routes.get(domain) or self.smarthost) is None
 
     @defer.inlineCallbacks
-    def next_hops(self, domain: str):
+    def next_hops(self, domain: str) -> Any:
         """A list of :class:`Hop` to try in order; raises :class:`RouteError`."""
         domain = domain.lower().rstrip(".")
         literal = _literal(domain)
@@ -121,7 +121,7 @@ class Router:
         return self._check_loop(hops)
 
     @defer.inlineCallbacks
-    def _addresses(self, name: str):
+    def _addresses(self, name: str) -> Any:
         try:
             addresses = yield self.resolver.lookup_addresses(name)
         except DNSPermanentError as e:

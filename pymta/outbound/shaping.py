@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import defer, task
 from twisted.logger import Logger
@@ -77,7 +77,7 @@ class State:
     recover: float = 0.0
     reason: str = ""
     connections: int = 0
-    waiting: list[defer.Deferred] = field(default_factory=list)
+    waiting: list[defer.Deferred[Any]] = field(default_factory=list)
     window: float = 0.0  # adaptive concurrency (0: not started yet)
     limits: Limits | None = None
     failures: int = 0  # connection-level failures in a row
@@ -168,8 +168,9 @@ class Shaper:
         if self.suspensions is None:
             return None
         extra = getattr(envelope, "extra", None) or {}
-        return self.suspensions.match(domain=domain, provider=provider, source=getattr(source, "name", None),
-                                      campaign=extra.get("campaign"), tenant=extra.get("tenant"))  # fmt: skip
+        found = self.suspensions.match(domain=domain, provider=provider, source=getattr(source, "name", None),
+                                       campaign=extra.get("campaign"), tenant=extra.get("tenant"))  # fmt: skip
+        return cast("dict[str, Any] | None", found)
 
     # -- admission ------------------------------------------------------------------------
 
@@ -181,7 +182,7 @@ class Shaper:
             return s.paused_until
         return next_window_start(now, limits)
 
-    def admit(self, key: str, limits: Limits) -> defer.Deferred:
+    def admit(self, key: str, limits: Limits) -> defer.Deferred[Any]:
         """:meth:`hold_until`, with the rate taken from the cluster's shared state when there is one."""
         if self.cluster is None:
             return defer.succeed(self.hold_until(key, limits))
@@ -190,7 +191,7 @@ class Shaper:
         if held or rate is None:
             return defer.succeed(held)
         d = self.cluster.take("rate:" + key, key, rate)
-        return d.addCallback(lambda wait: self.clock.seconds() + wait if wait else 0.0)
+        return cast("defer.Deferred[Any]", d.addCallback(lambda wait: self.clock.seconds() + wait if wait else 0.0))
 
     def hold_until(self, key: str, limits: Limits) -> float:
         """0 if a message may go now (and takes its rate token); else when to try again."""
@@ -227,24 +228,25 @@ class Shaper:
             s.window = float(min(INITIAL_WINDOW, cap))
         return max(1, min(cap, int(s.window)))
 
-    def acquire_connection(self, key: str, limits: Limits) -> defer.Deferred:
+    def acquire_connection(self, key: str, limits: Limits) -> defer.Deferred[Any]:
         """Fires when the destination has a free connection slot (FIFO), and, in a cluster, one
         of the cluster's ``connections`` for the destination (the adaptive window stays per node)."""
         s = self.state(key)
         s.limits = limits
         if s.connections < self._cap(s, limits):
             s.connections += 1
-            d = defer.succeed(None)
+            d: defer.Deferred[Any] = defer.succeed(None)
         else:
             d = defer.Deferred()
             s.waiting.append(d)
         if self.cluster is not None and limits.connections is not None:
-            d.addCallback(lambda _: self._lease(key, limits.connections))
+            cap = limits.connections  # Limits is frozen
+            d.addCallback(lambda _: self._lease(key, cap))
         return d
 
     @defer.inlineCallbacks
     def _lease(self, key: str, cap: int) -> Any:
-        while not (yield self.leases.acquire("conn:" + key, cap)):
+        while not (yield cast(LeaseKeeper, self.leases).acquire("conn:" + key, cap)):  # set with the cluster
             yield task.deferLater(self.clock, LEASE_RETRY, lambda: None)
 
     def release_connection(self, key: str) -> None:

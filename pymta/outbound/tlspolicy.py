@@ -87,7 +87,7 @@ def parse_txt(records: list[str]) -> str | None:
         if len(sts) > 1:
             raise PolicyError(f"{len(sts)} v=STSv1 TXT records (exactly one is allowed)")
         return None
-    fields = {}
+    fields: dict[str, str] = {}
     for part in sts[0].split(";"):
         key, eq, value = part.strip().partition("=")
         if eq:
@@ -151,15 +151,16 @@ class _ResolvingTLSEndpoint:
         self.host = host
 
     @defer.inlineCallbacks
-    def connect(self, factory: Any):
+    def connect(self, factory: Any) -> Any:
         p = self.parent
         addresses = yield p.resolver.lookup_addresses(self.host)
         if not addresses:
             raise PolicyError(f"{self.host} has no address")
         kind = endpoints.TCP6ClientEndpoint if ":" in addresses[0] else endpoints.TCP4ClientEndpoint
-        tcp = kind(p.reactor, addresses[0], p.port, timeout=p.timeout)
+        tcp: Any = kind(p.reactor, addresses[0], p.port, timeout=p.timeout)
         options = ssl.optionsForClientTLS(self.host, trustRoot=p.trust_root)
-        proto = yield endpoints.wrapClientTLS(options, tcp).connect(factory)
+        wrapped: Any = endpoints.wrapClientTLS(options, tcp)  # zope methods are written without self
+        proto = yield wrapped.connect(factory)
         return proto
 
 
@@ -192,12 +193,12 @@ class MTASTS:
         self.agent = Agent.usingEndpointFactory(reactor, endpoints_)
         self._memory: dict[str, CachedPolicy | None] = {}
         self._failed: dict[tuple[str, str], float] = {}  # (domain, id) -> retry the fetch after
-        self._fetching: dict[tuple[str, str], defer.Deferred] = {}
+        self._fetching: dict[tuple[str, str], defer.Deferred[Any]] = {}
 
     # -- the question the delivery agent asks ----------------------------------------------
 
     @defer.inlineCallbacks
-    def policy_for(self, domain: str):
+    def policy_for(self, domain: str) -> Any:
         try:
             domain = to_ascii(domain)
         except DNSPermanentError:
@@ -241,14 +242,14 @@ class MTASTS:
     # -- fetching ------------------------------------------------------------------------
 
     @defer.inlineCallbacks
-    def _fetch(self, domain: str, policy_id: str):
+    def _fetch(self, domain: str, policy_id: str) -> Any:
         url = f"https://mta-sts.{domain}/.well-known/mta-sts.txt"
         try:
             d = self.agent.request(b"GET", url.encode("ascii"), Headers({b"User-Agent": [b"pymta"]}))
             d.addTimeout(self.fetch_timeout, self.clock, onTimeoutCancel=self._timed_out)
             response = yield d
             # The body is always read (bounded), so that the connection is finished either way.
-            body_d: defer.Deferred = defer.Deferred()
+            body_d: defer.Deferred[Any] = defer.Deferred()
             response.deliverBody(LimitedBody(body_d, self.max_size, PolicyError, "policy"))
             body_d.addTimeout(self.fetch_timeout, self.clock, onTimeoutCancel=self._timed_out)
             body = yield body_d
@@ -321,8 +322,12 @@ class MTASTS:
             log.error("MTA-STS cache file {path} not written: {why}", path=path, why=str(e))
 
 
-def _shared(d: defer.Deferred) -> defer.Deferred:
+def _shared(d: defer.Deferred[Any]) -> defer.Deferred[Any]:
     """A Deferred of ``d``'s result (``d`` never fails) that leaves ``d`` usable by other waiters."""
-    out: defer.Deferred = defer.Deferred()
-    d.addCallback(lambda result: (out.callback(result), result)[1])
+    out: defer.Deferred[Any] = defer.Deferred()
+    def relay(result: Any) -> Any:
+        out.callback(result)
+        return result
+
+    d.addCallback(relay)
     return out

@@ -16,12 +16,15 @@ import uuid
 from collections.abc import Callable
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from pymta.dns import DNSError
+
+if TYPE_CHECKING:
+    from twisted.web.iweb import IBodyProducer
 
 log = Logger(namespace="pymta.outbound.tlsrpt")
 
@@ -176,7 +179,7 @@ class TLSReporter:
         self.post = post
         self.notify: Callable[[str], Any] = lambda qid: None  # the queue manager's notify_incoming, once wired
         self._call: Any = None
-        self._running: defer.Deferred | None = None
+        self._running: defer.Deferred[Any] | None = None
 
     # -- counting ---------------------------------------------------------------------------------
 
@@ -207,7 +210,7 @@ class TLSReporter:
         d.addErrback(lambda f: log.failure("TLS reports not sent", f))
         self._schedule()
 
-    def send_due(self) -> defer.Deferred:
+    def send_due(self) -> defer.Deferred[Any]:
         """Send every report of a finished day not sent yet; fires with the number sent."""
         if self._running is not None:
             return self._running
@@ -220,7 +223,7 @@ class TLSReporter:
         return d.addBoth(done)
 
     @defer.inlineCallbacks
-    def _send_due(self):
+    def _send_due(self) -> Any:
         today = day_of(self.clock.seconds())
         sent = 0
         for day, domain in self.counts.due(today):
@@ -240,7 +243,7 @@ class TLSReporter:
         return sent
 
     @defer.inlineCallbacks
-    def _deliver(self, report: dict[str, Any], domain: str, rua: list[str]):
+    def _deliver(self, report: dict[str, Any], domain: str, rua: list[str]) -> Any:
         from pymta.envelope import ROUTE_RELAY, Envelope, Recipient, new_qid
 
         now = self.clock.seconds()
@@ -268,7 +271,7 @@ class TLSReporter:
                          event="tlsrpt_post_failed")  # fmt: skip
 
 
-def https_poster(reactor: Any, clock: Any, ca_file: str | None = None) -> Callable[[str, bytes], defer.Deferred]:
+def https_poster(reactor: Any, clock: Any, ca_file: str | None = None) -> Callable[[str, bytes], defer.Deferred[Any]]:
     """POST a gzipped report to an https: rua (RFC 8460 §5.4) with Twisted's HTTP client; fires
     with the status code, fails on a timeout or a status outside 2xx."""
     from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
@@ -281,11 +284,12 @@ def https_poster(reactor: Any, clock: Any, ca_file: str | None = None) -> Callab
     headers = Headers({b"Content-Type": [b"application/tlsrpt+gzip"], b"User-Agent": [b"pymta"]})
 
     @defer.inlineCallbacks
-    def post(url: str, data: bytes):
-        d = agent.request(b"POST", url.encode("ascii"), headers, BytesProducer(data))
+    def post(url: str, data: bytes) -> Any:
+        producer = cast("IBodyProducer", BytesProducer(data))  # zope: no structural match without a plugin
+        d = agent.request(b"POST", url.encode("ascii"), headers, producer)
         d.addTimeout(HTTPS_TIMEOUT, clock)
         response = yield d
-        body: defer.Deferred = defer.Deferred()
+        body: defer.Deferred[Any] = defer.Deferred()
         response.deliverBody(LimitedBody(body, 65536, ValueError, "answer"))  # read (bounded) and dropped
         body.addTimeout(HTTPS_TIMEOUT, clock)
         yield body

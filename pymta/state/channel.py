@@ -11,7 +11,7 @@ each bounded by ``timeout``; a failure is logged and retried, never raised to th
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -19,7 +19,7 @@ from twisted.logger import Logger
 log = Logger(namespace="pymta.state.channel")
 
 # open(on_message, on_lost) -> Deferred of a subscriber (``subscribe(channels)``, ``disconnect()``)
-Opener = Callable[[Callable[[str, str], Any], Callable[[], Any]], defer.Deferred]
+Opener = Callable[[Callable[[str, str], Any], Callable[[], Any]], defer.Deferred[Any]]
 
 
 class Subscription:
@@ -58,7 +58,7 @@ class Subscription:
     def delay(self) -> float:
         """Seconds before the next attempt: ``initial`` after a loss or a first failure, doubled
         after each further failure in a row, at most ``most``."""
-        return min(self.most, self.initial * 2 ** min(max(0, self._failures - 1), 32))
+        return cast(float, min(self.most, self.initial * 2 ** min(max(0, self._failures - 1), 32)))
 
     @defer.inlineCallbacks
     def _attempt(self) -> Any:
@@ -115,10 +115,10 @@ class Subscription:
             self._later()
 
     @staticmethod
-    def _close(conn: Any) -> defer.Deferred:
+    def _close(conn: Any) -> defer.Deferred[Any]:
         return defer.maybeDeferred(conn.disconnect).addErrback(lambda _: None)
 
-    def stop(self) -> defer.Deferred:
+    def stop(self) -> defer.Deferred[Any]:
         """Stop listening; a Deferred that fires once the connection is closed."""
         self._stopped = True
         self.subscribed = False

@@ -28,7 +28,7 @@ import os
 import socket
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from twisted.internet import defer, task
@@ -179,10 +179,10 @@ class LocalClusterState:
     def nodes_alive(self) -> int:
         return 1
 
-    def take(self, name: str, key: str, rate: Rate) -> defer.Deferred:
+    def take(self, name: str, key: str, rate: Rate) -> defer.Deferred[Any]:
         return defer.succeed(self.memory.take(name, key, rate))
 
-    def acquire_lease(self, key: str, limit: int, lease: str, ttl: float, group: str | None = None) -> defer.Deferred:
+    def acquire_lease(self, key: str, limit: int, lease: str, ttl: float, group: str | None = None) -> defer.Deferred[Any]:
         now = self.clock.seconds()
         held = {m: t for m, t in self.leases.get(key, {}).items() if t > now}
         if group is not None:
@@ -194,14 +194,14 @@ class LocalClusterState:
         self.leases[key] = held
         return defer.succeed(True)
 
-    def refresh_leases(self, leases: list[tuple[str, str]], ttl: float) -> defer.Deferred:
+    def refresh_leases(self, leases: list[tuple[str, str]], ttl: float) -> defer.Deferred[Any]:
         until = self.clock.seconds() + ttl
         for key, lease in leases:
             if lease in self.leases.get(key, {}):
                 self.leases[key][lease] = until
         return defer.succeed(None)
 
-    def release_lease(self, key: str, lease: str) -> defer.Deferred:
+    def release_lease(self, key: str, lease: str) -> defer.Deferred[Any]:
         held = self.leases.get(key)
         if held is not None:
             held.pop(lease, None)
@@ -209,7 +209,7 @@ class LocalClusterState:
                 del self.leases[key]
         return defer.succeed(None)
 
-    def release_group(self, group: str) -> defer.Deferred:
+    def release_group(self, group: str) -> defer.Deferred[Any]:
         prefixes = tuple(g + "." for g in (self.groups if group == "*" else {group}))
         self.groups -= {p[:-1] for p in prefixes}
         for key in list(self.leases):
@@ -220,10 +220,10 @@ class LocalClusterState:
                 del self.leases[key]
         return defer.succeed(None)
 
-    def greylist(self, triple: tuple[str, str, str], delay: float, expire: float, lifetime: float) -> defer.Deferred:
+    def greylist(self, triple: tuple[str, str, str], delay: float, expire: float, lifetime: float) -> defer.Deferred[Any]:
         return defer.succeed(self.memory.greylist(triple, delay, expire, lifetime))
 
-    def take_quota(self, counters: list[tuple[str, int]]) -> defer.Deferred:
+    def take_quota(self, counters: list[tuple[str, int]]) -> defer.Deferred[Any]:
         if any(cap >= 0 and self.quotas.get(key, 0) + 1 > cap for key, cap in counters):
             return defer.succeed(False)
         for key, _ in counters:
@@ -232,7 +232,7 @@ class LocalClusterState:
             self.quotas.pop(next(iter(self.quotas)))
         return defer.succeed(True)
 
-    def give_back_quota(self, keys: list[str]) -> defer.Deferred:
+    def give_back_quota(self, keys: list[str]) -> defer.Deferred[Any]:
         for key in keys:
             if self.quotas.get(key, 0) > 0:
                 self.quotas[key] -= 1
@@ -241,16 +241,16 @@ class LocalClusterState:
     def watch(self, table: str, on_records: Callable[[dict[str, dict[str, Any]]], Any]) -> None:
         pass  # a node alone: nobody else writes records
 
-    def put_record(self, table: str, name: str, record: dict[str, Any], until: float) -> defer.Deferred:
+    def put_record(self, table: str, name: str, record: dict[str, Any], until: float) -> defer.Deferred[Any]:
         return defer.succeed(False)
 
-    def delete_record(self, table: str, name: str) -> defer.Deferred:
+    def delete_record(self, table: str, name: str) -> defer.Deferred[Any]:
         return defer.succeed(False)
 
-    def start(self) -> defer.Deferred:
+    def start(self) -> defer.Deferred[Any]:
         return defer.succeed(None)
 
-    def stop(self) -> defer.Deferred:
+    def stop(self) -> defer.Deferred[Any]:
         return defer.succeed(None)
 
 
@@ -278,7 +278,7 @@ class RedisClusterState:
     def __init__(
         self,
         clock: Any,
-        connect: Callable[[], defer.Deferred],
+        connect: Callable[[], defer.Deferred[Any]],
         node: str | None = None,
         timeout: float = 0.5,
         heartbeat: float = 2.0,
@@ -312,7 +312,7 @@ class RedisClusterState:
 
     # -- life -----------------------------------------------------------------------------
 
-    def start(self) -> defer.Deferred:
+    def start(self) -> defer.Deferred[Any]:
         """Connect and beat; never fails (the node runs local until Redis answers)."""
         d = self._probe()
         self._schedule()
@@ -320,7 +320,7 @@ class RedisClusterState:
             self.subscription.start()
         return d
 
-    def stop(self) -> defer.Deferred:
+    def stop(self) -> defer.Deferred[Any]:
         if self._beat is not None and self._beat.active():
             self._beat.cancel()
         self._beat = None
@@ -343,7 +343,7 @@ class RedisClusterState:
         self._schedule()
         self.beat()
 
-    def beat(self) -> defer.Deferred:
+    def beat(self) -> defer.Deferred[Any]:
         """One heartbeat (shared) or one attempt to get back to Redis (local); never fails."""
         if self.shared:
             d = self._heartbeat()
@@ -411,7 +411,7 @@ class RedisClusterState:
 
     # -- calls ----------------------------------------------------------------------------
 
-    def _call(self, command: Callable[[Any], defer.Deferred], conn: Any = None) -> defer.Deferred:
+    def _call(self, command: Callable[..., defer.Deferred[Any]], conn: Any = None) -> defer.Deferred[Any]:
         conn = conn if conn is not None else self._conn
         if conn is None:
             return defer.fail(ConnectionError("not connected to Redis"))
@@ -420,21 +420,21 @@ class RedisClusterState:
         d.addTimeout(self.timeout, self.clock)
         return d
 
-    def _script(self, name: str, keys: list[str], args: list[Any]) -> defer.Deferred:
+    def _script(self, name: str, keys: list[str], args: list[Any]) -> defer.Deferred[Any]:
         return self._call(lambda c: c.evalsha(self._shas[name], keys=keys, args=[str(a) for a in args]))
 
-    def _shared_or_local(self, shared: Callable[[], defer.Deferred], local: Callable[[], defer.Deferred],
-                         what: str) -> defer.Deferred:  # fmt: skip
+    def _shared_or_local(self, shared: Callable[[], defer.Deferred[Any]], local: Callable[[], defer.Deferred[Any]],
+                         what: str) -> defer.Deferred[Any]:  # fmt: skip
         if not self.shared:
             return local()
 
-        def fallback(failure: Any) -> defer.Deferred:
+        def fallback(failure: Any) -> defer.Deferred[Any]:
             self._failed(failure, what)
             return local()
 
         return shared().addErrback(fallback)
 
-    def command(self, *args: Any) -> defer.Deferred:
+    def command(self, *args: Any) -> defer.Deferred[Any]:
         """One raw Redis command within the timeout (fails while the node is local)."""
         if not self.shared:
             return defer.fail(ConnectionError("Redis unreachable: the node is local"))
@@ -448,12 +448,12 @@ class RedisClusterState:
 
     # -- daily quotas: warm-up caps ---------------------------------------------------------
 
-    def take_quota(self, counters: list[tuple[str, int]]) -> defer.Deferred:
+    def take_quota(self, counters: list[tuple[str, int]]) -> defer.Deferred[Any]:
         """Deferred of True when every (counter, cap) pair has room for one more (cap < 0: no cap),
         and then each counter counts it; False otherwise. Counters live two days. While Redis is
         away each cap allows this node the remaining quota last seen, divided by the nodes alive."""
 
-        def shared() -> defer.Deferred:
+        def shared() -> defer.Deferred[Any]:
             keys = [_quota_key(k) for k, _ in counters]
             d = self._script("quota", keys, [int(QUOTA_TTL * 1000), *(cap for _, cap in counters)])
             return d.addCallback(seen)
@@ -478,7 +478,7 @@ class RedisClusterState:
                 self._quota_away[key] = self._quota_away.get(key, 0) + 1
         return True
 
-    def give_back_quota(self, keys: list[str]) -> defer.Deferred:
+    def give_back_quota(self, keys: list[str]) -> defer.Deferred[Any]:
         """One taken by :meth:`take_quota` was not used (nothing was delivered)."""
         if not self.shared:
             for key in keys:
@@ -509,7 +509,7 @@ class RedisClusterState:
         later call replaces it (a store opened again)."""
         self._watchers[table] = on_records
 
-    def put_record(self, table: str, name: str, record: dict[str, Any], until: float) -> defer.Deferred:
+    def put_record(self, table: str, name: str, record: dict[str, Any], until: float) -> defer.Deferred[Any]:
         """Keep ``record`` under ``name`` in ``table`` until ``until`` (every node reads it); a
         Deferred of True once Redis has it, False when the node is local."""
         value = json.dumps({**record, "until": until}, sort_keys=True, default=str)
@@ -517,11 +517,11 @@ class RedisClusterState:
             raise ValueError(f"a {table} record is over {MAX_RECORD} octets")
         return self._change_record("put", table, name, value)
 
-    def delete_record(self, table: str, name: str) -> defer.Deferred:
+    def delete_record(self, table: str, name: str) -> defer.Deferred[Any]:
         """Forget ``name`` in ``table``; a Deferred of True once Redis has done it."""
         return self._change_record("delete", table, name, "")
 
-    def _change_record(self, op: str, table: str, name: str, value: str) -> defer.Deferred:
+    def _change_record(self, op: str, table: str, name: str, value: str) -> defer.Deferred[Any]:
         """Store or delete a record and publish the change, in one script (a Deferred of True once done)."""
         if not self.shared:
             return defer.succeed(False)
@@ -595,7 +595,7 @@ class RedisClusterState:
 
     # -- the operations -------------------------------------------------------------------
 
-    def take(self, name: str, key: str, rate: Rate) -> defer.Deferred:
+    def take(self, name: str, key: str, rate: Rate) -> defer.Deferred[Any]:
         """0.0 if one event may happen now (recorded cluster-wide), else seconds to wait."""
         if name.startswith(LOCAL_PREFIX):
             return self.local.take(name, key, rate)
@@ -605,7 +605,7 @@ class RedisClusterState:
             lambda: self.local.take(name, key, rate.scaled(1 / self._alive)),
             "rate")  # fmt: skip
 
-    def acquire_lease(self, key: str, limit: int, lease: str, ttl: float, group: str | None = None) -> defer.Deferred:
+    def acquire_lease(self, key: str, limit: int, lease: str, ttl: float, group: str | None = None) -> defer.Deferred[Any]:
         """True if ``lease`` holds one of ``limit`` slots of ``key`` (for ``ttl`` unless refreshed).
         ``group`` (a lease then starts ``group + "."``): the leases one process holds, which
         :meth:`release_group` gives back at once."""
@@ -625,7 +625,7 @@ class RedisClusterState:
     def _group_key(self, group: str) -> str:
         return f"{PREFIX}group:{self.node}/{group}"
 
-    def release_group(self, group: str) -> defer.Deferred:
+    def release_group(self, group: str) -> defer.Deferred[Any]:
         """Give back every lease of ``group`` on this node ("*": of every group), as when the
         process holding them has ended or the node starts again."""
         self.local.release_group(group)
@@ -634,7 +634,7 @@ class RedisClusterState:
         d = self._script("release_groups", [PREFIX + "groups:" + self.node], [f"{self.node}/", group, self._group_key("")])
         return d.addCallback(lambda _: None).addErrback(self._failed, "lease release")
 
-    def refresh_leases(self, leases: list[tuple[str, str]], ttl: float) -> defer.Deferred:
+    def refresh_leases(self, leases: list[tuple[str, str]], ttl: float) -> defer.Deferred[Any]:
         """Push the expiry of these (key, lease) pairs ``ttl`` ahead (the connections still live)."""
         self.local.refresh_leases(leases, ttl)
         shared = [(k, lease) for k, lease in leases if not k.startswith(LOCAL_PREFIX)]
@@ -645,14 +645,14 @@ class RedisClusterState:
         d = self._script("refresh", keys, [repr(self.clock.seconds() + ttl), *members])
         return d.addCallback(lambda _: None).addErrback(self._failed, "lease refresh")
 
-    def release_lease(self, key: str, lease: str) -> defer.Deferred:
+    def release_lease(self, key: str, lease: str) -> defer.Deferred[Any]:
         self.local.release_lease(key, lease)
         if key.startswith(LOCAL_PREFIX) or not self.shared:
             return defer.succeed(None)
         d = self._call(lambda c: c.zrem(PREFIX + "lease:" + _digest("lease", key), f"{self.node}/{lease}"))
         return d.addCallback(lambda _: None).addErrback(self._failed, "lease release")
 
-    def greylist(self, triple: tuple[str, str, str], delay: float, expire: float, lifetime: float) -> defer.Deferred:
+    def greylist(self, triple: tuple[str, str, str], delay: float, expire: float, lifetime: float) -> defer.Deferred[Any]:
         return self._shared_or_local(
             lambda: self._script("greylist", [PREFIX + "grey:" + _digest("grey", "\0".join(triple))],
                                  [repr(self.clock.seconds()), repr(delay), repr(expire), repr(lifetime)]
@@ -674,7 +674,7 @@ class LeaseKeeper:
         self._serial = 0
         self._refresher: Any = None
 
-    def acquire(self, key: str, limit: int) -> defer.Deferred:
+    def acquire(self, key: str, limit: int) -> defer.Deferred[Any]:
         """A Deferred of True when one more slot of ``key`` (of ``limit``) is held here."""
         self._serial += 1
         lease = f"{self.group or f'{id(self):x}'}.{self._serial}"  # unique in this process
@@ -685,9 +685,9 @@ class LeaseKeeper:
                 self._start()
             return ok
 
-        return self.cluster.acquire_lease(key, limit, lease, self.ttl, self.group).addCallback(got)
+        return cast("defer.Deferred[Any]", self.cluster.acquire_lease(key, limit, lease, self.ttl, self.group).addCallback(got))
 
-    def release(self, key: str) -> defer.Deferred:
+    def release(self, key: str) -> defer.Deferred[Any]:
         """Give one slot of ``key`` held here back (none held: nothing)."""
         leases = self.held.get(key)
         if not leases:
@@ -695,7 +695,7 @@ class LeaseKeeper:
         lease = leases.pop()
         if not leases:
             del self.held[key]
-        return self.cluster.release_lease(key, lease)
+        return cast("defer.Deferred[Any]", self.cluster.release_lease(key, lease))
 
     def _start(self) -> None:
         if self._refresher is None:
@@ -725,30 +725,30 @@ class ClusterInboundState:
         self.owner = os.getpid() if owner is None else owner
         self.leases = LeaseKeeper(cluster, clock, lease_ttl, group=f"inbound{self.owner}")
 
-    def acquire_connection(self, key: str, limit: int) -> defer.Deferred:
+    def acquire_connection(self, key: str, limit: int) -> defer.Deferred[Any]:
         return self.leases.acquire("client:" + key, limit)
 
-    def release_connection(self, key: str) -> defer.Deferred:
+    def release_connection(self, key: str) -> defer.Deferred[Any]:
         return self.leases.release("client:" + key)
 
-    def take(self, name: str, key: str, rate: Rate) -> defer.Deferred:
-        return self.cluster.take("inbound:" + name, key, rate)
+    def take(self, name: str, key: str, rate: Rate) -> defer.Deferred[Any]:
+        return cast("defer.Deferred[Any]", self.cluster.take("inbound:" + name, key, rate))
 
-    def greylist(self, triple: tuple[str, str, str], delay: float, expire: float, lifetime: float) -> defer.Deferred:
-        return self.cluster.greylist(triple, delay, expire, lifetime)
+    def greylist(self, triple: tuple[str, str, str], delay: float, expire: float, lifetime: float) -> defer.Deferred[Any]:
+        return cast("defer.Deferred[Any]", self.cluster.greylist(triple, delay, expire, lifetime))
 
-    def release_owner(self, owner: int) -> defer.Deferred:
-        return self.cluster.release_group(f"inbound{owner}")
+    def release_owner(self, owner: int) -> defer.Deferred[Any]:
+        return cast("defer.Deferred[Any]", self.cluster.release_group(f"inbound{owner}"))
 
-    def clear_connections(self) -> defer.Deferred:
+    def clear_connections(self) -> defer.Deferred[Any]:
         self.leases.held.clear()
-        return self.cluster.release_group("*")
+        return cast("defer.Deferred[Any]", self.cluster.release_group("*"))
 
     def close(self) -> None:
         self.leases.stop()
 
 
-def redis_connector(url: str, password: str | None = None, timeout: float = 0.5) -> Callable[[], defer.Deferred]:
+def redis_connector(url: str, password: str | None = None, timeout: float = 0.5) -> Callable[[], defer.Deferred[Any]]:
     """A ``connect`` for :class:`RedisClusterState` from ``redis://``, ``rediss://`` or ``unix:/path``."""
     import txredisapi
 
@@ -774,7 +774,7 @@ def redis_subscriber(url: str, password: str | None = None, timeout: float = 0.5
     from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
     from twisted.internet.ssl import optionsForClientTLS
 
-    class Protocol(txredisapi.SubscriberProtocol):
+    class Protocol(txredisapi.SubscriberProtocol):  # type: ignore[misc]  # txredisapi ships no types
         def messageReceived(self, pattern: Any, channel: Any, message: Any) -> None:
             self.factory.on_message(_text(channel), _text(message))
 
@@ -782,7 +782,7 @@ def redis_subscriber(url: str, password: str | None = None, timeout: float = 0.5
             super().connectionLost(why)
             self.factory.on_lost()
 
-    class Factory(txredisapi.SubscriberFactory):
+    class Factory(txredisapi.SubscriberFactory):  # type: ignore[misc]  # txredisapi ships no types
         protocol = Protocol
 
         def __init__(self, on_message: Callable[[str, str], Any], on_lost: Callable[[], Any]) -> None:
@@ -800,10 +800,10 @@ def redis_subscriber(url: str, password: str | None = None, timeout: float = 0.5
         if parts.scheme == "rediss":
             endpoint = wrapClientTLS(optionsForClientTLS(host), endpoint)
 
-    def open(on_message: Callable[[str, str], Any], on_lost: Callable[[], Any]) -> defer.Deferred:
+    def open(on_message: Callable[[str, str], Any], on_lost: Callable[[], Any]) -> defer.Deferred[Any]:
         factory = Factory(on_message, on_lost)
         factory.startConnecting(endpoint)
-        return factory.deferred
+        return cast("defer.Deferred[Any]", factory.deferred)
 
     return open
 

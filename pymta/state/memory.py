@@ -51,7 +51,7 @@ class MemoryInboundState:
         self._put(self.triples, triple, entry)
         return wait
 
-    def _put(self, table: OrderedDict, key: Any, value: Any) -> None:
+    def _put(self, table: OrderedDict[Any, Any], key: Any, value: Any) -> None:
         table[key] = value
         table.move_to_end(key)
         if len(table) > self.max_keys:

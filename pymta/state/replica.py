@@ -74,7 +74,7 @@ class ReplicatedSuppressionStore(SuppressionStore):
         """Changes made here that Redis does not have yet."""
         return int(self.db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
 
-    def push(self) -> defer.Deferred:
+    def push(self) -> defer.Deferred[Any]:
         """Send the outbox to the stream in order, one push at a time (a caller waits for the one
         in flight); what cannot be sent stays for the next round."""
         return self._push_lock.run(self._push_pending)

@@ -105,7 +105,7 @@ class SQLiteSuspensions:
         if self.cluster is not None:
             self._unpublished.add(row["id"])
             d = self.cluster.put_record("suspensions", row["id"], row, row["until"])
-            d.addCallback(lambda stored: stored and self._unpublished.discard(row["id"]))
+            d.addCallback(lambda stored: self._unpublished.discard(row["id"]) if stored else None)
 
     def remove(self, suspension_id: str) -> dict[str, Any] | None:
         row = self._forget(suspension_id)
@@ -145,9 +145,9 @@ class SQLiteSuspensions:
                 if self._rows[sid]["until"] > now:
                     self._publish(self._rows[sid])
                 continue
-            row = self._forget(sid)
-            if row is not None and row["until"] > now:
-                log.info("suspension {id} of {kind} {value} lifted on another node", event="suspend_lifted", **row)
+            gone = self._forget(sid)
+            if gone is not None and gone["until"] > now:
+                log.info("suspension {id} of {kind} {value} lifted on another node", event="suspend_lifted", **gone)
 
     def in_force(self) -> list[dict[str, Any]]:
         now = self.clock.seconds()
