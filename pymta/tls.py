@@ -108,7 +108,7 @@ def client_tls(hostname: str, verify: bool = False, ca_file: str | None = None) 
 def trust_root(ca_file: str | None = None) -> Any:
     """The system trust store, or the PEM certificate in ``ca_file`` (e.g. a private CA)."""
     if not ca_file:
-        return ssl.platformTrust()  # type: ignore[no-untyped-call]  # unannotated in Twisted
+        return ssl.platformTrust()
     with open(ca_file, "rb") as f:
         return ssl.Certificate.loadPEM(f.read())
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs everything the test suite needs, then runs it (ruff, then pytest).
+# Installs everything the test suite needs, then runs it (ruff, mypy --strict, then pytest).
 #   Debian packages: postfix (smtp-sink, smtp-source: real SMTP peers), swaks, testssl.sh, dovecot-lmtpd, mutt,
 #   git-email, clamav-milter,
 #   libfaketime (steps the wall clock of a real twistd),
@@ -51,4 +51,5 @@ fi
 
 "$PY" -m pip install -q --disable-pip-version-check -e '.[test]' --config-settings editable_mode=compat
 "$PY" -m ruff check pymta tests twisted bench
+"$PY" -m mypy pymta  # strict (setup.cfg [mypy])
 exec "$PY" -m pytest -q -rs -p no:cacheprovider tests "$@"

@@ -168,7 +168,7 @@ class AccountingLog:
             self._write("".join(line for line, _ in batch).encode("utf-8"))
             result: Any = None
         except OSError as e:
-            result = Failure(e)  # type: ignore[no-untyped-call]  # Twisted's Failure.__init__ has no annotations
+            result = Failure(e)
         self._settle(result, batch)
 
 

@@ -66,4 +66,4 @@ class ControlFactory(Factory):
 def control_service(path: str, operations: QueueOperations, reactor: Any = None) -> internet.UNIXServer:
     """The control socket listener; ``wantPID`` takes a lock beside the socket, so a socket file
     left by a killed process is replaced and a second running MTA is refused."""
-    return internet.UNIXServer(path, ControlFactory(operations), mode=0o600, wantPID=True, reactor=reactor)  # type: ignore[no-untyped-call]  # untyped in Twisted
+    return internet.UNIXServer(path, ControlFactory(operations), mode=0o600, wantPID=True, reactor=reactor)

@@ -326,9 +326,9 @@ def treq_post(reactor: Any, connect_timeout: float = 10.0) -> Any:
     from twisted.web.client import Agent, HTTPConnectionPool
     from twisted.web.iweb import IAgent, IBodyProducer
 
-    pool = HTTPConnectionPool(reactor, persistent=True)  # type: ignore[no-untyped-call]  # untyped in Twisted
+    pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 2
-    client = HTTPClient(cast(IAgent, Agent(reactor, connectTimeout=connect_timeout, pool=pool)))  # type: ignore[no-untyped-call]  # untyped in Twisted
+    client = HTTPClient(cast(IAgent, Agent(reactor, connectTimeout=connect_timeout, pool=pool)))
 
     @defer.inlineCallbacks
     def post(url: str, body: bytes, headers: dict[str, str]) -> Any:

@@ -89,7 +89,7 @@ class LMTPDeliveryAgent:
     def _endpoint(self, kind: str, host: str, port: int) -> Any:
         timeout = self.timeouts.connect
         if kind == "unix":
-            return UNIXClientEndpoint(self.reactor, host, timeout=timeout)  # type: ignore[no-untyped-call]  # unannotated in Twisted
+            return UNIXClientEndpoint(self.reactor, host, timeout=timeout)
         cls = TCP6ClientEndpoint if ":" in host else TCP4ClientEndpoint
         return cls(self.reactor, host, port, timeout=timeout)
 

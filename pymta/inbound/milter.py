@@ -105,7 +105,7 @@ class MilterProtocol(Protocol):
 
     def _fail(self, exc: Exception) -> None:
         if self.failure is None:
-            self.failure = Failure(exc)  # type: ignore[no-untyped-call]  # unannotated in Twisted
+            self.failure = Failure(exc)
         waiting, self._waiting = self._waiting, deque()
         for d in waiting:
             d.errback(self.failure)
@@ -148,7 +148,7 @@ class MilterScanner:
         if connector is not None:
             self._endpoint = connector
         elif kind == "unix":
-            self._endpoint = UNIXClientEndpoint(reactor, host, timeout=max(1, int(timeout)))  # type: ignore[no-untyped-call]  # unannotated in Twisted
+            self._endpoint = UNIXClientEndpoint(reactor, host, timeout=max(1, int(timeout)))
         else:
             cls = TCP6ClientEndpoint if ":" in host else TCP4ClientEndpoint
             self._endpoint = cls(reactor, host, port, timeout=max(1, int(timeout)))
@@ -172,8 +172,8 @@ class MilterScanner:
                 proto.transport.loseConnection()
             if not result.called:
                 if isinstance(outcome, Failure):
-                    if outcome.check(error.ConnectError, error.ConnectionRefusedError):  # type: ignore[no-untyped-call]  # unannotated in Twisted
-                        outcome = Failure(ScanError(f"cannot connect: {outcome.getErrorMessage()}"))  # type: ignore[no-untyped-call]  # unannotated in Twisted
+                    if outcome.check(error.ConnectError, error.ConnectionRefusedError):
+                        outcome = Failure(ScanError(f"cannot connect: {outcome.getErrorMessage()}"))
                     result.errback(outcome)
                 else:
                     result.callback(outcome)

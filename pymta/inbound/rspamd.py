@@ -41,10 +41,10 @@ class RspamdScanner:
         self.url = url.rstrip("/") + "/checkv2"
         self.timeout = timeout
         self.on_error = on_error
-        pool = HTTPConnectionPool(reactor, persistent=True)  # type: ignore[no-untyped-call]  # unannotated in Twisted
+        pool = HTTPConnectionPool(reactor, persistent=True)
         pool.maxPersistentPerHost = 4
         # An IAgent: mypy reads a zope Interface's methods without ``self``, and sees no @implementer.
-        self.agent: Any = agent or Agent(reactor, connectTimeout=max(1, int(timeout)), pool=pool)  # type: ignore[no-untyped-call]  # unannotated in Twisted
+        self.agent: Any = agent or Agent(reactor, connectTimeout=max(1, int(timeout)), pool=pool)
         self.pool = pool
 
     def scan(self, request: ScanRequest) -> defer.Deferred[Any]:
@@ -63,7 +63,7 @@ class RspamdScanner:
         return done.addCallback(verdict_from_answer)
 
     def close(self) -> defer.Deferred[Any]:
-        return cast("defer.Deferred[Any]", self.pool.closeCachedConnections())  # type: ignore[no-untyped-call]  # unannotated in Twisted
+        return cast("defer.Deferred[Any]", self.pool.closeCachedConnections())
 
 
 def _fail(why: str) -> None:

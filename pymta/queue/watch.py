@@ -27,7 +27,7 @@ class IncomingWatcher(service.Service):
             from twisted.internet import inotify
 
             # twisted's INotify is untyped
-            self.notifier = inotify.INotify(reactor=self.reactor) if self.reactor else inotify.INotify()  # type: ignore[no-untyped-call]
+            self.notifier = inotify.INotify(reactor=self.reactor) if self.reactor else inotify.INotify()
             self.notifier.startReading()
             self.notifier.watch(
                 filepath.FilePath(self.incoming_dir), mask=inotify.IN_MOVED_TO | inotify.IN_CREATE, callbacks=[self._event]

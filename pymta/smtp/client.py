@@ -207,7 +207,7 @@ class SMTPClientProtocol(Protocol):
             self.connected_d.callback(self)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
-        self.lost_reason = reason if reason is not None else Failure(error.ConnectionDone())  # type: ignore[no-untyped-call]  # Failure() is unannotated in Twisted
+        self.lost_reason = reason if reason is not None else Failure(error.ConnectionDone())
         if not self.lost_d.called:
             self.lost_d.callback(None)
         if self._sender is not None:
@@ -216,7 +216,7 @@ class SMTPClientProtocol(Protocol):
         for d, call in waiting:
             if call is not None and call.active():
                 call.cancel()
-            d.errback(reason if reason is not None else Failure(error.ConnectionLost()))  # type: ignore[no-untyped-call]  # Failure() is unannotated in Twisted
+            d.errback(reason if reason is not None else Failure(error.ConnectionLost()))
 
     @property
     def is_lost(self) -> bool:

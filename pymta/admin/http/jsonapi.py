@@ -152,7 +152,7 @@ class JSONAPI(resource.Resource):
         send_json(request, status, body)
 
     def _failed(self, request: Any, failure: Failure) -> None:
-        if failure.check(APIError):  # type: ignore[no-untyped-call]  # untyped in Twisted
+        if failure.check(APIError):
             error = cast(APIError, failure.value)
         else:
             log.failure("HTTP request {method} {path} failed", failure, method=request.method, path=request.path)

@@ -78,7 +78,7 @@ class Unsubscribe(resource.Resource):
 
 def public_root(tagger: Any, suppression: Any, events: Any = None, tracking: Any = None) -> resource.Resource:
     """``/u/`` (with a tagger) and ``/t/`` (with ``tracking``, a TrackingTokens, and the event journal)."""
-    root = resource.Resource()  # type: ignore[no-untyped-call]  # untyped in Twisted
+    root = resource.Resource()
     if tagger is not None and suppression is not None:
         root.putChild(b"u", cast(IResource, Unsubscribe(tagger, suppression, events)))
     if tracking is not None and events is not None:

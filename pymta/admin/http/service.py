@@ -135,22 +135,22 @@ def build_http(
             template_timeout=h.template_timeout, metrics=metrics, sign=sign, tracker=tracking,
         )  # fmt: skip
         inject.register(api)
-        CloseRenderer(inject).setServiceParent(top)  # type: ignore[no-untyped-call]  # untyped in Twisted
+        CloseRenderer(inject).setServiceParent(top)
         assert metrics is not None
         metrics.add_gauges(lambda: _gauges(store, suppression, shaper, agent, operations.suspensions, operations.webhooks))
-        MetricsObserver(metrics).setServiceParent(top)  # type: ignore[no-untyped-call]  # untyped in Twisted
+        MetricsObserver(metrics).setServiceParent(top)
         root = AdminRoot(api, MetricsPage(metrics, api, h.metrics_auth))
         series = add_dashboard(config, reactor, top, root, api, threadpool, store, suppression, accounting, shaper,
                                selector, operations.webhooks)  # fmt: skip
         metrics.on_received.append(lambda qid: _count_received(series, store, qid))
         site = APISite(root, h.max_body, reactor=reactor)
         for endpoint in h.listen:
-            strports.service(endpoint, cast(IProtocolFactory, site), reactor=reactor).setServiceParent(top)  # type: ignore[no-untyped-call]  # untyped in Twisted
+            strports.service(endpoint, cast(IProtocolFactory, site), reactor=reactor).setServiceParent(top)
     if h.public_listen:
         public = APISite(public_root(tagger, suppression, events, tracking.tokens if tracking else None), 64 * 1024,
                          reactor=reactor)  # fmt: skip
         for endpoint in h.public_listen:
-            strports.service(endpoint, cast(IProtocolFactory, public), reactor=reactor).setServiceParent(top)  # type: ignore[no-untyped-call]  # untyped in Twisted
+            strports.service(endpoint, cast(IProtocolFactory, public), reactor=reactor).setServiceParent(top)
 
 
 def listener_status(top: service.MultiService) -> list[dict[str, Any]]:
@@ -192,7 +192,7 @@ def add_dashboard(config: Any, reactor: Any, top: service.MultiService, root: re
     namer = provider_namer(config)
     series = TimeSeries(stats_path(config), reactor, run, config.stats.retention, namer)
     series.gauge_readers.append(lambda: _stat_gauges(store, suppression, webhooks))
-    StatsService(series).setServiceParent(top)  # type: ignore[no-untyped-call]  # untyped in Twisted
+    StatsService(series).setServiceParent(top)
     w = config.warmup
     thresholds = {"bounce_rate": w.bounce_rate, "deferral_rate": w.deferral_rate, "complaint_rate": w.complaint_rate}
     dashboard = Dashboard(api, DashboardData(series, run, reactor, thresholds, selector, shaper))
