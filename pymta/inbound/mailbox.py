@@ -240,6 +240,8 @@ class MaildirDeliveryAgent:
 
     def _write_once(self, maildir: str, data: bytes, folder: bool = False) -> str:
         self._make_maildir(maildir, folder)
+        # The wall clock is meant here: Maildir names start with the delivery's Unix time (readers sort
+        # and age by it); this runs in the I/O pool, where no reactor clock is read.
         now = time.time()
         # ",S=" carries the size (Maildir++), so quota recounts need no stat
         name = f"{int(now)}.M{int(now * 1e6) % 1_000_000}P{os.getpid()}Q{next(self._seq)}.{self._host},S={len(data)}"
