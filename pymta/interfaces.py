@@ -68,10 +68,16 @@ class IQueueStore(Interface):
         never rewritten). Returns a Deferred firing when it is on disk."""
 
     def move(qid: str, state: str) -> Deferred[Any]:
-        """Durably move ``qid`` to ``state``. Returns a Deferred firing when done."""
+        """Durably move ``qid`` to ``state``. Returns a Deferred firing when done.
 
-    def remove(qid: str) -> Deferred[Any]:
-        """Remove ``qid`` (envelope and body) from the queue. Returns a Deferred."""
+        A move into ACTIVE (an attempt starts) need not be durable: recovery puts ACTIVE back
+        into INCOMING, so a crash that loses it changes nothing."""
+
+    def remove(qid: str, durable: bool = True) -> Deferred[Any]:
+        """Remove ``qid`` (envelope and body) from the queue. Returns a Deferred firing once the
+        removal is on disk; with ``durable=False`` (every recipient's outcome is already recorded
+        elsewhere, as for a message delivered to all) it may fire before, so a crash right after
+        can bring the message back: delivered twice, never lost."""
 
     def list(state: str) -> builtins.list[str]:
         """The qids in ``state``, oldest first (a list; synchronous)."""

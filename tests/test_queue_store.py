@@ -298,6 +298,35 @@ class MaildirQueueStoreDurabilityTests(_OnDiskStoreTest):
         self.assert_empty_queue()
 
     @defer.inlineCallbacks
+    def test_a_removal_that_need_not_be_durable_only_unlinks(self):
+        # A message delivered to every recipient: its outcomes are in the accounting log already,
+        # so a crash that undoes the unlink means a second delivery, and no directory fsync is paid.
+        store = self.store()
+        env = make_envelope()
+        yield store.enqueue(env, BODY)
+        ops = RecordingOps(self.root)
+        yield self.store(ops).remove(env.qid, durable=False)
+        self.assertEqual(ops.calls, [("unlink", queue_path(INCOMING, env.qid))])
+        self.assert_empty_queue()
+
+    @defer.inlineCallbacks
+    def test_a_move_into_active_is_a_rename_only_and_recovery_undoes_it(self):
+        store = self.store()
+        env = make_envelope()
+        yield store.enqueue(env, BODY)
+        ops = RecordingOps(self.root)
+        yield self.store(ops).move(env.qid, ACTIVE)
+        self.assertEqual(ops.calls, [("rename", queue_path(INCOMING, env.qid))])
+        ops = RecordingOps(self.root)
+        yield self.store(ops).move(env.qid, DEFERRED)  # any other state: both directories synced
+        self.assertEqual(sorted(op for op, _ in ops.calls), ["fsync_dir", "fsync_dir", "rename"])
+        yield store.move(env.qid, ACTIVE)
+        recovered = self.store()
+        recovered.recover()  # a restart: an attempt that was running is queued again
+        self.assertEqual(recovered.state(env.qid), INCOMING)
+        self.assertEqual(recovered.read_body(env.qid), BODY)
+
+    @defer.inlineCallbacks
     def test_deferred_messages_are_spread_over_hashed_directories(self):
         store = self.store()
         envs = [make_envelope(now=1_700_000_000 + i / 1000) for i in range(512)]

@@ -357,7 +357,9 @@ class QueueManager(service.Service):
         action = self._after.pop(qid, None)
         if action == "delete" or not pending:
             self._born.pop(qid, None)
-            yield self.store.remove(qid)
+            # Every outcome is in the accounting log (fsynced above): a removal lost in a crash
+            # brings the message back for a second delivery, never loses it, so no directory fsync.
+            yield self.store.remove(qid, durable=action == "delete")
             return
         if action == "hold":
             yield self.store.update(envelope)

@@ -154,7 +154,7 @@ class MemoryQueueStore:
 
         return self._write(qid, action)
 
-    def remove(self, qid: str) -> defer.Deferred[Any]:
+    def remove(self, qid: str, durable: bool = True) -> defer.Deferred[Any]:
         def action() -> None:
             for table in (self._states, self._envelopes, self._bodies):
                 table.pop(qid, None)
@@ -468,20 +468,22 @@ class MaildirQueueStore:
             return
         current = self._on_file(qid, lambda source: self._ops.rename(source, target))
         self._index[qid] = state
-        self.syncer.sync((self._dir_of(current, qid), os.path.dirname(target)))
+        if state != ACTIVE:  # recovery puts active/ back into incoming/: a lost rename there changes nothing
+            self.syncer.sync((self._dir_of(current, qid), os.path.dirname(target)))
 
-    def remove(self, qid: str) -> defer.Deferred[Any]:
-        return self._run(self._remove, qid)
+    def remove(self, qid: str, durable: bool = True) -> defer.Deferred[Any]:
+        return self._run(self._remove, qid, durable)
 
     @_translated
-    def _remove(self, qid: str) -> None:
+    def _remove(self, qid: str, durable: bool = True) -> None:
         try:
             state = self._on_file(qid, self._ops.unlink)
         except KeyError:
             return
         finally:
             self._index.pop(qid, None)
-        self.syncer.sync((self._dir_of(state, qid),))
+        if durable:
+            self.syncer.sync((self._dir_of(state, qid),))
 
     def list(self, state: str) -> list[str]:
         directory = self._dirs[check_state(state)]
