@@ -5,12 +5,13 @@ Messages are built with the stdlib ``email`` package (multipart/alternative, att
 RFC 2047/2231 encodings, Message-ID, Date). Templates use Jinja2's ``SandboxedEnvironment``
 (a template cannot reach Python objects) with undefined variables as errors; a template that
 fails for one recipient fails that recipient, not the batch. Rendering runs on its own thread,
-each recipient bounded in time (a runaway template is interrupted) and in output size.
+a chunk of recipients per hop to it (CHUNK, at most CHUNK_BYTES of output), each recipient
+bounded in time (a runaway template is interrupted) and in output size.
 
-Recipients are validated as RCPT TO is, suppressed ones fail with the reason, and each
-recipient's message is written to the queue and made durable before the next few are built
-(a small window of enqueues in flight shares the directory fsyncs), so 10,000 recipients never
-sit in memory as built messages. The answer comes only once every accepted message is on disk.
+Recipients are validated as RCPT TO is, suppressed ones fail with the reason, and each built
+message is handed to the queue at once (a small window of enqueues in flight shares the
+directory fsyncs) before the next chunk is built, so 10,000 recipients never sit in memory as
+built messages. The answer comes only once every accepted message is on disk.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import Any, cast
 
 from twisted.internet import defer, threads
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from pymta.admin.http.jsonapi import APIError, json_body
 from pymta.envelope import ROUTE_FEEDBACK, Envelope, Recipient, new_qid
@@ -43,6 +45,8 @@ log = Logger(namespace="pymta.http.inject")
 
 MAX_RECIPIENTS = 10_000
 WINDOW = 16  # enqueues in flight at once
+CHUNK = 64  # recipients built per hop to the rendering thread
+CHUNK_BYTES = 4 << 20  # built messages held at once (a chunk ends early past this)
 _HEADER_NAME = re.compile(r"^[!-9;-~]{1,76}$")  # RFC 5322 ftext
 _RESERVED_HEADERS = {
     "from", "to", "cc", "bcc", "subject", "date", "message-id", "reply-to", "mime-version",
@@ -204,9 +208,10 @@ class RenderTimeout(Exception):
 
 
 class BoundedRenderer:
-    """Runs rendering on one dedicated thread; a call that runs past ``timeout`` seconds gets
-    :class:`RenderTimeout` raised inside it (templates are Python code, so the interruption
-    lands between bytecodes) and fails its recipient."""
+    """Runs rendering on one dedicated thread, many jobs a call (one hop to the thread for a
+    whole chunk of recipients). A job that runs past ``timeout`` seconds gets :class:`RenderTimeout`
+    raised inside it (templates are Python code, so the interruption lands between bytecodes) and
+    fails alone; the jobs after it go on. Time is the reactor's, checked every quarter timeout."""
 
     def __init__(self, reactor: Any, timeout: float) -> None:
         from twisted.python.threadpool import ThreadPool
@@ -220,30 +225,67 @@ class BoundedRenderer:
         self.pool.stop()
 
     def run(self, f: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
-        state: dict[str, Any] = {}
+        """``f(*args)`` on the rendering thread; its result, or its exception as the failure."""
 
-        def call() -> Any:
+        def one(results: list[Any]) -> Any:
+            if isinstance(results[0], BaseException):
+                raise results[0]
+            return results[0]
+
+        return self.run_each(f, [args]).addCallback(one)
+
+    def run_each(self, f: Callable[..., Any], jobs: list[tuple[Any, ...]], max_bytes: int = 0) -> defer.Deferred[list[Any]]:
+        """``f(*args)`` for the ``args`` of each job in order: the list of results, an exception
+        (:class:`RenderTimeout` for an interrupted job) in the place of a job that raised one.
+        With ``max_bytes``, the call ends once the results (bytes) add up to that much: the list
+        is then shorter than ``jobs``, and the caller hands in the rest again."""
+        results: list[Any] = []
+        state: dict[str, Any] = {"job": -1, "thread": None, "done": False}
+
+        def call() -> list[Any]:
             state["thread"] = threading.get_ident()
+            size = 0
             try:
-                return f(*args)
+                while len(results) < len(jobs) and not (max_bytes and size >= max_bytes):
+                    state["job"] = i = len(results)
+                    try:
+                        outcome = f(*jobs[i])
+                    except Exception as e:  # this job's: TemplateError, RenderTimeout or a fault the caller raises
+                        outcome = e
+                    results.append(outcome)
+                    if isinstance(outcome, bytes | tuple):
+                        size += len(outcome[0] if isinstance(outcome, tuple) else outcome)
             finally:
                 state["done"] = True
+            return results
 
-        def interrupt() -> None:
-            ident = state.get("thread")
-            if ident is not None and not state.get("done"):
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(RenderTimeout))
+        seen: dict[str, Any] = {"job": -1, "at": 0.0}
 
-        watchdog = self.reactor.callLater(self.timeout, interrupt)
+        def watch() -> None:
+            if state["done"]:
+                return
+            job, now = state["job"], self.reactor.seconds()
+            if job != seen["job"]:
+                seen.update(job=job, at=now)
+            elif job >= 0 and now - seen["at"] >= self.timeout:
+                seen["at"] = now  # one interruption per timeout
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(state["thread"]), ctypes.py_object(RenderTimeout))
+            watchdog[0] = self.reactor.callLater(self.timeout / 4, watch)
+
+        watchdog = [self.reactor.callLater(self.timeout / 4, watch)]
         d = threads.deferToThreadPool(self.reactor, self.pool, call)
 
         def finished(result: Any) -> Any:
-            if watchdog.active():
-                watchdog.cancel()
+            if watchdog[0].active():
+                watchdog[0].cancel()
+            if isinstance(result, Failure) and result.check(RenderTimeout):
+                # The interruption landed between two jobs (the one it was meant for had just ended):
+                # what is done stands, the rest goes on.
+                rest = self.run_each(f, jobs[len(results) :], max_bytes)
+                return rest.addCallback(lambda more: results + more)
             return result
 
-        d.addBoth(finished)
-        return d
+        return d.addBoth(finished)
 
 
 # -- building -------------------------------------------------------------------------------
@@ -482,68 +524,107 @@ class InjectAPI:
                 return f"5.7.1 Recipient suppressed ({entry['source']}: {entry['reason']})"
         return decision.address, decision, item
 
+    def _admit(self, req: InjectRequest, items: Any, token: str, failed: list[tuple[int, dict[str, str]]], seen: set[str],
+               broken: list[str], count: int, named: bool) -> list[tuple[int, Envelope, str, dict[str, Any]]]:  # fmt: skip
+        """The next ``count`` recipients that may have a message: (position, envelope, name,
+        substitutions); the others go into ``failed`` with their reason."""
+        chunk: list[tuple[int, Envelope, str, dict[str, Any]]] = []
+        for i, item in items:
+            if self.closing:  # the MTA is stopping: what is not queued yet is refused, for a retry
+                failed.append((i, {"email": _email_of(item), "reason": "4.3.2 the MTA is shutting down"}))
+                continue
+            if broken:
+                failed.append((i, {"email": _email_of(item), "reason": "4.3.0 could not queue the message"}))
+                continue
+            decided = self._recipient(req, i, item, token)
+            if isinstance(decided, str):
+                failed.append((i, {"email": _email_of(item), "reason": decided}))
+                continue
+            address, decision, item = decided
+            if address.lower() in seen:
+                failed.append((i, {"email": address, "reason": "duplicate recipient in this request"}))
+                continue
+            seen.add(address.lower())
+            name = (item.get("name") if isinstance(item, dict) else "") or ""
+            if named and (not isinstance(name, str) or len(name) > 200 or "\n" in name or "\r" in name):
+                failed.append((i, {"email": address, "reason": "name must be one line of at most 200 characters"}))
+                continue
+            own = (item.get("substitutions") if isinstance(item, dict) else None) or {}
+            metadata = item.get("metadata") if isinstance(item, dict) else None
+            chunk.append((i, self._envelope(req, address, decision, token, metadata), name, {**req.substitutions, **own}))
+            if len(chunk) >= count:
+                break
+        return chunk
+
+    def _prepare(self, builder: MessageBuilder | None, raw: bytes | None, envelope: Envelope, name: str,
+                 variables: dict[str, Any], track: dict[str, bool] | None) -> tuple[bytes, bool]:  # fmt: skip
+        """On the rendering thread: one recipient's message, and whether tracking was given up."""
+        data = builder.build(envelope.recipients[0].address, name, variables) if builder is not None else cast(bytes, raw)
+        if self.tracker is None:
+            return data, False
+        try:
+            return self.tracker(data, envelope, track), False
+        except RenderTimeout:
+            return data, True
+
     @defer.inlineCallbacks
     def _run(self, req: InjectRequest, builder: MessageBuilder | None, raw: bytes | None, token: str) -> Any:
-        failed: list[dict[str, str]] = []
+        failed: list[tuple[int, dict[str, str]]] = []  # (position, why): sorted at the end
         queued: list[tuple[int, str]] = []  # (position in the request, qid): enqueues finish out of order
         in_flight: list[defer.Deferred[Any]] = []
         seen: set[str] = set()
         broken: list[str] = []  # why the queue refused a write: the rest is not tried, for a retry
-        for i, item in enumerate(req.recipients):
-            if self.closing:  # the MTA is stopping: what is not queued yet is refused, for a retry
-                failed.append({"email": _email_of(item), "reason": "4.3.2 the MTA is shutting down"})
-                continue
-            if broken:
-                failed.append({"email": _email_of(item), "reason": "4.3.0 could not queue the message"})
-                continue
-            decided = self._recipient(req, i, item, token)
-            if isinstance(decided, str):
-                failed.append({"email": _email_of(item), "reason": decided})
-                continue
-            address, decision, item = decided
-            if address.lower() in seen:
-                failed.append({"email": address, "reason": "duplicate recipient in this request"})
-                continue
-            seen.add(address.lower())
-            if builder is not None:
-                variables = {**req.substitutions, **((item.get("substitutions") if isinstance(item, dict) else None) or {})}
-                name = (item.get("name") if isinstance(item, dict) else "") or ""
-                if not isinstance(name, str) or len(name) > 200 or "\n" in name or "\r" in name:
-                    failed.append({"email": address, "reason": "name must be one line of at most 200 characters"})
-                    continue
-                try:
-                    data = yield self.renderer.run(builder.build, address, name, variables)
-                except (TemplateError, RenderTimeout) as e:
-                    reason = str(e) if isinstance(e, TemplateError) else "template ran too long"
-                    failed.append({"email": address, "reason": f"template error: {reason}"})
-                    continue
-            else:
-                data = raw
-            if len(data) > self.max_message_size:
-                failed.append({"email": address, "reason": "5.3.4 message too big"})
-                continue
-            metadata = item.get("metadata") if isinstance(item, dict) else None
-            envelope = self._envelope(req, address, decision, token, metadata)
-            if self.tracker is not None:
-                try:
-                    data = yield self.renderer.run(self.tracker, data, envelope, req.track)
-                except RenderTimeout:
+        items = iter(enumerate(req.recipients))
+        pending: list[tuple[int, Envelope, str, dict[str, Any]]] = []
+        while True:
+            # Built a chunk at a time (one hop to the rendering thread), at most CHUNK_BYTES of
+            # messages held at once; each is queued as soon as it is built.
+            pending += self._admit(req, items, token, failed, seen, broken, CHUNK - len(pending), builder is not None)
+            if not pending:
+                break
+            jobs = [(builder, raw, envelope, name, variables, req.track) for _, envelope, name, variables in pending]
+            prepared = yield self.renderer.run_each(self._prepare, jobs, CHUNK_BYTES)
+            done, pending = pending[: len(prepared)], pending[len(prepared) :]
+            for (i, envelope, _, _), outcome in zip(done, prepared, strict=True):
+                address = envelope.recipients[0].address
+                if isinstance(outcome, TemplateError | RenderTimeout):
+                    if isinstance(outcome, RenderTimeout) and builder is None:  # only tracking ran: sent untracked
+                        outcome = (cast(bytes, raw), True)
+                    else:
+                        reason = str(outcome) if isinstance(outcome, TemplateError) else "template ran too long"
+                        failed.append((i, {"email": address, "reason": f"template error: {reason}"}))
+                        continue
+                if isinstance(outcome, BaseException):
+                    raise outcome
+                data, untracked = outcome
+                if untracked:
                     log.warn("tracking rewrite for {qid} ran too long: sent untracked", qid=envelope.qid)
-            if self.sign is not None:
-                data = yield self.sign(data, f"api:{token}", "api")
-            data = self._received(envelope, token) + data
-            envelope.size = len(data)
-            d = defer.maybeDeferred(self.store.enqueue, envelope, data)
-            d.addCallback(self._queued, envelope, queued, i)
-            d.addErrback(self._not_queued, envelope, failed, broken)
-            in_flight.append(d)
-            if len(in_flight) >= WINDOW:
-                yield in_flight.pop(0)
+                if len(data) > self.max_message_size:
+                    failed.append((i, {"email": address, "reason": "5.3.4 message too big"}))
+                    continue
+                if self.closing:
+                    failed.append((i, {"email": address, "reason": "4.3.2 the MTA is shutting down"}))
+                    continue
+                if broken:
+                    failed.append((i, {"email": address, "reason": "4.3.0 could not queue the message"}))
+                    continue
+                if self.sign is not None:
+                    data = yield self.sign(data, f"api:{token}", "api")
+                data = self._received(envelope, token) + data
+                envelope.size = len(data)
+                d = defer.maybeDeferred(self.store.enqueue, envelope, data)
+                d.addCallback(self._queued, envelope, queued, i)
+                d.addErrback(self._not_queued, envelope, failed, broken, i)
+                in_flight.append(d)
+                del data
+                if len(in_flight) >= WINDOW:
+                    yield in_flight.pop(0)
         yield defer.gatherResults(in_flight)
         queue_ids = [qid for _, qid in sorted(queued)]  # in the order of the request's recipients
+        failures = [why for _, why in sorted(failed, key=lambda f: f[0])]
         log.info("injected {ok} message(s), {bad} recipient(s) failed, by token {token}", ok=len(queue_ids),
-                 bad=len(failed), token=token, campaign=req.campaign, tenant=req.tenant)  # fmt: skip
-        result = {"success_count": len(queue_ids), "fail_count": len(failed), "failed_recipients": failed,
+                 bad=len(failures), token=token, campaign=req.campaign, tenant=req.tenant)  # fmt: skip
+        result = {"success_count": len(queue_ids), "fail_count": len(failures), "failed_recipients": failures,
                   "queue_ids": queue_ids}  # fmt: skip
         if broken and not queue_ids:  # nothing queued because the queue cannot be written: retry later
             return 503, {"error": f"the queue cannot be written: {broken[0]}", **result}
@@ -585,9 +666,10 @@ class InjectAPI:
         queued.append((position, envelope.qid))
         return record_queued(envelope, self.accounting, self.on_queued, listener="http")  # answered once on disk
 
-    def _not_queued(self, failure: Any, envelope: Envelope, failed: list[dict[str, str]], broken: list[str]) -> None:
+    def _not_queued(self, failure: Any, envelope: Envelope, failed: list[tuple[int, dict[str, str]]], broken: list[str],
+                    position: int) -> None:  # fmt: skip
         log.error("could not queue an injected message for {rcpt}: {why}", rcpt=envelope.recipients[0].address,
                   why=failure.getErrorMessage())  # fmt: skip
         if failure.check(QueueError, QueueFull):  # the store itself failed (read-only, full, I/O error)
             broken.append(failure.getErrorMessage()[:200])
-        failed.append({"email": envelope.recipients[0].address, "reason": "4.3.0 could not queue the message"})
+        failed.append((position, {"email": envelope.recipients[0].address, "reason": "4.3.0 could not queue the message"}))
