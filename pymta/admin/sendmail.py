@@ -23,8 +23,10 @@ import smtplib
 import socket
 import sys
 import time
-from email.utils import formatdate, getaddresses, make_msgid
+from email.utils import getaddresses, make_msgid
 from typing import Any, cast
+
+from pymta.dates import header_date
 
 DEFAULT_SOCKET = "/run/pymta/sendmail.sock"
 EX_OK, EX_USAGE, EX_DATAERR, EX_NOUSER, EX_SOFTWARE, EX_TEMPFAIL = 0, 64, 65, 67, 70, 75
@@ -165,7 +167,7 @@ def complete_headers(message: bytes, sender: str, full_name: str | None, hostnam
         name = (full_name or "").replace('"', "").replace("\r", "").replace("\n", "")
         added.append(f'From: "{name}" <{sender}>' if name else f"From: {sender}")
     if b"date" not in names:
-        added.append(f"Date: {formatdate(time.time(), localtime=True)}")
+        added.append(f"Date: {header_date(time.time(), localtime=True)}")
     if b"message-id" not in names:
         added.append(f"Message-ID: {make_msgid(domain=hostname)}")
     if not head and not body.startswith(b"\r\n"):

@@ -7,7 +7,7 @@ import itertools
 import re
 from collections.abc import Callable
 from datetime import datetime
-from email.utils import formatdate, getaddresses, parsedate_to_datetime
+from email.utils import getaddresses, parsedate_to_datetime
 from typing import Any, cast
 
 from twisted.internet import defer
@@ -15,6 +15,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from pymta.dates import header_date
 from pymta.envelope import ROUTE_LOCAL, ROUTE_RELAY, Envelope, Recipient, new_qid
 from pymta.inbound.limits import ClientLimits, Greylist, then
 from pymta.inbound.policy import Target
@@ -54,7 +55,7 @@ def received_header(session: Any, qid: str, hostname: str, recipients: list[str]
     lines.append(f"\tby {hostname} (pymta) with {session.protocol_name} id {qid}")
     if extra:
         lines.append("\t" + " ".join(_header_safe(e) for e in extra))
-    stamp = formatdate(now, localtime=False)
+    stamp = header_date(now)
     if len(recipients) == 1:
         lines.append(f"\tfor <{_header_safe(recipients[0])}>; {stamp}")
     else:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from email.utils import formatdate
 
+from pymta.dates import header_date
 from pymta.envelope import DELIVERED, EXPIRED, FAILED, RELAYED, Envelope, Recipient
 from pymta.smtp.replies import default_enhanced
 
@@ -103,7 +103,7 @@ def build_dsn(
         f"From: MAILER-DAEMON@{hostname} (Mail Delivery System)",
         f"To: <{_clean(envelope.sender)}>",
         f"Subject: {subject}",
-        f"Date: {formatdate(now, localtime=False)}",
+        f"Date: {header_date(now)}",
         f"Message-ID: <{envelope.qid}.{action}.{int(now)}@{hostname}>",
         "Auto-Submitted: auto-replied",
         "MIME-Version: 1.0",
@@ -113,7 +113,7 @@ def build_dsn(
     status = [f"Reporting-MTA: dns; {hostname}", f"X-Pymta-Queue-ID: {envelope.qid}"]
     if envelope.envid:
         status.append(f"Original-Envelope-Id: {_clean(envelope.envid)}")
-    status.append(f"Arrival-Date: {formatdate(envelope.arrival or now, localtime=False)}")
+    status.append(f"Arrival-Date: {header_date(envelope.arrival or now)}")
     for r in rcpts:
         status.append("")
         status.append(f"Final-Recipient: rfc822; {_clean(r.address)}")
@@ -127,9 +127,9 @@ def build_dsn(
         if diag:
             status.append(f"Diagnostic-Code: {_clean(diag)}")
         if r.updated:
-            status.append(f"Last-Attempt-Date: {formatdate(r.updated, localtime=False)}")
+            status.append(f"Last-Attempt-Date: {header_date(r.updated)}")
         if action == "delayed" and retry_until:
-            status.append(f"Will-Retry-Until: {formatdate(retry_until, localtime=False)}")
+            status.append(f"Will-Retry-Until: {header_date(retry_until)}")
     ret = envelope.ret or ("FULL" if len(body) <= FULL_BODY_LIMIT and action == "failed" else "HDRS")
     original = _normalise_crlf(body)
     if ret == "HDRS":

@@ -28,7 +28,7 @@ from datetime import datetime
 from email.headerregistry import Address
 from email.message import MIMEPart
 from email.policy import SMTP
-from email.utils import format_datetime, formataddr, make_msgid
+from email.utils import formataddr, make_msgid
 from typing import Any, cast
 
 from twisted.internet import defer, threads
@@ -36,6 +36,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from pymta.admin.http.jsonapi import APIError, json_body
+from pymta.dates import header_date
 from pymta.envelope import ROUTE_FEEDBACK, Envelope, Recipient, new_qid
 from pymta.inbound.submit import record_queued
 from pymta.interfaces import QueueError, QueueFull
@@ -362,7 +363,7 @@ class MessageBuilder:
             header_line("To", _format(rcpt, rcpt_name)),
             header_line("Subject", " ".join(subject.split())),  # a subject is one line
             # Wall-clock time on purpose: the Date header states the time of composition.
-            header_line("Date", format_datetime(datetime.fromtimestamp(self.clock.seconds()).astimezone())),
+            header_line("Date", header_date(self.clock.seconds(), localtime=True)),
             header_line("Message-ID", make_msgid(domain=self.from_address.rpartition("@")[2] or None)),
             b"MIME-Version: 1.0\r\n",
         ]
@@ -632,7 +633,7 @@ class InjectAPI:
 
     def _received(self, envelope: Envelope, token: str) -> bytes:
         # Wall-clock time on purpose: a trace header states when the message arrived.
-        stamp = format_datetime(datetime.fromtimestamp(self.clock.seconds()).astimezone())
+        stamp = header_date(self.clock.seconds(), localtime=True)
         return (f"Received: from api (token {token})\r\n\tby {self.hostname} (pymta) with HTTP id {envelope.qid}"
                 f"\r\n\tfor <{envelope.recipients[0].address}>; {stamp}\r\n").encode()  # fmt: skip
 
