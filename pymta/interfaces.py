@@ -51,6 +51,12 @@ class IQueueStore(Interface):
         or :class:`QueueError`, leaving no partial file behind.
         """
 
+    def enqueue_many(envelopes_and_bodies: builtins.list[tuple[Envelope, bytes]], state: str = INCOMING) -> Deferred[builtins.list[Any]]:
+        """:meth:`enqueue` for many new messages at once (one hop to the writing thread, one
+        directory fsync for all). Fires with a list in the same order: the qid of each message
+        that is durable in the queue, or the exception (QueueFull, QueueError, ValueError) that
+        kept that one out, leaving nothing of it behind. A bad ``state`` fails the whole call."""
+
     def load(qid: str) -> Envelope:
         """Return the :class:`Envelope` of ``qid`` (synchronous: envelopes are small).
 

@@ -93,6 +93,29 @@ class QueueStoreContract:
         self.assertEqual(store.list(INCOMING), [env.qid])
 
     @defer.inlineCallbacks
+    def test_enqueue_many_queues_each_and_answers_for_each_in_order(self):
+        store = self.make_store()
+        first = make_envelope()
+        yield store.enqueue(first, BODY)
+        envs = [make_envelope(envid=f"E{i}") for i in range(4)]
+        items = [(envs[0], BODY), (make_envelope(qid="../x"), BODY), (envs[1], b""),
+                 (make_envelope(qid=first.qid), b"again\r\n"), (envs[2], BODY * 3), (envs[3], b"\x00\xff")]  # fmt: skip
+        out = yield store.enqueue_many(items)
+        self.assertEqual([out[0], out[2], out[4], out[5]], [e.qid for e in envs])
+        self.assertIsInstance(out[1], ValueError)
+        self.assertIsInstance(out[3], QueueError)
+        self.assertEqual(store.list(INCOMING), sorted([first.qid, *(e.qid for e in envs)]))
+        for env, body in ((envs[0], BODY), (envs[1], b""), (envs[2], BODY * 3), (envs[3], b"\x00\xff")):
+            self.assertEqual(store.load(env.qid), env)
+            self.assertEqual(store.read_body(env.qid), body)
+        self.assertEqual(store.read_body(first.qid), BODY)  # the duplicate changed nothing
+        self.assertEqual((yield store.enqueue_many([])), [])
+        held = make_envelope()
+        self.assertEqual((yield store.enqueue_many([(held, BODY)], HOLD)), [held.qid])
+        self.assertEqual(store.state(held.qid), HOLD)
+        yield self.assertFailure(store.enqueue_many([(make_envelope(), BODY)], ACTIVE), ValueError)
+
+    @defer.inlineCallbacks
     def test_qid_that_is_not_a_safe_file_name_is_refused(self):
         store = self.make_store()
         for bad in ("../x", "", ".hidden", "a/b", "a\x00b"):

@@ -449,6 +449,36 @@ class MaildirQueueStoreDurabilityTests(_OnDiskStoreTest):
             self.assertRaises(KeyError, store.read_body, bad)
 
     @defer.inlineCallbacks
+    def test_enqueue_many_fsyncs_each_file_and_the_directory_once(self):
+        self.store()  # the layout is made
+        envs = [make_envelope() for _ in range(5)]
+        ops = RecordingOps(self.root)
+        out = yield self.store(ops).enqueue_many([(env, BODY) for env in envs])
+        self.assertEqual(out, [env.qid for env in envs])
+        expected = [step for env in envs for step in _enqueue_steps(env.qid)[:-1]] + [("fsync_dir", "incoming")]
+        self.assertEqual(ops.calls, expected)
+
+    @defer.inlineCallbacks
+    def test_enqueue_many_leaves_nothing_when_the_directory_fsync_fails(self):
+        self.store()
+        ops = RecordingOps(self.root, lambda i, op, path: OSError(errno.EIO, "I/O error") if op == "fsync_dir" else None)
+        out = yield self.store(ops).enqueue_many([(make_envelope(), BODY) for _ in range(3)])
+        self.assertEqual([type(e) for e in out], [QueueError] * 3)
+        self.assertEqual(files_under(self.root), [])
+
+    @defer.inlineCallbacks
+    def test_enqueue_many_answers_a_full_disk_for_the_message_it_hit(self):
+        self.store()
+        envs = [make_envelope() for _ in range(3)]
+        full = OSError(errno.ENOSPC, "No space left on device")
+        ops = RecordingOps(self.root, lambda i, op, path: full if op == "write" and envs[1].qid in path else None)
+        out = yield self.store(ops).enqueue_many([(env, BODY) for env in envs])
+        self.assertEqual(out[0], envs[0].qid)
+        self.assertIsInstance(out[1], QueueFull)
+        self.assertEqual(out[2], envs[2].qid)
+        self.assertEqual(files_under(self.root), sorted(queue_path(INCOMING, e.qid) for e in (envs[0], envs[2])))
+
+    @defer.inlineCallbacks
     def test_concurrent_enqueues_share_directory_fsyncs(self):
         release = threading.Event()
         armed = threading.Event()

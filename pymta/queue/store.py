@@ -128,6 +128,16 @@ class MemoryQueueStore:
 
         return self._write(qid, action)
 
+    def enqueue_many(self, items: builtins.list[tuple[Envelope, bytes]], state: str = INCOMING) -> defer.Deferred[Any]:
+        try:
+            check_enqueue_state(state)
+        except ValueError:
+            return defer.fail()
+        results: builtins.list[Any] = []
+        for envelope, body in items:
+            self.enqueue(envelope, body, state).addCallbacks(results.append, lambda f: results.append(f.value))
+        return defer.succeed(results)
+
     def load(self, qid: str) -> Envelope:
         return Envelope.from_json(self._envelopes[qid])
 
@@ -314,8 +324,54 @@ class MaildirQueueStore:
             return defer.fail()
         return self._run(self._enqueue, qid, first, body, state)
 
+    def enqueue_many(self, items: builtins.list[tuple[Envelope, bytes]], state: str = INCOMING) -> defer.Deferred[Any]:
+        try:
+            check_enqueue_state(state)
+        except ValueError:
+            return defer.fail()
+        prepared: builtins.list[tuple[str, bytes, bytes] | Exception] = []
+        for envelope, body in items:
+            try:
+                prepared.append((check_qid(envelope.qid), qfile.record(envelope.to_json()), body))
+            except ValueError as e:
+                prepared.append(e)
+        return self._run(self._enqueue_many, prepared, state)
+
     @_translated
     def _enqueue(self, qid: str, first: bytes, body: bytes, state: str = INCOMING) -> str:
+        path = self._place(qid, first, body, state)
+        try:
+            self.syncer.sync((self._dirs[state],))
+        except OSError:
+            # Renamed but maybe not on disk: take it back, so the refusal leaves nothing.
+            discard(self._ops, path)
+            raise
+        return qid
+
+    def _enqueue_many(self, prepared: builtins.list[tuple[str, bytes, bytes] | Exception], state: str) -> builtins.list[Any]:
+        """Each message written and renamed in turn on this one thread, then one directory fsync for all."""
+        results: builtins.list[Any] = []
+        placed: builtins.list[tuple[int, str]] = []
+        for item in prepared:
+            if isinstance(item, Exception):
+                results.append(item)
+                continue
+            try:
+                placed.append((len(results), _translated(self._place)(*item, state)))
+                results.append(item[0])
+            except (QueueError, QueueFull) as e:
+                results.append(e)
+        if placed:
+            try:
+                _translated(self.syncer.sync)((self._dirs[state],))
+            except (QueueError, QueueFull) as e:
+                for i, path in placed:
+                    discard(self._ops, path)
+                    results[i] = e
+        return results
+
+    def _place(self, qid: str, first: bytes, body: bytes, state: str) -> str:
+        """Write the queue file in tmp/ (fsynced) and rename it into ``state``: its path there."""
         ops = self._ops
         path = self._path_of(state, qid)
         # qids are unique across processes by construction: the index and incoming/ are enough
@@ -330,13 +386,7 @@ class MaildirQueueStore:
             raise
         # No index entry: a listener worker only enqueues and would keep one per message for ever
         # (the main process removes the file); the first move or read finds it in its state directory.
-        try:
-            self.syncer.sync((self._dirs[state],))
-        except OSError:
-            # Renamed but maybe not on disk: take it back, so the refusal leaves nothing.
-            discard(ops, path)
-            raise
-        return qid
+        return path
 
     def _open(self, qid: str, flags: int = _RDONLY, ops: FileOps | None = None) -> int:
         """Open the file of ``qid`` where the index says, else where the disk says (no stat first)."""

@@ -9,8 +9,8 @@ a chunk of recipients per hop to it (CHUNK, at most CHUNK_BYTES of output), each
 bounded in time (a runaway template is interrupted) and in output size.
 
 Recipients are validated as RCPT TO is, suppressed ones fail with the reason, and each built
-message is handed to the queue at once (a small window of enqueues in flight shares the
-directory fsyncs) before the next chunk is built, so 10,000 recipients never sit in memory as
+message is handed to the queue in small groups (one call and one directory fsync a group, a
+few groups written at once) before the next chunk is built, so 10,000 recipients never sit in memory as
 built messages. The answer comes only once every accepted message is on disk.
 """
 
@@ -45,7 +45,8 @@ from pymta.smtp.syntax import parse_path
 log = Logger(namespace="pymta.http.inject")
 
 MAX_RECIPIENTS = 10_000
-WINDOW = 16  # enqueues in flight at once
+GROUP, GROUP_BYTES = 16, 1 << 20  # messages handed to the queue in one call (one directory fsync)
+GROUPS_IN_FLIGHT = 4  # groups being written at once
 CHUNK = 64  # recipients built per hop to the rendering thread
 CHUNK_BYTES = 4 << 20  # built messages held at once (a chunk ends early past this)
 _HEADER_NAME = re.compile(r"^[!-9;-~]{1,76}$")  # RFC 5322 ftext
@@ -572,7 +573,9 @@ class InjectAPI:
     def _run(self, req: InjectRequest, builder: MessageBuilder | None, raw: bytes | None, token: str) -> Any:
         failed: list[tuple[int, dict[str, str]]] = []  # (position, why): sorted at the end
         queued: list[tuple[int, str]] = []  # (position in the request, qid): enqueues finish out of order
-        in_flight: list[defer.Deferred[Any]] = []
+        in_flight: list[defer.Deferred[Any]] = []  # groups of messages being written
+        group: list[tuple[int, Envelope, bytes]] = []  # built messages not handed to the queue yet
+        group_bytes = 0
         seen: set[str] = set()
         broken: list[str] = []  # why the queue refused a write: the rest is not tried, for a retry
         items = iter(enumerate(req.recipients))
@@ -613,13 +616,19 @@ class InjectAPI:
                     data = yield self.sign(data, f"api:{token}", "api")
                 data = self._received(envelope, token) + data
                 envelope.size = len(data)
-                d = defer.maybeDeferred(self.store.enqueue, envelope, data)
-                d.addCallback(self._queued, envelope, queued, i)
-                d.addErrback(self._not_queued, envelope, failed, broken, i)
-                in_flight.append(d)
+                group.append((i, envelope, data))
+                group_bytes += len(data)
                 del data
-                if len(in_flight) >= WINDOW:
-                    yield in_flight.pop(0)
+                if len(group) >= GROUP or group_bytes >= GROUP_BYTES:
+                    in_flight.append(self._enqueue_group(group, queued, failed, broken))
+                    group, group_bytes = [], 0
+                    if len(in_flight) >= GROUPS_IN_FLIGHT:
+                        yield in_flight.pop(0)
+            if group and not pending:  # what this chunk built goes out before the next is built
+                in_flight.append(self._enqueue_group(group, queued, failed, broken))
+                group, group_bytes = [], 0
+        if group:
+            in_flight.append(self._enqueue_group(group, queued, failed, broken))
         yield defer.gatherResults(in_flight)
         queue_ids = [qid for _, qid in sorted(queued)]  # in the order of the request's recipients
         failures = [why for _, why in sorted(failed, key=lambda f: f[0])]
@@ -662,6 +671,26 @@ class InjectAPI:
             not_before=req.not_before,
             extra=extra,
         )
+
+    def _enqueue_group(self, group: list[tuple[int, Envelope, bytes]], queued: list[tuple[int, str]],
+                       failed: list[tuple[int, dict[str, str]]], broken: list[str]) -> defer.Deferred[Any]:  # fmt: skip
+        """Hand ``group`` to the queue in one call; fires once each is queued (and its records on disk) or failed."""
+        d = defer.maybeDeferred(self.store.enqueue_many, [(envelope, data) for _, envelope, data in group])
+
+        def each(results: list[Any]) -> defer.Deferred[Any]:
+            records = []
+            for (i, envelope, _), result in zip(group, results, strict=True):
+                if isinstance(result, BaseException):
+                    self._not_queued(Failure(result), envelope, failed, broken, i)
+                else:
+                    records.append(self._queued(result, envelope, queued, i))
+            return defer.gatherResults(records)
+
+        def all_failed(failure: Failure) -> None:
+            for i, envelope, _ in group:
+                self._not_queued(failure, envelope, failed, broken, i)
+
+        return d.addCallbacks(each, all_failed)
 
     def _queued(self, _: Any, envelope: Envelope, queued: list[tuple[int, str]], position: int) -> defer.Deferred[Any]:
         queued.append((position, envelope.qid))
