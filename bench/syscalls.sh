@@ -3,7 +3,8 @@
 # attached to every process of each MTA (after a warm-up, so the queues are churned) while
 # smtp-source relays SYSCALLS_N messages of 2 KB (SYSCALLS_SIZE) over 10 sessions (SYSCALLS_CONC)
 # through it to an smtp-sink. Prints, per message: system calls, file creates (open with O_CREAT),
-# fsync + fdatasync, renames, and the most frequent calls (bench/syscall_count.py).
+# fsync + fdatasync, renames, and the most frequent calls (bench/syscall_count.py); then, where
+# perf has the syscall tracepoints, fsyncs per message of the same run untraced (full speed).
 # strace slows both peers a lot: the counts mean something here, the rates do not.
 # Loopback only; every process is started and stopped by its PID; every wait is bounded.
 # PYMTA_PROCESSES (default 2): [smtp] processes.
@@ -42,6 +43,17 @@ traced() {
     eval "$4"  # deliveries finished: their bookkeeping is counted too
     sleep 1
     kill -INT "$tracer"; wait "$tracer" 2>/dev/null
+    # The same run untraced, at full speed, where group commit shares fsyncs as it does in service:
+    # fsync and fdatasync counted system-wide by perf's syscall tracepoints (smtp-source and
+    # smtp-sink make none; what else runs on the machine adds its own few).
+    if command -v perf >/dev/null && perf list 2>/dev/null | grep -q 'syscalls:sys_enter_fsync'; then
+        perf stat -a -x, -o "$OUT/$name.perf" -e syscalls:sys_enter_fsync,syscalls:sys_enter_fdatasync & local perf=$!
+        sleep 1
+        "$SHARED_BENCH/sink-relay.sh" -n "$N" "${args[@]}" -L "$name/untraced" >&2 || die "$name untraced run failed"
+        eval "$4"
+        kill -INT "$perf"; wait "$perf" 2>/dev/null
+        awk -F, -v n="$N" -v name="$name" '$3 ~ /sys_enter_f/ {s += $1} END {printf "%s untraced: %.2f fsync+fdatasync per message\n", name, s / n}' "$OUT/$name.perf" >>"$OUT/untraced.txt"
+    fi
 }
 
 PY_STATE="$OUT/pymta"
@@ -65,3 +77,4 @@ PF_PID=$("$SHARED_BENCH/postfix-instance.sh" master-pid "$PF_DIR")
 traced postfix "$PF_PID" "$PF_PORT" "$SHARED_BENCH/postfix-instance.sh wait-empty $PF_DIR 60 >/dev/null"
 
 python3 "$HERE/syscall_count.py" "$N" pymta="$OUT/pymta.trace" postfix="$OUT/postfix.trace"
+[ -f "$OUT/untraced.txt" ] && { echo; cat "$OUT/untraced.txt"; }

@@ -236,7 +236,7 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
 
 def _build_foundation(w: Wiring) -> None:
     """Directories, the staged top service, thread pools, the queue store, accounting and events."""
-    from pymta.admin.accounting import AccountingLog
+    from pymta.admin.accounting import ACCOUNTING_WINDOW, AccountingLog
 
     config, reactor = w.config, w.reactor
     for path in (config.state_dir, config.queue_dir, config.mail_dir, config.log_dir):
@@ -262,6 +262,7 @@ def _build_foundation(w: Wiring) -> None:
         w.accounting = AccountingLog(
             os.path.join(config.log_dir, "accounting.jsonl"), reactor,
             run=lambda f: deferToThreadPool(reactor, accounting_pool, f), fsync=config.queue.fsync,
+            window=ACCOUNTING_WINDOW,
         )  # fmt: skip
         CloseOnStop(w.accounting.close).setServiceParent(top)
     w.reopen = _log_reopener(w.accounting)

@@ -163,3 +163,38 @@ def test_records_pending_at_close_and_after_it_are_written(tmp_path):
     assert pending == [True]
     assert late == [True]
     assert [r["qid"] for r in read_records(str(path))] == ["Q1", "Q2"]
+
+
+def test_outcome_records_wait_the_window_for_company_and_a_received_record_ends_it(tmp_path, monkeypatch):
+    clock = task.Clock()
+    synced: list[int] = []
+    monkeypatch.setattr(accounting_module.os, "fsync", synced.append)
+    path = tmp_path / "a.jsonl"
+    log = AccountingLog(str(path), clock, window=0.02)
+    first = fired(log.record("delivered", qid="Q1"))
+    clock.advance(0.01)
+    second = fired(log.record("deferred", qid="Q2"))
+    clock.advance(0.009)
+    assert (first, second, synced) == ([], [], [])  # still inside the window: nothing written
+    clock.advance(0.001)
+    assert (first, second, len(synced)) == ([True], [True], 1)  # one write, one fsync for both
+    outcome = fired(log.record("bounced", qid="Q3"))
+    clock.advance(0.005)
+    received = fired(log.record("received", qid="Q4"))  # a client waits on this one: no waiting
+    clock.advance(0)
+    assert (outcome, received, len(synced)) == ([True], [True], 2)
+    assert [r["qid"] for r in read_records(str(path))] == ["Q1", "Q2", "Q3", "Q4"]
+    late = fired(log.record("delivered", qid="Q5"))
+    log.close()  # what still waits is written at close
+    assert late == [True]
+    assert [r["qid"] for r in read_records(str(path))][-1] == "Q5"
+
+
+def test_without_a_window_every_record_goes_out_in_its_reactor_turn(tmp_path):
+    clock = task.Clock()
+    path = tmp_path / "a.jsonl"
+    log = AccountingLog(str(path), clock)
+    done = fired(log.record("delivered", qid="Q1"))
+    clock.advance(0)
+    assert done == [True]
+    log.close()
