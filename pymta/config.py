@@ -485,6 +485,7 @@ class DkimConfig:
 @attrs.frozen
 class LogConfig:
     accounting: bool = True
+    debug: bool = False  # per-connection and per-rule detail lines (connection reuse, ACL decisions)
 
 
 @attrs.frozen

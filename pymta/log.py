@@ -20,7 +20,7 @@ import threading
 from datetime import UTC, datetime
 from typing import IO, TYPE_CHECKING, Any, cast
 
-from twisted.logger import FileLogObserver, FilteringLogObserver, PredicateResult, formatEvent
+from twisted.logger import FileLogObserver, FilteringLogObserver, Logger, PredicateResult, formatEvent
 from twisted.python.failure import Failure
 
 if TYPE_CHECKING:
@@ -28,6 +28,21 @@ if TYPE_CHECKING:
 
 _SKIP_PREFIXES = ("log_", "isError", "message", "format", "system", "why", "failure")
 _FACTORY_LINES = frozenset({"Starting factory {factory!r}", "Stopping factory {factory!r}"})
+
+
+_debug = {"on": False}  # [log] debug, set once per process at start
+
+
+def set_debug(on: bool) -> None:
+    _debug["on"] = bool(on)
+
+
+def debug(logger: Logger, fmt: str, **fields: Any) -> None:
+    """``logger.debug`` for the per-connection and per-rule detail operators ask for with
+    ``[log] debug = true``; otherwise nothing is emitted, so no log observer formats or writes a
+    line per message for it (a reused connection is one such line per delivery)."""
+    if _debug["on"]:
+        logger.debug(fmt, **fields)
 
 
 def not_factory_noise(event: dict[str, Any]) -> PredicateResult:

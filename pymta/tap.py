@@ -212,6 +212,9 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
     """
     import attrs
 
+    from pymta.log import set_debug
+
+    set_debug(config.log.debug)
     accepting = accepting_processes(config)  # from the main process's configuration, not a worker's
     if worker_fds is not None:
         config = attrs.evolve(config, queue=attrs.evolve(config.queue, deliver=False))

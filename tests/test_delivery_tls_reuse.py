@@ -31,7 +31,9 @@ ZONE = {
 POLICIES = {"opp.test": "opportunistic", "ver.test": "verify", "plain.test": "none", "alias.test": "verify"}
 
 
-class TLSReuseTests(unittest.TestCase):
+class ReuseWorld:
+    """One loopback mail exchanger for the domains above, and an agent that delivers to it."""
+
     timeout = 60
 
     def setUp(self) -> None:
@@ -77,6 +79,9 @@ class TLSReuseTests(unittest.TestCase):
         self.addCleanup(shutil.rmtree, other, True)
         return make_cert(other, name="mx.shared.test", serial=7)[0]
 
+
+
+class TLSReuseTests(ReuseWorld, unittest.TestCase):
     @defer.inlineCallbacks
     def test_verify_mail_never_takes_the_unverified_session_opportunistic_mail_left_idle(self):
         peer = self.peer()
@@ -133,3 +138,35 @@ class TLSReuseTests(unittest.TestCase):
         assert peer.connections == 2
         assert peer.seen == [("plain.test", None), ("opp.test", peer.seen[1][1])]
         assert peer.seen[1][1]
+
+
+class ReuseLogTests(ReuseWorld, unittest.TestCase):
+    """The per-delivery "reusing" detail line exists only with ``[log] debug = true``."""
+
+    def reuse_lines(self) -> list[dict]:
+        from twisted.logger import globalLogPublisher
+
+        seen: list[dict] = []
+
+        def observe(event: dict) -> None:
+            if str(event.get("log_format", "")).startswith("reusing "):
+                seen.append(event)
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        return seen
+
+    @defer.inlineCallbacks
+    def test_a_reused_connection_is_logged_only_when_debug_is_asked_for(self):
+        from pymta.log import set_debug
+
+        self.addCleanup(set_debug, False)
+        peer = self.peer(tls=False)
+        agent = self.agent(self.cert)
+        lines = self.reuse_lines()
+        for on in (False, True):
+            set_debug(on)
+            for _ in range(2):
+                assert (yield self.send(agent, "plain.test")).status == DELIVERED
+        assert peer.connections == 1  # all four over one connection: three reuses
+        assert [e["mx"] for e in lines] == ["mx.shared.test"] * 2  # only the two made with debug on

@@ -22,6 +22,7 @@ from zope.interface import implementer
 from pymta.config import AclRule
 from pymta.inbound.policy import in_networks
 from pymta.interfaces import IPolicy
+from pymta.log import debug
 from pymta.smtp.replies import Reply
 
 log = Logger(namespace="pymta.inbound.acl")
@@ -139,7 +140,7 @@ class AclPolicy:
             action = rule.rule.action
             if action == "continue":
                 continue
-            log.debug("acl {stage}[{index}] {action} for {client}", stage=stage, index=index + 1, action=action,
-                      client=session.peer_address, comment=rule.rule.comment)  # fmt: skip
+            debug(log, "acl {stage}[{index}] {action} for {client}", stage=stage, index=index + 1, action=action,
+                  client=session.peer_address, comment=rule.rule.comment)  # fmt: skip
             return rule.reply  # None for accept: the stage's remaining rules are skipped
         return None

@@ -21,6 +21,7 @@ from zope.interface import implementer
 
 from pymta.envelope import DEFERRED, DELIVERED, FAILED, RELAYED, DeliveryResult, Envelope, Recipient
 from pymta.interfaces import IDeliveryAgent
+from pymta.log import debug
 from pymta.outbound.requiretls import requiretls_of, tls_optional
 from pymta.outbound.routes import Hop, RouteError, Router
 from pymta.outbound.shaping import UNCAPPED, Limits, Shaper
@@ -475,8 +476,8 @@ class SMTPDeliveryAgent:
                 if session.idle_call is not None and session.idle_call.active():
                     session.idle_call.cancel()
                 if not session.proto.is_lost:
-                    log.debug("reusing {mx} [{ip}] for {policy} mail ({key})", mx=hop.name, ip=address, policy=policy,
-                              key=reusable)  # fmt: skip
+                    debug(log, "reusing {mx} [{ip}] for {policy} mail ({key})", mx=hop.name, ip=address, policy=policy,
+                          key=reusable)  # fmt: skip
                     return session
         key = PoolKey(address, hop.port, source_name, policy)
         if shaping is not None:  # a new connection: the destination's connection rate applies
