@@ -305,7 +305,11 @@ class MaildirQueueStoreDurabilityTests(_OnDiskStoreTest):
         env = make_envelope()
         yield store.enqueue(env, BODY)
         ops = RecordingOps(self.root)
-        yield self.store(ops).remove(env.qid, durable=False)
+        removing = self.store(ops)
+        yield removing.remove(env.qid, durable=False)
+        self.assertIsNone(removing.state(env.qid))
+        self.assertEqual(removing.list(INCOMING), [])
+        self.assertRaises(KeyError, removing.load, env.qid)
         self.assertEqual(ops.calls, [("unlink", queue_path(INCOMING, env.qid))])
         self.assert_empty_queue()
 
