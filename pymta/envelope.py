@@ -52,6 +52,21 @@ def new_qid(now: float | None = None) -> str:
     return "".join(reversed(out))
 
 
+def qid_time(qid: str) -> float | None:
+    """The arrival time :func:`new_qid` put in ``qid`` (wall seconds), or None for a name it did
+    not make (or one whose time is outside 2000-2100)."""
+    if not 20 <= len(qid) <= 26:
+        return None
+    value = 0
+    for c in qid:
+        digit = _QID_ALPHABET.find(c)
+        if digit < 0:
+            return None
+        value = value * 32 + digit
+    seconds = (value >> 56) / 1_000_000
+    return seconds if 946_684_800 <= seconds < 4_102_444_800 else None
+
+
 def is_qid(text: str) -> bool:
     return 16 <= len(text) <= 32 and all(c in _QID_ALPHABET for c in text)
 

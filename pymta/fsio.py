@@ -91,9 +91,10 @@ def write_all(ops: FileOps, fd: int, parts: Sequence[bytes | bytearray | memoryv
             views[0] = views[0][done:]
 
 
-def write_new_file(ops: FileOps, path: str, data: bytes | Sequence[bytes]) -> None:
+def write_new_file(ops: FileOps, path: str, data: bytes | Sequence[bytes], mtime: float = 0.0) -> None:
     """Create ``path`` (must not exist), write ``data`` (bytes, or a sequence of parts written with
-    writev, no joined copy) and fsync it.
+    writev, no joined copy) and fsync it; with ``mtime``, the file's modification time is set to
+    it before the fsync (the queue keeps a message's due time there).
 
     On an OSError the file is unlinked before the error is re-raised: no partial file remains.
     """
@@ -101,6 +102,8 @@ def write_new_file(ops: FileOps, path: str, data: bytes | Sequence[bytes]) -> No
     try:
         try:
             write_all(ops, fd, [data] if isinstance(data, (bytes, bytearray, memoryview)) else data)
+            if mtime > 0:
+                os.utime(fd, (mtime, mtime))
             ops.fsync(fd)
         finally:
             ops.close(fd)

@@ -98,7 +98,8 @@ class IQueueStore(Interface):
         """What ``recover`` does, without holding the caller up while the queue is read: the
         sound messages go to ``on_batch(list of (qid, state, due, arrival))`` in batches as they
         are read (``due``: wall time of the next attempt; ``arrival``: wall time). Returns a
-        Deferred that fires with the counts after the last batch."""
+        Deferred that fires with the counts after the last batch. A store may hand out deferred
+        messages unread (by name and time) and check each when it is loaded."""
 
 
 class IScheduler(Interface):

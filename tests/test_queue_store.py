@@ -286,6 +286,55 @@ class MaildirQueueStoreDurabilityTests(_OnDiskStoreTest):
         self.assertEqual(files_under(self.root), [queue_path(DEFERRED, env.qid)])
 
     @defer.inlineCallbacks
+    def test_the_due_time_is_kept_as_the_files_mtime_through_updates_and_rewrites(self):
+        store = self.store()
+        env = make_envelope(next_attempt=1_900_000_000.25)
+        yield store.enqueue(env, BODY)
+        yield store.move(env.qid, DEFERRED)
+        path = os.path.join(self.root, queue_path(DEFERRED, env.qid))
+        self.assertAlmostEqual(os.stat(path).st_mtime, 1_900_000_000.25, places=3)
+        for i in range(300):  # past the rewrite threshold, more than once
+            env.next_attempt = 1_900_000_100.0 + i
+            env.recipients[0].reply = {"code": 451, "enhanced": "4.4.1", "text": f"try {i} " + "x" * 200}
+            yield store.update(env)
+            self.assertAlmostEqual(os.stat(path).st_mtime, env.next_attempt, places=3)
+        env.not_before = 1_950_000_000.0  # a scheduled delivery later than the retry
+        yield store.update(env)
+        self.assertAlmostEqual(os.stat(path).st_mtime, 1_950_000_000.0, places=3)
+
+    @defer.inlineCallbacks
+    def test_recovery_reads_deferred_messages_by_name_and_mtime_and_checks_each_at_its_load(self):
+        store = self.store()
+        sound = make_envelope(now=1_700_000_000.5, arrival=1_700_000_000.5, next_attempt=1_900_000_000.0)
+        rotten = make_envelope(now=1_700_000_001.5, arrival=1_700_000_001.5, next_attempt=1_900_000_001.0)
+        for env in (sound, rotten):
+            yield store.enqueue(env, BODY)
+            yield store.move(env.qid, DEFERRED)
+        rotten_path = os.path.join(self.root, queue_path(DEFERRED, rotten.qid))
+        with open(rotten_path, "r+b") as f:  # rotted while it waited; the mtime stays
+            f.write(b"garbage!")
+        os.utime(rotten_path, (1_900_000_001.0, 1_900_000_001.0))
+
+        fresh = self.store()
+        batches = []
+        counts = yield fresh.recover_incrementally(batches.append)
+        recovered = sorted(entry for batch in batches for entry in batch)
+        self.assertEqual(len(recovered), 2)
+        for (qid, state, due, arrival), env in zip(recovered, sorted((sound, rotten), key=lambda e: e.qid), strict=True):
+            self.assertEqual((qid, state), (env.qid, DEFERRED))
+            self.assertAlmostEqual(due, env.next_attempt, places=3)
+            self.assertAlmostEqual(arrival, env.arrival, places=5)
+        self.assertEqual(counts["quarantined"], 0)
+        # The attempt's load is where the rotten file is found: quarantined, never delivered.
+        self.assertEqual(fresh.load(sound.qid), sound)
+        with self.assertLogs("quarantine"):
+            self.assertRaises(ValueError, fresh.load, rotten.qid)
+        self.assertEqual(fresh.state(rotten.qid), CORRUPT)
+        self.assertEqual(fresh.list(DEFERRED), [sound.qid])
+        # The synchronous recover() (tools, tests) still reads every file.
+        self.assertEqual(self.store().recover()["queued"], 1)
+
+    @defer.inlineCallbacks
     def test_remove_unlinks_the_one_file_and_syncs_its_directory(self):
         store = self.store()
         env = make_envelope()

@@ -35,7 +35,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from pymta.envelope import Envelope
+from pymta.envelope import Envelope, qid_time
 from pymta.fsio import DirSyncer, FileOps, NoSyncFileOps, discard, is_space_error, write_new_file
 from pymta.interfaces import (
     ACTIVE,
@@ -211,6 +211,11 @@ def _translated(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def due_time(envelope: Envelope) -> float:
+    """When ``envelope`` is next due (wall time; 0: now): kept as its queue file's mtime."""
+    return max(envelope.next_attempt, envelope.not_before)
+
+
 def _read(path: str) -> bytes:
     with open(path, "rb") as f:
         return f.read()
@@ -238,6 +243,10 @@ class MaildirQueueStore:
     ``ops`` replaces the file-system primitives (tests record and break them). States in
     ``HASHED_STATES`` spread their files over ``16 ** hash_depth`` subdirectories (Postfix's
     ``hash_queue_depth``), so a million deferred messages make no million-entry directory.
+    A file's mtime is its message's due time (set with each write, before its fsync; as
+    Postfix's qmgr reads deferred/), so the MTA's start reads deferred/ with a stat per message.
+    A move into active/ and a removal without durability are one rename or unlink each, done on
+    the caller's thread: cheaper than the hop to the writing thread and back.
     """
 
     HASHED_STATES = (DEFERRED,)
@@ -331,24 +340,24 @@ class MaildirQueueStore:
             first = qfile.record(envelope.to_json())
         except ValueError:
             return defer.fail()
-        return self._run(self._enqueue, qid, first, body, state)
+        return self._run(self._enqueue, qid, first, body, state, due_time(envelope))
 
     def enqueue_many(self, items: builtins.list[tuple[Envelope, bytes]], state: str = INCOMING) -> defer.Deferred[Any]:
         try:
             check_enqueue_state(state)
         except ValueError:
             return defer.fail()
-        prepared: builtins.list[tuple[str, bytes, bytes] | Exception] = []
+        prepared: builtins.list[tuple[str, bytes, bytes, float] | Exception] = []
         for envelope, body in items:
             try:
-                prepared.append((check_qid(envelope.qid), qfile.record(envelope.to_json()), body))
+                prepared.append((check_qid(envelope.qid), qfile.record(envelope.to_json()), body, due_time(envelope)))
             except ValueError as e:
                 prepared.append(e)
         return self._run(self._enqueue_many, prepared, state)
 
     @_translated
-    def _enqueue(self, qid: str, first: bytes, body: bytes, state: str = INCOMING) -> str:
-        path = self._place(qid, first, body, state)
+    def _enqueue(self, qid: str, first: bytes, body: bytes, state: str = INCOMING, due: float = 0.0) -> str:
+        path = self._place(qid, first, body, state, due)
         try:
             self.syncer.sync((self._dirs[state],))
         except OSError:
@@ -357,7 +366,7 @@ class MaildirQueueStore:
             raise
         return qid
 
-    def _enqueue_many(self, prepared: builtins.list[tuple[str, bytes, bytes] | Exception], state: str) -> builtins.list[Any]:
+    def _enqueue_many(self, prepared: builtins.list[tuple[str, bytes, bytes, float] | Exception], state: str) -> builtins.list[Any]:
         """Each message written and renamed in turn on this one thread, then one directory fsync for all."""
         results: builtins.list[Any] = []
         placed: builtins.list[tuple[int, str]] = []
@@ -366,7 +375,8 @@ class MaildirQueueStore:
                 results.append(item)
                 continue
             try:
-                placed.append((len(results), _translated(self._place)(*item, state)))
+                qid, first, body, due = item
+                placed.append((len(results), _translated(self._place)(qid, first, body, state, due)))
                 results.append(item[0])
             except (QueueError, QueueFull) as e:
                 results.append(e)
@@ -379,15 +389,16 @@ class MaildirQueueStore:
                     results[i] = e
         return results
 
-    def _place(self, qid: str, first: bytes, body: bytes, state: str) -> str:
-        """Write the queue file in tmp/ (fsynced) and rename it into ``state``: its path there."""
+    def _place(self, qid: str, first: bytes, body: bytes, state: str, due: float = 0.0) -> str:
+        """Write the queue file in tmp/ (fsynced; its mtime the due time, when one is set) and
+        rename it into ``state``: its path there."""
         ops = self._ops
         path = self._path_of(state, qid)
         # qids are unique across processes by construction: the index and incoming/ are enough
         if qid in self._index or os.path.exists(path):
             raise QueueError(f"queue id {qid} already queued")
         tmp = os.path.join(self._tmp, qid)
-        write_new_file(ops, tmp, [qfile.header(body), body, first])
+        write_new_file(ops, tmp, [qfile.header(body), body, first], mtime=due)
         try:
             ops.rename(tmp, path)  # the commit point
         except OSError:
@@ -412,12 +423,25 @@ class MaildirQueueStore:
             raise KeyError(qid) from None
 
     def load(self, qid: str) -> Envelope:
+        """The envelope; an unreadable one is quarantined (as by :meth:`read_body`) and raises
+        ValueError. Recovery reads deferred/ by name and time only, so this is where a file that
+        rotted there while it waited is found."""
         fd = self._open(qid)
         try:
-            meta = qfile.read_meta(fd)
+            return self._envelope_of(qid, qfile.read_meta(fd))
+        except ValueError as e:
+            self._quarantine_found(qid, str(e))
+            raise
         finally:
             os.close(fd)
-        return self._envelope_of(qid, meta)
+
+    def _quarantine_found(self, qid: str, reason: str) -> None:
+        state = self._find(qid)
+        if state not in (None, CORRUPT):
+            self._quarantine(self._path_of(state, qid), qid, reason)
+            self._index[qid] = CORRUPT
+            self._ops.fsync_dir(self._dir_of(state, qid))
+            self._ops.fsync_dir(self._dirs[CORRUPT])
 
     @staticmethod
     def _envelope_of(qid: str, meta: qfile.QueueFile) -> Envelope:
@@ -437,12 +461,7 @@ class MaildirQueueStore:
         try:
             return qfile.read_body(fd)
         except qfile.QueueFileError as e:
-            state = self._find(qid)
-            if state not in (None, CORRUPT):
-                self._quarantine(self._path_of(state, qid), qid, str(e))
-                self._index[qid] = CORRUPT
-                self._ops.fsync_dir(self._dir_of(state, qid))
-                self._ops.fsync_dir(self._dirs[CORRUPT])
+            self._quarantine_found(qid, str(e))
             raise
         finally:
             os.close(fd)
@@ -455,18 +474,19 @@ class MaildirQueueStore:
             rec = qfile.record(envelope.to_json())
         except ValueError:
             return defer.fail()
-        return self._run(self._update, envelope.qid, rec)
+        return self._run(self._update, envelope.qid, rec, due_time(envelope))
 
     @_translated
-    def _update(self, qid: str, rec: bytes) -> None:
-        """Append ``rec`` after the last sound record and fsync; a torn tail is cut off first."""
+    def _update(self, qid: str, rec: bytes, due: float = 0.0) -> None:
+        """Append ``rec`` after the last sound record, set the file's mtime to ``due`` (when set)
+        and fsync; a torn tail is cut off first."""
         ops = self._ops
         fd = self._open(qid, _RDWR, ops)
         try:
             meta = qfile.read_meta(fd)
             offset = meta.records_start + meta.records.end
             if meta.records.end + len(rec) > max(qfile.COMPACT_AFTER, 4 * len(rec)):
-                self._compact(qid, fd, rec)
+                self._compact(qid, fd, rec, due)
                 return
             if meta.records.torn:
                 ops.ftruncate(fd, offset)
@@ -474,6 +494,8 @@ class MaildirQueueStore:
                 view = memoryview(rec)
                 while view:
                     view = view[ops.pwrite(fd, view, offset + len(rec) - len(view)) :]
+                if due > 0:
+                    os.utime(fd, (due, due))
                 ops.fsync(fd)
             except OSError:
                 with contextlib.suppress(OSError):  # a half-written record is ignored anyway; leave no garbage
@@ -484,12 +506,12 @@ class MaildirQueueStore:
         finally:
             ops.close(fd)
 
-    def _compact(self, qid: str, fd: int, rec: bytes) -> None:
+    def _compact(self, qid: str, fd: int, rec: bytes, due: float = 0.0) -> None:
         """Rewrite the file with ``rec`` as its only record (its appended records grew too long)."""
         body = qfile.read_body(fd)
         path = self._path(qid)
         tmp = os.path.join(self._tmp, f"{qid}.{next(self._seq)}")
-        write_new_file(self._ops, tmp, [qfile.header(body), body, rec])
+        write_new_file(self._ops, tmp, [qfile.header(body), body, rec], mtime=due)
         try:
             self._ops.rename(tmp, path)
         except OSError:
@@ -593,7 +615,7 @@ class MaildirQueueStore:
         self, counts: dict[str, int], on_batch: Callable[[builtins.list[Recovered]], Any]
     ) -> Generator[defer.Deferred[Any], Any, dict[str, int]]:
         for state, directory in self._recover_units():
-            batch = yield self._run(self._recover_unit, state, directory, counts)
+            batch = yield self._run(self._recover_unit, state, directory, counts, state == DEFERRED)
             if batch:
                 on_batch(batch)
         return self._recover_end(counts)  # corrupt/ holds few files: counted and logged here
@@ -630,10 +652,14 @@ class MaildirQueueStore:
         return units
 
     @_translated
-    def _recover_unit(self, state: str, directory: str, counts: dict[str, int]) -> builtins.list[Recovered]:
+    def _recover_unit(self, state: str, directory: str, counts: dict[str, int], by_time: bool = False) -> builtins.list[Recovered]:
         """Check the files of one directory (quarantining what fails); the sound ones as
         ``(qid, state, due, arrival)``: ``due`` is the wall time of the next attempt
-        (``max(next_attempt, not_before)``), ``arrival`` the envelope's."""
+        (``max(next_attempt, not_before)``), ``arrival`` the envelope's.
+
+        ``by_time``: take ``due`` from the file's mtime and ``arrival`` from the queue id, with
+        no read of the file (a stat per message: a large deferred mass is read in seconds, not
+        minutes); each file is then checked when its attempt loads it."""
         out: list[Recovered] = []
         touched: set[str] = set()
         try:
@@ -644,6 +670,16 @@ class MaildirQueueStore:
             if state in self.HASHED_STATES and not _SAFE_QID.match(name):
                 continue  # not ours: list() does not see it either
             path = os.path.join(directory, name)
+            arrival = qid_time(name) if by_time else None
+            if arrival is not None:
+                try:
+                    due = os.stat(path).st_mtime
+                except FileNotFoundError:
+                    continue  # moved on since the directory was listed
+                self._index.setdefault(name, state)
+                counts["queued"] += 1
+                out.append((name, state, due, arrival))
+                continue
             reason, torn, envelope = self._check_file(path, name)
             if reason == _GONE:
                 continue  # moved on (delivered, deferred again) since the directory was listed
