@@ -6,7 +6,7 @@ Usage: python bench/queue_scale.py [--sizes 10000 100000 1000000] [--base /var/t
 
 For each size a state directory ``BASE/qSIZE`` is filled once (bench/queue_fill.py: the store's
 own API, fsync off for the fill only, 2 KB messages deferred for 20 h) and kept for later runs.
-Then, for an empty queue and for each size, in the same run:
+Then, for an empty queue (after one start not measured) and for each size, in the same run:
 
 * ``twistd -n pymta`` starts on it; reported: seconds until the listener greets (``greet_s``),
   until the queue is recovered (``recover_s``, from the ``queue_recovered`` log event, with the
@@ -15,6 +15,9 @@ Then, for an empty queue and for each size, in the same run:
 * ``smtp-source`` sends ``--messages`` 2 KB messages over ``--sessions`` sessions to it, relayed
   to ``smtp-sink``; reported: accepted messages/s (``accept_mps``) and its ratio to the empty
   queue's (``vs_empty``);
+* with ``--during N``, N more messages sent right after the greeting: accepted messages/s while
+  the queue is still being read (``during_mps``; ``during_recovery`` tells whether it still was
+  when the last one was accepted); with ``--cold`` the page cache is dropped before each start;
 * ``pymta-queue list --limit 100`` against the running MTA: seconds for the first page (``list_s``);
 * in this process, a timer heap (:class:`pymta.queue.scheduler.TimerHeapScheduler` on
   ``task.Clock``) holding SIZE entries: microseconds to schedule a message due first and have it
@@ -193,12 +196,22 @@ def stop_mta(proc: subprocess.Popen, stderr: Any) -> None:
     stderr.close()
 
 
+def send(port: int, messages: int, sessions: int) -> None:
+    subprocess.run(["smtp-source", "-s", str(sessions), "-m", str(messages), "-l", "2048",
+                    "-f", "sender@bench.example", "-t", "rcpt@sink.example", f"127.0.0.1:{port}"],
+                   check=True, timeout=600, stdout=subprocess.DEVNULL)  # fmt: skip
+
+
 def measure(state_dir: str, size: int, args: argparse.Namespace, sink_port: int) -> dict:
     port = free_port()
     config = write_config(state_dir, port, sink_port, args.processes, args.fsync)
     log_path = os.path.join(state_dir, "pymta.log.jsonl")
     if os.path.exists(log_path):
         os.unlink(log_path)
+    if args.cold:  # the queue read from the disk, not from the page cache
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
     start = time.monotonic()
     wall_start = time.time()
     proc, stderr = start_mta(state_dir, config, log_path)
@@ -207,6 +220,11 @@ def measure(state_dir: str, size: int, args: argparse.Namespace, sink_port: int)
         if not greet(port, 120):
             raise RuntimeError(f"no greeting within 120 s (see {state_dir}/twistd.stderr)")
         row["greet_s"] = round(time.monotonic() - start, 2)
+        if args.during:  # accepted while the queue is still being read
+            t0 = time.monotonic()
+            send(port, args.during, args.sessions)
+            row["during_mps"] = round(args.during / (time.monotonic() - t0), 1)
+            row["during_recovery"] = recovered_event(log_path) is None  # still reading when the last was accepted
         deadline = time.monotonic() + args.recover_timeout
         event = None
         while event is None and time.monotonic() < deadline and proc.poll() is None:
@@ -219,9 +237,7 @@ def measure(state_dir: str, size: int, args: argparse.Namespace, sink_port: int)
         row["cpu_s"] = round(cpu_s(proc.pid), 1)  # start-up and recovery, in CPU seconds
         row["rss_mib"], row["hwm_mib"] = (round(v) for v in rss_mib(proc.pid))
         t0 = time.monotonic()
-        subprocess.run(["smtp-source", "-s", str(args.sessions), "-m", str(args.messages), "-l", "2048",
-                        "-f", "sender@bench.example", "-t", "rcpt@sink.example", f"127.0.0.1:{port}"],
-                       check=True, timeout=600, stdout=subprocess.DEVNULL)  # fmt: skip
+        send(port, args.messages, args.sessions)
         row["accept_mps"] = round(args.messages / (time.monotonic() - t0), 1)
         t0 = time.monotonic()
         listed = subprocess.run([os.path.join(BIN, "pymta-queue"), "--config", config, "--json", "list", "--limit",
@@ -244,6 +260,9 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=1, help="[smtp] processes")
     parser.add_argument("--fsync", action="store_true", help="[queue] fsync = true for the MTA runs")
     parser.add_argument("--recover-timeout", type=float, default=900.0)
+    parser.add_argument("--cold", action="store_true", help="drop the page cache before each start (root)")
+    parser.add_argument("--during", type=int, default=0, metavar="N",
+                        help="also send N messages right after the greeting, while the queue is read")
     parser.add_argument("--held-only", type=int, default=None, metavar="N",
                         help="only report what the queue manager holds per deferred message for N of them")
     args = parser.parse_args()
@@ -257,6 +276,9 @@ def main() -> None:
     try:
         empty = tempfile.mkdtemp(prefix="pymta-scale-empty-", dir=args.base if os.path.isdir(args.base) else None)
         try:
+            measure(empty, 0, args, sink_port)  # a warm-up: the first start of all pays for cold caches
+            shutil.rmtree(empty, True)
+            os.makedirs(empty)
             rows.append(measure(empty, 0, args, sink_port))
         finally:
             shutil.rmtree(empty, True)
@@ -274,7 +296,8 @@ def main() -> None:
     finally:
         sink.send_signal(signal.SIGTERM)
         sink.wait(10)
-    cols = ["size", "greet_s", "recover_s", "cpu_s", "recovered", "rss_mib", "hwm_mib", "accept_mps", "vs_empty", "list_s", "pick_us"]
+    cols = ["size", "greet_s", "during_mps", "during_recovery", "recover_s", "cpu_s", "recovered", "rss_mib", "hwm_mib",
+            "accept_mps", "vs_empty", "list_s", "pick_us"]  # fmt: skip
     print(" | ".join(cols))
     for row in rows:
         print(" | ".join(str(row.get(c, "-")) for c in cols))
