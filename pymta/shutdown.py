@@ -26,6 +26,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from pymta.threads import FilePool
+
 log = Logger(namespace="pymta.shutdown")
 
 FRONT, CLOSE, POOLS = 0, 1, 2
@@ -99,11 +101,11 @@ class ThreadPoolService(service.Service):
 
     stop_stage = POOLS
 
-    def __init__(self, pool: ThreadPool, join: bool = True) -> None:
+    def __init__(self, pool: ThreadPool | FilePool, join: bool = True) -> None:
         self.pool = pool
         self.join = join
         if not join:
-            pool.threadFactory = cast("type[threading.Thread]", _daemon_thread)  # only ever called
+            cast(ThreadPool, pool).threadFactory = cast("type[threading.Thread]", _daemon_thread)  # only ever called
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated (untyped_calls_exclude misses super())

@@ -21,6 +21,7 @@ from twisted.python.threadpool import ThreadPool
 from pymta.config import Config, ConfigError, default_config_path, load_config
 from pymta.shutdown import CLOSE, SESSION_GRACE, SessionDrain, SignalGuard, StagedService, ThreadPoolService
 from pymta.stores import queue_store, recipient_policy, suppression_store
+from pymta.threads import FilePool
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -250,7 +251,7 @@ def _build_foundation(w: Wiring) -> None:
     # Three pools, so that one kind of slow work cannot hold up another: queue and Maildir file
     # I/O (the 250 waits for it), DNS lookups (a dead resolver blocks a thread for its timeout),
     # password hashing (scrypt, CPU-bound, deliberately slow).
-    w.pool = ThreadPool(minthreads=2, maxthreads=16, name="pymta-io")
+    w.pool = FilePool(16, name="pymta-io")
     ThreadPoolService(w.pool).setServiceParent(top)
     dns_pool = ThreadPool(minthreads=1, maxthreads=16, name="pymta-dns")
     ThreadPoolService(dns_pool, join=False).setServiceParent(top)
@@ -260,11 +261,11 @@ def _build_foundation(w: Wiring) -> None:
     w.store = queue_store(config, reactor, w.pool)
     if config.log.accounting:
         # Its own thread: record fsyncs never wait behind (or delay) queue or DNS work.
-        accounting_pool = ThreadPool(minthreads=1, maxthreads=1, name="pymta-accounting")
+        accounting_pool = FilePool(1, name="pymta-accounting")
         ThreadPoolService(accounting_pool).setServiceParent(top)
         w.accounting = AccountingLog(
             os.path.join(config.log_dir, "accounting.jsonl"), reactor,
-            run=lambda f: deferToThreadPool(reactor, accounting_pool, f), fsync=config.queue.fsync,
+            run=lambda f: deferToThreadPool(reactor, cast(Any, accounting_pool), f), fsync=config.queue.fsync,
             window=ACCOUNTING_WINDOW,
         )  # fmt: skip
         CloseOnStop(w.accounting.close).setServiceParent(top)
