@@ -27,7 +27,8 @@ _STOP = object()
 
 class FilePool:
     """``size`` threads taking jobs in order from one queue. Jobs given before :meth:`start`
-    wait for it; :meth:`stop` lets every job already given finish, then joins the threads."""
+    wait for it; :meth:`stop` lets every job already given finish, then joins the threads; a job
+    given after it is refused with RuntimeError (as twisted's pool refuses one after its stop)."""
 
     def __init__(self, size: int, name: str) -> None:
         if size < 1:
@@ -36,6 +37,7 @@ class FilePool:
         self.name = name
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
+        self._stopped = False
 
     def start(self) -> None:
         if self._threads:
@@ -45,6 +47,7 @@ class FilePool:
             thread.start()
 
     def stop(self) -> None:
+        self._stopped = True
         threads, self._threads = self._threads, []
         for _ in threads:
             self._jobs.put(_STOP)
@@ -56,6 +59,8 @@ class FilePool:
     ) -> None:
         """Run ``func(*args, **kw)`` in a thread, then ``on_result(True, result)`` or
         ``on_result(False, Failure)`` there."""
+        if self._stopped:
+            raise RuntimeError(f"thread pool {self.name} is stopped")
         self._jobs.put((on_result, func, args, kw))
 
     def callInThread(self, func: Callable[..., Any], *args: Any, **kw: Any) -> None:  # twisted API name

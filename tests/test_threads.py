@@ -58,6 +58,7 @@ class FilePoolTests(unittest.TestCase):
         pool.stop()  # returns once every job given before it has run
         self.assertEqual(sorted(done), list(range(20)))
         self.assertEqual([t for t in threading.enumerate() if t.name.startswith("test-")], [])
+        self.assertRaises(RuntimeError, pool.callInThread, done.append, 99)  # nothing runs it any more
 
     def test_a_failure_nobody_waits_for_is_logged(self):
         events = []
