@@ -2,9 +2,10 @@
 
 Every queued message makes at least one hop to a thread and back (its fsyncs), so the hop's own
 cost counts: through twisted's ThreadPool (context propagation, a coordinator and a worker per
-job) a hop took 64 µs of CPU against 50 µs through a plain ``queue.SimpleQueue`` that the threads
-block on (``bench/thread_hop.py``), and each extra lock handoff can make the reactor thread wait
-for the GIL. In the relay benchmark at 2 KB and 10 sessions, alternating the two: 505 against
+job) a hop took 64-82 µs of CPU, through the standard library's ThreadPoolExecutor (a Future per
+job) 79-123 µs, and through a plain ``queue.SimpleQueue`` that the threads block on 50-66 µs
+(``bench/thread_hop.py``, runs on different days); each extra lock handoff can also make the
+reactor thread wait for the GIL. In the relay benchmark at 2 KB and 10 sessions, alternating the two: 505 against
 410 msgs/s and 2.9 against 3.5 ms of CPU per message. :class:`FilePool` offers the part of ThreadPool's API that
 :func:`twisted.internet.threads.deferToThreadPool` and :class:`pymta.shutdown.ThreadPoolService`
 use, so it is a drop-in where those are the only callers.

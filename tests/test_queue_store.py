@@ -18,7 +18,7 @@ from twisted.trial import unittest
 from pymta.envelope import Envelope, new_qid
 from pymta.interfaces import ACTIVE, CORRUPT, DEFERRED, HOLD, INCOMING, QUEUE_STATES, QueueError, QueueFull
 from pymta.queue import qfile
-from pymta.queue.store import MaildirQueueStore, MemoryQueueStore, hash_dirs
+from pymta.queue.store import INLINE_UNLINK_MAX, MaildirQueueStore, MemoryQueueStore, hash_dirs
 from tests.contract_queue_store import BODY, QueueStoreContract, make_envelope
 from tests.fs_faults import Crash, RecordingOps, fail_at, files_under, started_pool
 
@@ -301,6 +301,9 @@ class MaildirQueueStoreDurabilityTests(_OnDiskStoreTest):
         env.not_before = 1_950_000_000.0  # a scheduled delivery later than the retry
         yield store.update(env)
         self.assertAlmostEqual(os.stat(path).st_mtime, 1_950_000_000.0, places=3)
+        env.next_attempt = env.not_before = 0.0  # no due time: due now, not at the old one
+        yield store.update(env)
+        self.assertLess(abs(os.stat(path).st_mtime - time.time()), 60)
 
     @defer.inlineCallbacks
     def test_recovery_reads_deferred_messages_by_name_and_mtime_and_checks_each_at_its_load(self):
@@ -360,6 +363,27 @@ class MaildirQueueStoreDurabilityTests(_OnDiskStoreTest):
         self.assertEqual(removing.list(INCOMING), [])
         self.assertRaises(KeyError, removing.load, env.qid)
         self.assertEqual(ops.calls, [("unlink", queue_path(INCOMING, env.qid))])
+        self.assert_empty_queue()
+
+    @defer.inlineCallbacks
+    def test_only_a_small_file_is_unlinked_on_the_reactor_thread(self):
+        # Freeing a large file takes milliseconds: that unlink goes to the writing thread.
+        store = self.store()
+        small, large = make_envelope(), make_envelope()
+        yield store.enqueue(small, BODY)
+        yield store.enqueue(large, b"x" * (INLINE_UNLINK_MAX + 1))
+        threads = {}
+
+        class WhereOps(RecordingOps):
+            def unlink(self, path):
+                threads[os.path.basename(path)] = threading.current_thread() is threading.main_thread()
+                return super().unlink(path)
+
+        removing = self.store(WhereOps(self.root))
+        for env in (small, large):
+            yield removing.move(env.qid, ACTIVE)  # the index knows where they are, as in an attempt
+            yield removing.remove(env.qid, durable=False)
+        self.assertEqual(threads, {small.qid: True, large.qid: False})
         self.assert_empty_queue()
 
     @defer.inlineCallbacks
