@@ -10,6 +10,7 @@ REQUIRETLS (RFC 8689) on top demands a verified session with a hop that offers R
 
 from __future__ import annotations
 
+import random
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
 
 log = Logger(namespace="pymta.outbound")
 
+SHARED_SLOT_JITTER = 0.05  # seconds, at most, added to a wait for a cluster-wide rate token
 MAX_INLINE_WAIT = 2.0  # a shaping wait longer than this goes back to the queue instead
 NO_TLS_MEMORY = 3600.0  # a host whose STARTTLS failed is tried in plaintext for this long
 TLS_POLICIES = ("none", "opportunistic", "verify", "dane")
@@ -165,6 +167,7 @@ class SMTPDeliveryAgent:
     ) -> None:
         self.reactor = reactor
         self.clock = clock or reactor
+        self.rng = random.Random()  # jitter of the retry for a rate token shared by a cluster
         self.router = router
         self.helo_name = helo_name
         self.max_messages_per_connection = max_messages_per_connection
@@ -281,6 +284,10 @@ class SMTPDeliveryAgent:
                         why = self.shaper.state(key).reason or f"rate limit of {key}"
                         reply = Reply(451, "4.7.0", f"Held back by traffic shaping ({why})")
                         return [_result(r, reply, None, None, hold_until=hold, shaping=key) for r in recipients]
+                    if getattr(self.shaper, "cluster", None) is not None:
+                        # Every node is told the same next free slot: a little jitter lets a
+                        # different one win each time, so no node starves behind the others.
+                        wait += self.rng.uniform(0.0, SHARED_SLOT_JITTER)
                     yield task.deferLater(self.clock, wait, lambda: None)
                 yield self.shaper.acquire_connection(key, limits)
                 shaping = (key, limits)
