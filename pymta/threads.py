@@ -9,10 +9,18 @@ reactor thread wait for the GIL. In the relay benchmark at 2 KB and 10 sessions,
 410 msgs/s and 2.9 against 3.5 ms of CPU per message. :class:`FilePool` offers the part of ThreadPool's API that
 :func:`twisted.internet.threads.deferToThreadPool` and :class:`pymta.shutdown.ThreadPoolService`
 use, so it is a drop-in where those are the only callers.
+
+Its threads run under Linux's SCHED_BATCH policy: a thread whose fsync returns does not preempt
+the running reactor thread, which holds the GIL the woken thread would wait for anyway. Under the
+default policy every wake-up was a preemption followed by a wait for the GIL: in the accepting
+process at 2 KB and 10 sessions, 10-11 involuntary context switches per message, 3.4 with
+SCHED_BATCH, and in the relay benchmark, eight runs of each alternated, a median of 539 against
+468 msgs/s (50 KB: even, 420 against 415).
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections.abc import Callable
@@ -24,6 +32,16 @@ from twisted.python.failure import Failure
 log = Logger(namespace="pymta.threads")
 
 _STOP = object()
+
+
+def batch_scheduling() -> bool:
+    """Put the calling thread under SCHED_BATCH (no wake-up preemption, the same fair share of the
+    CPU); False where the platform has no such policy or refuses it."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))  # 0: the calling thread
+    except (AttributeError, OSError):
+        return False
+    return True
 
 
 class FilePool:
@@ -68,6 +86,7 @@ class FilePool:
         self.callInThreadWithCallback(None, func, *args, **kw)
 
     def _work(self) -> None:
+        batch_scheduling()
         while True:
             job = self._jobs.get()
             if job is _STOP:

@@ -79,3 +79,17 @@ class FilePoolTests(unittest.TestCase):
 
     def test_a_pool_needs_a_thread(self):
         self.assertRaises(ValueError, FilePool, 0, "none")
+
+    @defer.inlineCallbacks
+    def test_pool_threads_do_not_preempt_the_reactor_thread(self):
+        """SCHED_BATCH in the pool's threads, and only there: the reactor thread keeps its policy."""
+        import os
+
+        if not hasattr(os, "SCHED_BATCH"):
+            raise unittest.SkipTest("no SCHED_BATCH on this platform")
+        before = os.sched_getscheduler(0)
+        pool = self.pool(size=2)
+        policies = yield defer.gatherResults([deferToThreadPool(reactor, pool, os.sched_getscheduler, 0) for _ in range(4)])
+        self.assertEqual(policies, [os.SCHED_BATCH] * 4)
+        self.assertEqual(os.sched_getscheduler(0), before)
+        self.assertNotEqual(before, os.SCHED_BATCH)
