@@ -10,7 +10,7 @@ from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
 from pymta.interfaces import ISMTPServerDelegate
-from pymta.smtp.content import BodyCollector
+from pymta.smtp.content import BodyCollector, encode_data
 from pymta.smtp.replies import Reply
 from pymta.smtp.server import ServerLimits, SMTPServerFactory
 from pymta.smtp.syntax import parse_path, xtext_decode
@@ -692,3 +692,47 @@ def test_disconnect_is_reported_to_the_delegate():
     c = Client()
     c.proto.connectionLost(None)
     assert c.delegate.calls[-1] == ("disconnected",)
+
+
+def _reference_problem(data: bytes) -> str | None:
+    """The content rules written the slow, obvious way: line by line."""
+    if data.replace(b"\r\n", b"").count(b"\r") or data.replace(b"\r\n", b"").count(b"\n"):
+        return "bare"
+    if b"\0" in data:
+        return "nul"
+    if any(len(line) >= 999 for line in data.split(b"\r\n")[:-1]) or len(data.rpartition(b"\r\n")[2]) >= 1000:
+        return "long"
+    return None
+
+
+def test_body_collector_agrees_with_a_line_by_line_reading_however_the_content_is_cut():
+    import random
+
+    rng = random.Random(9)
+    pieces = [b"a" * n for n in (1, 70, 997, 998, 999, 1000, 1500)] + [b"\r\n", b"\r", b"\n", b"\0", b"\n\r", b"."]
+    for _ in range(400):
+        data = b"".join(rng.choice(pieces) for _ in range(rng.randint(1, 12))) + b"\r\n"
+        cuts = sorted(rng.sample(range(1, len(data)), min(len(data) - 1, rng.randint(0, 5))))
+        b = BodyCollector(1_000_000)
+        for start, end in zip([0, *cuts], [*cuts, len(data)], strict=True):
+            b.feed(data[start:end])
+        problem = b.problem()
+        expected = _reference_problem(data)
+        assert (problem is None) == (expected is None), (data, cuts, problem, expected)
+        if expected == "bare":
+            assert "bare CR or bare LF" in problem.text
+        elif expected == "long" and b"\0" not in data:
+            assert "longer than 1000" in problem.text
+
+
+def test_encode_data_sends_clean_content_as_it_is_and_normalises_the_rest():
+    import random
+
+    rng = random.Random(3)
+    for _ in range(300):
+        body = b"".join(rng.choice([b"ab", b".", b"\r\n", b"\r", b"\n", b"\n.", b"\r\n."]) for _ in range(rng.randint(0, 10)))
+        lines = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+        if lines[-1] == b"":
+            lines.pop()
+        expected = b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n" for line in lines) + b".\r\n"
+        assert encode_data(body) == expected, body

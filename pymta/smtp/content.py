@@ -14,6 +14,28 @@ MAX_LINE = 1000  # octets before LF that make a line longer than 1000 octets wit
 END_OF_DATA = b"\r\n.\r\n"
 
 
+def only_crlf(data: bytes, start: int = 0, end: int | None = None) -> bool:
+    """Whether every CR and every LF in ``data[start:end]`` belongs to a CRLF: three C-level
+    counts, no per-byte Python (the one-octet counts first: they are three times faster)."""
+    end = len(data) if end is None else end
+    lfs = data.count(b"\n", start, end)
+    return data.count(b"\r", start, end) == lfs and data.count(b"\r\n", start, end) == lfs
+
+
+def has_long_line(data: bytes, start: int, end: int) -> bool:
+    """Whether ``data[start:end]`` (whole lines: ``end`` is an LF or the end) holds a line of
+    MAX_LINE octets or more before its LF. Each step looks for the last LF in the next MAX_LINE
+    octets (a C-level ``rfind``) and two steps advance at least MAX_LINE octets, so a chunk costs
+    about 2 * len / MAX_LINE calls, not one per line."""
+    pos = start
+    while end - pos >= MAX_LINE:
+        lf = data.rfind(b"\n", pos, pos + MAX_LINE)
+        if lf < 0:
+            return True  # MAX_LINE octets with no LF in them
+        pos = lf + 1
+    return False
+
+
 class BodyCollector:
     """Collects message content chunk by chunk and notes what makes it unacceptable."""
 
@@ -43,9 +65,7 @@ class BodyCollector:
                 else:
                     self.bare_eol = True
             end = len(chunk) - 1 if chunk[-1:] == b"\r" else len(chunk)  # a final CR waits for the next chunk
-            # Every CR and every LF belongs to a CRLF: three C-level counts, no per-byte Python.
-            pairs = chunk.count(b"\r\n", start, end)
-            if chunk.count(b"\n", start, end) != pairs or chunk.count(b"\r", start, end) != pairs:
+            if not only_crlf(chunk, start, end):
                 self.bare_eol = True
         self.pending_cr = chunk[-1:] == b"\r"
         if not self.nul and b"\0" in chunk:
@@ -57,9 +77,7 @@ class BodyCollector:
                 self.long_line = self.line_len >= MAX_LINE
                 return
             last_lf = chunk.rfind(b"\n")
-            if self.line_len + first_lf >= MAX_LINE or (
-                last_lf - first_lf > MAX_LINE and max(map(len, chunk[first_lf + 1 : last_lf].split(b"\n"))) >= MAX_LINE
-            ):
+            if self.line_len + first_lf >= MAX_LINE or has_long_line(chunk, first_lf + 1, last_lf):
                 self.long_line = True
             self.line_len = len(chunk) - last_lf - 1
             if self.line_len >= MAX_LINE:
@@ -118,7 +136,7 @@ def unstuff(data: bytes) -> bytes:
 
 def encode_data(body: bytes) -> bytes:
     """The DATA payload: CRLF line ends everywhere, dot-stuffed, terminated by ``CRLF.CRLF``."""
-    data = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+    data = body if only_crlf(body) else body.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
     if data and not data.endswith(b"\r\n"):
         data += b"\r\n"
     data = data.replace(b"\r\n.", b"\r\n..")
