@@ -416,8 +416,9 @@ class QueueManager(service.Service):
         success = [r for r in envelope.recipients if r.state in (DELIVERED, RELAYED) and not r.dsn_sent]
         for r in failed + success:
             r.dsn_sent = True
-        yield self._send_dsn(envelope, failed, "failed", body, now)
-        for state, action in ((DELIVERED, "delivered"), (RELAYED, "relayed")):
+        if failed:  # (each call is a generator and a Deferred: none for the common case, no notice)
+            yield self._send_dsn(envelope, failed, "failed", body, now)
+        for state, action in ((DELIVERED, "delivered"), (RELAYED, "relayed")) if success else ():
             yield self._send_dsn(envelope, [r for r in success if r.state == state], action, body, now)
         age = self._age(envelope)
         if still_pending and not envelope.delay_warned and age >= self.delay_warning > 0:
