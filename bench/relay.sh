@@ -3,8 +3,12 @@
 # smtp-source -> Postfix (Debian; relayhost = the same smtp-sink port). 10,000 messages of 2 KB and
 # 1,000 of 50 KB (RELAY_N2K / RELAY_N50K), at 10 and 50 sessions (RELAY_CONC), medians of RELAY_RUNS
 # runs after a warm-up (the queues have seen many deletions by then: the churned steady state).
+# The two MTAs run side by side (each idle while the other is measured) and take turns: each of
+# RELAY_RUNS rounds runs every configuration once on pymta, then once on Postfix, so a drift of
+# the machine (disk, page cache, neighbours) during the run weighs on both alike.
 # Prints end-to-end msgs/s (until the sink has them all), CPU s per 1000 messages, and the ratios
-# pymta/Postfix. Loopback only; every process is stopped by its PID; every run is bounded.
+# pymta/Postfix, of the medians and per round. Loopback only; every process is stopped by its
+# PID; every run is bounded.
 # PYMTA_PROCESSES (default 2): listener processes ([smtp] processes), one per core here.
 # PYMTA_BENCH_DKIM=1: pymta runs twice more, signing every message with [dkim.default] (RSA-2048,
 # then Ed25519); prints pymta's CPU per message with and without signing, and the difference.
@@ -39,10 +43,6 @@ if [ "${PYMTA_BENCH_DKIM:-0}" != 0 ]; then
     DKIM_VARIANTS="rsa ed25519"
 fi
 WAIT_PY="for i in \$(seq 300); do [ -z \"\$(find '$PY_STATE/queue/incoming' '$PY_STATE/queue/active' '$PY_STATE/queue/deferred' -type f -print -quit 2>/dev/null)\" ] && break; sleep 0.1; done"
-echo "== pymta relay" >&2
-"$SHARED_BENCH/peer-bench.sh" -name pymta -port "$PY_PORT" -relay "$SINK_PORT" -sizes "$SIZES" -conc "$CONC" \
-    -n2k "$N2K" -n50k "$N50K" -runs "$RUNS" -warmup 1 -between "$WAIT_PY" -json "$JSON" -- \
-    twistd -n --pidfile= pymta --config "$OUT/pymta.toml"
 
 for ALG in $DKIM_VARIANTS; do
     rm -rf "$PY_STATE"; mkdir -p "$PY_STATE"
@@ -69,14 +69,29 @@ if [ "${PYMTA_BENCH_WEBHOOKS:-0}" != 0 ]; then
     python3 "$HERE/webhooks.py" --compare "$JSON"
 fi
 
-echo "== postfix relay" >&2
+echo "== pymta and postfix relay, $RUNS rounds" >&2
+rm -rf "$PY_STATE"; mkdir -p "$PY_STATE"
+printf '%s\n' "$PY_CFG" >"$OUT/pymta.toml"
+port_free 127.0.0.1 "$PY_PORT" || die "127.0.0.1:$PY_PORT already in use"
+twistd -n --pidfile= pymta --config "$OUT/pymta.toml" >"$OUT/pymta.server.log" 2>&1 &
+PY_PID=$!
 "$SHARED_BENCH/postfix-instance.sh" destroy "$PF_DIR" >/dev/null 2>&1
+trap 'stop_pid "$PY_PID" 10; "$SHARED_BENCH/postfix-instance.sh" destroy "$PF_DIR" >/dev/null 2>&1' EXIT
+wait_port 127.0.0.1 "$PY_PORT" 30 || die "pymta did not listen on $PY_PORT (see $OUT/pymta.server.log)"
 "$SHARED_BENCH/postfix-instance.sh" setup "$PF_DIR" "$PF_PORT" "$SINK_PORT" >/dev/null || exit 2
 "$SHARED_BENCH/postfix-instance.sh" start "$PF_DIR" >/dev/null || exit 2
-trap '"$SHARED_BENCH/postfix-instance.sh" destroy "$PF_DIR" >/dev/null 2>&1' EXIT
 PF_PID=$("$SHARED_BENCH/postfix-instance.sh" master-pid "$PF_DIR")
-"$SHARED_BENCH/peer-bench.sh" -name postfix -port "$PF_PORT" -pid "$PF_PID" -relay "$SINK_PORT" -sizes "$SIZES" \
-    -conc "$CONC" -n2k "$N2K" -n50k "$N50K" -runs "$RUNS" -warmup 1 \
-    -between "$SHARED_BENCH/postfix-instance.sh wait-empty $PF_DIR 60" -json "$JSON"
+for ROUND in $(seq "$RUNS"); do
+    WARM=0; [ "$ROUND" = 1 ] && WARM=1
+    for S in $SIZES; do
+        for C in $CONC; do
+            "$SHARED_BENCH/peer-bench.sh" -name pymta -port "$PY_PORT" -pid "$PY_PID" -relay "$SINK_PORT" -sizes "$S" \
+                -conc "$C" -n2k "$N2K" -n50k "$N50K" -runs 1 -warmup "$WARM" -between "$WAIT_PY" -json "$JSON"
+            "$SHARED_BENCH/peer-bench.sh" -name postfix -port "$PF_PORT" -pid "$PF_PID" -relay "$SINK_PORT" -sizes "$S" \
+                -conc "$C" -n2k "$N2K" -n50k "$N50K" -runs 1 -warmup "$WARM" \
+                -between "$SHARED_BENCH/postfix-instance.sh wait-empty $PF_DIR 60" -json "$JSON"
+        done
+    done
+done
 
 python3 "$HERE/ratios.py" "$JSON" e2e_mps
