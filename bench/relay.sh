@@ -21,6 +21,7 @@ SHARED_BENCH="${SHARED_BENCH:-$ROOT/../shared/bench}"
 [ -x "$SHARED_BENCH/peer-bench.sh" ] || { echo "error: shared bench harness not found at $SHARED_BENCH" >&2; exit 2; }
 . "$SHARED_BENCH/common.sh"
 . "$HERE/pymta_config.sh"
+. "$HERE/turns.sh"
 
 SIZES="${RELAY_SIZES:-2048 51200}"
 CONC="${RELAY_CONC:-10 50}"
@@ -72,26 +73,19 @@ fi
 echo "== pymta and postfix relay, $RUNS rounds" >&2
 rm -rf "$PY_STATE"; mkdir -p "$PY_STATE"
 printf '%s\n' "$PY_CFG" >"$OUT/pymta.toml"
-port_free 127.0.0.1 "$PY_PORT" || die "127.0.0.1:$PY_PORT already in use"
-twistd -n --pidfile= pymta --config "$OUT/pymta.toml" >"$OUT/pymta.server.log" 2>&1 &
-PY_PID=$!
-"$SHARED_BENCH/postfix-instance.sh" destroy "$PF_DIR" >/dev/null 2>&1
-trap 'stop_pid "$PY_PID" 10; "$SHARED_BENCH/postfix-instance.sh" destroy "$PF_DIR" >/dev/null 2>&1' EXIT
-wait_port 127.0.0.1 "$PY_PORT" 30 || die "pymta did not listen on $PY_PORT (see $OUT/pymta.server.log)"
+start_pymta "$PY_PORT" "$PF_DIR"
 "$SHARED_BENCH/postfix-instance.sh" setup "$PF_DIR" "$PF_PORT" "$SINK_PORT" >/dev/null || exit 2
 "$SHARED_BENCH/postfix-instance.sh" start "$PF_DIR" >/dev/null || exit 2
 PF_PID=$("$SHARED_BENCH/postfix-instance.sh" master-pid "$PF_DIR")
-for ROUND in $(seq "$RUNS"); do
-    WARM=0; [ "$ROUND" = 1 ] && WARM=1
-    for S in $SIZES; do
-        for C in $CONC; do
-            "$SHARED_BENCH/peer-bench.sh" -name pymta -port "$PY_PORT" -pid "$PY_PID" -relay "$SINK_PORT" -sizes "$S" \
-                -conc "$C" -n2k "$N2K" -n50k "$N50K" -runs 1 -warmup "$WARM" -between "$WAIT_PY" -json "$JSON"
-            "$SHARED_BENCH/peer-bench.sh" -name postfix -port "$PF_PORT" -pid "$PF_PID" -relay "$SINK_PORT" -sizes "$S" \
-                -conc "$C" -n2k "$N2K" -n50k "$N50K" -runs 1 -warmup "$WARM" \
-                -between "$SHARED_BENCH/postfix-instance.sh wait-empty $PF_DIR 60" -json "$JSON"
-        done
-    done
-done
+pymta_run() {
+    "$SHARED_BENCH/peer-bench.sh" -name pymta -port "$PY_PORT" -pid "$PY_PID" -relay "$SINK_PORT" -sizes "$1" \
+        -conc "$2" -n2k "$N2K" -n50k "$N50K" -runs 1 -warmup "$3" -between "$WAIT_PY" -json "$JSON"
+}
+postfix_run() {
+    "$SHARED_BENCH/peer-bench.sh" -name postfix -port "$PF_PORT" -pid "$PF_PID" -relay "$SINK_PORT" -sizes "$1" \
+        -conc "$2" -n2k "$N2K" -n50k "$N50K" -runs 1 -warmup "$3" \
+        -between "$SHARED_BENCH/postfix-instance.sh wait-empty $PF_DIR 60" -json "$JSON"
+}
+take_turns "$RUNS" "$SIZES" "$CONC" pymta_run postfix_run
 
 python3 "$HERE/ratios.py" "$JSON" e2e_mps
