@@ -338,6 +338,33 @@ class MaildirQueueStoreDurabilityTests(_OnDiskStoreTest):
         self.assertEqual(self.store().recover()["queued"], 1)
 
     @defer.inlineCallbacks
+    def test_a_rotten_file_found_on_the_reactor_thread_is_synced_into_corrupt_by_a_pool_thread(self):
+        store = self.store()
+        env = make_envelope(next_attempt=1_900_000_000.0)
+        yield store.enqueue(env, BODY)
+        yield store.move(env.qid, DEFERRED)
+        path = os.path.join(self.root, queue_path(DEFERRED, env.qid))
+        with open(path, "r+b") as f:
+            f.write(b"garbage!")
+        syncs = []
+        synced = defer.Deferred()
+
+        class WhereOps(RecordingOps):
+            def fsync_dir(self, path):
+                super().fsync_dir(path)
+                syncs.append((os.path.relpath(path, self.base), threading.current_thread() is threading.main_thread()))
+                if len(syncs) == 2:
+                    reactor.callFromThread(synced.callback, None)
+
+        finding = self.store(WhereOps(self.root))
+        with self.assertLogs("quarantine"):
+            self.assertRaises(ValueError, finding.load, env.qid)
+        self.assertEqual(finding.state(env.qid), CORRUPT)  # renamed at once
+        self.assertEqual(syncs, [])  # no fsync on the reactor thread
+        yield synced
+        self.assertEqual(sorted(syncs), sorted([(os.path.dirname(queue_path(DEFERRED, env.qid)), False), (CORRUPT, False)]))
+
+    @defer.inlineCallbacks
     def test_remove_unlinks_the_one_file_and_syncs_its_directory(self):
         store = self.store()
         env = make_envelope()

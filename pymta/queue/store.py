@@ -33,6 +33,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python import threadable
 from zope.interface import implementer
 
 from pymta.envelope import Envelope, qid_time
@@ -437,12 +438,19 @@ class MaildirQueueStore:
             os.close(fd)
 
     def _quarantine_found(self, qid: str, reason: str) -> None:
+        """Move a file found unreadable to corrupt/. On the reactor thread only the rename is done
+        here: the two directory fsyncs go to the writing threads (a rotten queue must not stall
+        the reactor; a move lost in a crash only makes the next read quarantine the file again)."""
         state = self._find(qid)
         if state not in (None, CORRUPT):
             self._quarantine(self._path_of(state, qid), qid, reason)
             self._index[qid] = CORRUPT
-            self._ops.fsync_dir(self._dir_of(state, qid))
-            self._ops.fsync_dir(self._dirs[CORRUPT])
+            dirs = (self._dir_of(state, qid), self._dirs[CORRUPT])
+            if threadable.isInIOThread():
+                self._run(self.syncer.sync, dirs).addErrback(
+                    lambda f: log.error("cannot sync the quarantine of {qid}: {why}", qid=qid, why=f.getErrorMessage()))
+            else:
+                self.syncer.sync(dirs)
 
     @staticmethod
     def _envelope_of(qid: str, meta: qfile.QueueFile) -> Envelope:
