@@ -96,6 +96,13 @@ class _OnDiskStoreTest(unittest.TestCase):
     def store(self, ops=None):
         return MaildirQueueStore(self.root, reactor, self.pool, ops=ops)
 
+    @defer.inlineCallbacks
+    def deferred(self, store, env):
+        """Queue ``env`` and move it to deferred/: the path of its file there."""
+        yield store.enqueue(env, BODY)
+        yield store.move(env.qid, DEFERRED)
+        return os.path.join(self.root, queue_path(DEFERRED, env.qid))
+
 
 class MaildirQueueStoreDurabilityTests(_OnDiskStoreTest):
     def assert_empty_queue(self):
@@ -289,9 +296,7 @@ class MaildirQueueStoreDurabilityTests(_OnDiskStoreTest):
     def test_the_due_time_is_kept_as_the_files_mtime_through_updates_and_rewrites(self):
         store = self.store()
         env = make_envelope(next_attempt=1_900_000_000.25)
-        yield store.enqueue(env, BODY)
-        yield store.move(env.qid, DEFERRED)
-        path = os.path.join(self.root, queue_path(DEFERRED, env.qid))
+        path = yield self.deferred(store, env)
         self.assertAlmostEqual(os.stat(path).st_mtime, 1_900_000_000.25, places=3)
         for i in range(300):  # past the rewrite threshold, more than once
             env.next_attempt = 1_900_000_100.0 + i
@@ -341,9 +346,7 @@ class MaildirQueueStoreDurabilityTests(_OnDiskStoreTest):
     def test_a_rotten_file_found_on_the_reactor_thread_is_synced_into_corrupt_by_a_pool_thread(self):
         store = self.store()
         env = make_envelope(next_attempt=1_900_000_000.0)
-        yield store.enqueue(env, BODY)
-        yield store.move(env.qid, DEFERRED)
-        path = os.path.join(self.root, queue_path(DEFERRED, env.qid))
+        path = yield self.deferred(store, env)
         with open(path, "r+b") as f:
             f.write(b"garbage!")
         syncs = []
