@@ -66,6 +66,10 @@ class IQueueStore(Interface):
     def read_body(qid: str) -> bytes:
         """Return the body bytes of ``qid`` (synchronous). Raises KeyError if missing."""
 
+    def load_message(qid: str) -> tuple[Envelope, bytes]:
+        """``(load(qid), read_body(qid))`` with one read where the store can (a delivery attempt
+        needs both); raises as they do."""
+
     def state(qid: str) -> str | None:
         """The queue state of ``qid`` (one of QUEUE_STATES), or None if it is not queued."""
 

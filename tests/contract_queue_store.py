@@ -50,6 +50,20 @@ class QueueStoreContract:
         self.assertEqual(store.read_body(qid), BODY)
 
     @defer.inlineCallbacks
+    def test_load_message_gives_the_envelope_and_the_body_together(self):
+        store = self.make_store()
+        small, large = make_envelope(), make_envelope()
+        large_body = b"y" * 300_000 + b"\r\n"  # over any one-read size a store may have
+        yield store.enqueue(small, BODY)
+        yield store.enqueue(large, large_body)
+        large.attempts = 3  # an updated envelope: the newest record counts
+        yield store.update(large)
+        self.assertEqual(store.load_message(small.qid), (small, BODY))
+        self.assertEqual(store.load_message(large.qid), (large, large_body))
+        with self.assertRaises(KeyError):
+            store.load_message("NOSUCHQUEUEID0000000")
+
+    @defer.inlineCallbacks
     def test_a_quarantined_message_is_queued_straight_into_hold(self):
         store = self.make_store()
         env = make_envelope()

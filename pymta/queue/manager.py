@@ -225,8 +225,7 @@ class QueueManager(service.Service):
             return  # held, deleted or already moved
         yield self.store.move(qid, ACTIVE)
         try:
-            envelope = self.store.load(qid)
-            body = self.store.read_body(qid)
+            envelope, body = self.store.load_message(qid)
         except (KeyError, ValueError) as e:
             log.error("cannot read {qid}: {why}", qid=qid, why=str(e))
             return

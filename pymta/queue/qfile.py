@@ -117,20 +117,32 @@ def read_meta(fd: int, verify_body: bool = False) -> QueueFile:
     checksum only with ``verify_body`` (and then only when the whole file is small)."""
     size = os.fstat(fd).st_size
     if size <= SMALL_FILE:
-        raw = memoryview(_pread_exact(fd, size, 0))
-    else:
-        raw = memoryview(_pread_exact(fd, HEADER.size, 0))
+        return _parse_whole(_pread_exact(fd, size, 0), verify_body)[0]
+    raw = memoryview(_pread_exact(fd, HEADER.size, 0))
     body_len, body_crc = parse_header(raw[: HEADER.size])
     start = HEADER.size + body_len
     if size < start:
         raise QueueFileError(f"torn body: {size - HEADER.size} of {body_len} bytes")
-    if size <= SMALL_FILE:
-        if verify_body and zlib.crc32(raw[HEADER.size : start]) != body_crc:
-            raise QueueFileError("body checksum mismatch")
-        area: bytes | memoryview = raw[start:]
-    else:
-        area = _pread_exact(fd, size - start, start)
-    return QueueFile(body_len, body_crc, size, scan_records(area))
+    return QueueFile(body_len, body_crc, size, scan_records(_pread_exact(fd, size - start, start)))
+
+
+def read_message(fd: int) -> tuple[QueueFile, bytes]:
+    """Header, envelope records and the body (checked against its checksum) of the open queue
+    file ``fd``, in one read of the whole file: what an attempt needs, with one open."""
+    return _parse_whole(_pread_exact(fd, os.fstat(fd).st_size, 0), verify_body=True)
+
+
+def _parse_whole(data: bytes, verify_body: bool) -> tuple[QueueFile, bytes]:
+    """A whole queue file's bytes -> (its header and records, its body)."""
+    raw = memoryview(data)
+    body_len, body_crc = parse_header(raw[: HEADER.size])
+    start = HEADER.size + body_len
+    if len(raw) < start:
+        raise QueueFileError(f"torn body: {len(raw) - HEADER.size} of {body_len} bytes")
+    body = raw[HEADER.size : start]
+    if verify_body and zlib.crc32(body) != body_crc:
+        raise QueueFileError("body checksum mismatch")
+    return QueueFile(body_len, body_crc, len(raw), scan_records(raw[start:])), data[HEADER.size : start]
 
 
 def read_body(fd: int) -> bytes:

@@ -145,6 +145,9 @@ class MemoryQueueStore:
     def read_body(self, qid: str) -> bytes:
         return self._bodies[qid]
 
+    def load_message(self, qid: str) -> tuple[Envelope, bytes]:
+        return self.load(qid), self.read_body(qid)
+
     def state(self, qid: str) -> str | None:
         return self._states.get(qid)
 
@@ -460,6 +463,21 @@ class MaildirQueueStore:
         if envelope.qid != qid:
             raise ValueError(f"queue file {qid} holds queue id {envelope.qid!r}")
         return envelope
+
+    def load_message(self, qid: str) -> tuple[Envelope, bytes]:
+        """The envelope and the body from one open and one read of the file; an unreadable
+        envelope or a torn body is quarantined (as by :meth:`load` and :meth:`read_body`)."""
+        if not isinstance(qid, str) or not _SAFE_QID.match(qid):
+            raise KeyError(qid)
+        fd = self._open(qid)
+        try:
+            meta, body = qfile.read_message(fd)
+            return self._envelope_of(qid, meta), body
+        except ValueError as e:
+            self._quarantine_found(qid, str(e))
+            raise
+        finally:
+            os.close(fd)
 
     def read_body(self, qid: str) -> bytes:
         """The body, checked against its recorded size and checksum; a torn one is quarantined
