@@ -8,6 +8,7 @@ Sender-specified routing in any disguise (``%`` hack, ``!`` paths, a quoted loca
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -97,6 +98,7 @@ def unquote_local(local: str) -> str:
     return local
 
 
+@functools.lru_cache(maxsize=4096)  # one parse per client, not per RCPT and ACL rule (IPs are immutable)
 def parse_ip(address: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """A client address as an IP (IPv4-mapped IPv6 as IPv4; zone ids dropped), or None."""
     try:
