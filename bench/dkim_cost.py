@@ -5,19 +5,14 @@
                                  same size and concurrency; the difference is the signing cost)
 """
 
-import json
 import sys
+
+from ratios import median, merged_runs
 
 
 def main() -> int:
-    rows: dict[tuple[str, str], float] = {}
-    with open(sys.argv[1]) as f:
-        for line in f:
-            record = json.loads(line)
-            name, _, config = record["label"].partition("/")
-            cpu = record["summary"].get("server_cpu_per_k", {}).get("median")
-            if cpu is not None:
-                rows[(name, config)] = cpu
+    rows = {label: cpu for label, runs in merged_runs(sys.argv[1], "server_cpu_per_k").items()
+            if (cpu := median(runs, "server_cpu_per_k")) is not None}  # fmt: skip
     print("| config | pymta CPU ms/msg | + DKIM RSA-2048 | + DKIM Ed25519 |")
     print("|---|---|---|---|")
     for (name, config), plain in sorted(rows.items()):

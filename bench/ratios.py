@@ -13,18 +13,26 @@ import statistics
 import sys
 
 
-def main() -> int:
-    path, key = sys.argv[1], sys.argv[2]
+def merged_runs(path: str, key: str) -> dict[tuple[str, str], list[dict]]:
+    """(peer name, config) -> every counted run with a ``key`` figure, over all lines of its label
+    (bench/dkim_cost.py and bench/webhooks.py read results the same way)."""
     runs: dict[tuple[str, str], list[dict]] = {}
     with open(path) as f:
         for line in f:
             record = json.loads(line)
             name, _, config = record["label"].partition("/")
             runs.setdefault((name, config), []).extend(r for r in record["runs"] if r.get(key))
+    return runs
 
-    def median(rows: list[dict], field: str) -> float | None:
-        values = [r[field] for r in rows if r.get(field) is not None]
-        return statistics.median(values) if values else None
+
+def median(rows: list[dict], field: str) -> float | None:
+    values = [r[field] for r in rows if r.get(field) is not None]
+    return statistics.median(values) if values else None
+
+
+def main() -> int:
+    path, key = sys.argv[1], sys.argv[2]
+    runs = merged_runs(path, key)
 
     print(f"| config | rounds | pymta {key} | postfix {key} | ratio | ratio per round (min-max) "
           "| pymta CPU s/1000 | postfix CPU s/1000 | CPU ratio |")

@@ -54,7 +54,6 @@ for ALG in $DKIM_VARIANTS; do
         -conc "$CONC" -n2k "$N2K" -n50k "$N50K" -runs "$RUNS" -warmup 1 -between "$WAIT_PY" -json "$JSON" -- \
         twistd -n --pidfile= pymta --config "$OUT/pymta.toml"
 done
-[ -n "$DKIM_VARIANTS" ] && python3 "$HERE/dkim_cost.py" "$JSON"
 
 if [ "${PYMTA_BENCH_WEBHOOKS:-0}" != 0 ]; then
     HOOK_PORT="${HOOK_PORT:-2573}"
@@ -67,7 +66,6 @@ if [ "${PYMTA_BENCH_WEBHOOKS:-0}" != 0 ]; then
         -conc "$CONC" -n2k "$N2K" -n50k "$N50K" -runs "$RUNS" -warmup 1 -between "$WAIT_PY" -json "$JSON" -- \
         twistd -n --pidfile= pymta --config "$OUT/pymta.toml"
     kill "$HOOK_PID" 2>/dev/null; wait "$HOOK_PID" 2>/dev/null
-    python3 "$HERE/webhooks.py" --compare "$JSON"
 fi
 
 echo "== pymta and postfix relay, $RUNS rounds" >&2
@@ -89,3 +87,6 @@ postfix_run() {
 take_turns "$RUNS" "$SIZES" "$CONC" pymta_run postfix_run
 
 python3 "$HERE/ratios.py" "$JSON" e2e_mps
+[ -n "$DKIM_VARIANTS" ] && python3 "$HERE/dkim_cost.py" "$JSON"
+[ "${PYMTA_BENCH_WEBHOOKS:-0}" != 0 ] && python3 "$HERE/webhooks.py" --compare "$JSON"
+exit 0

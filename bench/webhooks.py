@@ -121,16 +121,9 @@ def run(batches: list[int], n: int, port: int) -> list[tuple[int, float, float]]
 
 def compare(path: str) -> None:
     """bench/relay.sh rows pymta/... against pymta-webhooks/...: end-to-end msgs/s and the cost."""
-    import json
+    from ratios import median, merged_runs
 
-    rows: dict[tuple[str, str], float] = {}
-    with open(path) as f:
-        for line in f:
-            record = json.loads(line)
-            name, _, config = record["label"].partition("/")
-            rate = record["summary"].get("e2e_mps", {}).get("median")
-            if rate is not None:
-                rows[(name, config)] = rate
+    rows = {label: rate for label, runs in merged_runs(path, "e2e_mps").items() if (rate := median(runs, "e2e_mps")) is not None}
     print("| config | pymta msgs/s | with webhooks | cost |")
     print("|---|---|---|---|")
     for (name, config), off in sorted(rows.items()):
