@@ -150,6 +150,36 @@ def publish(z: Zone, signer: DkimSigner) -> None:
 # -- keys and configuration -------------------------------------------------------------------
 
 
+def test_the_canonicalisation_shortcuts_give_dkimpys_results_on_any_message():
+    """split_message and canonical_body against dkimpy's own rfc822_parse and canonicalisation,
+    over random messages: CRLF, bare LF and CR, tabs and runs of spaces, folded headers, trailing
+    empty lines and whitespace, no body, no blank line."""
+    import random
+
+    import dkim
+    from dkim.canonicalization import CanonicalizationPolicy
+
+    from pymta.auth.dkim import canonical_body, split_message
+
+    rng = random.Random(6376)
+    head_parts = [b"From: a@example.com", b"Subject: x", b"To: b@example.org", b"\tfolded", b" cont"]
+    body_parts = [b"word", b" ", b"  ", b"\t", b" \t ", b"\r\n", b"\n", b"\r", b".", b"\r\n\r\n", b"x y"]
+    for _ in range(3000):
+        head = b"".join(rng.choice(head_parts[:3]) + b"\r\n" + (rng.choice(head_parts[3:]) + b"\r\n" if rng.random() < 0.3 else b"")
+                        for _ in range(rng.randint(1, 3)))
+        body = b"".join(rng.choice(body_parts) for _ in range(rng.randint(0, 15)))
+        message = head + rng.choice([b"\r\n", b"\n", b""]) + body
+        try:
+            expected = dkim.rfc822_parse(message)
+        except dkim.MessageFormatError:
+            continue
+        assert split_message(message) == expected, message
+        for c in (b"relaxed/relaxed", b"relaxed/simple", b"simple/simple", b"simple/relaxed"):
+            policy = CanonicalizationPolicy.from_c_value(c)
+            relaxed = policy.body_algorithm.name == b"relaxed"
+            assert canonical_body(expected[1], relaxed) == policy.canonicalize_body(expected[1]), (c, expected[1])
+
+
 def test_a_short_rsa_key_is_a_one_line_error_naming_the_file(tmp_path):
     path = write_key(str(tmp_path / "short.pem"), bits=1024)
     with pytest.raises(DkimKeyError) as e:
