@@ -159,7 +159,7 @@ def test_the_canonicalisation_shortcuts_give_dkimpys_results_on_any_message():
     import dkim
     from dkim.canonicalization import CanonicalizationPolicy
 
-    from pymta.auth.dkim import canonical_body, split_message
+    from pymta.auth.dkim import ParsedDKIM, canonical_body, split_message
 
     rng = random.Random(6376)
     head_parts = [b"From: a@example.com", b"Subject: x", b"To: b@example.org", b"\tfolded", b" cont"]
@@ -174,6 +174,8 @@ def test_the_canonicalisation_shortcuts_give_dkimpys_results_on_any_message():
         except dkim.MessageFormatError:
             continue
         assert split_message(message) == expected, message
+        parsed = ParsedDKIM(message)
+        assert (parsed.headers, parsed.body) == expected, message
         for c in (b"relaxed/relaxed", b"relaxed/simple", b"simple/simple", b"simple/relaxed"):
             policy = CanonicalizationPolicy.from_c_value(c)
             relaxed = policy.body_algorithm.name == b"relaxed"

@@ -161,6 +161,17 @@ def split_message(message: bytes) -> tuple[Any, bytes]:
     return headers, body
 
 
+class ParsedDKIM(dkim.DKIM):  # type: ignore[misc]  # dkimpy is unannotated
+    """``dkim.DKIM`` that reads its message with :func:`split_message` (the same headers and
+    body as dkimpy's parser, without splitting the body into lines): for verification, which
+    parses the message once more for every signature."""
+
+    def set_message(self, message: bytes) -> None:
+        super().set_message(b"")  # dkimpy's reset of the last-verified fields
+        if message:
+            self.headers, self.body = split_message(message)
+
+
 def canonical_body(body: bytes, relaxed: bool) -> bytes:
     """The body as dkimpy canonicalises it, ``relaxed`` or simple; a relaxed step whose
     substitution would change nothing (no WSP before a CRLF; no tab and no two WSP in a row) is

@@ -20,7 +20,7 @@ import spf
 from publicsuffixlist import PublicSuffixList
 from twisted.logger import Logger
 
-from pymta.auth.dkim import from_domain, header_block
+from pymta.auth.dkim import ParsedDKIM, from_domain, header_block
 
 log = Logger(namespace="pymta.auth.verdicts")
 
@@ -241,7 +241,7 @@ def _sig_tags(value: bytes) -> dict[bytes, bytes]:
 def check_dkim(message: bytes, dns: SyncDNS, header_name: bytes = b"dkim-signature") -> list[DkimResult]:
     """One result per DKIM-Signature (top first, at most :data:`MAX_SIGNATURES`)."""
     try:
-        verifier = dkim.DKIM(message, minkey=1024)
+        verifier = ParsedDKIM(message, minkey=1024)
     except Exception as e:  # a header block dkimpy cannot parse
         signed = header_name in header_block(message).lower()
         return [DkimResult("permerror", reason=f"unparsable message: {str(e)[:100]}")] if signed else []
@@ -259,7 +259,7 @@ def check_dkim(message: bytes, dns: SyncDNS, header_name: bytes = b"dkim-signatu
         )
         key_name = f"{out.selector}._domainkey.{out.domain}"
         try:
-            verifier = dkim.DKIM(message, minkey=1024)
+            verifier = ParsedDKIM(message, minkey=1024)
             prep = verifier.verify_headerprep(idx)
             if not prep:
                 out.result, out.reason = "permerror", "signature not found"
