@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from dkim.canonicalization import (
     CanonicalizationPolicy,
+    Relaxed,
     Simple,
     compress_whitespace,
     correct_empty_body,
@@ -173,18 +174,30 @@ class ParsedDKIM(dkim.DKIM):  # type: ignore[misc]  # dkimpy is unannotated
 
 
 def canonical_body(body: bytes, relaxed: bool) -> bytes:
-    """The body as dkimpy canonicalises it, ``relaxed`` or simple; a relaxed step whose
-    substitution would change nothing (no WSP before a CRLF; no tab and no two WSP in a row) is
-    skipped after a C-level search, instead of a regex replacing every space of the body with a
-    space. With :func:`split_message`, on 50 KB of plain text: 0.2 ms, against 2.6 ms through
-    dkimpy (its relaxed body canonicalisation itself took 1.4 ms of it)."""
-    if not relaxed:
-        return cast(bytes, Simple.canonicalize_body(body))
+    """The body as dkimpy canonicalises it, relaxed (:func:`relaxed_body`) or simple."""
+    return relaxed_body(body) if relaxed else cast(bytes, Simple.canonicalize_body(body))
+
+
+def relaxed_body(body: bytes) -> bytes:
+    """dkimpy's relaxed body canonicalisation, with each step whose substitution would change
+    nothing (no WSP before a CRLF; no tab and no two WSP in a row) skipped after a C-level search,
+    instead of a regex replacing every space of the body with a space. With :func:`split_message`,
+    on 50 KB of plain text: 0.2 ms, against 2.6 ms through dkimpy (its relaxed body
+    canonicalisation itself took 1.4 ms of it)."""
     if b" \r\n" in body or b"\t\r\n" in body:
         body = strip_trailing_whitespace(body)
     if b"\t" in body or b"  " in body:
         body = compress_whitespace(body)
     return cast(bytes, correct_empty_body(strip_trailing_lines(body)))
+
+
+DKIMPY_RELAXED_BODY = Relaxed.canonicalize_body  # dkimpy's own, kept for the tests that compare
+
+
+def use_fast_relaxed_body_in_dkimpy() -> None:
+    """dkimpy's verification (``verify_sig``) canonicalises relaxed bodies with :func:`relaxed_body`:
+    the same bytes, at a fraction of the cost on a large body."""
+    Relaxed.canonicalize_body = staticmethod(relaxed_body)
 
 
 def sign_message(message: bytes, key: SigningKey, timestamp: int) -> bytes:
