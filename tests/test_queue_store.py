@@ -368,6 +368,39 @@ class MaildirQueueStoreDurabilityTests(_OnDiskStoreTest):
         self.assertEqual(sorted(syncs), sorted([(os.path.dirname(queue_path(DEFERRED, env.qid)), False), (CORRUPT, False)]))
 
     @defer.inlineCallbacks
+    def test_a_rotten_file_found_after_the_writing_threads_stopped_is_still_quarantined_and_synced(self):
+        from pymta.threads import FilePool
+
+        env = make_envelope(next_attempt=1_900_000_000.0)
+        path = yield self.deferred(self.store(), env)
+        with open(path, "r+b") as f:
+            f.write(b"garbage!")
+        stopped = FilePool(1, "stopped")
+        stopped.start()
+        stopped.stop()  # late in a shutdown: the pool refuses new jobs
+        ops = RecordingOps(self.root)
+        finding = MaildirQueueStore(self.root, reactor, stopped, ops=ops)
+        with self.assertLogs("quarantine"):
+            self.assertRaises(ValueError, finding.load_message, env.qid)
+        self.assertEqual(finding.state(env.qid), CORRUPT)
+        self.assertEqual(sorted(path for op, path in ops.calls if op == "fsync_dir"),
+                         sorted([os.path.dirname(queue_path(DEFERRED, env.qid)), CORRUPT]))  # fmt: skip
+
+    @defer.inlineCallbacks
+    def test_an_attempt_holds_a_large_body_once(self):
+        import tracemalloc
+
+        store = self.store()
+        env, body = make_envelope(), b"z" * 8_000_000 + b"\r\n"
+        yield store.enqueue(env, body)
+        tracemalloc.start()
+        self.addCleanup(tracemalloc.stop)
+        loaded, read = store.load_message(env.qid)
+        _, peak = tracemalloc.get_traced_memory()
+        self.assertEqual((loaded, read), (env, body))
+        self.assertLess(peak, 1.25 * len(body))  # not the whole file and a slice of it
+
+    @defer.inlineCallbacks
     def test_remove_unlinks_the_one_file_and_syncs_its_directory(self):
         store = self.store()
         env = make_envelope()

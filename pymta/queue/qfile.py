@@ -128,8 +128,12 @@ def read_meta(fd: int, verify_body: bool = False) -> QueueFile:
 
 def read_message(fd: int) -> tuple[QueueFile, bytes]:
     """Header, envelope records and the body (checked against its checksum) of the open queue
-    file ``fd``, in one read of the whole file: what an attempt needs, with one open."""
-    return _parse_whole(_pread_exact(fd, os.fstat(fd).st_size, 0), verify_body=True)
+    file ``fd``: what an attempt needs, with one open. A small file is read whole in one pread;
+    a larger one in parts, so its body is not held twice (the whole file, then a slice of it)."""
+    size = os.fstat(fd).st_size
+    if size <= SMALL_FILE:
+        return _parse_whole(_pread_exact(fd, size, 0), verify_body=True)
+    return read_meta(fd), read_body(fd)
 
 
 def _parse_whole(data: bytes, verify_body: bool) -> tuple[QueueFile, bytes]:

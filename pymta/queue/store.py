@@ -450,7 +450,12 @@ class MaildirQueueStore:
             self._index[qid] = CORRUPT
             dirs = (self._dir_of(state, qid), self._dirs[CORRUPT])
             if threadable.isInIOThread():
-                self._run(self.syncer.sync, dirs).addErrback(
+                try:
+                    synced = self._run(self.syncer.sync, dirs)
+                except Exception:  # the pool refused the job (stopped, late in a shutdown): here, then
+                    self.syncer.sync(dirs)
+                    return
+                synced.addErrback(
                     lambda f: log.error("cannot sync the quarantine of {qid}: {why}", qid=qid, why=f.getErrorMessage()))
             else:
                 self.syncer.sync(dirs)
