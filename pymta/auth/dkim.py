@@ -1,7 +1,8 @@
 """DKIM signing (RFC 6376; Ed25519 per RFC 8463): keys per d= domain, one signature per selector.
 
 dkimpy does the canonicalisation (with two shortcuts, :func:`split_message` and
-:func:`canonical_body`, that give its results at a fraction of its cost on a large body), the
+:func:`canonical_body`, that give its results at a fraction of its cost on a large body, and in
+linear time where its regex is quadratic), the
 header selection and the signature format; the
 private-key operation is `cryptography`'s (OpenSSL), not dkimpy's pure-Python RSA. ``h=`` lists
 the configured headers that are present (a header added later, e.g. by a mailing list, leaves the
@@ -30,8 +31,6 @@ from dkim.canonicalization import (
     Simple,
     compress_whitespace,
     correct_empty_body,
-    strip_trailing_lines,
-    strip_trailing_whitespace,
 )
 from twisted.logger import Logger
 
@@ -174,30 +173,54 @@ class ParsedDKIM(dkim.DKIM):  # type: ignore[misc]  # dkimpy is unannotated
 
 
 def canonical_body(body: bytes, relaxed: bool) -> bytes:
-    """The body as dkimpy canonicalises it, relaxed (:func:`relaxed_body`) or simple."""
-    return relaxed_body(body) if relaxed else cast(bytes, Simple.canonicalize_body(body))
+    """The body as dkimpy canonicalises it, relaxed (:func:`relaxed_body`) or simple
+    (:func:`strip_empty_lines`)."""
+    return relaxed_body(body) if relaxed else strip_empty_lines(body)
+
+
+# dkimpy strips WSP before a CRLF with the regex [\t ]+\r\n: tried at every octet of a run of
+# WSP that no CRLF follows, it costs the square of the run (1.7 ms a line of 997 spaces and an
+# "x"; 50 s for 30 MB of them, all of it in C holding the GIL). Tried only where a run starts,
+# each run is scanned once: the same matches, in linear time.
+_WSP_BEFORE_CRLF = re.compile(rb"(?<![\t ])[\t ]+\r\n")
 
 
 def relaxed_body(body: bytes) -> bytes:
-    """dkimpy's relaxed body canonicalisation, with each step whose substitution would change
-    nothing (no WSP before a CRLF; no tab and no two WSP in a row) skipped after a C-level search,
-    instead of a regex replacing every space of the body with a space. With :func:`split_message`,
-    on 50 KB of plain text: 0.2 ms, against 2.6 ms through dkimpy (its relaxed body
-    canonicalisation itself took 1.4 ms of it)."""
+    """dkimpy's relaxed body canonicalisation (RFC 6376 3.4.4), in time linear in the body: each
+    step whose substitution would change nothing (no WSP before a CRLF; no tab and no two WSP in a
+    row) is skipped after a C-level search, instead of a regex replacing every space of the body
+    with a space. With :func:`split_message`, on 50 KB of plain text: 0.2 ms, against 2.6 ms
+    through dkimpy (its relaxed body canonicalisation itself took 1.4 ms of it)."""
     if b" \r\n" in body or b"\t\r\n" in body:
-        body = strip_trailing_whitespace(body)
+        body = _WSP_BEFORE_CRLF.sub(b"\r\n", body)
     if b"\t" in body or b"  " in body:
-        body = compress_whitespace(body)
-    return cast(bytes, correct_empty_body(strip_trailing_lines(body)))
+        body = compress_whitespace(body)  # one match per run of WSP: linear
+    return cast(bytes, correct_empty_body(strip_empty_lines(body)))
+
+
+def strip_empty_lines(body: bytes) -> bytes:
+    """dkimpy's ``strip_trailing_lines`` (every CRLF at the end but one; a CRLF added to a body
+    that has none there) with C-level steps instead of one Python step per empty line."""
+    text = body.rstrip(b"\r\n")
+    tail = body[len(text) :]  # CRs and LFs only: the CRLFs at the end are its alternating suffix
+    start = max(tail.rfind(b"\r\r"), tail.rfind(b"\n\n")) + 1  # CR and LF alternate from here
+    if tail[start : start + 1] == b"\n":
+        start += 1
+    pairs = (len(tail) - start) // 2 if tail.endswith(b"\n") else 0
+    if pairs == 0:
+        return body + b"\r\n"
+    return body[: len(body) - 2 * pairs + 2]
 
 
 DKIMPY_RELAXED_BODY = Relaxed.canonicalize_body  # dkimpy's own, kept for the tests that compare
+DKIMPY_SIMPLE_BODY = Simple.canonicalize_body
 
 
-def use_fast_relaxed_body_in_dkimpy() -> None:
-    """dkimpy's verification (``verify_sig``) canonicalises relaxed bodies with :func:`relaxed_body`:
-    the same bytes, at a fraction of the cost on a large body."""
+def use_fast_body_canonicalisation_in_dkimpy() -> None:
+    """dkimpy's verification (``verify_sig``) and ARC sealing canonicalise bodies with
+    :func:`relaxed_body` and :func:`strip_empty_lines`: the same bytes, in linear time."""
     Relaxed.canonicalize_body = staticmethod(relaxed_body)
+    Simple.canonicalize_body = staticmethod(strip_empty_lines)
 
 
 def sign_message(message: bytes, key: SigningKey, timestamp: int) -> bytes:
