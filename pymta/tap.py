@@ -170,6 +170,9 @@ class Wiring:
     reactor: Any
     main: bool  # False in a listener worker: it only accepts into the queue
     accepting: int = 1  # processes that accept on the MX listeners (from the main process's configuration)
+    # A queue manager delivers from this queue (the main process's, for a listener worker): the
+    # received accounting records are its to write (pymta.inbound.submit.leave_records_to_pickup).
+    records_at_pickup: bool = False
     top: Any = None  # the StagedService everything hangs from
     pool: Any = None  # queue and Maildir file I/O
     drain: Any = None  # the SMTP factories whose sessions a stop waits for
@@ -217,9 +220,10 @@ def build_service(config: Config, reactor: Any, worker_fds: list[tuple[int, int]
 
     set_debug(config.log.debug)
     accepting = accepting_processes(config)  # from the main process's configuration, not a worker's
+    records_at_pickup = config.queue.deliver
     if worker_fds is not None:
         config = attrs.evolve(config, queue=attrs.evolve(config.queue, deliver=False))
-    w = Wiring(config, reactor, main=worker_fds is None, accepting=accepting)
+    w = Wiring(config, reactor, main=worker_fds is None, accepting=accepting, records_at_pickup=records_at_pickup)
     _build_foundation(w)
     _build_delivery(w)
     _build_inbound(w)
@@ -377,6 +381,7 @@ def _build_inbound(w: Wiring) -> None:
         reactor,
         on_queued=w.notify,
         accounting=w.accounting,
+        records_at_pickup=w.records_at_pickup,
         acl=cast("IPolicy", AclPolicy(cast("dict[str, Iterable[AclRule]]", config.acl))) if config.acl else None,
         limits=ClientLimits(
             reactor,
@@ -452,7 +457,7 @@ def _build_admin(w: Wiring) -> None:
             config, reactor, w.top, store=w.store, operations=operations, policy=w.policy, threadpool=w.pool,
             metrics=w.metrics, suppression=w.suppression, tagger=w.tagger, accounting=w.accounting,
             on_queued=w.notify, shaper=smtp_agent.shaper, agent=smtp_agent, sign=w.signer_sign,
-            selector=smtp_agent.selector,
+            selector=smtp_agent.selector, records_at_pickup=w.records_at_pickup,
             events=w.journal,
         )  # fmt: skip
 

@@ -28,6 +28,10 @@ class HeldRunner:
         f, d = self.jobs.pop(0)
         d.callback(f())
 
+    def run_all(self) -> None:
+        while self.jobs:
+            self.run_next()
+
 
 def lines(path) -> list[str]:
     return path.read_text().splitlines()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 
 from twisted.internet import defer, task
@@ -37,6 +38,47 @@ class ReceiverTests(TempDirMixin, unittest.TestCase):
         results = []
         defer.maybeDeferred(receiver.message, session, body).addBoth(results.append)
         return results[0]
+
+    def _accounting(self, at_pickup: bool):
+        from pymta.admin.accounting import AccountingLog
+        from tests.test_accounting import HeldRunner
+
+        held = HeldRunner()
+        log = AccountingLog(os.path.join(self.tmpdir(), "accounting.jsonl"), self.clock, run=held)
+        receiver = InboundReceiver("mx.example.test", self.policy, self.store, self.clock, self.queued.append,
+                                   accounting=log, records_at_pickup=at_pickup)  # fmt: skip
+        return receiver, held, log.path
+
+    def test_where_a_queue_manager_delivers_the_250_does_not_wait_for_received_records(self) -> None:
+        from pymta.admin.accounting import RECEIVED_AT_PICKUP
+
+        receiver, held, path = self._accounting(at_pickup=True)
+        reply = self.transact(receiver, ["carol@remote.example"])
+        assert reply.code == 250
+        self.clock.advance(1)
+        assert held.jobs == []
+        assert os.path.getsize(path) == 0
+        [qid] = self.store.list(INCOMING)
+        assert self.store.load(qid).extra[RECEIVED_AT_PICKUP] is True  # the queue manager's to write
+
+    def test_where_nothing_delivers_the_250_waits_for_the_received_records(self) -> None:
+        from pymta.admin.accounting import RECEIVED_AT_PICKUP
+
+        receiver, held, path = self._accounting(at_pickup=False)
+        session = Sess(transaction=Txn(sender="someone@example.org"))
+        assert receiver.rcpt_to(session, "carol@remote.example", {}) is None
+        session.transaction.recipients.append(Accepted("carol@remote.example"))
+        results: list = []
+        defer.maybeDeferred(receiver.message, session, b"Subject: x\r\n\r\nhi\r\n").addBoth(results.append)
+        self.clock.advance(0)
+        assert results == []  # queued, the record not yet on disk: no answer
+        assert len(held.jobs) == 1
+        held.run_all()
+        assert results[0].code == 250
+        [qid] = self.store.list(INCOMING)
+        assert RECEIVED_AT_PICKUP not in self.store.load(qid).extra
+        with open(path, encoding="utf-8") as f:
+            assert [json.loads(line)["event"] for line in f] == ["received"]
 
     def test_accepted_transaction_is_queued_with_per_recipient_routes(self) -> None:
         reply = self.transact(self.receiver, ["Alice@EXAMPLE.TEST", "carol@remote.example", "alice@example.test"])

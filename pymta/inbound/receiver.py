@@ -20,7 +20,7 @@ from pymta.envelope import ROUTE_LOCAL, ROUTE_RELAY, Envelope, Recipient, new_qi
 from pymta.inbound.limits import ClientLimits, Greylist, then
 from pymta.inbound.policy import Target
 from pymta.inbound.scan import DISCARD, QUARANTINE, REJECT, TEMPFAIL, ScanRequest, Verdict, apply_edits
-from pymta.inbound.submit import record_queued
+from pymta.inbound.submit import leave_records_to_pickup, record_queued
 from pymta.interfaces import (
     HOLD,
     INCOMING,
@@ -142,6 +142,7 @@ class InboundReceiver:
         clock: IReactorTime,
         on_queued: Callable[[str], None] | None = None,
         accounting: Any = None,
+        records_at_pickup: bool = False,
         acl: IPolicy | None = None,
         limits: ClientLimits | None = None,
         greylist: Greylist | None = None,
@@ -163,6 +164,7 @@ class InboundReceiver:
         self.clock: Any = clock
         self.on_queued = on_queued
         self.accounting = accounting
+        self.records_at_pickup = records_at_pickup  # a queue manager delivers from this queue: see leave_records_to_pickup
         self.acl: Any = acl
         self.limits = limits
         self.greylist = greylist
@@ -388,6 +390,8 @@ class InboundReceiver:
 
     def _store(self, session: Any, envelope: Envelope, data: bytes, state: str) -> defer.Deferred[Any]:
         envelope.size = len(data)
+        if state == INCOMING:
+            leave_records_to_pickup(envelope, self.accounting, self.records_at_pickup)
         args = (envelope, data) if state == INCOMING else (envelope, data, state)
         d = defer.maybeDeferred(self.store.enqueue, *args)
         d.addCallbacks(self._queued, self._not_queued, callbackArgs=(session, envelope), errbackArgs=(session, envelope))

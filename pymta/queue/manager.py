@@ -14,6 +14,7 @@ wall-clock arrival once, when this process first sees it, and counted on the mon
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 from collections import deque
@@ -24,6 +25,7 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from pymta.admin.accounting import RECEIVED_AT_PICKUP, received_records
 from pymta.envelope import (
     DEFERRED as R_DEFERRED,
 )
@@ -230,8 +232,10 @@ class QueueManager(service.Service):
             log.error("cannot read {qid}: {why}", qid=qid, why=str(e))
             return
         self._age(envelope)  # first seen: its age starts counting on the monotonic clock
+        received = self._received(envelope)
         now = self.wall.seconds()
         if envelope.not_before > now:
+            yield self._durable(received)
             yield self._reschedule(envelope, envelope.not_before - now)
             return
         pending = envelope.pending_recipients()
@@ -246,7 +250,7 @@ class QueueManager(service.Service):
         outcomes = yield defer.DeferredList(calls, consumeErrors=True)
         now = self.wall.seconds()
         holds: list[float] = []
-        records: list[defer.Deferred[Any]] = []
+        records = received  # the outcomes' records commit with (or after) them: one wait for all
         retry = None  # a destination's own (initial, maximum) retry delays
         for (_, rcpts), (ok, results) in zip(groups.items(), outcomes, strict=True):
             if not ok:
@@ -294,6 +298,14 @@ class QueueManager(service.Service):
             rcpt.state = result.status if result.status in (DELIVERED, FAILED, RELAYED) else R_DEFERRED
             records.append(self._account(_EVENT_FOR_STATE[rcpt.state], envelope, rcpt, now, result))
         return records
+
+    def _received(self, envelope: Envelope) -> list[defer.Deferred[Any]]:
+        """The received records its queuing process left to us (RECEIVED_AT_PICKUP): written now,
+        without waiting for a commit of their own. The flag leaves the envelope with them, so the
+        next rewrite of the file, which waits for these records, says they are on disk."""
+        if not envelope.extra.pop(RECEIVED_AT_PICKUP, False) or self.accounting is None:
+            return []
+        return received_records(self.accounting, envelope, prompt=False)
 
     @staticmethod
     def _durable(records: list[defer.Deferred[Any]]) -> defer.Deferred[Any]:
@@ -512,10 +524,12 @@ class QueueManager(service.Service):
             return 0
         body = self.store.read_body(qid)
         now = self.wall.seconds()
+        records = self._received(envelope)
         for r in failing:
             r.state, r.updated = FAILED, now
             r.reply = {"code": 550, "enhanced": "5.0.0", "text": f"administratively bounced: {reason}"}
-        yield self._durable([self._account("bounced", envelope, r, now) for r in failing])
+            records.append(self._account("bounced", envelope, r, now))
+        yield self._durable(records)
         yield self._notices(envelope, body, now, bool(envelope.pending_recipients()))
         if not envelope.pending_recipients():
             self.scheduler.cancel(qid)
@@ -538,6 +552,9 @@ class QueueManager(service.Service):
             return
         self.scheduler.cancel(qid)
         self._born.pop(qid, None)
+        if self.store.state(qid) in (INCOMING, HOLD):  # maybe never attempted: its received records first
+            with contextlib.suppress(KeyError, ValueError):  # gone meanwhile, or unreadable (quarantined by the load)
+                yield self._durable(self._received(self.store.load(qid)))
         yield self.store.remove(qid)
 
     @defer.inlineCallbacks

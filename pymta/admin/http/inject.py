@@ -38,7 +38,7 @@ from twisted.python.failure import Failure
 from pymta.admin.http.jsonapi import APIError, json_body
 from pymta.dates import header_date
 from pymta.envelope import ROUTE_FEEDBACK, Envelope, Recipient, new_qid
-from pymta.inbound.submit import record_queued
+from pymta.inbound.submit import leave_records_to_pickup, record_queued
 from pymta.interfaces import QueueError, QueueFull
 from pymta.smtp.syntax import parse_path
 
@@ -464,6 +464,7 @@ class InjectAPI:
         suppression: Any = None,
         accounting: Any = None,
         on_queued: Callable[[str], Any] | None = None,
+        records_at_pickup: bool = False,
         template_timeout: float = 2.0,
         metrics: Any = None,
         sign: Callable[..., defer.Deferred[Any]] | None = None,
@@ -478,6 +479,7 @@ class InjectAPI:
         self.suppression = suppression
         self.accounting = accounting
         self.on_queued = on_queued
+        self.records_at_pickup = records_at_pickup  # see leave_records_to_pickup
         self.renderer = BoundedRenderer(reactor, template_timeout)
         self.metrics = metrics
         self.sign = sign  # DKIM (pymta.auth.accept.SenderAuth.sign): once, here, as for a trusted client
@@ -675,6 +677,8 @@ class InjectAPI:
     def _enqueue_group(self, group: list[tuple[int, Envelope, bytes]], queued: list[tuple[int, str]],
                        failed: list[tuple[int, dict[str, str]]], broken: list[str]) -> defer.Deferred[Any]:  # fmt: skip
         """Hand ``group`` to the queue in one call; fires once each is queued (and its records on disk) or failed."""
+        for _, envelope, _ in group:
+            leave_records_to_pickup(envelope, self.accounting, self.records_at_pickup)
         d = defer.maybeDeferred(self.store.enqueue_many, [(envelope, data) for _, envelope, data in group])
 
         def each(results: list[Any]) -> defer.Deferred[Any]:

@@ -115,6 +115,7 @@ def build_http(
     agent: Any = None,
     selector: Any = None,
     events: Any = None,
+    records_at_pickup: bool = False,
 ) -> None:
     h = config.http
     tracking = _tracker(config) if events is not None and config.tracking.enabled else None
@@ -132,7 +133,7 @@ def build_http(
         inject = InjectAPI(
             store, policy, reactor, reactor, config.hostname, config.smtp.max_message_size,
             suppression=suppression, accounting=accounting, on_queued=on_queued,
-            template_timeout=h.template_timeout, metrics=metrics, sign=sign, tracker=tracking,
+            records_at_pickup=records_at_pickup, template_timeout=h.template_timeout, metrics=metrics, sign=sign, tracker=tracking,
         )  # fmt: skip
         inject.register(api)
         CloseRenderer(inject).setServiceParent(top)
