@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pymta.smtp.replies import Reply, parse_reply_lines
-from pymta.smtp.sockets import set_nodelay
+from pymta.smtp.sockets import set_nodelay, write_now
 from pymta.smtp.syntax import xtext_encode
 from pymta.tls import describe_tls
 
@@ -91,7 +91,7 @@ class _DataSender:
                 return self.lost()
             chunk = self.payload[self.offset : self.offset + DATA_CHUNK]
             self.offset += len(chunk)
-            self.proto.transport.write(chunk)
+            write_now(self.proto.transport, chunk)
         if not self.paused and not self.done.called and self.offset >= len(self.payload):
             self._finish(None)
 
@@ -224,7 +224,7 @@ class SMTPClientProtocol(Protocol):
 
     def send(self, data: bytes) -> None:
         if self.transport is not None and not self.is_lost:
-            self.transport.write(data)
+            write_now(self.transport, data)
 
     def abort(self) -> None:
         if self.transport is not None and not self.is_lost:

@@ -59,7 +59,7 @@ from pymta.interfaces import ISession
 from pymta.smtp import sasl
 from pymta.smtp.content import BodyCollector, DataScanner, unstuff
 from pymta.smtp.replies import LOCAL_ERROR, OK, SERVICE_CLOSING, SHUTTING_DOWN, TIMEOUT, Reply
-from pymta.smtp.sockets import set_nodelay
+from pymta.smtp.sockets import set_nodelay, write_now
 from pymta.smtp.syntax import (
     apply_mail_params,
     apply_rcpt_params,
@@ -461,12 +461,12 @@ class SMTPServerProtocol(Protocol):
             self._bound_input()
 
     def _flush(self) -> None:
-        """Hand the transport every answer gathered while handling this batch of input in one
-        write: pipelined answers leave together, and a lone answer goes out as the reactor next
-        polls (TCP_NODELAY is set: no Nagle wait)."""
+        """Send every answer gathered while handling this batch of input in one write, at once
+        when nothing is queued before it (:func:`write_now`): pipelined answers leave together
+        (TCP_NODELAY is set: no Nagle wait)."""
         if self._out and self.transport is not None:
             out, self._out = self._out, []
-            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            write_now(self.transport, out[0] if len(out) == 1 else b"".join(out))
 
     def _command_input(self) -> bool:
         """Handle one command line; False when no complete line is buffered."""
