@@ -206,3 +206,20 @@ def wait_until(predicate, seconds: float = 30.0, what: str = "condition"):
             return value
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def http_service_config(secret: str, api_port: int, public_port: int, tokens: object) -> str:
+    """The ``[feedback]`` and ``[http]`` sections of an MTA that serves the API and the public pages
+    (one-click unsubscribe under https://mail.example.test), for ``extra_config``; more ``[http]``
+    keys may follow it."""
+    return textwrap.dedent(f"""
+        [feedback]
+        bounce_domain = "bounces.example.test"
+        secret = "{secret}"
+        unsubscribe = true
+        [http]
+        listen = ["tcp:{api_port}:interface=127.0.0.1"]
+        public_listen = ["tcp:{public_port}:interface=127.0.0.1"]
+        public_url = "https://mail.example.test"
+        tokens_file = "{tokens}"
+        """)  # fmt: skip

@@ -10,6 +10,7 @@ import email.policy
 import json
 import re
 import socket
+import textwrap
 import urllib.request
 
 import dkim
@@ -21,7 +22,7 @@ from pymta.admin.http.tokens import digest
 from pymta.events.tracking import CLICK, OPEN, TrackingTokens
 from pymta.feedback.verp import Tagger
 from tests.dnsserver import DNSServer, Zone
-from tests.mta_process import MTAProcess, free_port, wait_for_port, wait_until
+from tests.mta_process import MTAProcess, free_port, http_service_config, wait_for_port, wait_until
 from tests.smtp_receiver import ScriptedReceiver
 
 pytestmark = pytest.mark.timeout(900)
@@ -64,23 +65,14 @@ def test_a_thousand_personalised_recipients_each_get_their_own_signed_tracked_me
     dns = DNSServer(Zone({"remote.example": {"MX": ["10 mx.remote.example."]},
                           "mx.remote.example": {"A": ["127.0.0.1"]}})).start()  # fmt: skip
     api_port, public_port = free_port(), free_port()
-    mta = MTAProcess(str(tmp_path), dns=dns.address, smtp_port=receiver.port, extra_config=f"""
-        [feedback]
-        bounce_domain = "bounces.example.test"
-        secret = "{SECRET}"
-        unsubscribe = true
-        [http]
-        listen = ["tcp:{api_port}:interface=127.0.0.1"]
-        public_listen = ["tcp:{public_port}:interface=127.0.0.1"]
-        public_url = "https://mail.example.test"
-        tokens_file = "{tokens}"
+    mta = MTAProcess(str(tmp_path), dns=dns.address, smtp_port=receiver.port, extra_config=http_service_config(SECRET, api_port, public_port, tokens) + textwrap.dedent(f"""
         max_body = 4000000
         [dkim."shop.example"]
         selector = "s1"
         key = "{key_path}"
         [tracking]
         enabled = true
-        """)  # fmt: skip
+        """))  # fmt: skip
     try:
         mta.start()
         wait_for_port("127.0.0.1", api_port, 30)

@@ -15,6 +15,7 @@ import signal
 import smtplib
 import subprocess
 import sys
+import textwrap
 import urllib.error
 import urllib.request
 
@@ -25,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from pymta.admin.http.tokens import digest
 from pymta.events.webhooks import verify
-from tests.mta_process import ROOT, MTAProcess, free_port, wait_for_port, wait_until
+from tests.mta_process import ROOT, MTAProcess, free_port, http_service_config, wait_for_port, wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -119,16 +120,7 @@ def world(tmp_path_factory):
     key_path = tmp / "shop.pem"
     key_path.write_bytes(DKIM_KEY.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                 serialization.NoEncryption()))  # fmt: skip
-    mta = MTAProcess(str(tmp), extra_config=f"""
-        [feedback]
-        bounce_domain = "bounces.example.test"
-        secret = "{FEEDBACK_SECRET}"
-        unsubscribe = true
-        [http]
-        listen = ["tcp:{api_port}:interface=127.0.0.1"]
-        public_listen = ["tcp:{public_port}:interface=127.0.0.1"]
-        public_url = "https://mail.example.test"
-        tokens_file = "{tokens}"
+    mta = MTAProcess(str(tmp), extra_config=http_service_config(FEEDBACK_SECRET, api_port, public_port, tokens) + textwrap.dedent(f"""
         [dkim."shop.example"]
         selector = "s1"
         key = "{key_path}"
@@ -145,7 +137,7 @@ def world(tmp_path_factory):
         timeout = "2s"
         retry_initial = "200ms"
         retry_max = "1s"
-        """).start()  # fmt: skip
+        """)).start()  # fmt: skip
     wait_for_port("127.0.0.1", api_port, 30)
     yield mta, receiver, api_port, public_port
     receiver.stop()

@@ -12,6 +12,7 @@ import re
 import smtplib
 import subprocess
 import sys
+import textwrap
 import urllib.error
 import urllib.request
 
@@ -19,7 +20,7 @@ import pytest
 
 from pymta.admin.http.tokens import digest
 from tests.dnsserver import DNSServer, Zone
-from tests.mta_process import MTAProcess, free_port, wait_for_port
+from tests.mta_process import MTAProcess, free_port, http_service_config, wait_for_port
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -58,20 +59,11 @@ def world(tmp_path_factory):
     tokens = tmp / "api-tokens"
     tokens.write_text(f"# test tokens\nops:admin:{digest(ADMIN)}\ncrm:inject:{digest(INJECT)}\n")
     api_port, public_port = free_port(), free_port()
-    mta = MTAProcess(str(tmp), dns=dns.address, extra_config=f"""
-        [feedback]
-        bounce_domain = "bounces.example.test"
-        secret = "{SECRET}"
-        unsubscribe = true
-        [http]
-        listen = ["tcp:{api_port}:interface=127.0.0.1"]
-        public_listen = ["tcp:{public_port}:interface=127.0.0.1"]
-        public_url = "https://mail.example.test"
-        tokens_file = "{tokens}"
+    mta = MTAProcess(str(tmp), dns=dns.address, extra_config=http_service_config(SECRET, api_port, public_port, tokens) + textwrap.dedent("""
         max_body = 2000000
         template_timeout = "1s"
         metric_campaigns = ["dec"]
-        """).start()  # fmt: skip
+        """)).start()  # fmt: skip
     wait_for_port("127.0.0.1", api_port, 30)
     yield mta, Client(api_port), Client(public_port)
     mta.stop()
