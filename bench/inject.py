@@ -39,6 +39,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench.pymta_config import write_bench_config  # noqa: E402
 from tests.mta_process import free_port, wait_for_port  # noqa: E402
 
 TOKEN = "bench-inject-token-0123456789abcdefghij"
@@ -99,28 +100,13 @@ class Pymta:
         with open(tokens, "w") as f:
             f.write(f"bench:inject:{hashlib.sha256(TOKEN.encode()).hexdigest()}\n")
         self.config = os.path.join(workdir, "pymta.toml")
-        with open(self.config, "w") as f:
-            f.write(f"""hostname = "mx.bench.example"
-state_dir = "{self.state}"
-[smtp]
-listen = ["tcp:{self.smtp_port}:interface=127.0.0.1"]
-processes = 1
-max_message_size = 10485760
-[domains]
-local = ["bench.example"]
-relay_from = ["127.0.0.0/8"]
-[queue]
-fsync = true
-deliver = {"true" if deliver else "false"}
-[outbound]
-smarthost = "127.0.0.1:{sink_port}"
-max_connections = 50
-max_connections_per_domain = 20
-[http]
+        tail = f"""[http]
 listen = ["tcp:{self.api_port}:interface=127.0.0.1"]
 tokens_file = "{tokens}"
 max_body = 67108864
-{extra}""")
+{extra}"""
+        write_bench_config(self.config, self.state, self.smtp_port, sink_port, "relay" if deliver else "accept",
+                           processes=1, accounting=True, tail=tail)
         self.log = open(os.path.join(workdir, "twistd.out"), "ab")  # noqa: SIM115 (kept open beyond this block)
         self.proc = subprocess.Popen(
             [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",

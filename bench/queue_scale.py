@@ -51,6 +51,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from twisted.internet import defer, task
 
+from bench.pymta_config import write_bench_config
 from bench.queue_fill import fill
 from pymta.envelope import new_qid
 from pymta.interfaces import DEFERRED
@@ -65,25 +66,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def write_config(state_dir: str, port: int, sink_port: int, processes: int, fsync: bool) -> str:
-    path = os.path.join(state_dir, "pymta.toml")
-    with open(path, "w") as f:
-        f.write(f"""hostname = "mx.bench.example"
-state_dir = "{state_dir}"
-[smtp]
-listen = ["tcp:{port}:interface=127.0.0.1"]
-processes = {processes}
-[domains]
-local = ["bench.example"]
-relay_from = ["127.0.0.0/8"]
-[queue]
-fsync = {"true" if fsync else "false"}
-[outbound]
-smarthost = "127.0.0.1:{sink_port}"
-""")
-    return path
 
 
 def greet(port: int, seconds: float) -> bool:
@@ -204,7 +186,8 @@ def send(port: int, messages: int, sessions: int) -> None:
 
 def measure(state_dir: str, size: int, args: argparse.Namespace, sink_port: int) -> dict:
     port = free_port()
-    config = write_config(state_dir, port, sink_port, args.processes, args.fsync)
+    config = write_bench_config(os.path.join(state_dir, "pymta.toml"), state_dir, port, sink_port,
+                                processes=args.processes, fsync=args.fsync)
     log_path = os.path.join(state_dir, "pymta.log.jsonl")
     if os.path.exists(log_path):
         os.unlink(log_path)

@@ -24,6 +24,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.pymta_config import write_bench_config
 from bench.queue_scale import free_port, greet, rss_mib, start_mta, stop_mta
 
 
@@ -50,20 +51,9 @@ def main() -> None:
     port, sink_port = free_port(), free_port()
     user = ["-u", "nobody"] if os.geteuid() == 0 else []
     sink = subprocess.Popen(["smtp-sink", *user, "-c", f"127.0.0.1:{sink_port}", "1000"], stdout=subprocess.DEVNULL)
-    config = os.path.join(work, "pymta.toml")
-    with open(config, "w") as f:
-        f.write(f"""hostname = "mx.bench.example"
-state_dir = "{work}"
-[smtp]
-listen = ["tcp:{port}:interface=127.0.0.1"]
-max_connections = {args.sessions + 10}
-max_message_size = {(args.message_mib + 2) * 1024 * 1024}
-[domains]
-local = ["bench.example"]
-relay_from = ["127.0.0.0/8"]
-[outbound]
-smarthost = "127.0.0.1:{sink_port}"
-""")
+    config = write_bench_config(os.path.join(work, "pymta.toml"), work, port, sink_port, processes=1,
+                                max_message_size=(args.message_mib + 2) * 1024 * 1024,
+                                smtp=f"max_connections = {args.sessions + 10}")
     proc, err = start_mta(work, config, os.path.join(work, "log.jsonl"))
     out: dict = {"sessions": args.sessions, "message_mib": args.message_mib}
     socks: list[socket.socket] = []
