@@ -26,15 +26,16 @@ def write_now(transport: Any, data: bytes) -> None:
     closing), takes the usual way, so the order of the bytes and error handling are Twisted's.
     """
     # Exactly a TCP connection: wrappers (TLS on a listener, a test transport) may pass attribute
-    # lookups on to the TCP connection below them, whose socket must not see their bytes.
+    # lookups on to the TCP connection below them, whose socket must not see their bytes. Its
+    # write buffer is read through getattr: a Twisted that keeps it otherwise gets plain writes.
     if (
         isinstance(transport, tcp.Connection)
-        and not transport.TLS
+        and getattr(transport, "TLS", True) is False
         and transport.connected
         and not transport.disconnecting
-        and not transport._writeDisconnected
-        and not transport._tempDataBuffer
-        and transport.offset >= len(transport.dataBuffer)
+        and getattr(transport, "_writeDisconnected", True) is False
+        and getattr(transport, "_tempDataBuffer", None) == []
+        and getattr(transport, "offset", -1) >= len(getattr(transport, "dataBuffer", b"?"))
     ):
         try:
             sent = transport.socket.send(data)
