@@ -167,10 +167,10 @@ class ScriptedReceiver(ThreadedReceiver):
                         reply = b"552 5.3.4 message too big"
                     else:
                         reply = self.on_message(conn, recipients, message, peer)
-                    conn.sendall(reply + b"\r\n")
-                    if in_transaction:
+                    if in_transaction:  # closed before the client hears so: it may look at once
                         in_transaction = False
                         self._transaction(False)
+                    conn.sendall(reply + b"\r\n")
                     if size <= self.max_message:
                         self.on_answered(recipients, message, peer)
                     recipients = []
