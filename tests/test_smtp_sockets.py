@@ -68,7 +68,7 @@ class WriteNowTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_what_the_socket_does_not_take_is_queued_and_everything_arrives_in_order(self):
-        big = bytes(range(256)) * (32 * 1024)  # 8 MiB: more than a loopback socket takes at once
+        big = bytes(range(256)) * (128 * 1024)  # 32 MiB: more than a loopback socket takes at once
         sender, got = yield self.exchange(lambda t: (write_now(t, big), write_now(t, b"tail")), len(big) + 4)
         assert 0 < sender.queued_after < len(big) + 4
         assert got == big + b"tail"
