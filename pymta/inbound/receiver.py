@@ -431,7 +431,8 @@ class InboundReceiver:
     def _queued(self, _: Any, session: Any, envelope: Envelope) -> defer.Deferred[Any]:
         reply = Reply(250, "2.0.0", f"Ok: queued as {envelope.qid}")
         held = "quarantine" in envelope.extra  # in hold/: nothing for the queue manager until released
-        # The 250 waits until the received records are on disk too (one group-committed fsync).
+        # Where record_queued writes the received records (hold/, or nothing delivers from this
+        # queue), the 250 waits until they are on disk too; else the queue manager writes them.
         d = record_queued(envelope, self.accounting, None if held else self.on_queued, code=reply.code,
                           enhanced=reply.enhanced)  # fmt: skip
         return d.addCallback(lambda _: reply)
