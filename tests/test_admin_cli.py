@@ -65,13 +65,15 @@ from pymta.envelope import Envelope, Recipient, new_qid
 from pymta.queue.store import MaildirQueueStore
 
 @defer.inlineCallbacks
-def main(reactor, queue_dir):
+def main(reactor, queue_dir, flagged):
     pool = ThreadPool(1, 2)
     pool.start()
     try:
         store = MaildirQueueStore(queue_dir, reactor=reactor, threadpool=pool)
         store.recover()
-        env = Envelope(qid=new_qid(), sender="someone@example.org", recipients=[Recipient("carol@remote.example")])
+        extra = {"received_at_pickup": True} if flagged == "flagged" else {}
+        env = Envelope(qid=new_qid(), sender="someone@example.org", recipients=[Recipient("carol@remote.example")],
+                       extra=extra)
         qid = yield store.enqueue(env, b"Subject: q\\r\\n\\r\\nbody\\r\\n")
         print(qid)
     finally:
@@ -81,9 +83,11 @@ task.react(main, sys.argv[1:])
 """
 
 
-def _queue_one(queue_dir: str) -> str:
-    """Queue a message the way the MTA does, through the store, in a process of its own."""
-    proc = subprocess.run([sys.executable, "-c", _QUEUE_ONE, queue_dir], capture_output=True, text=True, timeout=60, cwd=ROOT)
+def _queue_one(queue_dir: str, flagged: bool = False) -> str:
+    """Queue a message the way the MTA does, through the store, in a process of its own; ``flagged``:
+    as a process that leaves its received records to the queue manager's pickup does."""
+    argv = [sys.executable, "-c", _QUEUE_ONE, queue_dir, "flagged" if flagged else "-"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip()
 
@@ -112,6 +116,30 @@ def test_queue_commands_work_on_a_stopped_mta(config, tmp_path):
     assert run("queue_main", config, "delete", "all").returncode == 0
     assert run("queue_main", config, "list").stdout.startswith("Mail queue is empty")
     assert [name for _dir, _subdirs, names in os.walk(queue_dir) for name in names] == []
+
+
+def test_deleting_a_message_never_picked_up_writes_the_received_records_it_owes_first(config, tmp_path):
+    from pymta.admin.accounting import read_records
+
+    queue_dir = str(tmp_path / "var" / "queue")
+    owing = _queue_one(queue_dir, flagged=True)
+    written = _queue_one(queue_dir)  # its records were written before its 250
+    accounting = tmp_path / "var" / "log" / "accounting.jsonl"
+    accounting.parent.mkdir(parents=True, exist_ok=True)
+    accounting.mkdir()  # cannot be written: the delete is refused, the message kept
+    refused = run("queue_main", config, "delete", owing)
+    assert refused.returncode == 1
+    assert f"nothing deleted: cannot open the accounting log {accounting}: Is a directory" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert owing in run("queue_main", config, "list").stdout
+    accounting.rmdir()
+    assert run("queue_main", config, "hold", owing).returncode == 0  # held, still owing
+    assert run("queue_main", config, "delete", "all").returncode == 0
+    got = list(read_records(str(accounting)))
+    assert [(r["event"], r["qid"], r["recipient"], r["sender"]) for r in got] == [
+        ("received", owing, "carol@remote.example", "someone@example.org")
+    ]
+    assert written not in run("queue_main", config, "list").stdout
 
 
 def test_queue_list_and_show_read_a_queue_left_by_the_previous_release(config, tmp_path):

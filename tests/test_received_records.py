@@ -142,3 +142,26 @@ def test_every_accepting_process_leaves_the_records_to_pickup_exactly_when_the_q
 
     [drain] = [s for s in walk(top) if isinstance(s, SessionDrain)]
     assert [f.delegate.records_at_pickup for f in drain.factories] == [deliver]
+
+
+def test_a_delete_without_a_queue_manager_keeps_a_message_whose_received_records_cannot_be_written(tmp_path):
+    from twisted.internet import defer
+
+    from pymta.admin.queue_ops import QueueOperations, QueueOpError
+
+    h, path = make(tmp_path)
+    h.manager.stopService()
+    failing = AccountingLog(path, h.clock, fsync=False, run=lambda f: defer.fail(OSError(28, "No space left on device")))
+    owing = queue(h, ["a@remote.example"], notify=False)
+    outcome = QueueOperations(h.store, accounting=failing).run("delete", owing)
+    h.clock.advance(0)
+    assert isinstance(outcome.result.value, QueueOpError)
+    assert str(outcome.result.value) == f"{owing} not deleted: its received records could not be written"
+    outcome.addErrback(lambda _: None)
+    assert h.store.state(owing) == INCOMING
+    written = AccountingLog(path, h.clock, fsync=False)
+    done = QueueOperations(h.store, accounting=written).run("delete", owing)
+    h.clock.advance(0)
+    assert done.result == {"delete": [owing]}
+    assert h.store.state(owing) is None
+    assert [(r["event"], r["qid"]) for r in records(path)] == [("received", owing)]

@@ -51,6 +51,15 @@ def received_records(accounting: Any, envelope: Any, prompt: bool | None = None)
     ]
 
 
+def pending_received(accounting: Any, envelope: Any, prompt: bool | None = None) -> list[defer.Deferred[Any]]:
+    """The received records its queuing process left to whoever loads ``envelope`` first
+    (:data:`RECEIVED_AT_PICKUP`): written now. The flag leaves the envelope with them, so a
+    rewrite of the file that waits for these records says they are on disk."""
+    if not envelope.extra.pop(RECEIVED_AT_PICKUP, False) or accounting is None:
+        return []
+    return received_records(accounting, envelope, prompt)
+
+
 # What the queue manager records of an attempt's outcome: these may wait a commit window
 # (the MTA's is ACCOUNTING_WINDOW): at a steady rate they share fsyncs instead of taking one each.
 OUTCOME_EVENTS = frozenset({"delivered", "deferred", "bounced", "expired"})

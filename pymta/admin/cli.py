@@ -57,6 +57,7 @@ def run_directly(config: Any, command: str, target: str | None, args: dict[str, 
     from twisted.internet import defer, task
     from twisted.python.threadpool import ThreadPool
 
+    from pymta.admin.accounting import AccountingLog
     from pymta.admin.queue_ops import QueueOperations, QueueOpError
     from pymta.stores import queue_store
 
@@ -68,14 +69,23 @@ def run_directly(config: Any, command: str, target: str | None, args: dict[str, 
     def main(reactor: Any) -> Any:
         pool = ThreadPool(1, 2, name="pymta-queue")
         pool.start()
+        accounting = None
         try:
+            if config.log.accounting and command == "delete":  # the received records a never-attempted message owes
+                path = os.path.join(config.log_dir, "accounting.jsonl")
+                try:
+                    accounting = AccountingLog(path, reactor, fsync=config.queue.fsync)
+                except OSError as e:
+                    raise QueueOpError(f"nothing deleted: cannot open the accounting log {path}: {e.strerror}") from None
             store = queue_store(config, reactor, pool)
             store.migrate()  # a queue left by the previous release, not yet started since the upgrade
-            result = yield QueueOperations(store).run(command, target, args=args)
+            result = yield QueueOperations(store, accounting=accounting).run(command, target, args=args)
             outcome.update(ok=True, result=result)
         except QueueOpError as e:
             outcome.update(ok=False, error=str(e))
         finally:
+            if accounting is not None:
+                accounting.close()
             pool.stop()
 
     try:

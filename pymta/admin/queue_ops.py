@@ -13,6 +13,7 @@ from typing import Any, cast
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from pymta.admin.accounting import pending_received
 from pymta.envelope import Envelope
 from pymta.interfaces import ACTIVE, DEFERRED, HOLD, INCOMING, QUEUE_STATES, IQueueStore
 from pymta.state.suspensions import SUSPENDED_TEXT
@@ -87,8 +88,9 @@ class QueueOperations:
     """Applies operator requests; with a queue manager, through it (it owns the schedule)."""
 
     def __init__(self, store: IQueueStore, manager: Any = None, shaper: Any = None, selector: Any = None,
-                 suspensions: Any = None, webhooks: Any = None) -> None:  # fmt: skip
+                 suspensions: Any = None, webhooks: Any = None, accounting: Any = None) -> None:  # fmt: skip
         self.store = store
+        self.accounting = accounting  # without a manager: where a delete writes the received records left to pickup
         self.suspensions = suspensions
         self.webhooks = webhooks  # anything with status(): the webhook senders (pymta.events.webhooks)
         self.manager = manager
@@ -289,12 +291,27 @@ class QueueOperations:
             raise QueueOpError("this command needs a queue id")
         return target
 
+    @defer.inlineCallbacks
+    def _delete_directly(self, qid: str) -> Any:
+        """A delete on a stopped MTA's queue. A message never picked up by a queue manager may still
+        owe its received records (pending_received): they go on disk first, or nothing is deleted."""
+        store = store_calls(self.store)
+        if store.state(qid) in (INCOMING, HOLD):
+            try:
+                records = pending_received(self.accounting, store.load(qid))
+            except (KeyError, ValueError):  # gone meanwhile, or unreadable (quarantined by the load)
+                records = []
+            written = yield defer.DeferredList(records, consumeErrors=True)
+            if not all(ok and result is not False for ok, result in written):
+                raise QueueOpError(f"{qid} not deleted: its received records could not be written")
+        yield store.remove(qid)
+
     def _apply(self, command: str, qid: str) -> defer.Deferred[Any]:
         if self.manager is not None:
             return defer.maybeDeferred(getattr(self.manager, command), qid)
         store = store_calls(self.store)
         if command == "delete":
-            return defer.maybeDeferred(store.remove, qid)
+            return self._delete_directly(qid)
         if command == "hold":
             return defer.maybeDeferred(store.move, qid, HOLD)
         if store.state(qid) != HOLD:

@@ -25,7 +25,7 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from pymta.admin.accounting import RECEIVED_AT_PICKUP, received_records
+from pymta.admin.accounting import pending_received
 from pymta.envelope import (
     DEFERRED as R_DEFERRED,
 )
@@ -300,12 +300,9 @@ class QueueManager(service.Service):
         return records
 
     def _received(self, envelope: Envelope) -> list[defer.Deferred[Any]]:
-        """The received records its queuing process left to us (RECEIVED_AT_PICKUP): written now,
-        without waiting for a commit of their own. The flag leaves the envelope with them, so the
-        next rewrite of the file, which waits for these records, says they are on disk."""
-        if not envelope.extra.pop(RECEIVED_AT_PICKUP, False) or self.accounting is None:
-            return []
-        return received_records(self.accounting, envelope, prompt=False)
+        """The received records left to us (pending_received), without a commit of their own: the
+        next rewrite of the file waits for them."""
+        return pending_received(self.accounting, envelope, prompt=False)
 
     @staticmethod
     def _durable(records: list[defer.Deferred[Any]]) -> defer.Deferred[Any]:
