@@ -233,6 +233,9 @@ class QueueConfig:
     shutdown_grace: Duration = 30.0  # a stop waits this long for deliveries in flight
     fsync: bool = True
     min_free: Size = 0  # MAIL gets 452 4.3.1 unless this + 1.5 x max_message_size is free
+    # finished queue files kept in spare/ to be written over by new mail instead of unlinked and
+    # created again (0: none)
+    spare_files: Annotated[int, conv_int(0, 100000)] = 256
     # false: this process only accepts into the queue (a listener-only process beside another
     # pymta process that delivers from the same queue directory).
     deliver: bool = True

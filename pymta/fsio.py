@@ -13,6 +13,7 @@ import threading
 from collections.abc import Iterable, Sequence
 
 _NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+_REUSED_FILE_FLAGS = os.O_WRONLY | os.O_CLOEXEC
 SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
@@ -91,17 +92,23 @@ def write_all(ops: FileOps, fd: int, parts: Sequence[bytes | bytearray | memoryv
             views[0] = views[0][done:]
 
 
-def write_new_file(ops: FileOps, path: str, data: bytes | Sequence[bytes], mtime: float = 0.0) -> None:
+def write_new_file(ops: FileOps, path: str, data: bytes | Sequence[bytes], mtime: float = 0.0,
+                   reuse: bool = False) -> None:  # fmt: skip
     """Create ``path`` (must not exist), write ``data`` (bytes, or a sequence of parts written with
     writev, no joined copy) and fsync it; with ``mtime``, the file's modification time is set to
-    it before the fsync (the queue keeps a message's due time there).
+    it before the fsync (the queue keeps a message's due time there). ``reuse``: ``path`` is an
+    existing file of ours (a spare queue file), overwritten from its start and cut to ``data``'s
+    length, so no inode is allocated (nor, up to its old size, any block).
 
     On an OSError the file is unlinked before the error is re-raised: no partial file remains.
     """
-    fd = ops.open(path, _NEW_FILE_FLAGS, 0o600)
+    fd = ops.open(path, _REUSED_FILE_FLAGS if reuse else _NEW_FILE_FLAGS, 0o600)
     try:
         try:
-            write_all(ops, fd, [data] if isinstance(data, (bytes, bytearray, memoryview)) else data)
+            parts = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
+            write_all(ops, fd, parts)
+            if reuse:
+                ops.ftruncate(fd, sum(len(p) for p in parts))
             if mtime > 0:
                 os.utime(fd, (mtime, mtime))
             ops.fsync(fd)

@@ -22,7 +22,8 @@ def queue_store(config: Config, reactor: Any, threadpool: Any) -> Any:
     """The maildir queue spool of ``config`` (file I/O on ``threadpool``)."""
     from pymta.queue.store import MaildirQueueStore
 
-    return MaildirQueueStore(config.queue_dir, reactor=reactor, threadpool=threadpool, fsync=config.queue.fsync)
+    return MaildirQueueStore(config.queue_dir, reactor=reactor, threadpool=threadpool, fsync=config.queue.fsync,
+                             spares=config.queue.spare_files)  # fmt: skip
 
 
 def suppression_store(config: Config, clock: Any, shared: Any = None, start: bool = True) -> Any:

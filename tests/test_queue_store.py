@@ -823,3 +823,135 @@ class DeliveryChecksTheBodyTests(_OnDiskStoreTest):
         self.assertEqual({call[0] for call in agent.calls}, {sound.qid})  # one call per recipient domain
         self.assertEqual([e["qid"] for e in events], [rotten.qid])
         self.assertEqual(fresh.quarantined, 1)
+
+
+class MaildirQueueStoreSpareTests(_OnDiskStoreTest):
+    """Finished queue files kept in spare/ and written over by new mail (no inode freed or allocated)."""
+
+    def store(self, ops=None, spares=4):
+        return MaildirQueueStore(self.root, reactor, self.pool, ops=ops, spares=spares)
+
+    @defer.inlineCallbacks
+    def finish(self, store, env, body=BODY):
+        """Queue ``env`` and take it through an attempt that finished it (active/, removal not durable)."""
+        yield store.enqueue(env, body)
+        yield store.move(env.qid, ACTIVE)
+        yield store.remove(env.qid, durable=False)
+
+    def spares(self):
+        return sorted(os.listdir(os.path.join(self.root, "spare")))
+
+    @defer.inlineCallbacks
+    def test_a_finished_file_becomes_a_spare_and_the_next_message_is_written_over_it(self):
+        store = self.store()
+        old = make_envelope()
+        yield store.enqueue(old, b"Subject: long\r\n\r\n" + b"x" * 5000 + b"\r\n")
+        inode = os.stat(os.path.join(self.root, queue_path(INCOMING, old.qid))).st_ino
+        yield store.move(old.qid, ACTIVE)
+        yield store.remove(old.qid, durable=False)
+        self.assertIsNone(store.state(old.qid))
+        self.assertEqual(self.spares(), [old.qid])
+        self.assertEqual(files_under(self.root), [f"spare/{old.qid}"])
+        ops = RecordingOps(self.root)
+        writer = self.store(ops)  # another process, as a listener worker
+        new = make_envelope()
+        yield writer.enqueue(new, BODY)
+        path = os.path.join(self.root, queue_path(INCOMING, new.qid))
+        self.assertEqual(os.stat(path).st_ino, inode)
+        self.assertEqual(self.spares(), [])
+        self.assertEqual(writer.load(new.qid), new)
+        self.assertEqual(writer.read_body(new.qid), BODY)
+        self.assertEqual(read_file(self.root, queue_path(INCOMING, new.qid)),
+                         b"".join([qfile.header(BODY), BODY, qfile.record(new.to_json())]))  # nothing of the old left
+        self.assertEqual(ops.calls, [
+            ("rename", f"spare/{old.qid}"), ("open", f"tmp/{new.qid}"), ("write", f"tmp/{new.qid}"),
+            ("ftruncate", f"tmp/{new.qid}"), ("fsync", f"tmp/{new.qid}"), ("close", f"tmp/{new.qid}"),
+            ("rename", f"tmp/{new.qid}"), ("fsync_dir", "incoming"),
+        ])  # fmt: skip
+
+    @defer.inlineCallbacks
+    def test_only_small_finished_files_in_active_are_kept_and_no_more_than_the_limit(self):
+        off = MaildirQueueStore(self.root, reactor, self.pool)  # spares = 0: never kept, never taken
+        kept = [make_envelope() for _ in range(4)]
+        for env in kept:
+            yield off.enqueue(env, BODY)
+        store = self.store(spares=2)
+        for env in kept:
+            yield store.move(env.qid, ACTIVE)
+            yield store.remove(env.qid, durable=False)
+        expected = sorted(e.qid for e in kept[:2])
+        self.assertEqual(self.spares(), expected)
+        large, deleted, incoming = make_envelope(), make_envelope(), make_envelope()
+        yield off.enqueue(large, b"x" * (INLINE_UNLINK_MAX + 1))
+        yield off.enqueue(deleted, BODY)
+        yield off.enqueue(incoming, BODY)
+        roomy = self.store(spares=10)
+        for env in (large, deleted):
+            yield roomy.move(env.qid, ACTIVE)
+        yield roomy.remove(large.qid, durable=False)
+        yield roomy.remove(deleted.qid)  # an operator's delete: durable, and really gone
+        yield roomy.remove(incoming.qid, durable=False)  # not finished by an attempt
+        self.assertEqual(self.spares(), expected)
+        self.assertEqual(files_under(self.root), [f"spare/{qid}" for qid in expected])
+        yield self.finish(off, make_envelope())
+        yield off.enqueue(make_envelope(), BODY)
+        self.assertEqual(self.spares(), expected)
+
+    @defer.inlineCallbacks
+    def test_a_spare_taken_by_another_process_first_is_skipped(self):
+        store = self.store()
+        first = make_envelope()
+        yield self.finish(store, first)
+        slow, quick = self.store(), self.store()
+        self.assertTrue(slow._look_for_spares())  # it has seen the spare
+        yield quick.enqueue(make_envelope(), BODY)  # and another process took it
+        env = make_envelope()
+        yield slow.enqueue(env, BODY)
+        self.assertEqual(slow.load(env.qid), env)
+        self.assertEqual(slow.read_body(env.qid), BODY)
+        self.assertEqual(len(store.list(INCOMING)), 2)
+
+    @defer.inlineCallbacks
+    def test_crash_at_any_step_of_a_write_over_a_spare_recovers_whole_message_or_nothing(self):
+        for step in range(8):
+            yield self.finish(self.store(), make_envelope())
+            env = make_envelope()
+            crashing = self.store(RecordingOps(self.root, fail_at(step, Crash(step))))
+            yield self.assertFailure(crashing.enqueue(env, BODY), Crash)
+            self.assertEqual(crashing_calls := [c[0] for c in crashing._ops.calls][:1], ["rename"])
+            store = self.store()
+            counts = store.recover()
+            self.assertEqual(counts["quarantined"], 0, step)
+            if step > 6:  # renamed into incoming/: the message must survive
+                self.assertEqual(store.load(env.qid), env)
+            if store.state(env.qid) is not None:
+                self.assertEqual(store.load(env.qid), env)
+                self.assertEqual(store.read_body(env.qid), BODY)
+                yield store.remove(env.qid)
+            self.assertEqual([f for f in files_under(self.root) if not f.startswith("spare/")], [], (step, crashing_calls))
+
+    @defer.inlineCallbacks
+    def test_a_stale_second_name_left_by_a_crash_is_neither_written_over_nor_delivered(self):
+        # Without a journal, a crash can bring back a spare's old names after fsck: they are then
+        # second links to the file of the message written over the spare.
+        store = self.store()
+        finished = make_envelope()
+        yield self.finish(store, finished)
+        live = make_envelope()
+        yield self.store().enqueue(live, BODY)  # written over the spare
+        self.assertEqual(self.spares(), [])
+        path = os.path.join(self.root, queue_path(INCOMING, live.qid))
+        os.link(path, os.path.join(self.root, "spare", finished.qid))
+        os.link(path, os.path.join(self.root, queue_path(ACTIVE, finished.qid)))
+        restarted = self.store()
+        counts = restarted.recover()
+        self.assertEqual((counts["queued"], counts["quarantined"]), (1, 0))
+        self.assertIsNone(restarted.state(finished.qid))
+        self.assertEqual(os.stat(path).st_nlink, 2)  # the stale spare name is still there
+        after = make_envelope()
+        yield restarted.enqueue(after, BODY)  # does not take it
+        self.assertNotEqual(os.stat(os.path.join(self.root, queue_path(INCOMING, after.qid))).st_ino, os.stat(path).st_ino)
+        self.assertEqual(os.stat(path).st_nlink, 1)  # the stale name was dropped, the message kept
+        self.assertEqual(restarted.load(live.qid), live)
+        self.assertEqual(restarted.read_body(live.qid), BODY)
+        self.assertEqual(self.spares(), [])
