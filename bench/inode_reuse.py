@@ -10,7 +10,10 @@ wall time of the store's durable write path per message, done two ways on the di
 Usage: python bench/inode_reuse.py [--dir /var/tmp/pymta-inode] [--messages 10000] [--rounds 2]
 
 Prints wall, user and system microseconds per message for each way, alternated over --rounds.
-Not a test and not pymta's code: the numbers behind the decision not to build inode reuse.
+Not a test and not pymta's code: the two write paths alone, in one thread. The store writes over
+spare files (``[queue] spare_files``); measured end to end, where the unlinks and creates of
+two processes meet on one file system, the saving is larger than here: compare
+``PYMTA_SPARE_FILES=0 bench/relay.sh`` with ``bench/relay.sh``.
 Bounded by --messages x --rounds; the directory is emptied after each round.
 """
 

@@ -4,7 +4,8 @@
 
 relay: delivers everything to the smtp-sink on ``sink_port``; accept: only accepts into the queue
 (no delivery, no accounting log). fsync on unless asked otherwise; ``processes`` defaults to
-$PYMTA_PROCESSES, else 2 (one per core here)."""
+$PYMTA_PROCESSES, else 2 (one per core here); $PYMTA_SPARE_FILES, when set, is ``[queue]
+spare_files`` (0: every finished queue file unlinked, a new file created per message)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ def bench_config(state_dir: str, port: int, sink_port: int, mode: str = "relay",
         "[queue]",
         *(["deliver = false"] if accept else []),
         f"fsync = {'true' if fsync else 'false'}",
+        *([f"spare_files = {int(os.environ['PYMTA_SPARE_FILES'])}"] if os.environ.get("PYMTA_SPARE_FILES") else []),
         "[outbound]",
         f'smarthost = "127.0.0.1:{sink_port}"',
         "max_connections = 100",

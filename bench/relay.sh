@@ -10,6 +10,7 @@
 # pymta/Postfix, of the medians and per round. Loopback only; every process is stopped by its
 # PID; every run is bounded.
 # PYMTA_PROCESSES (default 2): listener processes ([smtp] processes), one per core here.
+# PYMTA_SPARE_FILES: [queue] spare_files (0: a new queue file per message, as before spares).
 # PYMTA_BENCH_DKIM=1: pymta runs twice more, signing every message with [dkim.default] (RSA-2048,
 # then Ed25519); prints pymta's CPU per message with and without signing, and the difference.
 # PYMTA_BENCH_WEBHOOKS=1: pymta runs once more with a [[webhooks]] endpoint (batch_size 100) on a
