@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import time
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -29,6 +30,18 @@ ROUTE_FEEDBACK = "feedback"  # bounce / complaint / reply processor
 
 _QID_ALPHABET = "0123456789ABCDEFGHJKLMNPQRSTVWXYZ"  # Crockford base32, sortable
 _qid_counter = 0
+# The process id and a generator seeded from os.urandom, made again in a forked child: no system
+# call per queue id for either.
+_qid_pid = os.getpid() & 0xFFFF
+_qid_random = random.Random(os.urandom(16))
+
+
+def _after_fork() -> None:
+    global _qid_pid, _qid_random
+    _qid_pid, _qid_random = os.getpid() & 0xFFFF, random.Random(os.urandom(16))
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def new_qid(now: float | None = None) -> str:
@@ -43,8 +56,7 @@ def new_qid(now: float | None = None) -> str:
     global _qid_counter
     _qid_counter = (_qid_counter + 1) & 0xFFFF
     micros = int((time.time() if now is None else now) * 1_000_000)
-    rand = int.from_bytes(os.urandom(3), "big")
-    value = (micros << 56) | ((os.getpid() & 0xFFFF) << 40) | (_qid_counter << 24) | rand
+    value = (micros << 56) | (_qid_pid << 40) | (_qid_counter << 24) | _qid_random.getrandbits(24)
     out = []
     while value:
         value, rem = divmod(value, 32)

@@ -402,7 +402,7 @@ def _build_inbound(w: Wiring) -> None:
         sender_login=SenderLogins.from_files(cast(str, config.submission.users_file), config.submission.sender_login_maps)
         if config.submission.listen and config.submission.sender_login == "strict"
         else None,
-        free_space=lambda: free_octets(config.queue_dir),
+        free_space=FreeSpace(config.queue_dir, reactor),
         # Postfix's rule: room for min_free plus one and a half messages of the largest size.
         space_needed=config.queue.min_free + config.smtp.max_message_size * 3 // 2,
         sender_auth=w.sender_auth,
@@ -774,6 +774,23 @@ def free_octets(path: str) -> int:
     """Octets an unprivileged process may still write on the file system holding ``path``."""
     st = os.statvfs(path)
     return st.f_bavail * st.f_frsize
+
+
+class FreeSpace:
+    """``free_octets(path)``, asked of the kernel at most once every ``interval`` seconds: every
+    MAIL checks it, and the margin it is checked against (min_free plus one and a half of the
+    largest message) outlasts what a second of mail can write."""
+
+    def __init__(self, path: str, clock: Any, interval: float = 1.0) -> None:
+        self.path, self.clock, self.interval = path, clock, interval
+        self._value = 0
+        self._until = float("-inf")
+
+    def __call__(self) -> int:
+        now = self.clock.seconds()
+        if now >= self._until:
+            self._value, self._until = free_octets(self.path), now + self.interval
+        return self._value
 
 
 def listener_addresses(endpoints: tuple[str, ...]) -> list[tuple[str, int]]:

@@ -344,3 +344,26 @@ def test_mail_is_refused_452_431_when_the_queue_file_system_is_short_of_space(tm
     assert (reply.code, reply.enhanced) == (452, "4.3.1")
     trusted = Sess(peer_address="127.0.0.1")  # a full disk is full for relay clients too
     assert receiver.mail_from(trusted, "a@b.example", {}).code == 452
+
+
+def test_free_space_asks_the_kernel_at_most_once_a_second(tmp_path, monkeypatch):
+    import os
+
+    from twisted.internet.task import Clock
+
+    from pymta.tap import FreeSpace
+
+    calls = []
+    real = os.statvfs
+    monkeypatch.setattr(os, "statvfs", lambda path: calls.append(path) or real(path))
+    clock = Clock()
+    free = FreeSpace(str(tmp_path), clock)
+    first = free()
+    assert first > 0
+    for _ in range(100):
+        clock.advance(0.005)
+        assert free() == first
+    assert calls == [str(tmp_path)]
+    clock.advance(0.6)
+    free()
+    assert calls == [str(tmp_path)] * 2
