@@ -736,3 +736,33 @@ def test_encode_data_sends_clean_content_as_it_is_and_normalises_the_rest():
             lines.pop()
         expected = b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n" for line in lines) + b".\r\n"
         assert encode_data(body) == expected, body
+
+
+def test_only_crlf_agrees_with_a_reading_octet_by_octet_over_any_slice():
+    import random
+
+    from pymta.smtp.content import only_crlf
+
+    def every_cr_lf_in_a_crlf(data: bytes) -> bool:
+        i = 0
+        while i < len(data):
+            if data[i : i + 2] == b"\r\n":
+                i += 2
+            elif data[i : i + 1] in (b"\r", b"\n"):
+                return False
+            else:
+                i += 1
+        return True
+
+    rng = random.Random(11)
+    answers = set()
+    for _ in range(5000):
+        data = bytes(rng.choice(b"a.\r\n\0") for _ in range(rng.randint(0, 40)))
+        start = rng.randint(0, len(data))
+        end = rng.randint(start, len(data))
+        expected = every_cr_lf_in_a_crlf(data[start:end])
+        assert only_crlf(data, start, end) == expected, (data, start, end)
+        assert only_crlf(data[start:end]) == expected
+        answers.add(expected)
+    assert answers == {True, False}
+    assert not only_crlf(b"a\rb\nc")  # a CR and an LF, each bare, with text between them
