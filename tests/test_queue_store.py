@@ -955,3 +955,18 @@ class MaildirQueueStoreSpareTests(_OnDiskStoreTest):
         self.assertEqual(restarted.load(live.qid), live)
         self.assertEqual(restarted.read_body(live.qid), BODY)
         self.assertEqual(self.spares(), [])
+
+    @defer.inlineCallbacks
+    def test_an_unusable_spare_directory_never_stops_the_queue(self):
+        store = self.store()
+        yield self.finish(store, make_envelope())
+        spare = os.path.join(self.root, "spare")
+        shutil.rmtree(spare)
+        with open(spare, "wb") as f:  # spare/ is now a file: every rename into or out of it fails
+            f.write(b"x")
+        finished, new = make_envelope(), make_envelope()
+        yield self.finish(store, finished)  # unlinked instead
+        yield self.store().enqueue(new, BODY)  # a new file instead
+        self.assertIsNone(store.state(finished.qid))
+        self.assertEqual(store.load(new.qid), new)
+        self.assertEqual(files_under(self.root), sorted(["spare", queue_path(INCOMING, new.qid)]))

@@ -312,10 +312,16 @@ class MaildirQueueStore:
 
     def _make_dirs(self) -> None:
         made = set()
-        for path in (self.root, self._tmp, *self._dirs.values(), *([self._spare_dir] if self.spares else [])):
+        for path in (self.root, self._tmp, *self._dirs.values()):
             if not os.path.isdir(path):
                 os.makedirs(path, mode=0o700, exist_ok=True)
                 made.add(os.path.dirname(path))
+        if self.spares and not os.path.isdir(self._spare_dir):
+            try:
+                os.mkdir(self._spare_dir, 0o700)
+                made.add(self.root)
+            except OSError as e:  # spares are an economy, not a need: the queue works without them
+                log.warn("no spare queue files: cannot make {path}: {why}", path=self._spare_dir, why=e.strerror)
         for state in self.HASHED_STATES:
             for sub in itertools.product(_HEX, repeat=self.hash_depth):
                 path = os.path.join(self._dirs[state], *sub)
@@ -459,6 +465,8 @@ class MaildirQueueStore:
                 self._ops.rename(os.path.join(self._spare_dir, name), tmp)
             except FileNotFoundError:
                 continue
+            except OSError:  # spare/ unusable (replaced, permissions): a new file, as without spares
+                return False
             if os.stat(tmp).st_nlink == 1:
                 return True
             discard(self._ops, tmp)  # a stale name of a queued file (see the class): that one stays
@@ -474,7 +482,7 @@ class MaildirQueueStore:
                 return False
             try:
                 names = [n for n in os.listdir(self._spare_dir) if _SAFE_QID.match(n)]
-            except FileNotFoundError:
+            except OSError:  # gone or unusable: look again later
                 names = []
             random.shuffle(names)  # so that processes looking at once do not all try the same names
             self._spare_names.extend(names)
@@ -669,7 +677,7 @@ class MaildirQueueStore:
         """Rename a finished message's file from active/ into spare/ (its removal, not durable)."""
         try:
             self._ops.rename(self._path_of(ACTIVE, qid), os.path.join(self._spare_dir, qid))
-        except FileNotFoundError:  # moved by another process after all: remove it where it is
+        except OSError:  # moved by another process after all, or spare/ unusable: removed as without spares
             self._remove(qid, False)
             return
         self._index.pop(qid, None)
