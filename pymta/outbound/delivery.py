@@ -317,14 +317,19 @@ class SMTPDeliveryAgent:
                 self.selector.unused(source, provider)
         return results
 
-    @defer.inlineCallbacks
     def _try_hops(self, envelope: Envelope, recipients: list[Recipient], body: bytes, domain: str,
-                  hops: list[Hop], shaping: tuple[str, Any] | None, source: Any = None) -> Any:  # fmt: skip
-        plans, label = yield self._plan(envelope, body, domain, hops)
-        results = yield self._hops_in_turn(envelope, recipients, body, domain, plans, shaping, source, label)
-        for r in results:
-            r.extra.setdefault("tls_policy", label)
-        return results
+                  hops: list[Hop], shaping: tuple[str, Any] | None, source: Any = None) -> defer.Deferred[Any]:  # fmt: skip
+        def planned(plan: tuple[Any, str]) -> defer.Deferred[Any]:
+            plans, label = plan
+
+            def labelled(results: list[DeliveryResult]) -> list[DeliveryResult]:
+                for r in results:
+                    r.extra.setdefault("tls_policy", label)
+                return results
+
+            return self._hops_in_turn(envelope, recipients, body, domain, plans, shaping, source, label).addCallback(labelled)
+
+        return self._plan(envelope, body, domain, hops).addCallback(planned)
 
     @defer.inlineCallbacks
     def _plan(self, envelope: Envelope, body: bytes, domain: str, hops: list[Hop]) -> Any:

@@ -414,25 +414,33 @@ class QueueManager(service.Service):
 
     # -- notices (DSNs) ---------------------------------------------------------------------
 
-    @defer.inlineCallbacks
-    def _notices(self, envelope: Envelope, body: bytes, now: float, still_pending: bool) -> Generator[defer.Deferred[Any], Any, None]:
+    def _notices(self, envelope: Envelope, body: bytes, now: float, still_pending: bool) -> defer.Deferred[Any]:
+        """Marks the recipients whose outcome is final as notified and sends the notices their
+        NOTIFY asks for. Most attempts owe none: then no generator and no Deferred chain at all."""
         if not envelope.sender:
             for r in envelope.recipients:
                 r.dsn_sent = r.dsn_sent or r.is_final  # nothing is ever sent about a bounce
-            return
+            return defer.succeed(None)
         failed = [r for r in envelope.recipients if r.state in (FAILED, EXPIRED) and not r.dsn_sent]
         success = [r for r in envelope.recipients if r.state in (DELIVERED, RELAYED) and not r.dsn_sent]
         for r in failed + success:
             r.dsn_sent = True
-        if failed:  # (each call is a generator and a Deferred: none for the common case, no notice)
-            yield self._send_dsn(envelope, failed, "failed", body, now)
-        for state, action in ((DELIVERED, "delivered"), (RELAYED, "relayed")) if success else ():
-            yield self._send_dsn(envelope, [r for r in success if r.state == state], action, body, now)
+        due: list[tuple[list[Recipient], str, float | None]] = [(failed, "failed", None)]
+        due.extend(([r for r in success if r.state == state], action, None)
+                   for state, action in ((DELIVERED, "delivered"), (RELAYED, "relayed")))  # fmt: skip
         age = self._age(envelope)
         if still_pending and not envelope.delay_warned and age >= self.delay_warning > 0:
             envelope.delay_warned = True
-            delayed = [r for r in envelope.pending_recipients() if notify_allows(r, "delayed")]
-            yield self._send_dsn(envelope, delayed, "delayed", body, now, now + self.max_age - age)
+            due.append((envelope.pending_recipients(), "delayed", now + self.max_age - age))
+        due = [([r for r in rcpts if notify_allows(r, action)], action, until) for rcpts, action, until in due]
+        due = [item for item in due if item[0]]
+        return self._send_dsns(envelope, due, body, now) if due else defer.succeed(None)
+
+    @defer.inlineCallbacks
+    def _send_dsns(self, envelope: Envelope, due: list[tuple[list[Recipient], str, float | None]], body: bytes,
+                   now: float) -> Generator[defer.Deferred[Any], Any, None]:  # fmt: skip
+        for rcpts, action, retry_until in due:
+            yield self._send_dsn(envelope, rcpts, action, body, now, retry_until)
 
     @defer.inlineCallbacks
     def _send_dsn(self, envelope: Envelope, rcpts: list[Recipient], action: str, body: bytes, now: float,
