@@ -59,8 +59,13 @@ class FeedbackGate:
             return False  # forwarded mail keeps its SRS sender: bounces go back to the original sender
         return not self.tag_domains or sender_domain(envelope.sender) in self.tag_domains
 
-    @defer.inlineCallbacks
-    def deliver(self, envelope: Envelope, recipients: list[Recipient], body: bytes) -> Any:
+    def deliver(self, envelope: Envelope, recipients: list[Recipient], body: bytes) -> defer.Deferred[Any]:
+        try:
+            return self._deliver(envelope, recipients, body)
+        except Exception:
+            return defer.fail()
+
+    def _deliver(self, envelope: Envelope, recipients: list[Recipient], body: bytes) -> defer.Deferred[Any]:
         results: dict[int, DeliveryResult] = {}
         to_send: list[tuple[int, Recipient]] = []
         scope = sender_domain(envelope.sender) if envelope.sender else None
@@ -72,15 +77,30 @@ class FeedbackGate:
                 results[i] = DeliveryResult(rcpt.address, FAILED, 550, "5.7.1", text, extra={"suppressed": True})
             else:
                 to_send.append((i, rcpt))
-        if to_send:
-            # With return-path tags, one recipient a batch (each has its own return path).
-            batches = [[item] for item in to_send] if self.tags(envelope) else [to_send]
-            for batch in batches:
-                got = yield self._send(envelope, batch, body)
-                for (i, _), result in zip(batch, got, strict=True):
-                    results[i] = result
-                    self._learn(envelope, result, scope)
-        return [results[i] for i in range(len(recipients))]
+
+        def in_order(_: Any = None) -> list[DeliveryResult]:
+            return [results[i] for i in range(len(recipients))]
+
+        if not to_send:
+            return defer.succeed(in_order())
+        if not self.tags(envelope):  # the common case: one batch, one send, chained (no generator)
+            return self._send(envelope, to_send, body).addCallback(self._gather, envelope, to_send, results, scope).addCallback(in_order)
+        # With return-path tags, one recipient a batch (each has its own return path).
+        return self._one_by_one(envelope, to_send, body, results, scope).addCallback(in_order)
+
+    @defer.inlineCallbacks
+    def _one_by_one(self, envelope: Envelope, to_send: list[tuple[int, Recipient]], body: bytes,
+                    results: dict[int, DeliveryResult], scope: str | None) -> Any:  # fmt: skip
+        for item in to_send:
+            got = yield self._send(envelope, [item], body)
+            self._gather(got, envelope, [item], results, scope)
+
+    def _gather(self, got: list[DeliveryResult], envelope: Envelope, batch: list[tuple[int, Recipient]],
+                results: dict[int, DeliveryResult], scope: str | None) -> None:  # fmt: skip
+        """One batch's results into ``results`` (by recipient index), learnt from."""
+        for (i, _), result in zip(batch, got, strict=True):
+            results[i] = result
+            self._learn(envelope, result, scope)
 
     def _send(self, envelope: Envelope, batch: list[tuple[int, Recipient]], body: bytes) -> defer.Deferred[Any]:
         rcpts = [r for _, r in batch]
