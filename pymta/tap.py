@@ -357,6 +357,28 @@ def _build_delivery(w: Wiring) -> None:
         # worker renames in between raises an event instead of waiting for the next restart.
         IncomingWatcher(os.path.join(config.queue_dir, "incoming"), notify, reactor).setServiceParent(top)
         manager.setServiceParent(top)
+        if config.queue.spare_files:
+            _spare_sweeper(w.store, reactor).setServiceParent(top)
+
+
+SPARE_SWEEP_EVERY = 60.0
+SPARE_MAX_AGE = 600.0  # a spare not reused for this long is unlinked (see MaildirQueueStore.sweep_spares)
+
+
+def _spare_sweeper(store: Any, reactor: Any) -> Any:
+    """Every SPARE_SWEEP_EVERY seconds, the spare queue files older than SPARE_MAX_AGE are unlinked."""
+    from twisted.application.internet import TimerService
+    from twisted.logger import Logger
+
+    log = Logger(namespace="pymta.queue.store")
+
+    def sweep() -> Any:
+        d = store.sweep_spares(reactor.seconds() - SPARE_MAX_AGE)
+        return d.addErrback(lambda f: log.error("cannot sweep spare queue files: {why}", why=f.getErrorMessage()))
+
+    service = TimerService(SPARE_SWEEP_EVERY, sweep)
+    service.clock = reactor
+    return service
 
 
 def _build_inbound(w: Wiring) -> None:

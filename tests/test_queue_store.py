@@ -970,3 +970,40 @@ class MaildirQueueStoreSpareTests(_OnDiskStoreTest):
         self.assertIsNone(store.state(finished.qid))
         self.assertEqual(store.load(new.qid), new)
         self.assertEqual(files_under(self.root), sorted(["spare", queue_path(INCOMING, new.qid)]))
+
+    @defer.inlineCallbacks
+    def test_spares_not_reused_for_a_while_are_swept(self):
+        store = self.store()
+        old, recent = make_envelope(), make_envelope()
+        yield self.finish(store, old)
+        yield self.finish(store, recent)
+        now = time.time()
+        os.utime(os.path.join(self.root, "spare", old.qid), (now - 700, now - 700))
+        swept = yield store.sweep_spares(now - 600)
+        self.assertEqual(swept, 1)
+        self.assertEqual(self.spares(), [recent.qid])
+        self.assertEqual((yield store.sweep_spares(now - 600)), 0)
+        later = make_envelope()
+        yield self.finish(store, later)  # counted again: still kept
+        self.assertEqual(self.spares(), sorted([recent.qid, later.qid]))
+
+
+def test_the_main_process_sweeps_spares_every_minute_with_its_clock():
+    from pymta.tap import SPARE_MAX_AGE, _spare_sweeper
+
+    clock = task.Clock()
+    clock.advance(10_000)
+    asked = []
+
+    class Store:
+        def sweep_spares(self, before):
+            asked.append(before)
+            return defer.succeed(0)
+
+    sweeper = _spare_sweeper(Store(), clock)
+    sweeper.startService()
+    clock.advance(60)
+    clock.advance(60)
+    sweeper.stopService()
+    clock.advance(600)
+    assert asked == [10_000 - SPARE_MAX_AGE, 10_060 - SPARE_MAX_AGE, 10_120 - SPARE_MAX_AGE]

@@ -683,6 +683,36 @@ class MaildirQueueStore:
         self._index.pop(qid, None)
         self._spare_kept = (self._spare_kept or 0) + 1
 
+    def sweep_spares(self, before: float) -> defer.Deferred[Any]:
+        """Unlink the spare files last written before ``before`` (wall time): spares wait only while
+        mail flows, so a deleted message's content does not linger once it stops. Fires with the
+        number unlinked."""
+        d = self._run(self._sweep_spares, before)
+
+        def swept(count: int) -> int:
+            if count:
+                self._spare_kept = None  # count again at the next removal
+            return count
+
+        return d.addCallback(swept)
+
+    @_translated
+    def _sweep_spares(self, before: float) -> int:
+        try:
+            names = [n for n in os.listdir(self._spare_dir) if _SAFE_QID.match(n)]
+        except OSError:
+            return 0
+        count = 0
+        for name in names:
+            path = os.path.join(self._spare_dir, name)
+            try:
+                if os.stat(path).st_mtime < before:
+                    self._ops.unlink(path)
+                    count += 1
+            except FileNotFoundError:  # taken by a new message meanwhile
+                continue
+        return count
+
     def _room_for_spare(self) -> bool:
         """Whether spare/ holds fewer than ``spares`` files, as far as this store knows; it counts
         again when it believes it full, every SPARE_RELOOK-th time (other processes take spares)."""
