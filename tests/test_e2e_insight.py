@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import smtplib
+import socket
 import urllib.request
 
 import pytest
@@ -48,6 +49,15 @@ def test_worker_accepted_mail_is_received_in_the_series_and_the_webhook_backlog_
     try:
         wait_for_port("127.0.0.1", api_port, 30)
         mta.wait_for(lambda: len(mta.children()) == 1, what="one listener worker")
+
+        def worker_greets() -> bool:  # started, not only spawned: a stopped main process cannot help it start
+            try:
+                with socket.create_connection(("127.0.0.1", mta.port), timeout=5) as sock:
+                    return sock.recv(512).startswith(b"220 ")
+            except OSError:
+                return False
+
+        mta.wait_for(worker_greets, what="the listener worker's greeting")
         os.kill(mta.proc.pid, signal.SIGSTOP)  # only the worker can accept now
         try:
             for i in range(3):
