@@ -832,9 +832,13 @@ class MaildirQueueStoreSpareTests(_OnDiskStoreTest):
         return MaildirQueueStore(self.root, reactor, self.pool, ops=ops, spares=spares)
 
     @defer.inlineCallbacks
-    def finish(self, store, env, body=BODY):
-        """Queue ``env`` and take it through an attempt that finished it (active/, removal not durable)."""
+    def finish(self, store, env, body=BODY, due_ahead=0.0):
+        """Queue ``env`` and take it through an attempt that finished it (active/, removal not durable);
+        ``due_ahead``: it was due that many seconds from now (its file's mtime), delivered early."""
         yield store.enqueue(env, body)
+        if due_ahead:
+            due = time.time() + due_ahead
+            os.utime(os.path.join(self.root, queue_path(INCOMING, env.qid)), (due, due))
         yield store.move(env.qid, ACTIVE)
         yield store.remove(env.qid, durable=False)
 
@@ -975,14 +979,17 @@ class MaildirQueueStoreSpareTests(_OnDiskStoreTest):
     def test_spares_not_reused_for_a_while_are_swept(self):
         store = self.store()
         old, recent = make_envelope(), make_envelope()
-        yield self.finish(store, old)
+        # A deferred message's file carries its due time as mtime, here an hour ahead: what counts
+        # is when it became a spare.
+        yield self.finish(store, old, due_ahead=3600)
+        time.sleep(0.05)
+        between = time.time()
+        time.sleep(0.05)
         yield self.finish(store, recent)
-        now = time.time()
-        os.utime(os.path.join(self.root, "spare", old.qid), (now - 700, now - 700))
-        swept = yield store.sweep_spares(now - 600)
+        swept = yield store.sweep_spares(between)
         self.assertEqual(swept, 1)
         self.assertEqual(self.spares(), [recent.qid])
-        self.assertEqual((yield store.sweep_spares(now - 600)), 0)
+        self.assertEqual((yield store.sweep_spares(between)), 0)
         later = make_envelope()
         yield self.finish(store, later)  # counted again: still kept
         self.assertEqual(self.spares(), sorted([recent.qid, later.qid]))

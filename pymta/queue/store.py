@@ -684,9 +684,10 @@ class MaildirQueueStore:
         self._spare_kept = (self._spare_kept or 0) + 1
 
     def sweep_spares(self, before: float) -> defer.Deferred[Any]:
-        """Unlink the spare files last written before ``before`` (wall time): spares wait only while
-        mail flows, so a deleted message's content does not linger once it stops. Fires with the
-        number unlinked."""
+        """Unlink the spare files retired (or last written) before ``before`` (wall time): spares
+        wait only while mail flows, so a delivered message's content does not linger once it stops.
+        By the inode's change time, which the retiring rename sets: the modification time is a
+        deferred message's due time, possibly hours ahead. Fires with the number unlinked."""
         d = self._run(self._sweep_spares, before)
 
         def swept(count: int) -> int:
@@ -706,7 +707,7 @@ class MaildirQueueStore:
         for name in names:
             path = os.path.join(self._spare_dir, name)
             try:
-                if os.stat(path).st_mtime < before:
+                if os.stat(path).st_ctime < before:
                     self._ops.unlink(path)
                     count += 1
             except FileNotFoundError:  # taken by a new message meanwhile
