@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 from pymta.config import Config, load_config
@@ -18,12 +19,13 @@ class WallClock:
         return time.time()
 
 
-def queue_store(config: Config, reactor: Any, threadpool: Any) -> Any:
-    """The maildir queue spool of ``config`` (file I/O on ``threadpool``)."""
+def queue_store(config: Config, reactor: Any, threadpool: Any, space_low: Callable[[], bool] | None = None) -> Any:
+    """The maildir queue spool of ``config`` (file I/O on ``threadpool``); ``space_low``: see
+    :class:`pymta.queue.store.MaildirQueueStore`."""
     from pymta.queue.store import MaildirQueueStore
 
     return MaildirQueueStore(config.queue_dir, reactor=reactor, threadpool=threadpool, fsync=config.queue.fsync,
-                             spares=config.queue.spare_files)  # fmt: skip
+                             spares=config.queue.spare_files, space_low=space_low)  # fmt: skip
 
 
 def suppression_store(config: Config, clock: Any, shared: Any = None, start: bool = True) -> Any:

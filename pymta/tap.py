@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
@@ -178,6 +179,7 @@ class Wiring:
     drain: Any = None  # the SMTP factories whose sessions a stop waits for
     session_grace: float = 0.0
     store: Any = None
+    free_space: Any = None  # octets free for the queue (FreeSpace)
     accounting: Any = None
     reopen: Any = None  # reopens the log files (SIGUSR1, SIGHUP)
     journal: Any = None
@@ -262,7 +264,8 @@ def _build_foundation(w: Wiring) -> None:
     w.drain = SessionDrain([], reactor, w.session_grace)
     w.drain.setServiceParent(top)
 
-    w.store = queue_store(config, reactor, w.pool)
+    w.free_space = FreeSpace(config.queue_dir, reactor)
+    w.store = queue_store(config, reactor, w.pool, space_low=spare_space_low(config, w.free_space))
     if config.log.accounting:
         # Its own thread: record fsyncs never wait behind (or delay) queue or DNS work.
         accounting_pool = FilePool(1, name="pymta-accounting")
@@ -424,9 +427,8 @@ def _build_inbound(w: Wiring) -> None:
         sender_login=SenderLogins.from_files(cast(str, config.submission.users_file), config.submission.sender_login_maps)
         if config.submission.listen and config.submission.sender_login == "strict"
         else None,
-        free_space=FreeSpace(config.queue_dir, reactor),
-        # Postfix's rule: room for min_free plus one and a half messages of the largest size.
-        space_needed=config.queue.min_free + config.smtp.max_message_size * 3 // 2,
+        free_space=w.free_space,
+        space_needed=space_needed(config),
         sender_auth=w.sender_auth,
         scan=_scan_chain(config, reactor, top),
     )
@@ -796,6 +798,22 @@ def free_octets(path: str) -> int:
     """Octets an unprivileged process may still write on the file system holding ``path``."""
     st = os.statvfs(path)
     return st.f_bavail * st.f_frsize
+
+
+def space_needed(config: Config) -> int:
+    """Octets a MAIL needs free for the queue (Postfix's rule): min_free plus one and a half
+    messages of the largest size."""
+    return int(config.queue.min_free + config.smtp.max_message_size * 3 // 2)
+
+
+def spare_space_low(config: Config, free_space: Callable[[], int]) -> Callable[[], bool]:
+    """Whether the queue's file system lacks room for :func:`space_needed` plus every spare queue
+    file it may keep (``spare_files`` of at most INLINE_UNLINK_MAX octets): the spares are then
+    unlinked before they could make a MAIL be refused."""
+    from pymta.queue.store import INLINE_UNLINK_MAX
+
+    margin = space_needed(config) + config.queue.spare_files * INLINE_UNLINK_MAX
+    return lambda: free_space() <= margin
 
 
 class FreeSpace:

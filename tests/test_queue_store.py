@@ -994,6 +994,52 @@ class MaildirQueueStoreSpareTests(_OnDiskStoreTest):
         yield self.finish(store, later)  # counted again: still kept
         self.assertEqual(self.spares(), sorted([recent.qid, later.qid]))
 
+    @defer.inlineCallbacks
+    def test_short_of_room_no_file_is_kept_and_the_spares_are_unlinked(self):
+        low = [False]
+        store = self.store(spares=8)
+        store.space_low = lambda: low[0]
+        kept = [make_envelope() for _ in range(3)]
+        for env in kept:
+            yield self.finish(store, env)
+        self.assertEqual(self.spares(), sorted(e.qid for e in kept))
+        low[0] = True
+        for _ in range(3):  # each removal while short: unlinked, and one release of spare/
+            env = make_envelope()
+            yield self.finish(store, env)
+            self.assertIsNone(store.state(env.qid))
+        for _ in range(500):  # the release runs on a writing thread: at most 5 s
+            if not self.spares() and not store._releasing:
+                break
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(self.spares(), [])
+        self.assertEqual(files_under(self.root), [])  # nothing left anywhere
+        writer = self.store()  # a listener worker meanwhile: new files, nothing to claim
+        new = make_envelope()
+        yield writer.enqueue(new, BODY)
+        self.assertEqual(writer.read_body(new.qid), BODY)
+        low[0] = False  # room again: finished files are kept again
+        yield store.move(new.qid, ACTIVE)
+        yield store.remove(new.qid, durable=False)
+        self.assertEqual(self.spares(), [new.qid])
+
+
+def test_spares_are_released_before_they_could_make_mail_be_refused():
+    from pymta.config import build_config
+    from pymta.tap import space_needed, spare_space_low
+
+    config = build_config({"queue": {"min_free": 1_000_000, "spare_files": 10}, "smtp": {"max_message_size": 2_000_000}})
+    assert space_needed(config) == 1_000_000 + 3_000_000
+    free = [0]
+    low = spare_space_low(config, lambda: free[0])
+    margin = 4_000_000 + 10 * INLINE_UNLINK_MAX
+    free[0] = margin + 1
+    assert not low()
+    free[0] = margin
+    assert low()
+    free[0] = space_needed(config) + 1  # MAIL still accepted here, and the spares already go
+    assert low()
+
 
 def test_the_main_process_sweeps_spares_every_minute_with_its_clock():
     from pymta.tap import SPARE_MAX_AGE, _spare_sweeper

@@ -36,6 +36,7 @@ from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python import threadable
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pymta.envelope import Envelope, qid_time
@@ -273,6 +274,8 @@ class MaildirQueueStore:
     journal: fsck then counts both names), the old name is a second link to the new message's
     file: a claim skips a spare with more than one link, and recovery unlinks a queued name whose
     file holds another queue id and has another link, instead of delivering it twice.
+    With ``space_low`` (a callable), while it answers true no file is kept and spare/ is emptied:
+    spares must never be what makes the listeners refuse mail for want of room.
     """
 
     HASHED_STATES = (DEFERRED,)
@@ -286,6 +289,7 @@ class MaildirQueueStore:
         ops: FileOps | None = None,
         hash_depth: int = 2,
         spares: int = 0,
+        space_low: Callable[[], bool] | None = None,
     ) -> None:
         self.root = root
         self._reactor = reactor
@@ -302,6 +306,10 @@ class MaildirQueueStore:
         self._spare_misses = 0  # placements since spare/ was found empty (0: look when needed)
         self._spare_kept: int | None = None  # what spare/ holds as far as this store knows (None: unknown)
         self._spare_full_tries = 0
+        # Whether the file system is short of room (tap.spare_space_low): then no file is kept and
+        # the spares are unlinked, so that they never make the listeners refuse mail.
+        self.space_low = space_low
+        self._releasing = False
         self._legacy_data = os.path.join(root, "data")  # bodies of a queue written before the one-file format
         self._dirs = {state: os.path.join(root, state) for state in QUEUE_STATES}
         self._index: dict[str, str] = {}  # qid -> state of what this store moved or found; the disk wins
@@ -714,10 +722,28 @@ class MaildirQueueStore:
                 continue
         return count
 
+    def _release_spares(self) -> None:
+        """Unlink every spare (on a writing thread), once per shortage: spare/ then holds none."""
+        if self._releasing or self._spare_kept == 0:
+            return
+        self._releasing = True
+
+        def released(result: Any) -> Any:
+            self._releasing = False
+            if not isinstance(result, Failure):
+                self._spare_kept = 0  # only this (delivering) store adds spares, and it adds none now
+            return result
+
+        d = self.sweep_spares(float("inf")).addBoth(released)
+        d.addErrback(lambda f: log.error("cannot unlink the spare queue files: {why}", why=f.getErrorMessage()))
+
     def _room_for_spare(self) -> bool:
         """Whether spare/ holds fewer than ``spares`` files, as far as this store knows; it counts
         again when it believes it full, every SPARE_RELOOK-th time (other processes take spares)."""
         if not self.spares:
+            return False
+        if self.space_low is not None and self.space_low():
+            self._release_spares()
             return False
         if self._spare_kept is not None and self._spare_kept < self.spares:
             return True
